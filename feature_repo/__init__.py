@@ -1,0 +1,1 @@
+"""Feast feature repository: the single declaration of the user features and the SUM embeddings."""

@@ -1,0 +1,124 @@
+"""Feast objects of the SUM platform, declared once, one object per concept.
+
+These declarations are the schema of the user tower's inputs: `sum_models` builds its embedding tables
+and dense projections from :data:`user_features` (field names, dtypes and the ``hash_size`` tag), and the
+simulator generates exactly these columns. Adding a field here and running ``feast apply`` (or the next
+daily run, which applies the repo) changes the next model with no other code change.
+
+Conventions for user features:
+    * ``Float32`` field: a dense feature (one token after projection).
+    * ``Array(Int64)`` field: a variable-length sparse id list; tag ``hash_size`` (ids are taken modulo it)
+      and optional ``mean_length`` (used by the simulator only).
+
+The embeddings view stores fp16-rounded values as ``Array(Float32)`` because Feast has no fp16 type:
+every value written is exactly representable in fp16, so casting back to fp16 is lossless.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Float32, Int64, String
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _params() -> dict:
+    path = Path(os.environ.get("SUM_PARAMS", _PROJECT_ROOT / "params.yaml"))
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def _data_root() -> Path:
+    """Where the offline data lives: ``$SUM_WORKSPACE/data``, else the configured workspace."""
+    workspace = os.environ.get("SUM_WORKSPACE")
+    if not workspace:
+        params_file = Path(os.environ.get("SUM_PARAMS", _PROJECT_ROOT / "params.yaml"))
+        workspace = params_file.parent / _params().get("paths", {}).get("workspace", ".sum/workspace")
+    return Path(workspace).resolve() / "data"
+
+
+_DATA = _data_root()
+NUM_EMBEDDINGS = int(_params().get("model", {}).get("num_embeddings", 2))
+
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.INT64,
+    description="A user of the ranking surfaces the SUM embeddings are served to.",
+)
+
+user_features_source = FileSource(
+    name="user_features_source",
+    path=str(_DATA / "users"),
+    timestamp_field="event_ts",
+    description="Daily user feature snapshots, data/users/ds=YYYY-MM-DD/*.parquet.",
+)
+
+user_features = FeatureView(
+    name="user_features",
+    entities=[user],
+    ttl=timedelta(days=7),
+    schema=[
+        Field(name="sessions_7d", dtype=Float32, description="Sessions in the last 7 days (log1p)."),
+        Field(name="avg_dwell_seconds", dtype=Float32, description="Mean dwell time per item (log1p)."),
+        Field(name="account_age_days", dtype=Float32, description="Account age (log1p days)."),
+        Field(name="ad_click_rate_30d", dtype=Float32, description="Smoothed ad click rate, 30 days."),
+        Field(name="video_share", dtype=Float32, description="Share of video in consumption."),
+        Field(name="interest_score_a", dtype=Float32, description="Profile score from a side model."),
+        Field(name="interest_score_b", dtype=Float32, description="Profile score from a side model."),
+        Field(name="interest_score_c", dtype=Float32, description="Profile score from a side model."),
+        Field(
+            name="liked_pages",
+            dtype=Array(Int64),
+            tags={"hash_size": "2000", "mean_length": "8"},
+            description="Pages the user liked (recent first).",
+        ),
+        Field(
+            name="clicked_ad_categories",
+            dtype=Array(Int64),
+            tags={"hash_size": "64", "mean_length": "4"},
+            description="Ad categories clicked in the last 30 days.",
+        ),
+        Field(
+            name="followed_topics",
+            dtype=Array(Int64),
+            tags={"hash_size": "500", "mean_length": "5"},
+            description="Topics the user follows.",
+        ),
+    ],
+    source=user_features_source,
+    online=True,
+    description="Raw user-side features: the user tower's inputs.",
+)
+
+sum_embeddings_source = FileSource(
+    name="sum_embeddings_source",
+    path=str(_DATA / "embeddings"),
+    timestamp_field="written_at",
+    description="Daily batch SUM embeddings, data/embeddings/ds=YYYY-MM-DD/*.parquet.",
+)
+
+sum_embeddings_push = PushSource(
+    name="sum_embeddings_push",
+    batch_source=sum_embeddings_source,
+    description="Write-backs of freshly computed embeddings from the SOAP compute deployment.",
+)
+
+sum_embeddings = FeatureView(
+    name="sum_embeddings",
+    entities=[user],
+    ttl=timedelta(days=30),
+    schema=[Field(name=f"embedding_{k}", dtype=Array(Float32)) for k in range(NUM_EMBEDDINGS)]
+    + [
+        Field(name="snapshot_id", dtype=String, description="Snapshot that computed the value."),
+        Field(name="written_at_ms", dtype=Int64, description="Write time, Unix milliseconds (UTC)."),
+    ],
+    source=sum_embeddings_push,
+    online=True,
+    description="SUM user embeddings (fp16 values stored as float32 arrays), served by SOAP.",
+)

@@ -1,0 +1,1 @@
+"""SUM upstream user model: user tower, mix tower, loss, Normalized Entropy, snapshots and shift metrics."""

@@ -1,0 +1,146 @@
+"""Typed view of `params.yaml`, the one config every stage reads.
+
+The file is located through ``SUM_PARAMS`` (tests point it at a copy) and defaults to the project's own
+``params.yaml``. Relative paths in it resolve against the directory holding the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    workspace: str = ".sum/workspace"
+    dvc_remote: str = ".sum/dvc-remote"
+
+
+class SimulatorConfig(_Section):
+    start_date: str = "2026-01-01"
+    initial_users: int = 1500
+    new_users_per_day: int = 100
+    active_fraction: float = 0.7
+    impressions_per_active_user: int = 6
+    latent_dim: int = 8
+    interest_drift: float = 0.08
+    id_meaning_shift: float = 0.01
+    n_ads: int = 400
+    n_ad_categories: int = 16
+    base_click_logit: float = -2.6
+    base_conversion_logit: float = -1.2
+    interest_strength: float = 1.6
+
+
+class EventsConfig(_Section):
+    user_id: str = "user_id"
+    timestamp: str = "event_ts"
+    labels: list[str] = Field(default_factory=lambda: ["click", "conversion"])
+    ad_sparse: dict[str, int] = Field(default_factory=lambda: {"ad_id": 400, "ad_category": 16})
+    ad_dense: list[str] = Field(default_factory=lambda: ["ad_quality", "ad_price"])
+    holdout_fraction: float = 0.15
+
+
+class ModelConfig(_Section):
+    num_embeddings: int = 2
+    embedding_dim: int = 96
+    sparse_pooling: str = "mean"
+    hidden_dim: int = 256
+    mix_hidden_dim: int = 128
+
+
+class TrainConfig(_Section):
+    batch_size: int = 512
+    epochs: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    task_weights: dict[str, float] = Field(default_factory=lambda: {"click": 1.0, "conversion": 0.5})
+
+
+class GateConfig(_Section):
+    probe_users: int = 512
+    min_mean_cosine: float | None = None
+    max_relative_l2_change: float | None = None
+    max_ne: float | None = None
+    min_embedding_std: float = 1e-4
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "soap"
+    route_prefix: str = "/"
+    max_inflight_compute: int = 64
+    ray_address: str = "auto"
+
+
+class Params(_Section):
+    seed: int = 7
+    paths: PathsConfig = PathsConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    events: EventsConfig = EventsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
+    # Directory of the params file; relative paths resolve against it.
+    base_dir: Path = Field(default=PROJECT_ROOT, exclude=True)
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """Resolves a path from the config against the params file's directory."""
+        p = Path(path)
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def workspace(self) -> Path:
+        """The artifact workspace; ``SUM_WORKSPACE`` overrides the configured one."""
+        env = os.environ.get("SUM_WORKSPACE")
+        return Path(env).resolve() if env else self.resolve(self.paths.workspace)
+
+    @property
+    def dvc_remote(self) -> str:
+        env = os.environ.get("SUM_DVC_REMOTE")
+        if env:
+            return env
+        remote = self.paths.dvc_remote
+        return remote if "://" in remote else str(self.resolve(remote))
+
+    def digest(self) -> str:
+        """A short hash of the effective params, recorded in every snapshot's lineage."""
+        payload = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def params_path() -> Path:
+    """Returns the params file in force (``SUM_PARAMS`` or the project's ``params.yaml``)."""
+    return Path(os.environ.get("SUM_PARAMS", PROJECT_ROOT / "params.yaml")).resolve()
+
+
+@lru_cache(maxsize=8)
+def _load(path: Path, mtime: float) -> Params:
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    return Params(**raw, base_dir=path.parent)
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    """Loads and validates the params file.
+
+    Args:
+        path: A params file; defaults to :func:`params_path`.
+
+    Returns:
+        The validated :class:`Params`.
+    """
+    p = Path(path).resolve() if path else params_path()
+    return _load(p, p.stat().st_mtime)

@@ -1,0 +1,123 @@
+"""The workspace's Feast store: config built in code, definitions applied from ``feature_repo/``."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sum_models.spec import FeatureSpec
+from sum_platform.config import PROJECT_ROOT, Params, load_params
+from sum_platform.workspace import Workspace
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+USER_FEATURES_VIEW = "user_features"
+EMBEDDINGS_VIEW = "sum_embeddings"
+EMBEDDINGS_PUSH = "sum_embeddings_push"
+
+
+def repo_config(params: Params | None = None):
+    """Builds the Feast ``RepoConfig`` for the workspace (SQLite online, file offline).
+
+    Args:
+        params: Platform params; defaults to the params in force.
+
+    Returns:
+        A ``feast.repo_config.RepoConfig``.
+    """
+    from feast.repo_config import RepoConfig
+
+    params = params or load_params()
+    ws = Workspace(params.workspace)
+    ws.feast_dir.mkdir(parents=True, exist_ok=True)
+    return RepoConfig(
+        project="sum",
+        provider="local",
+        registry=str(ws.feast_dir / "registry.db"),
+        online_store={"type": "sqlite", "path": str(ws.feast_dir / "online_store.db")},
+        offline_store={"type": "file"},
+        entity_key_serialization_version=3,
+        repo_path=PROJECT_ROOT / "feature_repo",
+    )
+
+
+def get_store(params: Params | None = None) -> "FeatureStore":
+    """Opens the workspace's feature store (no network, no server)."""
+    from feast import FeatureStore
+
+    return FeatureStore(config=repo_config(params))
+
+
+def definitions(params: Params | None = None) -> list:
+    """Imports ``feature_repo.definitions`` for the workspace and returns its Feast objects."""
+    from feast import Entity, FeatureView, PushSource
+    from feast.data_source import DataSource
+
+    params = params or load_params()
+    os.environ["SUM_WORKSPACE"] = str(params.workspace)
+    import feature_repo.definitions as defs
+
+    defs = importlib.reload(defs)  # paths and K come from the environment at import time
+    return [
+        obj
+        for obj in vars(defs).values()
+        if isinstance(obj, (Entity, FeatureView, PushSource, DataSource))
+    ]
+
+
+def apply_definitions(params: Params | None = None) -> "FeatureStore":
+    """Applies the feature repo to the workspace store, as ``feast apply`` does. Idempotent."""
+    store = get_store(params)
+    store.apply(definitions(params))
+    return store
+
+
+def feature_spec(params: Params | None = None, store: "FeatureStore | None" = None) -> FeatureSpec:
+    """Derives the model's input spec from the registered user feature view plus the events contract.
+
+    Args:
+        params: Platform params (ad-side features and labels come from its ``events`` section).
+        store: An open store; defaults to :func:`get_store`.
+
+    Returns:
+        The :class:`FeatureSpec` the model is built from.
+    """
+    from feast.types import Array, Float32, Float64, Int32, Int64
+
+    params = params or load_params()
+    store = store or get_store(params)
+    view = store.get_feature_view(USER_FEATURES_VIEW)
+    dense, sparse = [], {}
+    for f in view.features:
+        if f.dtype in (Float32, Float64, Int32, Int64):
+            dense.append(f.name)
+        elif f.dtype in (Array(Int64), Array(Int32)):
+            if "hash_size" not in f.tags:
+                raise ValueError(f"sparse feature {f.name!r} needs a 'hash_size' tag in feature_repo")
+            sparse[f.name] = int(f.tags["hash_size"])
+        else:
+            raise ValueError(f"feature {f.name!r} has unsupported dtype {f.dtype}")
+    return FeatureSpec(
+        user_dense=tuple(dense),
+        user_sparse=sparse,
+        ad_dense=tuple(params.events.ad_dense),
+        ad_sparse=dict(params.events.ad_sparse),
+        labels=tuple(params.events.labels),
+    )
+
+
+def user_feature_fields(params: Params | None = None) -> list:
+    """The user feature view's fields as declared in code (for the simulator; no registry needed)."""
+    from feast import FeatureView
+
+    for obj in definitions(params):
+        if isinstance(obj, FeatureView) and obj.name == USER_FEATURES_VIEW:
+            return list(obj.features)
+    raise LookupError(f"feature_repo declares no {USER_FEATURES_VIEW!r} view")
+
+
+def feature_repo_dir() -> Path:
+    return PROJECT_ROOT / "feature_repo"

@@ -1,0 +1,75 @@
+"""Layout of the artifact workspace (a git + DVC repository of its own, see params ``paths``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+
+def ds_str(ds: str | date) -> str:
+    """Normalises a logical date to ``YYYY-MM-DD``."""
+    return ds if isinstance(ds, str) else ds.isoformat()
+
+
+def snapshot_id_for(ds: str | date) -> str:
+    """The candidate snapshot trained on ``ds`` (one per date, so reruns replace it)."""
+    return f"sum-{ds_str(ds)}"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths inside the workspace. Creating the object touches nothing on disk."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def events_dir(self, ds: str | date) -> Path:
+        return self.data / "events" / f"ds={ds_str(ds)}"
+
+    def users_dir(self, ds: str | date) -> Path:
+        return self.data / "users" / f"ds={ds_str(ds)}"
+
+    def embeddings_dir(self, ds: str | date) -> Path:
+        return self.data / "embeddings" / f"ds={ds_str(ds)}"
+
+    def quarantine_dir(self, ds: str | date) -> Path:
+        return self.root / "quarantine" / f"ds={ds_str(ds)}"
+
+    @property
+    def probe_users(self) -> Path:
+        return self.data / "probe_users.parquet"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id
+
+    def run_dir(self, ds: str | date) -> Path:
+        """Per-date working files of the DAG (metrics, gate verdicts); rerun-safe."""
+        return self.root / "runs" / ds_str(ds)
+
+    @property
+    def registry_db(self) -> Path:
+        return self.root / "registry" / "registry.db"
+
+    @property
+    def feast_dir(self) -> Path:
+        return self.root / "feast"
+
+    @property
+    def gx_dir(self) -> Path:
+        return self.root / "gx"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.root / "airflow"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
