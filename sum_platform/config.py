@@ -84,6 +84,10 @@ class ServingConfig(_Section):
     ray_address: str = "auto"
 
 
+class ReproConfig(_Section):
+    ds: str = "2026-01-01"
+
+
 class Params(_Section):
     seed: int = 7
     paths: PathsConfig = PathsConfig()
@@ -93,6 +97,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
+    repro: ReproConfig = ReproConfig()
     # Directory of the params file; relative paths resolve against it.
     base_dir: Path = Field(default=PROJECT_ROOT, exclude=True)
 

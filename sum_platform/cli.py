@@ -1,0 +1,198 @@
+"""``sumctl``: the SUM platform's command line (Typer).
+
+Heavy libraries (Airflow, torch, Feast, Ray) are imported inside the commands, after the workspace and
+Airflow environment are set, so ``sumctl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Operate the SUM platform: daily runs, snapshots, promotion, serving.", no_args_is_help=True)
+console = Console()
+
+WorkspaceOpt = Annotated[
+    Optional[Path],
+    typer.Option("--workspace", "-w", help="Artifact workspace (default: params paths.workspace or $SUM_WORKSPACE)."),
+]
+ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml to use (default: $SUM_PARAMS or the project's).")]
+
+
+def _setup(workspace: Optional[Path], params: Optional[Path]):
+    """Fixes params and workspace for this process (and for Airflow tasks, through the environment)."""
+    if params:
+        os.environ["SUM_PARAMS"] = str(params.resolve())
+    if workspace:
+        os.environ["SUM_WORKSPACE"] = str(workspace.resolve())
+    from sum_platform.config import load_params
+    from sum_platform.workspace import Workspace
+
+    p = load_params()
+    os.environ["SUM_WORKSPACE"] = str(p.workspace)
+    return p, Workspace(p.workspace)
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def day_row(result) -> dict[str, Any]:
+    """Flattens one DAG run into the per-day table row."""
+    x = result.xcoms
+    gate = x.get("shift_gate") or {}
+    verdict_xcom = gate if isinstance(gate, dict) else {}
+    row: dict[str, Any] = {
+        "ds": result.ds,
+        "state": result.state,
+        "rows": (x.get("ingest") or {}).get("events"),
+        "validation": "passed" if "validate_data" in x else ("FAILED" if result.task_states.get("validate_data") == "failed" else "-"),
+        "ne": (x.get("evaluate") or {}).get("ne", {}),
+        "shift": verdict_xcom.get("shift", []),
+        "verdict": verdict_xcom.get("verdict", "-"),
+        "served": (x.get("verify_serving") or {}).get("served_snapshot_id"),
+        "failed_tasks": result.failed_tasks(),
+    }
+    return row
+
+
+@app.command()
+def run(
+    days: Annotated[int, typer.Option("--days", "-n", min=1, help="How many consecutive dates to run.")] = 3,
+    start: Annotated[Optional[str], typer.Option(help="First logical date YYYY-MM-DD (default: simulator.start_date).")] = None,
+    fault: Annotated[
+        list[str], typer.Option("--fault", help="DATE=reinit: inject a re-initialised candidate on DATE (gate drill).")
+    ] = [],
+    fresh: Annotated[bool, typer.Option(help="Delete the workspace and its DVC remote first.")] = False,
+    keep_serving: Annotated[bool, typer.Option(help="Leave Ray Serve running after the last day.")] = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Runs N simulated days through the real daily DAG (``dag.test()`` per date) and prints a table."""
+    p, ws = _setup(workspace, params)
+    if fresh:
+        shutil.rmtree(ws.root, ignore_errors=True)
+        remote = p.dvc_remote
+        if "://" not in remote:
+            shutil.rmtree(remote, ignore_errors=True)
+    from sum_platform import airflow_env
+
+    airflow_env.configure(ws)
+    faults = dict(f.split("=", 1) for f in fault)
+    first = date.fromisoformat(start or p.simulator.start_date)
+    rows = []
+    try:
+        for i in range(days):
+            ds = (first + timedelta(days=i)).isoformat()
+            t0 = time.perf_counter()
+            conf = {"candidate_fault": faults[ds]} if ds in faults else {}
+            result = airflow_env.run_date(ds, conf)
+            row = day_row(result) | {"seconds": time.perf_counter() - t0}
+            rows.append(row)
+            console.print(f"[bold]{ds}[/]: {result.state} in {row['seconds']:.1f}s; verdict {row['verdict']}; "
+                          f"served {row['served'] or '-'}" + (f"; failed: {row['failed_tasks']}" if row["failed_tasks"] else ""))
+    finally:
+        if not keep_serving:
+            from serving.ray_cluster import shutdown
+
+            shutdown()
+    console.print(days_table(rows, p.model.num_embeddings))
+    if any(r["state"] != "success" for r in rows):
+        raise typer.Exit(code=1)
+
+
+def days_table(rows: list[dict[str, Any]], k: int) -> Table:
+    """The per-day summary table of ``sumctl run``."""
+    table = Table(title="SUM daily runs")
+    for col in ("date", "rows", "validation", "NE click", "NE conv"):
+        table.add_column(col, justify="right")
+    for i in range(k):
+        table.add_column(f"cos e{i}", justify="right")
+        table.add_column(f"ΔL2 e{i}", justify="right")
+    for col in ("verdict", "served snapshot", "s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        shift = r["shift"] or [{}] * k
+        cells = [r["ds"], str(r["rows"] or "-"), r["validation"], _fmt(r["ne"].get("click")), _fmt(r["ne"].get("conversion"))]
+        for m in shift[:k]:
+            cells += [_fmt(m.get("mean_cosine")), _fmt(m.get("relative_l2_change"))]
+        cells += [r["verdict"], r["served"] or "-", f"{r['seconds']:.0f}"]
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def snapshots(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Lists every snapshot with its stage, parent, NE, shift and verdict."""
+    _, ws = _setup(workspace, params)
+    from validation.registry import Registry
+
+    table = Table(title=f"Snapshots in {ws.root}")
+    for col in ("snapshot", "stage", "parent", "NE click", "verdict", "promoted at", "by", "tag"):
+        table.add_column(col)
+    for rec in Registry(ws.registry_db).list():
+        r = rec.record
+        table.add_row(
+            rec.snapshot_id, rec.stage, rec.parent_id or "-",
+            _fmt((r.get("evaluation") or {}).get("ne", {}).get("click")),
+            (r.get("verdict") or {}).get("verdict", "-"), rec.promoted_at or "-", rec.promoted_by or "-", r.get("tag", "-"),
+        )
+    console.print(table)
+
+
+@app.command()
+def promote(
+    snapshot_id: Annotated[str, typer.Argument(help="Snapshot to make production, e.g. sum-2026-01-03.")],
+    force: Annotated[bool, typer.Option(help="Override the gate (a held snapshot).")] = False,
+    reason: Annotated[str, typer.Option(help="Why; recorded in the registry's audit log.")] = "",
+    actor: Annotated[str, typer.Option(help="Who; defaults to $USER.")] = "",
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Promotes a snapshot by hand (the gate's verdict stands unless --force with --reason)."""
+    if force and not reason:
+        raise typer.BadParameter("--force needs --reason")
+    p, ws = _setup(workspace, params)
+    from sum_platform.pipeline import Context, promote_snapshot
+
+    who = actor or os.environ.get("USER", "operator")
+    out = promote_snapshot(Context(p, ws), snapshot_id, actor=who, reason=reason or "manual promotion", force=force)
+    console.print(out)
+
+
+STAGES = ("ingest", "validate_data", "version_data", "materialize_user_features", "train_user_model", "evaluate",
+          "shift_gate", "promote", "materialize_embeddings", "rollout", "verify_serving")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
+    ds: Annotated[str, typer.Option("--ds", help="Logical date YYYY-MM-DD.")],
+    summary: Annotated[Optional[Path], typer.Option(help="Also write the step's JSON summary here.")] = None,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Runs one pipeline step for a date outside Airflow (what ``dvc repro`` calls)."""
+    if name not in STAGES:
+        raise typer.BadParameter(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
+    _setup(workspace, params)
+    from sum_platform import pipeline
+
+    result = getattr(pipeline, name)(ds)
+    if summary:
+        pipeline.write_json(summary, result)
+    console.print_json(data=result)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    logging.basicConfig(level=logging.INFO)
+    app()

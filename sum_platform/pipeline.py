@@ -1,0 +1,392 @@
+"""The daily SUM loop as plain functions: one per DAG task, each idempotent for its date ``ds``.
+
+The Airflow DAG (``dags/sum_daily.py``), ``sumctl`` and ``dvc repro`` call these; none of them needs
+Airflow. Every function reads the params in force (``SUM_PARAMS``) and the workspace (``SUM_WORKSPACE``),
+writes through temporary paths that are moved into place, and returns a small JSON-able summary (which
+Airflow stores as the task's XCom).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sum_platform.config import Params, load_params
+from sum_platform.workspace import Workspace, ds_str, snapshot_id_for
+
+log = logging.getLogger(__name__)
+
+#: Fault injections for exercising the gate (DAG param ``candidate_fault``); never set in normal runs.
+CANDIDATE_FAULTS = ("reinit",)
+
+
+@dataclass(frozen=True)
+class Context:
+    params: Params
+    ws: Workspace
+
+    @property
+    def registry(self):
+        from validation.registry import Registry
+
+        return Registry(self.ws.registry_db)
+
+
+def context() -> Context:
+    params = load_params()
+    return Context(params, Workspace(params.workspace))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Writes JSON atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest -> validate -> version data
+# ---------------------------------------------------------------------------------------------
+def ingest(ds: str) -> dict[str, Any]:
+    """Makes the day's partitions available: the simulator writes them unless they already exist.
+
+    An existing partition (delivered by an upstream, or deliberately corrupted by a test) is left alone,
+    so validation judges exactly what arrived.
+    """
+    from sum_platform.feature_store import user_feature_fields
+    from sum_platform.simulate import fields_from_feast, write_day
+    from sum_platform.versioning import init_workspace_repo
+
+    ctx = context()
+    init_workspace_repo(ctx.ws.root, ctx.params.dvc_remote)
+    fields = fields_from_feast(user_feature_fields(ctx.params))
+    return write_day(ds, ctx.params, ctx.ws, fields)
+
+
+def validate_data(ds: str) -> dict[str, Any]:
+    """Runs the GX checkpoints of the day's partitions; raises ``DataValidationError`` on a failure."""
+    from sum_platform.feature_store import apply_definitions, feature_spec
+    from validation.data_checks import DataValidationError, validate_day
+
+    ctx = context()
+    spec = feature_spec(ctx.params, apply_definitions(ctx.params))
+    try:
+        reports = validate_day(ds, ctx.ws.root, spec, ctx.params)
+    except DataValidationError as err:
+        write_json(ctx.ws.run_dir(ds) / "validation.json", {"ds": ds, "success": False, "error": str(err)})
+        raise
+    summary = {"ds": ds, "success": True, "reports": [r.to_dict() for r in reports]}
+    write_json(ctx.ws.run_dir(ds) / "validation.json", summary)
+    return {"ds": ds, "success": True, "evaluated": sum(r.evaluated for r in reports)}
+
+
+def version_data(ds: str) -> dict[str, Any]:
+    """Tracks the validated partitions with DVC, pushes them, commits the ``.dvc`` files."""
+    from sum_platform.versioning import data_version, track_paths
+
+    ctx = context()
+    paths = [ctx.ws.events_dir(ds), ctx.ws.users_dir(ds)]
+    commit = track_paths(ctx.ws.root, paths, f"data: partitions of {ds}")
+    versions = {p.relative_to(ctx.ws.root).as_posix(): data_version(ctx.ws.root, p) for p in paths}
+    write_json(ctx.ws.run_dir(ds) / "data_version.json", {"ds": ds, "commit": commit, "versions": versions})
+    return {"ds": ds, "versions": versions}
+
+
+def materialize_user_features(ds: str) -> dict[str, Any]:
+    """Loads the day's user features into the online store (Feast materialize over the day)."""
+    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions
+
+    ctx = context()
+    store = apply_definitions(ctx.params)
+    start = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
+    store.materialize(start_date=start - timedelta(seconds=1), end_date=start + timedelta(days=1),
+                      feature_views=[USER_FEATURES_VIEW])
+    return {"ds": ds, "view": USER_FEATURES_VIEW}
+
+
+# ---------------------------------------------------------------------------------------------
+# train -> evaluate -> gate
+# ---------------------------------------------------------------------------------------------
+def training_frame(ds: str, ctx: Context):
+    """The day's impressions joined point-in-time with the user features, through Feast.
+
+    Returns:
+        ``(train_df, holdout_df, spec)``; the holdout is a fixed hash-based share of impressions.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
+
+    store = apply_definitions(ctx.params)
+    spec = feature_spec(ctx.params, store)
+    events = pd.read_parquet(ctx.ws.events_dir(ds))
+    features = [f"{USER_FEATURES_VIEW}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
+    joined = store.get_historical_features(entity_df=events, features=features).to_df()
+    missing = joined[list(spec.user_dense)].isna().any(axis=1)
+    if missing.any():
+        log.warning("%d impressions have no user features as of their time; dropped", int(missing.sum()))
+        joined = joined[~missing]
+    for name in spec.user_sparse:
+        joined[name] = joined[name].map(lambda v: np.asarray(v if v is not None else [], dtype=np.int64))
+    joined = joined.sort_values("impression_id").reset_index(drop=True)
+    bucket = pd.util.hash_pandas_object(joined["impression_id"], index=False).to_numpy() % 10_000
+    holdout = bucket < int(ctx.params.events.holdout_fraction * 10_000)
+    return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
+
+
+def _parent_for(snapshot_id: str, ctx: Context) -> str | None:
+    """The snapshot a candidate warm-starts from; stable across reruns of the same date."""
+    existing = ctx.registry.get(snapshot_id)
+    if existing is not None:
+        return existing.parent_id
+    prod = ctx.registry.production()
+    return prod.snapshot_id if prod else None
+
+
+def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, Any]:
+    """Trains the day's candidate, warm-starting from the production snapshot, and exports it.
+
+    Args:
+        ds: The logical date.
+        candidate_fault: Optional fault injection (``"reinit"``: export re-initialised weights), used
+            to prove that the gate holds a very different candidate.
+
+    Returns:
+        The candidate's id, its parent and training statistics.
+    """
+    import torch
+
+    from sum_models.model import build_model
+    from sum_models.snapshot import export_snapshot, load_model
+    from sum_models.train import train_model
+
+    ctx = context()
+    snapshot_id = snapshot_id_for(ds)
+    train_df, _, spec = training_frame(ds, ctx)
+    parent_id = _parent_for(snapshot_id, ctx)
+    model = build_model(spec, ctx.params.model, seed=ctx.params.seed)
+    warm = {"loaded": 0, "skipped": []}
+    if parent_id:
+        parent, _ = load_model(ctx.ws.snapshot_dir(parent_id))
+        warm = warm_start(model, parent.state_dict())
+    stats = train_model(model, train_df, spec, ctx.params.train, seed=ctx.params.seed)
+    if candidate_fault:
+        if candidate_fault not in CANDIDATE_FAULTS:
+            raise ValueError(f"unknown candidate_fault {candidate_fault!r}; known: {CANDIDATE_FAULTS}")
+        log.warning("fault injection %r: exporting re-initialised weights", candidate_fault)
+        model = build_model(spec, ctx.params.model, seed=ctx.params.seed + 1_000_003)
+    extra = {"ds": ds, "parent_id": parent_id, "params_digest": ctx.params.digest(), "fault": candidate_fault}
+    export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id), snapshot_id, extra)
+    data_version = read_json(ctx.ws.run_dir(ds) / "data_version.json")["versions"]
+    validation = read_json(ctx.ws.run_dir(ds) / "validation.json")
+    train = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
+    record = {
+        "data_version": data_version,
+        "validation": {"success": validation["success"], "checked_at": ds},
+        "params_digest": ctx.params.digest(),
+        "train": train,
+        "warm_start": warm,
+        "fault": candidate_fault,
+        "torch_threads": torch.get_num_threads(),
+    }
+    ctx.registry.register_candidate(snapshot_id, ds, parent_id, record)
+    return {"snapshot_id": snapshot_id, "parent_id": parent_id, "train": train, "warm_start": warm}
+
+
+def warm_start(model, parent_state: dict) -> dict[str, Any]:
+    """Copies every parent tensor whose name and shape match; a changed input layer starts fresh.
+
+    This is what lets a data scientist add a feature: the new feature's table is new, the rest of the
+    model keeps what it learnt.
+    """
+    own = model.state_dict()
+    loadable = {k: v for k, v in parent_state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(loadable, strict=False)
+    skipped = sorted(set(own) - set(loadable))
+    if skipped:
+        log.info("warm start: %d tensors start fresh: %s", len(skipped), skipped)
+    return {"loaded": len(loadable), "skipped": skipped}
+
+
+def evaluate(ds: str) -> dict[str, Any]:
+    """NE (eq. 9) of the candidate and of the production snapshot on the day's holdout."""
+    from sum_models.snapshot import load_model
+    from sum_models.train import evaluate_ne
+
+    ctx = context()
+    snapshot_id = snapshot_id_for(ds)
+    _, holdout, spec = training_frame(ds, ctx)
+    candidate, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))
+    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout),
+                              "ne": evaluate_ne(candidate, holdout, spec)}
+    prod = ctx.registry.production()
+    if prod and prod.snapshot_id != snapshot_id:
+        production, _ = load_model(ctx.ws.snapshot_dir(prod.snapshot_id))
+        try:
+            result["production_ne"] = evaluate_ne(production, holdout, spec)
+        except RuntimeError as err:  # input layers changed since production was trained
+            log.warning("production snapshot cannot score today's inputs: %s", err)
+        result["production_id"] = prod.snapshot_id
+    write_json(ctx.ws.run_dir(ds) / "evaluation.json", result)
+    ctx.registry.update_record(snapshot_id, {"evaluation": result})
+    return result
+
+
+def probe_user_frame(ds: str, ctx: Context):
+    """Today's features of the fixed probe users (the first ``gate.probe_users`` users ever seen)."""
+    import pandas as pd
+
+    users = pd.read_parquet(ctx.ws.users_dir(ds))
+    if not ctx.ws.probe_users.exists():
+        ids = users["user_id"].sort_values().head(ctx.params.gate.probe_users)
+        tmp = ctx.ws.probe_users.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+        ids.to_frame().to_parquet(tmp, index=False)
+        tmp.replace(ctx.ws.probe_users)
+    probe = pd.read_parquet(ctx.ws.probe_users)["user_id"]
+    frame = users[users["user_id"].isin(probe)].sort_values("user_id").reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"none of the probe users appear in the users partition of {ds}")
+    return frame
+
+
+def shift_gate(ds: str) -> dict[str, Any]:
+    """Judges the candidate (validation.gate) and records the verdict in the registry."""
+    from sum_models.snapshot import embed_users, load_user_tower
+    from sum_platform.feature_store import feature_spec, get_store
+    from validation.gate import judge
+
+    ctx = context()
+    snapshot_id = snapshot_id_for(ds)
+    spec = feature_spec(ctx.params, get_store(ctx.params))
+    probe = probe_user_frame(ds, ctx)
+    tower, _ = load_user_tower(ctx.ws.snapshot_dir(snapshot_id))
+    candidate = embed_users(tower, probe, spec)
+    evaluation = read_json(ctx.ws.run_dir(ds) / "evaluation.json")
+    prod = ctx.registry.production()
+    production = baseline = None
+    if prod and prod.snapshot_id != snapshot_id:
+        baseline = prod.snapshot_id
+        prod_tower, _ = load_user_tower(ctx.ws.snapshot_dir(baseline))
+        production = embed_users(prod_tower, probe, spec)
+    elif prod and prod.snapshot_id == snapshot_id:
+        # A rerun after promotion: judge against the snapshot it replaced, as the first run did.
+        previous = ctx.registry.get(snapshot_id).parent_id
+        if previous:
+            baseline = previous
+            production = embed_users(load_user_tower(ctx.ws.snapshot_dir(previous))[0], probe, spec)
+    verdict = judge(candidate, production, evaluation["ne"], ctx.params.gate, baseline)
+    payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe)}
+    write_json(ctx.ws.run_dir(ds) / "gate.json", payload)
+    ctx.registry.record_verdict(snapshot_id, verdict.blessed, payload)
+    log.info("gate verdict for %s: %s; %s", snapshot_id, verdict.label, "; ".join(verdict.reasons) or "all checks passed")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# promote -> materialize -> rollout -> verify
+# ---------------------------------------------------------------------------------------------
+def promote(ds: str, actor: str = "pipeline", reason: str = "gate blessed") -> dict[str, Any]:
+    """Versions the blessed snapshot (DVC + GTO tag) and makes it production in the registry."""
+    from sum_platform.versioning import tag_promotion, track_paths
+
+    ctx = context()
+    snapshot_id = snapshot_id_for(ds)
+    return promote_snapshot(ctx, snapshot_id, actor=actor, reason=reason)
+
+
+def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool = False) -> dict[str, Any]:
+    """Promotion proper: files pushed and tagged first, then the registry flips in one transaction."""
+    from sum_platform.versioning import data_version, tag_promotion, track_paths
+
+    record = ctx.registry.get(snapshot_id)
+    if record is None:
+        raise LookupError(f"unknown snapshot {snapshot_id!r}")
+    if record.stage != "candidate" and record.stage != "production" and not force:
+        raise RuntimeError(f"snapshot {snapshot_id} is {record.stage}; use --force with a reason to override")
+    snap_dir = ctx.ws.snapshot_dir(snapshot_id)
+    track_paths(ctx.ws.root, [snap_dir], f"snapshot: {snapshot_id}")
+    tag = tag_promotion(ctx.ws.root, snapshot_id, f"promote {snapshot_id}: {reason}")
+    ctx.registry.update_record(snapshot_id, {"snapshot_version": data_version(ctx.ws.root, snap_dir), "tag": tag})
+    promoted = ctx.registry.promote(snapshot_id, actor=actor, reason=reason, force=force)
+    return {"snapshot_id": snapshot_id, "tag": tag, "stage": promoted.stage, "promoted_at": promoted.promoted_at}
+
+
+def materialize_embeddings(ds: str) -> dict[str, Any]:
+    """Batch inference of every user with the production snapshot; written offline and online."""
+    import pandas as pd
+
+    from serving.store_io import write_embeddings
+    from sum_models.snapshot import embed_users, load_user_tower
+    from sum_platform.feature_store import apply_definitions, feature_spec
+    from sum_platform.simulate import write_frame
+
+    ctx = context()
+    prod = ctx.registry.production()
+    if prod is None:
+        raise RuntimeError("no production snapshot to materialize")
+    store = apply_definitions(ctx.params)
+    spec = feature_spec(ctx.params, store)
+    users = pd.read_parquet(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
+    tower, _ = load_user_tower(ctx.ws.snapshot_dir(prod.snapshot_id))
+    emb = embed_users(tower, users, spec)
+    written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
+    offline = pd.DataFrame({"user_id": users["user_id"].to_numpy()})
+    for k in range(emb.shape[1]):
+        offline[f"embedding_{k}"] = list(emb[:, k, :].astype("float32"))
+    offline["snapshot_id"] = prod.snapshot_id
+    offline["written_at_ms"] = int(written_at.timestamp() * 1000)
+    offline["written_at"] = pd.Timestamp(written_at)
+    write_frame(offline, ctx.ws.embeddings_dir(ds))
+    write_embeddings(store, users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at)
+    return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(users)}
+
+
+def rollout(ds: str) -> dict[str, Any]:
+    """Moves the serving app to the production snapshot; rolls back to the previous one on failure."""
+    from serving.ray_cluster import ensure_ray
+    from serving.rollout import rollout as serve_rollout
+
+    ctx = context()
+    prod = ctx.registry.production()
+    if prod is None:
+        raise RuntimeError("no production snapshot to roll out")
+    previous = None
+    if prod.parent_id and ctx.ws.snapshot_dir(prod.parent_id).exists():
+        previous = (ctx.ws.snapshot_dir(prod.parent_id), prod.parent_id)
+    ensure_ray(ctx.params)
+    result = serve_rollout(ctx.params, ctx.ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id, previous=previous)
+    return {"ds": ds, "snapshot_id": prod.snapshot_id, **(result or {})}
+
+
+def verify_serving(ds: str) -> dict[str, Any]:
+    """Checks that the endpoint serves the registry's production snapshot and answers a user."""
+    import httpx
+    import pandas as pd
+
+    from serving.rollout import served_snapshot_id
+
+    ctx = context()
+    prod = ctx.registry.production()
+    served = served_snapshot_id(ctx.params)
+    if prod is None or served != prod.snapshot_id:
+        raise RuntimeError(f"serving reports {served!r}, registry production is {prod.snapshot_id if prod else None!r}")
+    user_id = int(pd.read_parquet(ctx.ws.users_dir(ds), columns=["user_id"])["user_id"].min())
+    url = f"http://{ctx.params.serving.host}:{ctx.params.serving.port}/users/{user_id}/embeddings"
+    resp = httpx.get(url, timeout=30)
+    if resp.status_code != 200:
+        raise RuntimeError(f"GET {url} -> {resp.status_code}: {resp.text[:300]}")
+    body = resp.json()
+    return {"ds": ds, "served_snapshot_id": served, "probe_user": user_id, "user_snapshot_id": body.get("snapshot_id")}
