@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from sum_platform.config import PROJECT_ROOT
-from sum_platform.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 DAG_ID = "sum_daily"
 
 
-def environment(ws: Workspace) -> dict[str, str]:
-    """The environment variables of the project-local Airflow of a workspace."""
-    home = ws.airflow_home
+def environment(home: Path) -> dict[str, str]:
+    """The environment variables of a project-local Airflow whose home is ``home``."""
     return {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
@@ -37,21 +35,21 @@ def environment(ws: Workspace) -> dict[str, str]:
     }
 
 
-def configure(ws: Workspace) -> None:
-    """Points this process's Airflow at the workspace and creates/migrates its metadata DB.
+def configure(home: Path) -> None:
+    """Points this process's Airflow at ``home`` (e.g. ``Workspace.airflow_home``) and migrates its DB.
 
     Raises:
         RuntimeError: Airflow was already imported with another home.
     """
-    env = environment(ws)
+    env = environment(home)
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
         raise RuntimeError("airflow was imported before sum_platform.airflow_env.configure()")
     os.environ.update(env)
-    ws.airflow_home.mkdir(parents=True, exist_ok=True)
-    marker = ws.airflow_home / ".migrated"
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / ".migrated"
     if not marker.exists():
         airflow_bin = Path(sys.executable).with_name("airflow")
-        log.info("creating the Airflow metadata DB in %s", ws.airflow_home)
+        log.info("creating the Airflow metadata DB in %s", home)
         subprocess.run([str(airflow_bin), "db", "migrate"], check=True, env=os.environ.copy(),
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         marker.touch()
@@ -104,6 +102,6 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
             result.task_states[ti.task_id] = str(getattr(ti.state, "value", ti.state))
         rows = session.query(XComModel).filter(XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id)
         for row in rows:
-            if row.key == "return_value":
-                result.xcoms[row.task_id] = XComModel.deserialize_value(row)
+            key = row.task_id if row.key == "return_value" else f"{row.task_id}.{row.key}"
+            result.xcoms[key] = XComModel.deserialize_value(row)
     return result

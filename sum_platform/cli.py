@@ -49,8 +49,7 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 def day_row(result) -> dict[str, Any]:
     """Flattens one DAG run into the per-day table row."""
     x = result.xcoms
-    gate = x.get("shift_gate") or {}
-    verdict_xcom = gate if isinstance(gate, dict) else {}
+    verdict_xcom = x.get("shift_gate.verdict") or {}
     row: dict[str, Any] = {
         "ds": result.ds,
         "state": result.state,
@@ -86,7 +85,7 @@ def run(
             shutil.rmtree(remote, ignore_errors=True)
     from sum_platform import airflow_env
 
-    airflow_env.configure(ws)
+    airflow_env.configure(ws.airflow_home)
     faults = dict(f.split("=", 1) for f in fault)
     first = date.fromisoformat(start or p.simulator.start_date)
     rows = []

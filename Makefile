@@ -1,0 +1,31 @@
+# Entry points. A fresh machine needs only: `make run` (main job) or `make test` (test suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DAYS   ?= 3
+
+.PHONY: setup run test test-fast ui bench clean
+
+# The venv is rebuilt whenever the lock or the project metadata changes.
+$(BIN)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+run: setup  ## N simulated days through the real daily DAG (DAYS=3)
+	$(BIN)/sumctl run --days $(DAYS) --fresh
+
+test: setup  ## the whole suite, services included (what CI runs)
+	$(BIN)/pytest
+
+test-fast: setup  ## unit, data and model tests only
+	$(BIN)/pytest -m "not slow"
+
+ui: setup  ## Airflow UI on http://127.0.0.1:8080 for the workspace's runs
+	$(BIN)/sumctl ui
+
+clean:
+	rm -rf .sum reports

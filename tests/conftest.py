@@ -1,0 +1,67 @@
+"""Session-wide test environment, set before anything imports Airflow, Feast or Ray.
+
+Every test process gets its own params file (a copy of the project's, with a test serving port), its own
+default workspace and one Airflow home, all under a temporary folder. Heavy services (the Airflow DB, Ray)
+start lazily in session fixtures of the tests that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="sum-tests-"))
+TEST_PORT = int(os.environ.get("SUM_TEST_PORT", "8765"))
+
+
+def _write_test_params() -> Path:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["serving"]["port"] = TEST_PORT
+    params["paths"] = {"workspace": "workspace", "dvc_remote": "dvc-remote"}
+    path = SESSION_DIR / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+os.environ["SUM_PARAMS"] = str(_write_test_params())
+os.environ["SUM_WORKSPACE"] = str(SESSION_DIR / "workspace")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from sum_platform import airflow_env  # noqa: E402  (after the environment is set)
+
+AIRFLOW_HOME = SESSION_DIR / "airflow"
+os.environ.update(airflow_env.environment(AIRFLOW_HOME))
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata DB for the session (SQLite)."""
+    airflow_env.configure(AIRFLOW_HOME)
+    return AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    """One local Ray instance with Serve for the whole session, shut down at the end."""
+    from serving.ray_cluster import ensure_ray, shutdown
+    from sum_platform.config import load_params
+
+    ensure_ray(load_params())
+    yield
+    shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)

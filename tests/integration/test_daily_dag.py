@@ -1,0 +1,144 @@
+"""The whole daily loop through the real Airflow DAG (dag.test), with real GX, torch, Feast, Ray Serve
+over HTTP and DVC: promotion, the gate holding a very different candidate, and a corrupted partition
+stopping the run at validation while production, the online store and serving stay unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DAY1, DAY2, DAY3, DAY4, DAY5 = (f"2026-01-0{i}" for i in range(1, 6))
+WATCHED_USERS = list(range(1, 41))  # user 0 is the one verify_serving reads (and so recomputes)
+
+
+@pytest.fixture(scope="module")
+def workspace(session_dir: Path):
+    ws = session_dir / "dag-workspace"
+    old = os.environ.get("SUM_WORKSPACE")
+    os.environ["SUM_WORKSPACE"] = str(ws)
+    yield ws
+    if old is not None:
+        os.environ["SUM_WORKSPACE"] = old
+
+
+@pytest.fixture(scope="module")
+def runs(workspace: Path, airflow_db, ray_serve):
+    """Runs the DAG for five dates; returns the per-date results plus observations between runs."""
+    from sum_platform import airflow_env, pipeline
+    from sum_platform.config import load_params
+    from sum_platform.feature_store import get_store, user_feature_fields
+    from sum_platform.simulate import fields_from_feast, simulate_day, write_frame
+    from serving.rollout import served_snapshot_id
+    from serving.store_io import read_embeddings
+
+    params = load_params()
+    ctx = pipeline.context()
+    out: dict = {}
+    for ds in (DAY1, DAY2, DAY3):
+        out[ds] = airflow_env.run_date(ds)
+        out[f"{ds}/production"] = ctx.registry.production().snapshot_id
+        out[f"{ds}/served"] = served_snapshot_id(params)
+
+    # DAY4: a candidate with re-initialised weights must be held.
+    out[DAY4] = airflow_env.run_date(DAY4, {"candidate_fault": "reinit"})
+    out[f"{DAY4}/production"] = ctx.registry.production().snapshot_id
+    out[f"{DAY4}/served"] = served_snapshot_id(params)
+
+    # DAY5: the partition arrives corrupted (click labels outside {0, 1}).
+    store = get_store(params)
+    before = read_embeddings(store, WATCHED_USERS)
+    events, users = simulate_day(DAY5, params, fields_from_feast(user_feature_fields(params)))
+    events.loc[events.index[:25], "click"] = 2
+    write_frame(events, ctx.ws.events_dir(DAY5))
+    write_frame(users, ctx.ws.users_dir(DAY5))
+    out[DAY5] = airflow_env.run_date(DAY5)
+    out[f"{DAY5}/production"] = ctx.registry.production().snapshot_id
+    out[f"{DAY5}/served"] = served_snapshot_id(params)
+    out["store_before"], out["store_after"] = before, read_embeddings(store, WATCHED_USERS)
+    out["ctx"] = ctx
+    return out
+
+
+def test_first_day_is_promoted_by_rubber_stamp(runs):
+    r = runs[DAY1]
+    assert r.ok, r.task_states
+    assert r.xcoms["shift_gate.verdict"]["verdict"] == "blessed"
+    rec = runs["ctx"].registry.get("sum-2026-01-01")
+    assert rec.stage in ("production", "retired")
+    verdict = rec.record["verdict"]
+    assert verdict["blessed"] and verdict["baseline_snapshot_id"] is None
+    assert any("first snapshot" in reason for reason in verdict["reasons"])
+    assert runs[f"{DAY1}/production"] == "sum-2026-01-01"
+
+
+def test_served_snapshot_follows_each_promotion(runs):
+    for ds in (DAY1, DAY2, DAY3):
+        assert runs[ds].ok, (ds, runs[ds].task_states)
+        assert runs[f"{ds}/production"] == f"sum-{ds}"
+        assert runs[f"{ds}/served"] == runs[f"{ds}/production"]
+
+
+def test_normal_days_have_shift_numbers_within_thresholds(runs):
+    rec = runs["ctx"].registry.get(f"sum-{DAY2}")
+    shift = rec.record["verdict"]["shift"]
+    assert len(shift) == 2
+    for m in shift:
+        assert 0.8 <= m["mean_cosine"] <= 1.0
+        assert 0.0 <= m["relative_l2_change"] < 0.35
+    ne = rec.record["evaluation"]["ne"]
+    assert 0 < ne["click"] < 1.0
+
+
+def test_online_store_holds_embeddings_for_the_users(runs):
+    stored = runs["store_before"]
+    assert len(stored) == len(WATCHED_USERS)
+    for user_id, row in stored.items():
+        assert row["snapshot_id"] == f"sum-{DAY3}", (user_id, row["snapshot_id"])
+        emb = np.asarray(row["embeddings"], dtype=np.float32)
+        assert emb.shape == (2, 96) and np.isfinite(emb).all()
+
+
+def test_reinitialised_candidate_is_held_and_production_stays(runs):
+    r = runs[DAY4]
+    assert r.state == "success", r.task_states  # a held snapshot is a verdict, not a failure
+    assert r.task_states["shift_gate"] == "success"
+    for downstream in ("promote", "materialize_embeddings", "rollout", "verify_serving"):
+        assert r.task_states[downstream] == "skipped", (downstream, r.task_states)
+    rec = runs["ctx"].registry.get(f"sum-{DAY4}")
+    assert rec.stage == "held"
+    assert any("mean_cosine" in reason for reason in rec.record["verdict"]["reasons"])
+    assert runs[f"{DAY4}/production"] == f"sum-{DAY3}"
+    assert runs[f"{DAY4}/served"] == f"sum-{DAY3}"
+
+
+def test_corrupted_partition_stops_at_validation_and_changes_nothing(runs):
+    r = runs[DAY5]
+    assert r.state == "failed"
+    assert r.task_states["validate_data"] == "failed"
+    assert r.task_states["train_user_model"] in ("upstream_failed", "skipped")
+    assert runs["ctx"].registry.get(f"sum-{DAY5}") is None
+    assert runs[f"{DAY5}/production"] == f"sum-{DAY3}"
+    assert runs[f"{DAY5}/served"] == f"sum-{DAY3}"
+    assert runs["store_after"] == runs["store_before"]
+    report = (runs["ctx"].ws.run_dir(DAY5) / "validation.json").read_text()
+    assert "click" in report
+
+
+def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
+    from sum_platform.versioning import restore_snapshot, tag_for_snapshot
+
+    ws = runs["ctx"].ws
+    tag = tag_for_snapshot(ws.root, f"sum-{DAY2}")
+    assert tag
+    tags = subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True, check=True).stdout
+    assert tag in tags
+    restored = restore_snapshot(ws.root, f"sum-{DAY2}", tmp_path / "restored")
+    original = ws.snapshot_dir(f"sum-{DAY2}") / "user_tower.safetensors"
+    assert (restored / "user_tower.safetensors").read_bytes() == original.read_bytes()
