@@ -1,0 +1,66 @@
+"""Verdict rules of the snapshot gate (validation.gate.judge)."""
+
+import numpy as np
+import pytest
+
+from sum_platform.config import GateConfig
+from validation.gate import judge
+
+CFG = GateConfig(probe_users=64, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4)
+NE_OK = {"click": 0.8, "conversion": 0.9}
+
+
+@pytest.fixture()
+def production():
+    return np.random.default_rng(0).normal(size=(64, 2, 16)).astype(np.float16)
+
+
+def test_first_snapshot_is_judged_on_absolute_checks_only(production):
+    v = judge(production, None, NE_OK, CFG)
+    assert v.blessed and v.baseline_snapshot_id is None and v.shift == []
+    assert any("first snapshot" in r for r in v.reasons)
+    assert not any("cosine" in c.name for c in v.checks)
+
+
+def test_small_change_is_blessed(production):
+    cand = production + np.random.default_rng(1).normal(scale=0.05, size=production.shape).astype(np.float16)
+    v = judge(cand, production, NE_OK, CFG, "sum-prev")
+    assert v.blessed, v.reasons
+    assert v.baseline_snapshot_id == "sum-prev"
+    assert all(m["mean_cosine"] > 0.99 for m in v.shift)
+
+
+def test_reinitialised_candidate_is_held_with_the_failed_check_named(production):
+    cand = np.random.default_rng(2).normal(size=production.shape).astype(np.float16)
+    v = judge(cand, production, NE_OK, CFG, "sum-prev")
+    assert not v.blessed
+    assert any(r.startswith("embedding_0.mean_cosine") for r in v.reasons)
+
+
+def test_norm_blow_up_is_held(production):
+    v = judge(production * 2, production, NE_OK, CFG, "sum-prev")
+    assert not v.blessed
+    assert any("relative_l2_change" in r for r in v.reasons)
+
+
+def test_non_finite_embeddings_are_held(production):
+    cand = production.copy()
+    cand[0, 0, 0] = np.nan
+    v = judge(cand, None, NE_OK, CFG)
+    assert not v.blessed and "embeddings_finite" in v.reasons[-1]
+
+
+def test_collapsed_embedding_is_held(production):
+    cand = np.ones_like(production)
+    v = judge(cand, None, NE_OK, CFG)
+    assert not v.blessed and any("std_across_users" in r for r in v.reasons)
+
+
+def test_ne_above_threshold_is_held(production):
+    v = judge(production, None, {"click": 1.02, "conversion": 0.9}, CFG)
+    assert not v.blessed and any(r.startswith("ne.click") for r in v.reasons)
+
+
+def test_no_thresholds_configured_refuses_to_bless(production):
+    v = judge(production, None, NE_OK, GateConfig())
+    assert not v.blessed and "not configured" in v.reasons[0]
