@@ -192,6 +192,26 @@ def stage(
     console.print_json(data=result)
 
 
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the Airflow UI/API server.")] = 8080,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Starts ``airflow standalone`` on 127.0.0.1 for the workspace's DAG runs (Ctrl-C stops it)."""
+    import subprocess
+    import sys
+
+    _, ws = _setup(workspace, params)
+    from sum_platform import airflow_env
+
+    airflow_env.configure(ws.airflow_home)
+    os.environ["AIRFLOW__API__PORT"] = str(port)
+    console.print(f"Airflow UI: http://127.0.0.1:{port} (home {ws.airflow_home}; "
+                  f"login details in {ws.airflow_home}/simple_auth_manager_passwords.json.generated)")
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "standalone"], check=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     logging.basicConfig(level=logging.INFO)
     app()

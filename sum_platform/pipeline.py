@@ -8,6 +8,7 @@ Airflow stores as the task's XCom).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -132,16 +133,31 @@ def training_frame(ds: str, ctx: Context):
 
     store = apply_definitions(ctx.params)
     spec = feature_spec(ctx.params, store)
-    events = pd.read_parquet(ctx.ws.events_dir(ds))
-    features = [f"{USER_FEATURES_VIEW}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
-    joined = store.get_historical_features(entity_df=events, features=features).to_df()
-    missing = joined[list(spec.user_dense)].isna().any(axis=1)
-    if missing.any():
-        log.warning("%d impressions have no user features as of their time; dropped", int(missing.sum()))
-        joined = joined[~missing]
+    # The join is the slow part (~8 s a day); train and evaluate share it through a cache keyed by
+    # the data version and the feature spec, so a fixed partition or a new feature never reads stale rows.
+    versions = read_json(ctx.ws.run_dir(ds) / "data_version.json")["versions"] if (
+        ctx.ws.run_dir(ds) / "data_version.json").exists() else {}
+    key = hashlib.sha256(json.dumps([versions, spec.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    cache = ctx.ws.run_dir(ds) / f"joined-{key}.parquet"
+    if versions and cache.exists():
+        joined = pd.read_parquet(cache)
+    else:
+        events = pd.read_parquet(ctx.ws.events_dir(ds))
+        features = [f"{USER_FEATURES_VIEW}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
+        joined = store.get_historical_features(entity_df=events, features=features).to_df()
+        missing = joined[list(spec.user_dense)].isna().any(axis=1)
+        if missing.any():
+            log.warning("%d impressions have no user features as of their time; dropped", int(missing.sum()))
+            joined = joined[~missing]
+        joined = joined.sort_values("impression_id").reset_index(drop=True)
+        if versions:
+            for stale in ctx.ws.run_dir(ds).glob("joined-*.parquet"):
+                stale.unlink()
+            tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}")
+            joined.to_parquet(tmp, index=False)
+            tmp.replace(cache)
     for name in spec.user_sparse:
         joined[name] = joined[name].map(lambda v: np.asarray(v if v is not None else [], dtype=np.int64))
-    joined = joined.sort_values("impression_id").reset_index(drop=True)
     bucket = pd.util.hash_pandas_object(joined["impression_id"], index=False).to_numpy() % 10_000
     holdout = bucket < int(ctx.params.events.holdout_fraction * 10_000)
     return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
@@ -300,11 +316,7 @@ def shift_gate(ds: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def promote(ds: str, actor: str = "pipeline", reason: str = "gate blessed") -> dict[str, Any]:
     """Versions the blessed snapshot (DVC + GTO tag) and makes it production in the registry."""
-    from sum_platform.versioning import tag_promotion, track_paths
-
-    ctx = context()
-    snapshot_id = snapshot_id_for(ds)
-    return promote_snapshot(ctx, snapshot_id, actor=actor, reason=reason)
+    return promote_snapshot(context(), snapshot_id_for(ds), actor=actor, reason=reason)
 
 
 def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool = False) -> dict[str, Any]:
