@@ -1,0 +1,162 @@
+"""The SUM mix tower (paper §3.3): K user embeddings + ad features -> one logit per task.
+
+The mix tower sees *no* user feature other than the SUM user embeddings, so every user signal has to flow
+through the user tower (§3.3). It is a single DHEN-flavoured layer (an ensemble of a dot-product
+interaction and an MLP over the tokens, with a residual linear branch and LayerNorm) followed by one logit
+head per task.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from sum_models.spec import FeatureSpec
+from sum_models.user_tower import DenseArch
+
+__all__ = ["AdArch", "DotInteraction", "DHENLayer", "MixTower"]
+
+
+class AdArch(nn.Module):
+    """Ad-side features to tokens: one ``nn.Embedding`` per ad categorical feature, dense ones projected.
+
+    Args:
+        cardinalities: Size of each ad categorical feature, in spec order.
+        num_dense: Number of dense ad features.
+        embedding_dim: D (same as the user embeddings, so tokens can be dotted together).
+    """
+
+    def __init__(self, cardinalities: List[int], num_dense: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.tables = nn.ModuleList([nn.Embedding(int(n), embedding_dim) for n in cardinalities])
+        for table in self.tables:
+            nn.init.normal_(table.weight, std=1.0 / math.sqrt(embedding_dim))
+        self.dense_arch = DenseArch(num_dense, embedding_dim)
+
+    def forward(self, ad_sparse: Tensor, ad_dense: Tensor) -> Tensor:
+        """Tokenises the ad features.
+
+        Args:
+            ad_sparse: int64 ``[B, N_ad_sparse]``.
+            ad_dense: float32 ``[B, N_ad_dense]``.
+
+        Returns:
+            float32 ``[B, N_ad_sparse + N_ad_dense, D]``.
+        """
+        tokens: List[Tensor] = []
+        for i, table in enumerate(self.tables):
+            tokens.append(table(ad_sparse[:, i]))
+        dense_tokens = self.dense_arch(ad_dense)
+        if len(tokens) == 0:
+            return dense_tokens
+        return torch.cat([torch.stack(tokens, dim=1), dense_tokens], dim=1)
+
+
+class DotInteraction(nn.Module):
+    """Pairwise dot products between distinct tokens (DLRM / DHEN dot-product module).
+
+    Args:
+        num_tokens: N.
+        embedding_dim: D; products are scaled by ``1/sqrt(D)``.
+    """
+
+    def __init__(self, num_tokens: int, embedding_dim: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(num_tokens, num_tokens, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.scale = 1.0 / math.sqrt(embedding_dim)
+        self.num_pairs = int(rows.numel())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Computes the upper-triangular Gram matrix entries.
+
+        Args:
+            tokens: float32 ``[B, N, D]``.
+
+        Returns:
+            float32 ``[B, N * (N - 1) / 2]``.
+        """
+        gram = torch.bmm(tokens, tokens.transpose(1, 2)) * self.scale  # [B, N, N]
+        return gram[:, self.rows, self.cols]
+
+
+class DHENLayer(nn.Module):
+    """One DHEN-style layer: an ensemble of interaction modules over the same tokens.
+
+    ``out = LayerNorm(ReLU(MLP(Concat(flatten(X), Dot(X)))) + Linear(flatten(X)))``.
+
+    Args:
+        num_tokens: N.
+        embedding_dim: D.
+        hidden_dim: Output width H.
+    """
+
+    def __init__(self, num_tokens: int, embedding_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.dot = DotInteraction(num_tokens, embedding_dim)
+        flat = num_tokens * embedding_dim
+        self.mlp = nn.Sequential(nn.Linear(flat + self.dot.num_pairs, hidden_dim), nn.ReLU())
+        self.residual = nn.Linear(flat, hidden_dim)
+        self.norm = nn.LayerNorm(hidden_dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Runs the ensemble.
+
+        Args:
+            tokens: float32 ``[B, N, D]``.
+
+        Returns:
+            float32 ``[B, H]``.
+        """
+        flat = tokens.flatten(1)
+        mixed = self.mlp(torch.cat([flat, self.dot(tokens)], dim=1))
+        return self.norm(mixed + self.residual(flat))
+
+
+class MixTower(nn.Module):
+    """User embeddings + ad features -> one logit per task (paper §3.3).
+
+    Args:
+        spec: Input spec (ad features and labels are used; user features are not, by design).
+        num_embeddings: K.
+        embedding_dim: D.
+        hidden_dim: Width of the DHEN layer and task heads.
+    """
+
+    def __init__(self, spec: FeatureSpec, num_embeddings: int, embedding_dim: int, hidden_dim: int = 128) -> None:
+        super().__init__()
+        if not spec.labels:
+            raise ValueError("the mix tower needs at least one task label")
+        self.num_tasks = len(spec.labels)
+        self.ad_arch = AdArch([int(n) for n in spec.ad_sparse.values()], len(spec.ad_dense), embedding_dim)
+        num_tokens = num_embeddings + len(spec.ad_sparse) + len(spec.ad_dense)
+        self.dhen = DHENLayer(num_tokens, embedding_dim, hidden_dim)
+        self.heads = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 2), nn.ReLU(), nn.Linear(hidden_dim // 2, 1))
+                for _ in spec.labels
+            ]
+        )
+
+    def forward(self, user_embeddings: Tensor, ad_sparse: Tensor, ad_dense: Tensor) -> Tensor:
+        """Scores impressions.
+
+        Args:
+            user_embeddings: float32 ``[B, K, D]`` from the user tower.
+            ad_sparse: int64 ``[B, N_ad_sparse]``.
+            ad_dense: float32 ``[B, N_ad_dense]``.
+
+        Returns:
+            float32 logits ``[B, T]`` in ``spec.labels`` order.
+        """
+        tokens = torch.cat([user_embeddings, self.ad_arch(ad_sparse, ad_dense)], dim=1)  # [B, N, D]
+        hidden = self.dhen(tokens)  # [B, H]
+        logits: List[Tensor] = []
+        for head in self.heads:
+            logits.append(head(hidden))
+        return torch.cat(logits, dim=1)

@@ -1,0 +1,112 @@
+"""The SUM upstream user model (paper Fig. 2): user tower + mix tower."""
+
+from __future__ import annotations
+
+from typing import Any, List, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from sum_models.mix_tower import MixTower
+from sum_models.spec import FeatureSpec
+from sum_models.user_tower import UserTower
+
+__all__ = ["SUMModel", "build_model", "model_config_dict", "MODEL_CONFIG_DEFAULTS"]
+
+#: Defaults of the ``model`` section of params.yaml (mirrors ``sum_platform.config.ModelConfig``).
+MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
+    "num_embeddings": 2,
+    "embedding_dim": 96,
+    "sparse_pooling": "mean",
+    "hidden_dim": 256,
+    "mix_hidden_dim": 128,
+}
+
+
+def model_config_dict(model_cfg: Any) -> dict[str, Any]:
+    """Normalises a model config to a plain dict with every key.
+
+    Args:
+        model_cfg: ``params.model`` (a pydantic ``ModelConfig``), a mapping, or None for the defaults.
+
+    Returns:
+        A JSON-serialisable dict with the keys of :data:`MODEL_CONFIG_DEFAULTS` (plus any extra keys).
+    """
+    if model_cfg is None:
+        raw: Mapping[str, Any] = {}
+    elif hasattr(model_cfg, "model_dump"):
+        raw = model_cfg.model_dump(mode="json")
+    elif isinstance(model_cfg, Mapping):
+        raw = model_cfg
+    else:
+        raise TypeError(f"model config must be a mapping or pydantic model, got {type(model_cfg).__name__}")
+    return {**MODEL_CONFIG_DEFAULTS, **dict(raw)}
+
+
+class SUMModel(nn.Module):
+    """User tower + mix tower.
+
+    Args:
+        spec: Model input spec.
+        model_cfg: ``params.model`` or an equivalent dict (see :func:`model_config_dict`).
+    """
+
+    def __init__(self, spec: FeatureSpec, model_cfg: Any = None) -> None:
+        super().__init__()
+        cfg = model_config_dict(model_cfg)
+        self.spec = spec
+        self.config = cfg
+        self.user_tower = UserTower(
+            spec,
+            num_embeddings=int(cfg["num_embeddings"]),
+            embedding_dim=int(cfg["embedding_dim"]),
+            hidden_dim=int(cfg["hidden_dim"]),
+            pooling=str(cfg["sparse_pooling"]),
+        )
+        self.mix_tower = MixTower(
+            spec,
+            num_embeddings=int(cfg["num_embeddings"]),
+            embedding_dim=int(cfg["embedding_dim"]),
+            hidden_dim=int(cfg["mix_hidden_dim"]),
+        )
+
+    def forward(
+        self,
+        dense: Tensor,
+        sparse_ids: List[Tensor],
+        sparse_offsets: List[Tensor],
+        ad_sparse: Tensor,
+        ad_dense: Tensor,
+    ) -> Tensor:
+        """Scores impressions.
+
+        Args:
+            dense: float32 ``[B, N_dense]`` dense user features.
+            sparse_ids: ``N_sparse`` int64 1-D EmbeddingBag id tensors.
+            sparse_offsets: ``N_sparse`` int64 ``[B]`` EmbeddingBag offsets.
+            ad_sparse: int64 ``[B, N_ad_sparse]``.
+            ad_dense: float32 ``[B, N_ad_dense]``.
+
+        Returns:
+            float32 logits ``[B, T]`` in ``spec.labels`` order.
+        """
+        user_embeddings = self.user_tower(dense, sparse_ids, sparse_offsets)  # [B, K, D]
+        return self.mix_tower(user_embeddings, ad_sparse, ad_dense)  # [B, T]
+
+
+def build_model(spec: FeatureSpec, model_cfg: Any = None, seed: int = 0) -> SUMModel:
+    """Builds a freshly initialised model, deterministically for a seed.
+
+    The global torch RNG state is left untouched.
+
+    Args:
+        spec: Model input spec.
+        model_cfg: ``params.model`` or an equivalent dict.
+        seed: Initialisation seed.
+
+    Returns:
+        The model, in train mode.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SUMModel(spec, model_cfg)

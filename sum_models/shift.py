@@ -1,0 +1,83 @@
+"""Embedding distribution shift (paper §5.2, §6.5 Table 3) and average pooling.
+
+Both functions work on numpy arrays of user embeddings ``[N, K, D]`` (any float dtype, fp16 included) and
+compute in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["shift_metrics", "average_pool"]
+
+_TINY = 1e-12
+
+
+def _check_3d(name: str, x: np.ndarray) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be [N, K, D], got shape {arr.shape}")
+    return arr
+
+
+def shift_metrics(candidate: np.ndarray, production: np.ndarray) -> list[dict]:
+    """Per-embedding shift between two snapshots' embeddings of the same users (Table 3).
+
+    Args:
+        candidate: ``[N, K, D]`` embeddings from the new snapshot.
+        production: ``[N, K, D]`` embeddings of the same users, same order, from the current snapshot.
+
+    Returns:
+        One dict per embedding ``k``: ``{"embedding": k, "mean_cosine": mean_i cos(c_ik, p_ik),
+        "relative_l2_change": mean_i |‖c_ik‖ - ‖p_ik‖| / ‖p_ik‖}``. Norms below 1e-12 are floored at
+        1e-12 (a zero vector has cosine 0 with anything).
+
+    Raises:
+        ValueError: Shapes differ, are not 3-D, or there are no users.
+    """
+    c = _check_3d("candidate", candidate).astype(np.float64)
+    p = _check_3d("production", production).astype(np.float64)
+    if c.shape != p.shape:
+        raise ValueError(f"candidate {c.shape} and production {p.shape} embeddings differ in shape")
+    if c.shape[0] == 0:
+        raise ValueError("shift metrics need at least one user")
+    c_norm = np.linalg.norm(c, axis=2)  # [N, K]
+    p_norm = np.linalg.norm(p, axis=2)
+    cosine = (c * p).sum(axis=2) / np.maximum(c_norm * p_norm, _TINY)
+    rel_l2 = np.abs(c_norm - p_norm) / np.maximum(p_norm, _TINY)
+    return [
+        {
+            "embedding": k,
+            "mean_cosine": float(cosine[:, k].mean()),
+            "relative_l2_change": float(rel_l2[:, k].mean()),
+        }
+        for k in range(c.shape[1])
+    ]
+
+
+def average_pool(versions: Sequence[np.ndarray]) -> np.ndarray:
+    """Average pooling of the current and previous embedding versions (paper §5.2: current + 2 cached).
+
+    Args:
+        versions: Arrays of identical shape (e.g. ``[N, K, D]`` or ``[K, D]``), current first or last.
+
+    Returns:
+        The element-wise mean, computed in float64 and returned in the inputs' common dtype
+        (fp16 in -> fp16 out).
+
+    Raises:
+        ValueError: No versions, or shapes differ.
+    """
+    if len(versions) == 0:
+        raise ValueError("average_pool needs at least one embedding version")
+    arrays = [np.asarray(v) for v in versions]
+    shape = arrays[0].shape
+    for i, a in enumerate(arrays):
+        if a.shape != shape:
+            raise ValueError(f"embedding version {i} has shape {a.shape}, expected {shape}")
+    dtype = np.result_type(*arrays)
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(np.float64)
+    return np.mean(np.stack([a.astype(np.float64) for a in arrays]), axis=0).astype(dtype)

@@ -1,0 +1,298 @@
+"""Model snapshots: export, verified loading, and batch user-embedding inference.
+
+A snapshot is a directory of four files::
+
+    user_tower.safetensors   user tower weights only (what serving loads, paper §4)
+    model.safetensors        the whole model (user + mix tower), for warm-starting the next day's training
+    config.json              {"format_version", "spec": FeatureSpec.to_dict(), "model": model config}
+    manifest.json            {"snapshot_id", "created_at", "torch_version", "sha256": {file: hex}, "extra", ...}
+
+Weights are stored with safetensors (no pickle is ever loaded). Every load verifies every checksum in the
+manifest and raises :class:`SnapshotError` on a missing or corrupt file. Embeddings leave the tower as fp16
+(paper §5.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from sum_models.data import encode_users
+from sum_models.model import SUMModel, model_config_dict
+from sum_models.spec import FeatureSpec
+from sum_models.user_tower import UserTower
+
+__all__ = [
+    "SnapshotError",
+    "USER_TOWER_FILE",
+    "MODEL_FILE",
+    "CONFIG_FILE",
+    "MANIFEST_FILE",
+    "FORMAT_VERSION",
+    "export_snapshot",
+    "verify_snapshot",
+    "load_user_tower",
+    "load_model",
+    "embed_users",
+]
+
+USER_TOWER_FILE = "user_tower.safetensors"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_CHECKSUMMED = (USER_TOWER_FILE, MODEL_FILE, CONFIG_FILE)
+# Keys of the model config that determine the architecture (must match the exported weights).
+_ARCH_KEYS = ("num_embeddings", "embedding_dim", "sparse_pooling", "hidden_dim", "mix_hidden_dim")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot directory is missing, incomplete, corrupt or inconsistent."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    # No sort_keys: the order of the spec's dicts is the order of the embedding tables.
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Moves the finished ``src`` into place at ``dst``, replacing an existing ``dst``."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except OSError:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_snapshot(
+    model: SUMModel,
+    spec: FeatureSpec,
+    model_cfg: Any,
+    out_dir: Path,
+    snapshot_id: str,
+    extra: dict | None = None,
+) -> Path:
+    """Writes a snapshot directory atomically.
+
+    Files are written into a temporary directory beside ``out_dir`` and moved into place, so readers never
+    see a partial snapshot and exporting the same directory twice replaces it.
+
+    Args:
+        model: The trained model.
+        spec: Its input spec (must equal ``model.spec``).
+        model_cfg: Its model config (``params.model`` or a dict; must match the model's architecture).
+        out_dir: The snapshot directory to create or replace.
+        snapshot_id: Id recorded in the manifest (and the safetensors metadata).
+        extra: JSON-serialisable extra fields for the manifest (lineage, NE, ...).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: ``spec`` or ``model_cfg`` do not match the model.
+    """
+    out_dir = Path(out_dir)
+    cfg = model_config_dict(model_cfg)
+    if spec != model.spec:
+        raise ValueError(f"spec {spec} does not match the model's spec {model.spec}")
+    mismatched = {k: (cfg[k], model.config[k]) for k in _ARCH_KEYS if cfg[k] != model.config[k]}
+    if mismatched:
+        raise ValueError(f"model_cfg does not match the model (given, actual): {mismatched}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        meta = {"snapshot_id": str(snapshot_id), "format_version": str(FORMAT_VERSION)}
+        save_file(_tensors(model.user_tower.state_dict()), str(tmp / USER_TOWER_FILE), metadata=meta)
+        save_file(_tensors(model.state_dict()), str(tmp / MODEL_FILE), metadata=meta)
+        _write_json(tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "model": cfg})
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "snapshot_id": str(snapshot_id),
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "torch_version": torch.__version__,
+            "num_embeddings": int(cfg["num_embeddings"]),
+            "embedding_dim": int(cfg["embedding_dim"]),
+            "embedding_dtype": "float16",
+            "sha256": {name: _sha256(tmp / name) for name in _CHECKSUMMED},
+            "extra": dict(extra or {}),
+        }
+        _write_json(tmp / MANIFEST_FILE, manifest)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise SnapshotError(f"snapshot file {path} is missing")
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"snapshot file {path} is unreadable or not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise SnapshotError(f"snapshot file {path} must hold a JSON object")
+    return obj
+
+
+def verify_snapshot(snapshot_dir: Path) -> tuple[dict, dict]:
+    """Checks a snapshot's files against its manifest.
+
+    Args:
+        snapshot_dir: A directory written by :func:`export_snapshot`.
+
+    Returns:
+        ``(manifest, config)`` dicts.
+
+    Raises:
+        SnapshotError: Directory, manifest or a file missing; a checksum mismatch; unreadable JSON.
+    """
+    snapshot_dir = Path(snapshot_dir)
+    if not snapshot_dir.is_dir():
+        raise SnapshotError(f"snapshot directory {snapshot_dir} does not exist")
+    manifest = _read_json(snapshot_dir / MANIFEST_FILE)
+    sums = manifest.get("sha256")
+    if not isinstance(sums, dict) or any(name not in sums for name in _CHECKSUMMED):
+        raise SnapshotError(f"manifest of {snapshot_dir} lacks checksums for {list(_CHECKSUMMED)}")
+    for name, expected in sums.items():
+        path = snapshot_dir / name
+        if not path.is_file():
+            raise SnapshotError(f"snapshot file {path} is missing")
+        actual = _sha256(path)
+        if actual != expected:
+            raise SnapshotError(f"snapshot file {path} is corrupt: sha256 {actual} != manifest {expected}")
+    config = _read_json(snapshot_dir / CONFIG_FILE)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"unsupported snapshot format {config.get('format_version')!r} in {snapshot_dir}")
+    return manifest, config
+
+
+def _spec_and_cfg(config: dict, snapshot_dir: Path) -> tuple[FeatureSpec, dict]:
+    try:
+        return FeatureSpec.from_dict(config["spec"]), model_config_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SnapshotError(f"config of {snapshot_dir} is malformed: {exc}") from exc
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise SnapshotError(f"cannot read weights {path}: {exc}") from exc
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SnapshotError(f"weights {path} do not match the configured architecture: {exc}") from exc
+
+
+def load_user_tower(snapshot_dir: Path) -> tuple[UserTower, dict]:
+    """Loads the serving part of a snapshot after verifying every checksum.
+
+    Args:
+        snapshot_dir: A directory written by :func:`export_snapshot`.
+
+    Returns:
+        ``(tower, manifest)``: the user tower in eval mode and the manifest dict (the spec is available as
+        ``tower.spec``).
+
+    Raises:
+        SnapshotError: A file is missing or corrupt, or the weights do not fit the config.
+    """
+    snapshot_dir = Path(snapshot_dir)
+    manifest, config = verify_snapshot(snapshot_dir)
+    spec, cfg = _spec_and_cfg(config, snapshot_dir)
+    tower = UserTower(
+        spec,
+        num_embeddings=int(cfg["num_embeddings"]),
+        embedding_dim=int(cfg["embedding_dim"]),
+        hidden_dim=int(cfg["hidden_dim"]),
+        pooling=str(cfg["sparse_pooling"]),
+    )
+    _load_weights(tower, snapshot_dir / USER_TOWER_FILE)
+    return tower.eval(), manifest
+
+
+def load_model(snapshot_dir: Path) -> tuple[SUMModel, dict]:
+    """Loads the whole model of a snapshot (warm start) after verifying every checksum.
+
+    Args:
+        snapshot_dir: A directory written by :func:`export_snapshot`.
+
+    Returns:
+        ``(model, manifest)``; ``model.spec`` and ``model.config`` hold the snapshot's spec and config.
+
+    Raises:
+        SnapshotError: A file is missing or corrupt, or the weights do not fit the config.
+    """
+    snapshot_dir = Path(snapshot_dir)
+    manifest, config = verify_snapshot(snapshot_dir)
+    spec, cfg = _spec_and_cfg(config, snapshot_dir)
+    model = SUMModel(spec, cfg)
+    _load_weights(model, snapshot_dir / MODEL_FILE)
+    return model, manifest
+
+
+def embed_users(tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, batch_size: int = 2048) -> np.ndarray:
+    """Computes SUM user embeddings for a frame of users.
+
+    Args:
+        tower: A user tower (eager or ``torch.jit.script``-ed).
+        users_df: ``user_id`` + user feature columns (one row per user; other columns ignored).
+        spec: The tower's input spec.
+        batch_size: Users per forward pass.
+
+    Returns:
+        float16 ``[N, K, D]`` in the row order of ``users_df``.
+
+    Raises:
+        ValueError: Bad feature values, or embeddings that overflow fp16.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    k, d = int(tower.num_embeddings), int(tower.embedding_dim)
+    out = np.empty((len(users_df), k, d), dtype=np.float16)
+    with torch.inference_mode():
+        for s in range(0, len(users_df), batch_size):
+            inputs = encode_users(users_df.iloc[s : s + batch_size], spec)
+            emb = tower(inputs.dense, inputs.sparse_ids, inputs.sparse_offsets)  # [B, K, D] fp32
+            out[s : s + len(inputs)] = emb.to(torch.float16).numpy()  # paper §5.3: fp16
+    if not np.isfinite(out).all():
+        raise ValueError("user embeddings overflow float16 (|value| > 65504) or are NaN")
+    return out

@@ -1,0 +1,82 @@
+"""Frame -> tensor encoding (EmbeddingBag format, validation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from conftest import make_examples, make_users
+from sum_models.data import encode_examples, encode_users
+
+
+def test_encode_examples_shapes_and_types(spec):
+    df = make_examples(37, seed=1)
+    users, ad_sparse, ad_dense, labels = encode_examples(df, spec)
+    assert len(users) == 37
+    assert users.dense.dtype == torch.float32 and users.dense.shape == (37, 3)
+    assert len(users.sparse_ids) == len(users.sparse_offsets) == 2
+    for (name, hash_size), ids, offsets in zip(spec.user_sparse.items(), users.sparse_ids, users.sparse_offsets):
+        assert ids.dtype == offsets.dtype == torch.int64
+        assert offsets.shape == (37,)
+        assert ids.numel() == sum(len(v) for v in df[name])
+        assert int(ids.min()) >= 0 and int(ids.max()) < hash_size
+    assert ad_sparse.dtype == torch.int64 and ad_sparse.shape == (37, 2)
+    assert ad_dense.dtype == torch.float32 and ad_dense.shape == (37, 1)
+    assert labels.dtype == torch.float32 and labels.shape == (37, 2)
+    np.testing.assert_array_equal(labels[:, 0].numpy(), df["click"].to_numpy())
+
+
+def test_sparse_lists_modulo_empty_and_missing(spec):
+    df = pd.DataFrame(
+        {
+            "d0": [0.0, 1.0, 2.0],
+            "d1": [0.0, 0.0, 0.0],
+            "d2": [1.0, 1.0, 1.0],
+            "pages": [np.array([1, 51, -1]), [], None],
+            "topics": [[], [13], np.array([], dtype=np.int64)],
+        }
+    )
+    users = encode_users(df, spec)
+    assert users.sparse_ids[0].tolist() == [1, 1, 49]  # modulo 50, negative ids too
+    assert users.sparse_offsets[0].tolist() == [0, 3, 3]
+    assert users.sparse_ids[1].tolist() == [1]
+    assert users.sparse_offsets[1].tolist() == [0, 0, 1]
+
+
+def test_arrow_backed_list_column(spec):
+    df = make_users(5, seed=0)
+    expected = encode_users(df, spec)
+    df["pages"] = pd.Series(list(df["pages"].map(list)), dtype=pd.ArrowDtype(pa.list_(pa.int64())))
+    got = encode_users(df, spec)
+    assert torch.equal(got.sparse_ids[0], expected.sparse_ids[0])
+    assert torch.equal(got.sparse_offsets[0], expected.sparse_offsets[0])
+
+
+def test_select_matches_encoding_the_subset(spec):
+    df = make_users(40, seed=2)
+    idx = torch.tensor([5, 0, 39, 5, 17])
+    got = encode_users(df, spec).select(idx)
+    want = encode_users(df.iloc[idx.numpy()], spec)
+    assert torch.equal(got.dense, want.dense)
+    for a, b in zip(got.sparse_ids + got.sparse_offsets, want.sparse_ids + want.sparse_offsets):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_dense_names_the_column(spec, bad):
+    df = make_users(4, seed=0)
+    df.loc[2, "d1"] = bad
+    with pytest.raises(ValueError, match="'d1'"):
+        encode_users(df, spec)
+
+
+def test_missing_column_and_bad_ad_ids(spec):
+    df = make_examples(8, seed=0)
+    with pytest.raises(ValueError, match="topics"):
+        encode_users(df.drop(columns=["topics"]), spec)
+    df.loc[3, "ad_category"] = 4  # cardinality 4
+    with pytest.raises(ValueError, match="ad_category"):
+        encode_examples(df, spec)

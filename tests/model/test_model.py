@@ -1,0 +1,194 @@
+"""SUM model: shapes, gradient flow, TorchScript, snapshots, training and determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL_CFG, make_examples, make_users
+from sum_models.data import encode_examples, encode_users
+from sum_models.loss import MultiTaskBCELoss
+from sum_models.model import build_model
+from sum_models.snapshot import SnapshotError, embed_users, export_snapshot, load_model, load_user_tower
+from sum_models.train import evaluate_ne, train_model
+from sum_models.user_tower import UserTower
+
+
+def _forward(model, df, spec):
+    users, ad_sparse, ad_dense, labels = encode_examples(df, spec)
+    return model(users.dense, users.sparse_ids, users.sparse_offsets, ad_sparse, ad_dense), labels
+
+
+def _eager_embeddings(tower, users_df, spec) -> np.ndarray:
+    inputs = encode_users(users_df, spec)
+    with torch.no_grad():
+        return tower(inputs.dense, inputs.sparse_ids, inputs.sparse_offsets).numpy()
+
+
+def test_output_shapes(spec, model_cfg):
+    model = build_model(spec, model_cfg, seed=0)
+    df = make_examples(9, seed=0)
+    logits, _ = _forward(model, df, spec)
+    assert logits.shape == (9, 2) and logits.dtype == torch.float32
+    users = encode_users(df, spec)
+    emb = model.user_tower(users.dense, users.sparse_ids, users.sparse_offsets)
+    assert emb.shape == (9, model_cfg["num_embeddings"], model_cfg["embedding_dim"])
+
+
+def test_default_config_is_k2_d96(spec):
+    model = build_model(spec, None, seed=0)
+    users = encode_users(make_users(3, seed=0), spec)
+    assert model.user_tower(users.dense, users.sparse_ids, users.sparse_offsets).shape == (3, 2, 96)
+
+
+def test_gradients_reach_every_parameter(spec, model_cfg):
+    model = build_model(spec, model_cfg, seed=0)
+    logits, labels = _forward(model, make_examples(64, seed=0), spec)
+    MultiTaskBCELoss(spec.labels, {"click": 1.0, "conversion": 0.5})(logits, labels).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert float(param.grad.abs().sum()) > 0, name
+
+
+def test_loss_is_weighted_eq8(spec):
+    logits = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.2, 0.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    p = torch.sigmoid(logits).double()
+    y = labels.double()
+    w = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    want = -((y * p.log() + (1 - y) * (1 - p).log()) * w).sum(1).mean()
+    got = MultiTaskBCELoss(spec.labels, {"click": 1.0, "conversion": 0.5})(logits, labels)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_user_tower_is_scriptable(spec, model_cfg):
+    model = build_model(spec, model_cfg, seed=0)
+    scripted = torch.jit.script(model.user_tower)
+    users_df = make_users(7, seed=1)
+    users = encode_users(users_df, spec)
+    with torch.no_grad():
+        eager = model.user_tower(users.dense, users.sparse_ids, users.sparse_offsets)
+        script = scripted(users.dense, users.sparse_ids, users.sparse_offsets)
+    torch.testing.assert_close(script, eager)
+    assert embed_users(scripted, users_df, spec).shape == (7, 2, 8)
+
+
+def test_export_and_load_user_tower_fp16_roundtrip(spec, model_cfg, tmp_path):
+    model = build_model(spec, model_cfg, seed=0)
+    out = export_snapshot(model, spec, model_cfg, tmp_path / "snap-1", "snap-1", extra={"ne": 0.9})
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "user_tower.safetensors",
+    ]
+    tower, manifest = load_user_tower(out)
+    assert isinstance(tower, UserTower) and not tower.training
+    assert manifest["snapshot_id"] == "snap-1" and manifest["extra"] == {"ne": 0.9}
+    assert set(manifest["sha256"]) == {"user_tower.safetensors", "model.safetensors", "config.json"}
+    users_df = make_users(50, seed=3)
+    got = embed_users(tower, users_df, spec, batch_size=16)  # several batches, order kept
+    want = _eager_embeddings(model.user_tower, users_df, spec)
+    assert got.dtype == np.float16 and got.shape == want.shape
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    cosine = (g * w).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(w, axis=-1))
+    assert cosine.min() >= 0.999
+
+
+def test_load_model_restores_whole_model(spec, model_cfg, tmp_path):
+    model = build_model(spec, model_cfg, seed=0)
+    export_snapshot(model, spec, model_cfg, tmp_path / "s", "s")
+    loaded, manifest = load_model(tmp_path / "s")
+    df = make_examples(20, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(loaded, df, spec)[0], _forward(model, df, spec)[0])
+    assert loaded.spec == spec and manifest["snapshot_id"] == "s"
+
+
+def test_reexport_replaces_atomically(spec, model_cfg, tmp_path):
+    first = build_model(spec, model_cfg, seed=0)
+    second = build_model(spec, model_cfg, seed=1)
+    export_snapshot(first, spec, model_cfg, tmp_path / "s", "s")
+    export_snapshot(second, spec, model_cfg, tmp_path / "s", "s")
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp / old dirs left behind
+    tower, _ = load_user_tower(tmp_path / "s")
+    users_df = make_users(5, seed=0)
+    np.testing.assert_allclose(
+        _eager_embeddings(tower, users_df, spec), _eager_embeddings(second.user_tower, users_df, spec)
+    )
+
+
+def test_export_rejects_mismatched_config(spec, model_cfg, tmp_path):
+    model = build_model(spec, model_cfg, seed=0)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        export_snapshot(model, spec, {**model_cfg, "embedding_dim": 16}, tmp_path / "s", "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_corrupt_or_missing_files_raise_snapshot_error(spec, model_cfg, tmp_path):
+    model = build_model(spec, model_cfg, seed=0)
+    snap = export_snapshot(model, spec, model_cfg, tmp_path / "s", "s")
+    weights = snap / "user_tower.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="corrupt"):
+        load_user_tower(snap)
+    with pytest.raises(SnapshotError, match="corrupt"):
+        load_model(snap)
+
+    snap = export_snapshot(model, spec, model_cfg, tmp_path / "s", "s")
+    (snap / "model.safetensors").unlink()
+    with pytest.raises(SnapshotError, match="missing"):
+        load_user_tower(snap)
+    (snap / "manifest.json").unlink()
+    with pytest.raises(SnapshotError, match="manifest.json"):
+        load_model(snap)
+    with pytest.raises(SnapshotError, match="does not exist"):
+        load_user_tower(tmp_path / "nope")
+
+
+def test_training_learns_sparse_signal(spec, model_cfg, train_cfg):
+    df = make_examples(3000, seed=0)
+    train, holdout = df.iloc[:2400], df.iloc[2400:]
+    model = build_model(spec, model_cfg, seed=0)
+    before = evaluate_ne(model, holdout, spec)
+    stats = train_model(model, train, spec, train_cfg, seed=0, progress=False)
+    after = evaluate_ne(model, holdout, spec)
+    assert stats.examples == 2400 and stats.epochs == train_cfg["epochs"]
+    assert stats.steps == train_cfg["epochs"] * 19
+    assert np.isfinite(stats.final_loss) and stats.final_loss < stats.epoch_losses[0]
+    assert stats.examples_per_second > 0 and stats.seconds > 0
+    assert after["click"] < 0.85, after
+    assert after["click"] < before["click"]
+    assert after["conversion"] < 1.0, after
+
+
+def test_training_is_deterministic_under_a_seed(spec, model_cfg):
+    df = make_examples(400, seed=5)
+    cfg = {"batch_size": 64, "epochs": 2, "learning_rate": 0.01, "task_weights": {"click": 1.0}}
+    states = []
+    for _ in range(2):
+        model = build_model(spec, model_cfg, seed=11)
+        train_model(model, df, spec, cfg, seed=3, progress=False)
+        states.append(model.state_dict())
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+    other = build_model(spec, model_cfg, seed=11)
+    train_model(other, df, spec, cfg, seed=4, progress=False)  # another shuffle -> other weights
+    assert not all(torch.equal(states[0][n], t) for n, t in other.state_dict().items())
+
+
+def test_adagrad_and_unknown_optimizer(spec, model_cfg):
+    df = make_examples(100, seed=0)
+    model = build_model(spec, model_cfg, seed=0)
+    stats = train_model(model, df, spec, {"epochs": 1, "batch_size": 50, "optimizer": "adagrad"}, 0, progress=False)
+    assert stats.steps == 2
+    with pytest.raises(ValueError, match="optimizer"):
+        train_model(model, df, spec, {"optimizer": "sgdx"}, 0, progress=False)
+
+
+def test_tiny_config_fixture_is_used():
+    assert TINY_MODEL_CFG["embedding_dim"] == 8
