@@ -9,13 +9,13 @@ head per task.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 
 from sum_models.spec import FeatureSpec
-from sum_models.user_tower import DenseArch
+from sum_models.user_tower import DenseArch, check_feature_names
 
 __all__ = ["AdArch", "DotInteraction", "DHENLayer", "MixTower"]
 
@@ -23,17 +23,20 @@ __all__ = ["AdArch", "DotInteraction", "DHENLayer", "MixTower"]
 class AdArch(nn.Module):
     """Ad-side features to tokens: one ``nn.Embedding`` per ad categorical feature, dense ones projected.
 
+    Tables are keyed by feature name (state-dict key ``tables.<feature>.weight``).
+
     Args:
-        cardinalities: Size of each ad categorical feature, in spec order.
+        cardinalities: Feature name -> cardinality, in spec order.
         num_dense: Number of dense ad features.
         embedding_dim: D (same as the user embeddings, so tokens can be dotted together).
     """
 
-    def __init__(self, cardinalities: List[int], num_dense: int, embedding_dim: int) -> None:
+    def __init__(self, cardinalities: Dict[str, int], num_dense: int, embedding_dim: int) -> None:
         super().__init__()
+        check_feature_names(list(cardinalities), "ad sparse")
         self.embedding_dim = embedding_dim
-        self.tables = nn.ModuleList([nn.Embedding(int(n), embedding_dim) for n in cardinalities])
-        for table in self.tables:
+        self.tables = nn.ModuleDict({name: nn.Embedding(int(n), embedding_dim) for name, n in cardinalities.items()})
+        for table in self.tables.values():
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(embedding_dim))
         self.dense_arch = DenseArch(num_dense, embedding_dim)
 
@@ -48,8 +51,10 @@ class AdArch(nn.Module):
             float32 ``[B, N_ad_sparse + N_ad_dense, D]``.
         """
         tokens: List[Tensor] = []
-        for i, table in enumerate(self.tables):
+        i = 0
+        for table in self.tables.values():
             tokens.append(table(ad_sparse[:, i]))
+            i += 1
         dense_tokens = self.dense_arch(ad_dense)
         if len(tokens) == 0:
             return dense_tokens
@@ -133,14 +138,15 @@ class MixTower(nn.Module):
         if not spec.labels:
             raise ValueError("the mix tower needs at least one task label")
         self.num_tasks = len(spec.labels)
-        self.ad_arch = AdArch([int(n) for n in spec.ad_sparse.values()], len(spec.ad_dense), embedding_dim)
+        self.ad_arch = AdArch({k: int(n) for k, n in spec.ad_sparse.items()}, len(spec.ad_dense), embedding_dim)
         num_tokens = num_embeddings + len(spec.ad_sparse) + len(spec.ad_dense)
         self.dhen = DHENLayer(num_tokens, embedding_dim, hidden_dim)
-        self.heads = nn.ModuleList(
-            [
-                nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 2), nn.ReLU(), nn.Linear(hidden_dim // 2, 1))
-                for _ in spec.labels
-            ]
+        check_feature_names(list(spec.labels), "label")
+        self.heads = nn.ModuleDict(
+            {
+                label: nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 2), nn.ReLU(), nn.Linear(hidden_dim // 2, 1))
+                for label in spec.labels
+            }
         )
 
     def forward(self, user_embeddings: Tensor, ad_sparse: Tensor, ad_dense: Tensor) -> Tensor:
@@ -157,6 +163,6 @@ class MixTower(nn.Module):
         tokens = torch.cat([user_embeddings, self.ad_arch(ad_sparse, ad_dense)], dim=1)  # [B, N, D]
         hidden = self.dhen(tokens)  # [B, H]
         logits: List[Tensor] = []
-        for head in self.heads:
+        for head in self.heads.values():  # one head per task, spec.labels order
             logits.append(head(hidden))
         return torch.cat(logits, dim=1)

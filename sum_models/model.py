@@ -11,7 +11,15 @@ from sum_models.mix_tower import MixTower
 from sum_models.spec import FeatureSpec
 from sum_models.user_tower import UserTower
 
-__all__ = ["SUMModel", "build_model", "model_config_dict", "MODEL_CONFIG_DEFAULTS"]
+__all__ = [
+    "SUMModel",
+    "build_model",
+    "model_config_dict",
+    "MODEL_CONFIG_DEFAULTS",
+    "SpecMismatchError",
+    "check_spec",
+]
+
 
 #: Defaults of the ``model`` section of params.yaml (mirrors ``sum_platform.config.ModelConfig``).
 MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -41,6 +49,43 @@ def model_config_dict(model_cfg: Any) -> dict[str, Any]:
     else:
         raise TypeError(f"model config must be a mapping or pydantic model, got {type(model_cfg).__name__}")
     return {**MODEL_CONFIG_DEFAULTS, **dict(raw)}
+
+
+class SpecMismatchError(RuntimeError):
+    """A model (or tower) is asked to score inputs encoded with another spec than the one it was built for."""
+
+
+_USER_FIELDS = ("user_dense", "user_sparse")
+_ALL_FIELDS = _USER_FIELDS + ("ad_dense", "ad_sparse", "labels")
+
+
+def _ordered(value: Any) -> tuple:
+    # Order matters (it is the order of tables and tokens), so compare ordered items, not dicts.
+    return tuple(value.items()) if isinstance(value, Mapping) else tuple(value)
+
+
+def check_spec(model_spec: FeatureSpec | None, spec: FeatureSpec, user_only: bool = False) -> None:
+    """Checks that inputs encoded with ``spec`` fit a module built for ``model_spec`` (order included).
+
+    Args:
+        model_spec: The spec the module was built with (None: nothing to check).
+        spec: The spec the caller encodes with.
+        user_only: Compare only the user features (for the user tower).
+
+    Raises:
+        SpecMismatchError: The specs differ; the message says how. Pass the module's own ``.spec`` to
+            score a frame that holds its columns.
+    """
+    if model_spec is None:
+        return
+    fields = _USER_FIELDS if user_only else _ALL_FIELDS
+    diffs = [
+        f"{f}: model {getattr(model_spec, f)!r} vs given {getattr(spec, f)!r}"
+        for f in fields
+        if _ordered(getattr(model_spec, f)) != _ordered(getattr(spec, f))
+    ]
+    if diffs:
+        raise SpecMismatchError("inputs do not match the model's spec (use the model's .spec): " + "; ".join(diffs))
 
 
 class SUMModel(nn.Module):

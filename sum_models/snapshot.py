@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sum_models.data import encode_users
-from sum_models.model import SUMModel, model_config_dict
+from sum_models.model import SUMModel, check_spec, model_config_dict
 from sum_models.spec import FeatureSpec
 from sum_models.user_tower import UserTower
 
@@ -283,9 +283,11 @@ def embed_users(tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, bat
 
     Raises:
         ValueError: Bad feature values, or embeddings that overflow fp16.
+        SpecMismatchError: ``spec``'s user features differ from ``tower.spec``'s (pass ``tower.spec``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_spec(getattr(tower, "spec", None), spec, user_only=True)
     k, d = int(tower.num_embeddings), int(tower.embedding_dim)
     out = np.empty((len(users_df), k, d), dtype=np.float16)
     with torch.inference_mode():

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sum_models.data import encode_ad_features, encode_examples, encode_labels, encode_users
 from sum_models.loss import MultiTaskBCELoss
 from sum_models.metrics import NormalizedEntropy
-from sum_models.model import SUMModel
+from sum_models.model import SUMModel, check_spec
 from sum_models.spec import FeatureSpec
 
 __all__ = ["TrainStats", "train_model", "predict_proba", "ne_accumulator", "evaluate_ne", "make_optimizer"]
@@ -127,9 +127,11 @@ def train_model(
 
     Raises:
         ValueError: Empty frame, bad features / labels, or a non-finite loss.
+        SpecMismatchError: ``spec`` is not the spec the model was built with.
     """
     start = time.perf_counter()
     cfg = _train_config_dict(train_cfg)
+    check_spec(getattr(model, "spec", None), spec)
     if len(df_train) == 0:
         raise ValueError("cannot train on an empty frame")
     users, ad_sparse, ad_dense, labels = encode_examples(df_train, spec)
@@ -194,6 +196,7 @@ def predict_proba(model: SUMModel, df: pd.DataFrame, spec: FeatureSpec, batch_si
     Returns:
         float64 ``[N, T]`` in frame order, ``spec.labels`` column order.
     """
+    check_spec(getattr(model, "spec", None), spec)
     users = encode_users(df, spec)
     ad_sparse, ad_dense = encode_ad_features(df, spec)
     was_training = model.training
@@ -243,5 +246,7 @@ def evaluate_ne(model: SUMModel, df: pd.DataFrame, spec: FeatureSpec, batch_size
 
     Raises:
         ValueError: A task has a single label class in ``df`` (NE undefined).
+        SpecMismatchError: ``spec`` is not the model's spec (e.g. yesterday's model, today's features:
+            pass ``model.spec`` instead, the frame still holds its columns).
     """
     return ne_accumulator(model, df, spec, batch_size).compute()

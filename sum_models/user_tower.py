@@ -11,42 +11,56 @@ Every module here is ``torch.jit.script``-able.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 
 from sum_models.spec import FeatureSpec
 
-__all__ = ["SparseArch", "DenseArch", "FlattenMLPInteraction", "UserTower"]
+__all__ = ["check_feature_names", "SparseArch", "DenseArch", "FlattenMLPInteraction", "UserTower"]
 
 POOLING_MODES = ("mean", "sum", "max")
+
+
+def check_feature_names(names: List[str], what: str) -> None:
+    """Feature names become module names (state-dict keys): non-empty, no dots."""
+    for name in names:
+        if not name or "." in name:
+            raise ValueError(f"{what} feature name {name!r} must be non-empty and contain no '.'")
 
 
 class SparseArch(nn.Module):
     """One ``nn.EmbeddingBag`` per sparse id-list feature, pooled per feature.
 
+    Tables are keyed by feature name (state-dict key ``bags.<feature>.weight``, as in TorchRec's
+    EmbeddingBagCollection), so warm-starting by name and shape keeps every table whose feature
+    survives when features are added or removed.
+
     Args:
-        hash_sizes: Table size of each sparse feature, in spec order.
+        hash_sizes: Feature name -> table size, in spec order.
         embedding_dim: D.
         pooling: EmbeddingBag mode (``mean``, ``sum`` or ``max``).
     """
 
-    def __init__(self, hash_sizes: List[int], embedding_dim: int, pooling: str = "mean") -> None:
+    def __init__(self, hash_sizes: Dict[str, int], embedding_dim: int, pooling: str = "mean") -> None:
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"sparse pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        check_feature_names(list(hash_sizes), "sparse")
         self.num_features = len(hash_sizes)
         self.embedding_dim = embedding_dim
-        self.bags = nn.ModuleList([nn.EmbeddingBag(int(n), embedding_dim, mode=pooling) for n in hash_sizes])
-        for bag in self.bags:
+        self.bags = nn.ModuleDict(
+            {name: nn.EmbeddingBag(int(n), embedding_dim, mode=pooling) for name, n in hash_sizes.items()}
+        )
+        for bag in self.bags.values():
             nn.init.normal_(bag.weight, std=1.0 / math.sqrt(embedding_dim))
 
     def forward(self, sparse_ids: List[Tensor], sparse_offsets: List[Tensor], batch_size: int) -> Tensor:
         """Looks up and pools every sparse feature (an empty bag pools to zeros).
 
         Args:
-            sparse_ids: ``N_sparse`` int64 1-D tensors of concatenated ids.
+            sparse_ids: ``N_sparse`` int64 1-D tensors of concatenated ids, in spec order.
             sparse_offsets: ``N_sparse`` int64 ``[B]`` bag offsets.
             batch_size: B (needed when there are no sparse features).
 
@@ -56,8 +70,10 @@ class SparseArch(nn.Module):
         if len(sparse_ids) != self.num_features or len(sparse_offsets) != self.num_features:
             raise ValueError("expected one ids and one offsets tensor per sparse feature")
         pooled: List[Tensor] = []
-        for i, bag in enumerate(self.bags):
+        i = 0
+        for bag in self.bags.values():
             pooled.append(bag(sparse_ids[i], sparse_offsets[i]))
+            i += 1
         if len(pooled) == 0:
             return torch.zeros([batch_size, 0, self.embedding_dim])
         return torch.stack(pooled, dim=1)
@@ -156,7 +172,7 @@ class UserTower(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.num_dense = len(spec.user_dense)
-        self.sparse_arch = SparseArch([int(n) for n in spec.user_sparse.values()], embedding_dim, pooling)
+        self.sparse_arch = SparseArch({k: int(n) for k, n in spec.user_sparse.items()}, embedding_dim, pooling)
         self.dense_arch = DenseArch(self.num_dense, embedding_dim)
         self.interaction = FlattenMLPInteraction(num_tokens, embedding_dim, hidden_dim, num_embeddings)
 

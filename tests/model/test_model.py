@@ -9,7 +9,8 @@ import torch
 from conftest import TINY_MODEL_CFG, make_examples, make_users
 from sum_models.data import encode_examples, encode_users
 from sum_models.loss import MultiTaskBCELoss
-from sum_models.model import build_model
+from sum_models.model import SpecMismatchError, build_model
+from sum_models.spec import FeatureSpec
 from sum_models.snapshot import SnapshotError, embed_users, export_snapshot, load_model, load_user_tower
 from sum_models.train import evaluate_ne, train_model
 from sum_models.user_tower import UserTower
@@ -192,3 +193,35 @@ def test_adagrad_and_unknown_optimizer(spec, model_cfg):
 
 def test_tiny_config_fixture_is_used():
     assert TINY_MODEL_CFG["embedding_dim"] == 8
+
+
+def test_spec_mismatch_is_a_clear_error(spec, model_cfg, tmp_path):
+    model = build_model(spec, model_cfg, seed=0)
+    reordered = FeatureSpec(
+        user_dense=spec.user_dense,
+        user_sparse=dict(reversed(list(spec.user_sparse.items()))),  # equal as dicts, different order
+        ad_dense=spec.ad_dense,
+        ad_sparse=spec.ad_sparse,
+        labels=spec.labels,
+    )
+    df = make_examples(30, seed=0)
+    with pytest.raises(SpecMismatchError, match="user_sparse"):
+        evaluate_ne(model, df, reordered)
+    with pytest.raises(SpecMismatchError):
+        embed_users(model.user_tower, df, reordered)
+    with pytest.raises(SpecMismatchError):
+        train_model(model, df, reordered, {"epochs": 1}, 0, progress=False)
+    # The spec (with its order) survives the snapshot round trip.
+    export_snapshot(model, spec, model_cfg, tmp_path / "s", "s")
+    tower, _ = load_user_tower(tmp_path / "s")
+    assert list(tower.spec.user_sparse) == list(spec.user_sparse)
+
+
+def test_tables_are_keyed_by_feature_name(spec, model_cfg):
+    keys = set(build_model(spec, model_cfg, seed=0).state_dict())
+    for name in spec.user_sparse:
+        assert f"user_tower.sparse_arch.bags.{name}.weight" in keys
+    for name in spec.ad_sparse:
+        assert f"mix_tower.ad_arch.tables.{name}.weight" in keys
+    for label in spec.labels:
+        assert any(k.startswith(f"mix_tower.heads.{label}.") for k in keys)
