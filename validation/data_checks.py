@@ -74,6 +74,9 @@ FLOATS = ["float32", "float64"]
 STRINGS = ["str", "string", "StringDtype"]
 
 DATASOURCE_NAME = "sum_partitions"
+DATA_DOCS_SITE = "local_site"
+#: Validation results listed on the Data Docs index (newest first; older result pages stay on disk).
+DATA_DOCS_INDEX_LIMIT = 120
 SUITE_PARAMETERS = ("partition_date", "partition_start")
 
 
@@ -359,9 +362,19 @@ def _file_context(gx_root: Path):
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="file", context_root_dir=str(gx_root))
+    changed = False
     bars = context.variables.progress_bars
     if bars is None or bars.get("globally", True):  # no tqdm bars in task logs
         context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        changed = True
+    # The index page is rebuilt on every run from *all* stored validation results unless capped.
+    sites = dict(context.variables.data_docs_sites or {})
+    index_builder = (sites.get(DATA_DOCS_SITE) or {}).get("site_index_builder")
+    if isinstance(index_builder, dict) and "validation_results_limit" not in index_builder:
+        index_builder["validation_results_limit"] = DATA_DOCS_INDEX_LIMIT
+        context.variables.data_docs_sites = sites
+        changed = True
+    if changed:
         context.variables.save()
     return context
 
@@ -403,7 +416,7 @@ def _data_docs_index(context, gx_root: Path) -> str | None:
         url = site.get("site_url") or ""
         if url.startswith("file://"):
             return url.removeprefix("file://")
-    index = gx_root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    index = gx_root / "uncommitted" / "data_docs" / DATA_DOCS_SITE / "index.html"
     return str(index) if index.exists() else None
 
 
@@ -525,7 +538,7 @@ def validate_partition(
     try:
         df = read_partition(path)
     except PartitionReadError as err:
-        docs = gx_root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        docs = gx_root / "uncommitted" / "data_docs" / DATA_DOCS_SITE / "index.html"
         return ValidationReport(
             kind=kind, ds=ds, success=False, failed=[f"read_partition({kind}): {err}"],
             evaluated=0, data_docs_index=str(docs) if docs.exists() else None, path=str(path),
