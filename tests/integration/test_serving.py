@@ -1,0 +1,284 @@
+"""SOAP serving end to end: real Ray Serve over HTTP, real Feast SQLite online store, tmp workspace.
+
+One local Ray instance for the session (2 CPUs), a free HTTP port, a tiny model. Tests run in file order
+(deploy A -> reads and async write-back -> rollout B -> failed rollouts keep B).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+K, D = 2, 8
+USERS_WITH_EMBEDDINGS = [0, 1, 2]
+USERS_WITH_FEATURES = [0, 1, 2, 3, 4]  # 3 and 4: features but no stored embedding yet
+UNKNOWN_USER = 999_999
+TIMINGS: dict[str, float] = {}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _poll(fn, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def soap_env(tmp_path_factory):
+    """Tmp params (free port, local Ray, tiny model) + workspace with features and three snapshots."""
+    from sum_platform.config import PROJECT_ROOT
+
+    root = tmp_path_factory.mktemp("soap")
+    workspace = root / "workspace"
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["paths"]["workspace"] = str(workspace)
+    raw["model"].update({"num_embeddings": K, "embedding_dim": D, "hidden_dim": 16, "mix_hidden_dim": 8})
+    raw["serving"].update({"port": _free_port(), "ray_address": "local", "max_inflight_compute": 16})
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SUM_PARAMS", str(params_file))
+    mp.setenv("SUM_WORKSPACE", str(workspace))
+    mp.delenv("RAY_ADDRESS", raising=False)
+
+    from sum_models.model import build_model
+    from sum_models.snapshot import export_snapshot
+    from sum_platform.config import load_params
+    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
+    from sum_platform.workspace import Workspace
+
+    params = load_params(params_file)
+    store = apply_definitions(params)
+    spec = feature_spec(params, store)
+
+    rng = np.random.default_rng(0)
+    users = pd.DataFrame({"user_id": np.asarray(USERS_WITH_FEATURES, dtype=np.int64)})
+    for c in spec.user_dense:
+        users[c] = rng.random(len(users)).astype(np.float32)
+    for c, size in spec.user_sparse.items():
+        users[c] = [list(rng.integers(0, size, size=int(n))) for n in rng.integers(0, 5, size=len(users))]
+    users["event_ts"] = pd.Timestamp.now(tz="UTC")
+    store.write_to_online_store(USER_FEATURES_VIEW, users)
+
+    ws = Workspace(params.workspace)
+    snaps = {}
+    for name, seed in (("sum-A", 1), ("sum-B", 2), ("sum-C", 3)):
+        model = build_model(spec, params.model, seed=seed)
+        snaps[name] = export_snapshot(model, spec, params.model, ws.snapshot_dir(name), name)
+    # sum-C is corrupt: a truncated user tower file.
+    tower_file = snaps["sum-C"] / "user_tower.safetensors"
+    tower_file.write_bytes(tower_file.read_bytes()[:100])
+
+    yield {"params": params, "params_file": params_file, "store": store, "spec": spec, "snaps": snaps, "users": users}
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def serve_session(soap_env):
+    """One local Ray (2 CPUs) + Serve for the session; shut down afterwards."""
+    from serving.ray_cluster import ensure_ray, shutdown
+
+    t0 = time.monotonic()
+    info = ensure_ray(soap_env["params"])
+    TIMINGS["ray_and_serve_start_s"] = time.monotonic() - t0
+    assert info["started_local"] is True
+    yield info
+    shutdown(stop_serve=True)
+    print(f"\nserving timings: {TIMINGS}")
+
+
+@pytest.fixture(scope="session")
+def url(soap_env) -> str:
+    from serving.rollout import base_url
+
+    return base_url(soap_env["params"])
+
+
+@pytest.fixture(scope="session")
+def deployed_a(soap_env, serve_session):
+    """Initial (daily-batch-like) embedding rows, then the app deployed with snapshot A."""
+    from serving.rollout import rollout, served_snapshot_id
+    from serving.store_io import write_embeddings
+
+    old = pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=1)
+    emb = np.random.default_rng(1).standard_normal((len(USERS_WITH_EMBEDDINGS), K, D)).astype(np.float16)
+    write_embeddings(soap_env["store"], USERS_WITH_EMBEDDINGS, emb, "batch-0", old)
+
+    t0 = time.monotonic()
+    result = rollout(soap_env["params"], soap_env["snaps"]["sum-A"], "sum-A", params_file=soap_env["params_file"])
+    TIMINGS["first_deploy_s"] = time.monotonic() - t0
+    assert result["status"] == "deployed", result
+    assert served_snapshot_id(soap_env["params"]) == "sum-A"
+    return {"initial_written_at_ms": int(old.value // 1_000_000), "initial": emb}
+
+
+def _stored(soap_env, user_id):
+    from serving.store_io import read_embeddings
+
+    return read_embeddings(soap_env["store"], [user_id]).get(user_id)
+
+
+def test_get_returns_stored_embeddings_then_async_write_back(soap_env, deployed_a, url):
+    t0 = time.monotonic()
+    resp = httpx.get(f"{url}/users/0/embeddings", timeout=30)
+    TIMINGS["first_request_s"] = time.monotonic() - t0
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["user_id"] == 0
+    # The read answers with what is stored (the batch row): it never waits for compute.
+    assert body["snapshot_id"] == "batch-0"
+    assert body["written_at_ms"] == deployed_a["initial_written_at_ms"]
+    assert body["age_seconds"] > 3600
+    assert body["compute"] == "scheduled"
+    assert len(body["embeddings"]) == K and all(len(e) == D for e in body["embeddings"])
+    np.testing.assert_array_equal(np.asarray(body["embeddings"], dtype=np.float16), deployed_a["initial"][0])
+
+    # The async compute rewrites the row with snapshot A and a fresh write time.
+    row = _poll(
+        lambda: (r := _stored(soap_env, 0)) and r["snapshot_id"] == "sum-A" and r,
+        what="user 0 recomputed by sum-A",
+    )
+    assert row["written_at_ms"] > deployed_a["initial_written_at_ms"]
+    assert row["embeddings"].shape == (K, D) and row["embeddings"].dtype == np.float16
+    assert not np.array_equal(row["embeddings"], deployed_a["initial"][0])
+
+    # The compute wrote exactly what the tower computes (fp16) for the user's features.
+    from sum_models.snapshot import embed_users, load_user_tower
+
+    tower, _ = load_user_tower(soap_env["snaps"]["sum-A"])
+    users = soap_env["users"]
+    expected = embed_users(tower, users[users["user_id"] == 0].reset_index(drop=True), soap_env["spec"])
+    np.testing.assert_allclose(row["embeddings"].astype(np.float32), expected[0].astype(np.float32), atol=2e-3)
+
+    t0 = time.monotonic()
+    again = httpx.get(f"{url}/users/0/embeddings", timeout=30)
+    TIMINGS["warm_request_s"] = time.monotonic() - t0
+    assert again.status_code == 200
+    assert again.json()["snapshot_id"] == "sum-A"
+    assert again.json()["age_seconds"] < 600
+
+
+def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, url):
+    resp = httpx.get(f"{url}/users/{UNKNOWN_USER}/embeddings", timeout=30)
+    assert resp.status_code == 404
+    assert "no embeddings" in resp.json()["detail"]
+
+    # User 3 has features but no stored embedding: 404 now, computed asynchronously, 200 later.
+    first = httpx.get(f"{url}/users/3/embeddings", timeout=30)
+    assert first.status_code == 404
+    _poll(lambda: _stored(soap_env, 3) is not None, what="user 3 written by compute")
+    later = httpx.get(f"{url}/users/3/embeddings", timeout=30)
+    assert later.status_code == 200 and later.json()["snapshot_id"] == "sum-A"
+    # The unknown user has no features: nothing is written for it.
+    assert _stored(soap_env, UNKNOWN_USER) is None
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", "1.5", str(2**63), "%20"])
+def test_bad_user_ids_are_4xx_with_reason(deployed_a, url, bad):
+    resp = httpx.get(f"{url}/users/{bad}/embeddings", timeout=30)
+    assert 400 <= resp.status_code < 500, (bad, resp.status_code, resp.text)
+    assert resp.json().get("detail")
+
+
+def test_healthz_and_openapi(deployed_a, url):
+    health = httpx.get(f"{url}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["compute_scheduled"] >= 1
+    schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    assert "/users/{user_id}/embeddings" in schema["paths"]
+    assert "/version" in schema["paths"]
+
+
+def _compute_info(soap_env):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ComputeCenter", app_name=soap_env["params"].serving.app_name)
+    return handle.info.remote().result(timeout_s=30)
+
+
+def test_rollout_to_b_reconfigures_in_place(soap_env, deployed_a, url):
+    from serving.rollout import rollout, served_snapshot_id
+
+    pid_before = _compute_info(soap_env)["pid"]
+    t0 = time.monotonic()
+    result = rollout(
+        soap_env["params"],
+        soap_env["snaps"]["sum-B"],
+        "sum-B",
+        previous=(soap_env["snaps"]["sum-A"], "sum-A"),
+        params_file=soap_env["params_file"],
+    )
+    TIMINGS["rollout_b_s"] = time.monotonic() - t0
+    assert result["status"] == "deployed" and result["previous_served"] == "sum-A"
+    assert served_snapshot_id(soap_env["params"]) == "sum-B"
+    assert httpx.get(f"{url}/version", timeout=30).json() == {"snapshot_id": "sum-B"}
+    # user_config only: the same replica process was reconfigured, not replaced.
+    assert _compute_info(soap_env)["pid"] == pid_before
+
+    # New computes are written by B.
+    assert httpx.get(f"{url}/users/1/embeddings", timeout=30).status_code == 200
+    _poll(lambda: (r := _stored(soap_env, 1)) and r["snapshot_id"] == "sum-B", what="user 1 recomputed by sum-B")
+
+    # Rolling out what is served is a no-op success.
+    again = rollout(soap_env["params"], soap_env["snaps"]["sum-B"], "sum-B", params_file=soap_env["params_file"])
+    assert again["status"] == "unchanged"
+
+
+def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, deployed_a, url):
+    from serving.rollout import RolloutError, rollout, served_snapshot_id
+
+    with pytest.raises(RolloutError) as err:
+        rollout(
+            soap_env["params"],
+            soap_env["snaps"]["sum-C"],
+            "sum-C",
+            previous=(soap_env["snaps"]["sum-B"], "sum-B"),
+            params_file=soap_env["params_file"],
+        )
+    assert "sum-C" in str(err.value) and "'sum-B'" in str(err.value)
+    assert served_snapshot_id(soap_env["params"]) == "sum-B"
+
+
+def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deployed_a, url):
+    from serving.rollout import RolloutError, rollout, served_snapshot_id
+
+    t0 = time.monotonic()
+    with pytest.raises(RolloutError) as err:
+        rollout(
+            soap_env["params"],
+            soap_env["snaps"]["sum-C"],
+            "sum-C",
+            previous=(soap_env["snaps"]["sum-B"], "sum-B"),
+            timeout_s=60,
+            preflight=False,
+            params_file=soap_env["params_file"],
+        )
+    TIMINGS["failed_rollout_with_rollback_s"] = time.monotonic() - t0
+    message = str(err.value)
+    assert "sum-C" in message and "rolled back to sum-B" in message, message
+    assert served_snapshot_id(soap_env["params"]) == "sum-B"
+    # Reads kept working, and compute is back.
+    resp = httpx.get(f"{url}/users/2/embeddings", timeout=30)
+    assert resp.status_code == 200
+    _poll(lambda: (r := _stored(soap_env, 2)) and r["snapshot_id"] == "sum-B", what="user 2 recomputed by sum-B")
