@@ -336,6 +336,14 @@ def _ensure_lines(path: Path, lines: Sequence[str]) -> None:
     path.write_text((text + "\n\n" if text else "") + "\n".join(block) + "\n")
 
 
+def _read_dvc_config(root: Path) -> dict:
+    """The repo-level ``.dvc/config`` as nested dicts (``{}`` when absent)."""
+    from configobj import ConfigObj  # DVC's own config parser
+
+    path = root / ".dvc" / "config"
+    return ConfigObj(str(path)).dict() if path.exists() else {}
+
+
 def _semver_key(version: str) -> tuple[int, int, int, str]:
     m = re.match(r"^v?(\d+)\.(\d+)\.(\d+)(.*)$", version)
     return (int(m[1]), int(m[2]), int(m[3]), m[4]) if m else (-1, -1, -1, version)
@@ -476,10 +484,13 @@ def init_workspace_repo(root: Path, remote_url: str | None = None) -> None:
 
         if not (root / ".dvc").is_dir():
             _dvc(root, "init", "-q")
-        _dvc(root, "config", "core.analytics", "false")
-        current = _dvc(root, "config", f"remote.{REMOTE_NAME}.url", check=False)
-        default = _dvc(root, "config", "core.remote", check=False)
-        if current.stdout.strip() != remote_url or default.stdout.strip() != REMOTE_NAME:
+        # Read the repo config directly (DVC's own INI format) so a rerun spawns no `dvc` at all;
+        # changes are made with `dvc config` / `dvc remote add`.
+        config = _read_dvc_config(root)
+        core = config.get("core", {})
+        if str(core.get("analytics", "")).lower() != "false":
+            _dvc(root, "config", "core.analytics", "false")
+        if config.get(f'remote "{REMOTE_NAME}"', {}).get("url") != remote_url or core.get("remote") != REMOTE_NAME:
             _dvc(root, "remote", "add", "-d", "-f", REMOTE_NAME, remote_url)
 
         ignored = [f"/{d}/" for d in WORKING_STATE_DIRS]
@@ -605,12 +616,14 @@ def snapshot_for_tag(root: Path, tag: str) -> str:
         TagNotFound: The tag is unknown or does not point at a promotion commit.
     """
     root = Path(root).resolve()
+    from gto.constants import parse_shortcut  # pure parsing of `name#stage` / `name@latest`
+
     rev = tag
     if _git(root, "rev-parse", "--verify", "-q", f"{tag}^{{commit}}", check=False).returncode != 0:
-        rev = _gto(root, "show", tag, "--ref").stdout.strip().splitlines()[-1:] or [""]
-        rev = rev[0].strip()
-        if not rev:
-            raise TagNotFound(f"{tag!r} is neither a git revision nor a GTO shortcut with a version in {root}")
+        out = _gto(root, "show", tag, "--ref").stdout.split() if parse_shortcut(tag).shortcut else []
+        if len(out) != 1:
+            raise TagNotFound(f"{tag!r} is neither a git revision nor a GTO shortcut with one version in {root}")
+        rev = out[0]
     snapshot_id = _snapshot_from_dvc_yaml(_read_at(root, [f"{rev}^{{commit}}:{DVC_YAML}"])[0])
     if not snapshot_id:
         raise TagNotFound(f"{tag!r} does not point at a commit declaring {ARTIFACT_NAME} in {DVC_YAML}")
