@@ -397,18 +397,46 @@ def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params"):
     except (KeyError, LookupError):
         batch_definition = asset.add_batch_definition_whole_dataframe(batch_name)
 
-    suite = context.suites.add_or_update(build_suite(kind, spec, params))  # type: ignore[arg-type]
+    suite = build_suite(kind, spec, params)  # type: ignore[arg-type]
+    fingerprint = _suite_fingerprint(suite)
+    suite.meta["sum_fingerprint"] = fingerprint
+    checkpoint_name = f"sum_{kind}_checkpoint"
+    # Steady state: the stored objects already match this contract. Re-adding them is the slowest part of a
+    # run (GX compares expectations pairwise when it updates a suite), so reuse them as they are.
+    try:
+        stored = context.checkpoints.get(checkpoint_name)
+        stored_suite = stored.validation_definitions[0].suite
+        if stored_suite.meta.get("sum_fingerprint") == fingerprint and stored.is_fresh().success:
+            return stored
+    except Exception:  # noqa: BLE001 - anything missing or stale: (re)build below
+        pass
+
+    suite = context.suites.add_or_update(suite)
     validation = context.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=f"sum_{kind}_partition", data=batch_definition, suite=suite)
     )
     return context.checkpoints.add_or_update(
         gx.Checkpoint(
-            name=f"sum_{kind}_checkpoint",
+            name=checkpoint_name,
             validation_definitions=[validation],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
+
+
+def _suite_fingerprint(suite) -> str:
+    """A hash of a suite's expectations (types and arguments), independent of GX-assigned ids."""
+    import hashlib
+    import json
+
+    configs = []
+    for expectation in suite.expectations:
+        config = expectation.configuration.to_json_dict()
+        config.pop("id", None)
+        configs.append(config)
+    payload = json.dumps([suite.name, configs], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _data_docs_index(context, gx_root: Path) -> str | None:

@@ -262,3 +262,15 @@ def test_failing_day_raises_naming_every_failed_check(tmp_path, ds, spec, params
     # Data Docs were built before the run stopped.
     assert [r.success for r in info.value.reports] == [False, False]
     assert Path(info.value.reports[0].data_docs_index).is_file()
+
+
+def test_contract_change_updates_the_stored_suite(tmp_path, ds, spec, params, gx_root, good_day, builder):
+    """The stored checkpoint is reused only while the contract is unchanged: a new feature is checked."""
+    import dataclasses
+
+    wider = dataclasses.replace(spec, user_dense=(*spec.user_dense, "brand_new_feature"))
+    users = good_day[1]
+    assert _validate("users", users, tmp_path / "a", ds, spec, params, gx_root, builder).success
+    report = _validate("users", users, tmp_path / "b", ds, wider, params, gx_root, builder)
+    _assert_fails(report, "expect_table_columns_to_match_set", "['brand_new_feature']")
+    assert _validate("users", users, tmp_path / "c", ds, spec, params, gx_root, builder).success
