@@ -63,9 +63,10 @@ objects::
     # a) into any folder, straight from the tag (no checkout in the workspace):
     dvc get "$WS" snapshots/sum-2026-01-03 --rev user-tower@v0.0.1 -o /tmp/sum-2026-01-03
     # b) by artifact version or stage (dvc.yaml at the tag says which path):
-    dvc artifacts get "$WS" user-tower --version v0.0.1 -o /tmp/sum-2026-01-03
+    dvc artifacts get "$WS" user-tower --rev v0.0.1 -o /tmp/sum-2026-01-03   # --rev = GTO version
     dvc artifacts get "$WS" user-tower --stage prod -o /tmp/prod-snapshot
-    # c) back into the workspace itself:
+    # c) back into the workspace itself (the .dvc file at the tag; `git status` shows it modified if
+    #    the snapshot was re-tracked after the tag, `git checkout HEAD -- <file>.dvc` undoes that):
     cd "$WS" && git checkout user-tower@v0.0.1 -- snapshots/sum-2026-01-03.dvc \\
              && dvc pull snapshots/sum-2026-01-03.dvc
 """
@@ -368,6 +369,7 @@ def _read_at(root: Path, specs: Sequence[str]) -> list[str | None]:
     """Reads ``<rev>:<path>`` blobs in one ``git cat-file --batch`` call (``None`` when missing)."""
     if not specs:
         return []
+    log.info("$ git cat-file --batch <<< %s   (cwd=%s)", " ".join(specs), root)
     proc = subprocess.run(
         [_tool("git"), "cat-file", "--batch"],
         cwd=root,
@@ -379,7 +381,8 @@ def _read_at(root: Path, specs: Sequence[str]) -> list[str | None]:
     if proc.returncode != 0:
         raise VersioningError("`git cat-file` failed", cmd=["git", "cat-file", "--batch"],
                               returncode=proc.returncode, stderr=proc.stderr.decode(errors="replace"))
-    data, pos, result = proc.stdout, 0, []
+    data, pos = proc.stdout, 0
+    result: list[str | None] = []
     for _ in specs:
         eol = data.index(b"\n", pos)
         header = data[pos:eol].decode().split()
@@ -551,6 +554,7 @@ def data_version(root: Path, path: Path | str, rev: str | None = None) -> str:
     root = Path(root).resolve()
     rel = _rel(root, path)
     dvcfile = rel if rel.endswith(".dvc") else f"{rel}.dvc"
+    text: str | None
     if rev is None:
         try:
             text = (root / dvcfile).read_text()

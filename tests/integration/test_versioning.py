@@ -208,6 +208,13 @@ def test_promotions_tags_and_restore(ws):
     versions = {row["version"]: row for row in gto_show(root)}
     assert [s["stage"] for s in versions["v0.0.1"]["stages"]] == ["prod"]
 
+    # The operator's by-stage form: DVC resolves the GTO stage tag and dvc.yaml's artifact path.
+    out = root.parent / "prod-by-stage"
+    with timed("dvc artifacts get --stage prod"):
+        sh(root.parent, str(VENV_BIN / "dvc"), "artifacts", "get", str(root), v.ARTIFACT_NAME,
+           "--stage", v.PROD_STAGE, "-o", str(out))
+    assert read_tree(out) == originals[ids[0]]
+
     # A DVC failure surfaces as VersioningError with DVC's stderr (remote and cache both gone).
     shutil.rmtree(remote)
     shutil.rmtree(root / ".dvc" / "cache", ignore_errors=True)
