@@ -44,11 +44,19 @@ if TYPE_CHECKING:
 
     from sum_platform.config import Params
 
-__all__ = ["ComputeCenter", "SoapIngress", "api", "build_app", "compute_user_config", "app_settings"]
+__all__ = [
+    "ComputeCenter",
+    "SoapIngress",
+    "api",
+    "build_app",
+    "compute_user_config",
+    "app_settings",
+    "snapshot_fingerprint",
+]
 
 log = logging.getLogger("ray.serve")
 
-#: Keys every compute ``user_config`` must carry.
+#: Keys every compute ``user_config`` must carry (plus the optional ``fingerprint``).
 USER_CONFIG_KEYS = ("snapshot_dir", "snapshot_id", "workspace", "params_path")
 #: How long the ingress waits for the compute deployment's snapshot id (``/version``).
 VERSION_TIMEOUT_S = 5.0
@@ -59,6 +67,17 @@ COMPUTE_BATCH_WAIT_S = 0.02
 TOWER_BATCH_SIZE = 512
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot_fingerprint(snapshot_dir: str | os.PathLike) -> str | None:
+    """Content identity of a snapshot: a hash of its manifest (which holds every file's sha256 and the
+    export time), so a snapshot re-exported under the same id gets another fingerprint. None if the
+    manifest is unreadable."""
+    try:
+        data = (Path(snapshot_dir) / "manifest.json").read_bytes()
+    except OSError:
+        return None
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _open_store(workspace: str, params_path: str) -> tuple["Params", Any]:
@@ -98,46 +117,63 @@ class ComputeCenter:
         self._tower = None
         self._snapshot_id: str | None = None
         self._snapshot_dir: str | None = None
+        self._fingerprint: str | None = None
         self._loaded_at: float | None = None
         self._store = None
         self._store_key: tuple[str, str] | None = None
         self._last_error: str | None = None
+        self._requested: tuple[str, str, str | None] | None = None
+        # Snapshot loads run beside compute batches (which keep using the current tower meanwhile).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-load")
         # One worker: feature reads, inference and writes of one batch never interleave with another's.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-compute")
         self._stats = {"batches": 0, "requests": 0, "written": 0, "skipped": 0, "failed_batches": 0}
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Loads the snapshot named by ``user_config`` and swaps it in; keeps the old tower on failure.
+        """Loads the snapshot named by ``user_config`` and swaps it in only after a successful load.
+
+        On a load failure a replica that already runs a tower keeps it and records the error, which
+        ``/version`` reports (``last_error`` for ``requested_snapshot_id``) so the rollout sees it and
+        rolls back. It does not raise there: Ray Serve 2.60 stops a replica whose ``reconfigure`` raises
+        and retries fresh replicas with the bad config, which would take compute down until the rollback
+        finished. A replica with no tower yet (starting up) raises, so Serve marks the deploy failed.
 
         Args:
-            user_config: ``{"snapshot_dir", "snapshot_id", "workspace", "params_path"}``.
+            user_config: ``{"snapshot_dir", "snapshot_id", "workspace", "params_path", "fingerprint"}``
+                (:func:`compute_user_config`). A loaded snapshot is reloaded when its fingerprint changed
+                (re-exported under the same id).
 
         Raises:
-            ValueError: Missing keys, or the manifest names another snapshot id.
-            sum_models.snapshot.SnapshotError: Missing or corrupt snapshot files. Ray Serve then marks
-                the update failed (the rollout sees it and rolls back).
+            ValueError: Missing keys (always), or the manifest names another snapshot id (no tower yet).
+            sum_models.snapshot.SnapshotError: Missing or corrupt snapshot files (no tower yet).
         """
         missing = [k for k in USER_CONFIG_KEYS if not (user_config or {}).get(k)]
         if missing:
             raise ValueError(f"compute user_config lacks {missing}; got {sorted(user_config or {})}")
         snapshot_dir, snapshot_id = str(user_config["snapshot_dir"]), str(user_config["snapshot_id"])
         store_key = (str(user_config["workspace"]), str(user_config["params_path"]))
+        wanted_fp = user_config.get("fingerprint") or snapshot_fingerprint(snapshot_dir)
+        self._requested = (snapshot_dir, snapshot_id, wanted_fp)
         if (
             self._tower is not None
-            and (snapshot_dir, snapshot_id) == (self._snapshot_dir, self._snapshot_id)
+            and (snapshot_dir, snapshot_id, wanted_fp) == (self._snapshot_dir, self._snapshot_id, self._fingerprint)
             and store_key == self._store_key
         ):
+            self._last_error = None
             return
         try:
-            tower, store = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._load, snapshot_dir, snapshot_id, store_key
+            tower, store, fingerprint = await asyncio.get_running_loop().run_in_executor(
+                self._loader, self._load, snapshot_dir, snapshot_id, store_key
             )
         except Exception as exc:
-            self._last_error = f"loading {snapshot_id} from {snapshot_dir} failed: {exc}"
+            self._last_error = f"loading {snapshot_id} from {snapshot_dir} failed: {type(exc).__name__}: {exc}"
+            if self._tower is None:
+                log.error("%s; no tower to keep", self._last_error)
+                raise
             log.error("%s; keeping %s", self._last_error, self._snapshot_id)
-            raise
+            return
         self._tower, self._store, self._store_key = tower, store, store_key
-        self._snapshot_dir, self._snapshot_id = snapshot_dir, snapshot_id
+        self._snapshot_dir, self._snapshot_id, self._fingerprint = snapshot_dir, snapshot_id, fingerprint
         self._loaded_at = time.time()
         self._last_error = None
         log.info("compute center serves snapshot %s from %s", snapshot_id, snapshot_dir)
@@ -145,6 +181,7 @@ class ComputeCenter:
     def _load(self, snapshot_dir: str, snapshot_id: str, store_key: tuple[str, str]):
         from sum_models.snapshot import load_user_tower
 
+        fingerprint = snapshot_fingerprint(snapshot_dir)
         tower, manifest = load_user_tower(Path(snapshot_dir))
         if manifest.get("snapshot_id") != snapshot_id:
             raise ValueError(
@@ -153,7 +190,7 @@ class ComputeCenter:
         store = self._store if store_key == self._store_key and self._store is not None else None
         if store is None:
             _, store = _open_store(*store_key)
-        return tower.eval(), store
+        return tower.eval(), store, fingerprint
 
     @serve.batch(max_batch_size=COMPUTE_MAX_BATCH_SIZE, batch_wait_timeout_s=COMPUTE_BATCH_WAIT_S)
     async def compute(self, user_ids: list[int]) -> list[dict]:
@@ -184,13 +221,27 @@ class ComputeCenter:
         """The id of the snapshot whose tower this replica runs."""
         return self._snapshot_id
 
+    def version(self) -> dict:
+        """What runs (id, fingerprint), what the latest ``user_config`` asked for, and why it does not
+        run if it does not (``last_error``)."""
+        requested = self._requested or (None, None, None)
+        return {
+            "snapshot_id": self._snapshot_id,
+            "fingerprint": self._fingerprint,
+            "requested_snapshot_id": requested[1],
+            "requested_fingerprint": requested[2],
+            "last_error": self._last_error,
+        }
+
     def info(self) -> dict:
         """Loaded snapshot, load time, last load error and counters."""
         return {
             "snapshot_id": self._snapshot_id,
             "snapshot_dir": self._snapshot_dir,
+            "fingerprint": self._fingerprint,
             "pid": os.getpid(),
             "loaded_at": self._loaded_at,
+            "requested": list(self._requested) if self._requested else None,
             "last_error": self._last_error,
             "stats": dict(self._stats),
         }
@@ -238,6 +289,16 @@ class EmbeddingsResponse(BaseModel):
     age_seconds: float | None = Field(description="Seconds since they were written.")
     embeddings: list[list[float]] = Field(description="K embeddings of dimension D (fp16 values).")
     compute: str = Field(description="Fate of the async recompute: 'scheduled' or 'dropped'.")
+
+
+class VersionResponse(BaseModel):
+    """What the compute deployment runs, and the outcome of the last snapshot it was asked to load."""
+
+    snapshot_id: str | None = Field(description="Snapshot whose user tower computes embeddings now.")
+    fingerprint: str | None = Field(description="Content hash of that snapshot's manifest.")
+    requested_snapshot_id: str | None = Field(description="Snapshot of the latest user_config.")
+    requested_fingerprint: str | None = Field(description="Its fingerprint.")
+    last_error: str | None = Field(description="Why the requested snapshot is not running (None if it is).")
 
 
 class ErrorResponse(BaseModel):
@@ -355,14 +416,19 @@ class SoapIngress:
             "compute": compute,
         }
 
-    @api.get("/version", responses={503: {"model": ErrorResponse}}, summary="Snapshot the compute deployment runs")
+    @api.get(
+        "/version",
+        response_model=VersionResponse,
+        responses={503: {"model": ErrorResponse}},
+        summary="Snapshot the compute deployment runs",
+    )
     async def version(self):
         try:
-            snapshot_id = await asyncio.wait_for(self._compute.snapshot_id.remote(), timeout=VERSION_TIMEOUT_S)
+            info = await asyncio.wait_for(self._compute.version.remote(), timeout=VERSION_TIMEOUT_S)
         except Exception as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
             return JSONResponse(status_code=503, content={"detail": f"compute deployment unavailable: {reason}"})
-        return {"snapshot_id": snapshot_id}
+        return info
 
     @api.get("/healthz", summary="Liveness of the SOAP client, with async-compute counters")
     async def healthz(self):
@@ -387,10 +453,12 @@ def app_settings(params: "Params", params_file: str | os.PathLike | None = None)
 def compute_user_config(
     params: "Params", snapshot_dir: str | os.PathLike, snapshot_id: str, params_file: str | os.PathLike | None = None
 ) -> dict:
-    """The compute deployment's ``user_config`` for a snapshot."""
+    """The compute deployment's ``user_config`` for a snapshot (its fingerprint included, so a snapshot
+    re-exported under the same id is a config change and gets reloaded)."""
     settings = app_settings(params, params_file)
     return {
         "snapshot_dir": str(Path(snapshot_dir).resolve()),
+        "fingerprint": snapshot_fingerprint(snapshot_dir),
         "snapshot_id": str(snapshot_id),
         "workspace": settings["workspace"],
         "params_path": settings["params_path"],

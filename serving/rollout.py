@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sum_platform.config import Params
 
-__all__ = ["RolloutError", "deploy", "rollout", "served_snapshot_id", "served_snapshot", "base_url", "app_status"]
+__all__ = ["RolloutError", "deploy", "rollout", "served_snapshot_id", "served_version", "served_snapshot", "base_url", "app_status"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,9 @@ def base_url(params: "Params") -> str:
     return f"http://{host}:{params.serving.port}{prefix}"
 
 
-def served_snapshot_id(params: "Params | None" = None, timeout_s: float = 10.0) -> str | None:
-    """The snapshot id the running application reports on ``GET /version``; None if it cannot tell.
-
-    Args:
-        params: Platform params; defaults to the params in force.
-        timeout_s: HTTP timeout.
-    """
+def served_version(params: "Params | None" = None, timeout_s: float = 10.0) -> dict | None:
+    """``GET /version`` of the running application: ``{"snapshot_id", "requested_snapshot_id",
+    "last_error"}``, or None when it does not answer 200."""
     import httpx
 
     from sum_platform.config import load_params
@@ -61,9 +57,21 @@ def served_snapshot_id(params: "Params | None" = None, timeout_s: float = 10.0) 
     if resp.status_code != 200:
         return None
     try:
-        value = resp.json().get("snapshot_id")
+        body = resp.json()
     except ValueError:
         return None
+    return body if isinstance(body, dict) else None
+
+
+def served_snapshot_id(params: "Params | None" = None, timeout_s: float = 10.0) -> str | None:
+    """The snapshot id the running application reports on ``GET /version``; None if it cannot tell.
+
+    Args:
+        params: Platform params; defaults to the params in force.
+        timeout_s: HTTP timeout.
+    """
+    body = served_version(params, timeout_s)
+    value = body.get("snapshot_id") if body else None
     return str(value) if value else None
 
 
@@ -153,14 +161,28 @@ def _wait_running(params: "Params", timeout_s: float) -> None:
         time.sleep(_POLL_S)
 
 
-def _await_served(params: "Params", snapshot_id: str, timeout_s: float) -> tuple[bool, str]:
-    """Polls ``/version`` until it reports ``snapshot_id``; stops early when the app failed to deploy."""
+def _serves(body: dict | None, snapshot_id: str, fingerprint: str | None) -> bool:
+    return bool(body) and body.get("snapshot_id") == snapshot_id and body.get("fingerprint") == fingerprint
+
+
+def _await_served(
+    params: "Params", snapshot_id: str, fingerprint: str | None, timeout_s: float
+) -> tuple[bool, str]:
+    """Polls ``/version`` until it reports the snapshot (id and content fingerprint); stops early when
+    the compute deployment reports it could not load exactly that snapshot, or the deploy failed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        served = served_snapshot_id(params, timeout_s=max(1.0, min(10.0, deadline - time.monotonic())))
+        body = served_version(params, timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))) or {}
+        served = body.get("snapshot_id")
         status, message = app_status(params)
-        if served == snapshot_id and status == "RUNNING":
+        if _serves(body, snapshot_id, fingerprint) and status == "RUNNING":
             return True, ""
+        if (
+            body.get("last_error")
+            and body.get("requested_snapshot_id") == snapshot_id
+            and body.get("requested_fingerprint") == fingerprint
+        ):
+            return False, f"the compute deployment could not load it ({body['last_error']}); it still runs {served!r}"
         if status == "DEPLOY_FAILED":
             return False, f"Ray Serve reports DEPLOY_FAILED: {message}"
         if time.monotonic() > deadline:
@@ -188,7 +210,8 @@ def rollout(
 ) -> dict[str, Any]:
     """Moves the application to ``snapshot_id`` and verifies it; rolls back on failure.
 
-    Idempotent: when ``/version`` already reports ``snapshot_id`` nothing is deployed.
+    Idempotent: when ``/version`` already reports ``snapshot_id`` with the same content fingerprint
+    (the same export) nothing is deployed; a snapshot re-exported under the same id is rolled out.
 
     Args:
         params: Platform params.
@@ -209,14 +232,17 @@ def rollout(
         RolloutError: The snapshot failed preflight, failed to load in the compute deployment or was not
             reported in time. The message names the failure, the rollback and what ``/version`` reports now.
     """
+    from serving.app import snapshot_fingerprint
     from serving.ray_cluster import ensure_ray
 
     t0 = time.monotonic()
     snapshot_dir = Path(snapshot_dir)
     ensure_ray(params)
-    before = served_snapshot_id(params)
+    fingerprint = snapshot_fingerprint(snapshot_dir)
+    body = served_version(params)
+    before = (body or {}).get("snapshot_id")
     status, _ = app_status(params)
-    if before == snapshot_id and status == "RUNNING":
+    if _serves(body, snapshot_id, fingerprint) and status == "RUNNING":
         return {"status": "unchanged", "snapshot_id": snapshot_id, "previous_served": before, "seconds": 0.0}
 
     if preflight:
@@ -232,7 +258,7 @@ def rollout(
     failure: str
     try:
         deploy(params, snapshot_dir, snapshot_id, wait=False, params_file=params_file)
-        ok, failure = _await_served(params, snapshot_id, timeout_s)
+        ok, failure = _await_served(params, snapshot_id, fingerprint, timeout_s)
     except Exception as exc:  # the deploy call itself failed
         ok, failure = False, f"deploy raised {type(exc).__name__}: {exc}"
     if ok:
@@ -252,7 +278,7 @@ def rollout(
     prev_dir, prev_id = Path(fallback[0]), str(fallback[1])
     try:
         deploy(params, prev_dir, prev_id, wait=False, params_file=params_file)
-        back, why = _await_served(params, prev_id, timeout_s)
+        back, why = _await_served(params, prev_id, snapshot_fingerprint(prev_dir), timeout_s)
     except Exception as exc:
         back, why = False, f"deploy raised {type(exc).__name__}: {exc}"
     now = served_snapshot_id(params)

@@ -6,9 +6,10 @@ One local Ray instance for the session (2 CPUs), a free HTTP port, a tiny model.
 
 from __future__ import annotations
 
-import shutil
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -210,6 +211,27 @@ def test_healthz_and_openapi(deployed_a, url):
     assert "/version" in schema["paths"]
 
 
+@contextmanager
+def _reader(url: str, user_id: int):
+    """Reads a user's embeddings in a loop meanwhile; yields the list of status codes seen."""
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def loop():
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                codes.append(client.get(f"{url}/users/{user_id}/embeddings").status_code)
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield codes
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
 def _compute_info(soap_env):
     from ray import serve
 
@@ -222,17 +244,20 @@ def test_rollout_to_b_reconfigures_in_place(soap_env, deployed_a, url):
 
     pid_before = _compute_info(soap_env)["pid"]
     t0 = time.monotonic()
-    result = rollout(
-        soap_env["params"],
-        soap_env["snaps"]["sum-B"],
-        "sum-B",
-        previous=(soap_env["snaps"]["sum-A"], "sum-A"),
-        params_file=soap_env["params_file"],
-    )
+    with _reader(url, 0) as codes:
+        result = rollout(
+            soap_env["params"],
+            soap_env["snaps"]["sum-B"],
+            "sum-B",
+            previous=(soap_env["snaps"]["sum-A"], "sum-A"),
+            params_file=soap_env["params_file"],
+        )
     TIMINGS["rollout_b_s"] = time.monotonic() - t0
+    assert codes and set(codes) == {200}, codes  # reads never stopped
     assert result["status"] == "deployed" and result["previous_served"] == "sum-A"
     assert served_snapshot_id(soap_env["params"]) == "sum-B"
-    assert httpx.get(f"{url}/version", timeout=30).json() == {"snapshot_id": "sum-B"}
+    version = httpx.get(f"{url}/version", timeout=30).json()
+    assert version["snapshot_id"] == "sum-B" and version["last_error"] is None
     # user_config only: the same replica process was reconfigured, not replaced.
     assert _compute_info(soap_env)["pid"] == pid_before
 
@@ -263,8 +288,9 @@ def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, deplo
 def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deployed_a, url):
     from serving.rollout import RolloutError, rollout, served_snapshot_id
 
+    pid_before = _compute_info(soap_env)["pid"]
     t0 = time.monotonic()
-    with pytest.raises(RolloutError) as err:
+    with _reader(url, 0) as codes, pytest.raises(RolloutError) as err:
         rollout(
             soap_env["params"],
             soap_env["snaps"]["sum-C"],
@@ -276,9 +302,31 @@ def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deploy
         )
     TIMINGS["failed_rollout_with_rollback_s"] = time.monotonic() - t0
     message = str(err.value)
-    assert "sum-C" in message and "rolled back to sum-B" in message, message
+    assert "sum-C" in message and "could not load" in message and "rolled back to sum-B" in message, message
     assert served_snapshot_id(soap_env["params"]) == "sum-B"
-    # Reads kept working, and compute is back.
+    assert codes and set(codes) == {200}, codes  # reads never stopped
+    # The replica kept its tower through the failed load: same process, no error left after the rollback.
+    info = _compute_info(soap_env)
+    assert info["pid"] == pid_before and info["snapshot_id"] == "sum-B" and info["last_error"] is None
     resp = httpx.get(f"{url}/users/2/embeddings", timeout=30)
     assert resp.status_code == 200
     _poll(lambda: (r := _stored(soap_env, 2)) and r["snapshot_id"] == "sum-B", what="user 2 recomputed by sum-B")
+
+
+def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, deployed_a, url):
+    """A rerun of a day's training replaces the snapshot directory under the same id: not a no-op."""
+    from serving.app import snapshot_fingerprint
+    from serving.rollout import rollout
+    from sum_models.model import build_model
+    from sum_models.snapshot import export_snapshot
+
+    params, spec = soap_env["params"], soap_env["spec"]
+    old_fp = _compute_info(soap_env)["fingerprint"]
+    export_snapshot(build_model(spec, params.model, seed=22), spec, params.model, soap_env["snaps"]["sum-B"], "sum-B")
+    new_fp = snapshot_fingerprint(soap_env["snaps"]["sum-B"])
+    assert new_fp != old_fp
+    result = rollout(params, soap_env["snaps"]["sum-B"], "sum-B", params_file=soap_env["params_file"])
+    assert result["status"] == "deployed"
+    assert httpx.get(f"{url}/version", timeout=30).json()["fingerprint"] == new_fp
+    again = rollout(params, soap_env["snaps"]["sum-B"], "sum-B", params_file=soap_env["params_file"])
+    assert again["status"] == "unchanged"
