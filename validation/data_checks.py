@@ -295,7 +295,10 @@ def _as_utc(col: pd.Series) -> pd.Series:
         return col.dt.tz_convert("UTC")
     if pd.api.types.is_datetime64_dtype(col.dtype):
         return col.dt.tz_localize("UTC")
-    return pd.to_datetime(col, utc=True, errors="coerce")
+    try:
+        return pd.to_datetime(col, utc=True, errors="coerce")
+    except (TypeError, ValueError, OverflowError):
+        return pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns, UTC]")
 
 
 def _list_stats(values: pd.Series) -> tuple[list[bool], list[float], list[float]]:
