@@ -28,7 +28,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi import Path as PathParam
@@ -52,6 +52,7 @@ __all__ = [
     "compute_user_config",
     "app_settings",
     "snapshot_fingerprint",
+    "ComputeLauncher",
 ]
 
 log = logging.getLogger("ray.serve")
@@ -101,6 +102,8 @@ def _open_store(workspace: str, params_path: str) -> tuple["Params", Any]:
     health_check_period_s=5.0,
     health_check_timeout_s=30.0,
     graceful_shutdown_timeout_s=10.0,
+    # A code change replaces the replica: start the new one before stopping the old.
+    max_surge_percent=100,
 )
 class ComputeCenter:
     """Runs the production user tower and writes fresh embeddings back to the online store.
@@ -280,6 +283,57 @@ def _compute_and_write(tower, store, snapshot_id: str, user_ids: list[int]) -> d
 # ---------------------------------------------------------------------------------------------
 # Ingress (SOAP client)
 # ---------------------------------------------------------------------------------------------
+class ComputeLauncher:
+    """Fire-and-forget compute calls, at most ``max_inflight`` at once; over the bound a call is dropped.
+
+    Each call runs in a task with a fresh context, detached from the HTTP request that fired it: Ray
+    Serve cancels the child calls of a request whose client goes away, and the write path must not
+    depend on the reader. Outcomes are counted (``stats``), failures logged (rate-limited).
+
+    Args:
+        max_inflight: Bound on calls in flight.
+    """
+
+    def __init__(self, max_inflight: int) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        self.max_inflight = int(max_inflight)
+        self._inflight: set[asyncio.Task] = set()
+        self.stats = {"scheduled": 0, "dropped": 0, "written": 0, "skipped": 0, "failed": 0}
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def fire(self, make_call: Callable[[], Awaitable[dict]]) -> "asyncio.Task | None":
+        """Starts ``make_call()`` without awaiting it (call from the event loop).
+
+        Returns:
+            The task (a later mode may await it with a latency budget), or None if dropped.
+        """
+        if len(self._inflight) >= self.max_inflight:
+            self.stats["dropped"] += 1
+            return None
+        task = asyncio.get_running_loop().create_task(self._run(make_call), context=contextvars.Context())
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        self.stats["scheduled"] += 1
+        return task
+
+    async def _run(self, make_call: Callable[[], Awaitable[dict]]) -> dict | None:
+        try:
+            result = await make_call()
+        except Exception as exc:
+            self.stats["failed"] += 1
+            n = self.stats["failed"]
+            if n <= 10 or n % 1000 == 0:
+                log.warning("async compute call failed (%d so far): %s: %s", n, type(exc).__name__, exc)
+            return None
+        status = result.get("status") if isinstance(result, dict) else None
+        self.stats["written" if status == "written" else "skipped"] += 1
+        return result
+
+
 class EmbeddingsResponse(BaseModel):
     """A user's stored SUM embeddings."""
 
@@ -319,6 +373,8 @@ api = FastAPI(
     ray_actor_options={"num_cpus": 0.1},
     max_ongoing_requests=256,
     health_check_period_s=5.0,
+    # A code/settings change replaces the replica: the old one serves reads until the new one is up.
+    max_surge_percent=100,
 )
 @serve.ingress(api)
 class SoapIngress:
@@ -331,47 +387,18 @@ class SoapIngress:
 
     def __init__(self, compute: "DeploymentHandle", settings: dict) -> None:
         self._compute = compute
-        self._max_inflight = int(settings["max_inflight_compute"])
+        self._launcher = ComputeLauncher(int(settings["max_inflight_compute"]))
         self._settings = dict(settings)
         self._params, self._store = _open_store(settings["workspace"], settings["params_path"])
         # Store reads run here, off the event loop, one at a time (a SQLite connection is not
         # meant for concurrent use from many threads).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-read")
-        self._inflight: set[asyncio.Task] = set()
-        self._stats = {
-            "requests": 0,
-            "not_found": 0,
-            "compute_scheduled": 0,
-            "compute_dropped": 0,
-            "compute_written": 0,
-            "compute_skipped": 0,
-            "compute_failed": 0,
-        }
+        self._stats = {"requests": 0, "not_found": 0}
 
-    # -- async compute -------------------------------------------------------------------------
     def _fire_compute(self, user_id: int) -> str:
-        """Starts the compute call without awaiting it; drops it over the in-flight bound."""
-        if len(self._inflight) >= self._max_inflight:
-            self._stats["compute_dropped"] += 1
-            return "dropped"
-        # A fresh context detaches the call from this HTTP request: Ray Serve cancels the child
-        # calls of a request whose client goes away, and the write path must not depend on the reader.
-        task = asyncio.get_running_loop().create_task(self._call_compute(user_id), context=contextvars.Context())
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        self._stats["compute_scheduled"] += 1
-        return "scheduled"
-
-    async def _call_compute(self, user_id: int) -> None:
-        try:
-            result = await self._compute.compute.remote(user_id)
-        except Exception as exc:
-            self._stats["compute_failed"] += 1
-            if self._stats["compute_failed"] <= 10 or self._stats["compute_failed"] % 1000 == 0:
-                log.warning("async compute for user %s failed (%d so far): %s", user_id, self._stats["compute_failed"], exc)
-            return
-        key = "compute_written" if result.get("status") == "written" else "compute_skipped"
-        self._stats[key] += 1
+        """Fires the async recompute of a user; returns ``scheduled`` or ``dropped``."""
+        task = self._launcher.fire(lambda: self._compute.compute.remote(user_id))
+        return "dropped" if task is None else "scheduled"
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -432,7 +459,8 @@ class SoapIngress:
 
     @api.get("/healthz", summary="Liveness of the SOAP client, with async-compute counters")
     async def healthz(self):
-        return {"status": "ok", "compute_inflight": len(self._inflight), **self._stats}
+        compute = {f"compute_{k}": v for k, v in self._launcher.stats.items()}
+        return {"status": "ok", **self._stats, "compute_inflight": self._launcher.inflight, **compute}
 
 
 # ---------------------------------------------------------------------------------------------

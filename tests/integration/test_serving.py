@@ -1,7 +1,8 @@
 """SOAP serving end to end: real Ray Serve over HTTP, real Feast SQLite online store, tmp workspace.
 
 One local Ray instance for the session (2 CPUs), a free HTTP port, a tiny model. Tests run in file order
-(deploy A -> reads and async write-back -> rollout B -> failed rollouts keep B).
+(store I/O -> deploy A -> reads and async write-back -> rollout B -> failed rollouts keep B). Only the
+in-process launcher test is not ``slow``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 K, D = 2, 8
 USERS_WITH_EMBEDDINGS = [0, 1, 2]
@@ -134,12 +135,60 @@ def deployed_a(soap_env, serve_session):
     return {"initial_written_at_ms": int(old.value // 1_000_000), "initial": emb}
 
 
+def test_compute_launcher_bounds_inflight_calls_and_counts_drops():
+    import asyncio
+
+    from serving.app import ComputeLauncher
+
+    async def scenario():
+        launcher = ComputeLauncher(max_inflight=3)
+        gates = [asyncio.get_running_loop().create_future() for _ in range(5)]
+        fired = [launcher.fire(lambda g=g: g) for g in gates]
+        assert [t is not None for t in fired] == [True, True, True, False, False]
+        assert launcher.inflight == 3 and launcher.stats["dropped"] == 2
+        gates[0].set_result({"status": "written"})
+        gates[1].set_result({"status": "no_features"})
+        gates[2].set_exception(RuntimeError("compute down"))
+        await asyncio.gather(*[t for t in fired if t is not None])
+        assert launcher.inflight == 0
+        assert launcher.stats == {"scheduled": 3, "dropped": 2, "written": 1, "skipped": 1, "failed": 1}
+        assert launcher.fire(lambda: asyncio.sleep(0, {"status": "written"})) is not None
+
+    asyncio.run(scenario())
+
+
+@slow
+def test_store_io_round_trip_and_validation(soap_env):
+    from serving.store_io import read_embeddings, read_user_features, write_embeddings
+
+    store = soap_env["store"]
+    emb32 = np.random.default_rng(5).standard_normal((2, K, D)).astype(np.float32)
+    assert write_embeddings(store, [500, 501], emb32, "probe", 1_700_000_000_000) == 2
+    rows = read_embeddings(store, [500, 501, 502])
+    assert set(rows) == {500, 501}
+    assert rows[500]["snapshot_id"] == "probe" and rows[500]["written_at_ms"] == 1_700_000_000_000
+    # Stored values are the fp16 rounding of what was given, exactly.
+    np.testing.assert_array_equal(rows[501]["embeddings"], emb32[1].astype(np.float16))
+    with pytest.raises(ValueError, match="K="):
+        write_embeddings(store, [500], np.zeros((1, K + 1, D), np.float16), "probe")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        write_embeddings(store, [500], np.full((1, K, D), 1e6, np.float32), "probe")
+    with pytest.raises(ValueError, match="non-negative"):
+        write_embeddings(store, [-5], np.zeros((1, K, D), np.float16), "probe")
+    with pytest.raises(ValueError, match="user ids"):
+        write_embeddings(store, [500, 501], np.zeros((1, K, D), np.float16), "probe")
+
+    frame, skipped = read_user_features(store, [0, 1, UNKNOWN_USER], soap_env["spec"])
+    assert frame["user_id"].tolist() == [0, 1] and skipped == {UNKNOWN_USER: "no_features"}
+
+
 def _stored(soap_env, user_id):
     from serving.store_io import read_embeddings
 
     return read_embeddings(soap_env["store"], [user_id]).get(user_id)
 
 
+@slow
 def test_get_returns_stored_embeddings_then_async_write_back(soap_env, deployed_a, url):
     t0 = time.monotonic()
     resp = httpx.get(f"{url}/users/0/embeddings", timeout=30)
@@ -180,6 +229,7 @@ def test_get_returns_stored_embeddings_then_async_write_back(soap_env, deployed_
     assert again.json()["age_seconds"] < 600
 
 
+@slow
 def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, url):
     resp = httpx.get(f"{url}/users/{UNKNOWN_USER}/embeddings", timeout=30)
     assert resp.status_code == 404
@@ -195,6 +245,7 @@ def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, u
     assert _stored(soap_env, UNKNOWN_USER) is None
 
 
+@slow
 @pytest.mark.parametrize("bad", ["-1", "abc", "1.5", str(2**63), "%20"])
 def test_bad_user_ids_are_4xx_with_reason(deployed_a, url, bad):
     resp = httpx.get(f"{url}/users/{bad}/embeddings", timeout=30)
@@ -202,6 +253,7 @@ def test_bad_user_ids_are_4xx_with_reason(deployed_a, url, bad):
     assert resp.json().get("detail")
 
 
+@slow
 def test_healthz_and_openapi(deployed_a, url):
     health = httpx.get(f"{url}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -209,6 +261,29 @@ def test_healthz_and_openapi(deployed_a, url):
     schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
     assert "/users/{user_id}/embeddings" in schema["paths"]
     assert "/version" in schema["paths"]
+
+
+@slow
+def test_burst_of_reads_all_answered_and_compute_accounted(soap_env, deployed_a, url):
+    import asyncio
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*[client.get(f"{url}/users/{i % 3}/embeddings") for i in range(60)])
+
+    before = httpx.get(f"{url}/healthz", timeout=30).json()
+    responses = asyncio.run(burst())
+    assert {r.status_code for r in responses} == {200}
+    fates = [r.json()["compute"] for r in responses]
+    assert set(fates) <= {"scheduled", "dropped"}
+    after = _poll(
+        lambda: (h := httpx.get(f"{url}/healthz", timeout=30).json())["compute_inflight"] == 0 and h,
+        what="async computes of the burst to finish",
+    )
+    assert after["compute_scheduled"] - before["compute_scheduled"] == fates.count("scheduled")
+    assert after["compute_dropped"] - before["compute_dropped"] == fates.count("dropped")
+    assert after["compute_failed"] == 0
+    TIMINGS["burst_60_dropped"] = fates.count("dropped")
 
 
 @contextmanager
@@ -239,6 +314,7 @@ def _compute_info(soap_env):
     return handle.info.remote().result(timeout_s=30)
 
 
+@slow
 def test_rollout_to_b_reconfigures_in_place(soap_env, deployed_a, url):
     from serving.rollout import rollout, served_snapshot_id
 
@@ -270,6 +346,7 @@ def test_rollout_to_b_reconfigures_in_place(soap_env, deployed_a, url):
     assert again["status"] == "unchanged"
 
 
+@slow
 def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, deployed_a, url):
     from serving.rollout import RolloutError, rollout, served_snapshot_id
 
@@ -285,6 +362,7 @@ def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, deplo
     assert served_snapshot_id(soap_env["params"]) == "sum-B"
 
 
+@slow
 def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deployed_a, url):
     from serving.rollout import RolloutError, rollout, served_snapshot_id
 
@@ -313,6 +391,7 @@ def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deploy
     _poll(lambda: (r := _stored(soap_env, 2)) and r["snapshot_id"] == "sum-B", what="user 2 recomputed by sum-B")
 
 
+@slow
 def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, deployed_a, url):
     """A rerun of a day's training replaces the snapshot directory under the same id: not a no-op."""
     from serving.app import snapshot_fingerprint
@@ -330,3 +409,21 @@ def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, deployed_a, url
     assert httpx.get(f"{url}/version", timeout=30).json()["fingerprint"] == new_fp
     again = rollout(params, soap_env["snaps"]["sum-B"], "sum-B", params_file=soap_env["params_file"])
     assert again["status"] == "unchanged"
+
+
+@slow
+def test_replica_replacement_keeps_reads_up(soap_env, deployed_a, url):
+    """A settings (or code) change replaces both replicas; the old ones serve until the new are up."""
+    from serving.rollout import deploy, served_snapshot_id
+
+    params = soap_env["params"]
+    changed = params.model_copy(update={"serving": params.serving.model_copy(update={"max_inflight_compute": 17})})
+    pid_before = _compute_info(soap_env)["pid"]
+    t0 = time.monotonic()
+    with _reader(url, 0) as codes:
+        deploy(changed, soap_env["snaps"]["sum-B"], "sum-B", params_file=soap_env["params_file"], timeout_s=120)
+        _poll(lambda: _compute_info(soap_env)["pid"] != pid_before, what="compute replica replaced")
+        time.sleep(1.0)
+    TIMINGS["replica_replacement_s"] = time.monotonic() - t0
+    assert codes and set(codes) == {200}, sorted(set(codes))
+    assert served_snapshot_id(params) == "sum-B"
