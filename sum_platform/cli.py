@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="Operate the SUM platform: daily runs, snapshots, promotion, serving.", no_args_is_help=True)
-console = Console()
+console = Console(width=None if os.isatty(1) else 160)
 
 WorkspaceOpt = Annotated[
     Optional[Path],

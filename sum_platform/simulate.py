@@ -87,7 +87,9 @@ class World:
         self.ad_conv_vec = _unit_rows(base.normal(size=(cfg.n_ads, L)))
         self.ad_quality = base.beta(2.0, 2.0, size=cfg.n_ads)
         self.ad_price = base.lognormal(0.0, 0.6, size=cfg.n_ads)
-        self.ad_category = base.integers(0, cfg.n_ad_categories, size=cfg.n_ads)
+        # Categories group ads of similar appeal, so a category id carries signal a model can learn.
+        centers = _unit_rows(base.normal(size=(cfg.n_ad_categories, L)))
+        self.ad_category = np.argmax(self.ad_vec @ centers.T, axis=1)
         self.id_vec = {
             f.name: _unit_rows(np.random.default_rng(_name_seed(seed, f.name)).normal(size=(f.hash_size, L)))
             for f in fields
