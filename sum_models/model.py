@@ -114,6 +114,8 @@ class SUMModel(nn.Module):
             embedding_dim=int(cfg["embedding_dim"]),
             hidden_dim=int(cfg["mix_hidden_dim"]),
         )
+        # Training examples seen over the model's life (kept by snapshots and warm starts); 0 = fresh model.
+        self.register_buffer("examples_seen", torch.zeros((), dtype=torch.int64))
 
     def forward(
         self,

@@ -21,6 +21,7 @@ from sum_models.data import encode_ad_features, encode_examples, encode_labels, 
 from sum_models.loss import MultiTaskBCELoss
 from sum_models.metrics import NormalizedEntropy
 from sum_models.model import SUMModel, check_spec
+from sum_models.runtime import torch_threads
 from sum_models.spec import FeatureSpec
 
 __all__ = ["TrainStats", "train_model", "predict_proba", "ne_accumulator", "evaluate_ne", "make_optimizer"]
@@ -47,6 +48,8 @@ class TrainStats:
         epoch_losses: Mean loss of every epoch.
         examples_per_second: Examples processed per second in the training loop.
         seconds: Wall time of the whole call (encoding included).
+        fresh_model: The model had never been trained before this call (its head biases got the
+            base-rate prior when ``prior_init``).
     """
 
     examples: int
@@ -56,6 +59,7 @@ class TrainStats:
     epoch_losses: tuple[float, ...]
     examples_per_second: float
     seconds: float
+    fresh_model: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict of the stats."""
@@ -107,11 +111,16 @@ def train_model(
     seed: int,
     *,
     progress: bool | None = None,
+    num_threads: int | None = 1,
+    prior_init: bool = True,
 ) -> TrainStats:
     """Trains ``model`` in place on a frame of impressions (eq. 8 loss).
 
     Deterministic for a given seed, initial weights and data: shuffling uses a generator seeded with
     ``seed`` and the global torch RNG is seeded inside a forked RNG state (the caller's is untouched).
+
+    A fresh model (``model.examples_seen == 0``) first gets its head biases set to the logits of the
+    training base rates (see :meth:`MixTower.init_task_priors`); a warm-started one keeps its weights.
 
     Args:
         model: The model (fresh or warm-started); modified in place and left in eval mode.
@@ -121,6 +130,8 @@ def train_model(
             ``weight_decay``, ``task_weights`` and optionally ``optimizer`` (``adam`` | ``adagrad``).
         seed: Shuffling / RNG seed.
         progress: Show a tqdm bar (loss, examples/s); default: only when stderr is a terminal.
+        num_threads: torch intra-op threads during training (restored afterwards); None keeps torch's.
+        prior_init: Initialise a fresh model's head biases from the base rates.
 
     Returns:
         :class:`TrainStats`.
@@ -138,6 +149,9 @@ def train_model(
     n = len(users)
     batch_size, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
     loss_fn = MultiTaskBCELoss(spec.labels, cfg["task_weights"])
+    fresh = int(model.examples_seen) == 0
+    if prior_init and fresh:
+        model.mix_tower.init_task_priors(labels.mean(dim=0))
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(n / batch_size)
     show = sys.stderr.isatty() if progress is None else progress
@@ -145,7 +159,7 @@ def train_model(
     steps = 0
     model.train()
     loop_start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch_threads(num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         shuffler = torch.Generator().manual_seed(seed)
         bar = tqdm(total=epochs * steps_per_epoch, disable=not show, desc="train", unit="batch", leave=False)
@@ -157,21 +171,23 @@ def train_model(
                     idx = order[b * batch_size : (b + 1) * batch_size]
                     batch = users.select(idx)
                     logits = model(batch.dense, batch.sparse_ids, batch.sparse_offsets, ad_sparse[idx], ad_dense[idx])
-                    loss = loss_fn(logits, labels[idx])
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"non-finite training loss {loss.item()} at step {steps}")
+                    loss = loss_fn(logits, labels[idx])  # eq. 8
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise ValueError(f"non-finite training loss {value} at step {steps}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     steps += 1
-                    total += loss.item() * len(idx)
+                    total += value * len(idx)
                     bar.update(1)
                     elapsed = time.perf_counter() - loop_start
-                    bar.set_postfix(loss=f"{loss.item():.4f}", ex_s=f"{steps * batch_size / max(elapsed, 1e-9):.0f}")
+                    bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{steps * batch_size / max(elapsed, 1e-9):.0f}")
                 epoch_losses.append(total / n)
         finally:
             bar.close()
     loop_seconds = time.perf_counter() - loop_start
+    model.examples_seen += n * epochs
     model.eval()
     return TrainStats(
         examples=n,
@@ -181,10 +197,18 @@ def train_model(
         epoch_losses=tuple(epoch_losses),
         examples_per_second=n * epochs / max(loop_seconds, 1e-9),
         seconds=time.perf_counter() - start,
+        fresh_model=fresh,
     )
 
 
-def predict_proba(model: SUMModel, df: pd.DataFrame, spec: FeatureSpec, batch_size: int = 4096) -> np.ndarray:
+def predict_proba(
+    model: SUMModel,
+    df: pd.DataFrame,
+    spec: FeatureSpec,
+    batch_size: int = 4096,
+    *,
+    num_threads: int | None = 1,
+) -> np.ndarray:
     """Predicted probabilities of every task.
 
     Args:
@@ -192,6 +216,7 @@ def predict_proba(model: SUMModel, df: pd.DataFrame, spec: FeatureSpec, batch_si
         df: Impressions joined with user features (labels not needed).
         spec: Model input spec.
         batch_size: Rows per forward pass.
+        num_threads: torch intra-op threads (restored afterwards); None keeps torch's setting.
 
     Returns:
         float64 ``[N, T]`` in frame order, ``spec.labels`` column order.
@@ -203,9 +228,9 @@ def predict_proba(model: SUMModel, df: pd.DataFrame, spec: FeatureSpec, batch_si
     model.eval()
     out = []
     try:
-        with torch.inference_mode():
-            for s in range(0, len(users), batch_size):
-                idx = torch.arange(s, min(s + batch_size, len(users)))
+        with torch_threads(num_threads), torch.inference_mode():
+            for lo in range(0, len(users), batch_size):
+                idx = torch.arange(lo, min(lo + batch_size, len(users)))
                 batch = users.select(idx)
                 logits = model(batch.dense, batch.sparse_ids, batch.sparse_offsets, ad_sparse[idx], ad_dense[idx])
                 out.append(torch.sigmoid(logits.double()).numpy())
