@@ -4,9 +4,17 @@
 deployment's ``user_config`` (same pinned code version), so Ray Serve calls ``reconfigure`` on the running
 replica: reads never stop, and the compute keeps its old tower until the new one has loaded.
 
-``rollout`` = (preflight load) + deploy + verify through ``GET /version``; on a failure (load error,
-timeout) it redeploys the previous snapshot, verifies it, and raises :class:`RolloutError` saying what
-failed and what is served now.
+``rollout`` = (preflight load) + deploy + verify through ``GET /version`` (snapshot id *and* content
+fingerprint); on a failure (load error, timeout) it redeploys the previous snapshot, verifies it, and raises
+:class:`RolloutError` saying what failed and what is served now.
+
+Failure modes:
+
+* the snapshot does not load here (preflight): nothing is deployed, serving is untouched;
+* it does not load in the running compute replica: the replica keeps its tower and reports the error on
+  ``/version``; the rollback is an in-place reconfigure back to the previous snapshot (no outage);
+* it does not load in a fresh replica (first start, or a code change): Ray Serve marks the deploy
+  DEPLOY_FAILED (with surge, the old replica keeps running); the rollback redeploys the previous snapshot.
 """
 
 from __future__ import annotations

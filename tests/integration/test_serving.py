@@ -412,18 +412,28 @@ def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, deployed_a, url
 
 
 @slow
-def test_replica_replacement_keeps_reads_up(soap_env, deployed_a, url):
-    """A settings (or code) change replaces both replicas; the old ones serve until the new are up."""
-    from serving.rollout import deploy, served_snapshot_id
+def test_failed_fresh_replica_rolls_back_and_reads_stay_up(soap_env, deployed_a, url):
+    """Code/settings change + unloadable snapshot: fresh replicas never come up (DEPLOY_FAILED) while the
+    old replica keeps serving (surge); the rollback is itself a replacement (B with the new settings)."""
+    from serving.rollout import RolloutError, rollout, served_snapshot_id
 
     params = soap_env["params"]
-    changed = params.model_copy(update={"serving": params.serving.model_copy(update={"max_inflight_compute": 17})})
     pid_before = _compute_info(soap_env)["pid"]
+    changed = params.model_copy(update={"serving": params.serving.model_copy(update={"max_inflight_compute": 18})})
     t0 = time.monotonic()
-    with _reader(url, 0) as codes:
-        deploy(changed, soap_env["snaps"]["sum-B"], "sum-B", params_file=soap_env["params_file"], timeout_s=120)
-        _poll(lambda: _compute_info(soap_env)["pid"] != pid_before, what="compute replica replaced")
-        time.sleep(1.0)
-    TIMINGS["replica_replacement_s"] = time.monotonic() - t0
+    with _reader(url, 0) as codes, pytest.raises(RolloutError) as err:
+        rollout(
+            changed,
+            soap_env["snaps"]["sum-C"],
+            "sum-C",
+            previous=(soap_env["snaps"]["sum-B"], "sum-B"),
+            timeout_s=120,
+            preflight=False,
+            params_file=soap_env["params_file"],
+        )
+    TIMINGS["failed_fresh_replica_rollout_s"] = time.monotonic() - t0
+    assert "rolled back to sum-B" in str(err.value), str(err.value)
     assert codes and set(codes) == {200}, sorted(set(codes))
     assert served_snapshot_id(params) == "sum-B"
+    info = _compute_info(soap_env)
+    assert info["pid"] != pid_before and info["snapshot_id"] == "sum-B"
