@@ -50,6 +50,8 @@ class MultiTaskBCELoss(nn.Module):
         task_weights: label -> ``w_t`` (see :func:`task_weight_vector`).
     """
 
+    weights: Tensor
+
     def __init__(self, labels: Sequence[str], task_weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.labels = tuple(labels)

@@ -37,6 +37,7 @@ class AdArch(nn.Module):
         self.embedding_dim = embedding_dim
         self.tables = nn.ModuleDict({name: nn.Embedding(int(n), embedding_dim) for name, n in cardinalities.items()})
         for table in self.tables.values():
+            assert isinstance(table, nn.Embedding)
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(embedding_dim))
         self.dense_arch = DenseArch(num_dense, embedding_dim)
 
@@ -68,6 +69,9 @@ class DotInteraction(nn.Module):
         num_tokens: N.
         embedding_dim: D; products are scaled by ``1/sqrt(D)``.
     """
+
+    rows: Tensor
+    cols: Tensor
 
     def __init__(self, num_tokens: int, embedding_dim: int) -> None:
         super().__init__()
@@ -178,7 +182,10 @@ class MixTower(nn.Module):
         if rates.shape != (len(self.heads),):
             raise ValueError(f"expected {len(self.heads)} base rates, got shape {tuple(rates.shape)}")
         for head, rate in zip(self.heads.values(), rates):
-            head[-1].bias.fill_(float(torch.log(rate / (1.0 - rate))))
+            assert isinstance(head, nn.Sequential)
+            out = head[-1]
+            assert isinstance(out, nn.Linear)
+            out.bias.fill_(float(torch.log(rate / (1.0 - rate))))
 
     def forward(self, user_embeddings: Tensor, ad_sparse: Tensor, ad_dense: Tensor) -> Tensor:
         """Scores impressions.

@@ -96,6 +96,8 @@ class SUMModel(nn.Module):
         model_cfg: ``params.model`` or an equivalent dict (see :func:`model_config_dict`).
     """
 
+    examples_seen: Tensor
+
     def __init__(self, spec: FeatureSpec, model_cfg: Any = None) -> None:
         super().__init__()
         cfg = model_config_dict(model_cfg)

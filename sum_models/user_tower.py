@@ -54,6 +54,7 @@ class SparseArch(nn.Module):
             {name: nn.EmbeddingBag(int(n), embedding_dim, mode=pooling) for name, n in hash_sizes.items()}
         )
         for bag in self.bags.values():
+            assert isinstance(bag, nn.EmbeddingBag)
             nn.init.normal_(bag.weight, std=1.0 / math.sqrt(embedding_dim))
 
     def forward(self, sparse_ids: List[Tensor], sparse_offsets: List[Tensor], batch_size: int) -> Tensor:

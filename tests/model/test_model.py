@@ -230,7 +230,7 @@ def test_tables_are_keyed_by_feature_name(spec, model_cfg):
 def test_prior_init_only_for_a_fresh_model(spec, model_cfg, tmp_path):
     model = build_model(spec, model_cfg, seed=0)
     model.mix_tower.init_task_priors(torch.tensor([0.2, 0.05]))
-    biases = [float(h[-1].bias) for h in model.mix_tower.heads.values()]
+    biases = [h[-1].bias.item() for h in model.mix_tower.heads.values()]
     assert biases == pytest.approx([np.log(0.2 / 0.8), np.log(0.05 / 0.95)], rel=1e-6)
 
     df = make_examples(200, seed=0)
@@ -239,7 +239,7 @@ def test_prior_init_only_for_a_fresh_model(spec, model_cfg, tmp_path):
     stats = train_model(fresh, df, spec, cfg, 0, progress=False)
     assert stats.fresh_model and int(fresh.examples_seen) == 200
     rate = df["click"].mean()
-    assert float(fresh.mix_tower.heads["click"][-1].bias) == pytest.approx(np.log(rate / (1 - rate)), rel=1e-5)
+    assert fresh.mix_tower.heads["click"][-1].bias.item() == pytest.approx(np.log(rate / (1 - rate)), rel=1e-5)
 
     export_snapshot(fresh, spec, model_cfg, tmp_path / "s", "s")
     warm, _ = load_model(tmp_path / "s")
@@ -247,4 +247,4 @@ def test_prior_init_only_for_a_fresh_model(spec, model_cfg, tmp_path):
     warm.mix_tower.heads["click"][-1].bias.data.fill_(0.5)
     stats = train_model(warm, df, spec, cfg, 0, progress=False)
     assert not stats.fresh_model and int(warm.examples_seen) == 400
-    assert float(warm.mix_tower.heads["click"][-1].bias) == pytest.approx(0.5)  # warm start kept
+    assert warm.mix_tower.heads["click"][-1].bias.item() == pytest.approx(0.5)  # warm start kept
