@@ -1,4 +1,8 @@
-"""Shared helpers of the model tests: a tiny spec, a tiny model config and a synthetic frame builder."""
+"""Shared helpers of the model tests: a tiny spec, a tiny model config and synthetic frame builders.
+
+Tests get everything through fixtures (``spec``, ``model_cfg``, ``train_cfg``, ``make_users``,
+``make_examples``), never ``from conftest import ...``, which is ambiguous with several conftest files.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ TINY_TRAIN_CFG = {
 SIGNAL_PAGES = 10
 
 
-def make_users(n_users: int, seed: int, spec: FeatureSpec = TINY_SPEC) -> pd.DataFrame:
+def build_users(n_users: int, seed: int, spec: FeatureSpec = TINY_SPEC) -> pd.DataFrame:
     """Users-only frame: ``user_id``, dense floats, variable-length id lists (some empty, some ids >= hash)."""
     rng = np.random.default_rng(seed)
     data: dict[str, object] = {"user_id": np.arange(n_users, dtype=np.int64)}
@@ -50,10 +54,10 @@ def has_signal(users: pd.DataFrame) -> np.ndarray:
     return np.array([bool(((np.asarray(p) % 50) < SIGNAL_PAGES).any()) for p in users["pages"]])
 
 
-def make_examples(n_rows: int, seed: int, n_users: int = 300, spec: FeatureSpec = TINY_SPEC) -> pd.DataFrame:
+def build_examples(n_rows: int, seed: int, n_users: int = 300, spec: FeatureSpec = TINY_SPEC) -> pd.DataFrame:
     """Impressions joined with user features; click depends on the sparse ``pages`` feature."""
     rng = np.random.default_rng(seed + 1)
-    users = make_users(n_users, seed, spec)
+    users = build_users(n_users, seed, spec)
     rows = users.iloc[rng.integers(0, n_users, size=n_rows)].reset_index(drop=True)
     for name, card in spec.ad_sparse.items():
         rows[name] = rng.integers(0, card, size=n_rows).astype(np.int64)
@@ -90,3 +94,15 @@ def model_cfg() -> dict:
 @pytest.fixture
 def train_cfg() -> dict:
     return dict(TINY_TRAIN_CFG)
+
+
+@pytest.fixture
+def make_users():
+    """The users-only frame builder: ``make_users(n_users, seed)``."""
+    return build_users
+
+
+@pytest.fixture
+def make_examples():
+    """The impressions frame builder: ``make_examples(n_rows, seed, n_users=300)``."""
+    return build_examples

@@ -8,11 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import make_examples, make_users
 from sum_models.data import encode_examples, encode_users
 
 
-def test_encode_examples_shapes_and_types(spec):
+def test_encode_examples_shapes_and_types(spec, make_examples):
     df = make_examples(37, seed=1)
     users, ad_sparse, ad_dense, labels = encode_examples(df, spec)
     assert len(users) == 37
@@ -46,7 +45,7 @@ def test_sparse_lists_modulo_empty_and_missing(spec):
     assert users.sparse_offsets[1].tolist() == [0, 0, 1]
 
 
-def test_arrow_backed_list_column(spec):
+def test_arrow_backed_list_column(spec, make_users):
     df = make_users(5, seed=0)
     expected = encode_users(df, spec)
     df["pages"] = pd.Series(list(df["pages"].map(list)), dtype=pd.ArrowDtype(pa.list_(pa.int64())))
@@ -55,7 +54,7 @@ def test_arrow_backed_list_column(spec):
     assert torch.equal(got.sparse_offsets[0], expected.sparse_offsets[0])
 
 
-def test_select_matches_encoding_the_subset(spec):
+def test_select_matches_encoding_the_subset(spec, make_users):
     df = make_users(40, seed=2)
     idx = torch.tensor([5, 0, 39, 5, 17])
     got = encode_users(df, spec).select(idx)
@@ -66,14 +65,14 @@ def test_select_matches_encoding_the_subset(spec):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_dense_names_the_column(spec, bad):
+def test_non_finite_dense_names_the_column(spec, bad, make_users):
     df = make_users(4, seed=0)
     df.loc[2, "d1"] = bad
     with pytest.raises(ValueError, match="'d1'"):
         encode_users(df, spec)
 
 
-def test_missing_column_and_bad_ad_ids(spec):
+def test_missing_column_and_bad_ad_ids(spec, make_examples):
     df = make_examples(8, seed=0)
     with pytest.raises(ValueError, match="topics"):
         encode_users(df.drop(columns=["topics"]), spec)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL_CFG, make_examples, make_users
 from sum_models.data import encode_examples, encode_users
 from sum_models.loss import MultiTaskBCELoss
 from sum_models.model import SpecMismatchError, build_model
@@ -27,7 +26,7 @@ def _eager_embeddings(tower, users_df, spec) -> np.ndarray:
         return tower(inputs.dense, inputs.sparse_ids, inputs.sparse_offsets).numpy()
 
 
-def test_output_shapes(spec, model_cfg):
+def test_output_shapes(spec, model_cfg, make_examples):
     model = build_model(spec, model_cfg, seed=0)
     df = make_examples(9, seed=0)
     logits, _ = _forward(model, df, spec)
@@ -37,13 +36,13 @@ def test_output_shapes(spec, model_cfg):
     assert emb.shape == (9, model_cfg["num_embeddings"], model_cfg["embedding_dim"])
 
 
-def test_default_config_is_k2_d96(spec):
+def test_default_config_is_k2_d96(spec, make_users):
     model = build_model(spec, None, seed=0)
     users = encode_users(make_users(3, seed=0), spec)
     assert model.user_tower(users.dense, users.sparse_ids, users.sparse_offsets).shape == (3, 2, 96)
 
 
-def test_gradients_reach_every_parameter(spec, model_cfg):
+def test_gradients_reach_every_parameter(spec, model_cfg, make_examples):
     model = build_model(spec, model_cfg, seed=0)
     logits, labels = _forward(model, make_examples(64, seed=0), spec)
     MultiTaskBCELoss(spec.labels, {"click": 1.0, "conversion": 0.5})(logits, labels).backward()
@@ -63,7 +62,7 @@ def test_loss_is_weighted_eq8(spec):
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
-def test_user_tower_is_scriptable(spec, model_cfg):
+def test_user_tower_is_scriptable(spec, model_cfg, make_users):
     model = build_model(spec, model_cfg, seed=0)
     scripted = torch.jit.script(model.user_tower)
     users_df = make_users(7, seed=1)
@@ -75,7 +74,7 @@ def test_user_tower_is_scriptable(spec, model_cfg):
     assert embed_users(scripted, users_df, spec).shape == (7, 2, 8)
 
 
-def test_export_and_load_user_tower_fp16_roundtrip(spec, model_cfg, tmp_path):
+def test_export_and_load_user_tower_fp16_roundtrip(spec, model_cfg, tmp_path, make_users):
     model = build_model(spec, model_cfg, seed=0)
     out = export_snapshot(model, spec, model_cfg, tmp_path / "snap-1", "snap-1", extra={"ne": 0.9})
     assert sorted(p.name for p in out.iterdir()) == [
@@ -98,7 +97,7 @@ def test_export_and_load_user_tower_fp16_roundtrip(spec, model_cfg, tmp_path):
     assert cosine.min() >= 0.999
 
 
-def test_load_model_restores_whole_model(spec, model_cfg, tmp_path):
+def test_load_model_restores_whole_model(spec, model_cfg, tmp_path, make_examples):
     model = build_model(spec, model_cfg, seed=0)
     export_snapshot(model, spec, model_cfg, tmp_path / "s", "s")
     loaded, manifest = load_model(tmp_path / "s")
@@ -108,7 +107,7 @@ def test_load_model_restores_whole_model(spec, model_cfg, tmp_path):
     assert loaded.spec == spec and manifest["snapshot_id"] == "s"
 
 
-def test_reexport_replaces_atomically(spec, model_cfg, tmp_path):
+def test_reexport_replaces_atomically(spec, model_cfg, tmp_path, make_users):
     first = build_model(spec, model_cfg, seed=0)
     second = build_model(spec, model_cfg, seed=1)
     export_snapshot(first, spec, model_cfg, tmp_path / "s", "s")
@@ -151,7 +150,7 @@ def test_corrupt_or_missing_files_raise_snapshot_error(spec, model_cfg, tmp_path
         load_user_tower(tmp_path / "nope")
 
 
-def test_training_learns_sparse_signal(spec, model_cfg, train_cfg):
+def test_training_learns_sparse_signal(spec, model_cfg, train_cfg, make_examples):
     df = make_examples(3000, seed=0)
     train, holdout = df.iloc[:2400], df.iloc[2400:]
     model = build_model(spec, model_cfg, seed=0)
@@ -167,7 +166,7 @@ def test_training_learns_sparse_signal(spec, model_cfg, train_cfg):
     assert after["conversion"] < 1.0, after
 
 
-def test_training_is_deterministic_under_a_seed(spec, model_cfg):
+def test_training_is_deterministic_under_a_seed(spec, model_cfg, make_examples):
     df = make_examples(400, seed=5)
     cfg = {"batch_size": 64, "epochs": 2, "learning_rate": 0.01, "task_weights": {"click": 1.0}}
     states = []
@@ -182,7 +181,7 @@ def test_training_is_deterministic_under_a_seed(spec, model_cfg):
     assert not all(torch.equal(states[0][n], t) for n, t in other.state_dict().items())
 
 
-def test_adagrad_and_unknown_optimizer(spec, model_cfg):
+def test_adagrad_and_unknown_optimizer(spec, model_cfg, make_examples):
     df = make_examples(100, seed=0)
     model = build_model(spec, model_cfg, seed=0)
     stats = train_model(model, df, spec, {"epochs": 1, "batch_size": 50, "optimizer": "adagrad"}, 0, progress=False)
@@ -191,11 +190,7 @@ def test_adagrad_and_unknown_optimizer(spec, model_cfg):
         train_model(model, df, spec, {"optimizer": "sgdx"}, 0, progress=False)
 
 
-def test_tiny_config_fixture_is_used():
-    assert TINY_MODEL_CFG["embedding_dim"] == 8
-
-
-def test_spec_mismatch_is_a_clear_error(spec, model_cfg, tmp_path):
+def test_spec_mismatch_is_a_clear_error(spec, model_cfg, tmp_path, make_examples):
     model = build_model(spec, model_cfg, seed=0)
     reordered = FeatureSpec(
         user_dense=spec.user_dense,
@@ -227,7 +222,7 @@ def test_tables_are_keyed_by_feature_name(spec, model_cfg):
         assert any(k.startswith(f"mix_tower.heads.{label}.") for k in keys)
 
 
-def test_prior_init_only_for_a_fresh_model(spec, model_cfg, tmp_path):
+def test_prior_init_only_for_a_fresh_model(spec, model_cfg, tmp_path, make_examples):
     model = build_model(spec, model_cfg, seed=0)
     model.mix_tower.init_task_priors(torch.tensor([0.2, 0.05]))
     biases = [h[-1].bias.item() for h in model.mix_tower.heads.values()]
