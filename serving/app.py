@@ -532,10 +532,14 @@ def build_app(
     settings = app_settings(params, params_file)
     user_config = compute_user_config(params, snapshot_dir, snapshot_id, params_file)
     max_inflight = settings["max_inflight_compute"]
-    compute = ComputeCenter.options(
+    # Pinned code versions go through Deployment.options(version=..., _internal=True): the public
+    # `version` option was removed from Ray Serve, and without it every deploy replaces every replica.
+    compute = ComputeCenter.options(  # type: ignore[attr-defined]
         user_config=user_config,
         # Room for every in-flight compute call of the ingress plus /version calls.
         max_ongoing_requests=max_inflight + 16,
     ).options(version=code_version("compute", settings), _internal=True)
-    ingress = SoapIngress.options(version=code_version("ingress", settings), _internal=True)
+    ingress = SoapIngress.options(  # type: ignore[attr-defined]
+        version=code_version("ingress", settings), _internal=True
+    )
     return ingress.bind(compute.bind(settings), settings)

@@ -103,7 +103,7 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
         _connect_ray(cfg.ray_address, num_cpus)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     host, port = _serve_http_address()
-    if host is not None and (str(host), int(port)) != (str(cfg.host), int(cfg.port)):
+    if host is not None and port is not None and (str(host), int(port)) != (str(cfg.host), int(cfg.port)):
         raise RuntimeError(
             f"Ray Serve on this cluster already listens on {host}:{port}, params ask for "
             f"{cfg.host}:{cfg.port}; HTTP options cannot change while Serve runs (serve.shutdown() first)"
@@ -116,7 +116,7 @@ def _serve_http_address() -> tuple[str | None, int | None]:
     try:
         from ray.serve.context import _get_global_client
 
-        http = _get_global_client().http_config
+        http = _get_global_client().http_config  # type: ignore[union-attr]
         return http.host, http.port
     except Exception:  # private API: only a sanity check, never fatal
         return None, None

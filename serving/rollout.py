@@ -170,7 +170,9 @@ def _wait_running(params: "Params", timeout_s: float) -> None:
 
 
 def _serves(body: dict | None, snapshot_id: str, fingerprint: str | None) -> bool:
-    return bool(body) and body.get("snapshot_id") == snapshot_id and body.get("fingerprint") == fingerprint
+    if not body:
+        return False
+    return body.get("snapshot_id") == snapshot_id and body.get("fingerprint") == fingerprint
 
 
 def _await_served(
