@@ -23,6 +23,7 @@ TEST_PORT = int(os.environ.get("SUM_TEST_PORT", "8765"))
 def _write_test_params() -> Path:
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["serving"]["port"] = TEST_PORT
+    params["serving"]["ray_address"] = "local"  # never attach to a developer's running cluster
     params["paths"] = {"workspace": "workspace", "dvc_remote": "dvc-remote"}
     path = SESSION_DIR / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -31,6 +32,7 @@ def _write_test_params() -> Path:
 
 os.environ["SUM_PARAMS"] = str(_write_test_params())
 os.environ["SUM_WORKSPACE"] = str(SESSION_DIR / "workspace")
+os.environ["SUM_TEST_PORT"] = str(TEST_PORT)
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -55,12 +57,15 @@ def airflow_db() -> Path:
 @pytest.fixture(scope="session")
 def ray_serve():
     """One local Ray instance with Serve for the whole session, shut down at the end."""
+    import time
+
     from serving.ray_cluster import ensure_ray, shutdown
     from sum_platform.config import load_params
 
-    ensure_ray(load_params())
-    yield
-    shutdown()
+    t0 = time.monotonic()
+    info = ensure_ray(load_params())
+    yield info | {"seconds": time.monotonic() - t0}
+    shutdown(stop_serve=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

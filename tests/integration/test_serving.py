@@ -7,7 +7,7 @@ in-process launcher test is not ``slow``.
 
 from __future__ import annotations
 
-import socket
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -28,12 +28,6 @@ UNKNOWN_USER = 999_999
 TIMINGS: dict[str, float] = {}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _poll(fn, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     last = None
@@ -45,7 +39,7 @@ def _poll(fn, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = "con
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def soap_env(tmp_path_factory):
     """Tmp params (free port, local Ray, tiny model) + workspace with features and three snapshots."""
     from sum_platform.config import PROJECT_ROOT
@@ -55,7 +49,8 @@ def soap_env(tmp_path_factory):
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     raw["paths"]["workspace"] = str(workspace)
     raw["model"].update({"num_embeddings": K, "embedding_dim": D, "hidden_dim": 16, "mix_hidden_dim": 8})
-    raw["serving"].update({"port": _free_port(), "ray_address": "local", "max_inflight_compute": 16})
+    # The session's one Ray instance serves HTTP on the session's port (tests/conftest.py).
+    raw["serving"].update({"port": int(os.environ["SUM_TEST_PORT"]), "ray_address": "local", "max_inflight_compute": 16})
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
 
@@ -96,28 +91,22 @@ def soap_env(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="session")
-def serve_session(soap_env):
-    """One local Ray (2 CPUs) + Serve for the session; shut down afterwards."""
-    from serving.ray_cluster import ensure_ray, shutdown
-
-    t0 = time.monotonic()
-    info = ensure_ray(soap_env["params"])
-    TIMINGS["ray_and_serve_start_s"] = time.monotonic() - t0
-    assert info["started_local"] is True
-    yield info
-    shutdown(stop_serve=True)
+@pytest.fixture(scope="module")
+def serve_session(soap_env, ray_serve):
+    """The session's Ray + Serve (tests/conftest.py), timed on first use."""
+    TIMINGS["ray_and_serve_start_s"] = ray_serve["seconds"]
+    yield ray_serve
     print(f"\nserving timings: {TIMINGS}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def url(soap_env) -> str:
     from serving.rollout import base_url
 
     return base_url(soap_env["params"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def deployed_a(soap_env, serve_session):
     """Initial (daily-batch-like) embedding rows, then the app deployed with snapshot A."""
     from serving.rollout import rollout, served_snapshot_id
