@@ -135,7 +135,9 @@ def export_snapshot(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        meta = {"snapshot_id": str(snapshot_id), "format_version": str(FORMAT_VERSION)}
+        # One metadata key: safetensors writes a multi-key dict in hash order, which varies between
+        # processes and would make identical weights differ byte for byte (and so in DVC and checksums).
+        meta = {"sum": json.dumps({"format_version": str(FORMAT_VERSION), "snapshot_id": str(snapshot_id)}, sort_keys=True)}
         save_file(_tensors(model.user_tower.state_dict()), str(tmp / USER_TOWER_FILE), metadata=meta)
         save_file(_tensors(model.state_dict()), str(tmp / MODEL_FILE), metadata=meta)
         _write_json(tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "model": cfg})

@@ -60,6 +60,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
+    optimizer: str = "adam"
     batch_size: int = 512
     epochs: int = 2
     learning_rate: float = 2e-3

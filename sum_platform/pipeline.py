@@ -205,7 +205,9 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
         log.warning("fault injection %r: exporting re-initialised weights", candidate_fault)
         model = build_model(spec, ctx.params.model, seed=ctx.params.seed + 1_000_003)
     extra = {"ds": ds, "parent_id": parent_id, "params_digest": ctx.params.digest(), "fault": candidate_fault}
-    export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id), snapshot_id, extra)
+    snap_dir = export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id),
+                               snapshot_id, extra)
+    weights_sha256 = {k: v for k, v in read_json(snap_dir / "manifest.json")["sha256"].items() if k.endswith(".safetensors")}
     data_version = read_json(ctx.ws.run_dir(ds) / "data_version.json")["versions"]
     validation = read_json(ctx.ws.run_dir(ds) / "validation.json")
     train = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
@@ -215,6 +217,7 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
         "params_digest": ctx.params.digest(),
         "train": train,
         "warm_start": warm,
+        "weights_sha256": weights_sha256,
         "fault": candidate_fault,
         "torch_threads": torch.get_num_threads(),
     }
@@ -252,7 +255,7 @@ def evaluate(ds: str) -> dict[str, Any]:
     if prod and prod.snapshot_id != snapshot_id:
         production, _ = load_model(ctx.ws.snapshot_dir(prod.snapshot_id))
         try:
-            result["production_ne"] = evaluate_ne(production, holdout, spec)
+            result["production_ne"] = evaluate_ne(production, holdout, production.spec)
         except RuntimeError as err:  # input layers changed since production was trained
             log.warning("production snapshot cannot score today's inputs: %s", err)
         result["production_id"] = prod.snapshot_id
@@ -281,28 +284,28 @@ def probe_user_frame(ds: str, ctx: Context):
 def shift_gate(ds: str) -> dict[str, Any]:
     """Judges the candidate (validation.gate) and records the verdict in the registry."""
     from sum_models.snapshot import embed_users, load_user_tower
-    from sum_platform.feature_store import feature_spec, get_store
     from validation.gate import judge
 
     ctx = context()
     snapshot_id = snapshot_id_for(ds)
-    spec = feature_spec(ctx.params, get_store(ctx.params))
     probe = probe_user_frame(ds, ctx)
     tower, _ = load_user_tower(ctx.ws.snapshot_dir(snapshot_id))
-    candidate = embed_users(tower, probe, spec)
+    # Each tower reads the inputs it was built for (a feature added today is new to production).
+    candidate = embed_users(tower, probe, tower.spec)
     evaluation = read_json(ctx.ws.run_dir(ds) / "evaluation.json")
     prod = ctx.registry.production()
     production = baseline = None
     if prod and prod.snapshot_id != snapshot_id:
         baseline = prod.snapshot_id
         prod_tower, _ = load_user_tower(ctx.ws.snapshot_dir(baseline))
-        production = embed_users(prod_tower, probe, spec)
+        production = embed_users(prod_tower, probe, prod_tower.spec)
     elif prod and prod.snapshot_id == snapshot_id:
         # A rerun after promotion: judge against the snapshot it replaced, as the first run did.
         previous = ctx.registry.get(snapshot_id).parent_id
         if previous:
             baseline = previous
-            production = embed_users(load_user_tower(ctx.ws.snapshot_dir(previous))[0], probe, spec)
+            prev_tower, _ = load_user_tower(ctx.ws.snapshot_dir(previous))
+            production = embed_users(prev_tower, probe, prev_tower.spec)
     verdict = judge(candidate, production, evaluation["ne"], ctx.params.gate, baseline)
     payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe)}
     write_json(ctx.ws.run_dir(ds) / "gate.json", payload)
@@ -342,7 +345,7 @@ def materialize_embeddings(ds: str) -> dict[str, Any]:
 
     from serving.store_io import write_embeddings
     from sum_models.snapshot import embed_users, load_user_tower
-    from sum_platform.feature_store import apply_definitions, feature_spec
+    from sum_platform.feature_store import apply_definitions
     from sum_platform.simulate import write_frame
 
     ctx = context()
@@ -350,10 +353,9 @@ def materialize_embeddings(ds: str) -> dict[str, Any]:
     if prod is None:
         raise RuntimeError("no production snapshot to materialize")
     store = apply_definitions(ctx.params)
-    spec = feature_spec(ctx.params, store)
     users = pd.read_parquet(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
     tower, _ = load_user_tower(ctx.ws.snapshot_dir(prod.snapshot_id))
-    emb = embed_users(tower, users, spec)
+    emb = embed_users(tower, users, tower.spec)
     written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
     offline = pd.DataFrame({"user_id": users["user_id"].to_numpy()})
     for k in range(emb.shape[1]):
