@@ -36,8 +36,8 @@ def _ds() -> str:
         "candidate_fault": Param(
             None,
             type=["null", "string"],
-            enum=[None, "reinit"],
-            description="Fault injection for gate drills: 'reinit' exports re-initialised weights.",
+            enum=[None, "reinit", "perturb", "explode_lr", "nan"],
+            description="Gate drill: reinit | perturb | explode_lr | nan corrupts the day's candidate on purpose.",
         ),
     },
     tags=["sum", "training", "serving"],

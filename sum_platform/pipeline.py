@@ -23,8 +23,10 @@ from sum_platform.workspace import Workspace, ds_str, snapshot_id_for
 
 log = logging.getLogger(__name__)
 
-#: Fault injections for exercising the gate (DAG param ``candidate_fault``); never set in normal runs.
-CANDIDATE_FAULTS = ("reinit",)
+#: Fault injections for gate drills and the soak (DAG param ``candidate_fault``); never set in normal runs.
+#: reinit: export re-initialised weights; perturb: add noise as large as each weight tensor's spread;
+#: explode_lr: train with a learning rate 1000x the configured one; nan: poison one weight with NaN.
+CANDIDATE_FAULTS = ("reinit", "perturb", "explode_lr", "nan")
 
 
 @dataclass(frozen=True)
@@ -198,12 +200,15 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
     if parent_id:
         parent, _ = load_model(ctx.ws.snapshot_dir(parent_id))
         warm = warm_start(model, parent.state_dict())
-    stats = train_model(model, train_df, spec, ctx.params.train, seed=ctx.params.seed)
+    if candidate_fault and candidate_fault not in CANDIDATE_FAULTS:
+        raise ValueError(f"unknown candidate_fault {candidate_fault!r}; known: {CANDIDATE_FAULTS}")
+    train_cfg = ctx.params.train
+    if candidate_fault == "explode_lr":
+        train_cfg = train_cfg.model_copy(update={"learning_rate": train_cfg.learning_rate * 1000})
+    stats = train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
     if candidate_fault:
-        if candidate_fault not in CANDIDATE_FAULTS:
-            raise ValueError(f"unknown candidate_fault {candidate_fault!r}; known: {CANDIDATE_FAULTS}")
-        log.warning("fault injection %r: exporting re-initialised weights", candidate_fault)
-        model = build_model(spec, ctx.params.model, seed=ctx.params.seed + 1_000_003)
+        log.warning("fault injection %r on the candidate of %s", candidate_fault, ds)
+        model = inject_fault(model, candidate_fault, lambda: build_model(spec, ctx.params.model, seed=ctx.params.seed + 1_000_003))
     extra = {"ds": ds, "parent_id": parent_id, "params_digest": ctx.params.digest(), "fault": candidate_fault}
     snap_dir = export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id),
                                snapshot_id, extra)
@@ -223,6 +228,23 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
     }
     ctx.registry.register_candidate(snapshot_id, ds, parent_id, record)
     return {"snapshot_id": snapshot_id, "parent_id": parent_id, "train": train, "warm_start": warm}
+
+
+def inject_fault(model, fault: str, fresh_model):
+    """Applies a candidate fault after training (see :data:`CANDIDATE_FAULTS`); returns the model to export."""
+    import torch
+
+    if fault == "reinit":
+        return fresh_model()
+    with torch.no_grad():
+        if fault == "perturb":
+            gen = torch.Generator().manual_seed(1_000_003)
+            for p in model.parameters():
+                if p.numel() > 1:
+                    p.add_(torch.randn(p.shape, generator=gen) * p.std().clamp_min(1e-3))
+        elif fault == "nan":
+            next(iter(model.user_tower.parameters())).view(-1)[0] = float("nan")
+    return model
 
 
 def warm_start(model, parent_state: dict) -> dict[str, Any]:
