@@ -96,7 +96,7 @@ def sum_daily():
         ctx = get_current_context()
         lines = [f"**{verdict['snapshot_id']}: {verdict['verdict'].upper()}**", "", "| check | value | threshold | ok |",
                  "|---|---|---|---|"]
-        lines += [f"| {c['name']} | {c['value']:.4g} | {c['op']} {c['threshold']:.4g} | {'yes' if c['passed'] else 'NO'} |"
+        lines += [f"| {c['name']} | {'-' if c['value'] is None else format(c['value'], '.4g')} | {c['op']} {c['threshold']:.4g} | {'yes' if c['passed'] else 'NO'} |"
                   for c in verdict["checks"]]
         lines += [""] + [f"- {r}" for r in verdict["reasons"]]
         ctx["ti"].xcom_push(key="verdict", value=verdict)

@@ -73,6 +73,9 @@ class GateConfig(_Section):
     min_mean_cosine: float | None = None
     max_relative_l2_change: float | None = None
     max_ne: float | None = None
+    min_mean_cosine_pooled: float | None = None
+    max_relative_l2_change_pooled: float | None = None
+    max_ne_regression: float | None = None
     min_embedding_std: float = 1e-4
 
 

@@ -262,6 +262,19 @@ def warm_start(model, parent_state: dict) -> dict[str, Any]:
     return {"loaded": len(loadable), "skipped": skipped}
 
 
+def baseline_history(snapshot_id: str, ctx: Context) -> list[str]:
+    """Snapshots a candidate is judged against, newest first: production, then the ones before it.
+
+    On a rerun of a date whose snapshot was already promoted, the history starts at the snapshot it
+    replaced (its parent), so the rerun is judged exactly as the first run was.
+    """
+    history = [r.snapshot_id for r in ctx.registry.promoted_history() if r.snapshot_id != snapshot_id]
+    own = ctx.registry.get(snapshot_id)
+    if own is not None and own.stage in ("production", "retired"):
+        history = history[history.index(own.parent_id):] if own.parent_id in history else []
+    return history
+
+
 def evaluate(ds: str) -> dict[str, Any]:
     """NE (eq. 9) of the candidate and of the production snapshot on the day's holdout."""
     from sum_models.snapshot import load_model
@@ -271,16 +284,20 @@ def evaluate(ds: str) -> dict[str, Any]:
     snapshot_id = snapshot_id_for(ds)
     _, holdout, spec = training_frame(ds, ctx)
     candidate, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))
-    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout),
-                              "ne": evaluate_ne(candidate, holdout, spec)}
-    prod = ctx.registry.production()
-    if prod and prod.snapshot_id != snapshot_id:
-        production, _ = load_model(ctx.ws.snapshot_dir(prod.snapshot_id))
+    try:
+        ne = evaluate_ne(candidate, holdout, spec)
+    except ValueError as err:  # non-finite predictions: a verdict for the gate, not a crash
+        log.warning("candidate %s cannot be scored: %s", snapshot_id, err)
+        ne = {task: None for task in spec.labels}
+    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout), "ne": ne}
+    history = baseline_history(snapshot_id, ctx)
+    if history:
+        production, _ = load_model(ctx.ws.snapshot_dir(history[0]))
         try:
             result["production_ne"] = evaluate_ne(production, holdout, production.spec)
         except RuntimeError as err:  # input layers changed since production was trained
             log.warning("production snapshot cannot score today's inputs: %s", err)
-        result["production_id"] = prod.snapshot_id
+        result["production_id"] = history[0]
     write_json(ctx.ws.run_dir(ds) / "evaluation.json", result)
     ctx.registry.update_record(snapshot_id, {"evaluation": result})
     return result
@@ -304,32 +321,38 @@ def probe_user_frame(ds: str, ctx: Context):
 
 
 def shift_gate(ds: str) -> dict[str, Any]:
-    """Judges the candidate (validation.gate) and records the verdict in the registry."""
-    from sum_models.snapshot import embed_users, load_user_tower
+    """Judges the candidate (validation.gate) and records the verdict in the registry.
+
+    The baseline is the production snapshot (on a rerun after promotion: the snapshot it replaced);
+    the versions before it feed the average-pooled comparison.
+    """
+    import torch
+
+    from sum_models.snapshot import embed_users, load_model, load_user_tower
     from validation.gate import judge
 
     ctx = context()
     snapshot_id = snapshot_id_for(ds)
     probe = probe_user_frame(ds, ctx)
+    model, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))
+    weights_finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
     tower, _ = load_user_tower(ctx.ws.snapshot_dir(snapshot_id))
     # Each tower reads the inputs it was built for (a feature added today is new to production).
     candidate = embed_users(tower, probe, tower.spec)
     evaluation = read_json(ctx.ws.run_dir(ds) / "evaluation.json")
-    prod = ctx.registry.production()
-    production = baseline = None
-    if prod and prod.snapshot_id != snapshot_id:
-        baseline = prod.snapshot_id
-        prod_tower, _ = load_user_tower(ctx.ws.snapshot_dir(baseline))
-        production = embed_users(prod_tower, probe, prod_tower.spec)
-    elif prod and prod.snapshot_id == snapshot_id:
-        # A rerun after promotion: judge against the snapshot it replaced, as the first run did.
-        previous = ctx.registry.get(snapshot_id).parent_id
-        if previous:
-            baseline = previous
-            prev_tower, _ = load_user_tower(ctx.ws.snapshot_dir(previous))
-            production = embed_users(prev_tower, probe, prev_tower.spec)
-    verdict = judge(candidate, production, evaluation["ne"], ctx.params.gate, baseline)
-    payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe)}
+    history = baseline_history(snapshot_id, ctx)
+    embeddings = []
+    for sid in history[:3]:
+        old_tower, _ = load_user_tower(ctx.ws.snapshot_dir(sid))
+        embeddings.append(embed_users(old_tower, probe, old_tower.spec))
+    baseline = history[0] if history else None
+    production_ne = evaluation.get("production_ne") if evaluation.get("production_id") == baseline else None
+    verdict = judge(
+        candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
+        history=embeddings[1:], production_ne=production_ne, weights_finite=weights_finite,
+    )
+    payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe),
+                                   "thresholds": ctx.params.gate.model_dump()}
     write_json(ctx.ws.run_dir(ds) / "gate.json", payload)
     ctx.registry.record_verdict(snapshot_id, verdict.blessed, payload)
     log.info("gate verdict for %s: %s; %s", snapshot_id, verdict.label, "; ".join(verdict.reasons) or "all checks passed")

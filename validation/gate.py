@@ -6,7 +6,10 @@ Checks, each recorded with its value and threshold:
       task at most ``max_ne``;
     * relative (when a production snapshot exists): per embedding, mean cosine similarity with production
       on the probe users at least ``min_mean_cosine`` and relative L2-norm change at most
-      ``max_relative_l2_change``.
+      ``max_relative_l2_change``; the same two numbers after average pooling with the previous versions
+      (what serving actually hands downstream, paper 5.2 and Table 3) against ``*_pooled`` thresholds;
+      NE of each task on the day's holdout no worse than production's by more than ``max_ne_regression``;
+    * weights finite (a NaN anywhere in the candidate is held even if the probe outputs look fine).
 A gate with no thresholds configured refuses to bless anything.
 """
 
@@ -23,7 +26,7 @@ from sum_platform.config import GateConfig
 @dataclass(frozen=True)
 class Check:
     name: str
-    value: float
+    value: float | None
     threshold: float
     op: str  # "<=" or ">="
     passed: bool
@@ -49,9 +52,12 @@ class Verdict:
         return d
 
 
-def _check(name: str, value: float, threshold: float, op: str) -> Check:
-    ok = bool(np.isfinite(value)) and (value <= threshold if op == "<=" else value >= threshold)
-    return Check(name, float(value), float(threshold), op, ok)
+def _check(name: str, value: float | None, threshold: float, op: str) -> Check:
+    """A threshold check; an undefined or non-finite value fails (and is stored as None, valid JSON)."""
+    if value is None or not np.isfinite(value):
+        return Check(name, None, float(threshold), op, False)
+    ok = value <= threshold if op == "<=" else value >= threshold
+    return Check(name, float(value), float(threshold), op, bool(ok))
 
 
 def judge(
@@ -60,6 +66,10 @@ def judge(
     ne: dict[str, float],
     cfg: GateConfig,
     baseline_snapshot_id: str | None = None,
+    *,
+    history: list[np.ndarray] | None = None,
+    production_ne: dict[str, float] | None = None,
+    weights_finite: bool = True,
 ) -> Verdict:
     """Judges a candidate snapshot.
 
@@ -69,18 +79,25 @@ def judge(
         ne: Normalized Entropy of the candidate per task on the day's holdout.
         cfg: Gate thresholds from ``params.yaml``.
         baseline_snapshot_id: Id of the production snapshot compared against.
+        history: Embeddings of the same users by the snapshots before production, newest first
+            (up to two are used for average pooling).
+        production_ne: Production's NE on the same holdout (for the non-regression check).
+        weights_finite: Whether every candidate weight is finite.
 
     Returns:
         The :class:`Verdict`; ``blessed`` only when every check passed.
     """
-    from sum_models.shift import shift_metrics
+    from sum_models.shift import average_pool, shift_metrics
 
     verdict = Verdict(blessed=False, baseline_snapshot_id=baseline_snapshot_id if production is not None else None)
-    relative_configured = cfg.min_mean_cosine is not None and cfg.max_relative_l2_change is not None
-    if cfg.max_ne is None or not relative_configured:
-        verdict.reasons.append("gate thresholds are not configured (gate.max_ne, gate.min_mean_cosine, "
-                               "gate.max_relative_l2_change): refusing to bless")
+    required = ("max_ne", "min_mean_cosine", "max_relative_l2_change", "min_mean_cosine_pooled",
+                "max_relative_l2_change_pooled", "max_ne_regression")
+    missing = [name for name in required if getattr(cfg, name) is None]
+    if missing:
+        verdict.reasons.append(f"gate thresholds are not configured ({', '.join('gate.' + m for m in missing)}): "
+                               "refusing to bless")
         return verdict
+    verdict.checks.append(Check("weights_finite", float(weights_finite), 1.0, ">=", bool(weights_finite)))
 
     cand = candidate.astype(np.float64)
     finite = bool(np.isfinite(cand).all())
@@ -89,20 +106,41 @@ def judge(
         for k in range(cand.shape[1]):
             spread = float(cand[:, k, :].std(axis=0).mean())
             verdict.checks.append(_check(f"embedding_{k}.std_across_users", spread, cfg.min_embedding_std, ">="))
+    else:
+        verdict.reasons.append("candidate embeddings are not finite: shift not measured")
     for task, value in sorted(ne.items()):
         verdict.checks.append(_check(f"ne.{task}", value, cfg.max_ne, "<="))
 
     if production is not None and finite:
         verdict.shift = shift_metrics(candidate, production)
-        for k, m in enumerate(verdict.shift):
+        # Pooled: what serving hands downstream after this promotion vs what it hands now (paper 5.2).
+        older = list(history or [])[:2]
+        pooled = shift_metrics(average_pool([candidate, production, *older[:1]]), average_pool([production, *older]))
+        for k, (m, mp) in enumerate(zip(verdict.shift, pooled)):
+            m["pooled_mean_cosine"] = mp["mean_cosine"]
+            m["pooled_relative_l2_change"] = mp["relative_l2_change"]
             verdict.checks.append(_check(f"embedding_{k}.mean_cosine", m["mean_cosine"], cfg.min_mean_cosine, ">="))
             verdict.checks.append(
                 _check(f"embedding_{k}.relative_l2_change", m["relative_l2_change"], cfg.max_relative_l2_change, "<=")
             )
+            verdict.checks.append(
+                _check(f"embedding_{k}.pooled_mean_cosine", mp["mean_cosine"], cfg.min_mean_cosine_pooled, ">=")
+            )
+            verdict.checks.append(_check(f"embedding_{k}.pooled_relative_l2_change", mp["relative_l2_change"],
+                                         cfg.max_relative_l2_change_pooled, "<="))
+    if production_ne:
+        for task, value in sorted(ne.items()):
+            if task in production_ne:
+                base = production_ne[task]
+                delta = None if value is None or base is None else value - base
+                verdict.checks.append(_check(f"ne_regression.{task}", delta, cfg.max_ne_regression, "<="))
     elif production is None:
         verdict.reasons.append("first snapshot: no baseline, absolute checks only")
 
     failed = [c for c in verdict.checks if not c.passed]
-    verdict.reasons.extend(f"{c.name} = {c.value:.4g}, needs {c.op} {c.threshold:.4g}" for c in failed)
+    verdict.reasons.extend(
+        f"{c.name} = {'undefined' if c.value is None else format(c.value, '.4g')}, needs {c.op} {c.threshold:.4g}"
+        for c in failed
+    )
     verdict.blessed = not failed
     return verdict

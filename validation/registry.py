@@ -124,6 +124,14 @@ class Registry:
         with self._tx() as db:
             return self._row(db.execute("SELECT * FROM snapshots WHERE stage = 'production'").fetchone())
 
+    def promoted_history(self) -> list[SnapshotRecord]:
+        """Every snapshot that has been production, most recently promoted first."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM snapshots WHERE promoted_at IS NOT NULL ORDER BY promoted_at DESC, updated_at DESC"
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
     def list(self) -> list[SnapshotRecord]:
         with self._tx() as db:
             rows = db.execute("SELECT * FROM snapshots ORDER BY ds, snapshot_id").fetchall()

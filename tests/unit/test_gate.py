@@ -6,7 +6,8 @@ import pytest
 from sum_platform.config import GateConfig
 from validation.gate import judge
 
-CFG = GateConfig(probe_users=64, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4)
+CFG = GateConfig(probe_users=64, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4,
+                 min_mean_cosine_pooled=0.9, max_relative_l2_change_pooled=0.2, max_ne_regression=0.01)
 NE_OK = {"click": 0.8, "conversion": 0.9}
 
 
@@ -64,3 +65,40 @@ def test_ne_above_threshold_is_held(production):
 def test_no_thresholds_configured_refuses_to_bless(production):
     v = judge(production, None, NE_OK, GateConfig())
     assert not v.blessed and "not configured" in v.reasons[0]
+
+
+def test_nan_candidate_is_held_without_crashing(production):
+    cand = production.copy()
+    cand[:, 0, :] = np.nan
+    v = judge(cand, production, {"click": None, "conversion": None}, CFG, "sum-prev",
+              production_ne=NE_OK, weights_finite=False)
+    assert not v.blessed
+    names = {c.name for c in v.checks if not c.passed}
+    assert {"weights_finite", "embeddings_finite", "ne.click", "ne_regression.click"} <= names
+    assert all(c.value is None for c in v.checks if c.name.startswith("ne"))
+
+
+def test_ne_regression_against_production_is_held(production):
+    v = judge(production, production, {"click": 0.85, "conversion": 0.9}, CFG, "sum-prev",
+              production_ne={"click": 0.80, "conversion": 0.9})
+    assert not v.blessed
+    assert [r for r in v.reasons if r.startswith("ne_regression.click")]
+    assert not [r for r in v.reasons if r.startswith("ne_regression.conversion")]
+
+
+def test_pooled_shift_is_measured_against_the_pooled_production(production):
+    rng = np.random.default_rng(3)
+    older = [production + rng.normal(scale=0.1, size=production.shape) for _ in range(2)]
+    cand = production + rng.normal(scale=0.3, size=production.shape)
+    v = judge(cand, production, NE_OK, CFG, "sum-prev", history=older)
+    for m in v.shift:
+        # Pooling over three versions damps the change (paper Table 3).
+        assert m["pooled_mean_cosine"] > m["mean_cosine"]
+        assert m["pooled_relative_l2_change"] < m["relative_l2_change"] + 1e-9
+    assert any(c.name == "embedding_1.pooled_mean_cosine" for c in v.checks)
+
+
+def test_a_missing_threshold_is_named_in_the_refusal(production):
+    cfg = CFG.model_copy(update={"max_ne_regression": None})
+    v = judge(production, None, NE_OK, cfg)
+    assert not v.blessed and "gate.max_ne_regression" in v.reasons[0]
