@@ -212,6 +212,43 @@ def ui(
     subprocess.run([str(Path(sys.executable).with_name("airflow")), "standalone"], check=False)
 
 
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why; recorded in the registry's audit log.")],
+    to: Annotated[Optional[str], typer.Option(help="Snapshot to return to (default: the previous production).")] = None,
+    actor: Annotated[str, typer.Option(help="Who; defaults to $USER.")] = "",
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Makes the previous production snapshot current again and re-rolls a running serving app."""
+    _setup(workspace, params)
+    from sum_platform.pipeline import rollback_production
+
+    out = rollback_production(actor or os.environ.get("USER", "operator"), reason, to=to)
+    console.print_json(data=out)
+
+
+@app.command()
+def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Serves the production snapshot (Ray Serve on serving.host:port) until Ctrl-C."""
+    p, ws = _setup(workspace, params)
+    from serving.ray_cluster import ensure_ray, shutdown
+    from serving.rollout import rollout as serve_rollout
+    from validation.registry import Registry
+
+    prod = Registry(ws.registry_db).production()
+    if prod is None:
+        raise typer.BadParameter(f"no production snapshot in {ws.root}: run `sumctl run` first")
+    ensure_ray(p)
+    serve_rollout(p, ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id)
+    console.print(f"serving {prod.snapshot_id} on http://{p.serving.host}:{p.serving.port} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown(stop_serve=True)
+
+
 def main() -> None:  # pragma: no cover - console entry
     logging.basicConfig(level=logging.INFO)
     app()

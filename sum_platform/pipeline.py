@@ -449,3 +449,45 @@ def verify_serving(ds: str) -> dict[str, Any]:
         raise RuntimeError(f"GET {url} -> {resp.status_code}: {resp.text[:300]}")
     body = resp.json()
     return {"ds": ds, "served_snapshot_id": served, "probe_user": user_id, "user_snapshot_id": body.get("snapshot_id")}
+
+
+# ---------------------------------------------------------------------------------------------
+# operator actions
+# ---------------------------------------------------------------------------------------------
+def rollback_production(actor: str, reason: str, to: str | None = None, reroll: bool = True) -> dict[str, Any]:
+    """Makes the previous production snapshot (or ``to``) current again and re-rolls serving.
+
+    Args:
+        actor: Who rolls back (recorded).
+        reason: Why (recorded).
+        to: A snapshot that was production before; defaults to the one promoted before the current.
+        reroll: Move a running serving app to it (skipped with a note when no serving app answers).
+
+    Returns:
+        What changed: from, to, the GTO tag and the serving outcome.
+    """
+    from serving.rollout import served_snapshot_id
+
+    ctx = context()
+    history = ctx.registry.promoted_history()
+    if not history or history[0].stage != "production":
+        raise RuntimeError("nothing is in production: nothing to roll back")
+    current = history[0].snapshot_id
+    candidates = [r.snapshot_id for r in history[1:] if r.snapshot_id != current]
+    target = to or (candidates[0] if candidates else None)
+    if target is None:
+        raise RuntimeError(f"{current} is the only snapshot ever promoted: nothing to roll back to")
+    if target not in candidates:
+        raise RuntimeError(f"{target} was never production before {current}; rollback targets: {candidates}")
+    promoted = promote_snapshot(ctx, target, actor=actor, reason=f"rollback from {current}: {reason}", force=True)
+    out: dict[str, Any] = {"from": current, "to": target, "tag": promoted["tag"], "serving": "not running"}
+    if reroll and served_snapshot_id(ctx.params, timeout_s=3) is not None:
+        from serving.ray_cluster import ensure_ray
+        from serving.rollout import rollout as serve_rollout
+
+        ensure_ray(ctx.params)
+        result = serve_rollout(ctx.params, ctx.ws.snapshot_dir(target), target,
+                               previous=(ctx.ws.snapshot_dir(current), current))
+        out["serving"] = result
+    ctx.registry.update_record(target, {"rollback": out | {"actor": actor, "reason": reason}})
+    return out
