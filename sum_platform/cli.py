@@ -249,6 +249,48 @@ def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
         shutdown(stop_serve=True)
 
 
+@app.command()
+def soak(
+    days: Annotated[int, typer.Option("--days", "-n", min=3, help="How many consecutive dates.")] = 30,
+    start: Annotated[Optional[str], typer.Option(help="First date (default: simulator.start_date).")] = None,
+    fault_every: Annotated[int, typer.Option(help="A shifted candidate every N days.")] = 5,
+    corrupt_every: Annotated[int, typer.Option(help="A corrupted partition every N days.")] = 7,
+    report: Annotated[Optional[Path], typer.Option(help="Write the JSON report here.")] = None,
+    fresh: Annotated[bool, typer.Option(help="Start from an empty workspace and DVC remote.")] = True,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Runs a long simulated period with shifted candidates and corrupted partitions; scores the gate."""
+    p, ws = _setup(workspace, params)
+    if fresh:
+        shutil.rmtree(ws.root, ignore_errors=True)
+        if "://" not in p.dvc_remote:
+            shutil.rmtree(p.dvc_remote, ignore_errors=True)
+    from sum_platform import airflow_env
+
+    airflow_env.configure(ws.airflow_home)
+    from sum_platform.pipeline import CANDIDATE_FAULTS, write_json
+    from sum_platform.soak import plan, run_soak
+    from validation.corruptions import CATALOGUE
+
+    schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(CATALOGUE),
+                    fault_every=fault_every, corrupt_every=corrupt_every)
+    try:
+        result = run_soak(schedule, on_day=lambda d: console.print(
+            f"{d.ds} {d.kind:8} {d.detail:22} {d.state:8} verdict={d.verdict:8} promoted={d.promoted}"
+            + (f" caught={d.caught} rerun={d.rerun_state}" if d.kind == "corrupt" else "") + f" ({d.seconds:.0f}s)"))
+    finally:
+        from serving.ray_cluster import shutdown
+
+        shutdown()
+    summary = result.summary()
+    console.print_json(data=summary)
+    if report:
+        write_json(report, result.to_dict())
+    if not result.passed():
+        raise typer.Exit(code=1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     logging.basicConfig(level=logging.INFO)
     app()

@@ -1,0 +1,156 @@
+"""The soak: many simulated days through the real DAG with deliberate faults, and the gate's score.
+
+A plan mixes normal days, days whose candidate is deliberately shifted (``pipeline.CANDIDATE_FAULTS``)
+and days whose partition arrives corrupted (``validation.corruptions``). The promise it checks
+(issue 5): zero shifted candidates promoted, at least 95% of normal candidates promoted, every
+corrupted partition caught. A caught date is then fixed (the simulator redelivers it) and rerun, as an
+operator would, so the loop continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, timedelta
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SoakDay:
+    ds: str
+    kind: str  # "normal", "fault", "corrupt"
+    detail: str = ""
+    state: str = ""
+    verdict: str = "-"
+    promoted: bool = False
+    caught: bool | None = None
+    rerun_state: str | None = None
+    rerun_promoted: bool | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SoakReport:
+    days: list[SoakDay] = field(default_factory=list)
+
+    @property
+    def shifted(self) -> list[SoakDay]:
+        return [d for d in self.days if d.kind == "fault"]
+
+    @property
+    def normal_outcomes(self) -> list[bool]:
+        """Promotion outcome of every normal candidate (including a fixed date's rerun)."""
+        out = [d.promoted for d in self.days if d.kind == "normal"]
+        out += [bool(d.rerun_promoted) for d in self.days if d.kind == "corrupt" and d.rerun_state is not None]
+        return out
+
+    @property
+    def corrupted(self) -> list[SoakDay]:
+        return [d for d in self.days if d.kind == "corrupt"]
+
+    def summary(self) -> dict[str, Any]:
+        normal = self.normal_outcomes
+        return {
+            "days": len(self.days),
+            "shifted_candidates": len(self.shifted),
+            "shifted_promoted": sum(d.promoted for d in self.shifted),
+            "normal_candidates": len(normal),
+            "normal_promoted": sum(normal),
+            "normal_promotion_rate": (sum(normal) / len(normal)) if normal else None,
+            "corrupted_partitions": len(self.corrupted),
+            "corrupted_caught": sum(bool(d.caught) for d in self.corrupted),
+            "seconds": round(sum(d.seconds for d in self.days), 1),
+        }
+
+    def passed(self, min_normal_rate: float = 0.95) -> bool:
+        s = self.summary()
+        rate = s["normal_promotion_rate"]
+        return (s["shifted_promoted"] == 0 and (rate is None or rate >= min_normal_rate)
+                and s["corrupted_caught"] == s["corrupted_partitions"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "days": [asdict(d) for d in self.days]}
+
+
+def plan(days: int, start: str, faults: tuple[str, ...], corruptions: tuple[str, ...],
+         fault_every: int = 5, corrupt_every: int = 7) -> list[tuple[str, str, str]]:
+    """A deterministic schedule of ``(ds, kind, detail)``: the first two days are always normal.
+
+    Fault days fall on every ``fault_every``-th day from day 3, corrupted days on every
+    ``corrupt_every``-th day from day 4, cycling through the given fault and corruption kinds.
+    """
+    first = date.fromisoformat(start)
+    out, f, c = [], 0, 0
+    for i in range(days):
+        ds = (first + timedelta(days=i)).isoformat()
+        if i >= 2 and faults and (i - 2) % fault_every == 0:
+            out.append((ds, "fault", faults[f % len(faults)]))
+            f += 1
+        elif i >= 3 and corruptions and (i - 3) % corrupt_every == 0:
+            out.append((ds, "corrupt", corruptions[c % len(corruptions)]))
+            c += 1
+        else:
+            out.append((ds, "normal", ""))
+    return out
+
+
+def run_soak(schedule: list[tuple[str, str, str]], on_day: Callable[[SoakDay], None] | None = None) -> SoakReport:
+    """Runs the schedule through the real DAG (``dag.test()`` per date) in the configured workspace.
+
+    Airflow must be configured (``sum_platform.airflow_env.configure``) before this is called.
+    """
+    from sum_platform import airflow_env, pipeline
+    from sum_platform.workspace import snapshot_id_for
+
+    report = SoakReport()
+    ctx = pipeline.context()
+    for ds, kind, detail in schedule:
+        t0 = time.perf_counter()
+        day = SoakDay(ds=ds, kind=kind, detail=detail)
+        if kind == "corrupt":
+            deliver_corrupted(ds, detail)
+        result = airflow_env.run_date(ds, {"candidate_fault": detail} if kind == "fault" else {})
+        day.state = result.state
+        day.verdict = (result.xcoms.get("shift_gate.verdict") or {}).get("verdict", "-")
+        prod = ctx.registry.production()
+        day.promoted = bool(prod and prod.snapshot_id == snapshot_id_for(ds))
+        if kind == "corrupt":
+            day.caught = result.task_states.get("validate_data") == "failed" and not day.promoted
+            redeliver(ds)
+            rerun = airflow_env.run_date(ds)
+            prod = ctx.registry.production()
+            day.rerun_state = rerun.state
+            day.rerun_promoted = bool(prod and prod.snapshot_id == snapshot_id_for(ds))
+        day.seconds = time.perf_counter() - t0
+        report.days.append(day)
+        log.info("soak %s %s %s: %s, verdict %s, promoted %s", ds, kind, detail, day.state, day.verdict, day.promoted)
+        if on_day:
+            on_day(day)
+    return report
+
+
+def deliver_corrupted(ds: str, kind: str) -> None:
+    """Writes the day's partitions as the simulator would, then corrupts them (``validation.corruptions``)."""
+    from sum_platform import pipeline
+    from sum_platform.feature_store import user_feature_fields
+    from sum_platform.simulate import fields_from_feast, simulate_day, write_frame
+    from validation.corruptions import corrupt
+
+    ctx = pipeline.context()
+    events, users = simulate_day(ds, ctx.params, fields_from_feast(user_feature_fields(ctx.params)))
+    events, users = corrupt(kind, events, users, ds=ds, workspace=ctx.ws)
+    write_frame(events, ctx.ws.events_dir(ds))
+    write_frame(users, ctx.ws.users_dir(ds))
+
+
+def redeliver(ds: str) -> None:
+    """The fix: the upstream (here the simulator) delivers the day's partitions again, correct."""
+    from sum_platform import pipeline
+    from sum_platform.feature_store import user_feature_fields
+    from sum_platform.simulate import fields_from_feast, write_day
+
+    ctx = pipeline.context()
+    write_day(ds, ctx.params, ctx.ws, fields_from_feast(user_feature_fields(ctx.params)), overwrite=True)
