@@ -79,6 +79,25 @@ class GateConfig(_Section):
     min_embedding_std: float = 1e-4
 
 
+class ValidationConfig(_Section):
+    """Thresholds of the data gate's relative checks (validation/data_checks.py), against trailing days.
+
+    "Trailing days" are the previously *validated* partitions of the workspace (their profiles are kept
+    only for days that passed, so a bad day never becomes a baseline). With no such day the relative
+    checks are skipped, and the report says so.
+    """
+
+    trailing_days: int = Field(default=7, ge=1)   # validated days the row-count and label-rate checks use
+    row_count_min_ratio: float = 0.5               # rows / trailing median rows
+    row_count_max_ratio: float = 2.0
+    label_rate_max_relative_change: float = 0.3    # |label rate / trailing mean rate - 1|
+    drift_bins: int = Field(default=10, ge=2)      # quantile bins of the previous validated day
+    drift_max_kl: float = 0.1                      # KL(today || previous day) of a dense feature
+    sparse_length_max_kl: float = 0.1              # same, for the length of a sparse id list
+    max_out_of_range_id_share: float = 0.01        # share of id lists with an id >= hash size: warn up to, fail above
+    stuck_check_kinds: list[str] = Field(default_factory=lambda: ["events", "users"])
+
+
 class ServingConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -101,6 +120,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
+    validation: ValidationConfig = ValidationConfig()
     repro: ReproConfig = ReproConfig()
     # Directory of the params file; relative paths resolve against it.
     base_dir: Path = Field(default=PROJECT_ROOT, exclude=True)
