@@ -374,8 +374,10 @@ def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, fo
     record = ctx.registry.get(snapshot_id)
     if record is None:
         raise LookupError(f"unknown snapshot {snapshot_id!r}")
-    if record.stage != "candidate" and record.stage != "production" and not force:
-        raise RuntimeError(f"snapshot {snapshot_id} is {record.stage}; use --force with a reason to override")
+    blessed = bool((record.record.get("verdict") or {}).get("blessed"))
+    if not force and record.stage != "production" and not (record.stage == "candidate" and blessed):
+        state = record.stage if record.stage != "candidate" else "a candidate the gate has not blessed"
+        raise RuntimeError(f"snapshot {snapshot_id} is {state}; use --force with a reason to override")
     snap_dir = ctx.ws.snapshot_dir(snapshot_id)
     track_paths(ctx.ws.root, [snap_dir], f"snapshot: {snapshot_id}")
     tag = tag_promotion(ctx.ws.root, snapshot_id, f"promote {snapshot_id}: {reason}")

@@ -170,3 +170,21 @@ def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
     restored = restore_snapshot(ws.root, f"sum-{DAY2}", tmp_path / "restored")
     original = ws.snapshot_dir(f"sum-{DAY2}") / "user_tower.safetensors"
     assert (restored / "user_tower.safetensors").read_bytes() == original.read_bytes()
+
+
+def test_rollback_returns_the_previous_production_and_reroll_serving(runs):
+    """Last in this module: it changes production (the other tests read the state before it)."""
+    from serving.rollout import served_snapshot_id
+    from sum_platform import pipeline
+    from sum_platform.versioning import production_snapshot
+
+    ctx = runs["ctx"]
+    out = pipeline.rollback_production("operator-x", "bad downstream metrics")
+    assert (out["from"], out["to"]) == (f"sum-{DAY3}", f"sum-{DAY2}")
+    assert ctx.registry.production().snapshot_id == f"sum-{DAY2}"
+    assert ctx.registry.get(f"sum-{DAY3}").stage == "retired"
+    assert served_snapshot_id(ctx.params) == f"sum-{DAY2}"
+    assert production_snapshot(ctx.ws.root) == f"sum-{DAY2}"
+    last = ctx.registry.events(f"sum-{DAY2}")[-1]
+    assert last["action"] == "promote" and last["actor"] == "operator-x"
+    assert "rollback from" in last["detail"]["reason"]
