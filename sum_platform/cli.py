@@ -130,20 +130,35 @@ def days_table(rows: list[dict[str, Any]], k: int) -> Table:
 
 
 @app.command()
-def snapshots(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
-    """Lists every snapshot with its stage, parent, NE, shift and verdict."""
+def snapshots(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full lineage records as JSON.")] = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Lists every snapshot with its lineage: stage, parent, data version, params, NE, shift, verdict."""
     _, ws = _setup(workspace, params)
     from validation.registry import Registry
 
+    records = Registry(ws.registry_db).list()
+    if as_json:
+        console.print_json(data=[r.to_dict() for r in records])
+        return
     table = Table(title=f"Snapshots in {ws.root}")
-    for col in ("snapshot", "stage", "parent", "NE click", "verdict", "promoted at", "by", "tag"):
+    for col in ("snapshot", "stage", "parent", "data", "params", "NE click", "NE conv", "min cos", "max ΔL2",
+                "verdict", "promoted at", "by", "tag"):
         table.add_column(col)
-    for rec in Registry(ws.registry_db).list():
+    for rec in records:
         r = rec.record
+        verdict = r.get("verdict") or {}
+        shift = verdict.get("shift") or []
+        ne = (r.get("evaluation") or {}).get("ne") or {}
+        events = next((v for k, v in (r.get("data_version") or {}).items() if "events" in k), "")
         table.add_row(
-            rec.snapshot_id, rec.stage, rec.parent_id or "-",
-            _fmt((r.get("evaluation") or {}).get("ne", {}).get("click")),
-            (r.get("verdict") or {}).get("verdict", "-"), rec.promoted_at or "-", rec.promoted_by or "-", r.get("tag", "-"),
+            rec.snapshot_id, rec.stage, rec.parent_id or "-", events[:8] or "-", (r.get("params_digest") or "-")[:8],
+            _fmt(ne.get("click")), _fmt(ne.get("conversion")),
+            _fmt(min((m["mean_cosine"] for m in shift), default=None)),
+            _fmt(max((m["relative_l2_change"] for m in shift), default=None)),
+            verdict.get("verdict", "-"), rec.promoted_at or "-", rec.promoted_by or "-", r.get("tag", "-"),
         )
     console.print(table)
 

@@ -1,0 +1,42 @@
+"""sumctl commands that need no services: snapshots table, promote guard rails."""
+
+from typer.testing import CliRunner
+
+from sum_platform.cli import app
+from validation.registry import Registry
+
+runner = CliRunner()
+
+
+def _registry(ws):
+    reg = Registry(ws / "registry" / "registry.db")
+    reg.register_candidate("sum-2026-01-01", "2026-01-01", None, {
+        "data_version": {"data/events/ds=2026-01-01": "abcdef1234.dir"}, "params_digest": "0123456789abcdef",
+        "evaluation": {"ne": {"click": 0.93, "conversion": 0.96}}})
+    reg.record_verdict("sum-2026-01-01", True, {"verdict": "blessed", "shift": []})
+    reg.promote("sum-2026-01-01", actor="pipeline")
+    reg.register_candidate("sum-2026-01-02", "2026-01-02", "sum-2026-01-01", {})
+    reg.record_verdict("sum-2026-01-02", False, {"verdict": "held", "shift": [
+        {"mean_cosine": 0.12, "relative_l2_change": 0.4}, {"mean_cosine": 0.3, "relative_l2_change": 0.2}]})
+    return reg
+
+
+def test_snapshots_table_shows_lineage(tmp_path):
+    _registry(tmp_path)
+    out = runner.invoke(app, ["snapshots", "--workspace", str(tmp_path)], env={"COLUMNS": "250"})
+    assert out.exit_code == 0, out.output
+    assert "sum-2026-01-01" in out.output and "production" in out.output and "abcdef12" in out.output
+    assert "held" in out.output and "0.1200" in out.output and "0.4000" in out.output
+
+
+def test_snapshots_json_has_full_records(tmp_path):
+    _registry(tmp_path)
+    out = runner.invoke(app, ["snapshots", "--json", "--workspace", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert '"params_digest": "0123456789abcdef"' in out.output
+
+
+def test_force_promotion_requires_a_reason(tmp_path):
+    out = runner.invoke(app, ["promote", "sum-2026-01-02", "--force", "--workspace", str(tmp_path)])
+    assert out.exit_code != 0
+    assert "--reason" in out.output
