@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DAYS   ?= 3
 
-.PHONY: setup run test test-fast ui bench clean
+.PHONY: setup run test test-fast ui soak clean
 
 # The venv is rebuilt whenever the lock or the project metadata changes.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -23,6 +23,9 @@ test: setup  ## the whole suite, services included (what CI runs)
 
 test-fast: setup  ## unit, data and model tests only
 	$(BIN)/pytest -m "not slow"
+
+soak: setup  ## 30 simulated days with shifted candidates and corrupted partitions, scored
+	$(BIN)/sumctl soak --days 30 --report reports/soak.json
 
 ui: setup  ## Airflow UI on http://127.0.0.1:8080 for the workspace's runs
 	$(BIN)/sumctl ui
