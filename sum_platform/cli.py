@@ -286,9 +286,9 @@ def soak(
     airflow_env.configure(ws.airflow_home)
     from sum_platform.pipeline import CANDIDATE_FAULTS, write_json
     from sum_platform.soak import plan, run_soak
-    from validation.corruptions import CATALOGUE
+    from validation.corruptions import failing_kinds
 
-    schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(CATALOGUE),
+    schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
                     fault_every=fault_every, corrupt_every=corrupt_every)
     try:
         result = run_soak(schedule, on_day=lambda d: console.print(

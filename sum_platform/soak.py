@@ -133,17 +133,12 @@ def run_soak(schedule: list[tuple[str, str, str]], on_day: Callable[[SoakDay], N
 
 
 def deliver_corrupted(ds: str, kind: str) -> None:
-    """Writes the day's partitions as the simulator would, then corrupts them (``validation.corruptions``)."""
+    """Writes the day's partitions as the simulator would, corrupted as ``kind`` (``validation.corruptions``)."""
     from sum_platform import pipeline
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day, write_frame
-    from validation.corruptions import corrupt
+    from validation.corruptions import inject
 
     ctx = pipeline.context()
-    events, users = simulate_day(ds, ctx.params, fields_from_feast(user_feature_fields(ctx.params)))
-    events, users = corrupt(kind, events, users, ds=ds, workspace=ctx.ws)
-    write_frame(events, ctx.ws.events_dir(ds))
-    write_frame(users, ctx.ws.users_dir(ds))
+    inject(kind, ctx.ws, ds, ctx.params)
 
 
 def redeliver(ds: str) -> None:
