@@ -10,6 +10,7 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,10 +91,10 @@ class ValidationConfig(_Section):
     trailing_days: int = Field(default=7, ge=1)   # validated days the row-count and label-rate checks use
     row_count_min_ratio: float = 0.5               # rows / trailing median rows
     row_count_max_ratio: float = 2.0
-    label_rate_max_relative_change: float = 0.3    # |label rate / trailing mean rate - 1|
+    label_rate_max_relative_change: float = 0.25   # |label rate / trailing mean rate - 1|
     drift_bins: int = Field(default=10, ge=2)      # quantile bins of the previous validated day
-    drift_max_kl: float = 0.1                      # KL(today || previous day) of a dense feature
-    sparse_length_max_kl: float = 0.1              # same, for the length of a sparse id list
+    drift_max_kl: float = 0.05                     # KL(today || previous day) of a dense feature
+    sparse_length_max_kl: float = 0.05             # same, for the length of a sparse id list
     max_out_of_range_id_share: float = 0.01        # share of id lists with an id >= hash size: warn up to, fail above
     stuck_check_kinds: list[str] = Field(default_factory=lambda: ["events", "users"])
 
@@ -103,8 +104,15 @@ class ServingConfig(_Section):
     port: int = 8000
     app_name: str = "soap"
     route_prefix: str = "/"
-    max_inflight_compute: int = 64
+    max_inflight_compute: int = Field(64, ge=1)
     ray_address: str = "auto"
+    mode: Literal["async", "realtime", "offline", "frozen"] = "async"
+    realtime_budget_ms: float = Field(30.0, gt=0)
+    frozen_timeout_ms: float = Field(1000.0, gt=0)
+    max_batch_users: int = Field(256, ge=1, le=10_000)
+    compute_max_batch_size: int = Field(32, ge=1)
+    compute_batch_wait_ms: float = Field(10.0, ge=0)
+    compute_niceness: int = Field(10, ge=0, le=19)
 
 
 class ReproConfig(_Section):

@@ -21,11 +21,48 @@ those:
     ``<list>__is_id_list``      the value is a list of integer ids
     ``<list>__len``             the list length
     ``<list>__min_id``          the smallest id of the list (null for an empty list)
+    ``<list>__max_id``          the largest id of the list (null for an empty list)
+    ``user_id__without_user_row`` the event's user_id when the users partition has no row for it, else null
+    ``table__content_digest``   one value per partition: a hash of its rows without date-dependent columns
 
 The suites do not depend on the date: the date checks read the suite parameters ``partition_date`` and
 ``partition_start`` (see :func:`suite_parameters`), supplied when the checkpoint runs. The GX project is
 rerun-safe (every object is added or updated by name) and guarded by a file lock, so concurrent runs on
 one project do not interleave their writes of ``great_expectations.yml``.
+
+Relative checks against the trailing days
+------------------------------------------
+Besides the contract suites (``sum_events``, ``sum_users``), each partition type has a *trailing* suite
+(``sum_events_trailing``, ``sum_users_trailing``) whose bounds come from the profiles of previously
+**validated** days of the workspace (``<ws>/runs/<ds>/data_profile.json``, written by :func:`validate_day`
+only when both partitions of the day pass, and removed when a rerun of that day fails, so a bad day never
+becomes a baseline). Thresholds are in the ``validation`` section of ``params.yaml``:
+
+* row count within ``[row_count_min_ratio, row_count_max_ratio]`` x the median row count of the last
+  ``trailing_days`` validated days (``expect_table_row_count_to_be_between``);
+* per label, the label rate within ``label_rate_max_relative_change`` (relative) of the trailing mean
+  rate (``expect_column_mean_to_be_between``);
+* distribution drift of every dense user feature and ad feature, and of the length of every sparse id list,
+  against the previous validated day: GX's ``expect_column_kl_divergence_to_be_less_than`` with the
+  previous day's quantile partition (``drift_bins`` bins, open-ended outer bins) and threshold
+  ``drift_max_kl`` / ``sparse_length_max_kl``. KL divergence of the binned distributions was chosen over a
+  KS test because it is an effect size (a KS p-value at 30k rows rejects harmless daily drift, and GX's
+  KS expectations are bootstrapped and slow), it is a built-in GX expectation evaluated by GX's own
+  metrics (so it runs on Spark/SQL engines too and Data Docs chart observed against expected shares), and
+  with quantile bins whose outer bins are open it is always finite and bounded by ~log(bins);
+* a partition whose content equals a trailing day's (a stuck upstream re-delivering yesterday's rows,
+  possibly re-stamped with today's date): ``expect_column_values_to_not_be_in_set`` on the helper
+  ``table__content_digest`` (a hash of the rows without their date-dependent columns), for the partition
+  types listed in ``stuck_check_kinds``.
+
+With no validated day before ``ds`` (the first day) the trailing suites are not run and the report lists
+them under ``skipped``. Two more contract checks: every ``events.user_id`` has a row in the day's users
+partition (helper ``user_id__without_user_row``, filled by :func:`validate_day`), and sparse ids below the
+feature's hash size. The model takes ids modulo the hash size, so a stray out-of-range id is harmless and
+only *warned* (GX severity ``warning``: listed in ``ValidationReport.warnings``, the day passes), but more
+than ``max_out_of_range_id_share`` of a feature's lists holding one means the upstream hashing no longer
+matches the contract (every such id silently collides with an unrelated id), which *fails*. Columns
+outside the contract are warned too (training ignores them).
 
 GX is imported lazily: importing this module (e.g. while Airflow parses a DAG) stays cheap.
 """
@@ -33,6 +70,8 @@ GX is imported lazily: importing this module (e.g. while Airflow parses a DAG) s
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import math
 from contextlib import contextmanager
@@ -78,6 +117,11 @@ DATA_DOCS_SITE = "local_site"
 #: Validation results listed on the Data Docs index (newest first; older result pages stay on disk).
 DATA_DOCS_INDEX_LIMIT = 120
 SUITE_PARAMETERS = ("partition_date", "partition_start")
+#: Helper column holding the partition's content digest (see :func:`content_digest`).
+CONTENT_DIGEST = "table__content_digest"
+#: File (under ``<ws>/runs/<ds>/``) holding the profile of a validated day: the trailing checks' baseline.
+PROFILE_FILE = "data_profile.json"
+PROFILE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,12 +134,18 @@ class ValidationReport:
     Attributes:
         kind: ``events`` or ``users``.
         ds: The logical date, ``YYYY-MM-DD``.
-        success: True when every expectation passed.
+        success: True when every critical expectation passed (warnings do not fail a partition).
         failed: One human-readable line per failed check, ``<expectation>(<column>): <observed problem>``.
         evaluated: Number of expectations evaluated (0 when the partition could not be read).
         data_docs_index: Path of the local Data Docs ``index.html`` (None if no docs were built).
         path: The partition folder.
         rows: Rows read (None when the partition could not be read).
+        warnings: Failed expectations of severity ``warning``, same format as ``failed``.
+        skipped: Checks that were not run, with the reason (e.g. no validated day before ``ds``).
+        baseline: The validated days the trailing checks compared against: ``previous_day`` (drift and
+            content) and ``trailing_days`` (row count, label rates).
+        observed: The statistics of the trailing checks (e.g. ``kl_divergence(ad_price)``, ``row_count``,
+            ``label_rate(click)``), whether they passed or not.
     """
 
     kind: str
@@ -106,25 +156,42 @@ class ValidationReport:
     data_docs_index: str | None = None
     path: str | None = None
     rows: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    observed: dict[str, float | None] = field(default_factory=dict)
+    #: The partition's profile (the next days' baseline); not part of :meth:`to_dict`.
+    profile: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("profile", None)
+        return out
 
     def summary(self) -> str:
-        """One header line plus one indented line per failed check."""
+        """One header line plus one indented line per failed check (and per warning / skipped check)."""
         head = (
             f"{self.kind} partition ds={self.ds}: "
             f"{'passed' if self.success else f'{len(self.failed)} failed check(s)'}"
             f" ({self.evaluated} expectations evaluated, rows={self.rows}, path={self.path})"
         )
-        return "\n".join([head, *(f"  - {line}" for line in self.failed)])
+        lines = [head, *(f"  - {line}" for line in self.failed)]
+        lines += [f"  ~ warning: {line}" for line in self.warnings]
+        lines += [f"  ~ skipped: {line}" for line in self.skipped]
+        return "\n".join(lines)
 
 
 class DataValidationError(Exception):
-    """A partition failed its data checks; the message lists every failed check of every failing partition."""
+    """A partition failed its data checks; the message lists every failed check of every failing partition.
+
+    Attributes:
+        reports: The reports of every validated partition of the day.
+        quarantine: Where the day's partitions were moved (set by the caller that quarantined them).
+    """
 
     def __init__(self, reports: list[ValidationReport]):
         self.reports = list(reports)
+        self.quarantine: str | None = None
         failing = [r for r in self.reports if not r.success]
         lines = [f"data validation failed for {len(failing)} partition(s):"]
         lines += [r.summary() for r in failing]
@@ -132,6 +199,16 @@ class DataValidationError(Exception):
         if docs:
             lines.append(f"Data Docs: {docs}")
         super().__init__("\n".join(lines))
+
+    @property
+    def failed_checks(self) -> dict[str, list[str]]:
+        """``{kind: [failed check line, ...]}`` of the failing partitions."""
+        return {r.kind: list(r.failed) for r in self.reports if not r.success}
+
+    def set_quarantine(self, folder: str | Path) -> None:
+        """Records where the partitions went; the message (what Airflow shows) says it too."""
+        self.quarantine = str(folder)
+        self.args = (f"{self.args[0]}\nQuarantined to: {folder}",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,13 +242,26 @@ def required_columns(kind: str, spec: FeatureSpec, params: "Params") -> list[str
     return [ev.user_id, ev.timestamp, *spec.user_dense, *spec.user_sparse]
 
 
+def helper_columns(kind: str, spec: FeatureSpec, params: "Params") -> list[str]:
+    """The derived ``<column>__<what>`` columns :func:`batch_frame` adds to a partition of ``kind``."""
+    _check_kind(kind)
+    ts, user_id = params.events.timestamp, params.events.user_id
+    if kind == "events":
+        return [f"{ts}__type", f"{ts}__utc_date", f"{user_id}__without_user_row", CONTENT_DIGEST]
+    lists = [f"{name}__{what}" for name in spec.user_sparse for what in ("is_id_list", "len", "min_id", "max_id")]
+    return [f"{ts}__type", f"{ts}__utc", *lists, CONTENT_DIGEST]
+
+
 def build_suite(kind: Kind, spec: FeatureSpec, params: "Params") -> "ExpectationSuite":
     """Builds the GX expectation suite of a partition type (not yet saved to any context).
 
     Checks: required columns present, column types, no nulls, value ranges, labels in {0, 1}, unique
     ``impression_id`` (events) / ``user_id`` (users), ``event_ts`` inside the partition's date (events) or
     at its start (users) via the suite parameters of :func:`suite_parameters`, labels ordered as a funnel
-    (``conversion <= click``), sparse id lists of bounded length with ids >= 0, and at least one row.
+    (``conversion <= click``), every event's user in the users partition, sparse id lists of bounded length
+    with ids in ``[0, hash size)`` (out-of-range ids: a warning, and a failure above
+    ``validation.max_out_of_range_id_share`` of the rows), and at least one row. Warnings (GX severity
+    ``warning``): columns outside the contract, any out-of-range sparse id.
 
     Args:
         kind: ``events`` or ``users``.
@@ -186,9 +276,13 @@ def build_suite(kind: Kind, spec: FeatureSpec, params: "Params") -> "Expectation
 
     _check_kind(kind)
     user_id, ts = params.events.user_id, params.events.timestamp
+    required = required_columns(kind, spec, params)
     exps: list = [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectTableColumnsToMatchSet(column_set=required_columns(kind, spec, params), exact_match=False),
+        gxe.ExpectTableColumnsToMatchSet(column_set=required, exact_match=False),
+        # Unexpected columns are ignored by training: warn, do not fail (missing ones fail just above).
+        gxe.ExpectTableColumnsToMatchSet(
+            column_set=[*required, *helper_columns(kind, spec, params)], exact_match=True, severity="warning"),
     ]
 
     def not_null(col: str) -> None:
@@ -230,6 +324,8 @@ def build_suite(kind: Kind, spec: FeatureSpec, params: "Params") -> "Expectation
         for earlier, later in zip(spec.labels, spec.labels[1:]):
             exps.append(gxe.ExpectColumnPairValuesAToBeGreaterThanB(
                 column_A=earlier, column_B=later, or_equal=True))
+        # Referential: every impression's user has a row in the day's users partition.
+        exps.append(gxe.ExpectColumnValuesToBeNull(column=f"{user_id}__without_user_row"))
     else:
         exps.append(gxe.ExpectColumnValuesToBeUnique(column=user_id))
         exps.append(gxe.ExpectColumnValuesToBeInSet(
@@ -243,11 +339,78 @@ def build_suite(kind: Kind, spec: FeatureSpec, params: "Params") -> "Expectation
             exps.append(gxe.ExpectColumnValuesToBeInSet(column=f"{name}__is_id_list", value_set=[True]))
             between(f"{name}__len", 0, MAX_SPARSE_LEN)
             between(f"{name}__min_id", 0)
+            hash_size = spec.user_sparse[name]
+            share = params.validation.max_out_of_range_id_share
+            exps.append(gxe.ExpectColumnValuesToBeBetween(
+                column=f"{name}__max_id", max_value=hash_size, strict_max=True, mostly=max(0.0, 1.0 - share)))
+            exps.append(gxe.ExpectColumnValuesToBeBetween(
+                column=f"{name}__max_id", max_value=hash_size, strict_max=True, severity="warning"))
 
     return gx.ExpectationSuite(
         name=suite_name(kind),
         expectations=exps,
         meta={"notes": f"SUM data contract of the {kind} partitions (validation/data_checks.py)"},
+    )
+
+
+def trailing_suite_name(kind: str) -> str:
+    return f"sum_{kind}_trailing"
+
+
+def drift_columns(kind: str, spec: FeatureSpec) -> list[str]:
+    """Columns whose distribution is compared with the previous validated day (helper names for lists)."""
+    _check_kind(kind)
+    if kind == "events":
+        return list(spec.ad_dense)
+    return [*spec.user_dense, *(f"{name}__len" for name in spec.user_sparse)]
+
+
+def _param_name(prefix: str, column: str) -> str:
+    return f"{prefix}__{column}"
+
+
+def build_trailing_suite(kind: Kind, spec: FeatureSpec, params: "Params", plan: "TrailingPlan") -> "ExpectationSuite":
+    """Builds the suite of the checks relative to the trailing validated days (see the module docstring).
+
+    The bounds are today's, from :func:`trailing_plan`, written into the suite as constants (not suite
+    parameters): Data Docs then show each bound and chart the previous day's distribution next to today's.
+    The suite therefore changes from day to day; the contract suite does not.
+
+    Args:
+        kind: ``events`` or ``users``.
+        spec: The model's input spec.
+        params: Platform params (``validation`` section).
+        plan: The bounds (row count, label rates, previous day's partitions, trailing content digests).
+
+    Returns:
+        A ``great_expectations.ExpectationSuite`` named ``sum_<kind>_trailing``.
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    _check_kind(kind)
+    cfg = params.validation
+    values = plan.parameters
+    exps: list = [gxe.ExpectTableRowCountToBeBetween(
+        min_value=values["trailing_rows_min"], max_value=values["trailing_rows_max"])]
+    for label in plan.labels:
+        exps.append(gxe.ExpectColumnMeanToBeBetween(
+            column=label,
+            min_value=values[_param_name("trailing_rate_min", label)],
+            max_value=values[_param_name("trailing_rate_max", label)],
+        ))
+    for column in plan.drift:
+        threshold = cfg.sparse_length_max_kl if column.endswith("__len") else cfg.drift_max_kl
+        exps.append(gxe.ExpectColumnKLDivergenceToBeLessThan(
+            column=column, partition_object=values[_param_name("previous_partition", column)], threshold=threshold))
+    if plan.stuck:
+        exps.append(gxe.ExpectColumnValuesToNotBeInSet(
+            column=CONTENT_DIGEST, value_set=values["trailing_content_digests"]))
+    return gx.ExpectationSuite(
+        name=trailing_suite_name(kind),
+        expectations=exps,
+        meta={"notes": f"SUM {kind} partitions against the validated days {plan.baseline['trailing_days']} "
+                       f"(drift: against {plan.baseline['previous_day']}); validation/data_checks.py"},
     )
 
 
@@ -301,8 +464,8 @@ def _as_utc(col: pd.Series) -> pd.Series:
         return pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns, UTC]")
 
 
-def _list_stats(values: pd.Series) -> tuple[list[bool], list[float], list[float]]:
-    is_list, lengths, mins = [], [], []
+def _list_stats(values: pd.Series) -> tuple[list[bool], list[float], list[float], list[float]]:
+    is_list, lengths, mins, maxs = [], [], [], []
     for v in values:
         if isinstance(v, (list, tuple, np.ndarray)):
             arr = np.asarray(v)
@@ -310,22 +473,66 @@ def _list_stats(values: pd.Series) -> tuple[list[bool], list[float], list[float]
             is_list.append(bool(ok))
             lengths.append(float(len(arr)))
             mins.append(float(arr.min()) if ok and arr.size else math.nan)
+            maxs.append(float(arr.max()) if ok and arr.size else math.nan)
         else:
             is_list.append(v is None or (isinstance(v, float) and math.isnan(v)))  # nulls: not-null check
             lengths.append(math.nan)
             mins.append(math.nan)
-    return is_list, lengths, mins
+            maxs.append(math.nan)
+    return is_list, lengths, mins, maxs
 
 
-def batch_frame(kind: str, df: pd.DataFrame, spec: FeatureSpec, params: "Params") -> pd.DataFrame:
+def _hashable(col: pd.Series) -> pd.Series:
+    """A column pandas can hash row by row (lists and arrays become their bytes' hex)."""
+    if col.dtype != object:
+        return col
+    def one(v: Any) -> Any:
+        if isinstance(v, (list, tuple, np.ndarray)):
+            arr = np.asarray(v)
+            return f"{arr.dtype.str}:{arr.tobytes().hex()}"
+        return v if v is None or isinstance(v, (str, bytes)) else repr(v)
+    return col.map(one)
+
+
+def content_digest(kind: str, df: pd.DataFrame, params: "Params") -> str:
+    """A hash of a partition's rows, independent of row order and of its date-dependent columns.
+
+    ``event_ts`` and ``impression_id`` are left out, so a stuck upstream that re-delivers yesterday's rows
+    re-stamped with today's date has yesterday's digest. Never raises: an unhashable partition gets a
+    digest of its error (other checks report what is wrong with it).
+    """
+    _check_kind(kind)
+    drop = {params.events.timestamp, "impression_id"}
+    cols = sorted(c for c in df.columns if c not in drop and "__" not in c)
+    try:
+        frame = pd.DataFrame({c: _hashable(df[c]) for c in cols})
+        rows = np.sort(pd.util.hash_pandas_object(frame, index=False).to_numpy()) if cols else np.array([])
+        payload = json.dumps([kind, cols, len(df)]).encode() + rows.tobytes()
+    except Exception as err:  # noqa: BLE001 - a malformed partition still gets a (unique-ish) digest
+        payload = f"{kind}:unhashable:{type(err).__name__}:{err}:{len(df)}".encode()
+    return hashlib.sha256(payload).hexdigest()[:20]
+
+
+def batch_frame(
+    kind: str, df: pd.DataFrame, spec: FeatureSpec, params: "Params", user_ids: np.ndarray | None = None,
+) -> pd.DataFrame:
     """The frame handed to GX: the partition plus the derived ``<column>__<what>`` helper columns.
 
     A helper is only derived when its source column exists (a missing column is reported by the schema
     check and by every expectation on it or on its helpers).
+
+    Args:
+        kind: ``events`` or ``users``.
+        df: The partition as read.
+        spec: The model's input spec.
+        params: Platform params.
+        user_ids: The ``user_id`` values of the day's users partition, for the events' referential check;
+            ``None`` leaves the helper empty (the check passes; :func:`validate_partition` reports it as
+            skipped).
     """
     _check_kind(kind)
     out = df.copy()
-    ts = params.events.timestamp
+    ts, uid = params.events.timestamp, params.events.user_id
     if ts in df.columns:
         out[f"{ts}__type"] = _utc_type(df[ts])
         utc = _as_utc(df[ts])
@@ -335,14 +542,194 @@ def batch_frame(kind: str, df: pd.DataFrame, spec: FeatureSpec, params: "Params"
         else:
             helper = utc.dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str.removesuffix(".000000")
         out[f"{ts}__utc_date" if kind == "events" else f"{ts}__utc"] = helper.mask(unparseable, "<unparseable>")
+    if kind == "events" and uid in df.columns:
+        missing = pd.Series(pd.NA, index=df.index, dtype="object")
+        if user_ids is not None:
+            try:
+                absent = ~df[uid].isin(pd.Index(user_ids)) & df[uid].notna()
+            except (TypeError, ValueError):
+                absent = df[uid].notna()
+            missing = df[uid].astype("object").where(absent, None)
+        out[f"{uid}__without_user_row"] = missing
     if kind == "users":
         for name in spec.user_sparse:
             if name in df.columns:
-                is_list, lengths, mins = _list_stats(df[name])
+                is_list, lengths, mins, maxs = _list_stats(df[name])
                 out[f"{name}__is_id_list"] = is_list
                 out[f"{name}__len"] = lengths
                 out[f"{name}__min_id"] = mins
+                out[f"{name}__max_id"] = maxs
+    out[CONTENT_DIGEST] = content_digest(kind, df, params)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles of validated days (the trailing checks' baseline)
+# ---------------------------------------------------------------------------------------------
+def quantile_partition(values: Any, bins: int) -> dict[str, list[float]] | None:
+    """The distribution of ``values`` as a GX partition object over its own quantile bins.
+
+    Inner edges are the ``1/bins .. (bins-1)/bins`` quantiles (observed values, deduplicated); the outer
+    bins are open (``-inf``, ``inf``), so a shifted distribution lands in them and KL stays finite. Bins are
+    ``[a, b)`` like ``numpy.histogram`` (which GX uses to count today's values). A first bin left empty by
+    a heavy minimum (e.g. many empty lists) is merged into the next one; every other bin holds its lower
+    edge, so no expected weight is zero.
+
+    Returns:
+        ``{"bins": [-inf, e1, ..., inf], "weights": [...]}``, or None without finite values.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None
+    inner = np.unique(np.quantile(x, np.linspace(0.0, 1.0, bins + 1)[1:-1], method="inverted_cdf"))
+    edges = np.concatenate([[-np.inf], inner, [np.inf]])
+    counts, _ = np.histogram(x, edges)
+    if counts[0] == 0 and len(edges) > 2:
+        edges = np.delete(edges, 1)
+        counts, _ = np.histogram(x, edges)
+    weights = counts / counts.sum()
+    return {"bins": [float(e) for e in edges], "weights": [float(w) for w in weights]}
+
+
+def _json_partition(partition: dict | None) -> dict | None:
+    """JSON has no infinities: store the inner edges only."""
+    if partition is None:
+        return None
+    return {"inner_edges": partition["bins"][1:-1], "weights": partition["weights"]}
+
+
+def _gx_partition(stored: dict) -> dict:
+    return {"bins": [-math.inf, *stored["inner_edges"], math.inf], "weights": list(stored["weights"])}
+
+
+def profile_partition(kind: str, frame: pd.DataFrame, spec: FeatureSpec, params: "Params") -> dict[str, Any]:
+    """The small summary of a validated partition that later days are checked against.
+
+    Args:
+        kind: ``events`` or ``users``.
+        frame: The batch frame (partition plus helper columns, see :func:`batch_frame`).
+        spec: The model's input spec.
+        params: Platform params.
+    """
+    _check_kind(kind)
+    out: dict[str, Any] = {"rows": int(len(frame)), "content_digest": str(frame[CONTENT_DIGEST].iloc[0])
+                           if CONTENT_DIGEST in frame.columns and len(frame) else None}
+    if kind == "events":
+        out["label_rates"] = {
+            label: float(pd.to_numeric(frame[label], errors="coerce").mean())
+            for label in spec.labels if label in frame.columns
+        }
+    bins = params.validation.drift_bins
+    partitions = {}
+    for column in drift_columns(kind, spec):
+        if column in frame.columns:
+            part = _json_partition(quantile_partition(pd.to_numeric(frame[column], errors="coerce"), bins))
+            if part is not None:
+                partitions[column] = part
+    out["partitions"] = partitions
+    return out
+
+
+def profile_path(workspace_root: Path, ds: str) -> Path:
+    from sum_platform.workspace import Workspace
+
+    return Workspace(Path(workspace_root)).run_dir(ds) / PROFILE_FILE
+
+
+def load_history(workspace_root: Path, ds: str, limit: int) -> list[dict[str, Any]]:
+    """Profiles of the last ``limit`` validated days strictly before ``ds``, oldest first.
+
+    Only days before ``ds`` count, so rerunning an old date sees the baseline its first run saw.
+    """
+    from sum_platform.workspace import Workspace
+
+    runs = Workspace(Path(workspace_root)).root / "runs"
+    found = []
+    for path in runs.glob(f"*/{PROFILE_FILE}"):
+        day = path.parent.name
+        try:
+            if date.fromisoformat(day) >= date.fromisoformat(ds):
+                continue
+            profile = json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            logger.warning("ignoring unreadable data profile %s: %s", path, err)
+            continue
+        if profile.get("version") == PROFILE_VERSION:
+            found.append(profile)
+    found.sort(key=lambda p: p["ds"])
+    return found[-limit:] if limit > 0 else []
+
+
+@dataclass
+class TrailingPlan:
+    """What the trailing suite of one partition checks today, and the suite parameters it needs."""
+
+    drift: list[str]
+    labels: list[str]
+    stuck: bool
+    parameters: dict[str, Any]
+    notes: dict[str, str]
+    baseline: dict[str, Any]
+    skipped: list[str]
+
+
+def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, params: "Params") -> TrailingPlan | None:
+    """Bounds of the trailing checks of a ``kind`` partition from the validated days' profiles.
+
+    Returns:
+        None when there is no validated day to compare with (the trailing suite is skipped).
+    """
+    _check_kind(kind)
+    cfg = params.validation
+    days = [h for h in history if isinstance(h.get(kind), dict)]
+    if not days:
+        return None
+    previous = days[-1]
+    prev_kind = previous[kind]
+    parameters: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    skipped: list[str] = []
+
+    rows = [int(d[kind]["rows"]) for d in days]
+    reference = float(np.median(rows))
+    parameters["trailing_rows_min"] = int(math.ceil(reference * cfg.row_count_min_ratio))
+    parameters["trailing_rows_max"] = int(math.floor(reference * cfg.row_count_max_ratio))
+    notes["expect_table_row_count_to_be_between(table)"] = (
+        f"trailing median {reference:g} rows over {len(days)} validated day(s) "
+        f"x [{cfg.row_count_min_ratio:g}, {cfg.row_count_max_ratio:g}]")
+
+    labels: list[str] = []
+    if kind == "events":
+        for label in spec.labels:
+            rates = [d[kind].get("label_rates", {}).get(label) for d in days]
+            rates = [r for r in rates if r is not None and math.isfinite(r)]
+            if not rates:
+                skipped.append(f"label rate of {label!r}: no validated day with that label")
+                continue
+            mean, tol = float(np.mean(rates)), cfg.label_rate_max_relative_change
+            parameters[_param_name("trailing_rate_min", label)] = mean * (1.0 - tol)
+            parameters[_param_name("trailing_rate_max", label)] = mean * (1.0 + tol)
+            notes[f"expect_column_mean_to_be_between({label})"] = (
+                f"trailing mean rate {mean:.4f} over {len(rates)} validated day(s) +/- {tol:.0%}")
+            labels.append(label)
+
+    drift: list[str] = []
+    partitions = prev_kind.get("partitions", {})
+    for column in drift_columns(kind, spec):
+        stored = partitions.get(column)
+        if stored is None:
+            skipped.append(f"drift of {column!r}: no distribution on the previous validated day {previous['ds']}")
+            continue
+        parameters[_param_name("previous_partition", column)] = _gx_partition(stored)
+        drift.append(column)
+
+    stuck = kind in cfg.stuck_check_kinds
+    if stuck:
+        parameters["trailing_content_digests"] = [d[kind].get("content_digest") or "" for d in days]
+        notes["digest_days"] = json.dumps({d[kind].get("content_digest"): d["ds"] for d in days})
+    baseline = {"previous_day": previous["ds"], "trailing_days": [d["ds"] for d in days]}
+    return TrailingPlan(drift, labels, stuck, parameters, notes, baseline, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +769,13 @@ def _file_context(gx_root: Path):
     return context
 
 
-def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params"):
-    """Adds or updates the datasource, asset, batch definition, suite, validation definition and checkpoint."""
+def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params", plan: TrailingPlan | None = None):
+    """Adds or updates the datasource, asset, batch definition, suites, validation definitions and checkpoint.
+
+    Without a plan the checkpoint ``sum_<kind>_checkpoint`` runs the contract suite; with one,
+    ``sum_<kind>_trailing_checkpoint`` runs the contract suite and the trailing suite on the same batch
+    (one checkpoint run, one Data Docs update).
+    """
     import great_expectations as gx
 
     try:
@@ -400,28 +792,44 @@ def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params"):
     except (KeyError, LookupError):
         batch_definition = asset.add_batch_definition_whole_dataframe(batch_name)
 
-    suite = build_suite(kind, spec, params)  # type: ignore[arg-type]
-    fingerprint = _suite_fingerprint(suite)
-    suite.meta["sum_fingerprint"] = fingerprint
-    checkpoint_name = f"sum_{kind}_checkpoint"
-    # Steady state: the stored objects already match this contract. Re-adding them is the slowest part of a
-    # run (GX compares expectations pairwise when it updates a suite), so reuse them as they are.
+    suites = [(f"sum_{kind}_partition", build_suite(kind, spec, params))]  # type: ignore[arg-type]
+    if plan is not None:
+        suites.append((f"sum_{kind}_trailing", build_trailing_suite(kind, spec, params, plan)))  # type: ignore[arg-type]
+    for _, suite in suites:
+        suite.meta["sum_fingerprint"] = _suite_fingerprint(suite)
+    checkpoint_name = f"sum_{kind}_checkpoint" if plan is None else f"sum_{kind}_trailing_checkpoint"
+    prints = [suite.meta["sum_fingerprint"] for _, suite in suites]
+
+    def current(vd) -> bool:
+        return vd.suite.meta.get("sum_fingerprint") in prints and bool(vd.is_fresh().success)
+
+    # Steady state: the stored objects already match. Re-adding them is the slowest part of a run (GX
+    # compares expectations pairwise when it updates a suite), so reuse them as they are; the trailing
+    # suite changes from day to day, so then only it is replaced.
     try:
         stored = context.checkpoints.get(checkpoint_name)
-        stored_suite = stored.validation_definitions[0].suite
-        if stored_suite.meta.get("sum_fingerprint") == fingerprint and stored.is_fresh().success:
+        if [vd.suite.meta.get("sum_fingerprint") for vd in stored.validation_definitions] == prints and all(
+                current(vd) for vd in stored.validation_definitions) and stored.is_fresh().success:
             return stored
     except Exception:  # noqa: BLE001 - anything missing or stale: (re)build below
         pass
 
-    suite = context.suites.add_or_update(suite)
-    validation = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=f"sum_{kind}_partition", data=batch_definition, suite=suite)
-    )
+    validations = []
+    for (vd_name, suite), fingerprint in zip(suites, prints):
+        try:  # the contract validation is shared by both checkpoints of the kind
+            kept = context.validation_definitions.get(vd_name)
+            if kept.suite.meta.get("sum_fingerprint") == fingerprint and kept.is_fresh().success:
+                validations.append(kept)
+                continue
+        except Exception:  # noqa: BLE001
+            pass
+        suite = context.suites.add_or_update(suite)
+        validations.append(context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=vd_name, data=batch_definition, suite=suite)))
     return context.checkpoints.add_or_update(
         gx.Checkpoint(
             name=checkpoint_name,
-            validation_definitions=[validation],
+            validation_definitions=validations,
             actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
@@ -483,12 +891,43 @@ def _target(kwargs: dict) -> str:
     return "table"
 
 
-def describe_failure(result, columns: set[str]) -> str:
-    """One readable line for a failed GX ``ExpectationValidationResult``."""
+def _num(value: Any) -> str:
+    if value is None:
+        return "None"
+    value = float(value)
+    return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.3g}"
+
+
+def _largest_shift(details: dict) -> str:
+    """The bin whose share moved most, from the KL expectation's observed/expected partitions."""
+    try:
+        obs, exp = details["observed_partition"], details["expected_partition"]
+        edges = [-math.inf, *obs["bins"], math.inf]
+        o = [obs["tail_weights"][0], *obs["weights"], obs["tail_weights"][1]]
+        e = [exp["tail_weights"][0], *exp["weights"], exp["tail_weights"][1]]
+        if len(o) != len(edges) - 1:  # partitions with finite ends: no tails in the weights
+            edges, o, e = list(obs["bins"]), list(obs["weights"]), list(exp["weights"])
+        i = int(np.argmax(np.abs(np.asarray(o) - np.asarray(e))))
+        return (f"; largest change: bin [{_num(edges[i])}, {_num(edges[i + 1])}) holds {o[i]:.1%} of values "
+                f"vs {e[i]:.1%} on the previous day")
+    except (KeyError, IndexError, TypeError, ValueError):
+        return ""
+
+
+def describe_failure(result, columns: set[str], notes: dict[str, str] | None = None) -> str:
+    """One readable line for a failed GX ``ExpectationValidationResult``.
+
+    Args:
+        result: The failed result.
+        columns: Columns of the validated frame (to say which missing column stopped an expectation).
+        notes: Context of the trailing checks (their baseline), keyed by ``<expectation>(<target>)``.
+    """
+    notes = notes or {}
     cfg = result.expectation_config
     etype, kwargs = cfg.type, dict(cfg.kwargs)
     res = dict(result.result or {})
     head = f"{etype}({_target(kwargs)})"
+    note = notes.get(head)
 
     missing = [c for c in (kwargs.get("column"), kwargs.get("column_A"), kwargs.get("column_B")) if c and c not in columns]
     if missing:
@@ -508,9 +947,37 @@ def describe_failure(result, columns: set[str]) -> str:
 
     if etype == "expect_table_columns_to_match_set":
         mismatch = (res.get("details") or {}).get("mismatched") or {}
+        if kwargs.get("exact_match", True):  # GX leaves the default (True) out of the kwargs
+            return f"{head}: unexpected columns {sorted(mismatch.get('unexpected', []))} (ignored by training)"
         return f"{head}: missing required columns {mismatch.get('missing', [])}"
     if etype == "expect_table_row_count_to_be_between":
-        return f"{head}: observed {res.get('observed_value')} rows, expected at least {kwargs.get('min_value')}"
+        lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+        expected = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        context = f" ({note})" if note and hi is not None else ""
+        return f"{head}: observed {res.get('observed_value')} rows, expected {expected}{context}"
+    if etype == "expect_column_mean_to_be_between":
+        context = f"; {note}" if note else ""
+        observed = res.get("observed_value")
+        value = "not computable (no rows)" if observed is None else _num(observed)
+        return (f"{head}: label rate {value} outside "
+                f"[{_num(kwargs.get('min_value'))}, {_num(kwargs.get('max_value'))}]{context}")
+    if etype == "expect_column_kl_divergence_to_be_less_than":
+        observed = res.get("observed_value")
+        finite = observed is not None and math.isfinite(float(observed))
+        value = f"{float(observed):.4g}" if finite else "not computable (no values)"
+        baseline = notes.get("previous_day")
+        against = f" vs the previous validated day {baseline}" if baseline else ""
+        shift = _largest_shift(res.get("details") or {}) if finite else ""
+        return (f"{head}: distribution drift of {kwargs.get('column')!r}: KL divergence {value}{against} "
+                f"> {kwargs.get('threshold')}{shift}")
+    if etype == "expect_column_values_to_not_be_in_set" and kwargs.get("column") == CONTENT_DIGEST:
+        digest = next(iter(res.get("partial_unexpected_list") or []), None)
+        days = json.loads(notes.get("digest_days", "{}"))
+        return (f"{head}: partition content identical to the validated partition of "
+                f"{days.get(digest, 'a trailing day')} (digest {digest}): a stuck or re-delivered day")
+    if etype == "expect_column_values_to_be_null" and str(kwargs.get("column", "")).endswith("__without_user_row"):
+        return (f"{head}: {res.get('unexpected_count')} of {res.get('element_count')} impressions have a "
+                f"user_id with no row in the users partition{_examples(res)}")
     if "unexpected_count" not in res:  # aggregate expectations (column dtype checks)
         expected = kwargs.get("type_list") or kwargs.get("value_set")
         return f"{head}: observed {res.get('observed_value')!r}, expected one of {expected}"
@@ -521,6 +988,9 @@ def describe_failure(result, columns: set[str]) -> str:
         close = ")" if kwargs.get("strict_max") or hi is None else "]"
         bounds = f"[{'-inf' if lo is None else _fmt(lo)}, {'inf' if hi is None else _fmt(hi)}{close}"
         problem = f"outside {bounds}"
+        mostly = kwargs.get("mostly")
+        if mostly is not None and mostly < 1:
+            problem += f" (more than {1 - mostly:.2%} of the rows)"
     elif etype == "expect_column_values_to_not_be_null":
         return f"{head}: {count} are null"
     elif etype == "expect_column_values_to_be_in_set":
@@ -533,6 +1003,8 @@ def describe_failure(result, columns: set[str]) -> str:
         count = f"{res.get('unexpected_count')} of {res.get('element_count')} rows"
     elif etype == "expect_column_values_to_be_in_type_list":
         problem = f"not of type {kwargs.get('type_list')}"
+    elif etype == "expect_column_values_to_not_be_in_set":
+        problem = f"in {kwargs.get('value_set')}"
     else:
         problem = "unexpected"
     return f"{head}: {count} {problem}{_examples(res)}"
@@ -542,7 +1014,8 @@ def describe_failure(result, columns: set[str]) -> str:
 # Entry points
 # ---------------------------------------------------------------------------------------------
 def validate_partition(
-    kind: Kind, ds: str, path: Path, spec: FeatureSpec, params: "Params", gx_root: Path
+    kind: Kind, ds: str, path: Path, spec: FeatureSpec, params: "Params", gx_root: Path,
+    history: list[dict[str, Any]] | None = None, user_ids: np.ndarray | None = None,
 ) -> ValidationReport:
     """Validates one partition with its GX checkpoint and updates the Data Docs.
 
@@ -556,15 +1029,18 @@ def validate_partition(
         spec: The model's input spec.
         params: Platform params.
         gx_root: The GX project directory (holds ``great_expectations.yml``); created if needed.
+        history: Profiles of the validated days before ``ds`` (see :func:`load_history`), oldest first;
+            empty or None: the trailing checks are skipped (and listed in ``report.skipped``).
+        user_ids: The day's ``users.user_id`` values for the events' referential check (None: skipped).
 
     Returns:
-        The :class:`ValidationReport`.
+        The :class:`ValidationReport`; ``report.profile`` holds the partition's profile.
     """
     from great_expectations.core.run_identifier import RunIdentifier
 
     _check_kind(kind)
     ds = ds if isinstance(ds, str) else ds.isoformat()
-    parameters = suite_parameters(ds)
+    parameters: dict[str, Any] = dict(suite_parameters(ds))
     path, gx_root = Path(path), Path(gx_root)
     try:
         df = read_partition(path)
@@ -574,12 +1050,23 @@ def validate_partition(
             kind=kind, ds=ds, success=False, failed=[f"read_partition({kind}): {err}"],
             evaluated=0, data_docs_index=str(docs) if docs.exists() else None, path=str(path),
         )
-    frame = batch_frame(kind, df, spec, params)
+    frame = batch_frame(kind, df, spec, params, user_ids=user_ids)
     columns = set(frame.columns)
+    skipped: list[str] = []
+    if kind == "events" and user_ids is None:
+        skipped.append("referential check (every user_id has a users row): no users partition given")
+    plan = trailing_plan(kind, history or [], spec, params)
+    if plan is None:
+        skipped.append("trailing checks (row count, label rates, drift vs the previous day, stuck content): "
+                       f"no validated day before {ds}")
+        notes: dict[str, str] = {}
+    else:
+        skipped += plan.skipped
+        notes = dict(plan.notes) | {"previous_day": plan.baseline["previous_day"]}
 
     with _project_lock(gx_root):
         context = _file_context(gx_root)
-        checkpoint = _checkpoint(context, kind, spec, params)
+        checkpoint = _checkpoint(context, kind, spec, params, plan)
         result = checkpoint.run(
             batch_parameters={"dataframe": frame},
             expectation_parameters=parameters,
@@ -588,27 +1075,84 @@ def validate_partition(
         docs_index = _data_docs_index(context, gx_root)
 
     # GX returns results grouped by metric, not in suite order: report them in suite order.
-    order = {e.id: i for i, e in enumerate(checkpoint.validation_definitions[0].suite.expectations)}
+    order: dict[str, int] = {}
+    for vd in checkpoint.validation_definitions:
+        for e in vd.suite.expectations:
+            order[e.id] = len(order)
     failed: list[str] = []
+    warnings: list[str] = []
+    observed: dict[str, float | None] = {}
     evaluated = 0
+    trailing_name = trailing_suite_name(kind)
     for suite_result in result.run_results.values():
         evaluated += int(suite_result.statistics.get("evaluated_expectations", 0))
+        if suite_result.suite_name == trailing_name:
+            for r in suite_result.results:
+                key = _observed_key(r.expectation_config)
+                value = (r.result or {}).get("observed_value")
+                observed[key] = None if value is None or isinstance(value, (list, dict)) else float(value)
         bad = [r for r in suite_result.results if not r.success]
         bad.sort(key=lambda r: order.get(r.expectation_config.id, len(order)))
-        failed += [describe_failure(r, columns) for r in bad]
+        for r in bad:
+            line = describe_failure(r, columns, notes)
+            if str(getattr(r.expectation_config, "severity", "critical")).lower().endswith("warning"):
+                if "unexpected columns []" not in line:  # only missing columns: already a failure
+                    warnings.append(line)
+            else:
+                failed.append(line)
     report = ValidationReport(
-        kind=kind, ds=ds, success=bool(result.success) and not failed, failed=failed,
+        kind=kind, ds=ds, success=not failed, failed=failed,
         evaluated=evaluated, data_docs_index=docs_index, path=str(path), rows=len(df),
+        warnings=warnings, skipped=skipped, baseline=plan.baseline if plan else {}, observed=observed,
+        profile=profile_partition(kind, frame, spec, params),
     )
     logger.info(
-        "GX checkpoint %s for ds=%s: %s (%d expectations, %d failed); Data Docs: %s",
-        checkpoint.name, ds, "passed" if report.success else "FAILED", evaluated, len(failed), docs_index,
+        "GX checkpoint %s for ds=%s: %s (%d expectations, %d failed, %d warnings, %d skipped); Data Docs: %s",
+        checkpoint.name, ds, "passed" if report.success else "FAILED", evaluated, len(failed), len(warnings),
+        len(skipped), docs_index,
     )
+    for line in warnings:
+        logger.warning("%s partition ds=%s: %s", kind, ds, line)
     return report
 
 
-def validate_day(ds: str, workspace_root: Path, spec: FeatureSpec, params: "Params") -> list[ValidationReport]:
+def _observed_key(cfg) -> str:
+    kwargs = cfg.kwargs
+    names = {
+        "expect_table_row_count_to_be_between": "row_count",
+        "expect_column_mean_to_be_between": "label_rate",
+        "expect_column_kl_divergence_to_be_less_than": "kl_divergence",
+        "expect_column_values_to_not_be_in_set": "content_repeated",
+    }
+    name = names.get(cfg.type, cfg.type)
+    return name if "column" not in kwargs else f"{name}({kwargs['column']})"
+
+
+def _user_ids(path: Path, params: "Params") -> np.ndarray | None:
+    """The users partition's ``user_id`` values, or None when they cannot be read."""
+    try:
+        users = read_partition(path)
+        return users[params.events.user_id].to_numpy()
+    except (PartitionReadError, KeyError):
+        return None
+
+
+def validate_day(
+    ds: str, workspace_root: Path, spec: FeatureSpec, params: "Params", gx_root: Path | None = None,
+) -> list[ValidationReport]:
     """Validates the events and users partitions of ``ds`` in the workspace; Data Docs under ``<ws>/gx``.
+
+    The trailing checks compare with the profiles of the validated days before ``ds``
+    (``<ws>/runs/<day>/data_profile.json``). When both partitions pass, the day's profile is written (it
+    becomes a baseline of the next days); when any fails, a profile left by an earlier passing run of the
+    same date is removed, so a bad day is never a baseline.
+
+    Args:
+        ds: The logical date.
+        workspace_root: The workspace (partitions under ``data/``, profiles under ``runs/``).
+        spec: The model's input spec.
+        params: Platform params.
+        gx_root: The GX project (default ``<workspace_root>/gx``).
 
     Raises:
         DataValidationError: If any partition fails (after all partitions ran and Data Docs were built);
@@ -617,13 +1161,28 @@ def validate_day(ds: str, workspace_root: Path, spec: FeatureSpec, params: "Para
     from sum_platform.workspace import Workspace
 
     ws = Workspace(Path(workspace_root))
-    gx_root = ws.root / "gx"
+    gx_root = Path(gx_root) if gx_root is not None else ws.gx_dir
     folders = {"events": ws.events_dir(ds), "users": ws.users_dir(ds)}
-    reports = [validate_partition(kind, ds, folders[kind], spec, params, gx_root) for kind in KINDS]
+    history = load_history(ws.root, ds, params.validation.trailing_days)
+    user_ids = _user_ids(folders["users"], params)
+    reports = [
+        validate_partition(kind, ds, folders[kind], spec, params, gx_root, history=history,  # type: ignore[arg-type]
+                           user_ids=user_ids if kind == "events" else None)
+        for kind in KINDS
+    ]
     docs = next((r.data_docs_index for r in reports if r.data_docs_index), None)
     logger.info("Data Docs for ds=%s: %s", ds, docs)
+    profile = profile_path(ws.root, ds)
     if not all(r.success for r in reports):
+        if profile.exists():
+            profile.unlink()
+            logger.warning("ds=%s failed validation: removed its earlier profile %s (no longer a baseline)", ds, profile)
         err = DataValidationError(reports)
         logger.error("%s", err)
         raise err
+    payload = {"version": PROFILE_VERSION, "ds": ds, **{r.kind: r.profile for r in reports}}
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    tmp = profile.with_name(f".{profile.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.replace(profile)
     return reports
