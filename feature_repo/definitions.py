@@ -109,14 +109,34 @@ sum_embeddings_push = PushSource(
     description="Write-backs of freshly computed embeddings from the SOAP compute deployment.",
 )
 
+# One row per user holds the served (average-pooled) value and the raw versions it pools (paper 5.2:
+# the current computed embedding + the 2 most recent cached ones), so a writer can pool the next version
+# from the row alone. Invariant kept by serving/store_io.write_embeddings (the only writer):
+#   embedding_k == fp16(mean of the non-empty raw_embedding_k, prev1_embedding_k, prev2_embedding_k)
+# where raw is the latest version (its snapshot_id / written_at_ms), prev1 the one before, prev2 before
+# that; pooled_versions counts the non-empty ones. batch_* keep the daily batch's value (offline mode).
 sum_embeddings = FeatureView(
     name="sum_embeddings",
     entities=[user],
     ttl=timedelta(days=30),
-    schema=[Field(name=f"embedding_{k}", dtype=Array(Float32)) for k in range(NUM_EMBEDDINGS)]
+    schema=[
+        Field(name=f"embedding_{k}", dtype=Array(Float32), description="Served value: the pooled versions.")
+        for k in range(NUM_EMBEDDINGS)
+    ]
     + [
-        Field(name="snapshot_id", dtype=String, description="Snapshot that computed the value."),
-        Field(name="written_at_ms", dtype=Int64, description="Write time, Unix milliseconds (UTC)."),
+        Field(name="snapshot_id", dtype=String, description="Snapshot that computed the latest version."),
+        Field(name="written_at_ms", dtype=Int64, description="Write time of the latest version, Unix ms (UTC)."),
+        Field(name="pooled_versions", dtype=Int64, description="Versions averaged into embedding_k (1-3)."),
+    ]
+    + [
+        Field(name=f"{slot}_embedding_{k}", dtype=Array(Float32), description=f"Raw version ({slot}); empty if none.")
+        for slot in ("raw", "prev1", "prev2")
+        for k in range(NUM_EMBEDDINGS)
+    ]
+    + [Field(name=f"batch_embedding_{k}", dtype=Array(Float32)) for k in range(NUM_EMBEDDINGS)]
+    + [
+        Field(name="batch_snapshot_id", dtype=String, description="Snapshot of the last daily batch write."),
+        Field(name="batch_written_at_ms", dtype=Int64, description="Time of the last daily batch write."),
     ],
     source=sum_embeddings_push,
     online=True,

@@ -2,15 +2,31 @@
 
 Two deployments:
 
-* :class:`SoapIngress` (the client): ``GET /users/{user_id}/embeddings`` answers at once with the user's
-  embeddings as stored in the online store, and fires an asynchronous call to the compute deployment
-  without waiting for it (at most ``serving.max_inflight_compute`` calls in flight; more are dropped and
-  counted). The read path never waits for inference.
-* :class:`ComputeCenter`: holds the production user tower. Batches compute calls, reads the users'
-  current features from the online store, runs the tower and writes the fp16 result back with its
-  snapshot id and write time (:func:`serving.store_io.write_embeddings`, the same write the daily batch
-  uses). A new snapshot arrives through ``user_config`` -> :meth:`ComputeCenter.reconfigure`, which swaps
-  the tower only after a successful load.
+* :class:`SoapIngress` (the client, FastAPI): answers reads of users' embeddings in one of four modes
+  (``serving.mode``, switchable by ``reconfigure`` or per request with ``?mode=``):
+
+  ``async`` (default)
+      the stored, average-pooled embeddings from the online store at once; fires the compute call
+      without awaiting it (at most ``serving.max_inflight_compute`` in flight; more are dropped and
+      counted). The read never waits for inference.
+  ``realtime``
+      fires the compute call and waits for its pooled result up to ``serving.realtime_budget_ms``
+      (the read of the store runs meanwhile); past the budget it answers from the store and counts a
+      fallback, while the compute still finishes and writes back.
+  ``offline``
+      the last daily batch value (``batch_embedding_k``), no compute call: the paper's offline batch.
+  ``frozen``
+      the first production snapshot's tower applied to the user's current features, computed on read
+      (no pooling, no write: the frozen model never shifts, and its output must not overwrite the
+      production value). The compute deployment holds that tower beside the production one; the
+      rollout keeps it across snapshots (``frozen_snapshot_*`` in the compute ``user_config``).
+
+* :class:`ComputeCenter`: holds the production user tower (and the frozen one). Batches compute calls
+  (``@serve.batch``), reads the users' current features from the online store, runs the tower and
+  writes the new version through :func:`serving.store_io.write_embeddings`, which average-pools it with
+  the two previous stored versions and stores fp16 values with the snapshot id and write time (the same
+  write the daily batch uses). A new snapshot arrives through ``user_config`` ->
+  :meth:`ComputeCenter.reconfigure`, which swaps the tower only after a successful load.
 
 Deployment code versions are pinned to a hash of the source code and constructor settings
 (:func:`build_app`), so redeploying with another ``user_config`` reconfigures the running replicas in
@@ -27,13 +43,14 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 
 from serving.store_io import MAX_USER_ID
@@ -45,11 +62,13 @@ if TYPE_CHECKING:
     from sum_platform.config import Params
 
 __all__ = [
+    "MODES",
     "ComputeCenter",
     "SoapIngress",
     "api",
     "build_app",
     "compute_user_config",
+    "ingress_user_config",
     "app_settings",
     "snapshot_fingerprint",
     "ComputeLauncher",
@@ -57,15 +76,16 @@ __all__ = [
 
 log = logging.getLogger("ray.serve")
 
-#: Keys every compute ``user_config`` must carry (plus the optional ``fingerprint``).
+MODES = ("async", "realtime", "offline", "frozen")
+Mode = Literal["async", "realtime", "offline", "frozen"]
+#: Keys every compute ``user_config`` must carry (others are optional, see :func:`compute_user_config`).
 USER_CONFIG_KEYS = ("snapshot_dir", "snapshot_id", "workspace", "params_path")
-#: How long the ingress waits for the compute deployment's snapshot id (``/version``).
+#: How long the ingress waits for the compute deployment's snapshot id (``/version``, ``/healthz``).
 VERSION_TIMEOUT_S = 5.0
-#: Compute batching (``@serve.batch``).
-COMPUTE_MAX_BATCH_SIZE = 32
-COMPUTE_BATCH_WAIT_S = 0.02
 #: Users per tower forward pass inside one compute batch.
 TOWER_BATCH_SIZE = 512
+#: Hard cap on ids in a batch request body (``serving.max_batch_users`` is the configured bound).
+BATCH_HARD_MAX = 10_000
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +115,15 @@ def _open_store(workspace: str, params_path: str) -> tuple["Params", Any]:
 # ---------------------------------------------------------------------------------------------
 # Compute center
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tower:
+    tower: Any
+    snapshot_id: str
+    snapshot_dir: str
+    fingerprint: str | None
+    loaded_at: float
+
+
 @serve.deployment(
     name="ComputeCenter",
     num_replicas=1,
@@ -106,176 +135,311 @@ def _open_store(workspace: str, params_path: str) -> tuple["Params", Any]:
     max_surge_percent=100,
 )
 class ComputeCenter:
-    """Runs the production user tower and writes fresh embeddings back to the online store.
+    """Runs the production user tower (and the frozen one) and writes fresh embeddings back.
 
     Args:
-        settings: :func:`app_settings` (``torch_threads``, ...).
+        settings: :func:`app_settings` (``torch_threads``, ``compute_niceness``, ...).
     """
 
     def __init__(self, settings: dict | None = None) -> None:
         import torch
 
+        from serving.metrics import ComputeMetrics
+
         settings = dict(settings or {})
         torch.set_num_threads(int(settings.get("torch_threads", 1)))
-        self._tower = None
-        self._snapshot_id: str | None = None
-        self._snapshot_dir: str | None = None
-        self._fingerprint: str | None = None
-        self._loaded_at: float | None = None
+        niceness = int(settings.get("compute_niceness", 0))
+        if niceness > 0:  # the write path yields the CPU to the read path (same machine)
+            try:
+                os.nice(niceness)
+            except OSError as exc:
+                log.warning("could not renice the compute replica: %s", exc)
+        self._prod: _Tower | None = None
+        self._frozen: _Tower | None = None
         self._store = None
         self._store_key: tuple[str, str] | None = None
         self._last_error: str | None = None
+        self._frozen_error: str | None = None
         self._requested: tuple[str, str, str | None] | None = None
+        self._user_config: dict = {}
+        self._debug_delay_s = 0.0
         # Snapshot loads run beside compute batches (which keep using the current tower meanwhile).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-load")
         # One worker: feature reads, inference and writes of one batch never interleave with another's.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-compute")
-        self._stats = {"batches": 0, "requests": 0, "written": 0, "skipped": 0, "failed_batches": 0}
+        self._stats = {
+            "batches": 0,
+            "requests": 0,
+            "written": 0,
+            "skipped": 0,
+            "failed_batches": 0,
+            "frozen_batches": 0,
+            "frozen_requests": 0,
+        }
+        self._metrics = ComputeMetrics()
 
+    # -- configuration -------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
-        """Loads the snapshot named by ``user_config`` and swaps it in only after a successful load.
+        """Applies a ``user_config``: batching and debug knobs at once, then the snapshots.
 
-        On a load failure a replica that already runs a tower keeps it and records the error, which
-        ``/version`` reports (``last_error`` for ``requested_snapshot_id``) so the rollout sees it and
-        rolls back. It does not raise there: Ray Serve 2.60 stops a replica whose ``reconfigure`` raises
-        and retries fresh replicas with the bad config, which would take compute down until the rollback
-        finished. A replica with no tower yet (starting up) raises, so Serve marks the deploy failed.
+        The production snapshot is swapped in only after a successful load. On a load failure a replica
+        that already runs a tower keeps it and records the error, which ``/version`` reports
+        (``last_error`` for ``requested_snapshot_id``) so the rollout sees it and rolls back. It does
+        not raise there: Ray Serve 2.60 stops a replica whose ``reconfigure`` raises and retries fresh
+        replicas with the bad config, which would take compute down until the rollback finished. A
+        replica with no tower yet (starting up) raises, so Serve marks the deploy failed. A frozen
+        snapshot that fails to load never fails the replica: frozen reads answer 503 until it loads.
 
         Args:
-            user_config: ``{"snapshot_dir", "snapshot_id", "workspace", "params_path", "fingerprint"}``
-                (:func:`compute_user_config`). A loaded snapshot is reloaded when its fingerprint changed
-                (re-exported under the same id).
+            user_config: :func:`compute_user_config`. A loaded snapshot is reloaded when its fingerprint
+                changed (re-exported under the same id).
 
         Raises:
             ValueError: Missing keys (always), or the manifest names another snapshot id (no tower yet).
             sum_models.snapshot.SnapshotError: Missing or corrupt snapshot files (no tower yet).
         """
-        missing = [k for k in USER_CONFIG_KEYS if not (user_config or {}).get(k)]
+        user_config = dict(user_config or {})
+        missing = [k for k in USER_CONFIG_KEYS if not user_config.get(k)]
         if missing:
-            raise ValueError(f"compute user_config lacks {missing}; got {sorted(user_config or {})}")
-        snapshot_dir, snapshot_id = str(user_config["snapshot_dir"]), str(user_config["snapshot_id"])
+            raise ValueError(f"compute user_config lacks {missing}; got {sorted(user_config)}")
+        self._user_config = user_config
+        self._apply_knobs(user_config)
         store_key = (str(user_config["workspace"]), str(user_config["params_path"]))
+        snapshot_dir, snapshot_id = str(user_config["snapshot_dir"]), str(user_config["snapshot_id"])
         wanted_fp = user_config.get("fingerprint") or snapshot_fingerprint(snapshot_dir)
         self._requested = (snapshot_dir, snapshot_id, wanted_fp)
-        if (
-            self._tower is not None
-            and (snapshot_dir, snapshot_id, wanted_fp) == (self._snapshot_dir, self._snapshot_id, self._fingerprint)
-            and store_key == self._store_key
-        ):
+        if self._wanted(self._prod, snapshot_dir, snapshot_id, wanted_fp) and store_key == self._store_key:
             self._last_error = None
-            return
-        try:
-            tower, store, fingerprint = await asyncio.get_running_loop().run_in_executor(
-                self._loader, self._load, snapshot_dir, snapshot_id, store_key
-            )
-        except Exception as exc:
-            self._last_error = f"loading {snapshot_id} from {snapshot_dir} failed: {type(exc).__name__}: {exc}"
-            if self._tower is None:
-                log.error("%s; no tower to keep", self._last_error)
-                raise
-            log.error("%s; keeping %s", self._last_error, self._snapshot_id)
-            return
-        self._tower, self._store, self._store_key = tower, store, store_key
-        self._snapshot_dir, self._snapshot_id, self._fingerprint = snapshot_dir, snapshot_id, fingerprint
-        self._loaded_at = time.time()
-        self._last_error = None
-        log.info("compute center serves snapshot %s from %s", snapshot_id, snapshot_dir)
+        else:
+            try:
+                loaded, store = await asyncio.get_running_loop().run_in_executor(
+                    self._loader, self._load, snapshot_dir, snapshot_id, store_key
+                )
+            except Exception as exc:
+                self._last_error = f"loading {snapshot_id} from {snapshot_dir} failed: {type(exc).__name__}: {exc}"
+                if self._prod is None:
+                    log.error("%s; no tower to keep", self._last_error)
+                    raise
+                log.error("%s; keeping %s", self._last_error, self._prod.snapshot_id)
+            else:
+                self._set_loaded("production", self._prod, loaded)
+                self._prod, self._store, self._store_key = loaded, store, store_key
+                self._last_error = None
+                log.info("compute center serves snapshot %s from %s", snapshot_id, snapshot_dir)
+        await self._reconfigure_frozen(user_config, store_key)
 
-    def _load(self, snapshot_dir: str, snapshot_id: str, store_key: tuple[str, str]):
+    def _apply_knobs(self, user_config: dict) -> None:
+        self._debug_delay_s = max(0.0, float(user_config.get("debug_delay_ms") or 0.0)) / 1000.0
+        size = user_config.get("max_batch_size")
+        wait_ms = user_config.get("batch_wait_ms")
+        for method in (self.compute, self.compute_frozen):
+            if size:
+                method.set_max_batch_size(int(size))  # type: ignore[attr-defined]
+            if wait_ms is not None:
+                method.set_batch_wait_timeout_s(float(wait_ms) / 1000.0)  # type: ignore[attr-defined]
+
+    async def _reconfigure_frozen(self, user_config: dict, store_key: tuple[str, str]) -> None:
+        frozen_dir, frozen_id = user_config.get("frozen_snapshot_dir"), user_config.get("frozen_snapshot_id")
+        if not frozen_dir or not frozen_id:
+            return
+        frozen_dir, frozen_id = str(frozen_dir), str(frozen_id)
+        frozen_fp = user_config.get("frozen_fingerprint") or snapshot_fingerprint(frozen_dir)
+        if self._wanted(self._frozen, frozen_dir, frozen_id, frozen_fp):
+            self._frozen_error = None
+            return
+        if self._prod is not None and self._wanted(self._prod, frozen_dir, frozen_id, frozen_fp):
+            loaded = self._prod  # towers are read-only in eval mode: share it
+        else:
+            try:
+                loaded, _ = await asyncio.get_running_loop().run_in_executor(
+                    self._loader, self._load, frozen_dir, frozen_id, store_key
+                )
+            except Exception as exc:
+                self._frozen_error = f"loading frozen {frozen_id} from {frozen_dir} failed: {type(exc).__name__}: {exc}"
+                log.error("%s; frozen mode keeps %s", self._frozen_error, self._frozen and self._frozen.snapshot_id)
+                return
+        self._set_loaded("frozen", self._frozen, loaded)
+        self._frozen, self._frozen_error = loaded, None
+
+    @staticmethod
+    def _wanted(current: _Tower | None, snapshot_dir: str, snapshot_id: str, fingerprint: str | None) -> bool:
+        return current is not None and (current.snapshot_dir, current.snapshot_id, current.fingerprint) == (
+            snapshot_dir,
+            snapshot_id,
+            fingerprint,
+        )
+
+    def _set_loaded(self, role: str, old: _Tower | None, new: _Tower) -> None:
+        if old is not None and old.snapshot_id != new.snapshot_id:
+            self._metrics.loaded.set(0, tags={"role": role, "snapshot_id": old.snapshot_id})
+        self._metrics.loaded.set(1, tags={"role": role, "snapshot_id": new.snapshot_id})
+
+    def _load(self, snapshot_dir: str, snapshot_id: str, store_key: tuple[str, str]) -> tuple[_Tower, Any]:
         from sum_models.snapshot import load_user_tower
 
         fingerprint = snapshot_fingerprint(snapshot_dir)
         tower, manifest = load_user_tower(Path(snapshot_dir))
         if manifest.get("snapshot_id") != snapshot_id:
-            raise ValueError(
-                f"snapshot at {snapshot_dir} is {manifest.get('snapshot_id')!r}, not {snapshot_id!r}"
-            )
+            raise ValueError(f"snapshot at {snapshot_dir} is {manifest.get('snapshot_id')!r}, not {snapshot_id!r}")
         store = self._store if store_key == self._store_key and self._store is not None else None
         if store is None:
             _, store = _open_store(*store_key)
-        return tower.eval(), store, fingerprint
+        return _Tower(tower.eval(), snapshot_id, snapshot_dir, fingerprint, time.time()), store
 
-    @serve.batch(max_batch_size=COMPUTE_MAX_BATCH_SIZE, batch_wait_timeout_s=COMPUTE_BATCH_WAIT_S)
+    # -- compute -------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def compute(self, user_ids: list[int]) -> list[dict]:
-        """Recomputes and writes back the embeddings of a batch of users (one call per user id).
+        """Recomputes, pools and writes back the embeddings of a batch of users (one call per user).
 
         Returns:
-            Per call: ``{"user_id", "status", "snapshot_id", "written_at_ms"}`` with status ``written``
-            or the reason it was skipped (``no_features``, ``missing_dense_features``).
+            Per call: ``{"user_id", "status", "snapshot_id", "written_at_ms", "pooled_versions",
+            "embeddings"}``; status ``written`` (``embeddings``: the pooled fp16 ``[K, D]`` now served)
+            or why it was skipped (``no_features``, ``missing_dense_features``).
         """
-        tower, store, snapshot_id = self._tower, self._store, self._snapshot_id
-        if tower is None:
+        prod, store = self._prod, self._store
+        if prod is None:
             raise RuntimeError("no user tower loaded")
+        if self._debug_delay_s:
+            await asyncio.sleep(self._debug_delay_s)  # test/benchmark knob: a slower model
         self._stats["batches"] += 1
         self._stats["requests"] += len(user_ids)
+        t0 = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _compute_and_write, tower, store, snapshot_id, list(user_ids)
+                self._executor, _compute_and_write, prod.tower, store, prod.snapshot_id, list(user_ids)
             )
         except Exception:
             self._stats["failed_batches"] += 1
             raise
-        out = [results[int(u)] for u in user_ids]
-        self._stats["written"] += sum(1 for r in results.values() if r["status"] == "written")
-        self._stats["skipped"] += sum(1 for r in results.values() if r["status"] != "written")
-        return out
+        written = sum(1 for r in results.values() if r["status"] == "written")
+        self._stats["written"] += written
+        self._stats["skipped"] += len(results) - written
+        self._metrics.latency.observe(time.perf_counter() - t0 + self._debug_delay_s, tags={"tower": "production"})
+        self._metrics.batch_size.observe(len(user_ids), tags={"tower": "production"})
+        if written:
+            self._metrics.write_backs.inc(written)
+        return [results[int(u)] for u in user_ids]
 
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def compute_frozen(self, user_ids: list[int]) -> list[dict]:
+        """Embeddings of a batch of users by the frozen (first) snapshot's tower; nothing is written.
+
+        Returns:
+            Per call: ``{"user_id", "status", "snapshot_id", "embeddings"}``; status ``computed``, a
+            skip reason, or ``no_frozen_snapshot``.
+        """
+        frozen, store = self._frozen, self._store
+        if frozen is None or store is None:
+            return [{"user_id": int(u), "status": "no_frozen_snapshot", "snapshot_id": None} for u in user_ids]
+        if self._debug_delay_s:
+            await asyncio.sleep(self._debug_delay_s)
+        self._stats["frozen_batches"] += 1
+        self._stats["frozen_requests"] += len(user_ids)
+        t0 = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _compute_only, frozen.tower, store, frozen.snapshot_id, list(user_ids)
+        )
+        self._metrics.latency.observe(time.perf_counter() - t0 + self._debug_delay_s, tags={"tower": "frozen"})
+        self._metrics.batch_size.observe(len(user_ids), tags={"tower": "frozen"})
+        return [results[int(u)] for u in user_ids]
+
+    # -- introspection -------------------------------------------------------------------------
     def snapshot_id(self) -> str | None:
         """The id of the snapshot whose tower this replica runs."""
-        return self._snapshot_id
+        return self._prod.snapshot_id if self._prod else None
 
     def version(self) -> dict:
         """What runs (id, fingerprint), what the latest ``user_config`` asked for, and why it does not
-        run if it does not (``last_error``)."""
+        run if it does not (``last_error``); the same for the frozen snapshot."""
         requested = self._requested or (None, None, None)
+        prod, frozen = self._prod, self._frozen
         return {
-            "snapshot_id": self._snapshot_id,
-            "fingerprint": self._fingerprint,
+            "snapshot_id": prod.snapshot_id if prod else None,
+            "fingerprint": prod.fingerprint if prod else None,
             "requested_snapshot_id": requested[1],
             "requested_fingerprint": requested[2],
             "last_error": self._last_error,
+            "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
+            "frozen_error": self._frozen_error,
         }
 
     def info(self) -> dict:
-        """Loaded snapshot, load time, last load error and counters."""
+        """Loaded snapshots, load times, last load errors, the ``user_config`` in force and counters."""
+        prod, frozen = self._prod, self._frozen
         return {
-            "snapshot_id": self._snapshot_id,
-            "snapshot_dir": self._snapshot_dir,
-            "fingerprint": self._fingerprint,
+            "snapshot_id": prod.snapshot_id if prod else None,
+            "snapshot_dir": prod.snapshot_dir if prod else None,
+            "fingerprint": prod.fingerprint if prod else None,
+            "loaded_at": prod.loaded_at if prod else None,
+            "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
+            "frozen_snapshot_dir": frozen.snapshot_dir if frozen else None,
             "pid": os.getpid(),
-            "loaded_at": self._loaded_at,
+            "niceness": os.nice(0),
             "requested": list(self._requested) if self._requested else None,
             "last_error": self._last_error,
+            "frozen_error": self._frozen_error,
+            "user_config": dict(self._user_config),
+            "max_batch_size": self.compute._get_max_batch_size(),  # type: ignore[attr-defined]
             "stats": dict(self._stats),
         }
 
     def check_health(self) -> None:
-        """Ray Serve's health check: unhealthy while no tower is loaded."""
-        if self._tower is None:
+        """Ray Serve's health check: unhealthy while no production tower is loaded."""
+        if self._prod is None:
             raise RuntimeError(f"no user tower loaded (last error: {self._last_error})")
 
 
 def _compute_and_write(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:
-    """Blocking part of a compute batch: read features -> tower -> fp16 -> write back."""
+    """Blocking part of a compute batch: read features -> tower -> pool with stored versions -> write."""
+    import numpy as np
+
     from serving.store_io import read_user_features, to_ms, write_embeddings
     from sum_models.snapshot import embed_users
 
     unique = list(dict.fromkeys(int(u) for u in user_ids))
     frame, skipped = read_user_features(store, unique, tower.spec)
     results: dict[int, dict] = {
-        u: {"user_id": u, "status": reason, "snapshot_id": None, "written_at_ms": None}
-        for u, reason in skipped.items()
+        u: {"user_id": u, "status": reason, "snapshot_id": None, "written_at_ms": None} for u, reason in skipped.items()
     }
     if len(frame):
         emb = embed_users(tower, frame, tower.spec, batch_size=TOWER_BATCH_SIZE)
         written_at_ms = to_ms(None)
-        write_embeddings(store, frame["user_id"].to_numpy(), emb, snapshot_id, written_at_ms)
-        for u in frame["user_id"].tolist():
-            results[int(u)] = {
-                "user_id": int(u),
+        rows = write_embeddings(
+            store, frame["user_id"].to_numpy(), emb, snapshot_id, written_at_ms, return_frame=True
+        )
+        k = emb.shape[1]
+        for r in rows.itertuples(index=False):
+            pooled = np.stack([np.asarray(getattr(r, f"embedding_{j}")) for j in range(k)]).astype(np.float16)
+            results[int(r.user_id)] = {
+                "user_id": int(r.user_id),
                 "status": "written",
                 "snapshot_id": snapshot_id,
                 "written_at_ms": written_at_ms,
+                "pooled_versions": int(r.pooled_versions),
+                "embeddings": pooled,
+            }
+    return results
+
+
+def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:
+    """Blocking part of a frozen batch: read features -> tower (no pooling, no write)."""
+    from serving.store_io import read_user_features, to_ms
+    from sum_models.snapshot import embed_users
+
+    unique = list(dict.fromkeys(int(u) for u in user_ids))
+    frame, skipped = read_user_features(store, unique, tower.spec)
+    results: dict[int, dict] = {u: {"user_id": u, "status": reason, "snapshot_id": None} for u, reason in skipped.items()}
+    if len(frame):
+        emb = embed_users(tower, frame, tower.spec, batch_size=TOWER_BATCH_SIZE)
+        now = to_ms(None)
+        for i, u in enumerate(frame["user_id"].tolist()):
+            results[int(u)] = {
+                "user_id": int(u),
+                "status": "computed",
+                "snapshot_id": snapshot_id,
+                "written_at_ms": now,
+                "pooled_versions": 1,
+                "embeddings": emb[i],
             }
     return results
 
@@ -292,13 +456,16 @@ class ComputeLauncher:
 
     Args:
         max_inflight: Bound on calls in flight.
+        on_outcome: Called with the outcome of each finished call (``written``, ``skipped``,
+            ``computed`` or ``failed``).
     """
 
-    def __init__(self, max_inflight: int) -> None:
+    def __init__(self, max_inflight: int, on_outcome: Callable[[str], None] | None = None) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.max_inflight = int(max_inflight)
         self._inflight: set[asyncio.Task] = set()
+        self._on_outcome = on_outcome
         self.stats = {"scheduled": 0, "dropped": 0, "written": 0, "skipped": 0, "failed": 0}
 
     @property
@@ -309,7 +476,7 @@ class ComputeLauncher:
         """Starts ``make_call()`` without awaiting it (call from the event loop).
 
         Returns:
-            The task (a later mode may await it with a latency budget), or None if dropped.
+            The task (realtime and frozen reads await it with a budget), or None if dropped.
         """
         if len(self._inflight) >= self.max_inflight:
             self.stats["dropped"] += 1
@@ -325,24 +492,131 @@ class ComputeLauncher:
             result = await make_call()
         except Exception as exc:
             self.stats["failed"] += 1
+            self._outcome("failed")
             n = self.stats["failed"]
             if n <= 10 or n % 1000 == 0:
                 log.warning("async compute call failed (%d so far): %s: %s", n, type(exc).__name__, exc)
             return None
         status = result.get("status") if isinstance(result, dict) else None
-        self.stats["written" if status == "written" else "skipped"] += 1
+        outcome = "written" if status == "written" else "computed" if status == "computed" else "skipped"
+        self.stats["written" if outcome == "written" else "skipped"] += 1
+        self._outcome(outcome)
         return result
+
+    def _outcome(self, outcome: str) -> None:
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(outcome)
+            except Exception:  # metrics must never break the write path
+                pass
+
+
+class StoreUnavailable(RuntimeError):
+    """The online store could not be read."""
+
+
+def _local_metrics_url() -> str:
+    """This node's Ray Prometheus endpoint (the agent listens on the node address, or every address)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://127.0.0.1:{int(node['MetricsExportPort'])}/metrics"
+    raise RuntimeError("this node has no metrics export port")
+
+
+def _validate_ingress_config(user_config: dict) -> dict:
+    cfg = dict(user_config or {})
+    if cfg.get("mode") not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {cfg.get('mode')!r}")
+    for key in ("realtime_budget_ms", "frozen_timeout_ms"):
+        value = cfg.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+    users = cfg.get("max_batch_users")
+    if not isinstance(users, int) or isinstance(users, bool) or not 1 <= users <= BATCH_HARD_MAX:
+        raise ValueError(f"max_batch_users must be an int in [1, {BATCH_HARD_MAX}], got {users!r}")
+    return {
+        "mode": cfg["mode"],
+        "realtime_budget_ms": float(cfg["realtime_budget_ms"]),
+        "frozen_timeout_ms": float(cfg["frozen_timeout_ms"]),
+        "max_batch_users": users,
+    }
+
+
+def ingress_user_config(params: "Params", **overrides: Any) -> dict:
+    """The ingress ``user_config``: ``mode``, ``realtime_budget_ms``, ``frozen_timeout_ms``,
+    ``max_batch_users`` from ``params.serving``, with ``overrides``.
+
+    Raises:
+        ValueError: An invalid mode or bound.
+    """
+    s = params.serving
+    cfg = {
+        "mode": s.mode,
+        "realtime_budget_ms": float(s.realtime_budget_ms),
+        "frozen_timeout_ms": float(s.frozen_timeout_ms),
+        "max_batch_users": int(s.max_batch_users),
+    }
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return _validate_ingress_config(cfg)
+
+
+UserId = Annotated[StrictInt, Field(ge=0, le=MAX_USER_ID)]
 
 
 class EmbeddingsResponse(BaseModel):
-    """A user's stored SUM embeddings."""
+    """A user's SUM embeddings, as the mode in force answers them."""
 
     user_id: int
-    snapshot_id: str | None = Field(description="Snapshot that computed the stored embeddings.")
-    written_at_ms: int | None = Field(description="When they were written, Unix ms (UTC).")
-    age_seconds: float | None = Field(description="Seconds since they were written.")
-    embeddings: list[list[float]] = Field(description="K embeddings of dimension D (fp16 values).")
-    compute: str = Field(description="Fate of the async recompute: 'scheduled' or 'dropped'.")
+    mode: Mode = Field(description="Mode that answered.")
+    source: Literal["store", "compute", "batch", "frozen"] = Field(
+        description="store: the online store's pooled value; compute: the fresh pooled value (realtime); "
+        "batch: the daily batch value (offline); frozen: the first snapshot's tower (frozen)."
+    )
+    snapshot_id: str | None = Field(description="Snapshot that computed the latest version.")
+    written_at_ms: int | None = Field(description="When that version was written (computed, for frozen), Unix ms.")
+    age_seconds: float | None = Field(description="Seconds since then.")
+    pooled_versions: int | None = Field(description="Versions averaged into the value (paper §5.2), 1-3.")
+    embeddings: list[list[float]] = Field(description="K embeddings of dimension D (fp16 values as floats).")
+    compute: str = Field(
+        description="Fate of the compute call: scheduled | dropped (async); completed | timeout | dropped | "
+        "failed | skipped (realtime, frozen); not_requested (offline)."
+    )
+
+
+class BatchRequest(BaseModel):
+    """Users to read (duplicates are answered once, in first-seen order)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_ids: list[UserId] = Field(
+        min_length=1, max_length=BATCH_HARD_MAX, description="Non-negative int64 ids; at most serving.max_batch_users."
+    )
+    mode: Mode | None = Field(None, description="Mode for this request; default the deployment's mode.")
+
+
+class BatchItem(BaseModel):
+    user_id: int
+    status: Literal["ok", "not_found", "timeout", "unavailable"] = Field(
+        description="not_found: no stored value (async/realtime/offline) or no features (frozen); "
+        "timeout/unavailable: frozen compute did not answer in time / is not loaded."
+    )
+    source: str | None = None
+    snapshot_id: str | None = None
+    written_at_ms: int | None = None
+    age_seconds: float | None = None
+    pooled_versions: int | None = None
+    embeddings: list[list[float]] | None = None
+    compute: str
+
+
+class BatchResponse(BaseModel):
+    mode: Mode
+    count: int = Field(description="Distinct users answered.")
+    found: int = Field(description="Users with status ok.")
+    results: list[BatchItem]
 
 
 class VersionResponse(BaseModel):
@@ -353,18 +627,33 @@ class VersionResponse(BaseModel):
     requested_snapshot_id: str | None = Field(description="Snapshot of the latest user_config.")
     requested_fingerprint: str | None = Field(description="Its fingerprint.")
     last_error: str | None = Field(description="Why the requested snapshot is not running (None if it is).")
+    frozen_snapshot_id: str | None = Field(None, description="Snapshot frozen mode computes with.")
+    frozen_error: str | None = Field(None, description="Why the requested frozen snapshot is not loaded.")
+    ingress: dict = Field(default_factory=dict, description="The ingress user_config in force (mode, budgets).")
 
 
 class ErrorResponse(BaseModel):
     detail: str
     user_id: int | None = None
+    mode: str | None = None
+    compute: str | None = None
 
 
 api = FastAPI(
     title="SOAP - SUM Online Asynchronous Platform",
-    description="Serves SUM user embeddings from the online store; recomputes them asynchronously.",
-    version="1",
+    description=(
+        "Serves SUM user embeddings (paper §4). Modes: async (stored pooled value, async recompute), "
+        "realtime (fresh value within a budget, else stored), offline (daily batch value), frozen (the first "
+        "production snapshot's tower). A user with no stored value (or, in frozen mode, no features) gets "
+        "404 with a reason; malformed input gets 422 (or 413 for an oversized batch); a store or compute "
+        "outage gets 503."
+    ),
+    version="2",
 )
+
+
+def _age(written_at_ms: int | None, now: float) -> float | None:
+    return None if written_at_ms is None else max(0.0, now - written_at_ms / 1000.0)
 
 
 @serve.deployment(
@@ -378,7 +667,7 @@ api = FastAPI(
 )
 @serve.ingress(api)
 class SoapIngress:
-    """The SOAP client: reads from the online store at once, fires the compute call asynchronously.
+    """The SOAP client: answers reads in the configured mode, fires compute calls asynchronously.
 
     Args:
         compute: Handle of the :class:`ComputeCenter` deployment.
@@ -386,111 +675,342 @@ class SoapIngress:
     """
 
     def __init__(self, compute: "DeploymentHandle", settings: dict) -> None:
+        from serving.metrics import IngressMetrics
+        from serving.store_io import EmbeddingReader
+
         self._compute = compute
-        self._launcher = ComputeLauncher(int(settings["max_inflight_compute"]))
+        self._metrics = IngressMetrics()
+        self._launcher = ComputeLauncher(int(settings["max_inflight_compute"]), on_outcome=self._count_outcome)
         self._settings = dict(settings)
         self._params, self._store = _open_store(settings["workspace"], settings["params_path"])
-        # Store reads run here, off the event loop, one at a time (a SQLite connection is not
-        # meant for concurrent use from many threads).
+        self._reader = EmbeddingReader(self._store)
+        # Store reads run here, off the event loop (one connection per thread; reads take ~0.1 ms).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-read")
-        self._stats = {"requests": 0, "not_found": 0}
+        self._config: dict = ingress_user_config(self._params)
+        self._config_error: str | None = None
+        self._stats = {"requests": 0, "not_found": 0, "fallbacks": 0, "frozen_failures": 0}
+        self._metrics_url: str | None = None
 
-    def _fire_compute(self, user_id: int) -> str:
-        """Fires the async recompute of a user; returns ``scheduled`` or ``dropped``."""
-        task = self._launcher.fire(lambda: self._compute.compute.remote(user_id))
-        return "dropped" if task is None else "scheduled"
+    def reconfigure(self, user_config: dict) -> None:
+        """Mode and budgets (:func:`ingress_user_config`). An invalid config keeps the previous one and
+        is reported on ``/version`` (raising would stop the replica, taking reads down)."""
+        try:
+            self._config = _validate_ingress_config(user_config)
+            self._config_error = None
+        except ValueError as exc:
+            self._config_error = str(exc)
+            log.error("ingress user_config rejected (%s); keeping %s", exc, self._config)
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _count_outcome(self, outcome: str) -> None:
+        self._metrics.compute_calls.inc(tags={"outcome": outcome})
+
+    def _fire(self, method: str, user_id: int, mode: str) -> "asyncio.Task | None":
+        fn = getattr(self._compute, method)
+        task = self._launcher.fire(lambda: fn.remote(user_id))
+        if task is None:
+            self._metrics.dropped.inc(tags={"mode": mode})
+        return task
+
+    async def _read(self, user_ids: list[int], source: str) -> dict[int, dict]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._reader.embeddings, user_ids, source)
+
+    def _observe(self, mode: str, endpoint: str, code: int, t0: float) -> None:
+        self._metrics.read_latency.observe(time.perf_counter() - t0, tags={"mode": mode, "endpoint": endpoint})
+        self._metrics.requests.inc(tags={"mode": mode, "endpoint": endpoint, "code": str(code)})
+
+    async def _answer_users(self, user_ids: list[int], mode: str, t0: float) -> dict[int, dict]:
+        """Answers of the users in ``mode``: ``{user_id: item}`` with ``status`` ok/not_found/timeout/
+        unavailable, ``compute`` (the compute call's fate) and, when ok, the value and its provenance.
+
+        Raises:
+            StoreUnavailable: The online store read failed (async, realtime, offline).
+        """
+        now = time.time
+        if mode == "offline":
+            rows = await self._read_or_raise(user_ids, "batch")
+            return {u: self._item(u, rows.get(u), "batch", "not_requested", now()) for u in user_ids}
+
+        if mode == "frozen":
+            budget = float(self._config["frozen_timeout_ms"]) / 1000.0
+            tasks = {u: self._fire("compute_frozen", u, mode) for u in user_ids}
+            results = await self._wait(tasks, t0 + budget)
+            out = {}
+            for u in user_ids:
+                fate, result = results[u]
+                if fate == "completed":
+                    out[u] = self._item(u, result, "frozen", fate, now())
+                elif fate == "skipped" and (result or {}).get("status") in ("no_features", "missing_dense_features"):
+                    out[u] = {"user_id": u, "status": "not_found", "compute": fate}
+                else:
+                    self._stats["frozen_failures"] += 1
+                    status = "unavailable" if (result or {}).get("status") == "no_frozen_snapshot" else "timeout"
+                    out[u] = {"user_id": u, "status": status, "compute": fate}
+            return out
+
+        # async / realtime: the compute call is fired first, the store is read meanwhile.
+        tasks = {u: self._fire("compute", u, mode) for u in user_ids}
+        rows = await self._read_or_raise(user_ids, "served")
+        if mode == "async":
+            return {
+                u: self._item(u, rows.get(u), "store", "dropped" if tasks[u] is None else "scheduled", now())
+                for u in user_ids
+            }
+        budget = float(self._config["realtime_budget_ms"]) / 1000.0
+        results = await self._wait(tasks, t0 + budget)
+        out = {}
+        for u in user_ids:
+            fate, result = results[u]
+            if fate == "completed":
+                out[u] = self._item(u, result, "compute", fate, now())
+                continue
+            self._stats["fallbacks"] += 1
+            self._metrics.fallbacks.inc(tags={"reason": fate})
+            out[u] = self._item(u, rows.get(u), "store", fate, now())
+        return out
+
+    async def _read_or_raise(self, user_ids: list[int], source: str) -> dict[int, dict]:
+        try:
+            return await self._read(user_ids, source)
+        except Exception as exc:
+            log.error("online store read failed for %d users: %s", len(user_ids), exc)
+            raise StoreUnavailable(f"online store read failed: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    async def _wait(tasks: dict[int, "asyncio.Task | None"], deadline: float) -> dict[int, tuple[str, dict | None]]:
+        """Waits for the compute tasks until ``deadline`` (perf_counter); never cancels them.
+
+        Returns:
+            ``{user_id: (fate, result)}``, fate ``completed`` / ``skipped`` / ``failed`` / ``timeout`` /
+            ``dropped``.
+        """
+        pending = {t for t in tasks.values() if t is not None}
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.perf_counter()))
+        out: dict[int, tuple[str, dict | None]] = {}
+        for u, task in tasks.items():
+            if task is None:
+                out[u] = ("dropped", None)
+            elif not task.done():
+                out[u] = ("timeout", None)
+            else:
+                result = task.result()
+                status = (result or {}).get("status")
+                if result is None:
+                    out[u] = ("failed", None)
+                elif status in ("written", "computed"):
+                    out[u] = ("completed", result)
+                else:
+                    out[u] = ("skipped", result)
+        return out
+
+    def _item(self, user_id: int, row: dict | None, source: str, compute: str, now: float) -> dict:
+        if row is None or row.get("embeddings") is None:
+            return {"user_id": user_id, "status": "not_found", "compute": compute}
+        written = row.get("written_at_ms")
+        return {
+            "user_id": user_id,
+            "status": "ok",
+            "source": source,
+            "snapshot_id": row.get("snapshot_id"),
+            "written_at_ms": written,
+            "age_seconds": _age(written, now),
+            "pooled_versions": row.get("pooled_versions"),
+            "embeddings": row["embeddings"].astype("float32").tolist(),
+            "compute": compute,
+        }
 
     # -- routes --------------------------------------------------------------------------------
     @api.get(
         "/users/{user_id}/embeddings",
         response_model=EmbeddingsResponse,
-        responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
-        summary="A user's SUM embeddings (stored value; triggers an async recompute)",
+        responses={
+            404: {"model": ErrorResponse, "description": "No stored value for the user (cold or unknown user)."},
+            422: {"description": "Malformed user id or mode."},
+            503: {"model": ErrorResponse, "description": "Online store unreadable, or frozen compute unavailable."},
+        },
+        summary="One user's SUM embeddings, answered in the mode in force (or ?mode=)",
     )
     async def get_embeddings(
         self,
         user_id: int = PathParam(..., ge=0, le=MAX_USER_ID, description="User id (non-negative int64)."),
+        mode: Mode | None = Query(None, description="Override the deployment's mode for this request."),
     ):
-        from serving.store_io import read_embeddings
-
+        t0 = time.perf_counter()
+        mode = mode or self._config["mode"]
         self._stats["requests"] += 1
         try:
-            rows = await self._run(read_embeddings, self._store, [user_id])
+            item = (await self._answer_users([user_id], mode, t0))[user_id]
+        except StoreUnavailable as exc:
+            self._observe(mode, "user", 503, t0)
+            return JSONResponse(status_code=503, content={"detail": str(exc), "user_id": user_id, "mode": mode})
+        status = item.pop("status")
+        if status != "ok":
+            code = 404 if status == "not_found" else 503
+            if code == 404:
+                self._stats["not_found"] += 1
+            detail = {
+                "not_found": f"no embeddings for user {user_id}"
+                + (" (no features)" if mode == "frozen" else " stored" if mode != "offline" else " from the daily batch"),
+                "timeout": f"frozen compute did not answer within {self._config['frozen_timeout_ms']} ms",
+                "unavailable": "no frozen snapshot loaded",
+            }[status]
+            self._observe(mode, "user", code, t0)
+            return JSONResponse(
+                status_code=code,
+                content={"detail": detail, "user_id": user_id, "mode": mode, "compute": item["compute"]},
+            )
+        self._metrics.age.observe(item["age_seconds"] or 0.0, tags={"mode": mode})
+        self._observe(mode, "user", 200, t0)
+        return {"mode": mode, **item}
+
+    @api.post(
+        "/embeddings/batch",
+        response_model=BatchResponse,
+        responses={
+            413: {"model": ErrorResponse, "description": "More users than serving.max_batch_users."},
+            422: {"description": "Malformed body (non-integer, negative or out-of-range ids, unknown mode)."},
+            503: {"model": ErrorResponse, "description": "Online store unreadable."},
+        },
+        summary="Many users' SUM embeddings in one call (per-user status)",
+    )
+    async def get_embeddings_batch(self, body: BatchRequest):
+        t0 = time.perf_counter()
+        mode = body.mode or self._config["mode"]
+        ids = list(dict.fromkeys(body.user_ids))
+        limit = int(self._config["max_batch_users"])
+        if len(ids) > limit:
+            self._observe(mode, "batch", 413, t0)
+            return JSONResponse(
+                status_code=413,
+                content={"detail": f"{len(ids)} distinct user ids; at most {limit} per request", "mode": mode},
+            )
+        self._stats["requests"] += 1
+        try:
+            items = await self._answer_users(ids, mode, t0)
+        except StoreUnavailable as exc:
+            self._observe(mode, "batch", 503, t0)
+            return JSONResponse(status_code=503, content={"detail": str(exc), "mode": mode})
+        results = [items[u] for u in ids]
+        for item in results:
+            if item["status"] == "ok":
+                self._metrics.age.observe(item["age_seconds"] or 0.0, tags={"mode": mode})
+        self._observe(mode, "batch", 200, t0)
+        found = sum(1 for r in results if r["status"] == "ok")
+        return {"mode": mode, "count": len(results), "found": found, "results": results}
+
+    async def _compute_version(self) -> tuple[dict | None, str | None]:
+        try:
+            return await asyncio.wait_for(self._compute.version.remote(), timeout=VERSION_TIMEOUT_S), None
         except Exception as exc:
-            log.error("online store read failed for user %s: %s", user_id, exc)
-            return JSONResponse(
-                status_code=503, content={"detail": f"online store read failed: {exc}", "user_id": user_id}
-            )
-        compute = self._fire_compute(user_id)
-        row = rows.get(user_id)
-        if row is None:
-            self._stats["not_found"] += 1
-            return JSONResponse(
-                status_code=404,
-                content={"detail": f"no embeddings stored for user {user_id}", "user_id": user_id, "compute": compute},
-            )
-        written_at_ms = row["written_at_ms"]
-        age = None if written_at_ms is None else max(0.0, time.time() - written_at_ms / 1000.0)
-        return {
-            "user_id": user_id,
-            "snapshot_id": row["snapshot_id"],
-            "written_at_ms": written_at_ms,
-            "age_seconds": age,
-            "embeddings": row["embeddings"].astype("float32").tolist(),
-            "compute": compute,
-        }
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+            return None, reason
 
     @api.get(
         "/version",
         response_model=VersionResponse,
         responses={503: {"model": ErrorResponse}},
-        summary="Snapshot the compute deployment runs",
+        summary="Snapshots the compute deployment runs (production and frozen) and the ingress config",
     )
     async def version(self):
-        try:
-            info = await asyncio.wait_for(self._compute.version.remote(), timeout=VERSION_TIMEOUT_S)
-        except Exception as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+        info, reason = await self._compute_version()
+        if info is None:
             return JSONResponse(status_code=503, content={"detail": f"compute deployment unavailable: {reason}"})
-        return info
+        return {**info, "ingress": {**self._config, "config_error": self._config_error}}
 
-    @api.get("/healthz", summary="Liveness of the SOAP client, with async-compute counters")
+    @api.get("/healthz", summary="Liveness, the loaded snapshot ids, the mode and counters")
     async def healthz(self):
+        info, reason = await self._compute_version()
         compute = {f"compute_{k}": v for k, v in self._launcher.stats.items()}
-        return {"status": "ok", **self._stats, "compute_inflight": self._launcher.inflight, **compute}
+        return {
+            "status": "ok" if info and info.get("snapshot_id") else "degraded",
+            "mode": self._config["mode"],
+            "snapshot_id": (info or {}).get("snapshot_id"),
+            "frozen_snapshot_id": (info or {}).get("frozen_snapshot_id"),
+            "compute_error": reason or (info or {}).get("last_error"),
+            **self._stats,
+            "compute_inflight": self._launcher.inflight,
+            **compute,
+        }
+
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        summary="The SOAP Prometheus metrics (ray_soap_*) exported by this node's Ray metrics agent",
+    )
+    async def metrics(self):
+        import httpx
+
+        from serving.metrics import filter_families
+
+        try:
+            url = self._metrics_url or await asyncio.get_running_loop().run_in_executor(None, _local_metrics_url)
+            self._metrics_url = url
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                resp = await client.get(url)
+            resp.raise_for_status()
+        except Exception as exc:
+            self._metrics_url = None
+            return PlainTextResponse(f"# Ray metrics endpoint unavailable: {type(exc).__name__}: {exc}\n", status_code=503)
+        return PlainTextResponse(filter_families(resp.text), media_type="text/plain; version=0.0.4")
 
 
 # ---------------------------------------------------------------------------------------------
 # Application
 # ---------------------------------------------------------------------------------------------
 def app_settings(params: "Params", params_file: str | os.PathLike | None = None) -> dict:
-    """Constructor settings shared by both deployments (JSON-serialisable)."""
+    """Constructor settings shared by both deployments (JSON-serialisable; a change replaces replicas)."""
     from sum_platform.config import params_path
 
     return {
         "workspace": str(params.workspace),
         "params_path": str(Path(params_file).resolve() if params_file else params_path()),
         "max_inflight_compute": int(params.serving.max_inflight_compute),
+        "compute_niceness": int(params.serving.compute_niceness),
         "torch_threads": 1,
     }
 
 
 def compute_user_config(
-    params: "Params", snapshot_dir: str | os.PathLike, snapshot_id: str, params_file: str | os.PathLike | None = None
+    params: "Params",
+    snapshot_dir: str | os.PathLike,
+    snapshot_id: str,
+    params_file: str | os.PathLike | None = None,
+    *,
+    frozen: tuple[str | os.PathLike, str] | None = None,
+    **overrides: Any,
 ) -> dict:
-    """The compute deployment's ``user_config`` for a snapshot (its fingerprint included, so a snapshot
-    re-exported under the same id is a config change and gets reloaded)."""
+    """The compute deployment's ``user_config`` for a snapshot.
+
+    Args:
+        params: Platform params.
+        snapshot_dir: The production snapshot; its fingerprint is included, so a snapshot re-exported
+            under the same id is a config change and gets reloaded.
+        snapshot_id: Its id.
+        params_file: The params file replicas load.
+        frozen: ``(dir, id)`` of the snapshot frozen mode uses (default: the production one).
+        overrides: ``max_batch_size``, ``batch_wait_ms``, ``debug_delay_ms`` (test/benchmark knob: every
+            compute batch sleeps this long first, i.e. a slower model).
+    """
     settings = app_settings(params, params_file)
-    return {
+    frozen_dir, frozen_id = frozen if frozen else (snapshot_dir, snapshot_id)
+    cfg = {
         "snapshot_dir": str(Path(snapshot_dir).resolve()),
         "fingerprint": snapshot_fingerprint(snapshot_dir),
         "snapshot_id": str(snapshot_id),
+        "frozen_snapshot_dir": str(Path(frozen_dir).resolve()),
+        "frozen_snapshot_id": str(frozen_id),
+        "frozen_fingerprint": snapshot_fingerprint(frozen_dir),
         "workspace": settings["workspace"],
         "params_path": settings["params_path"],
+        "max_batch_size": int(params.serving.compute_max_batch_size),
+        "batch_wait_ms": float(params.serving.compute_batch_wait_ms),
+        "debug_delay_ms": 0.0,
     }
+    unknown = set(overrides) - {"max_batch_size", "batch_wait_ms", "debug_delay_ms"}
+    if unknown:
+        raise ValueError(f"unknown compute options {sorted(unknown)}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
 
 
 def _source_digest(*packages: str) -> str:
@@ -504,7 +1024,7 @@ def _source_digest(*packages: str) -> str:
 
 def code_version(kind: str, settings: dict) -> str:
     """Deployment code version: changes with the code a replica runs or its constructor settings,
-    never with ``user_config`` (so a snapshot change is an in-place reconfigure)."""
+    never with ``user_config`` (so a snapshot or mode change is an in-place reconfigure)."""
     packages = ("serving",) if kind == "ingress" else ("serving", "sum_models", "sum_platform")
     digest = hashlib.sha256()
     digest.update(_source_digest(*packages).encode())
@@ -517,6 +1037,10 @@ def build_app(
     snapshot_dir: str | os.PathLike,
     snapshot_id: str,
     params_file: str | os.PathLike | None = None,
+    *,
+    frozen: tuple[str | os.PathLike, str] | None = None,
+    compute_options: dict | None = None,
+    ingress_options: dict | None = None,
 ) -> "Application":
     """Builds the SOAP application serving ``snapshot_id``.
 
@@ -525,21 +1049,27 @@ def build_app(
         snapshot_dir: The snapshot directory the compute deployment loads.
         snapshot_id: Its id (must match its manifest).
         params_file: The params file replicas load; defaults to ``SUM_PARAMS`` / the project's file.
+        frozen: ``(dir, id)`` of the snapshot frozen mode uses (default: ``snapshot_id``).
+        compute_options: Overrides of the compute ``user_config`` (:func:`compute_user_config`).
+        ingress_options: Overrides of the ingress ``user_config`` (:func:`ingress_user_config`).
 
     Returns:
         The bound application (ingress :class:`SoapIngress` -> :class:`ComputeCenter`).
     """
     settings = app_settings(params, params_file)
-    user_config = compute_user_config(params, snapshot_dir, snapshot_id, params_file)
+    user_config = compute_user_config(
+        params, snapshot_dir, snapshot_id, params_file, frozen=frozen, **(compute_options or {})
+    )
+    ingress_config = ingress_user_config(params, **(ingress_options or {}))
     max_inflight = settings["max_inflight_compute"]
     # Pinned code versions go through Deployment.options(version=..., _internal=True): the public
     # `version` option was removed from Ray Serve, and without it every deploy replaces every replica.
     compute = ComputeCenter.options(  # type: ignore[attr-defined]
         user_config=user_config,
         # Room for every in-flight compute call of the ingress plus /version calls.
-        max_ongoing_requests=max_inflight + 16,
+        max_ongoing_requests=max(max_inflight, int(user_config["max_batch_size"])) + 16,
     ).options(version=code_version("compute", settings), _internal=True)
     ingress = SoapIngress.options(  # type: ignore[attr-defined]
-        version=code_version("ingress", settings), _internal=True
-    )
+        user_config=ingress_config,
+    ).options(version=code_version("ingress", settings), _internal=True)
     return ingress.bind(compute.bind(settings), settings)

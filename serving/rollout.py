@@ -6,7 +6,15 @@ replica: reads never stop, and the compute keeps its old tower until the new one
 
 ``rollout`` = (preflight load) + deploy + verify through ``GET /version`` (snapshot id *and* content
 fingerprint); on a failure (load error, timeout) it redeploys the previous snapshot, verifies it, and raises
-:class:`RolloutError` saying what failed and what is served now.
+:class:`RolloutError` saying what failed and what is served now. Either way it produces a JSON-able
+*rollout record* (``result["record"]`` / ``RolloutError.record``) that the daily pipeline stores in the
+snapshot registry.
+
+The frozen snapshot (what ``frozen`` mode computes with) is kept across rollouts: the first deploy freezes
+the snapshot it deploys unless told otherwise, later rollouts keep whatever the compute deployment was
+configured with (the pipeline passes the first production snapshot of the registry explicitly).
+
+``reconfigure`` changes the mode, budgets or compute knobs of the running application in place.
 
 Failure modes:
 
@@ -28,7 +36,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sum_platform.config import Params
 
-__all__ = ["RolloutError", "deploy", "rollout", "served_snapshot_id", "served_version", "served_snapshot", "base_url", "app_status"]
+__all__ = [
+    "RolloutError",
+    "deploy",
+    "rollout",
+    "reconfigure",
+    "served_snapshot_id",
+    "served_version",
+    "served_snapshot",
+    "compute_info",
+    "base_url",
+    "app_status",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +55,28 @@ _POLL_S = 0.25
 
 
 class RolloutError(RuntimeError):
-    """A rollout did not reach its snapshot; the message says what failed and what is served now."""
+    """A rollout did not reach its snapshot; the message says what failed and what is served now.
+
+    Attributes:
+        record: The rollout record (``status`` ``preflight_failed`` / ``rolled_back`` /
+            ``rollback_failed`` / ``failed``), for the registry.
+    """
+
+    def __init__(self, message: str, record: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.record = dict(record or {})
+
+
+def _record(status: str, snapshot_id: str, t0: float, **fields: Any) -> dict[str, Any]:
+    from datetime import datetime, timezone
+
+    return {
+        "status": status,
+        "snapshot_id": snapshot_id,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - t0, 3),
+        **fields,
+    }
 
 
 def base_url(params: "Params") -> str:
@@ -99,18 +139,37 @@ def app_status(params: "Params") -> tuple[str | None, str]:
     return status, " | ".join(x for x in (app.message, details) if x)
 
 
-def served_snapshot(params: "Params", timeout_s: float = 5.0) -> tuple[Path, str] | None:
-    """``(snapshot_dir, snapshot_id)`` the compute deployment runs now, asked through Ray (None if unknown)."""
+def compute_info(params: "Params", timeout_s: float = 5.0) -> dict | None:
+    """``ComputeCenter.info()`` of the running application (asked through Ray), None if unreachable."""
     from ray import serve
 
     try:
         handle = serve.get_deployment_handle("ComputeCenter", app_name=params.serving.app_name)
-        info = handle.info.remote().result(timeout_s=timeout_s)
+        return handle.info.remote().result(timeout_s=timeout_s)
     except Exception:
         return None
+
+
+def served_snapshot(params: "Params", timeout_s: float = 5.0) -> tuple[Path, str] | None:
+    """``(snapshot_dir, snapshot_id)`` the compute deployment runs now, asked through Ray (None if unknown)."""
+    info = compute_info(params, timeout_s)
     if not info or not info.get("snapshot_id") or not info.get("snapshot_dir"):
         return None
     return Path(info["snapshot_dir"]), str(info["snapshot_id"])
+
+
+def _same_workspace(info: dict | None, params: "Params") -> bool:
+    cfg = (info or {}).get("user_config") or {}
+    return bool(cfg.get("workspace")) and Path(cfg["workspace"]).resolve() == Path(params.workspace).resolve()
+
+
+def _configured_frozen(info: dict | None, params: "Params") -> tuple[Path, str] | None:
+    """The frozen snapshot the running compute deployment was configured with, when it serves this
+    workspace (None otherwise)."""
+    cfg = (info or {}).get("user_config") or {}
+    if _same_workspace(info, params) and cfg.get("frozen_snapshot_dir") and cfg.get("frozen_snapshot_id"):
+        return Path(cfg["frozen_snapshot_dir"]), str(cfg["frozen_snapshot_id"])
+    return None
 
 
 def deploy(
@@ -121,6 +180,9 @@ def deploy(
     wait: bool = True,
     timeout_s: float = 120.0,
     params_file: str | os.PathLike | None = None,
+    frozen: tuple[Path, str] | None = None,
+    compute_options: dict | None = None,
+    ingress_options: dict | None = None,
 ) -> None:
     """Deploys the SOAP application serving ``snapshot_id`` (starts it, or reconfigures it in place).
 
@@ -131,6 +193,11 @@ def deploy(
         wait: Wait until Ray Serve reports the application RUNNING (or failed).
         timeout_s: How long to wait.
         params_file: The params file replicas load (default ``SUM_PARAMS`` / the project's file).
+        frozen: ``(dir, id)`` frozen mode computes with (default ``snapshot_id``).
+        compute_options: Compute ``user_config`` overrides (``max_batch_size``, ``batch_wait_ms``,
+            ``debug_delay_ms``).
+        ingress_options: Ingress ``user_config`` overrides (``mode``, ``realtime_budget_ms``,
+            ``frozen_timeout_ms``, ``max_batch_users``).
 
     Raises:
         RolloutError: The application failed to deploy or did not become RUNNING in time (with ``wait``).
@@ -142,7 +209,15 @@ def deploy(
     from serving.ray_cluster import ensure_ray
 
     ensure_ray(params)
-    app = build_app(params, snapshot_dir, snapshot_id, params_file=params_file)
+    app = build_app(
+        params,
+        snapshot_dir,
+        snapshot_id,
+        params_file=params_file,
+        frozen=frozen,
+        compute_options=compute_options,
+        ingress_options=ingress_options,
+    )
     # Like serve.run(blocking=False), but without serve.run's unbounded wait for RUNNING: we bound it.
     serve.run_many(
         [RunTarget(target=app, name=params.serving.app_name, route_prefix=params.serving.route_prefix)],
@@ -208,6 +283,21 @@ def _preflight(snapshot_dir: Path, snapshot_id: str) -> None:
         raise ValueError(f"manifest names snapshot {manifest.get('snapshot_id')!r}, not {snapshot_id!r}")
 
 
+def _desired_configs(
+    params: "Params",
+    snapshot_dir: Path,
+    snapshot_id: str,
+    frozen: tuple[Path, str],
+    params_file: str | os.PathLike | None,
+) -> tuple[dict, dict]:
+    from serving.app import compute_user_config, ingress_user_config
+
+    return (
+        compute_user_config(params, snapshot_dir, snapshot_id, params_file, frozen=frozen),
+        ingress_user_config(params),
+    )
+
+
 def rollout(
     params: "Params",
     snapshot_dir: Path,
@@ -217,11 +307,14 @@ def rollout(
     *,
     preflight: bool = True,
     params_file: str | os.PathLike | None = None,
+    frozen: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
     """Moves the application to ``snapshot_id`` and verifies it; rolls back on failure.
 
-    Idempotent: when ``/version`` already reports ``snapshot_id`` with the same content fingerprint
-    (the same export) nothing is deployed; a snapshot re-exported under the same id is rolled out.
+    Idempotent: when the running application already has exactly the configuration this rollout
+    would deploy (snapshot id and content fingerprint, frozen snapshot, mode and knobs from ``params``)
+    nothing is deployed; a snapshot re-exported under the same id is rolled out. Knobs changed at
+    runtime with :func:`reconfigure` are reset to ``params``.
 
     Args:
         params: Platform params.
@@ -234,13 +327,18 @@ def rollout(
         preflight: Load the snapshot in this process first; a snapshot that fails to load is never
             deployed (serving is not touched at all).
         params_file: The params file replicas load (default ``SUM_PARAMS`` / the project's file).
+        frozen: ``(dir, id)`` frozen mode computes with; default: what the running compute deployment
+            was configured with, else this snapshot (the first deploy freezes its snapshot).
 
     Returns:
-        ``{"status": "deployed"|"unchanged", "snapshot_id", "previous_served", "seconds"}``.
+        ``{"status": "deployed"|"unchanged", "snapshot_id", "previous_served", "seconds", "record"}``;
+        ``record`` is the JSON-able rollout record for the registry.
 
     Raises:
         RolloutError: The snapshot failed preflight, failed to load in the compute deployment or was not
-            reported in time. The message names the failure, the rollback and what ``/version`` reports now.
+            reported in time. The message names the failure, the rollback and what ``/version`` reports
+            now; ``err.record`` is the rollout record (``rolled_back`` with ``rolled_back_to``, or
+            ``rollback_failed`` / ``preflight_failed`` / ``failed``).
     """
     from serving.app import snapshot_fingerprint
     from serving.ray_cluster import ensure_ray
@@ -251,47 +349,133 @@ def rollout(
     fingerprint = snapshot_fingerprint(snapshot_dir)
     body = served_version(params)
     before = (body or {}).get("snapshot_id")
+    info = compute_info(params) if body else None
+    frozen = frozen or _configured_frozen(info, params) or (snapshot_dir, snapshot_id)
     status, _ = app_status(params)
-    if _serves(body, snapshot_id, fingerprint) and status == "RUNNING":
-        return {"status": "unchanged", "snapshot_id": snapshot_id, "previous_served": before, "seconds": 0.0}
+    want_compute, want_ingress = _desired_configs(params, snapshot_dir, snapshot_id, frozen, params_file)
+    running_ingress = {k: v for k, v in ((body or {}).get("ingress") or {}).items() if k != "config_error"}
+    if (
+        _serves(body, snapshot_id, fingerprint)
+        and status == "RUNNING"
+        and (info or {}).get("user_config") == want_compute
+        and running_ingress == want_ingress
+    ):
+        record = _record("unchanged", snapshot_id, t0, previous_served=before, served_after=before,
+                         frozen_snapshot_id=str(frozen[1]))
+        return {"status": "unchanged", "snapshot_id": snapshot_id, "previous_served": before, "seconds": 0.0,
+                "record": record}
 
     if preflight:
         try:
             _preflight(snapshot_dir, snapshot_id)
         except Exception as exc:
+            record = _record("preflight_failed", snapshot_id, t0, previous_served=before, served_after=before,
+                             error=f"{type(exc).__name__}: {exc}")
             raise RolloutError(
                 f"snapshot {snapshot_id} at {snapshot_dir} failed to load ({exc}); not deployed, "
-                f"serving unchanged: /version reports {before!r}"
+                f"serving unchanged: /version reports {before!r}",
+                record,
             ) from exc
 
-    fallback = previous or (served_snapshot(params) if before else None)
+    # Default rollback target: what runs now, if it serves this workspace.
+    fallback = previous or (served_snapshot(params) if before and _same_workspace(info, params) else None)
     failure: str
     try:
-        deploy(params, snapshot_dir, snapshot_id, wait=False, params_file=params_file)
+        deploy(params, snapshot_dir, snapshot_id, wait=False, params_file=params_file, frozen=frozen)
         ok, failure = _await_served(params, snapshot_id, fingerprint, timeout_s)
     except Exception as exc:  # the deploy call itself failed
         ok, failure = False, f"deploy raised {type(exc).__name__}: {exc}"
     if ok:
-        log.info("rolled out %s (was %s) in %.1fs", snapshot_id, before, time.monotonic() - t0)
-        return {
-            "status": "deployed",
-            "snapshot_id": snapshot_id,
-            "previous_served": before,
-            "seconds": round(time.monotonic() - t0, 3),
-        }
+        seconds = round(time.monotonic() - t0, 3)
+        log.info("rolled out %s (was %s) in %.1fs", snapshot_id, before, seconds)
+        record = _record("deployed", snapshot_id, t0, previous_served=before, served_after=snapshot_id,
+                         frozen_snapshot_id=str(frozen[1]))
+        return {"status": "deployed", "snapshot_id": snapshot_id, "previous_served": before, "seconds": seconds,
+                "record": record}
 
     message = f"rollout of {snapshot_id} from {snapshot_dir} failed: {failure}"
     log.error(message)
     if fallback is None:
         now = served_snapshot_id(params)
-        raise RolloutError(f"{message}; no previous snapshot to roll back to; /version reports {now!r}")
+        record = _record("failed", snapshot_id, t0, previous_served=before, served_after=now, error=failure)
+        raise RolloutError(f"{message}; no previous snapshot to roll back to; /version reports {now!r}", record)
     prev_dir, prev_id = Path(fallback[0]), str(fallback[1])
     try:
-        deploy(params, prev_dir, prev_id, wait=False, params_file=params_file)
+        deploy(params, prev_dir, prev_id, wait=False, params_file=params_file, frozen=frozen)
         back, why = _await_served(params, prev_id, snapshot_fingerprint(prev_dir), timeout_s)
     except Exception as exc:
         back, why = False, f"deploy raised {type(exc).__name__}: {exc}"
     now = served_snapshot_id(params)
     if back:
-        raise RolloutError(f"{message}; rolled back to {prev_id}; /version reports {now!r}")
-    raise RolloutError(f"{message}; rollback to {prev_id} failed too ({why}); /version reports {now!r}")
+        record = _record("rolled_back", snapshot_id, t0, previous_served=before, served_after=now,
+                         rolled_back_to=prev_id, error=failure)
+        raise RolloutError(f"{message}; rolled back to {prev_id}; /version reports {now!r}", record)
+    record = _record("rollback_failed", snapshot_id, t0, previous_served=before, served_after=now,
+                     rolled_back_to=prev_id, error=failure, rollback_error=why)
+    raise RolloutError(f"{message}; rollback to {prev_id} failed too ({why}); /version reports {now!r}", record)
+
+
+def reconfigure(
+    params: "Params",
+    *,
+    mode: str | None = None,
+    realtime_budget_ms: float | None = None,
+    frozen_timeout_ms: float | None = None,
+    max_batch_users: int | None = None,
+    compute_options: dict | None = None,
+    params_file: str | os.PathLike | None = None,
+    timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """Changes the running application's mode, budgets or compute knobs in place (same snapshots).
+
+    What is not given keeps its running value. Lasts until the next :func:`rollout`, which deploys the
+    configuration of ``params`` (change ``params.yaml`` ``serving`` for a lasting switch).
+
+    Args:
+        params: Platform params.
+        mode: ``async`` / ``realtime`` / ``offline`` / ``frozen``.
+        realtime_budget_ms: Realtime latency budget.
+        frozen_timeout_ms: Frozen mode's compute deadline.
+        max_batch_users: Bound of the batch endpoint.
+        compute_options: ``max_batch_size``, ``batch_wait_ms``, ``debug_delay_ms``.
+        params_file: The params file replicas load.
+        timeout_s: How long to wait until ``/version`` reports the change.
+
+    Returns:
+        ``{"ingress": {...}, "compute": {...}}``: the configuration in force afterwards.
+
+    Raises:
+        RolloutError: Nothing is running, or the change was not applied in time.
+    """
+    from serving.app import compute_user_config, ingress_user_config
+    from serving.ray_cluster import ensure_ray
+
+    ensure_ray(params)
+    info = compute_info(params)
+    body = served_version(params)
+    if not info or not info.get("user_config") or not body:
+        raise RolloutError("no running SOAP application to reconfigure")
+    cfg = info["user_config"]
+    running_ingress = {k: v for k, v in (body.get("ingress") or {}).items() if k != "config_error"}
+    ingress = {**running_ingress}
+    ingress.update({k: v for k, v in {"mode": mode, "realtime_budget_ms": realtime_budget_ms,
+                                       "frozen_timeout_ms": frozen_timeout_ms,
+                                       "max_batch_users": max_batch_users}.items() if v is not None})
+    knobs = {k: cfg.get(k) for k in ("max_batch_size", "batch_wait_ms", "debug_delay_ms")}
+    knobs.update(compute_options or {})
+    frozen = _configured_frozen(info, params)
+    want_ingress = ingress_user_config(params, **ingress)  # validates before anything is deployed
+    want_compute = compute_user_config(params, cfg["snapshot_dir"], cfg["snapshot_id"], params_file,
+                                       frozen=frozen, **knobs)
+    deploy(params, Path(cfg["snapshot_dir"]), str(cfg["snapshot_id"]), wait=True, params_file=params_file,
+           frozen=frozen, compute_options=knobs, ingress_options=want_ingress)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = served_version(params) or {}
+        now_ingress = {k: v for k, v in (body.get("ingress") or {}).items() if k != "config_error"}
+        now_compute = (compute_info(params) or {}).get("user_config")
+        if now_ingress == want_ingress and now_compute == want_compute:
+            return {"ingress": now_ingress, "compute": now_compute}
+        if time.monotonic() > deadline:
+            raise RolloutError(f"reconfigure not applied after {timeout_s:.0f}s: ingress {now_ingress}, compute {now_compute}")
+        time.sleep(_POLL_S)

@@ -404,20 +404,18 @@ def materialize_embeddings(ds: str) -> dict[str, Any]:
     tower, _ = load_user_tower(ctx.ws.snapshot_dir(prod.snapshot_id))
     emb = embed_users(tower, users, tower.spec)
     written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
-    offline = pd.DataFrame({"user_id": users["user_id"].to_numpy()})
-    for k in range(emb.shape[1]):
-        offline[f"embedding_{k}"] = list(emb[:, k, :].astype("float32"))
-    offline["snapshot_id"] = prod.snapshot_id
-    offline["written_at_ms"] = int(written_at.timestamp() * 1000)
-    offline["written_at"] = pd.Timestamp(written_at)
+    # The same pooled write as SOAP's compute (paper 5.2: mean of this version and the 2 stored before),
+    # marked as the day's batch value (what offline mode serves); the offline copy is the stored rows.
+    offline = write_embeddings(store, users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
+                               batch=True, return_frame=True)
     write_frame(offline, ctx.ws.embeddings_dir(ds))
-    write_embeddings(store, users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at)
     return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(users)}
 
 
 def rollout(ds: str) -> dict[str, Any]:
     """Moves the serving app to the production snapshot; rolls back to the previous one on failure."""
     from serving.ray_cluster import ensure_ray
+    from serving.rollout import RolloutError
     from serving.rollout import rollout as serve_rollout
 
     ctx = context()
@@ -427,8 +425,19 @@ def rollout(ds: str) -> dict[str, Any]:
     previous = None
     if prod.parent_id and ctx.ws.snapshot_dir(prod.parent_id).exists():
         previous = (ctx.ws.snapshot_dir(prod.parent_id), prod.parent_id)
+    # Frozen mode computes with the first snapshot ever promoted (paper 6.4, "frozen user model").
+    first = min(ctx.registry.promoted_history(), key=lambda r: (r.ds, r.snapshot_id), default=None)
+    frozen = (ctx.ws.snapshot_dir(first.snapshot_id), first.snapshot_id) if first else None
+    if frozen and not frozen[0].exists():
+        frozen = None
     ensure_ray(ctx.params)
-    result = serve_rollout(ctx.params, ctx.ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id, previous=previous)
+    try:
+        result = serve_rollout(ctx.params, ctx.ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id,
+                               previous=previous, frozen=frozen)
+    except RolloutError as err:  # rolled back (or not): recorded on the snapshot that failed to roll out
+        ctx.registry.update_record(prod.snapshot_id, {"rollout": err.record})
+        raise
+    ctx.registry.update_record(prod.snapshot_id, {"rollout": result["record"]})
     return {"ds": ds, "snapshot_id": prod.snapshot_id, **(result or {})}
 
 
@@ -437,7 +446,7 @@ def verify_serving(ds: str) -> dict[str, Any]:
     import httpx
     import pandas as pd
 
-    from serving.rollout import served_snapshot_id
+    from serving.rollout import base_url, served_snapshot_id
 
     ctx = context()
     prod = ctx.registry.production()
@@ -445,7 +454,7 @@ def verify_serving(ds: str) -> dict[str, Any]:
     if prod is None or served != prod.snapshot_id:
         raise RuntimeError(f"serving reports {served!r}, registry production is {prod.snapshot_id if prod else None!r}")
     user_id = int(pd.read_parquet(ctx.ws.users_dir(ds), columns=["user_id"])["user_id"].min())
-    url = f"http://{ctx.params.serving.host}:{ctx.params.serving.port}/users/{user_id}/embeddings"
+    url = f"{base_url(ctx.params)}/users/{user_id}/embeddings"
     resp = httpx.get(url, timeout=30)
     if resp.status_code != 200:
         raise RuntimeError(f"GET {url} -> {resp.status_code}: {resp.text[:300]}")
