@@ -63,36 +63,93 @@ def read_json(path: Path) -> dict[str, Any]:
 # ingest -> validate -> version data
 # ---------------------------------------------------------------------------------------------
 def ingest(ds: str) -> dict[str, Any]:
-    """Makes the day's partitions available: the simulator writes them unless they already exist.
+    """Makes the day's partitions available: the simulator writes the ones that are missing.
 
-    An existing partition (delivered by an upstream, or deliberately corrupted by a test) is left alone,
-    so validation judges exactly what arrived.
+    An existing partition (delivered by an upstream, dropped in place by an operator, or deliberately
+    corrupted by a test) is left alone, so validation judges exactly what arrived.
+
+    After a quarantine (see :func:`validate_data`) the day's partition folders are absent, and a rerun of
+    the date ingests the *fixed* partition:
+
+    * simulator-sourced days are regenerated. The simulator is a pure function of ``(seed, ds)``, so this
+      is the day's good data again: regeneration is the fix of a partition corrupted after it was produced.
+    * for an upstream-sourced day, the operator drops the fixed partition(s) in place first
+      (``data/events/ds=<ds>/`` and ``data/users/ds=<ds>/``); they are used as they are, and only a partition
+      still missing is simulated (an existing one is never overwritten).
+
+    Returns:
+        ``written`` (True when anything was simulated), ``simulated`` (which partitions), and, when the date
+        was quarantined before, ``quarantined_before`` (how often) and ``latest_quarantine``.
     """
     from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, write_day
+    from sum_platform.simulate import fields_from_feast, simulate_day, write_day, write_frame
     from sum_platform.versioning import init_workspace_repo
+    from validation.quarantine import quarantined
 
     ctx = context()
     init_workspace_repo(ctx.ws.root, ctx.params.dvc_remote)
+    folders = {"events": ctx.ws.events_dir(ds), "users": ctx.ws.users_dir(ds)}
+    present = {kind: folder.is_dir() and any(folder.glob("*.parquet")) for kind, folder in folders.items()}
+    history = quarantined(ctx.ws, ds)
+    extra: dict[str, Any] = {}
+    if history:
+        extra = {"quarantined_before": len(history), "latest_quarantine": history[-1]["folder"]}
+        log.warning("ds=%s was quarantined %d time(s) before (latest: %s); partitions in place: %s",
+                    ds, len(history), history[-1]["folder"], sorted(k for k, v in present.items() if v) or "none")
+    missing = [kind for kind, ok in present.items() if not ok]
+    if not missing:
+        return {"ds": ds, "written": False, "simulated": [], **extra}
     fields = fields_from_feast(user_feature_fields(ctx.params))
-    return write_day(ds, ctx.params, ctx.ws, fields)
+    if len(missing) == len(folders):
+        return write_day(ds, ctx.params, ctx.ws, fields) | {"simulated": missing, **extra}
+    frames = dict(zip(("events", "users"), simulate_day(ds, ctx.params, fields)))
+    for kind in missing:  # an operator's partition in place is kept; only the missing one is simulated
+        write_frame(frames[kind], folders[kind])
+    log.info("ds=%s: simulated the missing %s partition(s), kept %s in place", ds, missing,
+             sorted(set(folders) - set(missing)))
+    return {"ds": ds, "written": True, "simulated": missing, **{k: len(frames[k]) for k in missing}, **extra}
 
 
 def validate_data(ds: str) -> dict[str, Any]:
-    """Runs the GX checkpoints of the day's partitions; raises ``DataValidationError`` on a failure."""
+    """Runs the GX checkpoints of the day's partitions; on a failure quarantines them and raises.
+
+    Data Docs are built on every run; their location is printed to the task log and returned. A failure
+    (``DataValidationError``, naming every failed check) first moves the day's events and users partitions
+    to ``<ws>/quarantine/ds=<ds>/<stamp>/`` with a ``reason.json`` (``validation.quarantine``; never
+    deleted), records the failure and the quarantine folder in ``runs/<ds>/validation.json``, then
+    re-raises: the run stops at validation, so training, promotion, the online store and serving never see
+    the day. Rerunning the date afterwards validates the fixed partition (see :func:`ingest`: simulator days
+    are regenerated, an operator may drop a fixed partition in place) against the same trailing days, since
+    a failed day never becomes a baseline.
+    """
     from sum_platform.feature_store import apply_definitions, feature_spec
     from validation.data_checks import DataValidationError, validate_day
+    from validation.quarantine import quarantine_partition, reason_from_error
 
     ctx = context()
     spec = feature_spec(ctx.params, apply_definitions(ctx.params))
     try:
         reports = validate_day(ds, ctx.ws.root, spec, ctx.params)
     except DataValidationError as err:
-        write_json(ctx.ws.run_dir(ds) / "validation.json", {"ds": ds, "success": False, "error": str(err)})
+        folder = quarantine_partition(ctx.ws, ds, reason_from_error(err))
+        err.set_quarantine(folder)
+        docs = next((r.data_docs_index for r in err.reports if r.data_docs_index), None)
+        write_json(ctx.ws.run_dir(ds) / "validation.json", {
+            "ds": ds, "success": False, "error": str(err), "failed_checks": err.failed_checks,
+            "quarantine": str(folder), "data_docs": docs, "reports": [r.to_dict() for r in err.reports]})
+        print(f"Data Docs: {docs}\nds={ds} QUARANTINED to {folder}", flush=True)
         raise
-    summary = {"ds": ds, "success": True, "reports": [r.to_dict() for r in reports]}
+    docs = next((r.data_docs_index for r in reports if r.data_docs_index), None)
+    summary = {"ds": ds, "success": True, "data_docs": docs, "reports": [r.to_dict() for r in reports]}
     write_json(ctx.ws.run_dir(ds) / "validation.json", summary)
-    return {"ds": ds, "success": True, "evaluated": sum(r.evaluated for r in reports)}
+    lines = [f"Data Docs: {docs}"] + [r.summary() for r in reports]
+    print("\n".join(lines), flush=True)
+    return {
+        "ds": ds, "success": True, "evaluated": sum(r.evaluated for r in reports), "data_docs": docs,
+        "warnings": {r.kind: r.warnings for r in reports if r.warnings},
+        "skipped": {r.kind: r.skipped for r in reports if r.skipped},
+        "baseline": next((r.baseline for r in reports if r.baseline), {}),
+    }
 
 
 def version_data(ds: str) -> dict[str, Any]:
