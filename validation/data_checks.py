@@ -69,13 +69,14 @@ GX is imported lazily: importing this module (e.g. while Airflow parses a DAG) s
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
@@ -162,11 +163,12 @@ class ValidationReport:
     observed: dict[str, float | None] = field(default_factory=dict)
     #: The partition's profile (the next days' baseline); not part of :meth:`to_dict`.
     profile: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    #: GX resources of this validation for Data Docs (result and suite identifiers); not in :meth:`to_dict`.
+    docs_resources: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("profile", None)
-        return out
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("profile", "docs_resources")}
 
     def summary(self) -> str:
         """One header line plus one indented line per failed check (and per warning / skipped check)."""
@@ -774,7 +776,7 @@ def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params", plan: T
 
     Without a plan the checkpoint ``sum_<kind>_checkpoint`` runs the contract suite; with one,
     ``sum_<kind>_trailing_checkpoint`` runs the contract suite and the trailing suite on the same batch
-    (one checkpoint run, one Data Docs update).
+    (one checkpoint run). Data Docs are updated by :func:`build_docs` afterwards.
     """
     import great_expectations as gx
 
@@ -808,7 +810,7 @@ def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params", plan: T
     # suite changes from day to day, so then only it is replaced.
     try:
         stored = context.checkpoints.get(checkpoint_name)
-        if [vd.suite.meta.get("sum_fingerprint") for vd in stored.validation_definitions] == prints and all(
+        if not stored.actions and [vd.suite.meta.get("sum_fingerprint") for vd in stored.validation_definitions] == prints and all(
                 current(vd) for vd in stored.validation_definitions) and stored.is_fresh().success:
             return stored
     except Exception:  # noqa: BLE001 - anything missing or stale: (re)build below
@@ -830,7 +832,9 @@ def _checkpoint(context, kind: str, spec: FeatureSpec, params: "Params", plan: T
         gx.Checkpoint(
             name=checkpoint_name,
             validation_definitions=validations,
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            # No UpdateDataDocsAction: it rebuilds the site (index included) once per validation result;
+            # build_docs() does it once for all the results of a day.
+            actions=[],
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
@@ -857,6 +861,23 @@ def _data_docs_index(context, gx_root: Path) -> str | None:
             return url.removeprefix("file://")
     index = gx_root / "uncommitted" / "data_docs" / DATA_DOCS_SITE / "index.html"
     return str(index) if index.exists() else None
+
+
+def build_docs(gx_root: Path, resources: list) -> str | None:
+    """Updates the local Data Docs with the given validation results (and suites) in one site build.
+
+    Args:
+        gx_root: The GX project.
+        resources: GX resource identifiers (``ValidationResultIdentifier``, ``ExpectationSuiteIdentifier``).
+
+    Returns:
+        The path of the Data Docs ``index.html``.
+    """
+    with _project_lock(gx_root):
+        context = _file_context(gx_root)
+        if resources:
+            context.build_data_docs(resource_identifiers=list(resources), build_index=True)
+        return _data_docs_index(context, gx_root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1016,6 +1037,7 @@ def describe_failure(result, columns: set[str], notes: dict[str, str] | None = N
 def validate_partition(
     kind: Kind, ds: str, path: Path, spec: FeatureSpec, params: "Params", gx_root: Path,
     history: list[dict[str, Any]] | None = None, user_ids: np.ndarray | None = None,
+    build_data_docs: bool = True,
 ) -> ValidationReport:
     """Validates one partition with its GX checkpoint and updates the Data Docs.
 
@@ -1032,6 +1054,8 @@ def validate_partition(
         history: Profiles of the validated days before ``ds`` (see :func:`load_history`), oldest first;
             empty or None: the trailing checks are skipped (and listed in ``report.skipped``).
         user_ids: The day's ``users.user_id`` values for the events' referential check (None: skipped).
+        build_data_docs: Update the Data Docs now (False: the caller passes ``report.docs_resources`` to
+            :func:`build_docs`, as :func:`validate_day` does once for both partitions).
 
     Returns:
         The :class:`ValidationReport`; ``report.profile`` holds the partition's profile.
@@ -1072,7 +1096,11 @@ def validate_partition(
             expectation_parameters=parameters,
             run_id=RunIdentifier(run_name=f"{kind}-{ds}"),
         )
-        docs_index = _data_docs_index(context, gx_root)
+    from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
+    resources: list = list(result.run_results)
+    resources += [ExpectationSuiteIdentifier(name=r.suite_name) for r in result.run_results.values()]
+    docs_index = build_docs(gx_root, resources) if build_data_docs else None
 
     # GX returns results grouped by metric, not in suite order: report them in suite order.
     order: dict[str, int] = {}
@@ -1090,6 +1118,8 @@ def validate_partition(
             for r in suite_result.results:
                 key = _observed_key(r.expectation_config)
                 value = (r.result or {}).get("observed_value")
+                if key.startswith("content_repeated"):  # a map expectation: no observed value of its own
+                    value = float(bool((r.result or {}).get("unexpected_count")))
                 observed[key] = None if value is None or isinstance(value, (list, dict)) else float(value)
         bad = [r for r in suite_result.results if not r.success]
         bad.sort(key=lambda r: order.get(r.expectation_config.id, len(order)))
@@ -1104,7 +1134,7 @@ def validate_partition(
         kind=kind, ds=ds, success=not failed, failed=failed,
         evaluated=evaluated, data_docs_index=docs_index, path=str(path), rows=len(df),
         warnings=warnings, skipped=skipped, baseline=plan.baseline if plan else {}, observed=observed,
-        profile=profile_partition(kind, frame, spec, params),
+        profile=profile_partition(kind, frame, spec, params), docs_resources=resources,
     )
     logger.info(
         "GX checkpoint %s for ds=%s: %s (%d expectations, %d failed, %d warnings, %d skipped); Data Docs: %s",
@@ -1130,10 +1160,15 @@ def _observed_key(cfg) -> str:
 
 def _user_ids(path: Path, params: "Params") -> np.ndarray | None:
     """The users partition's ``user_id`` values, or None when they cannot be read."""
+    import pyarrow.parquet as pq
+
     try:
-        users = read_partition(path)
-        return users[params.events.user_id].to_numpy()
-    except (PartitionReadError, KeyError):
+        files = sorted(p for p in Path(path).glob("*.parquet") if p.is_file())
+        if not files:
+            return None
+        column = params.events.user_id
+        return np.concatenate([pq.read_table(f, columns=[column]).column(column).to_numpy() for f in files])
+    except Exception:  # noqa: BLE001 - unreadable or without user_id: the users report says why
         return None
 
 
@@ -1167,10 +1202,12 @@ def validate_day(
     user_ids = _user_ids(folders["users"], params)
     reports = [
         validate_partition(kind, ds, folders[kind], spec, params, gx_root, history=history,  # type: ignore[arg-type]
-                           user_ids=user_ids if kind == "events" else None)
+                           user_ids=user_ids if kind == "events" else None, build_data_docs=False)
         for kind in KINDS
     ]
-    docs = next((r.data_docs_index for r in reports if r.data_docs_index), None)
+    docs = build_docs(gx_root, [res for r in reports for res in r.docs_resources])  # one site build
+    for report in reports:
+        report.data_docs_index = docs
     logger.info("Data Docs for ds=%s: %s", ds, docs)
     profile = profile_path(ws.root, ds)
     if not all(r.success for r in reports):

@@ -124,3 +124,67 @@ def builder() -> SimpleNamespace:
     return SimpleNamespace(
         build_events=build_events, build_users=build_users, write_partition=write_partition, make_day=make_day
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated days and a validated history (the trailing checks' baseline)
+# ---------------------------------------------------------------------------------------------
+SIM_START = "2026-01-01"
+#: Normal simulated days validated before the catalogue's corrupted day (the first has no history).
+HISTORY_DAYS = 6
+
+
+def sim_ds(i: int) -> str:
+    """The ``i``-th simulated date (0 = the simulator's start date)."""
+    from datetime import date, timedelta
+
+    return (date.fromisoformat(SIM_START) + timedelta(days=i)).isoformat()
+
+
+@pytest.fixture(scope="session")
+def sim_day(params):
+    """``sim_day(ds) -> (events, users)``: the seeded simulator's partitions (cached; callers get copies)."""
+    from sum_platform.feature_store import user_feature_fields
+    from sum_platform.simulate import fields_from_feast, simulate_day
+
+    fields = fields_from_feast(user_feature_fields(params))
+    cache: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+    def get(ds: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        if ds not in cache:
+            cache[ds] = simulate_day(ds, params, fields)
+        return cache[ds][0].copy(), cache[ds][1].copy()
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def history(tmp_path_factory, spec, params, sim_day, gx_root) -> SimpleNamespace:
+    """:data:`HISTORY_DAYS` normal simulated days validated in order in one workspace (real GX).
+
+    Attributes: ``root`` (the workspace, with ``runs/<ds>/data_profile.json`` of every day), ``days``,
+    ``reports`` (ds -> reports), ``next_ds`` (the first date after the history) and ``gx_root``.
+    """
+    from validation.data_checks import validate_day
+
+    root = tmp_path_factory.mktemp("history_ws")
+    days = [sim_ds(i) for i in range(HISTORY_DAYS)]
+    reports = {}
+    for ds in days:
+        events, users = sim_day(ds)
+        write_partition(events, root / "data" / "events" / f"ds={ds}")
+        write_partition(users, root / "data" / "users" / f"ds={ds}")
+        reports[ds] = validate_day(ds, root, spec, params, gx_root=gx_root)
+    return SimpleNamespace(root=root, days=days, reports=reports, next_ds=sim_ds(HISTORY_DAYS), gx_root=gx_root)
+
+
+@pytest.fixture
+def workspace_with_history(tmp_path, history) -> Path:
+    """A fresh workspace holding the history's profiles (not its partitions): validate the next day in it."""
+    import shutil
+
+    for ds in history.days:
+        target = tmp_path / "runs" / ds
+        target.mkdir(parents=True)
+        shutil.copy(history.root / "runs" / ds / "data_profile.json", target / "data_profile.json")
+    return tmp_path
