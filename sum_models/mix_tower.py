@@ -1,23 +1,31 @@
 """The SUM mix tower (paper §3.3): K user embeddings + ad features -> one logit per task.
 
 The mix tower sees *no* user feature other than the SUM user embeddings, so every user signal has to flow
-through the user tower (§3.3). It is a single DHEN-flavoured layer (an ensemble of a dot-product
-interaction over all tokens and an MLP over the ad tokens, with a residual linear branch and LayerNorm;
-the user embeddings enter through their dot products) followed by one logit head per task.
+through the user tower (§3.3). It is a stack of DHEN layers (Zhang et al. 2022): each layer runs an
+ensemble of interaction modules over the same tokens (pairwise dot products, an MLP, DCN cross layers),
+concatenates their output tokens, adds a shortcut (a linear compression of the input tokens) and
+normalises (LayerNorm). One MLP head per task reads the last layer's tokens.
+
+The user embeddings enter the first layer only through their dot products (``dot_only_user_embeddings``,
+DLRM-style): the user tower then has to place users in a geometry the ads are matched against, instead
+of a code that only the mix tower's MLP reads (which memorises the day's users; see the issue note).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from sum_models.extractors import CrossLayer
+from sum_models.layers import MLP, LinearCompression
+from sum_models.presets import resolve_architecture
 from sum_models.spec import FeatureSpec
 from sum_models.user_tower import DenseArch, check_feature_names
 
-__all__ = ["AdArch", "DotInteraction", "DHENLayer", "MixTower"]
+__all__ = ["AdArch", "DotInteraction", "CrossNet", "DHENLayer", "MixTower"]
 
 
 class AdArch(nn.Module):
@@ -27,11 +35,11 @@ class AdArch(nn.Module):
 
     Args:
         cardinalities: Feature name -> cardinality, in spec order.
-        num_dense: Number of dense ad features.
+        dense_names: Dense ad feature names, in spec order.
         embedding_dim: D (same as the user embeddings, so tokens can be dotted together).
     """
 
-    def __init__(self, cardinalities: Dict[str, int], num_dense: int, embedding_dim: int) -> None:
+    def __init__(self, cardinalities: Dict[str, int], dense_names: Sequence[str], embedding_dim: int) -> None:
         super().__init__()
         check_feature_names(list(cardinalities), "ad sparse")
         self.embedding_dim = embedding_dim
@@ -39,7 +47,8 @@ class AdArch(nn.Module):
         for table in self.tables.values():
             assert isinstance(table, nn.Embedding)
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(embedding_dim))
-        self.dense_arch = DenseArch(num_dense, embedding_dim)
+        self.dense_arch = DenseArch(dense_names, embedding_dim)
+        self.num_tokens = len(cardinalities) + len(dense_names)
 
     def forward(self, ad_sparse: Tensor, ad_dense: Tensor) -> Tensor:
         """Tokenises the ad features.
@@ -82,7 +91,7 @@ class DotInteraction(nn.Module):
         self.num_pairs = int(rows.numel())
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """Computes the upper-triangular Gram matrix entries.
+        """Computes the upper-triangular Gram matrix entries (N is small here: K + ad tokens).
 
         Args:
             tokens: float32 ``[B, N, D]``.
@@ -94,52 +103,120 @@ class DotInteraction(nn.Module):
         return gram[:, self.rows, self.cols]
 
 
-class DHENLayer(nn.Module):
-    """One DHEN-style layer: an ensemble of interaction modules over the same tokens.
-
-    ``out = LayerNorm(ReLU(MLP(Concat(flatten(X_ctx), Dot(X)))) + Linear(flatten(X_ctx)))`` where ``X`` is
-    every token and ``X_ctx`` leaves out the first ``dot_only_tokens`` tokens.
-
-    The mix tower passes the K user embeddings as dot-only tokens (DLRM-style: embeddings meet the rest of
-    the model through their pairwise dot products). On the simulator this both lowers holdout NE and makes
-    day-over-day embeddings more stable than also feeding them flattened to the MLP (6 warm-started days:
-    click NE 0.86 vs 0.92, min mean cosine 0.83 vs 0.73), because the user tower has to encode users in a
-    geometry the ads can be matched against instead of a code only the MLP reads.
+class CrossNet(nn.Module):
+    """Stacked DCN cross layers (eq. 5) on a flat vector.
 
     Args:
-        num_tokens: N, all tokens.
-        embedding_dim: D.
-        hidden_dim: Output width H.
-        dot_only_tokens: Leading tokens that reach the layer only through :class:`DotInteraction`.
+        dim: Width F.
+        num_layers: Cross layers.
+        rank: 0 = full rank, else low rank.
     """
 
-    def __init__(self, num_tokens: int, embedding_dim: int, hidden_dim: int, dot_only_tokens: int = 0) -> None:
+    def __init__(self, dim: int, num_layers: int = 2, rank: int = 32) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([CrossLayer(dim, rank) for _ in range(num_layers)])
+
+    def forward(self, x0: Tensor) -> Tensor:
+        """Applies the cross layers.
+
+        Args:
+            x0: float32 ``[B, F]``.
+
+        Returns:
+            float32 ``[B, F]``.
+        """
+        h = x0
+        for layer in self.layers:
+            h = layer(x0, h)
+        return h
+
+
+class DHENLayer(nn.Module):
+    """One DHEN layer: ``Concat_i(Interaction_i(LN(X))) + ShortCut(LN(X)_ctx)`` over tokens.
+
+    DHEN writes the layer post-normalised, ``LN(Ensemble(X) + ShortCut(X))``; pre-normalisation (``norm``)
+    is the default here because post-LN made the few-hundred-step daily training of a fresh model stall
+    near NE 1 on the simulator (click NE 0.98 after day 1 vs 0.88 pre-LN, see the issue note).
+
+    Interactions (each producing ``T`` tokens of D): ``dot`` (MLP over the pairwise dot products of every
+    token), ``mlp`` (MLP over the flattened context tokens), ``dcn`` (cross layers over the flattened
+    context tokens, then a linear map). ``X_ctx`` leaves out the first ``dot_only_tokens`` tokens, which
+    reach the layer only through the ``dot`` interaction. The shortcut is an LC of the context tokens.
+
+    Args:
+        num_tokens: N, all input tokens.
+        embedding_dim: D.
+        tokens: T, tokens produced by each interaction.
+        interactions: Names, a subset of ``("dot", "mlp", "dcn")``.
+        hidden: Hidden widths of the interactions' MLPs.
+        dot_only_tokens: Leading tokens seen only through dot products.
+        norm: ``pre`` (LayerNorm of the input tokens, the default), ``post`` (LayerNorm of the output, as
+            written in the DHEN paper) or ``none``.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        embedding_dim: int,
+        tokens: int,
+        interactions: Sequence[str],
+        hidden: Sequence[int],
+        dot_only_tokens: int = 0,
+        norm: str = "pre",
+    ) -> None:
         super().__init__()
         if not 0 <= dot_only_tokens <= num_tokens:
             raise ValueError(f"dot_only_tokens must be in [0, {num_tokens}], got {dot_only_tokens}")
-        self.dot_only_tokens = dot_only_tokens
+        self.dot_only_tokens = int(dot_only_tokens)
+        self.tokens, self.embedding_dim = int(tokens), int(embedding_dim)
+        context = num_tokens - dot_only_tokens
+        flat = context * embedding_dim
+        out = tokens * embedding_dim
+        self.use_dot = "dot" in interactions
+        self.use_mlp = "mlp" in interactions and flat > 0
+        self.use_dcn = "dcn" in interactions and flat > 0
         self.dot = DotInteraction(num_tokens, embedding_dim)
-        flat = (num_tokens - dot_only_tokens) * embedding_dim
-        if flat + self.dot.num_pairs == 0:
+        if self.use_dot and self.dot.num_pairs == 0:
+            self.use_dot = False
+        if not (self.use_dot or self.use_mlp or self.use_dcn):
             raise ValueError("the DHEN layer has no input: add ad features or use more than one embedding")
-        self.mlp = nn.Sequential(nn.Linear(flat + self.dot.num_pairs, hidden_dim), nn.ReLU())
-        self.residual = nn.Linear(flat, hidden_dim) if flat > 0 else None
-        self.norm = nn.LayerNorm(hidden_dim)
+        self.dot_mlp = MLP(self.dot.num_pairs, hidden, out) if self.use_dot else nn.Identity()
+        self.mlp = MLP(flat, hidden, out) if self.use_mlp else nn.Identity()
+        self.cross = CrossNet(flat) if self.use_dcn else nn.Identity()
+        self.cross_out = nn.Linear(flat, out) if self.use_dcn else nn.Identity()
+        self.num_out_tokens = tokens * (int(self.use_dot) + int(self.use_mlp) + int(self.use_dcn))
+        self.has_shortcut = context > 0
+        self.shortcut = LinearCompression(context, self.num_out_tokens) if self.has_shortcut else nn.Identity()
+        if norm not in ("pre", "post", "none"):
+            raise ValueError(f"DHEN norm must be 'pre', 'post' or 'none', got {norm!r}")
+        self.norm_mode = norm
+        self.norm = nn.LayerNorm(embedding_dim) if norm != "none" else nn.Identity()
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """Runs the ensemble.
 
         Args:
-            tokens: float32 ``[B, N, D]`` (the dot-only tokens first).
+            x: float32 ``[B, N, D]`` (the dot-only tokens first).
 
         Returns:
-            float32 ``[B, H]``.
+            float32 ``[B, T_out, D]`` with ``T_out = T * len(interactions)``.
         """
-        context = tokens[:, self.dot_only_tokens :].flatten(1)  # [B, (N - dot_only) * D]
-        mixed = self.mlp(torch.cat([context, self.dot(tokens)], dim=1))
-        if self.residual is not None:
-            mixed = mixed + self.residual(context)
-        return self.norm(mixed)
+        if self.norm_mode == "pre":
+            x = self.norm(x)
+        context = x[:, self.dot_only_tokens :]  # [B, N - dot_only, D]
+        parts: List[Tensor] = []
+        if self.use_dot:
+            parts.append(self.dot_mlp(self.dot(x)).view(-1, self.tokens, self.embedding_dim))
+        if self.use_mlp:
+            parts.append(self.mlp(context.flatten(1)).view(-1, self.tokens, self.embedding_dim))
+        if self.use_dcn:
+            parts.append(self.cross_out(self.cross(context.flatten(1))).view(-1, self.tokens, self.embedding_dim))
+        ensemble = torch.cat(parts, dim=1)
+        if self.has_shortcut:
+            ensemble = ensemble + self.shortcut(context)
+        if self.norm_mode == "post":
+            return self.norm(ensemble)
+        return ensemble
 
 
 class MixTower(nn.Module):
@@ -147,26 +224,29 @@ class MixTower(nn.Module):
 
     Args:
         spec: Input spec (ad features and labels are used; user features are not, by design).
-        num_embeddings: K.
-        embedding_dim: D.
-        hidden_dim: Width of the DHEN layer and task heads.
+        arch: A resolved architecture or a ``model`` config.
     """
 
-    def __init__(self, spec: FeatureSpec, num_embeddings: int, embedding_dim: int, hidden_dim: int = 128) -> None:
+    def __init__(self, spec: FeatureSpec, arch: Mapping[str, Any] | None = None) -> None:
         super().__init__()
+        arch = resolve_architecture(arch)
         if not spec.labels:
             raise ValueError("the mix tower needs at least one task label")
+        cfg = arch["mix_tower"]
+        k, d = int(arch["num_embeddings"]), int(arch["embedding_dim"])
         self.num_tasks = len(spec.labels)
-        self.ad_arch = AdArch({k: int(n) for k, n in spec.ad_sparse.items()}, len(spec.ad_dense), embedding_dim)
-        num_tokens = num_embeddings + len(spec.ad_sparse) + len(spec.ad_dense)
-        self.dhen = DHENLayer(num_tokens, embedding_dim, hidden_dim, dot_only_tokens=num_embeddings)
+        self.ad_arch = AdArch({n: int(c) for n, c in spec.ad_sparse.items()}, spec.ad_dense, d)
+        layers: List[DHENLayer] = []
+        tokens = k + self.ad_arch.num_tokens
+        for i in range(int(cfg["layers"])):
+            dot_only = k if (i == 0 and cfg["dot_only_user_embeddings"]) else 0
+            layer = DHENLayer(tokens, d, int(cfg["tokens"]), cfg["interactions"], cfg["hidden"], dot_only, cfg["norm"])
+            layers.append(layer)
+            tokens = layer.num_out_tokens
+        self.layers = nn.ModuleList(layers)
         check_feature_names(list(spec.labels), "label")
-        self.heads = nn.ModuleDict(
-            {
-                label: nn.Sequential(nn.Linear(hidden_dim, hidden_dim // 2), nn.ReLU(), nn.Linear(hidden_dim // 2, 1))
-                for label in spec.labels
-            }
-        )
+        head_hidden = max(1, int(cfg["hidden"][-1]) // 2)
+        self.heads = nn.ModuleDict({label: MLP(tokens * d, [head_hidden], 1) for label in spec.labels})
 
     @torch.no_grad()
     def init_task_priors(self, base_rates: Tensor) -> None:
@@ -182,8 +262,8 @@ class MixTower(nn.Module):
         if rates.shape != (len(self.heads),):
             raise ValueError(f"expected {len(self.heads)} base rates, got shape {tuple(rates.shape)}")
         for head, rate in zip(self.heads.values(), rates):
-            assert isinstance(head, nn.Sequential)
-            out = head[-1]
+            assert isinstance(head, MLP)
+            out = head.net[-1]
             assert isinstance(out, nn.Linear)
             out.bias.fill_(float(torch.log(rate / (1.0 - rate))))
 
@@ -198,9 +278,11 @@ class MixTower(nn.Module):
         Returns:
             float32 logits ``[B, T]`` in ``spec.labels`` order.
         """
-        tokens = torch.cat([user_embeddings, self.ad_arch(ad_sparse, ad_dense)], dim=1)  # [B, N, D]
-        hidden = self.dhen(tokens)  # [B, H]
+        x = torch.cat([user_embeddings, self.ad_arch(ad_sparse, ad_dense)], dim=1)  # [B, K + N_ad, D]
+        for layer in self.layers:
+            x = layer(x)  # [B, T_out, D]
+        flat = x.flatten(1)
         logits: List[Tensor] = []
         for head in self.heads.values():  # one head per task, spec.labels order
-            logits.append(head(hidden))
+            logits.append(head(flat))
         return torch.cat(logits, dim=1)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from sum_models.mix_tower import MixTower
+from sum_models.presets import resolve_architecture
 from sum_models.spec import FeatureSpec
 from sum_models.user_tower import UserTower
 
@@ -15,30 +16,21 @@ __all__ = [
     "SUMModel",
     "build_model",
     "model_config_dict",
-    "MODEL_CONFIG_DEFAULTS",
     "SpecMismatchError",
     "check_spec",
 ]
 
 
-#: Defaults of the ``model`` section of params.yaml (mirrors ``sum_platform.config.ModelConfig``).
-MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
-    "num_embeddings": 2,
-    "embedding_dim": 96,
-    "sparse_pooling": "mean",
-    "hidden_dim": 256,
-    "mix_hidden_dim": 128,
-}
-
-
 def model_config_dict(model_cfg: Any) -> dict[str, Any]:
-    """Normalises a model config to a plain dict with every key.
+    """Resolves a model config to the full architecture dict the model is built from.
 
     Args:
-        model_cfg: ``params.model`` (a pydantic ``ModelConfig``), a mapping, or None for the defaults.
+        model_cfg: ``params.model`` (a pydantic ``ModelConfig``), a mapping (a ``model`` section or an
+            already resolved architecture, e.g. a snapshot's ``config.json``), or None for the defaults.
 
     Returns:
-        A JSON-serialisable dict with the keys of :data:`MODEL_CONFIG_DEFAULTS` (plus any extra keys).
+        The resolved architecture (see :func:`sum_models.presets.resolve_architecture`): JSON-serialisable,
+        every layer explicit.
     """
     if model_cfg is None:
         raw: Mapping[str, Any] = {}
@@ -48,7 +40,7 @@ def model_config_dict(model_cfg: Any) -> dict[str, Any]:
         raw = model_cfg
     else:
         raise TypeError(f"model config must be a mapping or pydantic model, got {type(model_cfg).__name__}")
-    return {**MODEL_CONFIG_DEFAULTS, **dict(raw)}
+    return resolve_architecture(dict(raw))
 
 
 class SpecMismatchError(RuntimeError):
@@ -93,7 +85,8 @@ class SUMModel(nn.Module):
 
     Args:
         spec: Model input spec.
-        model_cfg: ``params.model`` or an equivalent dict (see :func:`model_config_dict`).
+        model_cfg: ``params.model``, an equivalent dict or a resolved architecture (see
+            :func:`model_config_dict`); ``self.config`` holds the resolved architecture.
     """
 
     examples_seen: Tensor
@@ -103,21 +96,14 @@ class SUMModel(nn.Module):
         cfg = model_config_dict(model_cfg)
         self.spec = spec
         self.config = cfg
-        self.user_tower = UserTower(
-            spec,
-            num_embeddings=int(cfg["num_embeddings"]),
-            embedding_dim=int(cfg["embedding_dim"]),
-            hidden_dim=int(cfg["hidden_dim"]),
-            pooling=str(cfg["sparse_pooling"]),
-        )
-        self.mix_tower = MixTower(
-            spec,
-            num_embeddings=int(cfg["num_embeddings"]),
-            embedding_dim=int(cfg["embedding_dim"]),
-            hidden_dim=int(cfg["mix_hidden_dim"]),
-        )
+        self.user_tower = UserTower(spec, cfg)
+        self.mix_tower = MixTower(spec, cfg)
         # Training examples seen over the model's life (kept by snapshots and warm starts); 0 = fresh model.
         self.register_buffer("examples_seen", torch.zeros((), dtype=torch.int64))
+
+    def init_task_priors(self, base_rates: Tensor) -> None:
+        """Sets each task head's bias to the logit of its base rate (see :meth:`MixTower.init_task_priors`)."""
+        self.mix_tower.init_task_priors(base_rates)
 
     def forward(
         self,

@@ -1,15 +1,19 @@
 """Model snapshots: export, verified loading, and batch user-embedding inference.
 
-A snapshot is a directory of four files::
+A snapshot is a directory of five files::
 
     user_tower.safetensors   user tower weights only (what serving loads, paper §4)
+    user_tower.pt2           the user tower as a torch.export program (graph + weights, fp16 output), for
+                             inference without the training code (see sum_models.inference)
     model.safetensors        the whole model (user + mix tower), for warm-starting the next day's training
-    config.json              {"format_version", "spec": FeatureSpec.to_dict(), "model": model config}
-    manifest.json            {"snapshot_id", "created_at", "torch_version", "sha256": {file: hex}, "extra", ...}
+    config.json              {"format_version", "spec": FeatureSpec.to_dict(), "model": resolved architecture}
+    manifest.json            {"snapshot_id", "created_at", "torch_version", "sha256": {file: hex}, "preset",
+                              "flops_per_user", "flops", "parameters", "extra", ...}
 
-Weights are stored with safetensors (no pickle is ever loaded). Every load verifies every checksum in the
-manifest and raises :class:`SnapshotError` on a missing or corrupt file. Embeddings leave the tower as fp16
-(paper §5.3).
+Weights are stored with safetensors (no pickle is ever loaded); the program archive is checked before it is
+deserialised (:func:`sum_models.inference.check_program_archive`). Every load verifies every checksum in
+the manifest and raises :class:`SnapshotError` on a missing or corrupt file. Embeddings leave the tower as
+fp16 (paper §5.3).
 """
 
 from __future__ import annotations
@@ -30,18 +34,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sum_models.data import encode_users
+from sum_models.flops import model_flops, parameter_counts, synthetic_user_batch
+from sum_models.inference import PROGRAM_FILE
 from sum_models.model import SUMModel, check_spec, model_config_dict
+from sum_models.presets import ARCH_KEYS
 from sum_models.spec import FeatureSpec
 from sum_models.user_tower import UserTower
 
 __all__ = [
     "SnapshotError",
     "USER_TOWER_FILE",
+    "PROGRAM_FILE",
     "MODEL_FILE",
     "CONFIG_FILE",
     "MANIFEST_FILE",
     "FORMAT_VERSION",
     "export_snapshot",
+    "export_program",
     "verify_snapshot",
     "load_user_tower",
     "load_model",
@@ -52,10 +61,8 @@ USER_TOWER_FILE = "user_tower.safetensors"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
-_CHECKSUMMED = (USER_TOWER_FILE, MODEL_FILE, CONFIG_FILE)
-# Keys of the model config that determine the architecture (must match the exported weights).
-_ARCH_KEYS = ("num_embeddings", "embedding_dim", "sparse_pooling", "hidden_dim", "mix_hidden_dim")
+FORMAT_VERSION = 2  # 1 = the walking skeleton's flat tower (not loadable any more: retrain)
+_CHECKSUMMED = (USER_TOWER_FILE, MODEL_FILE, CONFIG_FILE)  # always present; PROGRAM_FILE when exported
 
 
 class SnapshotError(RuntimeError):
@@ -98,6 +105,53 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class _Fp16Output(torch.nn.Module):
+    """The user tower with its embeddings cast to fp16 inside the graph (paper §5.3)."""
+
+    def __init__(self, tower: UserTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, dense: torch.Tensor, sparse_ids: list[torch.Tensor], sparse_offsets: list[torch.Tensor]) -> torch.Tensor:
+        """``[B, N_dense]``, ``N_sparse`` ids / ``[B]`` offsets -> float16 ``[B, K, D]``."""
+        return self.tower(dense, sparse_ids, sparse_offsets).to(torch.float16)
+
+
+def export_program(tower: UserTower, path: Path) -> Path:
+    """Exports the user tower with ``torch.export`` (dynamic batch and id counts) and saves it.
+
+    The program holds only aten operators and raw tensor bytes; sample inputs are not saved (they would be
+    pickled), so :func:`sum_models.inference.load_program` accepts it. Saving is byte-deterministic for
+    identical weights.
+
+    Args:
+        tower: The user tower (put in eval mode for the export, its mode restored afterwards).
+        path: Output ``.pt2`` file.
+
+    Returns:
+        ``path``.
+    """
+    from torch.export import Dim
+
+    spec = tower.spec
+    dense, ids, offsets = synthetic_user_batch(spec, batch_size=3, ids_per_feature=2)
+    batch = Dim("batch", min=1)
+    dynamic = (
+        {0: batch},
+        [{0: Dim(f"ids_{i}", min=0)} for i in range(len(ids))],
+        [{0: batch} for _ in offsets],
+    )
+    was_training = tower.training
+    tower.eval()
+    try:
+        program = torch.export.export(_Fp16Output(tower), (dense, ids, offsets), dynamic_shapes=dynamic, strict=False)
+    finally:
+        tower.train(was_training)
+    program.example_inputs = None  # never pickle sample inputs into the archive
+    torch.export.save(program, str(path))
+    return Path(path)
+
+
 def export_snapshot(
     model: SUMModel,
     spec: FeatureSpec,
@@ -105,6 +159,8 @@ def export_snapshot(
     out_dir: Path,
     snapshot_id: str,
     extra: dict | None = None,
+    *,
+    program: bool = True,
 ) -> Path:
     """Writes a snapshot directory atomically.
 
@@ -118,6 +174,7 @@ def export_snapshot(
         out_dir: The snapshot directory to create or replace.
         snapshot_id: Id recorded in the manifest (and the safetensors metadata).
         extra: JSON-serialisable extra fields for the manifest (lineage, NE, ...).
+        program: Also write ``user_tower.pt2`` (the exported tower; ~1-3 s).
 
     Returns:
         ``out_dir``.
@@ -129,7 +186,7 @@ def export_snapshot(
     cfg = model_config_dict(model_cfg)
     if spec != model.spec:
         raise ValueError(f"spec {spec} does not match the model's spec {model.spec}")
-    mismatched = {k: (cfg[k], model.config[k]) for k in _ARCH_KEYS if cfg[k] != model.config[k]}
+    mismatched = {k: (cfg[k], model.config[k]) for k in ARCH_KEYS if cfg[k] != model.config[k]}
     if mismatched:
         raise ValueError(f"model_cfg does not match the model (given, actual): {mismatched}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +198,11 @@ def export_snapshot(
         save_file(_tensors(model.user_tower.state_dict()), str(tmp / USER_TOWER_FILE), metadata=meta)
         save_file(_tensors(model.state_dict()), str(tmp / MODEL_FILE), metadata=meta)
         _write_json(tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "spec": spec.to_dict(), "model": cfg})
+        files = list(_CHECKSUMMED)
+        if program:
+            export_program(model.user_tower, tmp / PROGRAM_FILE)
+            files.append(PROGRAM_FILE)
+        flops = model_flops(model, spec)
         manifest = {
             "format_version": FORMAT_VERSION,
             "snapshot_id": str(snapshot_id),
@@ -149,7 +211,11 @@ def export_snapshot(
             "num_embeddings": int(cfg["num_embeddings"]),
             "embedding_dim": int(cfg["embedding_dim"]),
             "embedding_dtype": "float16",
-            "sha256": {name: _sha256(tmp / name) for name in _CHECKSUMMED},
+            "preset": cfg["preset"],
+            "flops_per_user": flops["user_tower"],  # user tower inference, per user (paper: 390M / 20M)
+            "flops": flops,
+            "parameters": {"user_tower": parameter_counts(model.user_tower), "model": parameter_counts(model)},
+            "sha256": {name: _sha256(tmp / name) for name in files},
             "extra": dict(extra or {}),
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
@@ -202,7 +268,9 @@ def verify_snapshot(snapshot_dir: Path) -> tuple[dict, dict]:
             raise SnapshotError(f"snapshot file {path} is corrupt: sha256 {actual} != manifest {expected}")
     config = _read_json(snapshot_dir / CONFIG_FILE)
     if config.get("format_version") != FORMAT_VERSION:
-        raise SnapshotError(f"unsupported snapshot format {config.get('format_version')!r} in {snapshot_dir}")
+        hint = " (written by the walking skeleton's flat tower: retrain, e.g. sumctl run --fresh)" if config.get(
+            "format_version") == 1 else ""
+        raise SnapshotError(f"unsupported snapshot format {config.get('format_version')!r} in {snapshot_dir}{hint}")
     return manifest, config
 
 
@@ -240,13 +308,7 @@ def load_user_tower(snapshot_dir: Path) -> tuple[UserTower, dict]:
     snapshot_dir = Path(snapshot_dir)
     manifest, config = verify_snapshot(snapshot_dir)
     spec, cfg = _spec_and_cfg(config, snapshot_dir)
-    tower = UserTower(
-        spec,
-        num_embeddings=int(cfg["num_embeddings"]),
-        embedding_dim=int(cfg["embedding_dim"]),
-        hidden_dim=int(cfg["hidden_dim"]),
-        pooling=str(cfg["sparse_pooling"]),
-    )
+    tower = UserTower(spec, cfg)
     _load_weights(tower, snapshot_dir / USER_TOWER_FILE)
     return tower.eval(), manifest
 

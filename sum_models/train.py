@@ -104,7 +104,7 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.Optimi
 
 
 def train_model(
-    model: SUMModel,
+    model: torch.nn.Module,
     df_train: pd.DataFrame,
     spec: FeatureSpec,
     train_cfg: Any,
@@ -151,7 +151,7 @@ def train_model(
     loss_fn = MultiTaskBCELoss(spec.labels, cfg["task_weights"])
     fresh = int(model.examples_seen) == 0
     if prior_init and fresh:
-        model.mix_tower.init_task_priors(labels.mean(dim=0))
+        model.init_task_priors(labels.mean(dim=0))
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(n / batch_size)
     show = sys.stderr.isatty() if progress is None else progress

@@ -1,24 +1,29 @@
 """The SUM user tower (paper §3.2): user features -> K user embeddings of dimension D.
 
-TorchRec-style composition: the tower is ``SparseArch`` (embedding bags) + ``DenseArch`` (dense features
-to tokens) + an interaction module mapping the tokens to ``[B, K, D]``. The walking skeleton uses
-:class:`FlattenMLPInteraction`; the paper's pyramid of Interaction Modules (eq. 1) replaces it by
-implementing the same ``forward(sparse_tokens, dense_tokens) -> [B, K, D]`` contract.
+TorchRec-style composition::
 
-Every module here is ``torch.jit.script``-able.
+    UserTower = SparseArch (one EmbeddingBag per sparse feature, pooled)      -> X_sparse [B, N_sparse, D]
+              + DenseArch  (dense features projected to tokens)                -> X_dense  [B, N_dense, D]
+              + InteractionPyramid (Interaction Modules, eq. 1; LC to K)       -> [B, K, D]
+
+Both input arches are keyed by feature name (state-dict keys ``sparse_arch.bags.<feature>.weight`` and
+``dense_arch.features.<feature>.weight``), so warm-starting by name and shape keeps every input layer whose
+feature survives when a feature is added or removed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from sum_models.interaction import InteractionPyramid
+from sum_models.presets import resolve_architecture
 from sum_models.spec import FeatureSpec
 
-__all__ = ["check_feature_names", "SparseArch", "DenseArch", "FlattenMLPInteraction", "UserTower"]
+__all__ = ["check_feature_names", "SparseArch", "DenseTokenizer", "DenseArch", "UserTower"]
 
 POOLING_MODES = ("mean", "sum", "max")
 
@@ -31,11 +36,9 @@ def check_feature_names(names: List[str], what: str) -> None:
 
 
 class SparseArch(nn.Module):
-    """One ``nn.EmbeddingBag`` per sparse id-list feature, pooled per feature.
+    """One ``nn.EmbeddingBag`` per sparse id-list feature, pooled per feature (configurable pooling).
 
-    Tables are keyed by feature name (state-dict key ``bags.<feature>.weight``, as in TorchRec's
-    EmbeddingBagCollection), so warm-starting by name and shape keeps every table whose feature
-    survives when features are added or removed.
+    Tables are keyed by feature name (as in TorchRec's EmbeddingBagCollection).
 
     Args:
         hash_sizes: Feature name -> table size, in spec order.
@@ -80,114 +83,114 @@ class SparseArch(nn.Module):
         return torch.stack(pooled, dim=1)
 
 
-class DenseArch(nn.Module):
-    """Projects each dense feature to its own D-dim token: ``token_i = x_i * w_i + b_i``.
-
-    One linear map per feature, vectorised as a ``[N_dense, D]`` weight (these are the paper's
-    ``X_dense`` raw dense embeddings of eq. 1).
+class DenseTokenizer(nn.Module):
+    """One dense feature's projection to a D-dim token: ``token = x * weight + bias``.
 
     Args:
-        num_features: N_dense.
         embedding_dim: D.
     """
 
-    def __init__(self, num_features: int, embedding_dim: int) -> None:
+    def __init__(self, embedding_dim: int) -> None:
         super().__init__()
-        self.num_features = num_features
-        self.weight = nn.Parameter(torch.randn(num_features, embedding_dim) / math.sqrt(embedding_dim))
-        self.bias = nn.Parameter(torch.zeros(num_features, embedding_dim))
+        self.weight = nn.Parameter(torch.randn(embedding_dim) / math.sqrt(embedding_dim))
+        self.bias = nn.Parameter(torch.zeros(embedding_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Projects one feature.
+
+        Args:
+            x: float32 ``[B]``.
+
+        Returns:
+            float32 ``[B, D]``.
+        """
+        return x.unsqueeze(-1) * self.weight + self.bias
+
+
+class DenseArch(nn.Module):
+    """Dense user features -> the raw dense tokens ``X_dense`` of eq. 1.
+
+    ``num_tokens == 0`` (default): one token per feature, ``token_i = x_i w_i + b_i``, one
+    :class:`DenseTokenizer` per feature keyed by name (adding a feature adds a projection and keeps the
+    others). ``num_tokens = n > 0``: every dense feature projected together to ``n`` tokens by one linear
+    layer (for many dense features, e.g. the paper's ~1,000; the layer restarts when a feature is added).
+
+    Args:
+        names: Dense feature names, in spec order.
+        embedding_dim: D.
+        num_tokens: 0 for one token per feature, else the number of tokens.
+    """
+
+    def __init__(self, names: Sequence[str], embedding_dim: int, num_tokens: int = 0) -> None:
+        super().__init__()
+        names = list(names)
+        check_feature_names(names, "dense")
+        self.num_features = len(names)
+        self.embedding_dim = int(embedding_dim)
+        self.grouped = num_tokens > 0 and self.num_features > 0
+        self.num_tokens = int(num_tokens) if self.grouped else self.num_features
+        self.features = nn.ModuleDict({} if self.grouped else {n: DenseTokenizer(embedding_dim) for n in names})
+        self.projection = nn.Linear(self.num_features, self.num_tokens * self.embedding_dim) if self.grouped else nn.Identity()
 
     def forward(self, dense: Tensor) -> Tensor:
         """Tokenises dense features.
 
         Args:
-            dense: float32 ``[B, N_dense]``.
+            dense: float32 ``[B, N_dense_features]``.
 
         Returns:
-            float32 ``[B, N_dense, D]``.
+            float32 ``[B, N_dense, D]`` (``N_dense`` = features, or ``num_tokens`` when grouped).
         """
-        return dense.unsqueeze(-1) * self.weight + self.bias
-
-
-class FlattenMLPInteraction(nn.Module):
-    """Skeleton interaction: flatten every token, MLP, reshape to K embeddings.
-
-    ``[B, N_sparse + N_dense, D] -> flatten -> Linear -> ReLU -> Linear -> [B, K, D]``.
-
-    Args:
-        num_tokens: N_sparse + N_dense.
-        embedding_dim: D.
-        hidden_dim: Width of the hidden layer.
-        num_embeddings: K, the number of output user embeddings.
-    """
-
-    def __init__(self, num_tokens: int, embedding_dim: int, hidden_dim: int, num_embeddings: int) -> None:
-        super().__init__()
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(num_tokens * embedding_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, num_embeddings * embedding_dim),
-        )
-
-    def forward(self, sparse_tokens: Tensor, dense_tokens: Tensor) -> Tensor:
-        """Mixes the tokens into K user embeddings.
-
-        Args:
-            sparse_tokens: float32 ``[B, N_sparse, D]``.
-            dense_tokens: float32 ``[B, N_dense, D]``.
-
-        Returns:
-            float32 ``[B, K, D]``.
-        """
-        x = torch.cat([sparse_tokens, dense_tokens], dim=1).flatten(1)
-        return self.mlp(x).view(-1, self.num_embeddings, self.embedding_dim)
+        if self.grouped:
+            return self.projection(dense).view(-1, self.num_tokens, self.embedding_dim)
+        if self.num_features == 0:
+            return torch.zeros([dense.shape[0], 0, self.embedding_dim])
+        weights: List[Tensor] = []
+        biases: List[Tensor] = []
+        for tokenizer in self.features.values():
+            assert isinstance(tokenizer, DenseTokenizer)
+            weights.append(tokenizer.weight)
+            biases.append(tokenizer.bias)
+        # Vectorised form of DenseTokenizer.forward over every feature: [B, N, 1] * [N, D] + [N, D].
+        return dense.unsqueeze(-1) * torch.stack(weights) + torch.stack(biases)
 
 
 class UserTower(nn.Module):
     """User features -> K SUM user embeddings of dimension D (paper §3.2, §5.3: K=2, D=96).
 
     Args:
-        spec: Input spec; one embedding bag per ``spec.user_sparse`` entry, one token per
-            ``spec.user_dense`` entry.
-        num_embeddings: K.
-        embedding_dim: D.
-        hidden_dim: Hidden width of the interaction MLP.
-        pooling: EmbeddingBag mode for variable-length id lists.
+        spec: Input spec; one embedding bag per ``spec.user_sparse`` entry, dense tokens from
+            ``spec.user_dense``.
+        arch: A resolved architecture or a ``model`` config (see :func:`sum_models.presets.resolve_architecture`).
     """
 
-    def __init__(
-        self,
-        spec: FeatureSpec,
-        num_embeddings: int = 2,
-        embedding_dim: int = 96,
-        hidden_dim: int = 256,
-        pooling: str = "mean",
-    ) -> None:
+    def __init__(self, spec: FeatureSpec, arch: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        num_tokens = len(spec.user_sparse) + len(spec.user_dense)
-        if num_tokens == 0:
+        arch = resolve_architecture(arch)
+        d, k = int(arch["embedding_dim"]), int(arch["num_embeddings"])
+        if len(spec.user_sparse) + len(spec.user_dense) == 0:
             raise ValueError("the user tower needs at least one user feature")
-        self.spec = spec  # plain attribute (not scripted, not in the state dict)
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.num_dense = len(spec.user_dense)
-        self.sparse_arch = SparseArch({k: int(n) for k, n in spec.user_sparse.items()}, embedding_dim, pooling)
-        self.dense_arch = DenseArch(self.num_dense, embedding_dim)
-        self.interaction = FlattenMLPInteraction(num_tokens, embedding_dim, hidden_dim, num_embeddings)
+        self.spec = spec  # plain attributes (not in the state dict)
+        self.arch = arch
+        self.num_embeddings = k
+        self.embedding_dim = d
+        self.sparse_arch = SparseArch({n: int(h) for n, h in spec.user_sparse.items()}, d, str(arch["sparse_pooling"]))
+        self.dense_arch = DenseArch(spec.user_dense, d, int(arch["dense_tokens"]))
+        num_dense = self.dense_arch.num_tokens
+        self.pyramid = InteractionPyramid(len(spec.user_sparse) + num_dense, num_dense, d, arch["user_tower"], k)
 
     def forward(self, dense: Tensor, sparse_ids: List[Tensor], sparse_offsets: List[Tensor]) -> Tensor:
         """Computes the SUM user embeddings.
 
         Args:
-            dense: float32 ``[B, N_dense]`` dense user features.
+            dense: float32 ``[B, N_dense_features]`` dense user features.
             sparse_ids: ``N_sparse`` int64 1-D tensors (EmbeddingBag ids, already modulo hash size).
             sparse_offsets: ``N_sparse`` int64 ``[B]`` EmbeddingBag offsets.
 
         Returns:
             float32 ``[B, K, D]``.
         """
-        sparse_tokens = self.sparse_arch(sparse_ids, sparse_offsets, dense.shape[0])  # [B, N_sparse, D]
-        dense_tokens = self.dense_arch(dense)  # [B, N_dense, D] (X_dense of eq. 1)
-        return self.interaction(sparse_tokens, dense_tokens)  # [B, K, D]
+        x_sparse = self.sparse_arch(sparse_ids, sparse_offsets, dense.shape[0])  # [B, N_sparse, D]
+        x_dense = self.dense_arch(dense)  # [B, N_dense, D] (X_dense of eq. 1)
+        x0 = torch.cat([x_sparse, x_dense], dim=1)  # [B, N_0, D]
+        return self.pyramid(x0, x_dense)  # [B, K, D]

@@ -10,10 +10,10 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,11 +53,28 @@ class EventsConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The SUM model (sum_models): K, D, input layers and the architecture preset.
+
+    ``preset`` names a user tower + mix tower architecture: a built-in one (``compact``, ``large``,
+    ``paper``; see ``sum_models.presets``) or one defined under ``presets`` (same name: replaces it).
+    ``hidden_dim`` / ``mix_hidden_dim`` are the default widths of layers a preset leaves unset.
+    """
+
     num_embeddings: int = 2
     embedding_dim: int = 96
     sparse_pooling: str = "mean"
-    hidden_dim: int = 256
+    dense_tokens: int = 0
+    hidden_dim: int = 128
     mix_hidden_dim: int = 128
+    preset: str = "compact"
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> "ModelConfig":
+        from sum_models.presets import resolve_architecture  # torch-free
+
+        resolve_architecture(self.model_dump(mode="json"))  # unknown preset / extractor / option -> error
+        return self
 
 
 class TrainConfig(_Section):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +40,7 @@ def repo_config(params: Params | None = None):
         online_store={"type": "sqlite", "path": str(ws.feast_dir / "online_store.db")},
         offline_store={"type": "file"},
         entity_key_serialization_version=3,
-        repo_path=PROJECT_ROOT / "feature_repo",
+        repo_path=feature_repo_dir(),
     )
 
 
@@ -58,9 +58,7 @@ def definitions(params: Params | None = None) -> list:
 
     params = params or load_params()
     os.environ["SUM_WORKSPACE"] = str(params.workspace)
-    import feature_repo.definitions as defs
-
-    defs = importlib.reload(defs)  # paths and K come from the environment at import time
+    defs = _load_definitions_module()  # paths and K come from the environment at import time
     return [
         obj
         for obj in vars(defs).values()
@@ -120,4 +118,23 @@ def user_feature_fields(params: Params | None = None) -> list:
 
 
 def feature_repo_dir() -> Path:
-    return PROJECT_ROOT / "feature_repo"
+    """The feature repo in force: ``$SUM_FEATURE_REPO`` (a folder holding ``definitions.py``), else the
+    project's ``feature_repo/``."""
+    env = os.environ.get("SUM_FEATURE_REPO")
+    return Path(env).resolve() if env else PROJECT_ROOT / "feature_repo"
+
+
+def _load_definitions_module():
+    """Executes ``<feature repo>/definitions.py`` afresh (by file path, so any folder works)."""
+    import sys
+
+    path = feature_repo_dir() / "definitions.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"feature repo definitions {path} not found (SUM_FEATURE_REPO={os.environ.get('SUM_FEATURE_REPO')!r})")
+    name = "_sum_feature_repo_definitions"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses / pickling inside the file resolve their module
+    spec.loader.exec_module(module)
+    return module

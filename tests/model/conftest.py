@@ -106,3 +106,51 @@ def make_users():
 def make_examples():
     """The impressions frame builder: ``make_examples(n_rows, seed, n_users=300)``."""
     return build_examples
+
+
+GOLDEN_DIR = __import__("pathlib").Path(__file__).parent / "golden"
+
+
+@pytest.fixture
+def golden(request):
+    """``golden(name, tensor, atol=1e-5)``: compares a tensor with ``golden/<test module>.json[name]``.
+
+    Run with ``SUM_UPDATE_GOLDEN=1`` to (re)write the stored values after a deliberate change of the
+    architecture or its initialisation; the diff of the JSON file then shows what moved.
+    """
+    import json
+    import os
+
+    import torch
+
+    path = GOLDEN_DIR / f"{request.module.__name__.rsplit('.', 1)[-1]}.json"
+    update = os.environ.get("SUM_UPDATE_GOLDEN") == "1"
+
+    def check(name: str, tensor, atol: float = 1e-5) -> None:
+        values = tensor.detach().double().cpu()
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        if update:
+            stored[name] = {"shape": list(values.shape), "values": [round(v, 7) for v in values.flatten().tolist()]}
+            GOLDEN_DIR.mkdir(exist_ok=True)
+            path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+            return
+        assert name in stored, f"no golden {name!r} in {path}; run with SUM_UPDATE_GOLDEN=1 to record it"
+        want = torch.tensor(stored[name]["values"], dtype=torch.float64).view(stored[name]["shape"])
+        torch.testing.assert_close(values, want, atol=atol, rtol=1e-4)
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def exported_snapshot(tmp_path_factory):
+    """One snapshot (program included) of a tiny compact model, shared: export takes a few seconds.
+
+    Returns:
+        ``{"dir", "model", "spec", "cfg"}``; treat as read-only.
+    """
+    from sum_models.model import build_model
+    from sum_models.snapshot import export_snapshot
+
+    model = build_model(TINY_SPEC, TINY_MODEL_CFG, seed=0)
+    out = export_snapshot(model, TINY_SPEC, TINY_MODEL_CFG, tmp_path_factory.mktemp("snap") / "s", "snap-x")
+    return {"dir": out, "model": model, "spec": TINY_SPEC, "cfg": dict(TINY_MODEL_CFG)}

@@ -1,0 +1,119 @@
+"""Adding a user feature to the Feast feature view changes the next model with no other code change.
+
+The test copies ``feature_repo/`` to a temporary folder, adds a dense and a sparse field to the
+``user_features`` view, points ``SUM_FEATURE_REPO`` at the copy (and backfills the previous day's user
+partition, see below) and trains the next day through the real
+pipeline functions (Feast apply + point-in-time join in ``pipeline.training_frame``, warm start by name and
+shape in ``pipeline.warm_start``): the new model has a table and a projection for the new features and
+keeps every other tensor of the previous day's snapshot.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DAY1, DAY2 = "2026-01-01", "2026-01-02"
+NEW_FIELDS = '''
+        Field(name="new_dense_score", dtype=Float32, description="Added by the test."),
+        Field(
+            name="new_id_list",
+            dtype=Array(Int64),
+            tags={"hash_size": "300", "mean_length": "3"},
+            description="Added by the test.",
+        ),'''
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["paths"] = {"workspace": str(tmp_path / "workspace"), "dvc_remote": str(tmp_path / "remote")}
+    params["simulator"].update({"initial_users": 300, "new_users_per_day": 20, "impressions_per_active_user": 6})
+    params["model"]["embedding_dim"] = 16
+    params["train"].update({"epochs": 1, "batch_size": 256})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("SUM_PARAMS", str(params_file))
+    monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.delenv("SUM_FEATURE_REPO", raising=False)
+
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(PROJECT_ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    source = (repo / "definitions.py").read_text()
+    anchor = 'name="user_features",\n    entities=[user],\n    ttl=timedelta(days=7),\n    schema=['
+    assert anchor in source, "feature_repo/definitions.py changed shape; update the test's anchor"
+    (repo / "definitions.py").write_text(source.replace(anchor, anchor + NEW_FIELDS, 1))
+    return {"repo": repo, "monkeypatch": monkeypatch}
+
+
+def _simulate(ds: str, ctx, users_only: bool = False) -> None:
+    from sum_platform.feature_store import user_feature_fields
+    from sum_platform.simulate import fields_from_feast, simulate_day, write_day, write_frame
+
+    fields = fields_from_feast(user_feature_fields(ctx.params))
+    if users_only:
+        write_frame(simulate_day(ds, ctx.params, fields)[1], ctx.ws.users_dir(ds))
+    else:
+        write_day(ds, ctx.params, ctx.ws, fields)
+
+
+def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
+    from sum_models.model import build_model
+    from sum_models.snapshot import export_snapshot, load_model
+    from sum_models.train import evaluate_ne, train_model
+    from sum_platform import pipeline
+
+    # Day 1 with the project's feature repo: train and snapshot.
+    ctx = pipeline.context()
+    _simulate(DAY1, ctx)
+    train1, _, spec1 = pipeline.training_frame(DAY1, ctx)
+    assert "new_id_list" not in spec1.user_sparse and "new_dense_score" not in spec1.user_dense
+    model1 = build_model(spec1, ctx.params.model, seed=ctx.params.seed)
+    train_model(model1, train1, spec1, ctx.params.train, seed=ctx.params.seed)
+    export_snapshot(model1, spec1, ctx.params.model, tmp_path / "day1", "day1", program=False)
+
+    # A data scientist adds two fields to the view; nothing else changes in the code.
+    env["monkeypatch"].setenv("SUM_FEATURE_REPO", str(env["repo"]))
+    # The offline store needs the new columns in the user partitions the join reads: Feast's file source
+    # takes its schema from the first partition, so the (simulated) upstream backfills the previous day's
+    # user snapshot with the new fields (the other columns come out identical) before the next day.
+    _simulate(DAY1, ctx, users_only=True)
+    _simulate(DAY2, ctx)  # the simulator generates every declared field
+    train2, holdout2, spec2 = pipeline.training_frame(DAY2, ctx)  # feast apply + point-in-time join
+    assert spec2.user_sparse["new_id_list"] == 300 and "new_dense_score" in spec2.user_dense
+    assert set(spec1.user_sparse) < set(spec2.user_sparse) and set(spec1.user_dense) < set(spec2.user_dense)
+    assert "new_id_list" in train2.columns and "new_dense_score" in train2.columns
+
+    parent, _ = load_model(tmp_path / "day1")
+    model2 = build_model(spec2, ctx.params.model, seed=ctx.params.seed)
+    warm = pipeline.warm_start(model2, parent.state_dict())
+    state2, state1 = model2.state_dict(), parent.state_dict()
+    # New input layers for the new features...
+    assert "user_tower.sparse_arch.bags.new_id_list.weight" in state2
+    assert "user_tower.dense_arch.features.new_dense_score.weight" in state2
+    assert "user_tower.sparse_arch.bags.new_id_list.weight" in warm["skipped"]
+    assert "user_tower.dense_arch.features.new_dense_score.weight" in warm["skipped"]
+    # ... while every tensor of the previous model whose name and shape still fit is kept as it was:
+    # every old embedding table and dense projection, the whole mix tower, the shape-preserving layers.
+    kept = [k for k, v in state1.items() if k in state2 and state2[k].shape == v.shape]
+    assert warm["loaded"] == len(kept)
+    for name in kept:
+        assert torch.equal(state2[name], state1[name]), name
+    for feature in spec1.user_sparse:
+        assert f"user_tower.sparse_arch.bags.{feature}.weight" in kept
+    for feature in spec1.user_dense:
+        assert f"user_tower.dense_arch.features.{feature}.weight" in kept
+    assert all(k in kept for k in state1 if k.startswith("mix_tower."))
+    # Only tensors that depend on the number of input tokens start fresh.
+    fresh_old = sorted(set(state1) & set(warm["skipped"]))
+    assert fresh_old and all(k.startswith("user_tower.pyramid.") for k in fresh_old), fresh_old
+
+    stats = train_model(model2, train2, spec2, ctx.params.train, seed=ctx.params.seed)
+    assert stats.examples == len(train2) and not stats.fresh_model
+    ne = evaluate_ne(model2, holdout2, spec2)
+    assert 0 < ne["click"] < 1.05
