@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Literal
 
 from fastapi import FastAPI, Query
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 
@@ -86,6 +86,8 @@ VERSION_TIMEOUT_S = 5.0
 TOWER_BATCH_SIZE = 512
 #: Hard cap on ids in a batch request body (``serving.max_batch_users`` is the configured bound).
 BATCH_HARD_MAX = 10_000
+#: Lock wait of a store read on the event loop before it is retried off the loop.
+READ_LOCK_TIMEOUT_S = 0.05
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -232,7 +234,7 @@ class ComputeCenter:
         self._debug_delay_s = max(0.0, float(user_config.get("debug_delay_ms") or 0.0)) / 1000.0
         size = user_config.get("max_batch_size")
         wait_ms = user_config.get("batch_wait_ms")
-        for method in (self.compute, self.compute_frozen):
+        for method in (self.compute, self.compute_many, self.compute_frozen):
             if size:
                 method.set_max_batch_size(int(size))  # type: ignore[attr-defined]
             if wait_ms is not None:
@@ -287,15 +289,11 @@ class ComputeCenter:
         return _Tower(tower.eval(), snapshot_id, snapshot_dir, fingerprint, time.time()), store
 
     # -- compute -------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def compute(self, user_ids: list[int]) -> list[dict]:
-        """Recomputes, pools and writes back the embeddings of a batch of users (one call per user).
-
-        Returns:
-            Per call: ``{"user_id", "status", "snapshot_id", "written_at_ms", "pooled_versions",
-            "embeddings"}``; status ``written`` (``embeddings``: the pooled fp16 ``[K, D]`` now served)
-            or why it was skipped (``no_features``, ``missing_dense_features``).
-        """
+    async def _process(self, user_ids: list[int], wait_for_write: bool) -> dict[int, dict]:
+        """Computes a batch in two executor jobs: (1) features -> tower -> pooled value (a lock-free
+        preview of the write), (2) the pooled write-back. Job 2 is queued right behind job 1 (the
+        single-thread executor keeps batches in order), so ``wait_for_write=False`` answers after job 1
+        (realtime: the write is off the critical path) and the write follows."""
         prod, store = self._prod, self._store
         if prod is None:
             raise RuntimeError("no user tower loaded")
@@ -304,21 +302,60 @@ class ComputeCenter:
         self._stats["batches"] += 1
         self._stats["requests"] += len(user_ids)
         t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _compute_and_write, prod.tower, store, prod.snapshot_id, list(user_ids)
+            results, pending = await loop.run_in_executor(
+                self._executor, _compute_pooled, prod.tower, store, prod.snapshot_id, list(user_ids), not wait_for_write
             )
         except Exception:
             self._stats["failed_batches"] += 1
             raise
-        written = sum(1 for r in results.values() if r["status"] == "written")
-        self._stats["written"] += written
-        self._stats["skipped"] += len(results) - written
-        self._metrics.latency.observe(time.perf_counter() - t0 + self._debug_delay_s, tags={"tower": "production"})
-        self._metrics.batch_size.observe(len(user_ids), tags={"tower": "production"})
-        if written:
-            self._metrics.write_backs.inc(written)
+        self._stats["skipped"] += len(results) - (len(pending["user_ids"]) if pending else 0)
+        if not pending:
+            return results
+        write = loop.run_in_executor(self._executor, _write_pooled, store, prod.snapshot_id, pending)
+        n_users = len(user_ids)
+
+        def written(fut: "asyncio.Future") -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                self._stats["failed_batches"] += 1
+                log.error("write-back of %d users failed: %s", len(pending["user_ids"]), fut.exception())
+                return
+            self._stats["written"] += fut.result()
+            self._metrics.write_backs.inc(fut.result())
+            self._metrics.latency.observe(time.perf_counter() - t0 + self._debug_delay_s, tags={"tower": "production"})
+            self._metrics.batch_size.observe(n_users, tags={"tower": "production"})
+
+        write.add_done_callback(written)
+        if wait_for_write:
+            await write
+            for u in pending["user_ids"]:
+                results[u]["status"] = "written"
+        return results
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def compute(self, user_ids: list[int]) -> list[dict]:
+        """Realtime: recomputes and pools the users' embeddings, answers, then writes them back.
+
+        Returns:
+            Per call: ``{"user_id", "status", "snapshot_id", "written_at_ms", "pooled_versions",
+            "embeddings"}``; status ``computed`` (``embeddings``: the pooled fp16 ``[K, D]``, being written
+            back) or why it was skipped (``no_features``, ``missing_dense_features``).
+        """
+        results = await self._process(list(user_ids), wait_for_write=False)
         return [results[int(u)] for u in user_ids]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def compute_many(self, calls: list[list[int]]) -> list[list[dict]]:
+        """Async: recomputes, pools and writes back the users of each call (the ingress coalesces the
+        reads of a few milliseconds into one call); answers once written.
+
+        Returns:
+            Per call, per user: ``{"user_id", "status"}`` with status ``written`` or a skip reason.
+        """
+        unique = list(dict.fromkeys(int(u) for call in calls for u in call))
+        results = await self._process(unique, wait_for_write=True)
+        return [[{"user_id": int(u), "status": results[int(u)]["status"]} for u in call] for call in calls]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def compute_frozen(self, user_ids: list[int]) -> list[dict]:
@@ -384,16 +421,31 @@ class ComputeCenter:
         }
 
     def check_health(self) -> None:
-        """Ray Serve's health check: unhealthy while no production tower is loaded."""
+        """Ray Serve's health check (every few seconds): unhealthy while no production tower is loaded.
+        Also refreshes the loaded-snapshot gauges (a gauge set once is not exported forever)."""
         if self._prod is None:
             raise RuntimeError(f"no user tower loaded (last error: {self._last_error})")
+        self._metrics.loaded.set(1, tags={"role": "production", "snapshot_id": self._prod.snapshot_id})
+        if self._frozen is not None:
+            self._metrics.loaded.set(1, tags={"role": "frozen", "snapshot_id": self._frozen.snapshot_id})
 
 
-def _compute_and_write(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:
-    """Blocking part of a compute batch: read features -> tower -> pool with stored versions -> write."""
+def _compute_pooled(
+    tower, store, snapshot_id: str, user_ids: list[int], preview: bool = True
+) -> tuple[dict[int, dict], dict | None]:
+    """Job 1 of a compute batch: read features -> tower (-> pooled value as the write will store it).
+
+    Args:
+        preview: Compute the pooled value now (realtime answers with it); otherwise only the tower runs
+            and results carry no embeddings (async: nobody waits for them).
+
+    Returns:
+        ``(results, pending)``: per user the answer (status ``computed``, with the pooled embeddings when
+        ``preview``, or a skip reason), and what job 2 writes (None if nothing).
+    """
     import numpy as np
 
-    from serving.store_io import read_user_features, to_ms, write_embeddings
+    from serving.store_io import pooled_preview, read_user_features, to_ms
     from sum_models.snapshot import embed_users
 
     unique = list(dict.fromkeys(int(u) for u in user_ids))
@@ -401,24 +453,35 @@ def _compute_and_write(tower, store, snapshot_id: str, user_ids: list[int]) -> d
     results: dict[int, dict] = {
         u: {"user_id": u, "status": reason, "snapshot_id": None, "written_at_ms": None} for u, reason in skipped.items()
     }
-    if len(frame):
-        emb = embed_users(tower, frame, tower.spec, batch_size=TOWER_BATCH_SIZE)
-        written_at_ms = to_ms(None)
-        rows = write_embeddings(
-            store, frame["user_id"].to_numpy(), emb, snapshot_id, written_at_ms, return_frame=True
-        )
-        k = emb.shape[1]
-        for r in rows.itertuples(index=False):
-            pooled = np.stack([np.asarray(getattr(r, f"embedding_{j}")) for j in range(k)]).astype(np.float16)
-            results[int(r.user_id)] = {
-                "user_id": int(r.user_id),
-                "status": "written",
-                "snapshot_id": snapshot_id,
-                "written_at_ms": written_at_ms,
-                "pooled_versions": int(r.pooled_versions),
-                "embeddings": pooled,
-            }
-    return results
+    if not len(frame):
+        return results, None
+    emb = embed_users(tower, frame, tower.spec, batch_size=TOWER_BATCH_SIZE)
+    written_at_ms = to_ms(None)
+    ids = frame["user_id"].to_numpy()
+    pending = {"user_ids": [int(u) for u in ids], "embeddings": emb, "written_at_ms": written_at_ms}
+    if not preview:
+        for u in pending["user_ids"]:
+            results[u] = {"user_id": u, "status": "computed", "snapshot_id": snapshot_id, "written_at_ms": written_at_ms}
+        return results, pending
+    rows = pooled_preview(store, ids, emb, snapshot_id, written_at_ms)
+    k = emb.shape[1]
+    for r in rows.itertuples(index=False):
+        results[int(r.user_id)] = {
+            "user_id": int(r.user_id),
+            "status": "computed",
+            "snapshot_id": snapshot_id,
+            "written_at_ms": written_at_ms,
+            "pooled_versions": int(r.pooled_versions),
+            "embeddings": np.stack([np.asarray(getattr(r, f"embedding_{j}")) for j in range(k)]).astype(np.float16),
+        }
+    return results, pending
+
+
+def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
+    """Job 2 of a compute batch: the pooled write-back (read-modify-write under the store's lock)."""
+    from serving.store_io import write_embeddings
+
+    return write_embeddings(store, pending["user_ids"], pending["embeddings"], snapshot_id, pending["written_at_ms"])
 
 
 def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:
@@ -448,67 +511,130 @@ def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[i
 # Ingress (SOAP client)
 # ---------------------------------------------------------------------------------------------
 class ComputeLauncher:
-    """Fire-and-forget compute calls, at most ``max_inflight`` at once; over the bound a call is dropped.
+    """Fire-and-forget compute calls, at most ``max_inflight`` users in flight; over the bound a call is
+    dropped (and counted).
 
     Each call runs in a task with a fresh context, detached from the HTTP request that fired it: Ray
     Serve cancels the child calls of a request whose client goes away, and the write path must not
-    depend on the reader. Outcomes are counted (``stats``), failures logged (rate-limited).
+    depend on the reader. Outcomes are counted per user (``stats``), failures logged (rate-limited).
 
     Args:
-        max_inflight: Bound on calls in flight.
-        on_outcome: Called with the outcome of each finished call (``written``, ``skipped``,
+        max_inflight: Bound on users in flight (reserved, or in a call not yet answered).
+        on_outcome: Called with ``(outcome, users)`` for each finished call (``written``, ``skipped``,
             ``computed`` or ``failed``).
     """
 
-    def __init__(self, max_inflight: int, on_outcome: Callable[[str], None] | None = None) -> None:
+    def __init__(self, max_inflight: int, on_outcome: Callable[[str, int], None] | None = None) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.max_inflight = int(max_inflight)
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight = 0
+        self._tasks: set[asyncio.Task] = set()
         self._on_outcome = on_outcome
-        self.stats = {"scheduled": 0, "dropped": 0, "written": 0, "skipped": 0, "failed": 0}
+        self.stats = {"scheduled": 0, "dropped": 0, "written": 0, "computed": 0, "skipped": 0, "failed": 0}
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        """Users reserved or in calls not answered yet."""
+        return self._inflight
 
-    def fire(self, make_call: Callable[[], Awaitable[dict]]) -> "asyncio.Task | None":
-        """Starts ``make_call()`` without awaiting it (call from the event loop).
+    def try_reserve(self, users: int = 1) -> bool:
+        """Reserves room for ``users``; False (and counted as dropped) when over the bound."""
+        if self._inflight + users > self.max_inflight:
+            self.stats["dropped"] += users
+            return False
+        self._inflight += users
+        self.stats["scheduled"] += users
+        return True
+
+    def start(self, make_call: Callable[[], Awaitable[Any]], reserved: int) -> "asyncio.Task":
+        """Starts ``make_call()`` (call from the event loop) for ``reserved`` users reserved before."""
+        task = asyncio.get_running_loop().create_task(self._run(make_call, reserved), context=contextvars.Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def fire(self, make_call: Callable[[], Awaitable[Any]], users: int = 1) -> "asyncio.Task | None":
+        """Reserves and starts a call without awaiting it.
 
         Returns:
             The task (realtime and frozen reads await it with a budget), or None if dropped.
         """
-        if len(self._inflight) >= self.max_inflight:
-            self.stats["dropped"] += 1
-            return None
-        task = asyncio.get_running_loop().create_task(self._run(make_call), context=contextvars.Context())
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        self.stats["scheduled"] += 1
-        return task
+        return self.start(make_call, users) if self.try_reserve(users) else None
 
-    async def _run(self, make_call: Callable[[], Awaitable[dict]]) -> dict | None:
+    async def _run(self, make_call: Callable[[], Awaitable[Any]], reserved: int) -> Any:
         try:
             result = await make_call()
         except Exception as exc:
-            self.stats["failed"] += 1
-            self._outcome("failed")
+            self._count("failed", reserved)
             n = self.stats["failed"]
             if n <= 10 or n % 1000 == 0:
                 log.warning("async compute call failed (%d so far): %s: %s", n, type(exc).__name__, exc)
             return None
-        status = result.get("status") if isinstance(result, dict) else None
-        outcome = "written" if status == "written" else "computed" if status == "computed" else "skipped"
-        self.stats["written" if outcome == "written" else "skipped"] += 1
-        self._outcome(outcome)
+        finally:
+            self._inflight -= reserved
+        for item in result if isinstance(result, list) else [result]:
+            status = item.get("status") if isinstance(item, dict) else None
+            self._count(status if status in ("written", "computed") else "skipped", 1)
         return result
 
-    def _outcome(self, outcome: str) -> None:
+    def _count(self, outcome: str, users: int) -> None:
+        self.stats[outcome] += users
         if self._on_outcome is not None:
             try:
-                self._on_outcome(outcome)
+                self._on_outcome(outcome, users)
             except Exception:  # metrics must never break the write path
                 pass
+
+
+class ComputeCoalescer:
+    """Async-mode compute calls: the users read within ``window_s`` go to the compute deployment as one
+    ``compute_many`` call (a repeated user once), so the ingress makes one handle call per window
+    instead of one per read, after the responses have gone out.
+
+    Args:
+        launcher: Bounds and counts users in flight (a coalesced repeat counts as scheduled, no room).
+        send: ``send(user_ids)`` -> awaitable per-user results.
+        window_s: How long the first user of a window waits (0: the next event-loop iteration).
+        max_users: A window holding this many users is sent at once.
+    """
+
+    def __init__(
+        self,
+        launcher: ComputeLauncher,
+        send: Callable[[list[int]], Awaitable[Any]],
+        window_s: float,
+        max_users: int = 64,
+    ) -> None:
+        self._launcher, self._send = launcher, send
+        self.window_s, self.max_users = float(window_s), int(max_users)
+        self._pending: dict[int, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, user_id: int) -> str:
+        """Schedules a user's recompute; ``scheduled`` or ``dropped`` (the in-flight bound)."""
+        if user_id in self._pending:
+            self._launcher.stats["scheduled"] += 1
+            return "scheduled"
+        if not self._launcher.try_reserve(1):
+            return "dropped"
+        self._pending[user_id] = None
+        if len(self._pending) >= self.max_users:
+            self.flush()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.window_s, self.flush) if self.window_s > 0 else loop.call_soon(self.flush)
+        return "scheduled"
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        ids = list(self._pending)
+        self._pending.clear()
+        self._launcher.start(lambda: self._send(ids), reserved=len(ids))
 
 
 class StoreUnavailable(RuntimeError):
@@ -537,17 +663,21 @@ def _validate_ingress_config(user_config: dict) -> dict:
     users = cfg.get("max_batch_users")
     if not isinstance(users, int) or isinstance(users, bool) or not 1 <= users <= BATCH_HARD_MAX:
         raise ValueError(f"max_batch_users must be an int in [1, {BATCH_HARD_MAX}], got {users!r}")
+    coalesce = cfg.get("coalesce_ms", 5.0)
+    if not isinstance(coalesce, (int, float)) or isinstance(coalesce, bool) or not 0 <= coalesce <= 1000:
+        raise ValueError(f"coalesce_ms must be a number in [0, 1000], got {coalesce!r}")
     return {
         "mode": cfg["mode"],
         "realtime_budget_ms": float(cfg["realtime_budget_ms"]),
         "frozen_timeout_ms": float(cfg["frozen_timeout_ms"]),
         "max_batch_users": users,
+        "coalesce_ms": float(coalesce),
     }
 
 
 def ingress_user_config(params: "Params", **overrides: Any) -> dict:
     """The ingress ``user_config``: ``mode``, ``realtime_budget_ms``, ``frozen_timeout_ms``,
-    ``max_batch_users`` from ``params.serving``, with ``overrides``.
+    ``max_batch_users``, ``coalesce_ms`` from ``params.serving``, with ``overrides``.
 
     Raises:
         ValueError: An invalid mode or bound.
@@ -558,6 +688,7 @@ def ingress_user_config(params: "Params", **overrides: Any) -> dict:
         "realtime_budget_ms": float(s.realtime_budget_ms),
         "frozen_timeout_ms": float(s.frozen_timeout_ms),
         "max_batch_users": int(s.max_batch_users),
+        "coalesce_ms": float(s.compute_coalesce_ms),
     }
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return _validate_ingress_config(cfg)
@@ -652,6 +783,18 @@ api = FastAPI(
 )
 
 
+def _json(content: Any, status_code: int = 200) -> Response:
+    """A JSON response serialised once (the route's response_model documents it; FastAPI would otherwise
+    validate and re-encode the K x D floats on every read)."""
+    try:
+        import orjson
+
+        body = orjson.dumps(content)
+    except ImportError:  # pragma: no cover - orjson ships with the lock file
+        body = json.dumps(content, separators=(",", ":")).encode()
+    return Response(content=body, status_code=status_code, media_type="application/json")
+
+
 def _age(written_at_ms: int | None, now: float) -> float | None:
     return None if written_at_ms is None else max(0.0, now - written_at_ms / 1000.0)
 
@@ -684,9 +827,14 @@ class SoapIngress:
         self._settings = dict(settings)
         self._params, self._store = _open_store(settings["workspace"], settings["params_path"])
         self._reader = EmbeddingReader(self._store)
-        # Store reads run here, off the event loop (one connection per thread; reads take ~0.1 ms).
+        # A store read takes ~0.1 ms and, in WAL mode, does not wait for writers: it runs on the event
+        # loop (a thread hop would cost more than the read). One that finds the database locked
+        # (rare: WAL recovery) is retried here, off the loop, with a long lock timeout.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-read")
         self._config: dict = ingress_user_config(self._params)
+        self._coalescer = ComputeCoalescer(
+            self._launcher, self._compute_many, window_s=self._config["coalesce_ms"] / 1000.0
+        )
         self._config_error: str | None = None
         self._stats = {"requests": 0, "not_found": 0, "fallbacks": 0, "frozen_failures": 0}
         self._metrics_url: str | None = None
@@ -697,12 +845,16 @@ class SoapIngress:
         try:
             self._config = _validate_ingress_config(user_config)
             self._config_error = None
+            self._coalescer.window_s = self._config["coalesce_ms"] / 1000.0
         except ValueError as exc:
             self._config_error = str(exc)
             log.error("ingress user_config rejected (%s); keeping %s", exc, self._config)
 
-    def _count_outcome(self, outcome: str) -> None:
-        self._metrics.compute_calls.inc(tags={"outcome": outcome})
+    def _count_outcome(self, outcome: str, users: int) -> None:
+        self._metrics.compute_calls.inc(users, tags={"outcome": outcome})
+
+    def _compute_many(self, user_ids: list[int]) -> Awaitable[Any]:
+        return self._compute.compute_many.remote(user_ids)
 
     def _fire(self, method: str, user_id: int, mode: str) -> "asyncio.Task | None":
         fn = getattr(self._compute, method)
@@ -712,7 +864,14 @@ class SoapIngress:
         return task
 
     async def _read(self, user_ids: list[int], source: str) -> dict[int, dict]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._reader.embeddings, user_ids, source)
+        import sqlite3
+
+        try:
+            return self._reader.embeddings(user_ids, source, READ_LOCK_TIMEOUT_S)
+        except sqlite3.OperationalError:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._reader.embeddings, user_ids, source
+            )
 
     def _observe(self, mode: str, endpoint: str, code: int, t0: float) -> None:
         self._metrics.read_latency.observe(time.perf_counter() - t0, tags={"mode": mode, "endpoint": endpoint})
@@ -747,14 +906,18 @@ class SoapIngress:
                     out[u] = {"user_id": u, "status": status, "compute": fate}
             return out
 
-        # async / realtime: the compute call is fired first, the store is read meanwhile.
+        if mode == "async":
+            # The recompute is scheduled (coalesced, sent after this response); the store answers now.
+            fates = {u: self._coalescer.add(u) for u in user_ids}
+            for fate in fates.values():
+                if fate == "dropped":
+                    self._metrics.dropped.inc(tags={"mode": mode})
+            rows = await self._read_or_raise(user_ids, "served")
+            return {u: self._item(u, rows.get(u), "store", fates[u], now()) for u in user_ids}
+
+        # realtime: the compute call is fired first, the store is read meanwhile.
         tasks = {u: self._fire("compute", u, mode) for u in user_ids}
         rows = await self._read_or_raise(user_ids, "served")
-        if mode == "async":
-            return {
-                u: self._item(u, rows.get(u), "store", "dropped" if tasks[u] is None else "scheduled", now())
-                for u in user_ids
-            }
         budget = float(self._config["realtime_budget_ms"]) / 1000.0
         results = await self._wait(tasks, t0 + budget)
         out = {}
@@ -861,7 +1024,7 @@ class SoapIngress:
             )
         self._metrics.age.observe(item["age_seconds"] or 0.0, tags={"mode": mode})
         self._observe(mode, "user", 200, t0)
-        return {"mode": mode, **item}
+        return _json({"mode": mode, **item})
 
     @api.post(
         "/embeddings/batch",
@@ -890,13 +1053,14 @@ class SoapIngress:
         except StoreUnavailable as exc:
             self._observe(mode, "batch", 503, t0)
             return JSONResponse(status_code=503, content={"detail": str(exc), "mode": mode})
-        results = [items[u] for u in ids]
+        blank = dict.fromkeys(("source", "snapshot_id", "written_at_ms", "age_seconds", "pooled_versions", "embeddings"))
+        results = [{**blank, **items[u]} for u in ids]
         for item in results:
             if item["status"] == "ok":
                 self._metrics.age.observe(item["age_seconds"] or 0.0, tags={"mode": mode})
         self._observe(mode, "batch", 200, t0)
         found = sum(1 for r in results if r["status"] == "ok")
-        return {"mode": mode, "count": len(results), "found": found, "results": results}
+        return _json({"mode": mode, "count": len(results), "found": found, "results": results})
 
     async def _compute_version(self) -> tuple[dict | None, str | None]:
         try:

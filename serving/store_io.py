@@ -60,6 +60,7 @@ __all__ = [
     "read_history",
     "read_user_features",
     "reader_for",
+    "pooled_preview",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,15 +165,18 @@ class EmbeddingReader:
             versioning = bool(getattr(cfg.registry, "enable_online_feature_view_versioning", False))
             self.table = compute_table_id(cfg.project, store.get_feature_view(EMBEDDINGS_VIEW), versioning)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+    def _conn(self, timeout_s: float) -> sqlite3.Connection:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(timeout_s)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
             try:  # persistent on the file; readers then never wait behind a writer's transaction
                 conn.execute("PRAGMA journal_mode=WAL")
             except sqlite3.OperationalError as exc:
                 log.debug("could not switch %s to WAL: %s", self.path, exc)
-            self._local.conn = conn
+            conns[timeout_s] = conn
         return conn
 
     def _key(self, user_id: int) -> bytes:
@@ -185,10 +189,11 @@ class EmbeddingReader:
             entity_key_serialization_version=self._ek_version,
         )
 
-    def rows(self, user_ids: Sequence[int], fields: Sequence[str]) -> dict[int, dict[str, Any]]:
+    def rows(self, user_ids: Sequence[int], fields: Sequence[str], timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
         """``{user_id: {field: value}}`` for users with a stored row (absent fields: None).
 
-        Arrays come back as float32 numpy arrays (empty for an empty stored list).
+        Arrays come back as float32 numpy arrays (empty for an empty stored list). ``timeout_s`` bounds
+        the wait for a lock (``sqlite3.OperationalError`` past it); in WAL mode reads rarely wait at all.
         """
         unique = list(dict.fromkeys(int(u) for u in user_ids))
         if not unique:
@@ -203,7 +208,7 @@ class EmbeddingReader:
             f"WHERE entity_key IN ({kph}) AND feature_name IN ({fph})"
         )
         out: dict[int, dict[str, Any]] = {}
-        for key, name, value in self._conn().execute(sql, (*keys, *fields)):
+        for key, name, value in self._conn(timeout_s).execute(sql, (*keys, *fields)):
             row = out.get(keys[key])
             if row is None:
                 row = out[keys[key]] = dict.fromkeys(fields)
@@ -224,13 +229,16 @@ class EmbeddingReader:
                 out[int(uid)] = row
         return out
 
-    def embeddings(self, user_ids: Sequence[int], source: str = "served") -> dict[int, dict[str, Any]]:
+    def embeddings(
+        self, user_ids: Sequence[int], source: str = "served", timeout_s: float = 30.0
+    ) -> dict[int, dict[str, Any]]:
         """Users' stored embeddings.
 
         Args:
             user_ids: User ids.
             source: ``served`` (the pooled value, what async/realtime modes answer) or ``batch`` (the
                 daily batch value, what offline mode answers).
+            timeout_s: Lock wait bound (see :meth:`rows`).
 
         Returns:
             ``{user_id: {"snapshot_id", "written_at_ms", "pooled_versions", "embeddings": float16 [K, D]}}``
@@ -244,7 +252,7 @@ class EmbeddingReader:
         else:
             raise ValueError(f"source must be 'served' or 'batch', got {source!r}")
         out: dict[int, dict[str, Any]] = {}
-        for uid, row in self.rows(user_ids, fields).items():
+        for uid, row in self.rows(user_ids, fields, timeout_s).items():
             arr = _stack([row.get(f"{prefix}{j}") for j in range(k)])
             if arr is None:
                 continue
@@ -381,6 +389,95 @@ def pool(versions: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(average_pool([np.asarray(v, dtype=np.float16) for v in versions])).astype(np.float16)
 
 
+def _check(reader: EmbeddingReader, user_ids: Any, embeddings: np.ndarray, snapshot_id: str) -> tuple[list[int], np.ndarray]:
+    """Validated ``(user ids in write order, fp16 [N, K, D])``; a repeated id keeps its last row."""
+    ids = _as_user_ids(user_ids)
+    emb = np.asarray(embeddings)
+    if emb.ndim != 3:
+        raise ValueError(f"embeddings must be [N, K, D], got shape {emb.shape}")
+    if emb.shape[0] != ids.shape[0]:
+        raise ValueError(f"{ids.shape[0]} user ids but {emb.shape[0]} embedding rows")
+    if emb.shape[1] != reader.k:
+        raise ValueError(f"embeddings have K={emb.shape[1]}, view {EMBEDDINGS_VIEW!r} declares K={reader.k}")
+    if not snapshot_id:
+        raise ValueError("snapshot_id must be a non-empty string")
+    with np.errstate(over="ignore"):
+        emb16 = emb.astype(np.float16)
+    if not np.isfinite(emb16).all():
+        raise ValueError("embeddings have NaN/inf values (or values overflowing fp16)")
+    last = {int(u): i for i, u in enumerate(ids.tolist())}
+    order = list(last)
+    return order, emb16[[last[u] for u in order]]
+
+
+def _pooled_frame(
+    reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str, ms: int, batch: bool
+) -> pd.DataFrame:
+    """The rows to write: each user's stored history shifted by the new version, pooled."""
+    k = reader.k
+    shape = (k, emb16.shape[2])
+    empty = np.zeros(0, dtype=np.float32)
+    old_rows = reader.rows(order, history_fields(k))
+    cols: dict[str, list] = {name: [] for name in history_fields(k)}
+    for i, uid in enumerate(order):
+        old = old_rows.get(uid)
+        raw, prev1, prev2 = _versions(old, k, shape)
+        same_version = (
+            old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms
+        )
+        slots = [emb16[i], prev1, prev2] if same_version else [emb16[i], raw, prev1]
+        present = [v for v in slots if v is not None]
+        pooled = pool(present)
+        for j in range(k):
+            cols[f"embedding_{j}"].append(pooled[j].astype(np.float32))
+            for slot, value in zip(_SLOTS, slots):
+                cols[f"{slot}_embedding_{j}"].append(empty if value is None else np.asarray(value[j], dtype=np.float32))
+        cols["snapshot_id"].append(str(snapshot_id))
+        cols["written_at_ms"].append(ms)
+        cols["pooled_versions"].append(len(present))
+        if batch:
+            for j in range(k):
+                cols[f"batch_embedding_{j}"].append(pooled[j].astype(np.float32))
+            cols["batch_snapshot_id"].append(str(snapshot_id))
+            cols["batch_written_at_ms"].append(ms)
+        else:
+            old_batch = _stack([(old or {}).get(f"batch_embedding_{j}") for j in range(k)])
+            for j in range(k):
+                cols[f"batch_embedding_{j}"].append(empty if old_batch is None else old_batch[j])
+            bsid = (old or {}).get("batch_snapshot_id") if old_batch is not None else None
+            bms = (old or {}).get("batch_written_at_ms") if old_batch is not None else None
+            cols["batch_snapshot_id"].append(bsid)
+            cols["batch_written_at_ms"].append(int(bms) if bms is not None else None)
+    n = len(order)
+    frame: dict[str, Any] = {"user_id": np.asarray(order, dtype=np.int64)}
+    frame.update(cols)
+    frame["written_at_ms"] = np.asarray(cols["written_at_ms"], dtype=np.int64)
+    frame["pooled_versions"] = np.asarray(cols["pooled_versions"], dtype=np.int64)
+    frame["batch_written_at_ms"] = pd.array(cols["batch_written_at_ms"], dtype="Int64")
+    frame["batch_snapshot_id"] = np.asarray(cols["batch_snapshot_id"], dtype=object)
+    frame["written_at"] = pd.DatetimeIndex([pd.Timestamp(ms, unit="ms", tz="UTC")] * n)
+    return pd.DataFrame(frame)
+
+
+def pooled_preview(
+    store: "FeatureStore",
+    user_ids: Sequence[int] | np.ndarray,
+    embeddings_fp16: np.ndarray,
+    snapshot_id: str,
+    written_at: datetime | pd.Timestamp | int | None = None,
+) -> pd.DataFrame:
+    """The rows :func:`write_embeddings` would write now, without writing (no lock taken).
+
+    The realtime path answers with this value and writes it right after; a concurrent writer slipping in
+    between can make the stored value differ from the answered one (both are valid pools).
+    """
+    reader = reader_for(store)
+    order, emb16 = _check(reader, user_ids, embeddings_fp16, snapshot_id)
+    if not order:
+        return pd.DataFrame()
+    return _pooled_frame(reader, order, emb16, snapshot_id, to_ms(written_at), batch=False)
+
+
 def write_embeddings(
     store: "FeatureStore",
     user_ids: Sequence[int] | np.ndarray,
@@ -397,7 +494,8 @@ def write_embeddings(
     For each user: the new raw version joins the two most recent stored ones (``prev2 <- prev1 <- raw <-
     new``) and the served ``embedding_k`` becomes their fp16 mean (fewer versions for a new user). A
     write carrying the same ``snapshot_id`` and write time as the stored latest version replaces it
-    (idempotent reruns). Stored history whose shape differs from the new ``[K, D]`` is dropped.
+    (idempotent reruns). Stored history whose shape differs from the new ``[K, D]`` is dropped. Rows go
+    to the online store through Feast's ``write_to_online_store`` (``push`` with ``to_offline``).
 
     Args:
         store: An open feature store whose definitions are applied.
@@ -421,76 +519,17 @@ def write_embeddings(
     """
     from feast.data_source import PushMode
 
-    ids = _as_user_ids(user_ids)
-    emb = np.asarray(embeddings_fp16)
-    if emb.ndim != 3:
-        raise ValueError(f"embeddings must be [N, K, D], got shape {emb.shape}")
-    if emb.shape[0] != ids.shape[0]:
-        raise ValueError(f"{ids.shape[0]} user ids but {emb.shape[0]} embedding rows")
     reader = reader_for(store)
-    k = reader.k
-    if emb.shape[1] != k:
-        raise ValueError(f"embeddings have K={emb.shape[1]}, view {EMBEDDINGS_VIEW!r} declares K={k}")
-    if not snapshot_id:
-        raise ValueError("snapshot_id must be a non-empty string")
-    with np.errstate(over="ignore"):
-        emb16 = emb.astype(np.float16)
-    if not np.isfinite(emb16).all():
-        raise ValueError("embeddings have NaN/inf values (or values overflowing fp16)")
-    # A repeated id keeps its last row.
-    last = {int(u): i for i, u in enumerate(ids.tolist())}
-    order = list(last)
-    emb16 = emb16[[last[u] for u in order]]
+    order, emb16 = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
         return pd.DataFrame() if return_frame else 0
     ms = to_ms(written_at)
-    shape = (k, emb16.shape[2])
-    empty = np.zeros(0, dtype=np.float32)
-
     with _write_lock(store):
-        old_rows = reader.rows(order, history_fields(k))
-        cols: dict[str, list] = {name: [] for name in history_fields(k)}
-        for i, uid in enumerate(order):
-            old = old_rows.get(uid)
-            raw, prev1, prev2 = _versions(old, k, shape)
-            same_version = old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get(
-                "written_at_ms"
-            ) == ms
-            new = emb16[i]
-            slots = [new, prev1, prev2] if same_version else [new, raw, prev1]
-            present = [v for v in slots if v is not None]
-            pooled = pool(present)
-            for j in range(k):
-                cols[f"embedding_{j}"].append(pooled[j].astype(np.float32))
-                for slot, value in zip(_SLOTS, slots):
-                    cols[f"{slot}_embedding_{j}"].append(
-                        empty if value is None else np.asarray(value[j], dtype=np.float32)
-                    )
-            cols["snapshot_id"].append(str(snapshot_id))
-            cols["written_at_ms"].append(ms)
-            cols["pooled_versions"].append(len(present))
-            if batch:
-                for j in range(k):
-                    cols[f"batch_embedding_{j}"].append(pooled[j].astype(np.float32))
-                cols["batch_snapshot_id"].append(str(snapshot_id))
-                cols["batch_written_at_ms"].append(ms)
-            else:
-                old_batch = _stack([(old or {}).get(f"batch_embedding_{j}") for j in range(k)])
-                for j in range(k):
-                    cols[f"batch_embedding_{j}"].append(empty if old_batch is None else old_batch[j])
-                cols["batch_snapshot_id"].append((old or {}).get("batch_snapshot_id") if old_batch is not None else None)
-                bms = (old or {}).get("batch_written_at_ms") if old_batch is not None else None
-                cols["batch_written_at_ms"].append(int(bms) if bms is not None else None)
-        frame: dict[str, Any] = {"user_id": np.asarray(order, dtype=np.int64)}
-        frame.update(cols)
-        df = pd.DataFrame(frame)
-        df["written_at_ms"] = df["written_at_ms"].astype(np.int64)
-        df["pooled_versions"] = df["pooled_versions"].astype(np.int64)
-        df["batch_written_at_ms"] = pd.array(cols["batch_written_at_ms"], dtype="Int64")
-        df["batch_snapshot_id"] = pd.Series(cols["batch_snapshot_id"], dtype=object)
-        df["written_at"] = pd.Timestamp(ms, unit="ms", tz="UTC")
-        mode = PushMode.ONLINE_AND_OFFLINE if to_offline else PushMode.ONLINE
-        store.push(EMBEDDINGS_PUSH, df, to=mode)
+        df = _pooled_frame(reader, order, emb16, snapshot_id, ms, batch)
+        if to_offline:
+            store.push(EMBEDDINGS_PUSH, df, to=PushMode.ONLINE_AND_OFFLINE)
+        else:
+            store.write_to_online_store(EMBEDDINGS_VIEW, df)
     return df if return_frame else int(len(df))
 
 

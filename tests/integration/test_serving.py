@@ -186,7 +186,7 @@ def test_compute_launcher_bounds_inflight_calls_and_counts_drops():
     outcomes: list[str] = []
 
     async def scenario():
-        launcher = ComputeLauncher(max_inflight=3, on_outcome=outcomes.append)
+        launcher = ComputeLauncher(max_inflight=3, on_outcome=lambda outcome, n: outcomes.extend([outcome] * n))
         gates = [asyncio.get_running_loop().create_future() for _ in range(5)]
         fired = [launcher.fire(lambda g=g: g) for g in gates]
         assert [t is not None for t in fired] == [True, True, True, False, False]
@@ -196,12 +196,43 @@ def test_compute_launcher_bounds_inflight_calls_and_counts_drops():
         gates[2].set_exception(RuntimeError("compute down"))
         await asyncio.gather(*[t for t in fired if t is not None])
         assert launcher.inflight == 0
-        assert launcher.stats == {"scheduled": 3, "dropped": 2, "written": 1, "skipped": 1, "failed": 1}
+        assert launcher.stats == {"scheduled": 3, "dropped": 2, "written": 1, "computed": 0, "skipped": 1, "failed": 1}
         last = launcher.fire(lambda: asyncio.sleep(0, {"status": "written"}))
         assert last is not None and (await last) == {"status": "written"}
 
     asyncio.run(scenario())
     assert sorted(outcomes) == ["failed", "skipped", "written", "written"]
+
+
+def test_coalescer_sends_one_call_per_window_within_the_bound():
+    from serving.app import ComputeCoalescer, ComputeLauncher
+
+    sent: list[list[int]] = []
+
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def send(ids):
+            sent.append(ids)
+            await gate.wait()  # the compute answers when the test says so
+            return [{"user_id": u, "status": "written"} for u in ids]
+
+        launcher = ComputeLauncher(max_inflight=4)
+        coalescer = ComputeCoalescer(launcher, send, window_s=0.01, max_users=3)
+        fates = [coalescer.add(u) for u in (1, 2, 1, 3)]  # 3 distinct users fill the window: sent at once
+        assert fates == ["scheduled"] * 4 and sent == [] and launcher.inflight == 3
+        await asyncio.sleep(0)
+        assert sent == [[1, 2, 3]]
+        fates = [coalescer.add(u) for u in (4, 5)]  # one room left: 5 is dropped
+        assert fates == ["scheduled", "dropped"]
+        await asyncio.sleep(0.05)  # the window elapses
+        assert sent == [[1, 2, 3], [4]] and launcher.inflight == 4
+        gate.set()
+        await asyncio.sleep(0.01)
+        assert launcher.inflight == 0
+        assert launcher.stats["scheduled"] == 5 and launcher.stats["dropped"] == 1 and launcher.stats["written"] == 4
+
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +421,12 @@ def test_realtime_answers_fresh_value_when_compute_is_fast(soap_env, deployed_a,
         body = resp.json()
         assert body["mode"] == "realtime" and body["source"] == "compute" and body["compute"] == "completed"
         assert body["snapshot_id"] == "sum-A" and body["age_seconds"] < 60
-        # What it answered is what it wrote back.
-        np.testing.assert_array_equal(np.asarray(body["embeddings"], np.float16), _stored(soap_env, 5)["embeddings"])
+        # What it answered is what it writes back (right after answering).
+        row = _poll(
+            lambda: (r := _stored(soap_env, 5)) and r["written_at_ms"] == body["written_at_ms"] and r,
+            what="the realtime value written back",
+        )
+        np.testing.assert_array_equal(np.asarray(body["embeddings"], np.float16), row["embeddings"])
         assert _health(url)["fallbacks"] == before
 
 
@@ -566,10 +601,18 @@ def test_prometheus_metrics_move(soap_env, deployed_a, url):
 
     # Earlier tests read, wrote back, dropped and fell back: every metric has moved.
     moved = _poll(lambda: (c := counts(scrape())) and all(v > 0 for v in c.values()) and c, what="metrics exported")
-    _poll(
-        lambda: total(scrape(), "ray_soap_snapshot_loaded", role="production", snapshot_id="sum-A") == 1,
-        what="the loaded-snapshot gauge",
-    )
+    def loaded() -> list:
+        return [
+            (labels.get("role"), labels.get("snapshot_id"), v)
+            for n, labels, v in parse_samples(scrape())
+            if n == "ray_soap_snapshot_loaded" and v > 0
+        ]
+
+    deadline, gauge = time.monotonic() + 60, []
+    while ("production", "sum-A", 1.0) not in gauge:
+        assert time.monotonic() < deadline, f"loaded-snapshot gauge never showed sum-A: {gauge}"
+        time.sleep(0.5)
+        gauge = loaded()
     assert {"ray_soap_requests_total", "ray_soap_compute_calls_total"} <= {n for n, _, _ in parse_samples(scrape())}
     # More reads and a fallback move them further.
     for _ in range(3):
