@@ -64,6 +64,17 @@ def day_row(result) -> dict[str, Any]:
     return row
 
 
+def _own_local_ray(p) -> None:
+    """Starts this process's own local Ray + Serve for the DAG runs it drives.
+
+    The DAG's rollout task reuses a Ray that is already initialised in the process; starting it here as
+    ``local`` keeps ``run``/``soak`` from attaching to some other Ray on the machine (``auto`` would).
+    """
+    from serving.ray_cluster import ensure_ray
+
+    ensure_ray(p.model_copy(update={"serving": p.serving.model_copy(update={"ray_address": "local"})}))
+
+
 @app.command()
 def run(
     days: Annotated[int, typer.Option("--days", "-n", min=1, help="How many consecutive dates to run.")] = 3,
@@ -90,6 +101,7 @@ def run(
     first = date.fromisoformat(start or p.simulator.start_date)
     rows = []
     try:
+        _own_local_ray(p)
         for i in range(days):
             ds = (first + timedelta(days=i)).isoformat()
             t0 = time.perf_counter()
@@ -291,6 +303,7 @@ def soak(
     schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
                     fault_every=fault_every, corrupt_every=corrupt_every)
     try:
+        _own_local_ray(p)
         result = run_soak(schedule, on_day=lambda d: console.print(
             f"{d.ds} {d.kind:8} {d.detail:22} {d.state:8} verdict={d.verdict:8} promoted={d.promoted}"
             + (f" caught={d.caught} rerun={d.rerun_state}" if d.kind == "corrupt" else "") + f" ({d.seconds:.0f}s)"))
