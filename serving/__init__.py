@@ -1,8 +1,10 @@
-"""SOAP serving (paper §4): Ray Serve application, online-store I/O and snapshot rollout.
+"""SOAP serving (paper §4): Ray Serve application, online-store I/O, metrics and snapshot rollout.
 
 Modules:
-    store_io     write/read of SUM embeddings in the Feast online store (shared with the daily batch)
-    app          ComputeCenter + SoapIngress deployments, build_app()
+    store_io     pooled write / direct read of SUM embeddings in the Feast online store (shared with the
+                 daily batch), users' current features for compute
+    app          ComputeCenter + SoapIngress deployments (async / realtime / offline / frozen), build_app()
+    metrics      Prometheus metrics (ray.serve.metrics) and exposition helpers
     ray_cluster  ensure_ray() / shutdown()
-    rollout      deploy(), rollout(), served_snapshot_id(), RolloutError
+    rollout      deploy(), rollout(), reconfigure(), served_snapshot_id(), RolloutError
 """

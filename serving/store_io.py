@@ -52,6 +52,7 @@ __all__ = [
     "MAX_USER_ID",
     "POOL_VERSIONS",
     "EmbeddingReader",
+    "OnlineRowReader",
     "num_embeddings",
     "to_ms",
     "write_embeddings",
@@ -125,7 +126,16 @@ def _as_user_ids(user_ids: Iterable[Any]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Reads
 # ---------------------------------------------------------------------------------------------
+_LIST_DTYPES = {
+    "float_list_val": np.float32,
+    "double_list_val": np.float64,
+    "int64_list_val": np.int64,
+    "int32_list_val": np.int32,
+}
+
+
 def _decode(value_bytes: bytes) -> Any:
+    """A Feast value proto as Python: numeric lists as numpy arrays, scalars as is, null as None."""
     from feast.protos.feast.types.Value_pb2 import Value
 
     v = Value()
@@ -133,26 +143,29 @@ def _decode(value_bytes: bytes) -> Any:
     kind = v.WhichOneof("val")
     if kind is None or kind == "null_val":
         return None
-    if kind == "float_list_val":
-        return np.asarray(v.float_list_val.val, dtype=np.float32)
+    if kind in _LIST_DTYPES:
+        return np.asarray(getattr(v, kind).val, dtype=_LIST_DTYPES[kind])
+    if kind.endswith("_list_val"):
+        return list(getattr(v, kind).val)
     return getattr(v, kind)
 
 
-class EmbeddingReader:
-    """Reads ``sum_embeddings`` rows of users from the online store (one connection per thread).
+class OnlineRowReader:
+    """Reads users' rows of one feature view from the online store (one connection per thread).
 
-    SQLite online store: a direct ``SELECT`` on Feast's table (see the module docstring); anything else:
-    Feast's ``get_online_features``.
+    SQLite online store: a direct ``SELECT`` on Feast's table (see the module docstring; Feast's online
+    reads do not apply the view's TTL either); anything else: Feast's ``get_online_features``.
 
     Args:
         store: An open feature store whose definitions are applied.
+        view: The feature view's name.
     """
 
-    def __init__(self, store: "FeatureStore") -> None:
+    def __init__(self, store: "FeatureStore", view: str) -> None:
         from feast.infra.online_stores.helpers import compute_table_id
 
         self.store = store
-        self.k = num_embeddings(store)
+        self.view = view
         cfg = store.config
         self._direct = str(getattr(cfg.online_store, "type", "")) == "sqlite"
         self._local = threading.local()
@@ -163,7 +176,7 @@ class EmbeddingReader:
                 path = Path(cfg.repo_path) / path
             self.path = path
             versioning = bool(getattr(cfg.registry, "enable_online_feature_view_versioning", False))
-            self.table = compute_table_id(cfg.project, store.get_feature_view(EMBEDDINGS_VIEW), versioning)
+            self.table = compute_table_id(cfg.project, store.get_feature_view(view), versioning)
 
     def _conn(self, timeout_s: float) -> sqlite3.Connection:
         conns = getattr(self._local, "conns", None)
@@ -192,7 +205,7 @@ class EmbeddingReader:
     def rows(self, user_ids: Sequence[int], fields: Sequence[str], timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
         """``{user_id: {field: value}}`` for users with a stored row (absent fields: None).
 
-        Arrays come back as float32 numpy arrays (empty for an empty stored list). ``timeout_s`` bounds
+        Numeric lists come back as numpy arrays (empty for an empty stored list). ``timeout_s`` bounds
         the wait for a lock (``sqlite3.OperationalError`` past it); in WAL mode reads rarely wait at all.
         """
         unique = list(dict.fromkeys(int(u) for u in user_ids))
@@ -217,17 +230,29 @@ class EmbeddingReader:
 
     def _rows_feast(self, unique: list[int], fields: Sequence[str]) -> dict[int, dict[str, Any]]:
         resp = self.store.get_online_features(
-            features=[f"{EMBEDDINGS_VIEW}:{n}" for n in fields], entity_rows=[{"user_id": u} for u in unique]
+            features=[f"{self.view}:{n}" for n in fields], entity_rows=[{"user_id": u} for u in unique]
         ).to_dict()
         out: dict[int, dict[str, Any]] = {}
         for i, uid in enumerate(resp["user_id"]):
             row = {}
             for n in fields:
                 v = resp[n][i]
-                row[n] = np.asarray(v, dtype=np.float32) if isinstance(v, list) else v
+                row[n] = np.asarray(v) if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) else v
             if any(v is not None and not (isinstance(v, np.ndarray) and v.size == 0) for v in row.values()):
                 out[int(uid)] = row
         return out
+
+
+class EmbeddingReader(OnlineRowReader):
+    """Reads ``sum_embeddings`` rows (see :class:`OnlineRowReader`).
+
+    Args:
+        store: An open feature store whose definitions are applied.
+    """
+
+    def __init__(self, store: "FeatureStore") -> None:
+        super().__init__(store, EMBEDDINGS_VIEW)
+        self.k = num_embeddings(store)
 
     def embeddings(
         self, user_ids: Sequence[int], source: str = "served", timeout_s: float = 30.0
@@ -276,17 +301,18 @@ def _stack(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return np.stack([np.asarray(v, dtype=np.float32) for v in vectors])
 
 
-_READERS: dict[tuple[int, str], EmbeddingReader] = {}
+_READERS: dict[tuple[int, str, str], OnlineRowReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def reader_for(store: "FeatureStore") -> EmbeddingReader:
-    """The (cached) :class:`EmbeddingReader` of an open store."""
-    key = (id(store), str(store.config.online_store.path))
+def reader_for(store: "FeatureStore", view: str = EMBEDDINGS_VIEW) -> Any:
+    """The (cached) reader of a view of an open store (:class:`EmbeddingReader` for the embeddings)."""
+    key = (id(store), str(store.config.online_store.path), view)
     with _READERS_LOCK:
         reader = _READERS.get(key)
         if reader is None or reader.store is not store:
-            reader = _READERS[key] = EmbeddingReader(store)
+            reader = EmbeddingReader(store) if view == EMBEDDINGS_VIEW else OnlineRowReader(store, view)
+            _READERS[key] = reader
         return reader
 
 
@@ -556,13 +582,10 @@ def read_user_features(
     if ids.size == 0:
         return pd.DataFrame(columns=["user_id", *columns]), {}
     unique = list(dict.fromkeys(int(u) for u in ids))
-    resp = store.get_online_features(
-        features=[f"{USER_FEATURES_VIEW}:{c}" for c in columns],
-        entity_rows=[{"user_id": u} for u in unique],
-    ).to_dict()
-    df = pd.DataFrame({"user_id": np.asarray(resp["user_id"], dtype=np.int64)})
+    rows = reader_for(store, USER_FEATURES_VIEW).rows(unique, columns)
+    df = pd.DataFrame({"user_id": np.asarray(unique, dtype=np.int64)})
     for c in columns:
-        df[c] = resp[c]
+        df[c] = [rows.get(u, {}).get(c) for u in unique]
     skipped: dict[int, str] = {}
     if columns:
         absent = df[columns].isna().all(axis=1).to_numpy()

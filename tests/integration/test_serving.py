@@ -260,8 +260,19 @@ def test_store_io_round_trip_and_validation(soap_env):
     with pytest.raises(ValueError, match="user ids"):
         write_embeddings(store, [500, 501], np.zeros((1, K, D), np.float16), "probe")
 
-    frame, skipped = read_user_features(store, [0, 1, UNKNOWN_USER], soap_env["spec"])
+    spec = soap_env["spec"]
+    frame, skipped = read_user_features(store, [0, 1, UNKNOWN_USER], spec)
     assert frame["user_id"].tolist() == [0, 1] and skipped == {UNKNOWN_USER: "no_features"}
+    # The direct read of the features equals Feast's get_online_features.
+    columns = [*spec.user_dense, *spec.user_sparse]
+    feast = store.get_online_features(
+        features=[f"user_features:{c}" for c in columns], entity_rows=[{"user_id": 0}, {"user_id": 1}]
+    ).to_dict()
+    for i in range(2):
+        for c in spec.user_dense:
+            assert frame.loc[i, c] == pytest.approx(feast[c][i])
+        for c in spec.user_sparse:
+            assert list(frame.loc[i, c]) == list(feast[c][i] or [])
 
 
 @slow
