@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DAYS   ?= 3
 
-.PHONY: setup run test test-fast ui soak clean
+.PHONY: setup run test test-fast ui soak bench-serving clean
 
 # The venv is rebuilt whenever the lock or the project metadata changes.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -26,6 +26,9 @@ test-fast: setup  ## unit, data and model tests only
 
 soak: setup  ## 30 simulated days with shifted candidates and corrupted partitions, scored
 	$(BIN)/sumctl soak --days 30 --report reports/soak.json
+
+bench-serving: setup  ## SOAP latency (no-op vs async vs realtime, 1x/10x/100x towers), store reads, write-backs
+	$(BIN)/python -m benchmarks.serving_bench --json reports/serving_bench.json
 
 ui: setup  ## Airflow UI on http://127.0.0.1:8080 for the workspace's runs
 	$(BIN)/sumctl ui

@@ -1226,14 +1226,18 @@ def build_app(
     )
     ingress_config = ingress_user_config(params, **(ingress_options or {}))
     max_inflight = settings["max_inflight_compute"]
+    # Per-request access log lines cost the read path CPU at every read; the metrics count requests.
+    logging_config = {"enable_access_log": bool(params.serving.access_log)}
     # Pinned code versions go through Deployment.options(version=..., _internal=True): the public
     # `version` option was removed from Ray Serve, and without it every deploy replaces every replica.
     compute = ComputeCenter.options(  # type: ignore[attr-defined]
         user_config=user_config,
         # Room for every in-flight compute call of the ingress plus /version calls.
         max_ongoing_requests=max(max_inflight, int(user_config["max_batch_size"])) + 16,
+        logging_config=logging_config,
     ).options(version=code_version("compute", settings), _internal=True)
     ingress = SoapIngress.options(  # type: ignore[attr-defined]
         user_config=ingress_config,
+        logging_config=logging_config,
     ).options(version=code_version("ingress", settings), _internal=True)
     return ingress.bind(compute.bind(settings), settings)

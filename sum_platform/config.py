@@ -131,6 +131,7 @@ class ServingConfig(_Section):
     compute_batch_wait_ms: float = Field(2.0, ge=0)
     compute_coalesce_ms: float = Field(20.0, ge=0, le=1000)
     compute_niceness: int = Field(19, ge=0, le=19)
+    access_log: bool = False
 
 
 class ReproConfig(_Section):
