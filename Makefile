@@ -35,3 +35,7 @@ ui: setup  ## Airflow UI on http://127.0.0.1:8080 for the workspace's runs
 
 clean:
 	rm -rf .sum reports
+
+.PHONY: bench
+bench: setup  ## training/inference benchmark of the model presets: ex/s, FLOP/s, matmul peak, MFU, batched vs unbatched
+	$(BIN)/python -m benchmarks.train_bench --presets compact,large --json reports/train_bench.json

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sum_models.layers import MLP, LinearCompression
+from sum_models.layers import MLP, LinearCompression, token_linear
 
 __all__ = [
     "MLPExtractor",
@@ -83,8 +83,9 @@ class DotCompressionAttention(nn.Module):
         num_dense: N_dense (0: no FC branch).
         embedding_dim: D.
         tokens: M = T, the number of compressed dot-product columns (and output tokens).
-        compressed_tokens: C, the size of LC(X) and of FC(X_dense) (in tokens of D).
+        compressed_tokens: C, the number of weighted sums in LC(X).
         hidden: Hidden widths of MLP and MLP'.
+        dense_width: Output width of FC(X_dense); 0 = ``C * D`` (as many values as LC(X)).
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class DotCompressionAttention(nn.Module):
         tokens: int,
         compressed_tokens: int,
         hidden: List[int],
+        dense_width: int = 0,
     ) -> None:
         super().__init__()
         n, d, m, c = int(num_tokens), int(embedding_dim), int(tokens), int(compressed_tokens)
@@ -104,9 +106,10 @@ class DotCompressionAttention(nn.Module):
         self.lc_z = LinearCompression(n, c)
         in_dim = c * d
         if self.has_dense:
-            self.fc_y = nn.Linear(num_dense * d, c * d, bias=False)  # LC(X_dense) = FC(X_dense)
-            self.fc_z = nn.Linear(num_dense * d, c * d, bias=False)
-            in_dim += c * d
+            width = int(dense_width) or c * d
+            self.fc_y = nn.Linear(num_dense * d, width, bias=False)  # LC(X_dense) = FC(X_dense)
+            self.fc_z = nn.Linear(num_dense * d, width, bias=False)
+            in_dim += width
         else:
             self.fc_y = nn.Identity()
             self.fc_z = nn.Identity()
@@ -117,7 +120,7 @@ class DotCompressionAttention(nn.Module):
     def _compress(self, lc: LinearCompression, fc: nn.Module, x: Tensor, x_dense: Tensor) -> Tensor:
         parts = [lc(x).flatten(1)]  # LC(X): [B, C * D]
         if self.has_dense:
-            parts.insert(0, fc(x_dense.flatten(1)))  # FC(X_dense): [B, C * D]
+            parts.insert(0, fc(x_dense.flatten(1)))  # FC(X_dense): [B, dense_width]
         return torch.cat(parts, dim=1)
 
     def forward(self, x: Tensor, x_dense: Tensor) -> Tensor:
@@ -244,9 +247,11 @@ class MixerBlock(nn.Module):
         Returns:
             float32 ``[B, N, D]``.
         """
-        t = self.token_norm(x).transpose(1, 2)  # [B, D, N]: mix along tokens, per channel
-        y = x + self.token_fc2(F.relu(self.token_fc1(t))).transpose(1, 2)  # eq. 6
-        z = y + self.channel_fc2(F.relu(self.channel_fc1(self.channel_norm(y))))  # eq. 7
+        # Token mixing along the token axis, the same MLP for every channel (weights applied on the left,
+        # so no transpose is materialised).
+        h = F.relu(token_linear(self.token_norm(x), self.token_fc1.weight, self.token_fc1.bias))  # [B, H_t, D]
+        y = x + token_linear(h, self.token_fc2.weight, self.token_fc2.bias)  # eq. 6, [B, N, D]
+        z = y + self.channel_fc2(F.relu(self.channel_fc1(self.channel_norm(y))))  # eq. 7, [B, N, D]
         return z
 
 

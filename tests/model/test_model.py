@@ -139,6 +139,11 @@ def test_corrupt_or_missing_files_raise_snapshot_error(spec, model_cfg, tmp_path
 
 
 def test_training_learns_sparse_signal(spec, model_cfg, train_cfg, make_examples):
+    # Here click depends on the user only (a signal page in the sparse "pages" list), not on the ad. The user
+    # signal reaches the mix tower only through dot products of the user embeddings with the ad tokens
+    # (paper §3.3, DLRM-style), which picks up a user-only effect after a slower start than a flat MLP over
+    # the embeddings (the walking skeleton's 4 epochs; it memorised the simulator's users instead): 8 epochs.
+    train_cfg = {**train_cfg, "epochs": 8}
     df = make_examples(3000, seed=0)
     train, holdout = df.iloc[:2400], df.iloc[2400:]
     model = build_model(spec, model_cfg, seed=0)
@@ -149,10 +154,7 @@ def test_training_learns_sparse_signal(spec, model_cfg, train_cfg, make_examples
     assert stats.steps == train_cfg["epochs"] * 19
     assert np.isfinite(stats.final_loss) and stats.final_loss < stats.epoch_losses[0]
     assert stats.examples_per_second > 0 and stats.seconds > 0
-    # The user signal reaches the mix tower only through dot products of the user embeddings with the ad
-    # tokens (paper §3.3 + DLRM-style dots), which learns a user-only effect like this one more slowly than a
-    # flat MLP would (the walking skeleton reached 0.83 here) but generalises better on the simulator.
-    assert after["click"] < 0.88, after
+    assert after["click"] < 0.85, after
     assert after["click"] < before["click"]
     assert after["conversion"] < 1.0, after
 

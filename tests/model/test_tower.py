@@ -177,3 +177,25 @@ def test_preset_flops_and_parameters_are_ordered(spec):
         assert params["total"] == params["embedding"] + params["dense"]
     assert flops["compact"] < flops["large"]
     assert flops["compact"] < 5e6 < 2e7 < flops["large"]
+
+
+def test_every_forward_docstring_states_tensor_shapes():
+    import inspect
+
+    import sum_models.baselines
+    import sum_models.extractors
+    import sum_models.interaction
+    import sum_models.layers
+    import sum_models.mix_tower
+    import sum_models.model
+    import sum_models.user_tower
+
+    checked = []
+    for module in (sum_models.layers, sum_models.extractors, sum_models.interaction, sum_models.user_tower,
+                   sum_models.mix_tower, sum_models.model, sum_models.baselines):
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__:
+                doc = cls.forward.__doc__ or ""
+                assert "Returns:" in doc and "[B" in doc, f"{cls.__module__}.{name}.forward must state its shapes"
+                checked.append(name)
+    assert len(checked) >= 15, checked
