@@ -262,7 +262,15 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
     train_cfg = ctx.params.train
     if candidate_fault == "explode_lr":
         train_cfg = train_cfg.model_copy(update={"learning_rate": train_cfg.learning_rate * 1000})
-    stats = train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
+    try:
+        stats = train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
+    except ValueError as err:
+        if "non-finite training loss" not in str(err):
+            raise
+        # A diverged candidate is exported as it stands and judged (the gate holds non-finite weights),
+        # so the verdict and its reason land in the lineage instead of a crashed run.
+        log.warning("training of %s diverged: %s", snapshot_id, err)
+        stats = {"diverged": str(err)}
     if candidate_fault:
         log.warning("fault injection %r on the candidate of %s", candidate_fault, ds)
         model = inject_fault(model, candidate_fault, lambda: build_model(spec, ctx.params.model, seed=ctx.params.seed + 1_000_003))
@@ -272,7 +280,7 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
     weights_sha256 = {k: v for k, v in read_json(snap_dir / "manifest.json")["sha256"].items() if k.endswith(".safetensors")}
     data_version = read_json(ctx.ws.run_dir(ds) / "data_version.json")["versions"]
     validation = read_json(ctx.ws.run_dir(ds) / "validation.json")
-    train = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
+    train = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
     record = {
         "data_version": data_version,
         "validation": {"success": validation["success"], "checked_at": ds},
@@ -383,6 +391,7 @@ def shift_gate(ds: str) -> dict[str, Any]:
     The baseline is the production snapshot (on a rerun after promotion: the snapshot it replaced);
     the versions before it feed the average-pooled comparison.
     """
+    import numpy as np
     import torch
 
     from sum_models.snapshot import embed_users, load_model, load_user_tower
@@ -395,7 +404,12 @@ def shift_gate(ds: str) -> dict[str, Any]:
     weights_finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
     tower, _ = load_user_tower(ctx.ws.snapshot_dir(snapshot_id))
     # Each tower reads the inputs it was built for (a feature added today is new to production).
-    candidate = embed_users(tower, probe, tower.spec)
+    try:
+        candidate = embed_users(tower, probe, tower.spec)
+    except ValueError as err:  # NaN / fp16 overflow: held by the gate's finiteness check
+        log.warning("candidate %s gives unusable embeddings: %s", snapshot_id, err)
+        k, d = tower.num_embeddings, tower.embedding_dim
+        candidate = np.full((len(probe), k, d), np.nan, dtype=np.float32)
     evaluation = read_json(ctx.ws.run_dir(ds) / "evaluation.json")
     history = baseline_history(snapshot_id, ctx)
     embeddings = []
