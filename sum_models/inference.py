@@ -16,7 +16,9 @@ deserialised, :func:`check_program_archive` therefore checks the archive itself 
 * the sample inputs record is empty (the exporter saves none);
 * every guard matches a strict shape-equation pattern (``L['dense'].size()[0] == L['x'][1].size()[0]``,
   or a comparison with an integer), so the ``exec`` only ever runs shape assertions;
-* every graph node calls a ``torch.ops.aten`` operator.
+* every graph node calls a ``torch.ops.aten`` operator;
+* every symbolic size (parsed with ``sympy.sympify``, an ``eval``) is integer arithmetic on size symbols
+  written with allow-listed sympy constructors only.
 
 On top of that the snapshot manifest's sha256 of the file is verified first (the manifest is the trust
 anchor of a snapshot, as for the safetensors weights).
@@ -48,7 +50,30 @@ __all__ = [
 PROGRAM_FILE = "user_tower.pt2"
 
 _GUARD_TERM = r"L\['[A-Za-z_][A-Za-z0-9_]*'\](?:\[\d+\])*\.size\(\)\[\d+\]"
-_GUARD_RE = re.compile(rf"^{_GUARD_TERM} (?:==|>=|<=|<|>|!=) (?:{_GUARD_TERM}|-?\d+)$")
+_GUARD_RE = re.compile(rf"^(?:{_GUARD_TERM}|-?\d+) (?:==|>=|<=|<|>|!=) (?:{_GUARD_TERM}|-?\d+)$")
+# Symbolic sizes are parsed with sympy.sympify (an eval): an expression may only be sympy's printed form of
+# integer arithmetic on size symbols, e.g. "Mul(Integer(8), Symbol('s35', positive=True, integer=True))":
+# allow-listed constructor names, integers, quoted symbol names, "(),= " and nothing else (no attribute
+# access, subscripts, other strings or names), so the eval cannot reach anything but these constructors.
+_EXPR_TOKEN_RE = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>-?\d+)|(?P<sym>'[a-z]+\d+')|(?P<punct>[(),=]))")
+_EXPR_NAMES = frozenset(
+    {"Symbol", "Integer", "Mul", "Add", "Pow", "Max", "Min", "FloorDiv", "CeilDiv", "Mod", "PythonMod",
+     "CleanDiv", "FloorToInt", "CeilToInt", "positive", "nonnegative", "integer", "True", "False"}
+)
+
+
+def _safe_expr(expr: str) -> bool:
+    pos = 0
+    while pos < len(expr):
+        match = _EXPR_TOKEN_RE.match(expr, pos)
+        if match is None or match.end() == pos:
+            return False
+        if match.group("name") and match.group("name") not in _EXPR_NAMES:
+            return False
+        pos = match.end()
+    return True
+
+
 _ALLOWED_MEMBER_RE = re.compile(
     r"^[^/]+/(?:"
     r"data/weights/weight_\d+|data/weights/model_weights_config\.json|"
@@ -64,16 +89,17 @@ class UnsafeProgramError(RuntimeError):
     """An exported program archive holds something that could run code when loaded."""
 
 
-def _walk_targets(obj: Any, out: set) -> None:
+def _collect(obj: Any, key: str, out: set) -> None:
+    """Every string value stored under ``key`` anywhere in a JSON tree."""
     if isinstance(obj, dict):
-        target = obj.get("target")
-        if isinstance(target, str):
-            out.add(target)
-        for value in obj.values():
-            _walk_targets(value, out)
+        value = obj.get(key)
+        if isinstance(value, str):
+            out.add(value)
+        for child in obj.values():
+            _collect(child, key, out)
     elif isinstance(obj, list):
-        for value in obj:
-            _walk_targets(value, out)
+        for child in obj:
+            _collect(child, key, out)
 
 
 def check_program_archive(path: Path) -> None:
@@ -117,10 +143,15 @@ def check_program_archive(path: Path) -> None:
     if graph.get("custom_obj_values"):
         raise UnsafeProgramError(f"{path}: the graph holds custom objects")
     targets: set = set()
-    _walk_targets(graph.get("nodes", []), targets)
+    _collect(graph.get("nodes", []), "target", targets)
     bad = sorted(t for t in targets if not t.startswith("torch.ops.aten."))
     if bad:
         raise UnsafeProgramError(f"{path}: the graph calls non-aten operators {bad}")
+    exprs: set = set()
+    _collect(program, "expr_str", exprs)
+    bad = sorted(e for e in exprs if not _safe_expr(e))
+    if bad:
+        raise UnsafeProgramError(f"{path}: symbolic sizes {bad[:3]} are not plain integer arithmetic on size symbols")
 
 
 def load_program(path: Path) -> torch.export.ExportedProgram:

@@ -145,6 +145,11 @@ def test_archive_that_could_run_code_is_refused(snapshot, tmp_path):
     def pickled_weight(obj):
         next(iter(obj["config"].values()))["use_pickle"] = True
 
+    def evil_size(obj):
+        values = obj["graph_module"]["graph"]["tensor_values"]
+        sized = next(v for v in values.values() if any("as_expr" in d for d in v.get("sizes", [])))
+        next(d for d in sized["sizes"] if "as_expr" in d)["as_expr"]["expr_str"] = "__import__('os').getpid()"
+
     def foreign_op(obj):
         obj["graph_module"]["graph"]["nodes"][0]["target"] = "builtins.eval"
 
@@ -152,6 +157,7 @@ def test_archive_that_could_run_code_is_refused(snapshot, tmp_path):
         "guard": _json_edit("models/model.json", evil_guard),
         "pickle": _json_edit("model_weights_config.json", pickled_weight),
         "op": _json_edit("models/model.json", foreign_op),
+        "size": _json_edit("models/model.json", evil_size),
         "samples": lambda n, d: (n, b"\x80\x02}q\x00." if n.endswith("sample_inputs/model.pt") else d),
         "member": lambda n, d: (n.replace("data/weights/weight_0", "data/weights/model.pt") if n.endswith("weight_0") else n, d),
     }

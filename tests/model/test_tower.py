@@ -199,3 +199,15 @@ def test_every_forward_docstring_states_tensor_shapes():
                 assert "Returns:" in doc and "[B" in doc, f"{cls.__module__}.{name}.forward must state its shapes"
                 checked.append(name)
     assert len(checked) >= 15, checked
+
+
+@pytest.mark.parametrize("preset", sorted(BUILTIN_PRESETS))
+def test_gradients_reach_every_parameter_of_every_preset(preset, spec, make_examples):
+    from sum_models.loss import MultiTaskBCELoss
+
+    model = build_model(spec, {"preset": preset, "embedding_dim": 8}, seed=0)
+    users, ad_sparse, ad_dense, labels = encode_examples(make_examples(64, seed=0), spec)
+    logits = model(users.dense, users.sparse_ids, users.sparse_offsets, ad_sparse, ad_dense)
+    MultiTaskBCELoss(spec.labels, {"click": 1.0, "conversion": 0.5})(logits, labels).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, name

@@ -76,3 +76,24 @@ def test_rejects_bad_inputs():
         normalized_entropy(np.array([0.5, 0.5]), np.array([0, 2]))
     with pytest.raises(ValueError):
         NormalizedEntropy(("click", "conversion")).update(np.zeros((3, 1)), np.zeros((3, 1)))
+
+
+def test_hand_computed_value_on_fixed_arrays():
+    # Two impressions, one click: base rate 0.5, background entropy ln 2; log loss -(ln 0.8 + ln 0.8) / 2.
+    ne = normalized_entropy(np.array([0.2, 0.8]), np.array([0.0, 1.0]))
+    assert ne == pytest.approx(-np.log(0.8) / np.log(2.0), rel=1e-12)  # 0.3219...
+    # Merging across "days" equals one pass over both days.
+    day1 = NormalizedEntropy(("click",)).update(np.array([0.2, 0.8]), np.array([0.0, 1.0]))
+    day2 = NormalizedEntropy(("click",)).update(np.array([0.1, 0.3, 0.6]), np.array([0.0, 0.0, 1.0]))
+    both = NormalizedEntropy(("click",)).update(np.array([0.2, 0.8, 0.1, 0.3, 0.6]), np.array([0, 1, 0, 0, 1.0]))
+    assert (day1 + day2).compute()["click"] == pytest.approx(both.compute()["click"], rel=1e-12)
+
+
+def test_accepts_torch_tensors_and_accumulates_in_float64():
+    import torch
+
+    p = torch.tensor([0.2, 0.8], dtype=torch.float32)
+    y = torch.tensor([0.0, 1.0])
+    acc = NormalizedEntropy(("click",)).update(p, y)
+    assert acc.log_loss_sum.dtype == np.float64
+    assert acc.compute()["click"] == pytest.approx(-np.log(np.float32(0.8)) / np.log(2.0), rel=1e-7)
