@@ -224,12 +224,24 @@ def _load(urls: Callable[[int], str], concurrency: int, requests: int, warmup: i
             fate = json.loads(body).get("compute")
             if fate:
                 fates[fate] = fates.get(fate, 0) + 1
-    arr = np.asarray(lat) * 1000
+    return {"lat_ms": [x * 1000 for x in lat], "wall": wall, "codes": codes, "compute": fates}
+
+
+def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from interleaved rounds: percentiles over every latency, summed counters."""
+    arr = np.asarray([x for r in runs for x in r["lat_ms"]])
+    codes: dict[int, int] = {}
+    fates: dict[str, int] = {}
+    for r in runs:
+        for c, n in r["codes"].items():
+            codes[c] = codes.get(c, 0) + n
+        for f, n in r["compute"].items():
+            fates[f] = fates.get(f, 0) + n
     return {
         "p50_ms": float(np.percentile(arr, 50)),
         "p99_ms": float(np.percentile(arr, 99)),
         "n": int(arr.size),
-        "rps": float(arr.size / wall),
+        "rps": float(arr.size / sum(r["wall"] for r in runs)),
         "codes": codes,
         "compute": fates,
     }
@@ -324,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t_start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="soap-bench-"))
-    report: dict[str, Any] = {"config": vars(args).copy(), "cells": []}
+    report: dict[str, Any] = {"config": vars(args).copy(), "cells": [], "loadavg_start": os.getloadavg()}
     try:
         env = _setup(root, args.port, args.users, args.realtime_budget_ms)
         towers = _towers(env)
@@ -351,11 +363,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _drain(base)
             for conc in (1, 8):
                 n = args.requests if conc == 1 else args.requests * 2
-                cells = {"noop": _load(lambda i: noop_url, conc, n)}
-                cells["async"] = _load(user_url("async"), conc, n)
-                _drain(base)
-                cells["realtime"] = _load(user_url("realtime"), conc, max(40, n // (4 if factor == 100 else 2)))
-                _drain(base)
+                n_rt = max(40, n // (4 if factor == 100 else 2))
+                # Interleaved rounds (noop, async, realtime, noop, ...): machine-load drift hits all alike.
+                runs: dict[str, list] = {"noop": [], "async": [], "realtime": []}
+                for _ in range(args.rounds):
+                    runs["noop"].append(_load(lambda i: noop_url, conc, n // args.rounds))
+                    runs["async"].append(_load(user_url("async"), conc, n // args.rounds))
+                    _drain(base)
+                    runs["realtime"].append(_load(user_url("realtime"), conc, max(8, n_rt // args.rounds)))
+                    _drain(base)
+                cells = {path: _merge(r) for path, r in runs.items()}
                 for path, cell in cells.items():
                     report["cells"].append({"size": f"{factor}x", "concurrency": conc, "path": path, **cell})
                     print(
@@ -374,6 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - t_start, 1)
+    report["loadavg_end"] = os.getloadavg()
     _summarise(report)
     return report
 
@@ -422,7 +440,11 @@ def _summarise(report: dict) -> None:
             w["store_per_user"]["users_per_s"],
         )
     )
-    print(f"total {report['seconds']} s")
+    print(
+        f"total {report['seconds']} s; {os.cpu_count()} CPUs, load average (1/5/15 min) at start "
+        f"{'/'.join(f'{x:.1f}' for x in report['loadavg_start'])}, at end "
+        f"{'/'.join(f'{x:.1f}' for x in report['loadavg_end'])}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8799, help="HTTP port on 127.0.0.1 (default 8799)")
     parser.add_argument("--users", type=int, default=256, help="users with features and a stored row")
     parser.add_argument("--requests", type=int, default=300, help="requests per cell at concurrency 1 (x2 at 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell (noop/async/realtime)")
     parser.add_argument("--realtime-budget-ms", type=float, default=1000.0)
     parser.add_argument("--store-reads", type=int, default=3000, help="reads per in-process store read variant")
     parser.add_argument("--write-users", type=int, default=256, help="users per write-back throughput run")
