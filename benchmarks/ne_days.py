@@ -3,7 +3,7 @@
 Each day the model warm-starts from the previous day's weights (``pipeline.warm_start``), trains on the
 day's impressions (minus the hash-based holdout, as the daily DAG does) and is scored with NE (eq. 9) on
 the day's holdout and on the next day's holdout; the embedding shift against the previous day's model is
-measured on a fixed probe set of users (mean cosine, as the gate does). The logistic regression sees the
+measured on a fixed probe set of users (mean cosine and relative L2 change, as the gate does). The logistic regression sees the
 same raw features and is warm-started the same way.
 
 The point-in-time join is done in pandas (the day's user snapshot, as Feast's join returns for the
@@ -101,7 +101,9 @@ def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: di
                 with torch.no_grad():
                     emb = embed_users(model.user_tower, probe, spec)
                 if prev_emb is not None:
-                    row["shift_mean_cosine"] = [round(m["mean_cosine"], 3) for m in shift_metrics(emb, prev_emb)]
+                    shift = shift_metrics(emb, prev_emb)
+                    row["shift_mean_cosine"] = [round(m["mean_cosine"], 3) for m in shift]
+                    row["shift_relative_l2"] = [round(m["relative_l2_change"], 3) for m in shift]
                 prev_emb = emb
             prev_state = model.state_dict()
             rows.append(row)
