@@ -64,6 +64,13 @@ def day_row(result) -> dict[str, Any]:
     return row
 
 
+def _wipe(p, ws) -> None:
+    """Deletes the workspace and, when it is a local folder, its DVC remote."""
+    shutil.rmtree(ws.root, ignore_errors=True)
+    if "://" not in p.dvc_remote:
+        shutil.rmtree(p.dvc_remote, ignore_errors=True)
+
+
 def _own_local_ray(p) -> None:
     """Starts this process's own local Ray + Serve for the DAG runs it drives.
 
@@ -90,10 +97,7 @@ def run(
     """Runs N simulated days through the real daily DAG (``dag.test()`` per date) and prints a table."""
     p, ws = _setup(workspace, params)
     if fresh:
-        shutil.rmtree(ws.root, ignore_errors=True)
-        remote = p.dvc_remote
-        if "://" not in remote:
-            shutil.rmtree(remote, ignore_errors=True)
+        _wipe(p, ws)
     from sum_platform import airflow_env
 
     airflow_env.configure(ws.airflow_home)
@@ -290,9 +294,7 @@ def soak(
     """Runs a long simulated period with shifted candidates and corrupted partitions; scores the gate."""
     p, ws = _setup(workspace, params)
     if fresh:
-        shutil.rmtree(ws.root, ignore_errors=True)
-        if "://" not in p.dvc_remote:
-            shutil.rmtree(p.dvc_remote, ignore_errors=True)
+        _wipe(p, ws)
     from sum_platform import airflow_env
 
     airflow_env.configure(ws.airflow_home)

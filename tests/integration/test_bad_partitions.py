@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,12 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
 
 
+WORKSPACE_NAME = "bad-partitions-workspace"
+
+
 @pytest.fixture(scope="module")
-def workspace(session_dir: Path):
-    ws = session_dir / "bad-partitions-workspace"
-    old = os.environ.get("SUM_WORKSPACE")
-    os.environ["SUM_WORKSPACE"] = str(ws)
-    yield ws
-    if old is not None:
-        os.environ["SUM_WORKSPACE"] = old
+def workspace(module_workspace: Path):
+    return module_workspace
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ stopping the run at validation while production, the online store and serving st
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -24,14 +23,12 @@ def _plain(stored: dict) -> dict:
     return {uid: {**row, "embeddings": np.asarray(row["embeddings"]).tolist()} for uid, row in stored.items()}
 
 
+WORKSPACE_NAME = "dag-workspace"
+
+
 @pytest.fixture(scope="module")
-def workspace(session_dir: Path):
-    ws = session_dir / "dag-workspace"
-    old = os.environ.get("SUM_WORKSPACE")
-    os.environ["SUM_WORKSPACE"] = str(ws)
-    yield ws
-    if old is not None:
-        os.environ["SUM_WORKSPACE"] = old
+def workspace(module_workspace: Path):
+    return module_workspace
 
 
 @pytest.fixture(scope="module")

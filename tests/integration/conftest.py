@@ -1,0 +1,24 @@
+"""Fixtures shared by the integration tests (session-wide ones are in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def module_workspace(request, session_dir: Path):
+    """A workspace of the test module's own (``SUM_WORKSPACE``), restored afterwards.
+
+    The folder name comes from the module's ``WORKSPACE_NAME``.
+    """
+    ws = session_dir / getattr(request.module, "WORKSPACE_NAME", request.module.__name__)
+    old = os.environ.get("SUM_WORKSPACE")
+    os.environ["SUM_WORKSPACE"] = str(ws)
+    yield ws
+    if old is not None:
+        os.environ["SUM_WORKSPACE"] = old
+    else:
+        os.environ.pop("SUM_WORKSPACE", None)
