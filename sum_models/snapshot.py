@@ -337,7 +337,7 @@ def embed_users(tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, bat
     """Computes SUM user embeddings for a frame of users.
 
     Args:
-        tower: A user tower (eager or ``torch.jit.script``-ed).
+        tower: A user tower: eager (:func:`load_user_tower`) or exported (:func:`sum_models.inference.load_exported_tower`).
         users_df: ``user_id`` + user feature columns (one row per user; other columns ignored).
         spec: The tower's input spec.
         batch_size: Users per forward pass.
