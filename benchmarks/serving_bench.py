@@ -9,8 +9,9 @@ It starts its own local Ray + Serve on ``--port`` (default 8799) with a temporar
 features for ``--users`` users, one daily-batch row each) and prints:
 
 1. HTTP latency p50/p99 at concurrency 1 and 8 of
-   * a bare no-op Ray Serve FastAPI endpoint (the baseline, measured in the same run before each size),
-   * the async read path (``GET /users/{id}/embeddings?mode=async``),
+   * a bare no-op Ray Serve FastAPI endpoint (the baseline, interleaved with the others in the same run),
+   * the async read path (``GET /users/{id}/embeddings?mode=async``), and the same store read without
+     any compute (``?mode=offline``: the read path's own cost, with no write path sharing the CPU),
    * the realtime path (``?mode=realtime``, budget ``--realtime-budget-ms``, default 1000 ms so its latency
      shows the model's cost; its fallbacks are counted),
    each with user towers of about 1x, 10x and 100x the FLOPs of the configured model (``params.yaml``
@@ -365,9 +366,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 n = args.requests if conc == 1 else args.requests * 2
                 n_rt = max(40, n // (4 if factor == 100 else 2))
                 # Interleaved rounds (noop, async, realtime, noop, ...): machine-load drift hits all alike.
-                runs: dict[str, list] = {"noop": [], "async": [], "realtime": []}
+                runs: dict[str, list] = {"noop": [], "offline": [], "async": [], "realtime": []}
                 for _ in range(args.rounds):
                     runs["noop"].append(_load(lambda i: noop_url, conc, n // args.rounds))
+                    # offline = the same store read without any compute: the read path's own cost.
+                    runs["offline"].append(_load(user_url("offline"), conc, n // args.rounds))
                     runs["async"].append(_load(user_url("async"), conc, n // args.rounds))
                     _drain(base)
                     runs["realtime"].append(_load(user_url("realtime"), conc, max(8, n_rt // args.rounds)))
@@ -409,8 +412,10 @@ def _summarise(report: dict) -> None:
     for conc in (1, 8):
         for size in ("1x", "10x", "100x"):
             a, n = _cell(report, size, conc, "async"), _cell(report, size, conc, "noop")
+            o = _cell(report, size, conc, "offline")
             ratios[f"async/noop p50 {size} c={conc}"] = a["p50_ms"] / n["p50_ms"]
             ratios[f"async/noop p99 {size} c={conc}"] = a["p99_ms"] / n["p99_ms"]
+            ratios[f"offline/noop p50 {size} c={conc}"] = o["p50_ms"] / n["p50_ms"]
         ratios[f"async p99 100x/1x c={conc}"] = (
             _cell(report, "100x", conc, "async")["p99_ms"] / _cell(report, "1x", conc, "async")["p99_ms"]
         )
