@@ -21,8 +21,9 @@ features for ``--users`` users, one daily-batch row each) and prints:
 3. an in-process read of one user's embeddings: the direct read of Feast's SQLite online table
    (:class:`serving.store_io.EmbeddingReader`) vs Feast's ``get_online_features`` for the same row
    (target p99 <= 0.5x);
-4. compute write-back throughput (users/s) through the compute deployment with ``@serve.batch`` batches of
-   32 vs 1, and in-process ``write_embeddings`` of 256 users in one call vs one call per user.
+4. compute write-back throughput (users/s) through the compute deployment with batches of 32 users vs 1
+   (and what ``@serve.batch`` forms from concurrent single-user calls), and in-process
+   ``write_embeddings`` of 256 users in one call vs one call per user.
 
 Latencies are client-side (a Python HTTP client in this process, which shares the machine's cores with
 Ray); the no-op baseline pays the same client, proxy and FastAPI costs, so the ratio isolates SOAP's read.
@@ -290,30 +291,49 @@ def _store_reads(env: dict, n: int) -> dict[str, Any]:
 
 
 def _write_throughput(env: dict, towers: dict, n_users: int) -> dict[str, Any]:
-    """Users/s written back: through the compute deployment (batches of 32 vs 1) and in-process."""
+    """Users/s written back (pooled read-modify-write + Feast online write) by the compute deployment:
+
+    * ``batched``: compute batches of 32 users (sequential ``compute_many`` calls of 32 ids);
+    * ``unbatched``: one user per batch (sequential single-user calls);
+    * ``serve_batch``: concurrent single-user calls grouped by ``@serve.batch`` (max 32) as they arrive
+      (the batch sizes formed depend on the caller's speed; reported);
+    * ``store_*``: in-process ``write_embeddings`` of all users in one call vs one call per user.
+    """
     import asyncio
 
     from ray import serve
 
-    from serving.rollout import reconfigure
+    from serving.rollout import compute_info, reconfigure
     from serving.store_io import write_embeddings
 
     params, params_file = env["params"], env["params_file"]
     ids = [int(u) for u in env["ids"][:n_users]]
     handle = serve.get_deployment_handle("ComputeCenter", app_name=params.serving.app_name)
 
-    async def fire_all() -> list:  # one call per user; @serve.batch groups the queued calls
-        return [r[0] for r in await asyncio.gather(*[handle.compute_many.remote([u]) for u in ids])]
+    def timed(calls: list[list[int]], concurrent: bool) -> tuple[float, int]:
+        async def go() -> list:
+            if concurrent:
+                return await asyncio.gather(*[handle.compute_many.remote(c) for c in calls])
+            return [await handle.compute_many.remote(c) for c in calls]
+
+        t0 = time.perf_counter()
+        results = asyncio.run(go())
+        wall = time.perf_counter() - t0
+        return wall, sum(1 for r in results for item in r if item.get("status") == "written")
 
     out: dict[str, Any] = {}
-    for label, size in (("deployment_batched_32", 32), ("deployment_unbatched", 1)):
-        reconfigure(params, compute_options={"max_batch_size": size}, params_file=params_file)
-        asyncio.run(fire_all())  # warm
-        t0 = time.perf_counter()
-        results = asyncio.run(fire_all())
-        wall = time.perf_counter() - t0
-        written = sum(1 for r in results if r.get("status") == "written")
-        out[label] = {"users_per_s": written / wall, "written": written, "seconds": wall}
+    reconfigure(params, compute_options={"max_batch_size": 32}, params_file=params_file)
+    timed([ids[i : i + 32] for i in range(0, len(ids), 32)], concurrent=False)  # warm: rows exist
+    wall, written = timed([ids[i : i + 32] for i in range(0, len(ids), 32)], concurrent=False)
+    out["batched"] = {"users_per_s": written / wall, "users_per_batch": 32}
+    before = compute_info(params)["stats"]["batches"]
+    wall, written = timed([[u] for u in ids], concurrent=True)
+    batches = compute_info(params)["stats"]["batches"] - before
+    out["serve_batch"] = {"users_per_s": written / wall, "users_per_batch": written / max(1, batches)}
+    reconfigure(params, compute_options={"max_batch_size": 1}, params_file=params_file)
+    few = ids[:64]
+    wall, written = timed([[u] for u in few], concurrent=False)
+    out["unbatched"] = {"users_per_s": written / wall, "users_per_batch": 1}
     reconfigure(params, compute_options={"max_batch_size": params.serving.compute_max_batch_size}, params_file=params_file)
 
     k, d = params.model.num_embeddings, params.model.embedding_dim
@@ -322,9 +342,9 @@ def _write_throughput(env: dict, towers: dict, n_users: int) -> dict[str, Any]:
     write_embeddings(env["store"], ids, emb, "bench-w", None)
     out["store_one_call"] = {"users_per_s": len(ids) / (time.perf_counter() - t0)}
     t0 = time.perf_counter()
-    for i, u in enumerate(ids):
+    for i, u in enumerate(few):
         write_embeddings(env["store"], [u], emb[i : i + 1], "bench-w", None)
-    out["store_per_user"] = {"users_per_s": len(ids) / (time.perf_counter() - t0)}
+    out["store_per_user"] = {"users_per_s": len(few) / (time.perf_counter() - t0)}
     return out
 
 
@@ -437,10 +457,14 @@ def _summarise(report: dict) -> None:
     )
     w = report["write_back"]
     print(
-        "write-back throughput (users/s): deployment batched(32) {:.0f} vs unbatched {:.0f} | "
-        "store write one call {:.0f} vs per user {:.0f}".format(
-            w["deployment_batched_32"]["users_per_s"],
-            w["deployment_unbatched"]["users_per_s"],
+        "write-back throughput (users/s): compute deployment batches of 32 {:.0f} vs 1 user {:.0f} "
+        "(ratio {:.1f}); @serve.batch over concurrent single-user calls {:.0f} ({:.1f} users/batch) | "
+        "in-process store write, one call {:.0f} vs per user {:.0f}".format(
+            w["batched"]["users_per_s"],
+            w["unbatched"]["users_per_s"],
+            w["batched"]["users_per_s"] / w["unbatched"]["users_per_s"],
+            w["serve_batch"]["users_per_s"],
+            w["serve_batch"]["users_per_batch"],
             w["store_one_call"]["users_per_s"],
             w["store_per_user"]["users_per_s"],
         )

@@ -663,7 +663,7 @@ def _validate_ingress_config(user_config: dict) -> dict:
     users = cfg.get("max_batch_users")
     if not isinstance(users, int) or isinstance(users, bool) or not 1 <= users <= BATCH_HARD_MAX:
         raise ValueError(f"max_batch_users must be an int in [1, {BATCH_HARD_MAX}], got {users!r}")
-    coalesce = cfg.get("coalesce_ms", 50.0)
+    coalesce = cfg.get("coalesce_ms", 200.0)
     if not isinstance(coalesce, (int, float)) or isinstance(coalesce, bool) or not 0 <= coalesce <= 1000:
         raise ValueError(f"coalesce_ms must be a number in [0, 1000], got {coalesce!r}")
     return {
