@@ -340,7 +340,7 @@ class ComputeCenter:
         Returns:
             Per call: ``{"user_id", "status", "snapshot_id", "written_at_ms", "pooled_versions",
             "embeddings"}``; status ``computed`` (``embeddings``: the pooled fp16 ``[K, D]``, being written
-            back) or why it was skipped (``no_features``, ``missing_dense_features``).
+            back) or why it was skipped (``no_features``).
         """
         results = await self._process(list(user_ids), wait_for_write=False)
         return [results[int(u)] for u in user_ids]
@@ -898,7 +898,7 @@ class SoapIngress:
                 fate, result = results[u]
                 if fate == "completed":
                     out[u] = self._item(u, result, "frozen", fate, now())
-                elif fate == "skipped" and (result or {}).get("status") in ("no_features", "missing_dense_features"):
+                elif fate == "skipped" and (result or {}).get("status") == "no_features":
                     out[u] = {"user_id": u, "status": "not_found", "compute": fate}
                 else:
                     self._stats["frozen_failures"] += 1

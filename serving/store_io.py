@@ -574,9 +574,12 @@ def read_user_features(
 
     Returns:
         ``(frame, skipped)``: one row per user with complete features (``user_id`` plus every spec
-        column; a missing sparse list is an empty list), and ``{user_id: reason}`` for the users that
-        cannot be embedded (no stored row, or a missing dense value).
+        column; a value missing from a stored row, i.e. a feature declared after the row was written, is
+        filled as training fills it: dense 0.0, sparse an empty list), and ``{user_id: "no_features"}``
+        for the users with no stored row.
     """
+    from sum_models.data import fill_missing_user_features  # compute path only: keeps torch off the reader
+
     ids = _as_user_ids(user_ids)
     columns = list(spec.user_dense) + list(spec.user_sparse)
     if ids.size == 0:
@@ -591,18 +594,12 @@ def read_user_features(
         absent = df[columns].isna().all(axis=1).to_numpy()
     else:
         absent = np.zeros(len(df), dtype=bool)
-    dense_missing = (
-        df[list(spec.user_dense)].isna().any(axis=1).to_numpy() if spec.user_dense else np.zeros(len(df), bool)
-    )
-    for uid, a, d in zip(df["user_id"].tolist(), absent, dense_missing):
-        if a:
-            skipped[int(uid)] = "no_features"
-        elif d:
-            skipped[int(uid)] = "missing_dense_features"
-    keep = ~(absent | dense_missing)
-    df = df.loc[keep].reset_index(drop=True)
-    for c in spec.user_sparse:
-        df[c] = [v if v is not None else [] for v in df[c].tolist()]
+    for uid in df["user_id"].to_numpy()[absent].tolist():
+        skipped[int(uid)] = "no_features"
+    df = df.loc[~absent].reset_index(drop=True)
+    # Values of a feature declared after the user's row was written are filled (dense 0.0, sparse empty),
+    # exactly as training fills them, so the served model sees what it was trained on.
+    fill_missing_user_features(df, spec)
     for c in spec.user_dense:
         df[c] = df[c].astype(np.float32)
     return df, skipped

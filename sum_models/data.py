@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sum_models.spec import FeatureSpec
 
-__all__ = ["UserInputs", "encode_users", "encode_examples", "encode_ad_features", "encode_labels"]
+__all__ = ["UserInputs", "fill_missing_user_features", "encode_users", "encode_examples", "encode_ad_features", "encode_labels"]
 
 
 @dataclass
@@ -110,6 +110,35 @@ def _encode_id_lists(column: pd.Series, hash_size: int, name: str) -> tuple[Tens
     ids = np.mod(flat.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), hash_size)
     offsets = np.cumsum(lengths) - lengths
     return torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(offsets)
+
+
+def fill_missing_user_features(df: pd.DataFrame, spec: FeatureSpec) -> dict[str, int]:
+    """Fills the user features a row lacks because they were declared after the row was written.
+
+    Validation rejects nulls in every new partition, so a missing value in a joined or online row means
+    the feature did not exist yet when that row was written (schema evolution). Such a value gets the
+    input's neutral value: 0.0 for a dense feature, an empty bag for a sparse one. Rows with no user
+    feature at all are the caller's to drop, not to fill.
+
+    Args:
+        df: Frame with every ``spec.user_dense`` and ``spec.user_sparse`` column; changed in place.
+        spec: The model's input spec.
+
+    Returns:
+        ``{column: number of filled values}`` for the columns that had any.
+    """
+    filled: dict[str, int] = {}
+    for name in spec.user_dense:
+        missing = df[name].isna()
+        if missing.any():
+            filled[name] = int(missing.sum())
+            df[name] = df[name].astype(np.float32).fillna(0.0)
+    for name in spec.user_sparse:
+        missing = df[name].isna()
+        if missing.any():
+            filled[name] = int(missing.sum())
+            df[name] = [[] if m else v for v, m in zip(df[name].tolist(), missing.tolist())]
+    return filled
 
 
 def encode_users(df: pd.DataFrame, spec: FeatureSpec) -> UserInputs:

@@ -188,6 +188,7 @@ def training_frame(ds: str, ctx: Context):
     import numpy as np
     import pandas as pd
 
+    from sum_models.data import fill_missing_user_features
     from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
 
     store = apply_definitions(ctx.params)
@@ -204,10 +205,16 @@ def training_frame(ds: str, ctx: Context):
         events = pd.read_parquet(ctx.ws.events_dir(ds))
         features = [f"{USER_FEATURES_VIEW}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
         joined = store.get_historical_features(entity_df=events, features=features).to_df()
-        missing = joined[list(spec.user_dense)].isna().any(axis=1)
-        if missing.any():
-            log.warning("%d impressions have no user features as of their time; dropped", int(missing.sum()))
-            joined = joined[~missing]
+        columns = [*spec.user_dense, *spec.user_sparse]
+        absent = joined[columns].isna().all(axis=1) if columns else pd.Series(False, index=joined.index)
+        if absent.any():
+            log.warning("%d impressions have no user features as of their time; dropped", int(absent.sum()))
+            joined = joined[~absent].copy()
+        # A feature declared after some users' latest feature row was written is null in those rows.
+        filled = fill_missing_user_features(joined, spec)
+        if filled:
+            log.warning("filled user features missing from rows written before the feature existed "
+                        "(dense 0.0, sparse empty): %s", filled)
         joined = joined.sort_values("impression_id").reset_index(drop=True)
         if versions:
             for stale in ctx.ws.run_dir(ds).glob("joined-*.parquet"):

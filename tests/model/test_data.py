@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sum_models.data import encode_examples, encode_users
+from sum_models.data import encode_examples, encode_users, fill_missing_user_features
 
 
 def test_encode_examples_shapes_and_types(spec, make_examples):
@@ -79,3 +79,22 @@ def test_missing_column_and_bad_ad_ids(spec, make_examples):
     df.loc[3, "ad_category"] = 4  # cardinality 4
     with pytest.raises(ValueError, match="ad_category"):
         encode_examples(df, spec)
+
+
+def test_fill_missing_user_features_fills_only_the_gaps(spec):
+    df = pd.DataFrame(
+        {
+            "d0": [0.5, np.nan, 2.0],
+            "d1": [1.0, 1.0, 1.0],
+            "d2": [np.nan, np.nan, 3.0],
+            "pages": [np.array([1, 2]), None, [7]],
+            "topics": [[3], [4], [5]],
+        }
+    )
+    filled = fill_missing_user_features(df, spec)
+    assert filled == {"d0": 1, "d2": 2, "pages": 1}
+    assert df["d0"].tolist() == [0.5, 0.0, 2.0] and df["d2"].tolist() == [0.0, 0.0, 3.0]
+    assert [list(v) for v in df["pages"]] == [[1, 2], [], [7]]
+    users = encode_users(df, spec)  # encodable now: no NaN, the filled list is an empty bag
+    assert users.sparse_offsets[0].tolist() == [0, 2, 2]
+    assert fill_missing_user_features(df, spec) == {}

@@ -1,11 +1,12 @@
 """Adding a user feature to the Feast feature view changes the next model with no other code change.
 
 The test copies ``feature_repo/`` to a temporary folder, adds a dense and a sparse field to the
-``user_features`` view, points ``SUM_FEATURE_REPO`` at the copy (and backfills the previous day's user
-partition, see below) and trains the next day through the real
+``user_features`` view, points ``SUM_FEATURE_REPO`` at the copy and trains the next day through the real
 pipeline functions (Feast apply + point-in-time join in ``pipeline.training_frame``, warm start by name and
 shape in ``pipeline.warm_start``): the new model has a table and a projection for the new features and
-keeps every other tensor of the previous day's snapshot.
+keeps every other tensor of the previous day's snapshot. The older user partition is left as it was
+(without the new columns): users whose latest feature row predates the new fields train with those
+values filled (dense 0.0, sparse empty), and the others with their real values.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -51,15 +54,11 @@ def env(tmp_path, monkeypatch):
     return {"repo": repo, "monkeypatch": monkeypatch}
 
 
-def _simulate(ds: str, ctx, users_only: bool = False) -> None:
+def _simulate(ds: str, ctx) -> None:
     from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day, write_day, write_frame
+    from sum_platform.simulate import fields_from_feast, write_day
 
-    fields = fields_from_feast(user_feature_fields(ctx.params))
-    if users_only:
-        write_frame(simulate_day(ds, ctx.params, fields)[1], ctx.ws.users_dir(ds))
-    else:
-        write_day(ds, ctx.params, ctx.ws, fields)
+    write_day(ds, ctx.params, ctx.ws, fields_from_feast(user_feature_fields(ctx.params)))
 
 
 def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
@@ -79,15 +78,33 @@ def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
 
     # A data scientist adds two fields to the view; nothing else changes in the code.
     env["monkeypatch"].setenv("SUM_FEATURE_REPO", str(env["repo"]))
-    # The offline store needs the new columns in the user partitions the join reads: Feast's file source
-    # takes its schema from the first partition, so the (simulated) upstream backfills the previous day's
-    # user snapshot with the new fields (the other columns come out identical) before the next day.
-    _simulate(DAY1, ctx, users_only=True)
     _simulate(DAY2, ctx)  # the simulator generates every declared field
+    # Day 1's user partition stays as written (no new columns). Some users are not refreshed on day 2,
+    # so their latest feature row as of day 2's impressions is day 1's, which predates the new fields.
+    day2_users = ctx.ws.users_dir(DAY2)
+    users2 = pd.read_parquet(day2_users)
+    assert {"new_id_list", "new_dense_score"} <= set(users2.columns)
+    stale = set(pd.read_parquet(ctx.ws.users_dir(DAY1))["user_id"].tolist()[:40])
+    for f in day2_users.glob("*.parquet"):
+        f.unlink()
+    users2[~users2["user_id"].isin(stale)].to_parquet(day2_users / "part-0.parquet", index=False)
+    assert "new_id_list" not in pd.read_parquet(ctx.ws.users_dir(DAY1)).columns
+
     train2, holdout2, spec2 = pipeline.training_frame(DAY2, ctx)  # feast apply + point-in-time join
     assert spec2.user_sparse["new_id_list"] == 300 and "new_dense_score" in spec2.user_dense
     assert set(spec1.user_sparse) < set(spec2.user_sparse) and set(spec1.user_dense) < set(spec2.user_dense)
     assert "new_id_list" in train2.columns and "new_dense_score" in train2.columns
+    joined = pd.concat([train2, holdout2])
+    from_day1 = joined["user_id"].isin(stale)
+    assert from_day1.any() and (~from_day1).any()
+    # Rows joined to day 1's features get the neutral values; the others carry day 2's real values.
+    assert (joined.loc[from_day1, "new_dense_score"] == 0.0).all()
+    assert all(len(v) == 0 for v in joined.loc[from_day1, "new_id_list"])
+    fresh = joined.loc[~from_day1]
+    assert fresh["new_dense_score"].notna().all() and fresh["new_dense_score"].std() > 0
+    assert np.mean([len(v) > 0 for v in fresh["new_id_list"]]) > 0.5
+    # The old features of day-1 rows are real values, not fills.
+    assert joined.loc[from_day1, "sessions_7d"].std() > 0
 
     parent, _ = load_model(tmp_path / "day1")
     model2 = build_model(spec2, ctx.params.model, seed=ctx.params.seed)
@@ -117,3 +134,35 @@ def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
     assert stats.examples == len(train2) and not stats.fresh_model
     ne = evaluate_ne(model2, holdout2, spec2)
     assert 0 < ne["click"] < 1.05
+
+
+def test_served_features_of_rows_older_than_a_new_field_are_filled_like_training(env):
+    """The compute path reads the online store: the same fill as training, not a skipped user."""
+    from serving.store_io import read_user_features
+    from sum_platform import pipeline
+    from sum_platform.feature_store import apply_definitions, feature_spec
+
+    ctx = pipeline.context()
+    _simulate(DAY1, ctx)
+    pipeline.materialize_user_features(DAY1)  # online rows written under the old view
+    env["monkeypatch"].setenv("SUM_FEATURE_REPO", str(env["repo"]))
+    _simulate(DAY2, ctx)
+    day2_users = ctx.ws.users_dir(DAY2)
+    users2 = pd.read_parquet(day2_users)
+    stale = pd.read_parquet(ctx.ws.users_dir(DAY1))["user_id"].tolist()[:5]
+    for f in day2_users.glob("*.parquet"):
+        f.unlink()
+    users2[~users2["user_id"].isin(stale)].to_parquet(day2_users / "part-0.parquet", index=False)
+    pipeline.materialize_user_features(DAY2)
+
+    store = apply_definitions(ctx.params)
+    spec = feature_spec(ctx.params, store)
+    fresh = users2.loc[~users2["user_id"].isin(stale), "user_id"].tolist()[:5]
+    frame, skipped = read_user_features(store, [*stale, *fresh, 10**12], spec)
+    assert skipped == {10**12: "no_features"}
+    rows = frame.set_index("user_id")
+    assert (rows.loc[stale, "new_dense_score"] == 0.0).all()
+    assert all(len(v) == 0 for v in rows.loc[stale, "new_id_list"])
+    expected = users2.set_index("user_id").loc[fresh, "new_dense_score"].astype(np.float32)
+    assert np.allclose(rows.loc[fresh, "new_dense_score"].to_numpy(), expected.to_numpy())
+    assert rows.loc[stale, "sessions_7d"].notna().all()
