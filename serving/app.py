@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -126,6 +127,33 @@ class _Tower:
     loaded_at: float
 
 
+def _background_thread(cpu: dict, role: str) -> None:
+    """``ThreadPoolExecutor`` initializer of the compute replica's worker threads: lowers the calling
+    thread's CPU priority (``cpu["niceness"]``, and ``SCHED_IDLE`` when ``cpu["sched_idle"]``: the thread
+    runs only on CPU time no normal thread wants) and records its native id under ``role``."""
+    tid = threading.get_native_id()
+    cpu["threads"][role] = tid
+    try:
+        if cpu["niceness"] > os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, cpu["niceness"])  # who=0: this thread on Linux
+        if cpu["sched_idle"] and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:  # a platform without per-thread priorities: compute still runs, just not lower
+        log.warning("could not lower the %s thread's CPU priority: %s", role, exc)
+
+
+def _thread_priority(tid: int) -> dict:
+    """A thread's scheduling policy and nice level, as the kernel reports them."""
+    names = {getattr(os, n): n.removeprefix("SCHED_").lower() for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE")
+             if hasattr(os, n)}
+    try:
+        policy = names.get(os.sched_getscheduler(tid), "other")
+        nice = int(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except (OSError, ValueError, IndexError):
+        return {"tid": tid}
+    return {"tid": tid, "policy": policy, "niceness": nice}
+
+
 @serve.deployment(
     name="ComputeCenter",
     num_replicas=1,
@@ -150,12 +178,11 @@ class ComputeCenter:
 
         settings = dict(settings or {})
         torch.set_num_threads(int(settings.get("torch_threads", 1)))
-        niceness = int(settings.get("compute_niceness", 0))
-        if niceness > 0:  # the write path yields the CPU to the read path (same machine)
-            try:
-                os.nice(niceness)
-            except OSError as exc:
-                log.warning("could not renice the compute replica: %s", exc)
+        # The write path yields the CPU to the read path when they share a machine. Linux priorities are
+        # per thread, so each worker thread lowers its own (the event loop thread, which answers health
+        # checks and queues batches, keeps the replica's).
+        self._cpu = {"niceness": int(settings.get("compute_niceness", 0)),
+                     "sched_idle": bool(settings.get("compute_sched_idle", False)), "threads": {}}
         self._prod: _Tower | None = None
         self._frozen: _Tower | None = None
         self._store = None
@@ -166,9 +193,13 @@ class ComputeCenter:
         self._user_config: dict = {}
         self._debug_delay_s = 0.0
         # Snapshot loads run beside compute batches (which keep using the current tower meanwhile).
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-load")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-load",
+                                          initializer=_background_thread, initargs=(self._cpu, "load"))
         # One worker: feature reads, inference and writes of one batch never interleave with another's.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-compute")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-compute",
+                                            initializer=_background_thread, initargs=(self._cpu, "compute"))
+        for pool in (self._loader, self._executor):
+            pool.submit(lambda: None)  # start the threads now, so info() reports their priority at once
         self._stats = {
             "batches": 0,
             "requests": 0,
@@ -411,7 +442,7 @@ class ComputeCenter:
             "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
             "frozen_snapshot_dir": frozen.snapshot_dir if frozen else None,
             "pid": os.getpid(),
-            "niceness": os.nice(0),
+            "cpu_priority": {role: _thread_priority(tid) for role, tid in self._cpu["threads"].items()},
             "requested": list(self._requested) if self._requested else None,
             "last_error": self._last_error,
             "frozen_error": self._frozen_error,
@@ -1130,6 +1161,7 @@ def app_settings(params: "Params", params_file: str | os.PathLike | None = None)
         "params_path": str(Path(params_file).resolve() if params_file else params_path()),
         "max_inflight_compute": int(params.serving.max_inflight_compute),
         "compute_niceness": int(params.serving.compute_niceness),
+        "compute_sched_idle": bool(params.serving.compute_sched_idle),
         "torch_threads": 1,
     }
 

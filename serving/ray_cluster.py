@@ -38,12 +38,15 @@ def started_local() -> bool:
     return bool(_state["started_local"])
 
 
-def _init_local(num_cpus: int) -> None:
+def _init_local(num_cpus: int, worker_niceness: int = 0) -> None:
     import ray
 
     ray.init(
         address="local",
         num_cpus=num_cpus,
+        # Ray renices workers to 15 by default; the Serve proxy and the SOAP ingress (the read path) are
+        # workers, and the compute threads lower their own priority (serving.compute_sched_idle).
+        _system_config={"worker_niceness": int(worker_niceness)},
         include_dashboard=False,
         namespace="sum",
         log_to_driver=os.environ.get("SUM_RAY_LOG_TO_DRIVER", "1") != "0",
@@ -52,11 +55,11 @@ def _init_local(num_cpus: int) -> None:
     log.info("started a local Ray instance (%d CPUs)", num_cpus)
 
 
-def _connect_ray(address: str, num_cpus: int) -> None:
+def _connect_ray(address: str, num_cpus: int, worker_niceness: int = 0) -> None:
     import ray
 
     if address == "local":
-        _init_local(num_cpus)
+        _init_local(num_cpus, worker_niceness)
         return
     if address == "auto":
         try:
@@ -68,7 +71,7 @@ def _connect_ray(address: str, num_cpus: int) -> None:
             log.info("no running Ray cluster to attach to (%s); starting a local one", exc)
         if ray.is_initialized():  # a half-made connection
             ray.shutdown()
-        _init_local(num_cpus)
+        _init_local(num_cpus, worker_niceness)
         return
     ray.init(address=address, namespace="sum")
     _state["started_local"] = False
@@ -100,7 +103,7 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
     params = params or load_params()
     cfg = params.serving
     if not ray.is_initialized():
-        _connect_ray(cfg.ray_address, num_cpus)
+        _connect_ray(cfg.ray_address, num_cpus, cfg.ray_worker_niceness)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     host, port = _serve_http_address()
     if host is not None and port is not None and (str(host), int(port)) != (str(cfg.host), int(cfg.port)):

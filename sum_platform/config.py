@@ -131,6 +131,8 @@ class ServingConfig(_Section):
     compute_batch_wait_ms: float = Field(2.0, ge=0)
     compute_coalesce_ms: float = Field(200.0, ge=0, le=1000)
     compute_niceness: int = Field(19, ge=0, le=19)
+    compute_sched_idle: bool = True
+    ray_worker_niceness: int = Field(0, ge=0, le=19)
     access_log: bool = False
 
 

@@ -568,6 +568,21 @@ def test_healthz_version_and_openapi(deployed_a, url):
     assert httpx.get(f"{url}/docs", timeout=30).status_code == 200
 
 
+def test_compute_threads_yield_the_cpu_to_the_read_path(soap_env, deployed_a, url):
+    """The read path outranks the write path on a shared CPU: compute threads run under SCHED_IDLE at
+    nice 19 (per thread, as the kernel reports it), the ingress replica at Ray's configured level."""
+    info = _compute_info(soap_env)
+    cfg = soap_env["params"].serving
+    assert cfg.compute_sched_idle and cfg.compute_niceness == 19
+    for role in ("compute", "load"):
+        assert info["cpu_priority"][role]["policy"] == "idle", info["cpu_priority"]
+        assert info["cpu_priority"][role]["niceness"] == 19, info["cpu_priority"]
+    # The replica's own threads (event loop, health checks) keep the worker niceness (0, not Ray's 15).
+    pid = info["pid"]
+    main_nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert main_nice == cfg.ray_worker_niceness == 0
+
+
 @slow
 def test_burst_of_reads_all_answered_and_compute_accounted(soap_env, deployed_a, url):
     async def burst():
