@@ -259,6 +259,60 @@ def rollback(
     console.print_json(data=out)
 
 
+quarantine_app = typer.Typer(help="Partitions the data gate moved aside: list them, release a false alarm.",
+                              no_args_is_help=True)
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    ds: Annotated[Optional[str], typer.Option("--ds", help="Only this logical date (YYYY-MM-DD).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full reason records as JSON.")] = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Lists quarantined partitions, oldest first: date, status, the failed checks and the folder."""
+    _, ws = _setup(workspace, params)
+    from validation.quarantine import quarantined
+
+    records = quarantined(ws, ds)
+    if as_json:
+        console.print_json(data=records)
+        return
+    table = Table(title=f"Quarantine in {ws.root / 'quarantine'}")
+    for col in ("ds", "status", "at", "failed checks", "folder"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        reason = r.get("reason") or {}
+        failed = [f"{kind}: {check}" for kind, checks in (reason.get("failed_checks") or {}).items() for check in checks]
+        table.add_row(str(r.get("ds", "-")), str(r.get("status", "-")), str(r.get("quarantined_at", "-"))[:19],
+                      "\n".join(failed) or str(reason.get("summary", "-")), r["folder"])
+    console.print(table)
+    if not records:
+        console.print("nothing quarantined")
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    ds: Annotated[str, typer.Argument(help="Logical date whose quarantined partitions go back in place.")],
+    reason: Annotated[str, typer.Option(help="Why the data is good after all; recorded with the release.")],
+    folder: Annotated[Optional[Path], typer.Option(help="Which quarantine of the date (default: the latest).")] = None,
+    actor: Annotated[str, typer.Option(help="Who; defaults to $USER.")] = "",
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Moves a quarantined day back into place; rerun the date afterwards (its checks run again)."""
+    _, ws = _setup(workspace, params)
+    from validation.quarantine import release_partition
+
+    try:
+        released = release_partition(ws, ds, folder, actor=actor or os.environ.get("USER", "operator"), reason=reason)
+    except (LookupError, FileExistsError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"released {released}; rerun the date: sumctl run --start {ds} --days 1")
+
+
 @app.command()
 def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     """Serves the production snapshot (Ray Serve on serving.host:port) until Ctrl-C."""

@@ -137,13 +137,21 @@ def quarantined(ws: Workspace | str | os.PathLike, ds: str | None = None) -> lis
     return out
 
 
-def release_partition(ws: Workspace | str | os.PathLike, ds: str, folder: str | os.PathLike | None = None) -> Path:
+def release_partition(
+    ws: Workspace | str | os.PathLike,
+    ds: str,
+    folder: str | os.PathLike | None = None,
+    actor: str = "operator",
+    reason: str = "",
+) -> Path:
     """Moves a quarantined pair back into place (an operator's decision that the data is good after all).
 
     Args:
         ws: The workspace.
         ds: The logical date.
         folder: The quarantine folder to release (default: the latest of ``ds``).
+        actor: Who released it (recorded).
+        reason: Why (recorded).
 
     Returns:
         The released quarantine folder (left in place, with ``released_at`` in its ``reason.json``).
@@ -154,12 +162,14 @@ def release_partition(ws: Workspace | str | os.PathLike, ds: str, folder: str | 
     """
     ws, ds = _workspace(ws), ds_str(ds)
     if folder is None:
-        records = quarantined(ws, ds)
+        records = [r for r in quarantined(ws, ds) if r.get("status") == "quarantined"]
         if not records:
-            raise LookupError(f"no quarantined partitions for ds={ds}")
+            raise LookupError(f"no quarantined partitions for ds={ds} (released ones are not released again)")
         folder = records[-1]["folder"]
     folder = Path(folder)
     moves = [(folder / kind, _partition_dir(ws, kind, ds)) for kind in KINDS if (folder / kind).exists()]
+    if not moves:
+        raise LookupError(f"{folder} holds no partition to release")
     for _, target in moves:
         if target.exists():
             raise FileExistsError(f"{target} exists; move it away before releasing {folder}")
@@ -169,6 +179,7 @@ def release_partition(ws: Workspace | str | os.PathLike, ds: str, folder: str | 
     reason_path = folder / REASON_FILE
     record = json.loads(reason_path.read_text()) if reason_path.exists() else {}
     record["released_at"] = datetime.now(timezone.utc).isoformat()
+    record["released_by"], record["release_reason"] = actor, reason
     record["status"] = "released"
     _write_json(reason_path, record)
     log.warning("ds=%s released from quarantine %s", ds, folder)

@@ -40,3 +40,34 @@ def test_force_promotion_requires_a_reason(tmp_path):
     out = runner.invoke(app, ["promote", "sum-2026-01-02", "--force", "--workspace", str(tmp_path)])
     assert out.exit_code != 0
     assert "--reason" in out.output
+
+
+def test_quarantine_list_and_release(tmp_path):
+    """An operator sees what the data gate moved aside and why, and can put a false alarm back."""
+    from sum_platform.workspace import Workspace
+    from validation.quarantine import quarantine_partition
+
+    ws = Workspace(tmp_path)
+    for d in (ws.events_dir("2026-01-04"), ws.users_dir("2026-01-04")):
+        d.mkdir(parents=True)
+        (d / "part-0.parquet").write_bytes(b"payload")
+    quarantine_partition(ws, "2026-01-04", {"summary": "data validation failed", "failed_checks": {
+        "events": ["expect_column_values_to_be_in_set(click): 339 of 33934 values not in [0, 1]"]}})
+    assert not ws.events_dir("2026-01-04").exists()
+
+    out = runner.invoke(app, ["quarantine", "list", "--workspace", str(tmp_path)], env={"COLUMNS": "250"})
+    assert out.exit_code == 0, out.output
+    assert "2026-01-04" in out.output and "quarantined" in out.output
+    assert "expect_column_values_to_be_in_set(click)" in out.output
+
+    out = runner.invoke(app, ["quarantine", "release", "2026-01-04", "--workspace", str(tmp_path)])
+    assert out.exit_code != 0 and "--reason" in out.output  # a release says why
+    out = runner.invoke(app, ["quarantine", "release", "2026-01-04", "--reason", "labels checked by hand",
+                              "--actor", "alice", "--workspace", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert (ws.events_dir("2026-01-04") / "part-0.parquet").read_bytes() == b"payload"
+    out = runner.invoke(app, ["quarantine", "list", "--json", "--workspace", str(tmp_path)])
+    assert '"released_by": "alice"' in out.output and '"release_reason": "labels checked by hand"' in out.output
+    # Nothing left to release: a clear error, not a silent no-op.
+    out = runner.invoke(app, ["quarantine", "release", "2026-01-04", "--reason", "again", "--workspace", str(tmp_path)])
+    assert out.exit_code == 1 and "no quarantined partitions" in out.output
