@@ -429,6 +429,7 @@ class ComputeCenter:
             "last_error": self._last_error,
             "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
             "frozen_error": self._frozen_error,
+            "cpu_priority": {role: _thread_priority(tid) for role, tid in self._cpu["threads"].items()},
         }
 
     def info(self) -> dict:
@@ -791,6 +792,8 @@ class VersionResponse(BaseModel):
     last_error: str | None = Field(description="Why the requested snapshot is not running (None if it is).")
     frozen_snapshot_id: str | None = Field(None, description="Snapshot frozen mode computes with.")
     frozen_error: str | None = Field(None, description="Why the requested frozen snapshot is not loaded.")
+    cpu_priority: dict = Field(default_factory=dict, description="Scheduling policy and nice level of the compute "
+                               "replica's worker threads (compute, load), as the kernel reports them.")
     ingress: dict = Field(default_factory=dict, description="The ingress user_config in force (mode, budgets).")
 
 

@@ -581,6 +581,9 @@ def test_compute_threads_yield_the_cpu_to_the_read_path(soap_env, deployed_a, ur
     pid = info["pid"]
     main_nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
     assert main_nice == cfg.ray_worker_niceness == 0
+    # Operators see it on /version.
+    version = httpx.get(f"{url}/version", timeout=30).json()
+    assert version["cpu_priority"]["compute"]["policy"] == "idle", version
 
 
 @slow
