@@ -129,7 +129,7 @@ class ServingConfig(_Section):
     max_batch_users: int = Field(256, ge=1, le=10_000)
     compute_max_batch_size: int = Field(32, ge=1)
     compute_batch_wait_ms: float = Field(2.0, ge=0)
-    compute_coalesce_ms: float = Field(200.0, ge=0, le=1000)
+    compute_coalesce_ms: float = Field(500.0, ge=0, le=1000)
     compute_niceness: int = Field(19, ge=0, le=19)
     compute_sched_idle: bool = True
     ray_worker_niceness: int = Field(0, ge=0, le=19)
