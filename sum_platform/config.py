@@ -132,6 +132,7 @@ class ServingConfig(_Section):
     compute_coalesce_ms: float = Field(500.0, ge=0, le=1000)
     compute_niceness: int = Field(19, ge=0, le=19)
     compute_sched_idle: bool = True
+    compute_cpus: Literal["last"] | list[int] | None = "last"
     ray_worker_niceness: int = Field(0, ge=0, le=19)
     access_log: bool = False
 

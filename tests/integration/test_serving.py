@@ -574,9 +574,14 @@ def test_compute_threads_yield_the_cpu_to_the_read_path(soap_env, deployed_a, ur
     info = _compute_info(soap_env)
     cfg = soap_env["params"].serving
     assert cfg.compute_sched_idle and cfg.compute_niceness == 19
+    assert cfg.compute_cpus == "last"
+    allowed = os.sched_getaffinity(0)
     for role in ("compute", "load"):
         assert info["cpu_priority"][role]["policy"] == "idle", info["cpu_priority"]
         assert info["cpu_priority"][role]["niceness"] == 19, info["cpu_priority"]
+        # Pinned to the last CPU (when there are two or more), so the read path keeps the others' caches.
+        expected = [max(allowed)] if len(allowed) >= 2 else sorted(allowed)
+        assert info["cpu_priority"][role]["cpus"] == expected, info["cpu_priority"]
     # The replica's own threads (event loop, health checks) keep the worker niceness (0, not Ray's 15).
     pid = info["pid"]
     main_nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])

@@ -71,3 +71,4 @@ def test_quarantine_list_and_release(tmp_path):
     # Nothing left to release: a clear error, not a silent no-op.
     out = runner.invoke(app, ["quarantine", "release", "2026-01-04", "--reason", "again", "--workspace", str(tmp_path)])
     assert out.exit_code == 1 and "no quarantined partitions" in out.output
+
