@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64, String
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,9 @@ user = Entity(
 
 user_features_source = FileSource(
     name="user_features_source",
-    path=str(_DATA / "users"),
+    # Every daily partition (the DuckDB offline store reads a glob; ds= comes from the folder names).
+    path=str(_DATA / "users" / "*" / "*.parquet"),
+    file_format=ParquetFormat(),
     timestamp_field="event_ts",
     description="Daily user feature snapshots, data/users/ds=YYYY-MM-DD/*.parquet.",
 )

@@ -20,7 +20,7 @@ EMBEDDINGS_PUSH = "sum_embeddings_push"
 
 
 def repo_config(params: Params | None = None):
-    """Builds the Feast ``RepoConfig`` for the workspace (SQLite online, file offline).
+    """Builds the Feast ``RepoConfig`` for the workspace (SQLite online, DuckDB offline over the parquet files).
 
     Args:
         params: Platform params; defaults to the params in force.
@@ -38,7 +38,8 @@ def repo_config(params: Params | None = None):
         provider="local",
         registry=str(ws.feast_dir / "registry.db"),
         online_store={"type": "sqlite", "path": str(ws.feast_dir / "online_store.db")},
-        offline_store={"type": "file"},
+        # Feast's DuckDB store, reading partitions of a growing schema (see sum_platform.offline_store).
+        offline_store={"type": "sum_platform.offline_store.PartitionedDuckDBOfflineStore"},
         entity_key_serialization_version=3,
         repo_path=feature_repo_dir(),
     )
@@ -84,11 +85,11 @@ def apply_definitions(params: Params | None = None) -> "FeatureStore":
     return store
 
 
-# Feast's file offline store reads a partitioned folder with dask/pyarrow, which take the dataset schema
-# from the first file in path order; a field added to the view later would be silently dropped from every
-# read (the oldest partition lacks it). A zero-row file whose schema is the current one, in a partition
-# that sorts first, makes the dataset schema the current one: older partitions then read the new columns as
-# nulls (schema evolution without rewriting tracked data). It is metadata, not a day: nothing enumerates it.
+# A zero-row file whose schema is the view's current one, in a partition that sorts first. Readers that
+# take the dataset schema from the first file (Feast's dask store via pyarrow) then read a field added to
+# the view later as nulls from older partitions instead of dropping it; and with any reader (the DuckDB
+# store unions schemas by name) a declared field no partition carries yet reads as null instead of failing
+# the join. Schema evolution without rewriting tracked data; nothing enumerates it as a day.
 SCHEMA_ANCHOR_PARTITION = "ds=0000-00-00"
 SCHEMA_ANCHOR_FILE = "schema.parquet"
 
