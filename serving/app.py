@@ -452,8 +452,11 @@ class ComputeCenter:
             "last_error": self._last_error,
             "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
             "frozen_error": self._frozen_error,
-            "cpu_priority": {role: _thread_priority(tid) for role, tid in self._cpu["threads"].items()},
+            "cpu_priority": self._cpu_priority(),
         }
+
+    def _cpu_priority(self) -> dict:
+        return {role: _thread_priority(tid) for role, tid in self._cpu["threads"].items()}
 
     def info(self) -> dict:
         """Loaded snapshots, load times, last load errors, the ``user_config`` in force and counters."""
@@ -466,7 +469,7 @@ class ComputeCenter:
             "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
             "frozen_snapshot_dir": frozen.snapshot_dir if frozen else None,
             "pid": os.getpid(),
-            "cpu_priority": {role: _thread_priority(tid) for role, tid in self._cpu["threads"].items()},
+            "cpu_priority": self._cpu_priority(),
             "requested": list(self._requested) if self._requested else None,
             "last_error": self._last_error,
             "frozen_error": self._frozen_error,

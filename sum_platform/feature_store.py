@@ -68,67 +68,10 @@ def definitions(params: Params | None = None) -> list:
 
 
 def apply_definitions(params: Params | None = None) -> "FeatureStore":
-    """Applies the feature repo to the workspace store, as ``feast apply`` does. Idempotent.
-
-    Also brings the offline user-feature dataset's schema up to the declared view (see
-    :func:`sync_offline_schema`), so a field added to the view is read from the partitions that have it.
-    """
-    from feast import FeatureView
-
-    params = params or load_params()
+    """Applies the feature repo to the workspace store, as ``feast apply`` does. Idempotent."""
     store = get_store(params)
-    objects = definitions(params)
-    store.apply(objects)
-    view = next((o for o in objects if isinstance(o, FeatureView) and o.name == USER_FEATURES_VIEW), None)
-    if view is not None:
-        sync_offline_schema(params, list(view.features))
+    store.apply(definitions(params))
     return store
-
-
-# A zero-row file whose schema is the view's current one, in a partition that sorts first. Readers that
-# take the dataset schema from the first file (Feast's dask store via pyarrow) then read a field added to
-# the view later as nulls from older partitions instead of dropping it; and with any reader (the DuckDB
-# store unions schemas by name) a declared field no partition carries yet reads as null instead of failing
-# the join. Schema evolution without rewriting tracked data; nothing enumerates it as a day.
-SCHEMA_ANCHOR_PARTITION = "ds=0000-00-00"
-SCHEMA_ANCHOR_FILE = "schema.parquet"
-
-
-def sync_offline_schema(params: Params | None, fields: list) -> Path | None:
-    """Writes the user-feature dataset's schema anchor when the declared fields or the files changed.
-
-    Args:
-        params: Platform params (for the workspace).
-        fields: The declared ``user_features`` fields (Feast ``Field`` objects).
-
-    Returns:
-        The anchor's path, or ``None`` while no user partition exists yet.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from feast.types import from_feast_to_pyarrow_type
-
-    params = params or load_params()
-    root = Workspace(params.workspace).data / "users"
-    days = sorted(p for p in root.glob("ds=*") if p.name != SCHEMA_ANCHOR_PARTITION and any(p.glob("*.parquet")))
-    if not days:
-        return None
-    # The newest partition's own types (timestamp units, float widths) plus any declared field it lacks.
-    schema = pq.read_schema(sorted(days[-1].glob("*.parquet"))[0]).remove_metadata()
-    if "ds" in schema.names:  # the hive partition key comes from the folder name, never from the file
-        schema = schema.remove(schema.get_field_index("ds"))
-    for field in fields:
-        if field.name not in schema.names:
-            schema = schema.append(pa.field(field.name, from_feast_to_pyarrow_type(field.dtype)))
-    anchor = root / SCHEMA_ANCHOR_PARTITION / SCHEMA_ANCHOR_FILE
-    if anchor.exists() and pq.read_schema(anchor).remove_metadata().equals(schema):
-        return anchor
-    anchor.parent.mkdir(parents=True, exist_ok=True)
-    tmp = anchor.with_name(f".{anchor.name}.{os.getpid()}")
-    pq.write_table(schema.empty_table(), tmp)
-    tmp.replace(anchor)
-    return anchor
-
 
 
 def feature_spec(params: Params | None = None, store: "FeatureStore | None" = None) -> FeatureSpec:

@@ -70,8 +70,19 @@ def read_partitioned_source(data_source: "DataSource", repo_path: str) -> "Table
     return _read_data_source(data_source, repo_path)
 
 
+def _io_options(config: "RepoConfig") -> dict:
+    """The reader/writer and staging arguments every ibis-backed call of this store takes."""
+    return {
+        "data_source_reader": read_partitioned_source,
+        "data_source_writer": _write_data_source,
+        "staging_location": config.offline_store.staging_location,
+        "staging_location_endpoint_override": config.offline_store.staging_location_endpoint_override,
+    }
+
+
 class PartitionedDuckDBOfflineStore(DuckDBOfflineStore):
-    """Feast's DuckDB offline store with :func:`read_partitioned_source` as its reader."""
+    """Feast's DuckDB offline store with :func:`read_partitioned_source` as its reader (Feast's interface
+    signatures, each delegating to the same ibis function as the parent)."""
 
     @staticmethod
     def pull_latest_from_table_or_query(
@@ -93,10 +104,7 @@ class PartitionedDuckDBOfflineStore(DuckDBOfflineStore):
             created_timestamp_column=created_timestamp_column,
             start_date=start_date,
             end_date=end_date,
-            data_source_reader=read_partitioned_source,
-            data_source_writer=_write_data_source,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            **_io_options(config),
         )
 
     @staticmethod
@@ -118,10 +126,7 @@ class PartitionedDuckDBOfflineStore(DuckDBOfflineStore):
             registry=registry,
             project=project,
             full_feature_names=full_feature_names,
-            data_source_reader=read_partitioned_source,
-            data_source_writer=_write_data_source,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            **_io_options(config),
             filter_by_created_timestamp=filter_by_created_timestamp,
         )
 
@@ -145,8 +150,5 @@ class PartitionedDuckDBOfflineStore(DuckDBOfflineStore):
             created_timestamp_column=created_timestamp_column,
             start_date=start_date,
             end_date=end_date,
-            data_source_reader=read_partitioned_source,
-            data_source_writer=_write_data_source,
-            staging_location=config.offline_store.staging_location,
-            staging_location_endpoint_override=config.offline_store.staging_location_endpoint_override,
+            **_io_options(config),
         )
