@@ -64,6 +64,11 @@ def day_row(result) -> dict[str, Any]:
     return row
 
 
+def _actor(actor: str) -> str:
+    """Who an operator command records: ``--actor``, else ``$USER``."""
+    return actor or os.environ.get("USER", "operator")
+
+
 def _wipe(p, ws) -> None:
     """Deletes the workspace and, when it is a local folder, its DVC remote."""
     shutil.rmtree(ws.root, ignore_errors=True)
@@ -194,7 +199,7 @@ def promote(
     p, ws = _setup(workspace, params)
     from sum_platform.pipeline import Context, promote_snapshot
 
-    who = actor or os.environ.get("USER", "operator")
+    who = _actor(actor)
     out = promote_snapshot(Context(p, ws), snapshot_id, actor=who, reason=reason or "manual promotion", force=force)
     console.print(out)
 
@@ -255,7 +260,7 @@ def rollback(
     _setup(workspace, params)
     from sum_platform.pipeline import rollback_production
 
-    out = rollback_production(actor or os.environ.get("USER", "operator"), reason, to=to)
+    out = rollback_production(_actor(actor), reason, to=to)
     console.print_json(data=out)
 
 
@@ -306,7 +311,7 @@ def quarantine_release(
     from validation.quarantine import release_partition
 
     try:
-        released = release_partition(ws, ds, folder, actor=actor or os.environ.get("USER", "operator"), reason=reason)
+        released = release_partition(ws, ds, folder, actor=_actor(actor), reason=reason)
     except (LookupError, FileExistsError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
