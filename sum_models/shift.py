@@ -10,7 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["shift_metrics", "average_pool"]
+__all__ = ["shift_metrics", "average_pool", "POOL_DEPTH"]
+
+#: Versions averaged into a served embedding (paper 5.2: the current computed embedding and the two
+#: most recent cached ones). Serving's stored slots, the feature view and the gate all derive from it.
+POOL_DEPTH = 3
 
 _TINY = 1e-12
 
