@@ -1,6 +1,6 @@
 """NE of the SUM model over consecutive simulated days vs a logistic-regression baseline (not a test).
 
-Each day the model warm-starts from the previous day's weights (``pipeline.warm_start``), trains on the
+Each day the model warm-starts from the previous day's weights (``tasks.warm_start``), trains on the
 day's impressions (minus the hash-based holdout, as the daily DAG does) and is scored with NE (eq. 9) on
 the day's holdout and on the next day's holdout; the embedding shift against the previous day's model is
 measured on a fixed probe set of users (mean cosine and relative L2 change, as the gate does). The logistic regression sees the
@@ -58,12 +58,11 @@ def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: di
     from sum_models.snapshot import embed_users
     from sum_models.train import evaluate_ne, train_model
     from sum_platform.config import load_params
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.pipeline import warm_start
-    from sum_platform.simulate import day_index, fields_from_feast
+    from sum_pipeline.tasks import warm_start
+    from sum_platform.simulate import day_index, user_fields
 
     params = load_params()
-    fields = fields_from_feast(user_feature_fields(params))
+    fields = user_fields(params)
     spec = _spec(params, fields)
     start = pd.Timestamp(params.simulator.start_date)
     dates = [(start + pd.Timedelta(days=i)).date().isoformat() for i in range(days + 1)]

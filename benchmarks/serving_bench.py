@@ -74,13 +74,13 @@ def _setup(root: Path, port: int, users: int, realtime_budget_ms: float) -> dict
 
     from serving.store_io import write_embeddings
     from sum_platform.config import load_params
-    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec, user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day
+    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
+    from sum_platform.simulate import simulate_day
 
     params = load_params(params_file)
     store = apply_definitions(params)
     spec = feature_spec(params, store)
-    _, frame = simulate_day(params.simulator.start_date, params, fields_from_feast(user_feature_fields(params)))
+    _, frame = simulate_day(params.simulator.start_date, params)
     frame = frame.sort_values("user_id").head(users).reset_index(drop=True)
     frame["event_ts"] = pd.Timestamp.now(tz="UTC")
     store.write_to_online_store(USER_FEATURES_VIEW, frame)

@@ -74,10 +74,9 @@ class _threads:
 def _day(params):
     """One simulated day joined with its users (as the DAG's point-in-time join returns it) + its spec."""
     from benchmarks.ne_days import _joined_day, _spec
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast
+    from sum_platform.simulate import user_fields
 
-    fields = fields_from_feast(user_feature_fields(params))
+    fields = user_fields(params)
     train, _, users = _joined_day(params.simulator.start_date, params, fields)
     return train, users, _spec(params, fields)
 

@@ -1,8 +1,10 @@
-"""The daily SUM loop (DESIGN.md): validate -> train -> evaluate -> gate -> promote -> materialize -> rollout.
+"""The daily SUM loop: validate -> train -> evaluate -> gate -> promote -> materialize -> rollout -> verify.
 
-Each task is a thin call into :mod:`sum_platform.pipeline`; heavy libraries are imported inside the
-tasks. A held snapshot is a verdict, not a failure: ``shift_gate`` short-circuits, so promotion,
-materialization, rollout and verification show as *skipped* and production keeps serving.
+Each task is a thin call into :mod:`sum_pipeline.tasks` (torch, Feast, GX and Ray are imported inside
+those calls, never when the DAG is parsed). The candidate's id flows from ``train_user_model`` through
+evaluation, the gate and promotion as task arguments. A held snapshot is a verdict, not a failure:
+``shift_gate`` short-circuits, so promotion, materialization, rollout and verification show as
+*skipped* and production keeps serving.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
+
+from sum_pipeline import tasks
+from sum_pipeline.faults import CANDIDATE_FAULTS
 
 DEFAULT_ARGS = {
     "owner": "sum-platform",
@@ -36,8 +41,8 @@ def _ds() -> str:
         "candidate_fault": Param(
             None,
             type=["null", "string"],
-            enum=[None, "reinit", "perturb", "explode_lr", "nan"],
-            description="Gate drill: reinit | perturb | explode_lr | nan corrupts the day's candidate on purpose.",
+            enum=[None, *CANDIDATE_FAULTS],
+            description=f"Gate drill: {' | '.join(CANDIDATE_FAULTS)} corrupts the day's candidate on purpose.",
         ),
     },
     tags=["sum", "training", "serving"],
@@ -46,95 +51,76 @@ def _ds() -> str:
 def sum_daily():
     @task(retries=0)
     def ingest() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.ingest(_ds())
+        return tasks.ingest(_ds())
 
     @task(retries=0)
     def validate_data() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from sum_platform import pipeline
         from validation.data_checks import DataValidationError
 
         try:
-            return pipeline.validate_data(_ds())
+            return tasks.validate_data(_ds())
         except DataValidationError as err:
             # Bad data does not get better on retry: fail now, naming the failed checks.
             raise AirflowFailException(str(err)) from err
 
     @task
     def version_data() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.version_data(_ds())
+        return tasks.version_data(_ds())
 
     @task
     def materialize_user_features() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.materialize_user_features(_ds())
+        return tasks.materialize_user_features(_ds())
 
     @task(retries=0)
     def train_user_model() -> dict:
-        from sum_platform import pipeline
-
         fault = get_current_context()["params"].get("candidate_fault")
-        return pipeline.train_user_model(_ds(), candidate_fault=fault)
+        return tasks.train_user_model(_ds(), candidate_fault=fault)
 
     @task
-    def evaluate() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.evaluate(_ds())
+    def evaluate(trained: dict) -> dict:
+        return tasks.evaluate(_ds(), trained["snapshot_id"])
 
     @task.short_circuit(doc_md="Judges the candidate against production (cosine, L2 change raw and after "
                          "average pooling, NE non-regression). Held: downstream tasks are skipped, production stays.")
-    def shift_gate() -> bool:
-        from sum_platform import pipeline
+    def shift_gate(evaluation: dict) -> bool:
+        from validation.gate import verdict_markdown
 
-        verdict = pipeline.shift_gate(_ds())
-        ctx = get_current_context()
-        lines = [f"**{verdict['snapshot_id']}: {verdict['verdict'].upper()}**", "", "| check | value | threshold | ok |",
-                 "|---|---|---|---|"]
-        lines += [f"| {c['name']} | {'-' if c['value'] is None else format(c['value'], '.4g')} | {c['op']} {c['threshold']:.4g} | {'yes' if c['passed'] else 'NO'} |"
-                  for c in verdict["checks"]]
-        lines += [""] + [f"- {r}" for r in verdict["reasons"]]
+        verdict = tasks.shift_gate(_ds(), evaluation["snapshot_id"])
+        table = verdict_markdown(verdict)
         # Operators read the verdict in the UI: the table in the task log, the numbers in the XComs
         # `verdict` (JSON) and `verdict_table` (markdown).
-        ctx["ti"].xcom_push(key="verdict", value=verdict)
-        ctx["ti"].xcom_push(key="verdict_table", value="\n".join(lines))
-        print("\n".join(lines))
+        ti = get_current_context()["ti"]
+        ti.xcom_push(key="verdict", value=verdict)
+        ti.xcom_push(key="verdict_table", value=table)
+        print(table)
         return bool(verdict["blessed"])
 
     @task
-    def promote() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.promote(_ds())
+    def promote(trained: dict) -> dict:
+        return tasks.promote(_ds(), trained["snapshot_id"])
 
     @task
-    def materialize_embeddings() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.materialize_embeddings(_ds())
+    def materialize_embeddings(promoted: dict) -> dict:
+        return tasks.materialize_embeddings(_ds(), promoted["snapshot_id"])
 
     @task
-    def rollout() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.rollout(_ds())
+    def rollout(materialized: dict) -> dict:
+        return tasks.rollout(_ds(), materialized["snapshot_id"])
 
     @task
-    def verify_serving() -> dict:
-        from sum_platform import pipeline
-
-        return pipeline.verify_serving(_ds())
+    def verify_serving(rolled_out: dict) -> dict:
+        return tasks.verify_serving(_ds(), rolled_out["snapshot_id"])
 
     versioned = ingest() >> validate_data() >> version_data()
     versioned >> materialize_user_features()
-    gate = versioned >> train_user_model() >> evaluate() >> shift_gate()
-    gate >> promote() >> materialize_embeddings() >> rollout() >> verify_serving()
+    trained = train_user_model()
+    versioned >> trained
+    blessed = shift_gate(evaluate(trained))
+    promoted = promote(trained)
+    blessed >> promoted
+    verify_serving(rollout(materialize_embeddings(promoted)))
 
 
 sum_daily()

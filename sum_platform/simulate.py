@@ -1,4 +1,4 @@
-"""Seeded simulator of daily partitions that follow the data contract (DESIGN.md, "Data contract").
+"""Seeded simulator of daily partitions that follow the data contract (ds-partitioned events and user features).
 
 Hidden state: every user has a latent interest vector that random-walks from day to day; every sparse id
 and every ad has a latent vector too, and a small share of sparse ids is redrawn each day (ids whose
@@ -15,16 +15,15 @@ interests, an ``Array(Int64)`` field becomes an id list drawn from the interest-
 from __future__ import annotations
 
 import hashlib
-import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from sum_platform.config import Params, SimulatorConfig
+from sum_platform.feature_store import user_feature_fields
+from sum_platform.files import write_partition
 from sum_platform.workspace import Workspace, ds_str
 
 
@@ -188,35 +187,30 @@ class World:
         )
 
 
-def simulate_day(ds: str | date, params: Params, fields: list[FieldSpec]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def user_fields(params: Params) -> list[FieldSpec]:
+    """The user feature columns the feature repo declares, as simulator fields."""
+    return fields_from_feast(user_feature_fields(params))
+
+
+def simulate_day(ds: str | date, params: Params, fields: list[FieldSpec] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Generates one day's partitions.
 
     Args:
         ds: The logical date.
         params: Platform params (``simulator`` section and ``seed``).
-        fields: The user feature columns to generate (see :func:`fields_from_feast`).
+        fields: The user feature columns to generate; default: the feature repo's (:func:`user_fields`).
 
     Returns:
         ``(events, users)`` data frames following the data contract.
     """
     ds = ds_str(ds)
+    fields = user_fields(params) if fields is None else fields
     world = World(params.simulator, params.seed, fields, day_index(ds, params.simulator))
     return world.events_frame(ds), world.user_frame(ds)
 
 
-def write_frame(df: pd.DataFrame, out_dir: Path) -> Path:
-    """Writes ``df`` as ``out_dir/part-0.parquet`` atomically (temp dir, then rename); replaces old data."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    df.to_parquet(tmp / "part-0.parquet", index=False)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def write_day(ds: str | date, params: Params, ws: Workspace, fields: list[FieldSpec], overwrite: bool = False) -> dict:
+def write_day(ds: str | date, params: Params, ws: Workspace, fields: list[FieldSpec] | None = None,
+              overwrite: bool = False) -> dict:
     """Writes the day's events and users partitions unless they exist (or ``overwrite``).
 
     Returns:
@@ -229,6 +223,6 @@ def write_day(ds: str | date, params: Params, ws: Workspace, fields: list[FieldS
     ):
         return {"ds": ds, "written": False}
     events, users = simulate_day(ds, params, fields)
-    write_frame(events, ws.events_dir(ds))
-    write_frame(users, ws.users_dir(ds))
+    write_partition(events, ws.events_dir(ds))
+    write_partition(users, ws.users_dir(ds))
     return {"ds": ds, "written": True, "events": len(events), "users": len(users)}

@@ -36,7 +36,7 @@ os.environ["SUM_TEST_PORT"] = str(TEST_PORT)
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from sum_platform import airflow_env  # noqa: E402  (after the environment is set)
+from sum_pipeline import airflow_env  # noqa: E402  (after the environment is set)
 
 AIRFLOW_HOME = SESSION_DIR / "airflow"
 os.environ.update(airflow_env.environment(AIRFLOW_HOME))

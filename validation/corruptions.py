@@ -4,7 +4,7 @@ Every entry is a :class:`Corruption`: a function ``(events, users, ctx) -> (even
 corrupted copies of a day's good partitions (it never modifies its inputs), plus the check that must catch
 it: ``expected_check(spec)`` is a substring of the failed-check line of :mod:`validation.data_checks`
 (``<expectation>(<column>)``), reported for partition ``partition``. The tests (``tests/data``) run each
-entry through real GX checkpoints; the soak injects them with :func:`inject`.
+entry through real GX checkpoints; the soak writes them into a workspace with :func:`sum_pipeline.soak.inject`.
 
 ``outcome`` is ``"fail"`` for a partition the gate must reject (and quarantine), ``"warn"`` for one it
 accepts with a warning (``ValidationReport.warnings``): columns outside the contract, and a few sparse ids
@@ -20,17 +20,13 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
 
 from sum_models.spec import FeatureSpec
 
-if TYPE_CHECKING:
-    from sum_platform.config import Params
-    from sum_platform.workspace import Workspace
 
 Frames = tuple[pd.DataFrame, pd.DataFrame]
 
@@ -364,37 +360,3 @@ def failing_kinds(*, with_history: bool = True) -> list[str]:
 def warning_kinds() -> list[str]:
     """Names of the kinds accepted with a warning."""
     return [n for n, c in CATALOGUE.items() if c.outcome == "warn"]
-
-
-def inject(
-    name: str, ws: "Workspace", ds: str, params: "Params", spec: FeatureSpec | None = None, seed: int = 0,
-) -> Corruption:
-    """Writes a corrupted partition pair for ``ds`` into the workspace (for the soak and drills).
-
-    Today's good frames come from the simulator; the previous day's (stale/stuck kinds) from the workspace's
-    partitions of ``ds - 1`` if present, else from the simulator. The partitions are replaced in place, so
-    the next DAG run of ``ds`` validates (and quarantines) them; ``ingest`` leaves existing partitions alone.
-
-    Returns:
-        The corruption applied (its ``expected_check(spec)`` names the check that must fail).
-    """
-    from datetime import date, timedelta
-
-    from sum_platform.feature_store import apply_definitions, feature_spec, user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day, write_frame
-
-    corruption = CATALOGUE[name]
-    spec = spec or feature_spec(params, apply_definitions(params))
-    fields = fields_from_feast(user_feature_fields(params))
-    events, users = simulate_day(ds, params, fields)
-    previous = None
-    if corruption.needs_history:
-        yesterday = (date.fromisoformat(ds) - timedelta(days=1)).isoformat()
-        try:
-            previous = (pd.read_parquet(ws.events_dir(yesterday)), pd.read_parquet(ws.users_dir(yesterday)))
-        except (OSError, ValueError):
-            previous = simulate_day(yesterday, params, fields)
-    events, users = corruption.apply(events, users, CorruptionContext(ds, spec, previous, seed))
-    write_frame(events, Path(ws.events_dir(ds)))
-    write_frame(users, Path(ws.users_dir(ds)))
-    return corruption

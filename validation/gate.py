@@ -52,6 +52,16 @@ class Verdict:
         return d
 
 
+def verdict_markdown(verdict: dict[str, Any]) -> str:
+    """A verdict (``Verdict.to_dict()`` plus ``snapshot_id``) as the markdown an operator reads in the UI."""
+    lines = [f"**{verdict['snapshot_id']}: {verdict['verdict'].upper()}**", "",
+             "| check | value | threshold | ok |", "|---|---|---|---|"]
+    for c in verdict["checks"]:
+        value = "-" if c["value"] is None else format(c["value"], ".4g")
+        lines.append(f"| {c['name']} | {value} | {c['op']} {c['threshold']:.4g} | {'yes' if c['passed'] else 'NO'} |")
+    return "\n".join(lines + [""] + [f"- {r}" for r in verdict["reasons"]])
+
+
 def _check(name: str, value: float | None, threshold: float, op: str) -> Check:
     """A threshold check; an undefined or non-finite value fails (and is stored as None, valid JSON)."""
     if value is None or not np.isfinite(value):

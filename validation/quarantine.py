@@ -9,7 +9,7 @@ Layout::
 ``<stamp>`` is the UTC time of the quarantine (``YYYYMMDDTHHMMSS.ffffffZ``), so every failed attempt of a
 date keeps its own folder. A partition is moved with a rename (atomic on one filesystem): the data folder
 of the date is then absent, which is what lets a rerun of the date ingest a fixed partition (see
-``sum_platform.pipeline.ingest``). ``reason.json`` is written before anything moves (``status: moving``)
+``sum_pipeline.tasks.ingest``). ``reason.json`` is written before anything moves (``status: moving``)
 and completed after (``status: quarantined``), so an interrupted quarantine is visible and a second call
 simply moves whatever is still in place into a new folder: quarantining is rerun-safe and loses nothing.
 

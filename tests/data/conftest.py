@@ -144,10 +144,9 @@ def sim_ds(i: int) -> str:
 @pytest.fixture(scope="session")
 def sim_day(params):
     """``sim_day(ds) -> (events, users)``: the seeded simulator's partitions (cached; callers get copies)."""
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day
+    from sum_platform.simulate import simulate_day, user_fields
 
-    fields = fields_from_feast(user_feature_fields(params))
+    fields = user_fields(params)
     cache: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
 
     def get(ds: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sum_pipeline import airflow_env
+from sum_pipeline.soak import inject
+from sum_platform.context import context
+
 pytestmark = pytest.mark.slow
 
 DAY1, DAY2 = "2026-01-01", "2026-01-02"
@@ -43,13 +47,11 @@ def workspace(module_workspace: Path):
 def runs(workspace: Path, airflow_db, ray_serve):
     from serving.rollout import served_snapshot_id
     from serving.store_io import read_embeddings
-    from sum_platform import airflow_env, pipeline
     from sum_platform.config import load_params
     from sum_platform.feature_store import get_store
-    from validation.corruptions import inject
 
     params = load_params()
-    ctx = pipeline.context()
+    ctx = context()
     out: dict = {"ctx": ctx, "params": params}
     out["day1"] = airflow_env.run_date(DAY1)
     out["day1/production"] = ctx.registry.production().snapshot_id

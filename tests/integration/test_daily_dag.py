@@ -12,6 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sum_pipeline import airflow_env, promotion
+from sum_platform.context import context
+
 pytestmark = pytest.mark.slow
 
 DAY1, DAY2, DAY3, DAY4, DAY5 = (f"2026-01-0{i}" for i in range(1, 6))
@@ -34,15 +37,15 @@ def workspace(module_workspace: Path):
 @pytest.fixture(scope="module")
 def runs(workspace: Path, airflow_db, ray_serve):
     """Runs the DAG for five dates; returns the per-date results plus observations between runs."""
-    from sum_platform import airflow_env, pipeline
     from sum_platform.config import load_params
-    from sum_platform.feature_store import get_store, user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day, write_frame
+    from sum_platform.feature_store import get_store
+    from sum_platform.files import write_partition
+    from sum_platform.simulate import simulate_day
     from serving.rollout import served_snapshot_id
     from serving.store_io import read_embeddings
 
     params = load_params()
-    ctx = pipeline.context()
+    ctx = context()
     out: dict = {}
     for ds in (DAY1, DAY2, DAY3):
         out[ds] = airflow_env.run_date(ds)
@@ -57,10 +60,10 @@ def runs(workspace: Path, airflow_db, ray_serve):
     # DAY5: the partition arrives corrupted (click labels outside {0, 1}).
     store = get_store(params)
     before = read_embeddings(store, WATCHED_USERS)
-    events, users = simulate_day(DAY5, params, fields_from_feast(user_feature_fields(params)))
+    events, users = simulate_day(DAY5, params)
     events.loc[events.index[:25], "click"] = 2
-    write_frame(events, ctx.ws.events_dir(DAY5))
-    write_frame(users, ctx.ws.users_dir(DAY5))
+    write_partition(events, ctx.ws.events_dir(DAY5))
+    write_partition(users, ctx.ws.users_dir(DAY5))
     out[DAY5] = airflow_env.run_date(DAY5)
     out[f"{DAY5}/production"] = ctx.registry.production().snapshot_id
     out[f"{DAY5}/served"] = served_snapshot_id(params)
@@ -172,11 +175,10 @@ def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
 def test_rollback_returns_the_previous_production_and_reroll_serving(runs):
     """Last in this module: it changes production (the other tests read the state before it)."""
     from serving.rollout import served_snapshot_id
-    from sum_platform import pipeline
     from sum_platform.versioning import production_snapshot
 
     ctx = runs["ctx"]
-    out = pipeline.rollback_production("operator-x", "bad downstream metrics")
+    out = promotion.rollback_production("operator-x", "bad downstream metrics")
     assert (out["from"], out["to"]) == (f"sum-{DAY3}", f"sum-{DAY2}")
     assert ctx.registry.production().snapshot_id == f"sum-{DAY2}"
     assert ctx.registry.get(f"sum-{DAY3}").stage == "retired"

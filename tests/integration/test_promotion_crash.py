@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from sum_pipeline import promotion
+from sum_platform import versioning
+from sum_platform.context import context
+from sum_platform.registry import Registry
+
 pytestmark = pytest.mark.slow
 
 STEPS = ["track_paths", "tag_promotion", "update_record"]
@@ -22,10 +27,9 @@ class Interrupted(BaseException):
 def ctx(tmp_path, monkeypatch):
     monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setenv("SUM_DVC_REMOTE", str(tmp_path / "remote"))
-    from sum_platform import pipeline
     from sum_platform.versioning import init_workspace_repo
 
-    c = pipeline.context()
+    c = context()
     init_workspace_repo(c.ws.root, c.params.dvc_remote)
     for i, sid in enumerate(("sum-2026-01-01", "sum-2026-01-02")):
         snap = c.ws.snapshot_dir(sid)
@@ -34,15 +38,12 @@ def ctx(tmp_path, monkeypatch):
         (snap / "manifest.json").write_text(json.dumps({"snapshot_id": sid}))
         c.registry.register_candidate(sid, f"2026-01-0{i + 1}", None, {})
         c.registry.record_verdict(sid, True, {"blessed": True, "verdict": "blessed"})
-    pipeline.promote_snapshot(c, "sum-2026-01-01", actor="test", reason="first")
+    promotion.promote_snapshot(c, "sum-2026-01-01", actor="test", reason="first")
     return c
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_interrupted_promotion_keeps_registry_consistent_and_rerun_completes(ctx, step, monkeypatch):
-    from sum_platform import pipeline, versioning
-    from validation.registry import Registry
-
     target = Registry.update_record if step == "update_record" else getattr(versioning, step)
 
     def crash_after(*args, **kwargs):
@@ -52,16 +53,16 @@ def test_interrupted_promotion_keeps_registry_consistent_and_rerun_completes(ctx
     if step == "update_record":
         monkeypatch.setattr(Registry, "update_record", crash_after)
     else:
-        monkeypatch.setattr(versioning, step, crash_after)
+        monkeypatch.setattr(promotion, step, crash_after)  # the name promotion calls
     with pytest.raises(Interrupted):
-        pipeline.promote_snapshot(ctx, "sum-2026-01-02", actor="test", reason="daily")
+        promotion.promote_snapshot(ctx, "sum-2026-01-02", actor="test", reason="daily")
     monkeypatch.undo()
 
     # Consistent: exactly one production snapshot, still the old one; the candidate is still a candidate.
     stages = {r.snapshot_id: r.stage for r in ctx.registry.list()}
     assert stages == {"sum-2026-01-01": "production", "sum-2026-01-02": "candidate"}
 
-    out = pipeline.promote_snapshot(ctx, "sum-2026-01-02", actor="test", reason="daily (retried)")
+    out = promotion.promote_snapshot(ctx, "sum-2026-01-02", actor="test", reason="daily (retried)")
     assert out["stage"] == "production"
     assert {r.snapshot_id: r.stage for r in ctx.registry.list()} == {
         "sum-2026-01-01": "retired", "sum-2026-01-02": "production"}
@@ -70,15 +71,13 @@ def test_interrupted_promotion_keeps_registry_consistent_and_rerun_completes(ctx
 
 
 def test_unblessed_candidate_needs_force(ctx):
-    from sum_platform import pipeline
-
     ctx.registry.register_candidate("sum-2026-01-03", "2026-01-03", None, {})
     snap = ctx.ws.snapshot_dir("sum-2026-01-03")
     snap.mkdir(parents=True)
     (snap / "user_tower.safetensors").write_bytes(b"x")
     with pytest.raises(RuntimeError, match="not blessed"):
-        pipeline.promote_snapshot(ctx, "sum-2026-01-03", actor="test", reason="")
-    out = pipeline.promote_snapshot(ctx, "sum-2026-01-03", actor="alice", reason="incident 42", force=True)
+        promotion.promote_snapshot(ctx, "sum-2026-01-03", actor="test", reason="")
+    out = promotion.promote_snapshot(ctx, "sum-2026-01-03", actor="alice", reason="incident 42", force=True)
     assert out["stage"] == "production"
     event = ctx.registry.events("sum-2026-01-03")[-1]
     assert event["actor"] == "alice" and event["detail"]["reason"] == "incident 42" and event["detail"]["force"]

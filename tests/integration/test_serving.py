@@ -21,6 +21,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from sum_pipeline import tasks
+from sum_platform.context import context
+
 slow = pytest.mark.slow
 
 K, D = 2, 8
@@ -764,24 +767,23 @@ def test_frozen_mode_keeps_serving_the_first_snapshot(soap_env, deployed_a, url)
 
 @slow
 def test_pipeline_rollout_records_outcome_in_registry(soap_env, deployed_a, url):
-    """pipeline.rollout stores the rollout record; a corrupt production snapshot is refused and B keeps
+    """tasks.rollout stores the rollout record; a corrupt production snapshot is refused and B keeps
     serving; frozen mode is pinned to the first promoted snapshot."""
     from serving.rollout import RolloutError, served_snapshot_id
-    from sum_platform import pipeline
 
-    ctx = pipeline.context()
+    ctx = context()
     assert ctx.ws.root == soap_env["ws"].root
     for sid, ds, parent in (("sum-A", "2026-01-01", None), ("sum-B", "2026-01-02", "sum-A"), ("sum-C", "2026-01-03", "sum-B")):
         ctx.registry.register_candidate(sid, ds, parent, {})
     ctx.registry.promote("sum-A", reason="test")
     ctx.registry.promote("sum-B", reason="test")
-    out = pipeline.rollout("2026-01-02")
+    out = tasks.rollout("2026-01-02")
     assert out["status"] == "unchanged" and ctx.registry.get("sum-B").record["rollout"]["status"] == "unchanged"
     assert ctx.registry.get("sum-B").record["rollout"]["frozen_snapshot_id"] == "sum-A"
 
     ctx.registry.promote("sum-C", reason="test")
     with pytest.raises(RolloutError):
-        pipeline.rollout("2026-01-03")
+        tasks.rollout("2026-01-03")
     record = ctx.registry.get("sum-C").record["rollout"]
     assert record["status"] == "preflight_failed" and record["served_after"] == "sum-B" and record["error"]
     assert served_snapshot_id(soap_env["params"]) == "sum-B"

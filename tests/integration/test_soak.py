@@ -22,7 +22,7 @@ SCHEDULE = [
 
 @pytest.fixture(scope="module")
 def report(session_dir: Path, airflow_db, ray_serve):
-    from sum_platform.soak import run_soak
+    from sum_pipeline.soak import run_soak
     from validation.corruptions import failing_kinds
 
     assert "label_rate_collapse" in failing_kinds()

@@ -2,8 +2,8 @@
 
 The test copies ``feature_repo/`` to a temporary folder, adds a dense and a sparse field to the
 ``user_features`` view, points ``SUM_FEATURE_REPO`` at the copy and trains the next day through the real
-pipeline functions (Feast apply + point-in-time join in ``pipeline.training_frame``, warm start by name and
-shape in ``pipeline.warm_start``): the new model has a table and a projection for the new features and
+pipeline functions (Feast apply in ``tasks.apply_features``, point-in-time join in
+``tasks.training_frame``, warm start by name and shape in ``tasks.warm_start``): the new model has a table and a projection for the new features and
 keeps every other tensor of the previous day's snapshot. The older user partition is left as it was
 (without the new columns): users whose latest feature row predates the new fields train with those
 values filled (dense 0.0, sparse empty), and the others with their real values.
@@ -19,6 +19,9 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+
+from sum_pipeline import tasks
+from sum_platform.context import context
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAY1, DAY2 = "2026-01-01", "2026-01-02"
@@ -55,22 +58,21 @@ def env(tmp_path, monkeypatch):
 
 
 def _simulate(ds: str, ctx) -> None:
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, write_day
+    from sum_platform.simulate import write_day
 
-    write_day(ds, ctx.params, ctx.ws, fields_from_feast(user_feature_fields(ctx.params)))
+    write_day(ds, ctx.params, ctx.ws)
 
 
 def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
     from sum_models.model import build_model
     from sum_models.snapshot import export_snapshot, load_model
     from sum_models.train import evaluate_ne, train_model
-    from sum_platform import pipeline
 
     # Day 1 with the project's feature repo: train and snapshot.
-    ctx = pipeline.context()
+    ctx = context()
     _simulate(DAY1, ctx)
-    train1, _, spec1 = pipeline.training_frame(DAY1, ctx)
+    tasks.apply_features(DAY1, ctx)  # what validate_data does first each day
+    train1, _, spec1 = tasks.training_frame(DAY1, ctx)
     assert "new_id_list" not in spec1.user_sparse and "new_dense_score" not in spec1.user_dense
     model1 = build_model(spec1, ctx.params.model, seed=ctx.params.seed)
     train_model(model1, train1, spec1, ctx.params.train, seed=ctx.params.seed)
@@ -90,7 +92,8 @@ def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
     users2[~users2["user_id"].isin(stale)].to_parquet(day2_users / "part-0.parquet", index=False)
     assert "new_id_list" not in pd.read_parquet(ctx.ws.users_dir(DAY1)).columns
 
-    train2, holdout2, spec2 = pipeline.training_frame(DAY2, ctx)  # feast apply + point-in-time join
+    tasks.apply_features(DAY2, ctx)  # the changed repo is applied once, on the next day's validation
+    train2, holdout2, spec2 = tasks.training_frame(DAY2, ctx)  # point-in-time join
     assert spec2.user_sparse["new_id_list"] == 300 and "new_dense_score" in spec2.user_dense
     assert set(spec1.user_sparse) < set(spec2.user_sparse) and set(spec1.user_dense) < set(spec2.user_dense)
     assert "new_id_list" in train2.columns and "new_dense_score" in train2.columns
@@ -108,7 +111,7 @@ def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
 
     parent, _ = load_model(tmp_path / "day1")
     model2 = build_model(spec2, ctx.params.model, seed=ctx.params.seed)
-    warm = pipeline.warm_start(model2, parent.state_dict())
+    warm = tasks.warm_start(model2, parent.state_dict())
     state2, state1 = model2.state_dict(), parent.state_dict()
     # New input layers for the new features...
     assert "user_tower.sparse_arch.bags.new_id_list.weight" in state2
@@ -139,12 +142,12 @@ def test_a_feature_added_to_the_view_reaches_the_next_model(env, tmp_path):
 def test_served_features_of_rows_older_than_a_new_field_are_filled_like_training(env):
     """The compute path reads the online store: the same fill as training, not a skipped user."""
     from serving.store_io import read_user_features
-    from sum_platform import pipeline
     from sum_platform.feature_store import apply_definitions, feature_spec
 
-    ctx = pipeline.context()
+    ctx = context()
     _simulate(DAY1, ctx)
-    pipeline.materialize_user_features(DAY1)  # online rows written under the old view
+    tasks.apply_features(DAY1, ctx)
+    tasks.materialize_user_features(DAY1)  # online rows written under the old view
     env["monkeypatch"].setenv("SUM_FEATURE_REPO", str(env["repo"]))
     _simulate(DAY2, ctx)
     day2_users = ctx.ws.users_dir(DAY2)
@@ -153,7 +156,8 @@ def test_served_features_of_rows_older_than_a_new_field_are_filled_like_training
     for f in day2_users.glob("*.parquet"):
         f.unlink()
     users2[~users2["user_id"].isin(stale)].to_parquet(day2_users / "part-0.parquet", index=False)
-    pipeline.materialize_user_features(DAY2)
+    tasks.apply_features(DAY2, ctx)
+    tasks.materialize_user_features(DAY2)
 
     store = apply_definitions(ctx.params)
     spec = feature_spec(ctx.params, store)

@@ -14,11 +14,10 @@ def days():
     """Two simulated days, impressions joined with the day's user snapshot (what Feast's join returns)."""
     from sum_models.spec import FeatureSpec
     from sum_platform.config import load_params
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, simulate_day
+    from sum_platform.simulate import simulate_day, user_fields
 
     params = load_params()
-    fields = fields_from_feast(user_feature_fields(params))
+    fields = user_fields(params)
     spec = FeatureSpec(
         user_dense=tuple(f.name for f in fields if not f.sparse),
         user_sparse={f.name: f.hash_size for f in fields if f.sparse},

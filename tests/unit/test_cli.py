@@ -2,8 +2,8 @@
 
 from typer.testing import CliRunner
 
-from sum_platform.cli import app
-from validation.registry import Registry
+from sum_pipeline.cli import app
+from sum_platform.registry import Registry
 
 runner = CliRunner()
 

@@ -14,7 +14,7 @@ def test_dagbag_has_no_import_errors(airflow_db):
 
 
 def test_daily_dag_order_and_gate(airflow_db):
-    from sum_platform.airflow_env import load_dag
+    from sum_pipeline.airflow_env import load_dag
 
     dag = load_dag()
     chain = ["ingest", "validate_data", "version_data", "train_user_model", "evaluate", "shift_gate",

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from validation.registry import Registry, RegistryError
+from sum_platform.registry import Registry, RegistryError
 
 
 @pytest.fixture()

@@ -39,7 +39,7 @@ def test_dvc_pipeline_follows_the_dag_order():
 
 
 def test_every_dvc_stage_is_a_sumctl_step():
-    from sum_platform.cli import STAGES
+    from sum_pipeline.tasks import STAGES
 
     import yaml
 

@@ -43,7 +43,7 @@ def configure(home: Path) -> None:
     """
     env = environment(home)
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
-        raise RuntimeError("airflow was imported before sum_platform.airflow_env.configure()")
+        raise RuntimeError("airflow was imported before sum_pipeline.airflow_env.configure()")
     os.environ.update(env)
     home.mkdir(parents=True, exist_ok=True)
     marker = home / ".migrated"

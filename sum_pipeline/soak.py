@@ -1,6 +1,6 @@
 """The soak: many simulated days through the real DAG with deliberate faults, and the gate's score.
 
-A plan mixes normal days, days whose candidate is deliberately shifted (``pipeline.CANDIDATE_FAULTS``)
+A plan mixes normal days, days whose candidate is deliberately shifted (``sum_pipeline.faults.CANDIDATE_FAULTS``)
 and days whose partition arrives corrupted (``validation.corruptions``). The promise it checks
 (issue 5): zero shifted candidates promoted, at least 95% of normal candidates promoted, every
 corrupted partition caught. A caught date is then fixed (the simulator redelivers it) and rerun, as an
@@ -14,6 +14,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from typing import Any, Callable
+
+import pandas as pd
+
+from sum_pipeline import airflow_env
+from sum_platform.config import Params
+from sum_platform.context import context
+from sum_platform.feature_store import apply_definitions, feature_spec
+from sum_platform.files import write_partition
+from sum_platform.simulate import simulate_day, write_day
+from sum_platform.workspace import Workspace, snapshot_id_for
+from sum_models.spec import FeatureSpec
+from validation.corruptions import CATALOGUE, Corruption, CorruptionContext
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +112,10 @@ def plan(days: int, start: str, faults: tuple[str, ...], corruptions: tuple[str,
 def run_soak(schedule: list[tuple[str, str, str]], on_day: Callable[[SoakDay], None] | None = None) -> SoakReport:
     """Runs the schedule through the real DAG (``dag.test()`` per date) in the configured workspace.
 
-    Airflow must be configured (``sum_platform.airflow_env.configure``) before this is called.
+    Airflow must be configured (``sum_pipeline.airflow_env.configure``) before this is called.
     """
-    from sum_platform import airflow_env, pipeline
-    from sum_platform.workspace import snapshot_id_for
-
     report = SoakReport()
-    ctx = pipeline.context()
+    ctx = context()
     for ds, kind, detail in schedule:
         t0 = time.perf_counter()
         day = SoakDay(ds=ds, kind=kind, detail=detail)
@@ -134,18 +143,39 @@ def run_soak(schedule: list[tuple[str, str, str]], on_day: Callable[[SoakDay], N
 
 def deliver_corrupted(ds: str, kind: str) -> None:
     """Writes the day's partitions as the simulator would, corrupted as ``kind`` (``validation.corruptions``)."""
-    from sum_platform import pipeline
-    from validation.corruptions import inject
-
-    ctx = pipeline.context()
+    ctx = context()
     inject(kind, ctx.ws, ds, ctx.params)
+
+
+def inject(
+    name: str, ws: Workspace, ds: str, params: Params, spec: FeatureSpec | None = None, seed: int = 0,
+) -> Corruption:
+    """Writes a corrupted partition pair for ``ds`` into the workspace (for the soak and drills).
+
+    Today's good frames come from the simulator; the previous day's (stale/stuck kinds) from the workspace's
+    partitions of ``ds - 1`` if present, else from the simulator. The partitions are replaced in place, so
+    the next DAG run of ``ds`` validates (and quarantines) them; ``ingest`` leaves existing partitions alone.
+
+    Returns:
+        The corruption applied (its ``expected_check(spec)`` names the check that must fail).
+    """
+    corruption = CATALOGUE[name]
+    spec = spec or feature_spec(params, apply_definitions(params))
+    events, users = simulate_day(ds, params)
+    previous = None
+    if corruption.needs_history:
+        yesterday = (date.fromisoformat(ds) - timedelta(days=1)).isoformat()
+        try:
+            previous = (pd.read_parquet(ws.events_dir(yesterday)), pd.read_parquet(ws.users_dir(yesterday)))
+        except (OSError, ValueError):
+            previous = simulate_day(yesterday, params)
+    events, users = corruption.apply(events, users, CorruptionContext(ds, spec, previous, seed))
+    write_partition(events, ws.events_dir(ds))
+    write_partition(users, ws.users_dir(ds))
+    return corruption
 
 
 def redeliver(ds: str) -> None:
     """The fix: the upstream (here the simulator) delivers the day's partitions again, correct."""
-    from sum_platform import pipeline
-    from sum_platform.feature_store import user_feature_fields
-    from sum_platform.simulate import fields_from_feast, write_day
-
-    ctx = pipeline.context()
-    write_day(ds, ctx.params, ctx.ws, fields_from_feast(user_feature_fields(ctx.params)), overwrite=True)
+    ctx = context()
+    write_day(ds, ctx.params, ctx.ws, overwrite=True)

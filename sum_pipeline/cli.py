@@ -1,7 +1,8 @@
 """``sumctl``: the SUM platform's command line (Typer).
 
 Heavy libraries (Airflow, torch, Feast, Ray) are imported inside the commands, after the workspace and
-Airflow environment are set, so ``sumctl --help`` stays fast.
+Airflow environment are set, so ``sumctl --help`` stays fast. Each command is a thin call into
+:mod:`sum_pipeline.tasks`, :mod:`sum_pipeline.promotion` or the base's registry.
 """
 
 from __future__ import annotations
@@ -17,6 +18,20 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from serving.ray_cluster import ensure_ray, shutdown
+from serving.rollout import rollout as serve_rollout
+from sum_pipeline import airflow_env, tasks
+from sum_pipeline.faults import CANDIDATE_FAULTS
+from sum_pipeline.promotion import promote_snapshot, rollback_production
+from sum_pipeline.soak import plan, run_soak
+from sum_platform.config import load_params
+from sum_platform.context import Context
+from sum_platform.files import write_json
+from sum_platform.registry import Registry
+from sum_platform.workspace import Workspace
+from validation.corruptions import failing_kinds
+from validation.quarantine import quarantined, release_partition
 
 app = typer.Typer(help="Operate the SUM platform: daily runs, snapshots, promotion, serving.", no_args_is_help=True)
 console = Console(width=None if os.isatty(1) else 160)
@@ -34,9 +49,6 @@ def _setup(workspace: Optional[Path], params: Optional[Path]):
         os.environ["SUM_PARAMS"] = str(params.resolve())
     if workspace:
         os.environ["SUM_WORKSPACE"] = str(workspace.resolve())
-    from sum_platform.config import load_params
-    from sum_platform.workspace import Workspace
-
     p = load_params()
     os.environ["SUM_WORKSPACE"] = str(p.workspace)
     return p, Workspace(p.workspace)
@@ -82,8 +94,6 @@ def _own_local_ray(p) -> None:
     The DAG's rollout task reuses a Ray that is already initialised in the process; starting it here as
     ``local`` keeps ``run``/``soak`` from attaching to some other Ray on the machine (``auto`` would).
     """
-    from serving.ray_cluster import ensure_ray
-
     ensure_ray(p.model_copy(update={"serving": p.serving.model_copy(update={"ray_address": "local"})}))
 
 
@@ -103,8 +113,6 @@ def run(
     p, ws = _setup(workspace, params)
     if fresh:
         _wipe(p, ws)
-    from sum_platform import airflow_env
-
     airflow_env.configure(ws.airflow_home)
     faults = dict(f.split("=", 1) for f in fault)
     first = date.fromisoformat(start or p.simulator.start_date)
@@ -122,8 +130,6 @@ def run(
                           f"served {row['served'] or '-'}" + (f"; failed: {row['failed_tasks']}" if row["failed_tasks"] else ""))
     finally:
         if not keep_serving:
-            from serving.ray_cluster import shutdown
-
             shutdown()
     console.print(days_table(rows, p.model.num_embeddings))
     if any(r["state"] != "success" for r in rows):
@@ -158,8 +164,6 @@ def snapshots(
 ) -> None:
     """Lists every snapshot with its lineage: stage, parent, data version, params, NE, shift, verdict."""
     _, ws = _setup(workspace, params)
-    from validation.registry import Registry
-
     records = Registry(ws.registry_db).list()
     if as_json:
         console.print_json(data=[r.to_dict() for r in records])
@@ -197,34 +201,26 @@ def promote(
     if force and not reason:
         raise typer.BadParameter("--force needs --reason")
     p, ws = _setup(workspace, params)
-    from sum_platform.pipeline import Context, promote_snapshot
-
-    who = _actor(actor)
-    out = promote_snapshot(Context(p, ws), snapshot_id, actor=who, reason=reason or "manual promotion", force=force)
+    out = promote_snapshot(Context(p, ws), snapshot_id, actor=_actor(actor), reason=reason or "manual promotion",
+                           force=force)
     console.print(out)
-
-
-STAGES = ("ingest", "validate_data", "version_data", "materialize_user_features", "train_user_model", "evaluate",
-          "shift_gate", "promote", "materialize_embeddings", "rollout", "verify_serving")
 
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(tasks.STAGES)}.")],
     ds: Annotated[str, typer.Option("--ds", help="Logical date YYYY-MM-DD.")],
     summary: Annotated[Optional[Path], typer.Option(help="Also write the step's JSON summary here.")] = None,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = None,
 ) -> None:
     """Runs one pipeline step for a date outside Airflow (what ``dvc repro`` calls)."""
-    if name not in STAGES:
-        raise typer.BadParameter(f"unknown stage {name!r}; one of {', '.join(STAGES)}")
+    if name not in tasks.STAGES:
+        raise typer.BadParameter(f"unknown stage {name!r}; one of {', '.join(tasks.STAGES)}")
     _setup(workspace, params)
-    from sum_platform import pipeline
-
-    result = getattr(pipeline, name)(ds)
+    result = getattr(tasks, name)(ds)
     if summary:
-        pipeline.write_json(summary, result)
+        write_json(summary, result)
     console.print_json(data=result)
 
 
@@ -239,8 +235,6 @@ def ui(
     import sys
 
     _, ws = _setup(workspace, params)
-    from sum_platform import airflow_env
-
     airflow_env.configure(ws.airflow_home)
     os.environ["AIRFLOW__API__PORT"] = str(port)
     console.print(f"Airflow UI: http://127.0.0.1:{port} (home {ws.airflow_home}; "
@@ -258,8 +252,6 @@ def rollback(
 ) -> None:
     """Makes the previous production snapshot current again and re-rolls a running serving app."""
     _setup(workspace, params)
-    from sum_platform.pipeline import rollback_production
-
     out = rollback_production(_actor(actor), reason, to=to)
     console.print_json(data=out)
 
@@ -278,8 +270,6 @@ def quarantine_list(
 ) -> None:
     """Lists quarantined partitions, oldest first: date, status, the failed checks and the folder."""
     _, ws = _setup(workspace, params)
-    from validation.quarantine import quarantined
-
     records = quarantined(ws, ds)
     if as_json:
         console.print_json(data=records)
@@ -308,8 +298,6 @@ def quarantine_release(
 ) -> None:
     """Moves a quarantined day back into place; rerun the date afterwards (its checks run again)."""
     _, ws = _setup(workspace, params)
-    from validation.quarantine import release_partition
-
     try:
         released = release_partition(ws, ds, folder, actor=_actor(actor), reason=reason)
     except (LookupError, FileExistsError) as exc:
@@ -322,10 +310,6 @@ def quarantine_release(
 def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     """Serves the production snapshot (Ray Serve on serving.host:port) until Ctrl-C."""
     p, ws = _setup(workspace, params)
-    from serving.ray_cluster import ensure_ray, shutdown
-    from serving.rollout import rollout as serve_rollout
-    from validation.registry import Registry
-
     prod = Registry(ws.registry_db).production()
     if prod is None:
         raise typer.BadParameter(f"no production snapshot in {ws.root}: run `sumctl run` first")
@@ -354,13 +338,7 @@ def soak(
     p, ws = _setup(workspace, params)
     if fresh:
         _wipe(p, ws)
-    from sum_platform import airflow_env
-
     airflow_env.configure(ws.airflow_home)
-    from sum_platform.pipeline import CANDIDATE_FAULTS, write_json
-    from sum_platform.soak import plan, run_soak
-    from validation.corruptions import failing_kinds
-
     schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
                     fault_every=fault_every, corrupt_every=corrupt_every)
     try:
@@ -369,8 +347,6 @@ def soak(
             f"{d.ds} {d.kind:8} {d.detail:22} {d.state:8} verdict={d.verdict:8} promoted={d.promoted}"
             + (f" caught={d.caught} rerun={d.rerun_state}" if d.kind == "corrupt" else "") + f" ({d.seconds:.0f}s)"))
     finally:
-        from serving.ray_cluster import shutdown
-
         shutdown()
     summary = result.summary()
     console.print_json(data=summary)

@@ -1,0 +1,85 @@
+"""Promotion and rollback: what the daily run's ``promote`` and an operator's ``sumctl promote`` /
+``sumctl rollback`` do, and which snapshots a candidate is judged against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.rollout import rollout as serve_rollout
+from serving.rollout import served_snapshot_id
+from sum_platform.context import Context, context
+from sum_platform.versioning import data_version, tag_promotion, track_paths
+
+
+def parent_for(snapshot_id: str, ctx: Context) -> str | None:
+    """The snapshot a candidate warm-starts from; stable across reruns of the same date."""
+    existing = ctx.registry.get(snapshot_id)
+    if existing is not None:
+        return existing.parent_id
+    prod = ctx.registry.production()
+    return prod.snapshot_id if prod else None
+
+
+def baseline_history(snapshot_id: str, ctx: Context) -> list[str]:
+    """Snapshots a candidate is judged against, newest first: production, then the ones before it.
+
+    On a rerun of a date whose snapshot was already promoted, the history starts at the snapshot it
+    replaced (its parent), so the rerun is judged exactly as the first run was.
+    """
+    history = [r.snapshot_id for r in ctx.registry.promoted_history() if r.snapshot_id != snapshot_id]
+    own = ctx.registry.get(snapshot_id)
+    if own is not None and own.stage in ("production", "retired"):
+        history = history[history.index(own.parent_id):] if own.parent_id in history else []
+    return history
+
+
+def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool = False) -> dict[str, Any]:
+    """Promotion proper: files pushed and tagged first, then the registry flips in one transaction."""
+    record = ctx.registry.get(snapshot_id)
+    if record is None:
+        raise LookupError(f"unknown snapshot {snapshot_id!r}")
+    blessed = bool((record.record.get("verdict") or {}).get("blessed"))
+    if not force and record.stage != "production" and not (record.stage == "candidate" and blessed):
+        state = record.stage if record.stage != "candidate" else "a candidate the gate has not blessed"
+        raise RuntimeError(f"snapshot {snapshot_id} is {state}; use --force with a reason to override")
+    snap_dir = ctx.ws.snapshot_dir(snapshot_id)
+    track_paths(ctx.ws.root, [snap_dir], f"snapshot: {snapshot_id}")
+    tag = tag_promotion(ctx.ws.root, snapshot_id, f"promote {snapshot_id}: {reason}")
+    ctx.registry.update_record(snapshot_id, {"snapshot_version": data_version(ctx.ws.root, snap_dir), "tag": tag})
+    promoted = ctx.registry.promote(snapshot_id, actor=actor, reason=reason, force=force)
+    return {"snapshot_id": snapshot_id, "tag": tag, "stage": promoted.stage, "promoted_at": promoted.promoted_at}
+
+
+def rollback_production(actor: str, reason: str, to: str | None = None, reroll: bool = True) -> dict[str, Any]:
+    """Makes the previous production snapshot (or ``to``) current again and re-rolls serving.
+
+    Args:
+        actor: Who rolls back (recorded).
+        reason: Why (recorded).
+        to: A snapshot that was production before; defaults to the one promoted before the current.
+        reroll: Move a running serving app to it (skipped with a note when no serving app answers).
+
+    Returns:
+        What changed: from, to, the GTO tag and the serving outcome.
+    """
+    ctx = context()
+    history = ctx.registry.promoted_history()
+    if not history or history[0].stage != "production":
+        raise RuntimeError("nothing is in production: nothing to roll back")
+    current = history[0].snapshot_id
+    candidates = [r.snapshot_id for r in history[1:] if r.snapshot_id != current]
+    target = to or (candidates[0] if candidates else None)
+    if target is None:
+        raise RuntimeError(f"{current} is the only snapshot ever promoted: nothing to roll back to")
+    if target not in candidates:
+        raise RuntimeError(f"{target} was never production before {current}; rollback targets: {candidates}")
+    promoted = promote_snapshot(ctx, target, actor=actor, reason=f"rollback from {current}: {reason}", force=True)
+    out: dict[str, Any] = {"from": current, "to": target, "tag": promoted["tag"], "serving": "not running"}
+    if reroll and served_snapshot_id(ctx.params, timeout_s=3) is not None:
+        from serving.ray_cluster import ensure_ray
+
+        ensure_ray(ctx.params)
+        out["serving"] = serve_rollout(ctx.params, ctx.ws.snapshot_dir(target), target,
+                                       previous=(ctx.ws.snapshot_dir(current), current))
+    ctx.registry.update_record(target, {"rollback": out | {"actor": actor, "reason": reason}})
+    return out

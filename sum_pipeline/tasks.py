@@ -1,0 +1,438 @@
+"""The daily SUM loop as plain functions: one per DAG task, each idempotent for its date ``ds``.
+
+The Airflow DAG (``dags/sum_daily.py``), ``sumctl stage`` and ``dvc repro`` call these; none of them
+needs Airflow. A task reads the params in force and the workspace (:func:`sum_platform.context.context`),
+reads and writes the date's state through its :class:`~sum_platform.day_record.DayRecord`, writes files
+atomically, and returns a small JSON-able summary (Airflow's XCom) that carries the snapshot id on.
+Promotion and rollback live in :mod:`sum_pipeline.promotion`, candidate faults in :mod:`sum_pipeline.faults`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from serving.ray_cluster import ensure_ray
+from serving.rollout import RolloutError, base_url, served_snapshot_id
+from serving.rollout import rollout as serve_rollout
+from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
+from sum_pipeline.promotion import baseline_history, parent_for, promote_snapshot
+from sum_platform.context import Context, context
+from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec, get_store
+from sum_platform.files import read_json, write_parquet, write_partition
+from sum_platform.partitions import read_partition
+from sum_platform.simulate import simulate_day, write_day
+from sum_platform.versioning import data_version, init_workspace_repo, track_paths
+from sum_platform.workspace import snapshot_id_for
+from sum_models.shift import POOL_DEPTH
+from validation.data_checks import DataValidationError, validate_day
+from validation.quarantine import quarantine_partition, quarantined, reason_from_error
+
+log = logging.getLogger(__name__)
+
+#: The DAG's tasks in the order of one day (``sumctl stage`` names, ``dvc.yaml`` stages, the DAG's task ids).
+STAGES = ("ingest", "validate_data", "version_data", "materialize_user_features", "train_user_model", "evaluate",
+          "shift_gate", "promote", "materialize_embeddings", "rollout", "verify_serving")
+
+#: The holdout is a fixed hash-based share of impressions, in buckets of 1/10,000.
+_HOLDOUT_BUCKETS = 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest -> validate -> version data
+# ---------------------------------------------------------------------------------------------
+def ingest(ds: str) -> dict[str, Any]:
+    """Makes the day's partitions available: the simulator writes the ones that are missing.
+
+    An existing partition (delivered by an upstream, dropped in place by an operator, or deliberately
+    corrupted by a test) is left alone, so validation judges exactly what arrived; after a quarantine the
+    folders are absent and a rerun ingests the fixed partition (see :mod:`validation.quarantine`).
+
+    Returns:
+        ``written`` (True when anything was simulated), ``simulated`` (which partitions), and, when the date
+        was quarantined before, ``quarantined_before`` (how often) and ``latest_quarantine``.
+    """
+    ctx = context()
+    init_workspace_repo(ctx.ws.root, ctx.params.dvc_remote)
+    folders = {"events": ctx.ws.events_dir(ds), "users": ctx.ws.users_dir(ds)}
+    present = {kind: folder.is_dir() and any(folder.glob("*.parquet")) for kind, folder in folders.items()}
+    history = quarantined(ctx.ws, ds)
+    extra: dict[str, Any] = {}
+    if history:
+        extra = {"quarantined_before": len(history), "latest_quarantine": history[-1]["folder"]}
+        log.warning("ds=%s was quarantined %d time(s) before (latest: %s); partitions in place: %s",
+                    ds, len(history), history[-1]["folder"], sorted(k for k, v in present.items() if v) or "none")
+    missing = [kind for kind, ok in present.items() if not ok]
+    if not missing:
+        return {"ds": ds, "written": False, "simulated": [], **extra}
+    if len(missing) == len(folders):
+        return write_day(ds, ctx.params, ctx.ws) | {"simulated": missing, **extra}
+    frames = dict(zip(("events", "users"), simulate_day(ds, ctx.params)))
+    for kind in missing:  # an operator's partition in place is kept; only the missing one is simulated
+        write_partition(frames[kind], folders[kind])
+    log.info("ds=%s: simulated the missing %s partition(s), kept %s in place", ds, missing,
+             sorted(set(folders) - set(missing)))
+    return {"ds": ds, "written": True, "simulated": missing, **{k: len(frames[k]) for k in missing}, **extra}
+
+
+def apply_features(ds: str, ctx: Context | None = None):
+    """Applies the feature repo to the workspace store (the day's one Feast apply) and records the spec.
+
+    Every later task of the date builds the model's inputs from the recorded spec (:attr:`DayRecord.spec`)
+    instead of re-executing the feature repo. Returns the :class:`~sum_models.spec.FeatureSpec`.
+    """
+    ctx = ctx or context()
+    spec = feature_spec(ctx.params, apply_definitions(ctx.params))
+    ctx.day(ds).write_spec(spec)
+    return spec
+
+
+def validate_data(ds: str) -> dict[str, Any]:
+    """Applies the feature repo (:func:`apply_features`), runs the GX checkpoints, records the result.
+
+    On a failure (``DataValidationError``, naming every failed check) the day's
+    partitions are quarantined (:mod:`validation.quarantine`), the failure is recorded, and the error is
+    re-raised: the run stops here. Data Docs are built on every run; their location is returned.
+    """
+    ctx = context()
+    day = ctx.day(ds)
+    spec = apply_features(ds, ctx)
+    try:
+        reports = validate_day(ds, ctx.ws.root, spec, ctx.params)
+    except DataValidationError as err:
+        folder = quarantine_partition(ctx.ws, ds, reason_from_error(err))
+        err.set_quarantine(folder)
+        docs = next((r.data_docs_index for r in err.reports if r.data_docs_index), None)
+        day.write("validation", {
+            "ds": ds, "success": False, "error": str(err), "failed_checks": err.failed_checks,
+            "quarantine": str(folder), "data_docs": docs, "reports": [r.to_dict() for r in err.reports]})
+        print(f"Data Docs: {docs}\nds={ds} QUARANTINED to {folder}", flush=True)
+        raise
+    docs = next((r.data_docs_index for r in reports if r.data_docs_index), None)
+    day.write("validation", {"ds": ds, "success": True, "data_docs": docs, "reports": [r.to_dict() for r in reports]})
+    print("\n".join([f"Data Docs: {docs}"] + [r.summary() for r in reports]), flush=True)
+    return {
+        "ds": ds, "success": True, "evaluated": sum(r.evaluated for r in reports), "data_docs": docs,
+        "warnings": {r.kind: r.warnings for r in reports if r.warnings},
+        "skipped": {r.kind: r.skipped for r in reports if r.skipped},
+        "baseline": next((r.baseline for r in reports if r.baseline), {}),
+    }
+
+
+def version_data(ds: str) -> dict[str, Any]:
+    """Tracks the validated partitions with DVC, pushes them, commits the ``.dvc`` files."""
+    ctx = context()
+    paths = [ctx.ws.events_dir(ds), ctx.ws.users_dir(ds)]
+    commit = track_paths(ctx.ws.root, paths, f"data: partitions of {ds}")
+    versions = {p.relative_to(ctx.ws.root).as_posix(): data_version(ctx.ws.root, p) for p in paths}
+    ctx.day(ds).write("data_version", {"ds": ds, "commit": commit, "versions": versions})
+    return {"ds": ds, "versions": versions}
+
+
+def materialize_user_features(ds: str) -> dict[str, Any]:
+    """Loads the day's user features into the online store (Feast materialize over the day)."""
+    ctx = context()
+    start = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
+    get_store(ctx.params).materialize(start_date=start - timedelta(seconds=1), end_date=start + timedelta(days=1),
+                                      feature_views=[USER_FEATURES_VIEW])
+    return {"ds": ds, "view": USER_FEATURES_VIEW}
+
+
+# ---------------------------------------------------------------------------------------------
+# train -> evaluate -> gate
+# ---------------------------------------------------------------------------------------------
+def training_frame(ds: str, ctx: Context):
+    """The day's impressions joined point-in-time with the user features, through Feast.
+
+    Returns:
+        ``(train_df, holdout_df, spec)``; the holdout is a fixed hash-based share of impressions.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from sum_models.data import fill_missing_user_features
+
+    day = ctx.day(ds)
+    spec = day.spec
+    # The join is the slow part; train and evaluate share it through a cache keyed by the data version and
+    # the feature spec, so a fixed partition or a new feature never reads stale rows.
+    versions = (day.data_version or {}).get("versions", {})
+    key = hashlib.sha256(json.dumps([versions, spec.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    cache = day.joined_cache(key)
+    if versions and cache.exists():
+        joined = pd.read_parquet(cache)
+    else:
+        events = read_partition(ctx.ws.events_dir(ds))
+        features = [f"{USER_FEATURES_VIEW}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
+        joined = get_store(ctx.params).get_historical_features(entity_df=events, features=features).to_df()
+        columns = [*spec.user_dense, *spec.user_sparse]
+        absent = joined[columns].isna().all(axis=1) if columns else pd.Series(False, index=joined.index)
+        if absent.any():
+            log.warning("%d impressions have no user features as of their time; dropped", int(absent.sum()))
+            joined = joined[~absent].copy()
+        # A feature declared after some users' latest feature row was written is null in those rows.
+        filled = fill_missing_user_features(joined, spec)
+        if filled:
+            log.warning("filled user features missing from rows written before the feature existed "
+                        "(dense 0.0, sparse empty): %s", filled)
+        joined = joined.sort_values("impression_id").reset_index(drop=True)
+        if versions:
+            for stale in day.stale_joins(key):
+                stale.unlink()
+            write_parquet(joined, cache)
+    for name in spec.user_sparse:
+        joined[name] = joined[name].map(lambda v: np.asarray(v if v is not None else [], dtype=np.int64))
+    bucket = pd.util.hash_pandas_object(joined["impression_id"], index=False).to_numpy() % _HOLDOUT_BUCKETS
+    holdout = bucket < int(ctx.params.events.holdout_fraction * _HOLDOUT_BUCKETS)
+    return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
+
+
+def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, Any]:
+    """Trains the day's candidate, warm-starting from the production snapshot, and exports it.
+
+    Args:
+        ds: The logical date.
+        candidate_fault: Optional fault injection (:data:`sum_pipeline.faults.CANDIDATE_FAULTS`), used to
+            prove that the gate holds a very different candidate.
+
+    Returns:
+        The candidate's id, its parent and training statistics.
+    """
+    import torch
+
+    from sum_models.model import build_model
+    from sum_models.snapshot import MANIFEST_FILE, export_snapshot, load_model
+    from sum_models.train import train_model
+
+    check_fault(candidate_fault)
+    ctx = context()
+    snapshot_id = snapshot_id_for(ds)
+    train_df, _, spec = training_frame(ds, ctx)
+    parent_id = parent_for(snapshot_id, ctx)
+    model = build_model(spec, ctx.params.model, seed=ctx.params.seed)
+    warm = {"loaded": 0, "skipped": []}
+    if parent_id:
+        parent, _ = load_model(ctx.ws.snapshot_dir(parent_id))
+        warm = warm_start(model, parent.state_dict())
+    train_cfg = ctx.params.train
+    if candidate_fault == "explode_lr":
+        train_cfg = train_cfg.model_copy(update={"learning_rate": train_cfg.learning_rate * EXPLODE_LR_FACTOR})
+    try:
+        stats = train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
+    except ValueError as err:
+        if "non-finite training loss" not in str(err):
+            raise
+        # A diverged candidate is exported as it stands and judged (the gate holds non-finite weights),
+        # so the verdict and its reason land in the lineage instead of a crashed run.
+        log.warning("training of %s diverged: %s", snapshot_id, err)
+        stats = {"diverged": str(err)}
+    if candidate_fault:
+        log.warning("fault injection %r on the candidate of %s", candidate_fault, ds)
+        model = inject_fault(model, candidate_fault,
+                             lambda: build_model(spec, ctx.params.model, seed=ctx.params.seed + FAULT_SEED_OFFSET))
+    extra = {"ds": ds, "parent_id": parent_id, "params_digest": ctx.params.digest(), "fault": candidate_fault}
+    snap_dir = export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id),
+                               snapshot_id, extra)
+    manifest = read_json(snap_dir / MANIFEST_FILE)
+    train = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+    # A rerun replaces the whole record: the evaluation and verdict of an earlier candidate do not carry over.
+    record = ctx.day(ds).lineage("data_version", "validation") | {
+        "params_digest": ctx.params.digest(),
+        "train": train,
+        "warm_start": warm,
+        "weights_sha256": {k: v for k, v in manifest["sha256"].items() if k.endswith(".safetensors")},
+        "fault": candidate_fault,
+        "torch_threads": torch.get_num_threads(),
+    }
+    ctx.registry.register_candidate(snapshot_id, ds, parent_id, record)
+    return {"snapshot_id": snapshot_id, "parent_id": parent_id, "train": train, "warm_start": warm}
+
+
+def warm_start(model, parent_state: dict) -> dict[str, Any]:
+    """Copies every parent tensor whose name and shape match; a changed input layer starts fresh.
+
+    This is what lets a data scientist add a feature: the new feature's table is new, the rest of the
+    model keeps what it learnt.
+    """
+    own = model.state_dict()
+    loadable = {k: v for k, v in parent_state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(loadable, strict=False)
+    skipped = sorted(set(own) - set(loadable))
+    if skipped:
+        log.info("warm start: %d tensors start fresh: %s", len(skipped), skipped)
+    return {"loaded": len(loadable), "skipped": skipped}
+
+
+def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
+    """NE (eq. 9) of the candidate and of the production snapshot on the day's holdout."""
+    from sum_models.snapshot import load_model
+    from sum_models.train import evaluate_ne
+
+    ctx = context()
+    snapshot_id = snapshot_id or snapshot_id_for(ds)
+    _, holdout, spec = training_frame(ds, ctx)
+    candidate, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))
+    try:
+        ne = evaluate_ne(candidate, holdout, spec)
+    except ValueError as err:  # non-finite predictions: a verdict for the gate, not a crash
+        log.warning("candidate %s cannot be scored: %s", snapshot_id, err)
+        ne = {task: None for task in spec.labels}
+    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout), "ne": ne}
+    history = baseline_history(snapshot_id, ctx)
+    if history:
+        production, _ = load_model(ctx.ws.snapshot_dir(history[0]))
+        try:
+            result["production_ne"] = evaluate_ne(production, holdout, production.spec)
+        except RuntimeError as err:  # input layers changed since production was trained
+            log.warning("production snapshot cannot score today's inputs: %s", err)
+        result["production_id"] = history[0]
+    day = ctx.day(ds)
+    day.write("evaluation", result)
+    ctx.registry.update_record(snapshot_id, day.lineage("evaluation"))
+    return result
+
+
+def probe_user_frame(ds: str, ctx: Context):
+    """Today's features of the fixed probe users (the first ``gate.probe_users`` users ever seen)."""
+    import pandas as pd
+
+    users = read_partition(ctx.ws.users_dir(ds))
+    if not ctx.ws.probe_users.exists():
+        ids = users["user_id"].sort_values().head(ctx.params.gate.probe_users)
+        write_parquet(ids.to_frame(), ctx.ws.probe_users)
+    probe = pd.read_parquet(ctx.ws.probe_users)["user_id"]
+    frame = users[users["user_id"].isin(probe)].sort_values("user_id").reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"none of the probe users appear in the users partition of {ds}")
+    return frame
+
+
+def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
+    """Judges the candidate (validation.gate) and records the verdict in the registry.
+
+    The baseline is the production snapshot (on a rerun after promotion: the snapshot it replaced);
+    the versions before it feed the average-pooled comparison (``POOL_DEPTH`` versions in all).
+    """
+    import numpy as np
+
+    import torch
+
+    from sum_models.snapshot import embed_users, load_model, load_user_tower
+    from validation.gate import judge
+
+    ctx = context()
+    day = ctx.day(ds)
+    snapshot_id = snapshot_id or snapshot_id_for(ds)
+    probe = probe_user_frame(ds, ctx)
+    model, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))  # once: its weights and its user tower
+    weights_finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    tower = model.user_tower.eval()
+    # Each tower reads the inputs it was built for (a feature added today is new to production).
+    try:
+        candidate = embed_users(tower, probe, tower.spec)
+    except ValueError as err:  # NaN / fp16 overflow: held by the gate's finiteness check
+        log.warning("candidate %s gives unusable embeddings: %s", snapshot_id, err)
+        candidate = np.full((len(probe), tower.num_embeddings, tower.embedding_dim), np.nan, dtype=np.float32)
+    evaluation = day.require("evaluation", "evaluate")
+    history = baseline_history(snapshot_id, ctx)
+    embeddings = []
+    for sid in history[:POOL_DEPTH]:
+        old_tower, _ = load_user_tower(ctx.ws.snapshot_dir(sid))
+        embeddings.append(embed_users(old_tower, probe, old_tower.spec))
+    baseline = history[0] if history else None
+    production_ne = evaluation.get("production_ne") if evaluation.get("production_id") == baseline else None
+    verdict = judge(
+        candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
+        history=embeddings[1:], production_ne=production_ne, weights_finite=weights_finite,
+    )
+    payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe),
+                                   "thresholds": ctx.params.gate.model_dump()}
+    day.write("verdict", payload)
+    ctx.registry.record_verdict(snapshot_id, verdict.blessed, day.lineage("verdict")["verdict"])
+    log.info("gate verdict for %s: %s; %s", snapshot_id, verdict.label, "; ".join(verdict.reasons) or "all checks passed")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------
+# promote -> materialize -> rollout -> verify
+# ---------------------------------------------------------------------------------------------
+def promote(ds: str, snapshot_id: str | None = None, actor: str = "pipeline", reason: str = "gate blessed") -> dict[str, Any]:
+    """Versions the blessed snapshot (DVC + GTO tag) and makes it production in the registry."""
+    return promote_snapshot(context(), snapshot_id or snapshot_id_for(ds), actor=actor, reason=reason)
+
+
+def _production(ctx: Context, expected: str | None, action: str):
+    """The production record; ``expected`` (the id this run promoted) must still be it."""
+    prod = ctx.registry.production()
+    if prod is None:
+        raise RuntimeError(f"no production snapshot to {action}")
+    if expected is not None and prod.snapshot_id != expected:
+        raise RuntimeError(f"production is {prod.snapshot_id}, not {expected} as promoted by this run "
+                           f"(promoted or rolled back since?): not going to {action} it")
+    return prod
+
+
+def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
+    """Batch inference of every user with the production snapshot; written offline and online."""
+    from serving.store_io import write_embeddings
+    from sum_models.snapshot import embed_users, load_user_tower
+
+    ctx = context()
+    prod = _production(ctx, snapshot_id, "materialize")
+    users = read_partition(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
+    tower, _ = load_user_tower(ctx.ws.snapshot_dir(prod.snapshot_id))
+    emb = embed_users(tower, users, tower.spec)
+    written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
+    # The same pooled write as SOAP's compute (paper 5.2: mean of this version and the ones stored before),
+    # marked as the day's batch value (what offline mode serves); the offline copy is the stored rows.
+    offline = write_embeddings(get_store(ctx.params), users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
+                               batch=True, return_frame=True)
+    write_partition(offline, ctx.ws.embeddings_dir(ds))
+    return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(users)}
+
+
+def rollout(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
+    """Moves the serving app to the production snapshot; rolls back to the previous one on failure."""
+    ctx = context()
+    prod = _production(ctx, snapshot_id, "roll out")
+    previous = None
+    if prod.parent_id and ctx.ws.snapshot_dir(prod.parent_id).exists():
+        previous = (ctx.ws.snapshot_dir(prod.parent_id), prod.parent_id)
+    # Frozen mode computes with the first snapshot ever promoted (paper 6.4, "frozen user model").
+    first = min(ctx.registry.promoted_history(), key=lambda r: (r.ds, r.snapshot_id), default=None)
+    frozen = (ctx.ws.snapshot_dir(first.snapshot_id), first.snapshot_id) if first else None
+    if frozen and not frozen[0].exists():
+        frozen = None
+    ensure_ray(ctx.params)
+    try:
+        result = serve_rollout(ctx.params, ctx.ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id,
+                               previous=previous, frozen=frozen)
+    except RolloutError as err:  # rolled back (or not): recorded on the snapshot that failed to roll out
+        ctx.registry.update_record(prod.snapshot_id, {"rollout": err.record})
+        raise
+    ctx.registry.update_record(prod.snapshot_id, {"rollout": result["record"]})
+    return {"ds": ds, "snapshot_id": prod.snapshot_id, **(result or {})}
+
+
+def verify_serving(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
+    """Checks that the endpoint serves the registry's production snapshot (the one this run promoted) and
+    answers a user."""
+    import httpx
+
+    ctx = context()
+    prod = ctx.registry.production()
+    if snapshot_id is not None and prod is not None and prod.snapshot_id != snapshot_id:
+        raise RuntimeError(f"registry production is {prod.snapshot_id}, this run promoted {snapshot_id}")
+    served = served_snapshot_id(ctx.params)
+    if prod is None or served != prod.snapshot_id:
+        raise RuntimeError(f"serving reports {served!r}, registry production is {prod.snapshot_id if prod else None!r}")
+    user_id = int(read_partition(ctx.ws.users_dir(ds), columns=["user_id"])["user_id"].min())
+    url = f"{base_url(ctx.params)}/users/{user_id}/embeddings"
+    resp = httpx.get(url, timeout=30)
+    if resp.status_code != 200:
+        raise RuntimeError(f"GET {url} -> {resp.status_code}: {resp.text[:300]}")
+    body = resp.json()
+    return {"ds": ds, "served_snapshot_id": served, "probe_user": user_id, "user_snapshot_id": body.get("snapshot_id")}

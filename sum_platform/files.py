@@ -1,0 +1,66 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+Every writer in the project goes through :func:`replace_atomically` (a temporary sibling, then
+``os.replace``), so a task killed mid-write leaves the previous state in place and a rerun replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@contextmanager
+def replace_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling of ``path``; on success it replaces ``path`` (a file or a folder).
+
+    The temporary name starts with a dot, so readers of a folder's ``*.parquet`` / ``ds=*`` never pick it up.
+    On an exception the temporary is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            # A folder cannot be replaced in one rename: the old one goes first (still never half-written).
+            shutil.rmtree(path)
+        tmp.replace(path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Writes ``payload`` as indented, key-sorted JSON atomically; returns ``path``."""
+    with replace_atomically(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(frame: "pd.DataFrame", path: Path) -> Path:
+    """Writes one parquet file atomically (no index); returns ``path``."""
+    with replace_atomically(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return path
+
+
+def write_partition(frame: "pd.DataFrame", folder: Path) -> Path:
+    """Writes ``frame`` as ``folder/part-0.parquet``, replacing the folder's old content atomically."""
+    with replace_atomically(folder) as tmp:
+        tmp.mkdir()
+        frame.to_parquet(tmp / "part-0.parquet", index=False)
+    return folder
