@@ -15,6 +15,8 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from sum_pipeline import tasks
 from sum_pipeline.faults import CANDIDATE_FAULTS
+from validation.data_checks import DataValidationError
+from validation.gate import verdict_markdown
 
 DEFAULT_ARGS = {
     "owner": "sum-platform",
@@ -57,8 +59,6 @@ def sum_daily():
     def validate_data() -> dict:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from validation.data_checks import DataValidationError
-
         try:
             return tasks.validate_data(_ds())
         except DataValidationError as err:
@@ -85,8 +85,6 @@ def sum_daily():
     @task.short_circuit(doc_md="Judges the candidate against production (cosine, L2 change raw and after "
                          "average pooling, NE non-regression). Held: downstream tasks are skipped, production stays.")
     def shift_gate(evaluation: dict) -> bool:
-        from validation.gate import verdict_markdown
-
         verdict = tasks.shift_gate(_ds(), evaluation["snapshot_id"])
         table = verdict_markdown(verdict)
         # Operators read the verdict in the UI: the table in the task log, the numbers in the XComs

@@ -16,35 +16,22 @@ every value written is exactly representable in fp16, so casting back to fp16 is
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
-from pathlib import Path
 
-import yaml
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64, String
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from sum_models.shift import POOL_DEPTH
+from sum_platform.config import load_params
+from sum_platform.workspace import Workspace
 
-
-def _params() -> dict:
-    path = Path(os.environ.get("SUM_PARAMS", _PROJECT_ROOT / "params.yaml"))
-    with open(path) as fh:
-        return yaml.safe_load(fh) or {}
-
-
-def _data_root() -> Path:
-    """Where the offline data lives: ``$SUM_WORKSPACE/data``, else the configured workspace."""
-    workspace = os.environ.get("SUM_WORKSPACE")
-    if not workspace:
-        params_file = Path(os.environ.get("SUM_PARAMS", _PROJECT_ROOT / "params.yaml"))
-        workspace = params_file.parent / _params().get("paths", {}).get("workspace", ".sum/workspace")
-    return Path(workspace).resolve() / "data"
-
-
-_DATA = _data_root()
-NUM_EMBEDDINGS = int(_params().get("model", {}).get("num_embeddings", 2))
+# The workspace and K of the params in force (the platform's one rule: $SUM_PARAMS, $SUM_WORKSPACE).
+_PARAMS = load_params()
+_DATA = Workspace(_PARAMS.workspace).data
+NUM_EMBEDDINGS = _PARAMS.model.num_embeddings
+#: The raw versions a row keeps for pooling: the latest and the POOL_DEPTH - 1 before it.
+EMBEDDING_SLOTS = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
 
 user = Entity(
     name="user",
@@ -113,11 +100,11 @@ sum_embeddings_push = PushSource(
 )
 
 # One row per user holds the served (average-pooled) value and the raw versions it pools (paper 5.2:
-# the current computed embedding + the 2 most recent cached ones), so a writer can pool the next version
-# from the row alone. Invariant kept by serving/store_io.write_embeddings (the only writer):
+# the current computed embedding + the POOL_DEPTH - 1 most recent cached ones), so a writer can pool the
+# next version from the row alone. Invariant kept by serving/store_io.write_embeddings (the only writer):
 #   embedding_k == fp16(mean of the non-empty raw_embedding_k, prev1_embedding_k, prev2_embedding_k)
 # where raw is the latest version (its snapshot_id / written_at_ms), prev1 the one before, prev2 before
-# that; pooled_versions counts the non-empty ones. batch_* keep the daily batch's value (offline mode).
+# that (for POOL_DEPTH = 3); pooled_versions counts the non-empty ones. batch_* keep the daily batch's value (offline mode).
 sum_embeddings = FeatureView(
     name="sum_embeddings",
     entities=[user],
@@ -129,11 +116,11 @@ sum_embeddings = FeatureView(
     + [
         Field(name="snapshot_id", dtype=String, description="Snapshot that computed the latest version."),
         Field(name="written_at_ms", dtype=Int64, description="Write time of the latest version, Unix ms (UTC)."),
-        Field(name="pooled_versions", dtype=Int64, description="Versions averaged into embedding_k (1-3)."),
+        Field(name="pooled_versions", dtype=Int64, description=f"Versions averaged into embedding_k (1-{POOL_DEPTH})."),
     ]
     + [
         Field(name=f"{slot}_embedding_{k}", dtype=Array(Float32), description=f"Raw version ({slot}); empty if none.")
-        for slot in ("raw", "prev1", "prev2")
+        for slot in EMBEDDING_SLOTS
         for k in range(NUM_EMBEDDINGS)
     ]
     + [Field(name=f"batch_embedding_{k}", dtype=Array(Float32)) for k in range(NUM_EMBEDDINGS)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.ray_cluster import ensure_ray
 from serving.rollout import rollout as serve_rollout
 from serving.rollout import served_snapshot_id
 from sum_platform.context import Context, context
@@ -76,8 +77,6 @@ def rollback_production(actor: str, reason: str, to: str | None = None, reroll: 
     promoted = promote_snapshot(ctx, target, actor=actor, reason=f"rollback from {current}: {reason}", force=True)
     out: dict[str, Any] = {"from": current, "to": target, "tag": promoted["tag"], "serving": "not running"}
     if reroll and served_snapshot_id(ctx.params, timeout_s=3) is not None:
-        from serving.ray_cluster import ensure_ray
-
         ensure_ray(ctx.params)
         out["serving"] = serve_rollout(ctx.params, ctx.ws.snapshot_dir(target), target,
                                        previous=(ctx.ws.snapshot_dir(current), current))

@@ -18,6 +18,7 @@ from typing import Any
 from serving.ray_cluster import ensure_ray
 from serving.rollout import RolloutError, base_url, served_snapshot_id
 from serving.rollout import rollout as serve_rollout
+from serving.store_io import write_embeddings
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
 from sum_pipeline.promotion import baseline_history, parent_for, promote_snapshot
 from sum_platform.context import Context, context
@@ -29,6 +30,7 @@ from sum_platform.versioning import data_version, init_workspace_repo, track_pat
 from sum_platform.workspace import snapshot_id_for
 from sum_models.shift import POOL_DEPTH
 from validation.data_checks import DataValidationError, validate_day
+from validation.gate import judge
 from validation.quarantine import quarantine_partition, quarantined, reason_from_error
 
 log = logging.getLogger(__name__)
@@ -321,7 +323,6 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     import torch
 
     from sum_models.snapshot import embed_users, load_model, load_user_tower
-    from validation.gate import judge
 
     ctx = context()
     day = ctx.day(ds)
@@ -377,7 +378,6 @@ def _production(ctx: Context, expected: str | None, action: str):
 
 def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     """Batch inference of every user with the production snapshot; written offline and online."""
-    from serving.store_io import write_embeddings
     from sum_models.snapshot import embed_users, load_user_tower
 
     ctx = context()

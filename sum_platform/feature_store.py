@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from sum_models.spec import FeatureSpec
 from sum_platform.config import PROJECT_ROOT, Params, load_params
@@ -30,6 +32,8 @@ def repo_config(params: Params | None = None):
     """
     from feast.repo_config import RepoConfig
 
+    from sum_platform.offline_store import STORE_TYPE
+
     params = params or load_params()
     ws = Workspace(params.workspace)
     ws.feast_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +43,7 @@ def repo_config(params: Params | None = None):
         registry=str(ws.feast_dir / "registry.db"),
         online_store={"type": "sqlite", "path": str(ws.feast_dir / "online_store.db")},
         # Feast's DuckDB store, reading partitions of a growing schema (see sum_platform.offline_store).
-        offline_store={"type": "sum_platform.offline_store.PartitionedDuckDBOfflineStore"},
+        offline_store={"type": STORE_TYPE},
         entity_key_serialization_version=3,
         repo_path=feature_repo_dir(),
     )
@@ -53,13 +57,13 @@ def get_store(params: Params | None = None) -> "FeatureStore":
 
 
 def definitions(params: Params | None = None) -> list:
-    """Imports ``feature_repo.definitions`` for the workspace and returns its Feast objects."""
+    """Executes ``feature_repo/definitions.py`` for the workspace of ``params``; returns its Feast objects."""
     from feast import Entity, FeatureView, PushSource
     from feast.data_source import DataSource
 
     params = params or load_params()
-    os.environ["SUM_WORKSPACE"] = str(params.workspace)
-    defs = _load_definitions_module()  # paths and K come from the environment at import time
+    with _workspace_in_force(params.workspace):  # the file resolves its paths with load_params()
+        defs = _load_definitions_module()
     return [
         obj
         for obj in vars(defs).values()
@@ -125,10 +129,22 @@ def feature_repo_dir() -> Path:
     return Path(env).resolve() if env else PROJECT_ROOT / "feature_repo"
 
 
+@contextmanager
+def _workspace_in_force(workspace: Path) -> Iterator[None]:
+    """``$SUM_WORKSPACE`` set to ``workspace`` for the duration (then restored: no lasting side effect)."""
+    old = os.environ.get("SUM_WORKSPACE")
+    os.environ["SUM_WORKSPACE"] = str(workspace)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SUM_WORKSPACE", None)
+        else:
+            os.environ["SUM_WORKSPACE"] = old
+
+
 def _load_definitions_module():
     """Executes ``<feature repo>/definitions.py`` afresh (by file path, so any folder works)."""
-    import sys
-
     path = feature_repo_dir() / "definitions.py"
     if not path.is_file():
         raise FileNotFoundError(f"feature repo definitions {path} not found (SUM_FEATURE_REPO={os.environ.get('SUM_FEATURE_REPO')!r})")

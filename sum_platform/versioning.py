@@ -87,6 +87,8 @@ from pathlib import Path
 
 import yaml
 
+from sum_platform.config import load_params
+
 log = logging.getLogger(__name__)
 
 ARTIFACT_NAME = "user-tower"
@@ -468,8 +470,6 @@ def init_workspace_repo(root: Path, remote_url: str | None = None) -> None:
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         if remote_url is None:
-            from sum_platform.config import load_params
-
             remote_url = load_params().dvc_remote
         if "://" not in remote_url:
             local = Path(remote_url).expanduser()

@@ -69,7 +69,3 @@ class Workspace:
     @property
     def airflow_home(self) -> Path:
         return self.root / "airflow"
-
-    @property
-    def metrics_dir(self) -> Path:
-        return self.root / "metrics"

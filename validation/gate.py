@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sum_models.shift import POOL_DEPTH, average_pool, shift_metrics
 from sum_platform.config import GateConfig
 
 
@@ -90,15 +91,13 @@ def judge(
         cfg: Gate thresholds from ``params.yaml``.
         baseline_snapshot_id: Id of the production snapshot compared against.
         history: Embeddings of the same users by the snapshots before production, newest first
-            (up to two are used for average pooling).
+            (up to ``POOL_DEPTH - 1`` are used for average pooling).
         production_ne: Production's NE on the same holdout (for the non-regression check).
         weights_finite: Whether every candidate weight is finite.
 
     Returns:
         The :class:`Verdict`; ``blessed`` only when every check passed.
     """
-    from sum_models.shift import average_pool, shift_metrics
-
     verdict = Verdict(blessed=False, baseline_snapshot_id=baseline_snapshot_id if production is not None else None)
     required = ("max_ne", "min_mean_cosine", "max_relative_l2_change", "min_mean_cosine_pooled",
                 "max_relative_l2_change_pooled", "max_ne_regression")
@@ -124,7 +123,7 @@ def judge(
     if production is not None and finite:
         verdict.shift = shift_metrics(candidate, production)
         # Pooled: what serving hands downstream after this promotion vs what it hands now (paper 5.2).
-        older = list(history or [])[:2]
+        older = list(history or [])[:POOL_DEPTH - 1]
         pooled = shift_metrics(average_pool([candidate, production, *older[:1]]), average_pool([production, *older]))
         for k, (m, mp) in enumerate(zip(verdict.shift, pooled)):
             m["pooled_mean_cosine"] = mp["mean_cosine"]

@@ -140,8 +140,11 @@ def test_corrupted_partition_stops_at_validation_and_changes_nothing(runs):
     assert runs[f"{DAY5}/production"] == f"sum-{DAY3}"
     assert runs[f"{DAY5}/served"] == f"sum-{DAY3}"
     assert runs["store_after"] == runs["store_before"]
-    report = (runs["ctx"].ws.run_dir(DAY5) / "validation.json").read_text()
-    assert "click" in report
+    # The day's record names the check that failed: labels outside {0, 1} in the events partition only.
+    validation = runs["ctx"].day(DAY5).validation
+    assert validation["success"] is False and set(validation["failed_checks"]) == {"events"}
+    assert any("expect_column_values_to_be_in_set(click)" in line for line in validation["failed_checks"]["events"])
+    assert validation["quarantine"] and not runs["ctx"].ws.events_dir(DAY5).exists()
 
 
 def test_rerunning_a_promoted_date_gives_the_same_end_state(runs):

@@ -1,10 +1,20 @@
 """The DAG folder parses with no import errors and wires the daily loop in the designed order."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+
+from sum_pipeline.faults import CANDIDATE_FAULTS
+from sum_pipeline.tasks import STAGES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_dagbag_has_no_import_errors(airflow_db):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -13,22 +23,30 @@ def test_dagbag_has_no_import_errors(airflow_db):
     assert "sum_daily" in bag.dag_ids
 
 
+@pytest.mark.slow
 def test_daily_dag_order_and_gate(airflow_db):
     from sum_pipeline.airflow_env import load_dag
 
     dag = load_dag()
-    chain = ["ingest", "validate_data", "version_data", "train_user_model", "evaluate", "shift_gate",
-             "promote", "materialize_embeddings", "rollout", "verify_serving"]
+    assert set(dag.task_ids) == set(STAGES)
+    chain = [s for s in STAGES if s != "materialize_user_features"]
     for upstream, downstream in zip(chain, chain[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
     assert dag.get_task("shift_gate").task_type == "_ShortCircuitDecoratedOperator"
     # The day's user features reach the online store whatever the gate says.
     assert "materialize_user_features" in dag.get_task("version_data").downstream_task_ids
+    # The candidate's id travels as a task argument from training to promotion.
+    assert "train_user_model" in dag.get_task("promote").upstream_task_ids
     assert dag.max_active_runs == 1 and dag.catchup
+    assert dag.params.get_param("candidate_fault").schema["enum"] == [None, *CANDIDATE_FAULTS]
 
 
-def test_dag_module_has_no_heavy_top_level_imports():
-    source = (PROJECT_ROOT / "dags" / "sum_daily.py").read_text()
-    top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
-    for heavy in ("torch", "feast", "ray", "great_expectations", "dvc", "pandas", "sum_models", "serving"):
-        assert not any(heavy in line for line in top_level), heavy
+def test_parsing_the_dag_imports_no_heavy_library():
+    """The DAG processor parses the file often: torch, Ray, Feast, GX and DVC are imported by tasks only."""
+    code = ("import runpy, sys, json; runpy.run_path(sys.argv[1]); "
+            "print(json.dumps(sorted(m for m in ('torch', 'ray', 'feast', 'great_expectations', 'dvc', 'gto') "
+            "if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, str(PROJECT_ROOT / "dags" / "sum_daily.py")],
+                         capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -10,6 +10,8 @@ import pytest
 from sum_pipeline import tasks
 from sum_platform.context import context
 
+pytestmark = pytest.mark.slow  # DVC: ingest initialises the workspace repository
+
 DS = "2026-01-02"
 
 
