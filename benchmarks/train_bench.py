@@ -204,7 +204,7 @@ def paper_scale_flops(preset: str = "paper", n_sparse: int = 600, n_dense: int =
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="compact,large", help="comma-separated presets (params.yaml model.presets)")
+    parser.add_argument("--presets", default="compact,large", help="comma-separated presets (sum_models.presets, or params.yaml model.presets)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the daily run uses 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.train.batch_size")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per preset")

@@ -45,6 +45,7 @@ __all__ = [
     "load_program",
     "ExportedUserTower",
     "load_exported_tower",
+    "file_sha256",
 ]
 
 PROGRAM_FILE = "user_tower.pt2"
@@ -221,7 +222,8 @@ class ExportedUserTower:
     forward = __call__
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks (the checksums of a snapshot's manifest)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -249,7 +251,7 @@ def load_exported_tower(snapshot_dir: Path) -> ExportedUserTower:
     for name in (PROGRAM_FILE, "config.json"):
         if name not in sums:
             raise ValueError(f"manifest of {snapshot_dir} has no checksum for {name}")
-        actual = _sha256(snapshot_dir / name)
+        actual = file_sha256(snapshot_dir / name)
         if actual != sums[name]:
             raise ValueError(f"{snapshot_dir / name} is corrupt: sha256 {actual} != manifest {sums[name]}")
     config = json.loads((snapshot_dir / "config.json").read_text())

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from sum_models.mix_tower import MixTower
-from sum_models.presets import resolve_architecture
+from sum_models.presets import config_dict, resolve_architecture
 from sum_models.spec import FeatureSpec
 from sum_models.user_tower import UserTower
 
@@ -32,15 +32,7 @@ def model_config_dict(model_cfg: Any) -> dict[str, Any]:
         The resolved architecture (see :func:`sum_models.presets.resolve_architecture`): JSON-serialisable,
         every layer explicit.
     """
-    if model_cfg is None:
-        raw: Mapping[str, Any] = {}
-    elif hasattr(model_cfg, "model_dump"):
-        raw = model_cfg.model_dump(mode="json")
-    elif isinstance(model_cfg, Mapping):
-        raw = model_cfg
-    else:
-        raise TypeError(f"model config must be a mapping or pydantic model, got {type(model_cfg).__name__}")
-    return resolve_architecture(dict(raw))
+    return resolve_architecture(config_dict(model_cfg, "model"))
 
 
 class SpecMismatchError(RuntimeError):

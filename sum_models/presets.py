@@ -4,7 +4,8 @@ A *resolved architecture* is a plain JSON dict that fixes every layer of the SUM
 what :class:`sum_models.model.SUMModel` is built from and what a snapshot's ``config.json`` stores, so a
 snapshot never depends on the presets in force when it is loaded.
 
-The ``model`` section names a preset (``preset: compact``) and may define or override presets
+The built-in presets (:data:`BUILTIN_PRESETS`) are defined here and only here. The ``model`` section
+names a preset (``preset: compact``) and may define or override presets
 (``presets: {name: {user_tower: [...], mix_tower: {...}}}``); presets given in params.yaml replace the
 built-in preset of the same name. A user-tower layer is one Interaction Module (eq. 1)::
 
@@ -33,6 +34,7 @@ __all__ = [
     "FORMAT_KEYS",
     "resolve_architecture",
     "available_presets",
+    "config_dict",
 ]
 
 DEFAULT_PRESET = "compact"
@@ -147,6 +149,28 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
         "mix_tower": {"layers": 2, "tokens": 8, "interactions": ["dot", "mlp", "dcn"], "hidden": [256]},
     },
 }
+
+
+def config_dict(cfg: Any, what: str) -> dict[str, Any]:
+    """A config section as a plain dict, whether given as a pydantic model or a mapping.
+
+    Args:
+        cfg: ``params.<section>`` (a pydantic model), a mapping, or None (an empty dict: the defaults).
+        what: The section's name for the error message (``"model"``, ``"train"``).
+
+    Returns:
+        A new dict (JSON values for a pydantic model).
+
+    Raises:
+        TypeError: ``cfg`` is neither.
+    """
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "model_dump"):
+        return cfg.model_dump(mode="json")
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"{what} config must be a mapping or pydantic model, got {type(cfg).__name__}")
 
 
 def available_presets(presets: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:

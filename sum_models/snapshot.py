@@ -18,7 +18,6 @@ fp16 (paper §5.3).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from sum_models.data import encode_users
 from sum_models.flops import model_flops, parameter_counts, synthetic_user_batch
-from sum_models.inference import PROGRAM_FILE
+from sum_models.inference import PROGRAM_FILE, file_sha256
 from sum_models.model import SUMModel, check_spec, model_config_dict
 from sum_models.presets import ARCH_KEYS
 from sum_models.spec import FeatureSpec
@@ -63,18 +62,11 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 1 = the walking skeleton's flat tower (not loadable any more: retrain)
 _CHECKSUMMED = (USER_TOWER_FILE, MODEL_FILE, CONFIG_FILE)  # always present; PROGRAM_FILE when exported
+_Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
 class SnapshotError(RuntimeError):
     """A snapshot directory is missing, incomplete, corrupt or inconsistent."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,7 +207,7 @@ def export_snapshot(
             "flops_per_user": flops["user_tower"],  # user tower inference, per user (paper: 390M / 20M)
             "flops": flops,
             "parameters": {"user_tower": parameter_counts(model.user_tower), "model": parameter_counts(model)},
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            "sha256": {name: file_sha256(tmp / name) for name in files},
             "extra": dict(extra or {}),
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
@@ -263,7 +255,7 @@ def verify_snapshot(snapshot_dir: Path) -> tuple[dict, dict]:
         path = snapshot_dir / name
         if not path.is_file():
             raise SnapshotError(f"snapshot file {path} is missing")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected:
             raise SnapshotError(f"snapshot file {path} is corrupt: sha256 {actual} != manifest {expected}")
     config = _read_json(snapshot_dir / CONFIG_FILE)
@@ -292,6 +284,16 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
         raise SnapshotError(f"weights {path} do not match the configured architecture: {exc}") from exc
 
 
+def _load(snapshot_dir: Path, build: Callable[[FeatureSpec, dict], _Module], weights_file: str) -> tuple[_Module, dict]:
+    """Verifies a snapshot, builds ``build(spec, cfg)`` from its config and loads ``weights_file`` into it."""
+    snapshot_dir = Path(snapshot_dir)
+    manifest, config = verify_snapshot(snapshot_dir)
+    spec, cfg = _spec_and_cfg(config, snapshot_dir)
+    module = build(spec, cfg)
+    _load_weights(module, snapshot_dir / weights_file)
+    return module, manifest
+
+
 def load_user_tower(snapshot_dir: Path) -> tuple[UserTower, dict]:
     """Loads the serving part of a snapshot after verifying every checksum.
 
@@ -305,11 +307,7 @@ def load_user_tower(snapshot_dir: Path) -> tuple[UserTower, dict]:
     Raises:
         SnapshotError: A file is missing or corrupt, or the weights do not fit the config.
     """
-    snapshot_dir = Path(snapshot_dir)
-    manifest, config = verify_snapshot(snapshot_dir)
-    spec, cfg = _spec_and_cfg(config, snapshot_dir)
-    tower = UserTower(spec, cfg)
-    _load_weights(tower, snapshot_dir / USER_TOWER_FILE)
+    tower, manifest = _load(snapshot_dir, UserTower, USER_TOWER_FILE)
     return tower.eval(), manifest
 
 
@@ -325,12 +323,7 @@ def load_model(snapshot_dir: Path) -> tuple[SUMModel, dict]:
     Raises:
         SnapshotError: A file is missing or corrupt, or the weights do not fit the config.
     """
-    snapshot_dir = Path(snapshot_dir)
-    manifest, config = verify_snapshot(snapshot_dir)
-    spec, cfg = _spec_and_cfg(config, snapshot_dir)
-    model = SUMModel(spec, cfg)
-    _load_weights(model, snapshot_dir / MODEL_FILE)
-    return model, manifest
+    return _load(snapshot_dir, SUMModel, MODEL_FILE)
 
 
 def embed_users(tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, batch_size: int = 2048) -> np.ndarray:

@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,7 @@ from sum_models.data import encode_ad_features, encode_examples, encode_labels, 
 from sum_models.loss import MultiTaskBCELoss
 from sum_models.metrics import NormalizedEntropy
 from sum_models.model import SUMModel, check_spec
+from sum_models.presets import config_dict
 from sum_models.runtime import torch_threads
 from sum_models.spec import FeatureSpec
 
@@ -69,15 +70,7 @@ class TrainStats:
 
 
 def _train_config_dict(train_cfg: Any) -> dict[str, Any]:
-    if train_cfg is None:
-        raw: Mapping[str, Any] = {}
-    elif hasattr(train_cfg, "model_dump"):
-        raw = train_cfg.model_dump(mode="json")
-    elif isinstance(train_cfg, Mapping):
-        raw = train_cfg
-    else:
-        raise TypeError(f"train config must be a mapping or pydantic model, got {type(train_cfg).__name__}")
-    cfg = {**TRAIN_CONFIG_DEFAULTS, **dict(raw)}
+    cfg = {**TRAIN_CONFIG_DEFAULTS, **config_dict(train_cfg, "train")}
     if int(cfg["batch_size"]) < 1 or int(cfg["epochs"]) < 1:
         raise ValueError(f"batch_size and epochs must be >= 1, got {cfg['batch_size']}, {cfg['epochs']}")
     return cfg

@@ -2,6 +2,11 @@
 
 The file is located through ``SUM_PARAMS`` (tests point it at a copy) and defaults to the project's own
 ``params.yaml``. Relative paths in it resolve against the directory holding the file.
+
+The models here give types and bounds, not values: every setting params.yaml spells out is a required
+field, so the file is the one source of the numbers. The exceptions are optional by design: the gate's
+thresholds (None: the gate refuses to bless and names the missing key) and ``model.presets`` (empty: the
+built-in presets of ``sum_models.presets``).
 """
 
 from __future__ import annotations
@@ -23,50 +28,51 @@ class _Section(BaseModel):
 
 
 class PathsConfig(_Section):
-    workspace: str = ".sum/workspace"
-    dvc_remote: str = ".sum/dvc-remote"
+    workspace: str
+    dvc_remote: str
 
 
 class SimulatorConfig(_Section):
-    start_date: str = "2026-01-01"
-    initial_users: int = 1500
-    new_users_per_day: int = 100
-    active_fraction: float = 0.7
-    impressions_per_active_user: int = 6
-    latent_dim: int = 8
-    interest_drift: float = 0.08
-    id_meaning_shift: float = 0.01
-    n_ads: int = 400
-    n_ad_categories: int = 16
-    base_click_logit: float = -2.6
-    base_conversion_logit: float = -1.2
-    interest_strength: float = 1.6
+    start_date: str
+    initial_users: int
+    new_users_per_day: int
+    active_fraction: float
+    impressions_per_active_user: int
+    latent_dim: int
+    interest_drift: float
+    id_meaning_shift: float
+    n_ads: int
+    n_ad_categories: int
+    base_click_logit: float
+    base_conversion_logit: float
+    interest_strength: float
 
 
 class EventsConfig(_Section):
-    user_id: str = "user_id"
-    timestamp: str = "event_ts"
-    labels: list[str] = Field(default_factory=lambda: ["click", "conversion"])
-    ad_sparse: dict[str, int] = Field(default_factory=lambda: {"ad_id": 400, "ad_category": 16})
-    ad_dense: list[str] = Field(default_factory=lambda: ["ad_quality", "ad_price"])
-    holdout_fraction: float = 0.15
+    user_id: str
+    timestamp: str
+    labels: list[str]
+    ad_sparse: dict[str, int]
+    ad_dense: list[str]
+    holdout_fraction: float
 
 
 class ModelConfig(_Section):
     """The SUM model (sum_models): K, D, input layers and the architecture preset.
 
     ``preset`` names a user tower + mix tower architecture: a built-in one (``compact``, ``large``,
-    ``paper``; see ``sum_models.presets``) or one defined under ``presets`` (same name: replaces it).
+    ``paper``, defined in ``sum_models.presets``) or one defined under ``presets`` (same name: replaces it).
     ``hidden_dim`` / ``mix_hidden_dim`` are the default widths of layers a preset leaves unset.
     """
 
-    num_embeddings: int = 2
-    embedding_dim: int = 96
-    sparse_pooling: str = "mean"
-    dense_tokens: int = 0
-    hidden_dim: int = 128
-    mix_hidden_dim: int = 128
-    preset: str = "compact"
+    num_embeddings: int
+    embedding_dim: int
+    sparse_pooling: str
+    dense_tokens: int
+    hidden_dim: int
+    mix_hidden_dim: int
+    preset: str
+    # Optional: the built-ins of sum_models.presets are the presets unless params.yaml adds or replaces one.
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -78,23 +84,28 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    optimizer: str = "adam"
-    batch_size: int = 512
-    epochs: int = 2
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    task_weights: dict[str, float] = Field(default_factory=lambda: {"click": 1.0, "conversion": 0.5})
+    optimizer: str
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    weight_decay: float
+    task_weights: dict[str, float]
 
 
 class GateConfig(_Section):
-    probe_users: int = 512
+    """Thresholds of the snapshot gate (validation/gate.py).
+
+    A threshold left out is None, not a number: the gate then refuses to bless and names the missing key.
+    """
+
+    probe_users: int
     min_mean_cosine: float | None = None
     max_relative_l2_change: float | None = None
     max_ne: float | None = None
     min_mean_cosine_pooled: float | None = None
     max_relative_l2_change_pooled: float | None = None
     max_ne_regression: float | None = None
-    min_embedding_std: float = 1e-4
+    min_embedding_std: float
 
 
 class ValidationConfig(_Section):
@@ -105,53 +116,53 @@ class ValidationConfig(_Section):
     checks are skipped, and the report says so.
     """
 
-    trailing_days: int = Field(default=7, ge=1)   # validated days the row-count and label-rate checks use
-    row_count_min_ratio: float = 0.5               # rows / trailing median rows
-    row_count_max_ratio: float = 2.0
-    label_rate_max_relative_change: float = 0.25   # |label rate / trailing mean rate - 1|
-    drift_bins: int = Field(default=10, ge=2)      # quantile bins of the previous validated day
-    drift_max_kl: float = 0.05                     # KL(today || previous day) of a dense feature
-    sparse_length_max_kl: float = 0.05             # same, for the length of a sparse id list
-    max_out_of_range_id_share: float = 0.01        # share of id lists with an id >= hash size: warn up to, fail above
-    stuck_check_kinds: list[str] = Field(default_factory=lambda: ["events", "users"])
+    trailing_days: int = Field(ge=1)           # validated days the row-count and label-rate checks use
+    row_count_min_ratio: float                 # rows / trailing median rows
+    row_count_max_ratio: float
+    label_rate_max_relative_change: float      # |label rate / trailing mean rate - 1|
+    drift_bins: int = Field(ge=2)              # quantile bins of the previous validated day
+    drift_max_kl: float                        # KL(today || previous day) of a dense feature
+    sparse_length_max_kl: float                # same, for the length of a sparse id list
+    max_out_of_range_id_share: float           # share of id lists with an id >= hash size: warn up to, fail above
+    stuck_check_kinds: list[str]
 
 
 class ServingConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "soap"
-    route_prefix: str = "/"
-    max_inflight_compute: int = Field(64, ge=1)
-    ray_address: str = "auto"
-    mode: Literal["async", "realtime", "offline", "frozen"] = "async"
-    realtime_budget_ms: float = Field(30.0, gt=0)
-    frozen_timeout_ms: float = Field(1000.0, gt=0)
-    max_batch_users: int = Field(256, ge=1, le=10_000)
-    compute_max_batch_size: int = Field(32, ge=1)
-    compute_batch_wait_ms: float = Field(2.0, ge=0)
-    compute_coalesce_ms: float = Field(500.0, ge=0, le=1000)
-    compute_niceness: int = Field(19, ge=0, le=19)
-    compute_sched_idle: bool = True
-    compute_cpus: Literal["last"] | list[int] | None = "last"
-    ray_worker_niceness: int = Field(0, ge=0, le=19)
-    access_log: bool = False
+    host: str
+    port: int
+    app_name: str
+    route_prefix: str
+    max_inflight_compute: int = Field(ge=1)
+    ray_address: str
+    mode: Literal["async", "realtime", "offline", "frozen"]
+    realtime_budget_ms: float = Field(gt=0)
+    frozen_timeout_ms: float = Field(gt=0)
+    max_batch_users: int = Field(ge=1, le=10_000)
+    compute_max_batch_size: int = Field(ge=1)
+    compute_batch_wait_ms: float = Field(ge=0)
+    compute_coalesce_ms: float = Field(ge=0, le=1000)
+    compute_niceness: int = Field(ge=0, le=19)
+    compute_sched_idle: bool
+    compute_cpus: Literal["last"] | list[int] | None
+    ray_worker_niceness: int = Field(ge=0, le=19)
+    access_log: bool
 
 
 class ReproConfig(_Section):
-    ds: str = "2026-01-01"
+    ds: str
 
 
 class Params(_Section):
-    seed: int = 7
-    paths: PathsConfig = PathsConfig()
-    simulator: SimulatorConfig = SimulatorConfig()
-    events: EventsConfig = EventsConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    gate: GateConfig = GateConfig()
-    serving: ServingConfig = ServingConfig()
-    validation: ValidationConfig = ValidationConfig()
-    repro: ReproConfig = ReproConfig()
+    seed: int
+    paths: PathsConfig
+    simulator: SimulatorConfig
+    events: EventsConfig
+    model: ModelConfig
+    train: TrainConfig
+    gate: GateConfig
+    serving: ServingConfig
+    validation: ValidationConfig
+    repro: ReproConfig
     # Directory of the params file; relative paths resolve against it.
     base_dir: Path = Field(default=PROJECT_ROOT, exclude=True)
 

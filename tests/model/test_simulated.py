@@ -10,21 +10,18 @@ DAY1, DAY2 = "2026-01-01", "2026-01-02"
 
 
 @pytest.fixture(scope="module")
-def days():
+def days(tmp_path_factory):
     """Two simulated days, impressions joined with the day's user snapshot (what Feast's join returns)."""
-    from sum_models.spec import FeatureSpec
     from sum_platform.config import load_params
+    from sum_platform.feature_store import apply_definitions, feature_spec
     from sum_platform.simulate import simulate_day, user_fields
 
     params = load_params()
     fields = user_fields(params)
-    spec = FeatureSpec(
-        user_dense=tuple(f.name for f in fields if not f.sparse),
-        user_sparse={f.name: f.hash_size for f in fields if f.sparse},
-        ad_dense=tuple(params.events.ad_dense),
-        ad_sparse=dict(params.events.ad_sparse),
-        labels=tuple(params.events.labels),
-    )
+    # The spec the daily run derives from the registered view, in a store of its own (not the session's).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUM_WORKSPACE", str(tmp_path_factory.mktemp("feast") / "workspace"))
+        spec = feature_spec(params, apply_definitions(params))
     out = {}
     for ds in (DAY1, DAY2):
         events, users = simulate_day(ds, params, fields)

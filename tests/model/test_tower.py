@@ -12,7 +12,7 @@ from sum_models.data import encode_examples, encode_users
 from sum_models.flops import model_flops, parameter_counts, user_tower_flops
 from sum_models.mix_tower import DHENLayer
 from sum_models.model import build_model
-from sum_models.presets import BUILTIN_PRESETS, resolve_architecture
+from sum_models.presets import BUILTIN_PRESETS, FORMAT_KEYS, resolve_architecture
 from sum_models.user_tower import DenseArch, UserTower
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +43,43 @@ def test_paper_preset_mirrors_the_production_tower():
     assert arch["num_embeddings"] == 2 and arch["embedding_dim"] == 96  # K=2, D=96 (§5.3)
 
 
-def test_params_yaml_spells_out_the_builtin_presets():
-    model = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["model"]
-    assert model["preset"] == "compact"
-    for name, body in BUILTIN_PRESETS.items():
-        from_yaml = resolve_architecture({**model, "preset": name})
-        builtin = resolve_architecture({**model, "preset": name, "presets": {}})
-        assert from_yaml == builtin, f"params.yaml preset {name!r} drifted from sum_models.presets"
+def test_project_params_resolve_to_the_builtin_compact():
+    # params.yaml names a built-in preset and copies no preset body: the daily run's architecture is
+    # exactly sum_models.presets' compact with the format keys of params.yaml.
+    from sum_platform.config import load_params
+
+    model = load_params(PROJECT_ROOT / "params.yaml").model
+    assert model.preset == "compact" and model.presets == {}
+    arch = resolve_architecture(model.model_dump(mode="json"))
+    assert arch == resolve_architecture({**{k: getattr(model, k) for k in FORMAT_KEYS}, "preset": "compact"})
+    assert arch == resolve_architecture({**arch, **BUILTIN_PRESETS["compact"]})
+
+
+def test_a_preset_defined_in_params_yaml_overrides_the_builtin(tmp_path):
+    from sum_platform.config import load_params
+
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    # The example preset spelled out in params.yaml's comment is valid as written.
+    lines = (PROJECT_ROOT / "params.yaml").read_text().splitlines()
+    start = lines.index("  #   presets:")
+    block = [ln[len("  # "):] for ln in lines[start:] if ln.startswith("  #   ")]
+    example = yaml.safe_load("\n".join(block))["presets"]
+    assert example and all(resolve_architecture({"preset": name, "presets": example}) for name in example)
+
+    custom = {"user_tower": [{"residual_tokens": 1, "extractors": [{"type": "dcn", "tokens": 1}]}]}
+    raw["model"]["presets"] = {"compact": custom, **example}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    model = load_params(path).model.model_dump(mode="json")
+    arch = resolve_architecture(model)
+    assert arch["preset"] == "compact"
+    assert [[e["type"] for e in layer["extractors"]] for layer in arch["user_tower"]] == [["dcn"]]
+    assert arch != resolve_architecture({**model, "presets": {}})
+    # The other built-ins stay as they are, and a new name becomes selectable.
+    for name in ("large", "paper"):
+        assert resolve_architecture({**model, "preset": name}) == resolve_architecture({**model, "preset": name, "presets": {}})
+    for name in example:
+        assert resolve_architecture({**model, "preset": name})["preset"] == name
 
 
 def test_resolution_is_idempotent_and_validates():
@@ -76,9 +106,12 @@ def test_model_config_rejects_a_bad_preset_early():
 
     from sum_platform.config import ModelConfig
 
-    assert ModelConfig().preset == "compact"
+    # ModelConfig has no defaults of its own (params.yaml is the one source); the model room's default
+    # preset, used when a model section names none, is compact.
+    model = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())["model"]
+    assert ModelConfig(**model).preset == "compact" and resolve_architecture({})["preset"] == "compact"
     with pytest.raises(ValidationError, match="unknown model preset"):
-        ModelConfig(preset="huge")
+        ModelConfig(**{**model, "preset": "huge"})
 
 
 def test_user_tower_golden_output(spec, model_cfg, make_users, golden):

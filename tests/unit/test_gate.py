@@ -63,7 +63,7 @@ def test_ne_above_threshold_is_held(production):
 
 
 def test_no_thresholds_configured_refuses_to_bless(production):
-    v = judge(production, None, NE_OK, GateConfig())
+    v = judge(production, None, NE_OK, GateConfig(probe_users=64, min_embedding_std=1e-4))  # no thresholds
     assert not v.blessed and "not configured" in v.reasons[0]
 
 

@@ -1,0 +1,69 @@
+"""params.yaml is the one source of the config's values: the config models hold no default that differs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sum_platform.config import Params, load_params
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+RAW = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+# Optional on purpose, with a default that is not a value: a gate threshold left out is None (the gate
+# refuses to bless and names it); model.presets left out is {} (the built-ins of sum_models.presets).
+UNSET_DEFAULTS = {"gate.min_mean_cosine", "gate.max_relative_l2_change", "gate.max_ne", "gate.min_mean_cosine_pooled",
+                  "gate.max_relative_l2_change_pooled", "gate.max_ne_regression", "model.presets"}
+
+
+def _fields(model: type[BaseModel], raw: dict, prefix: str = ""):
+    for name, field in model.model_fields.items():
+        if field.exclude:  # base_dir: where the file is, not a setting
+            continue
+        key = f"{prefix}{name}"
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            assert name in raw, f"params.yaml has no section {key!r}"
+            yield from _fields(sub, raw[name], f"{key}.")
+        else:
+            yield key, field, raw
+
+
+def test_every_config_default_agrees_with_params_yaml():
+    seen = 0
+    for key, field, raw in _fields(Params, RAW):
+        name = key.rsplit(".", 1)[-1]
+        if field.is_required():
+            assert name in raw, f"params.yaml does not set the required {key!r}"
+            continue
+        default = field.get_default(call_default_factory=True)
+        assert key in UNSET_DEFAULTS, f"{key} has a default ({default!r}); params.yaml sets every value"
+        assert default in (None, {}), f"{key}: an optional setting defaults to 'unset', got {default!r}"
+        if name in raw and not (default is None):
+            assert raw[name] == default, f"{key}: config default {default!r} != params.yaml {raw[name]!r}"
+        seen += 1
+    assert seen == len(UNSET_DEFAULTS)
+
+
+def test_the_model_rooms_defaults_agree_with_params_yaml():
+    # sum_models has its own defaults for library use (build_model(spec, {"preset": ...})); they must
+    # build the model the daily run builds.
+    from sum_models.presets import FORMAT_KEYS, resolve_architecture
+    from sum_models.train import TRAIN_CONFIG_DEFAULTS
+
+    model = load_params(PROJECT_ROOT / "params.yaml").model
+    assert resolve_architecture({}) == resolve_architecture(model.model_dump(mode="json"))
+    assert {k: resolve_architecture({})[k] for k in FORMAT_KEYS} == {k: RAW["model"][k] for k in FORMAT_KEYS}
+    assert TRAIN_CONFIG_DEFAULTS == RAW["train"]
+
+
+@pytest.mark.parametrize("section", sorted(k for k in RAW if isinstance(RAW[k], dict)))
+def test_a_setting_left_out_of_params_yaml_is_an_error_not_a_default(section):
+    required = [k for k in RAW[section] if f"{section}.{k}" not in UNSET_DEFAULTS]
+    raw = {**RAW, section: {k: v for k, v in RAW[section].items() if k != required[0]}}
+    with pytest.raises(ValidationError, match=required[0]):
+        Params(**raw, base_dir=PROJECT_ROOT)
+    with pytest.raises(ValidationError, match=section):
+        Params(**{k: v for k, v in RAW.items() if k != section}, base_dir=PROJECT_ROOT)
