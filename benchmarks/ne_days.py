@@ -24,28 +24,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sum_models.shift import shift_metrics
+from sum_pipeline.tasks import holdout_mask, warm_start
+from sum_platform.config import load_params
+from sum_platform.feature_store import spec_from_fields, user_feature_fields
+from sum_platform.simulate import day_index, simulate_day, user_fields
+
 
 def _joined_day(ds: str, params, fields) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    from sum_platform.simulate import simulate_day
-
     events, users = simulate_day(ds, params, fields)
     joined = events.merge(users.drop(columns=["event_ts"]), on="user_id", how="inner")
     joined = joined.sort_values("impression_id").reset_index(drop=True)
-    bucket = pd.util.hash_pandas_object(joined["impression_id"], index=False).to_numpy() % 10_000
-    holdout = bucket < int(params.events.holdout_fraction * 10_000)
+    holdout = holdout_mask(joined, params.events.holdout_fraction)
     return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), users
-
-
-def _spec(params, fields):
-    from sum_models.spec import FeatureSpec
-
-    return FeatureSpec(
-        user_dense=tuple(f.name for f in fields if not f.sparse),
-        user_sparse={f.name: f.hash_size for f in fields if f.sparse},
-        ad_dense=tuple(params.events.ad_dense),
-        ad_sparse=dict(params.events.ad_sparse),
-        labels=tuple(params.events.labels),
-    )
 
 
 def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: dict | None = None) -> list[dict[str, Any]]:
@@ -54,16 +45,12 @@ def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: di
 
     from sum_models.baselines import LogisticRegression
     from sum_models.model import build_model
-    from sum_models.shift import shift_metrics
     from sum_models.snapshot import embed_users
     from sum_models.train import evaluate_ne, train_model
-    from sum_platform.config import load_params
-    from sum_pipeline.tasks import warm_start
-    from sum_platform.simulate import day_index, user_fields
 
     params = load_params()
     fields = user_fields(params)
-    spec = _spec(params, fields)
+    spec = spec_from_fields(user_feature_fields(params), params)
     start = pd.Timestamp(params.simulator.start_date)
     dates = [(start + pd.Timedelta(days=i)).date().isoformat() for i in range(days + 1)]
     assert day_index(dates[0], params.simulator) == 0

@@ -27,6 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ne_days import _joined_day
+from sum_models.spec import FeatureSpec
+from sum_platform.config import load_params
+from sum_platform.feature_store import spec_from_fields, user_feature_fields
+from sum_platform.simulate import user_fields
+
 
 def clock(threads: int):
     """The benchmark's clock: the calling thread's CPU time with one thread (robust to other tenants of a
@@ -73,12 +79,9 @@ class _threads:
 
 def _day(params):
     """One simulated day joined with its users (as the DAG's point-in-time join returns it) + its spec."""
-    from benchmarks.ne_days import _joined_day, _spec
-    from sum_platform.simulate import user_fields
-
     fields = user_fields(params)
     train, _, users = _joined_day(params.simulator.start_date, params, fields)
-    return train, users, _spec(params, fields)
+    return train, users, spec_from_fields(user_feature_fields(params), params)
 
 
 def bench_training(preset: str, params, train_df, spec, batch_size: int, steps: int, threads: int) -> dict[str, Any]:
@@ -187,7 +190,6 @@ def paper_scale_flops(preset: str = "paper", n_sparse: int = 600, n_dense: int =
     FLOPs); the dense features are projected to ``dense_tokens`` tokens, as ~1,000 tokens per layer would
     be unreasonable."""
     from sum_models.flops import parameter_counts, user_tower_flops
-    from sum_models.spec import FeatureSpec
     from sum_models.user_tower import UserTower
 
     spec = FeatureSpec(user_dense=tuple(f"d{i}" for i in range(n_dense)), user_sparse={f"s{i}": 4 for i in range(n_sparse)})
@@ -211,9 +213,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-paper-scale", action="store_true", help="skip the FLOPs of the paper preset at 600+1000 features")
     args = parser.parse_args(argv)
-
-    from sum_platform.config import load_params
-
     params = load_params()
     batch_size = args.batch_size or params.train.batch_size
     train_df, users_df, spec = _day(params)

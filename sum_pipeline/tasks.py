@@ -187,9 +187,16 @@ def training_frame(ds: str, ctx: Context):
             write_parquet(joined, cache)
     for name in spec.user_sparse:
         joined[name] = joined[name].map(lambda v: np.asarray(v if v is not None else [], dtype=np.int64))
-    bucket = pd.util.hash_pandas_object(joined["impression_id"], index=False).to_numpy() % _HOLDOUT_BUCKETS
-    holdout = bucket < int(ctx.params.events.holdout_fraction * _HOLDOUT_BUCKETS)
+    holdout = holdout_mask(joined, ctx.params.events.holdout_fraction)
     return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
+
+
+def holdout_mask(impressions, fraction: float):
+    """The fixed holdout: a hash of ``impression_id`` picks ``fraction`` of impressions, the same on every rerun."""
+    import pandas as pd
+
+    bucket = pd.util.hash_pandas_object(impressions["impression_id"], index=False).to_numpy() % _HOLDOUT_BUCKETS
+    return bucket < int(fraction * _HOLDOUT_BUCKETS)
 
 
 def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sum_models.presets import resolve_architecture  # torch-free
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -77,8 +79,6 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_architecture(self) -> "ModelConfig":
-        from sum_models.presets import resolve_architecture  # torch-free
-
         resolve_architecture(self.model_dump(mode="json"))  # unknown preset / extractor / option -> error
         return self
 

@@ -88,13 +88,17 @@ def feature_spec(params: Params | None = None, store: "FeatureStore | None" = No
     Returns:
         The :class:`FeatureSpec` the model is built from.
     """
-    from feast.types import Array, Float32, Float64, Int32, Int64
-
     params = params or load_params()
     store = store or get_store(params)
-    view = store.get_feature_view(USER_FEATURES_VIEW)
+    return spec_from_fields(store.get_feature_view(USER_FEATURES_VIEW).features, params)
+
+
+def spec_from_fields(fields: list, params: Params) -> FeatureSpec:
+    """The spec of the user view's Feast ``Field`` s (registered or declared in code) and the events contract."""
+    from feast.types import Array, Float32, Float64, Int32, Int64
+
     dense, sparse = [], {}
-    for f in view.features:
+    for f in fields:
         if f.dtype in (Float32, Float64, Int32, Int64):
             dense.append(f.name)
         elif f.dtype in (Array(Int64), Array(Int32)):

@@ -6,25 +6,22 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from sum_platform.config import load_params
+from sum_platform.feature_store import spec_from_fields, user_feature_fields
+from sum_platform.simulate import simulate_day
+
 DAY1, DAY2 = "2026-01-01", "2026-01-02"
 
 
 @pytest.fixture(scope="module")
-def days(tmp_path_factory):
+def days():
     """Two simulated days, impressions joined with the day's user snapshot (what Feast's join returns)."""
-    from sum_platform.config import load_params
-    from sum_platform.feature_store import apply_definitions, feature_spec
-    from sum_platform.simulate import simulate_day, user_fields
-
     params = load_params()
-    fields = user_fields(params)
-    # The spec the daily run derives from the registered view, in a store of its own (not the session's).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SUM_WORKSPACE", str(tmp_path_factory.mktemp("feast") / "workspace"))
-        spec = feature_spec(params, apply_definitions(params))
+    # The spec the daily run derives from the view (here from its declaration, no store needed).
+    spec = spec_from_fields(user_feature_fields(params), params)
     out = {}
     for ds in (DAY1, DAY2):
-        events, users = simulate_day(ds, params, fields)
+        events, users = simulate_day(ds, params)
         out[ds] = events.merge(users.drop(columns=["event_ts"]), on="user_id").sort_values("impression_id")
     return {"params": params, "spec": spec, **out}
 
