@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -88,13 +89,24 @@ def _wipe(p, ws) -> None:
         shutil.rmtree(p.dvc_remote, ignore_errors=True)
 
 
-def _own_local_ray(p) -> None:
-    """Starts this process's own local Ray + Serve for the DAG runs it drives.
+@contextmanager
+def _driving_the_dag(workspace: Optional[Path], params: Optional[Path], fresh: bool, keep_serving: bool = False):
+    """Yields ``(params, workspace)`` with Airflow configured and this process's own local Ray + Serve for
+    the DAG runs it drives; Ray stops afterwards unless ``keep_serving``.
 
     The DAG's rollout task reuses a Ray that is already initialised in the process; starting it here as
     ``local`` keeps ``run``/``soak`` from attaching to some other Ray on the machine (``auto`` would).
     """
-    ensure_ray(p.model_copy(update={"serving": p.serving.model_copy(update={"ray_address": "local"})}))
+    p, ws = _setup(workspace, params)
+    if fresh:
+        _wipe(p, ws)
+    airflow_env.configure(ws.airflow_home)
+    try:
+        ensure_ray(p.model_copy(update={"serving": p.serving.model_copy(update={"ray_address": "local"})}))
+        yield p, ws
+    finally:
+        if not keep_serving:
+            shutdown()
 
 
 @app.command()
@@ -110,15 +122,10 @@ def run(
     params: ParamsOpt = None,
 ) -> None:
     """Runs N simulated days through the real daily DAG (``dag.test()`` per date) and prints a table."""
-    p, ws = _setup(workspace, params)
-    if fresh:
-        _wipe(p, ws)
-    airflow_env.configure(ws.airflow_home)
     faults = dict(f.split("=", 1) for f in fault)
-    first = date.fromisoformat(start or p.simulator.start_date)
     rows = []
-    try:
-        _own_local_ray(p)
+    with _driving_the_dag(workspace, params, fresh, keep_serving) as (p, ws):
+        first = date.fromisoformat(start or p.simulator.start_date)
         for i in range(days):
             ds = (first + timedelta(days=i)).isoformat()
             t0 = time.perf_counter()
@@ -128,9 +135,6 @@ def run(
             rows.append(row)
             console.print(f"[bold]{ds}[/]: {result.state} in {row['seconds']:.1f}s; verdict {row['verdict']}; "
                           f"served {row['served'] or '-'}" + (f"; failed: {row['failed_tasks']}" if row["failed_tasks"] else ""))
-    finally:
-        if not keep_serving:
-            shutdown()
     console.print(days_table(rows, p.model.num_embeddings))
     if any(r["state"] != "success" for r in rows):
         raise typer.Exit(code=1)
@@ -335,19 +339,12 @@ def soak(
     params: ParamsOpt = None,
 ) -> None:
     """Runs a long simulated period with shifted candidates and corrupted partitions; scores the gate."""
-    p, ws = _setup(workspace, params)
-    if fresh:
-        _wipe(p, ws)
-    airflow_env.configure(ws.airflow_home)
-    schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
-                    fault_every=fault_every, corrupt_every=corrupt_every)
-    try:
-        _own_local_ray(p)
+    with _driving_the_dag(workspace, params, fresh) as (p, ws):
+        schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
+                        fault_every=fault_every, corrupt_every=corrupt_every)
         result = run_soak(schedule, on_day=lambda d: console.print(
             f"{d.ds} {d.kind:8} {d.detail:22} {d.state:8} verdict={d.verdict:8} promoted={d.promoted}"
             + (f" caught={d.caught} rerun={d.rerun_state}" if d.kind == "corrupt" else "") + f" ({d.seconds:.0f}s)"))
-    finally:
-        shutdown()
     summary = result.summary()
     console.print_json(data=summary)
     if report:

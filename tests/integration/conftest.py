@@ -22,3 +22,20 @@ def module_workspace(request, session_dir: Path):
         os.environ["SUM_WORKSPACE"] = old
     else:
         os.environ.pop("SUM_WORKSPACE", None)
+
+
+@pytest.fixture(scope="session")
+def stored_rows():
+    """``stored_rows(user_ids)``: the served rows of the workspace in force, arrays as nested lists (so two
+    reads compare with ``==``)."""
+    import numpy as np
+
+    from serving.store_io import read_embeddings
+    from sum_platform.config import load_params
+    from sum_platform.feature_store import get_store
+
+    def read(user_ids) -> dict:
+        stored = read_embeddings(get_store(load_params()), user_ids)
+        return {uid: {**row, "embeddings": np.asarray(row["embeddings"]).tolist()} for uid, row in stored.items()}
+
+    return read

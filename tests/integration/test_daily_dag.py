@@ -12,8 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from serving.rollout import served_snapshot_id
 from sum_pipeline import airflow_env, promotion
+from sum_platform.config import load_params
 from sum_platform.context import context
+from sum_platform.files import write_partition
+from sum_platform.simulate import simulate_day
 
 pytestmark = pytest.mark.slow
 
@@ -21,28 +25,12 @@ DAY1, DAY2, DAY3, DAY4, DAY5 = (f"2026-01-0{i}" for i in range(1, 6))
 WATCHED_USERS = list(range(1, 41))  # user 0 is the one verify_serving reads (and so recomputes)
 
 
-def _plain(stored: dict) -> dict:
-    """Stored rows with arrays as nested lists, so two reads compare with ==."""
-    return {uid: {**row, "embeddings": np.asarray(row["embeddings"]).tolist()} for uid, row in stored.items()}
-
-
 WORKSPACE_NAME = "dag-workspace"
 
 
 @pytest.fixture(scope="module")
-def workspace(module_workspace: Path):
-    return module_workspace
-
-
-@pytest.fixture(scope="module")
-def runs(workspace: Path, airflow_db, ray_serve):
+def runs(module_workspace: Path, airflow_db, ray_serve, stored_rows):
     """Runs the DAG for five dates; returns the per-date results plus observations between runs."""
-    from sum_platform.config import load_params
-    from sum_platform.feature_store import get_store
-    from sum_platform.files import write_partition
-    from sum_platform.simulate import simulate_day
-    from serving.rollout import served_snapshot_id
-    from serving.store_io import read_embeddings
 
     params = load_params()
     ctx = context()
@@ -58,8 +46,7 @@ def runs(workspace: Path, airflow_db, ray_serve):
     out[f"{DAY4}/served"] = served_snapshot_id(params)
 
     # DAY5: the partition arrives corrupted (click labels outside {0, 1}).
-    store = get_store(params)
-    before = read_embeddings(store, WATCHED_USERS)
+    before = stored_rows(WATCHED_USERS)
     events, users = simulate_day(DAY5, params)
     events.loc[events.index[:25], "click"] = 2
     write_partition(events, ctx.ws.events_dir(DAY5))
@@ -67,13 +54,14 @@ def runs(workspace: Path, airflow_db, ray_serve):
     out[DAY5] = airflow_env.run_date(DAY5)
     out[f"{DAY5}/production"] = ctx.registry.production().snapshot_id
     out[f"{DAY5}/served"] = served_snapshot_id(params)
-    out["store_before"], out["store_after"] = _plain(before), _plain(read_embeddings(store, WATCHED_USERS))
+    out["store_before"], out["store_after"] = before, stored_rows(WATCHED_USERS)
 
     # Rerun DAY3 (the production snapshot's date): the same end state.
     out["rerun/before"] = ctx.registry.get(f"sum-{DAY3}")
     out["rerun"] = airflow_env.run_date(DAY3)
     out["rerun/after"] = ctx.registry.get(f"sum-{DAY3}")
     out["rerun/served"] = served_snapshot_id(params)
+    out["rerun/production"] = ctx.registry.production().snapshot_id
     out["ctx"] = ctx
     return out
 
@@ -150,7 +138,7 @@ def test_corrupted_partition_stops_at_validation_and_changes_nothing(runs):
 def test_rerunning_a_promoted_date_gives_the_same_end_state(runs):
     before, after = runs["rerun/before"], runs["rerun/after"]
     assert runs["rerun"].ok, runs["rerun"].task_states
-    assert after.stage == "production" and runs["ctx"].registry.production().snapshot_id == f"sum-{DAY3}"
+    assert after.stage == "production" and runs["rerun/production"] == f"sum-{DAY3}"
     assert runs["rerun/served"] == f"sum-{DAY3}"
     assert after.parent_id == before.parent_id == f"sum-{DAY2}"
     # Deterministic training from the same parent on the same data: the same weights, NE and shift.
@@ -176,8 +164,7 @@ def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
 
 
 def test_rollback_returns_the_previous_production_and_reroll_serving(runs):
-    """Last in this module: it changes production (the other tests read the state before it)."""
-    from serving.rollout import served_snapshot_id
+    """It changes production; the other tests read what the module fixture recorded before, so any order works."""
     from sum_platform.versioning import production_snapshot
 
     ctx = runs["ctx"]
