@@ -130,6 +130,7 @@ class ServingConfig(_Section):
     compute_max_batch_size: int = Field(32, ge=1)
     compute_batch_wait_ms: float = Field(2.0, ge=0)
     compute_coalesce_ms: float = Field(500.0, ge=0, le=1000)
+    compute_coalesce_max_users: int = Field(64, ge=1)
     compute_niceness: int = Field(19, ge=0, le=19)
     compute_sched_idle: bool = True
     compute_cpus: Literal["last"] | list[int] | None = "last"
