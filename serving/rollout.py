@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.ray_cluster import ensure_ray
+from serving.settings import compute_user_config, ingress_user_config, snapshot_fingerprint
+from sum_platform.config import load_params
+
 if TYPE_CHECKING:
     from sum_platform.config import Params
 
@@ -94,8 +98,6 @@ def served_version(params: "Params | None" = None, timeout_s: float = 10.0) -> d
     """``GET /version`` of the running application: ``{"snapshot_id", "requested_snapshot_id",
     "last_error"}``, or None when it does not answer 200."""
     import httpx
-
-    from sum_platform.config import load_params
 
     params = params or load_params()
     try:
@@ -205,8 +207,7 @@ def deploy(
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from serving.app import build_app
-    from serving.ray_cluster import ensure_ray
+    from serving.app import build_app  # Ray Serve, FastAPI: only where an application is built
 
     ensure_ray(params)
     app = build_app(
@@ -242,6 +243,11 @@ def _wait_running(params: "Params", timeout_s: float) -> None:
                 f"(status {status}: {message})"
             )
         time.sleep(_POLL_S)
+
+
+def _running_ingress(body: dict | None) -> dict:
+    """The ingress ``user_config`` in force, as ``/version`` reports it (without its ``config_error``)."""
+    return {k: v for k, v in ((body or {}).get("ingress") or {}).items() if k != "config_error"}
 
 
 def _serves(body: dict | None, snapshot_id: str, fingerprint: str | None) -> bool:
@@ -281,21 +287,6 @@ def _preflight(snapshot_dir: Path, snapshot_id: str) -> None:
     _, manifest = load_user_tower(Path(snapshot_dir))
     if manifest.get("snapshot_id") != snapshot_id:
         raise ValueError(f"manifest names snapshot {manifest.get('snapshot_id')!r}, not {snapshot_id!r}")
-
-
-def _desired_configs(
-    params: "Params",
-    snapshot_dir: Path,
-    snapshot_id: str,
-    frozen: tuple[Path, str],
-    params_file: str | os.PathLike | None,
-) -> tuple[dict, dict]:
-    from serving.app import compute_user_config, ingress_user_config
-
-    return (
-        compute_user_config(params, snapshot_dir, snapshot_id, params_file, frozen=frozen),
-        ingress_user_config(params),
-    )
 
 
 def rollout(
@@ -340,9 +331,6 @@ def rollout(
             now; ``err.record`` is the rollout record (``rolled_back`` with ``rolled_back_to``, or
             ``rollback_failed`` / ``preflight_failed`` / ``failed``).
     """
-    from serving.app import snapshot_fingerprint
-    from serving.ray_cluster import ensure_ray
-
     t0 = time.monotonic()
     snapshot_dir = Path(snapshot_dir)
     ensure_ray(params)
@@ -352,13 +340,13 @@ def rollout(
     info = compute_info(params) if body else None
     frozen = frozen or _configured_frozen(info, params) or (snapshot_dir, snapshot_id)
     status, _ = app_status(params)
-    want_compute, want_ingress = _desired_configs(params, snapshot_dir, snapshot_id, frozen, params_file)
-    running_ingress = {k: v for k, v in ((body or {}).get("ingress") or {}).items() if k != "config_error"}
+    want_compute = compute_user_config(params, snapshot_dir, snapshot_id, params_file, frozen=frozen)
+    want_ingress = ingress_user_config(params)
     if (
         _serves(body, snapshot_id, fingerprint)
         and status == "RUNNING"
         and (info or {}).get("user_config") == want_compute
-        and running_ingress == want_ingress
+        and _running_ingress(body) == want_ingress
     ):
         record = _record("unchanged", snapshot_id, t0, previous_served=before, served_after=before,
                          frozen_snapshot_id=str(frozen[1]))
@@ -447,17 +435,13 @@ def reconfigure(
     Raises:
         RolloutError: Nothing is running, or the change was not applied in time.
     """
-    from serving.app import compute_user_config, ingress_user_config
-    from serving.ray_cluster import ensure_ray
-
     ensure_ray(params)
     info = compute_info(params)
     body = served_version(params)
     if not info or not info.get("user_config") or not body:
         raise RolloutError("no running SOAP application to reconfigure")
     cfg = info["user_config"]
-    running_ingress = {k: v for k, v in (body.get("ingress") or {}).items() if k != "config_error"}
-    ingress = {**running_ingress}
+    ingress = _running_ingress(body)
     ingress.update({k: v for k, v in {"mode": mode, "realtime_budget_ms": realtime_budget_ms,
                                        "frozen_timeout_ms": frozen_timeout_ms,
                                        "max_batch_users": max_batch_users}.items() if v is not None})
@@ -472,7 +456,7 @@ def reconfigure(
     deadline = time.monotonic() + timeout_s
     while True:
         body = served_version(params) or {}
-        now_ingress = {k: v for k, v in (body.get("ingress") or {}).items() if k != "config_error"}
+        now_ingress = _running_ingress(body)
         now_compute = (compute_info(params) or {}).get("user_config")
         if now_ingress == want_ingress and now_compute == want_compute:
             return {"ingress": now_ingress, "compute": now_compute}

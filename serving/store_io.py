@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from sum_models.shift import POOL_DEPTH, average_pool
 from sum_platform.feature_store import EMBEDDINGS_PUSH, EMBEDDINGS_VIEW, USER_FEATURES_VIEW
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_USER_ID",
-    "POOL_VERSIONS",
     "EmbeddingReader",
     "OnlineRowReader",
     "num_embeddings",
@@ -69,9 +69,9 @@ log = logging.getLogger(__name__)
 _EMB_RE = re.compile(r"^embedding_(\d+)$")
 #: Largest entity id accepted anywhere (the join key is a signed int64).
 MAX_USER_ID = 2**63 - 1
-#: Versions averaged into the served value (paper §5.2: current + the 2 most recent cached).
-POOL_VERSIONS = 3
-_SLOTS = ("raw", "prev1", "prev2")
+#: The stored raw versions of a row, latest first: ``raw``, ``prev1`` .. ``prev{POOL_DEPTH - 1}`` (paper §5.2:
+#: the served value pools the current version with the ``POOL_DEPTH - 1`` most recent cached ones).
+_SLOTS = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
 
 
 def num_embeddings(store: "FeatureStore") -> int:
@@ -391,27 +391,18 @@ def _write_lock(store: "FeatureStore") -> Iterator[None]:
 
 
 def _versions(row: dict[str, Any] | None, k: int, shape: tuple[int, int]) -> list[np.ndarray | None]:
-    """The stored raw versions ``[raw, prev1, prev2]`` of a row (None for unused/mismatching slots).
-
-    A row written before raw versions were stored has only ``embedding_k``: it counts as the raw version.
-    """
+    """The stored raw versions ``[raw, prev1, prev2]`` of a row (None for unused/mismatching slots)."""
     if row is None:
-        return [None, None, None]
+        return [None] * len(_SLOTS)
     out: list[np.ndarray | None] = []
     for slot in _SLOTS:
         arr = _stack([row.get(f"{slot}_embedding_{j}") for j in range(k)])
         out.append(arr if arr is not None and arr.shape == shape else None)
-    if all(v is None for v in out):
-        legacy = _stack([row.get(f"embedding_{j}") for j in range(k)])
-        if legacy is not None and legacy.shape == shape:
-            out[0] = legacy
     return out
 
 
 def pool(versions: Sequence[np.ndarray]) -> np.ndarray:
     """fp16 mean of raw versions (computed in float64, as ``sum_models.shift.average_pool``)."""
-    from sum_models.shift import average_pool
-
     return np.asarray(average_pool([np.asarray(v, dtype=np.float16) for v in versions])).astype(np.float16)
 
 
@@ -447,11 +438,12 @@ def _pooled_frame(
     cols: dict[str, list] = {name: [] for name in history_fields(k)}
     for i, uid in enumerate(order):
         old = old_rows.get(uid)
-        raw, prev1, prev2 = _versions(old, k, shape)
+        stored = _versions(old, k, shape)
         same_version = (
             old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms
         )
-        slots = [emb16[i], prev1, prev2] if same_version else [emb16[i], raw, prev1]
+        # A rerun of the latest version replaces it; any other write pushes the oldest out of the pool.
+        slots = [emb16[i], *(stored[1:] if same_version else stored[:-1])]
         present = [v for v in slots if v is not None]
         pooled = pool(present)
         for j in range(k):

@@ -127,6 +127,12 @@ class ValidationConfig(_Section):
     stuck_check_kinds: list[str]
 
 
+#: Hard cap on ids in one batch request body (``serving.max_batch_users`` is the configured bound under it).
+BATCH_HARD_MAX = 10_000
+#: SOAP's serving modes (paper Table 2): cached + async recompute, wait for compute, daily batch only, first snapshot.
+Mode = Literal["async", "realtime", "offline", "frozen"]
+
+
 class ServingConfig(_Section):
     host: str
     port: int
@@ -134,13 +140,14 @@ class ServingConfig(_Section):
     route_prefix: str
     max_inflight_compute: int = Field(ge=1)
     ray_address: str
-    mode: Literal["async", "realtime", "offline", "frozen"]
+    mode: Mode
     realtime_budget_ms: float = Field(gt=0)
     frozen_timeout_ms: float = Field(gt=0)
-    max_batch_users: int = Field(ge=1, le=10_000)
+    max_batch_users: int = Field(ge=1, le=BATCH_HARD_MAX)
     compute_max_batch_size: int = Field(ge=1)
     compute_batch_wait_ms: float = Field(ge=0)
     compute_coalesce_ms: float = Field(ge=0, le=1000)
+    compute_coalesce_max_users: int = Field(ge=1)
     compute_niceness: int = Field(ge=0, le=19)
     compute_sched_idle: bool
     compute_cpus: Literal["last"] | list[int] | None

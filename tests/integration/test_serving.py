@@ -1,15 +1,19 @@
 """SOAP serving end to end: real Ray Serve over HTTP, real Feast SQLite online store, tmp workspace.
 
-The session's one Ray instance (tests/conftest.py), the session's HTTP port, a tiny model. Tests run in
-file order: store I/O -> deploy A -> async / realtime / offline / batch / bad input / metrics -> rollout
-to B under load -> frozen still A -> pipeline rollout records -> failed rollouts keep B. Only the
-in-process launcher test is not ``slow``.
+The session's one Ray instance (tests/conftest.py), the session's HTTP port, a tiny model, one deployed
+application for the module (deployed with snapshot A on first use). Each test states the app and store
+state it needs through fixtures and helpers (``serving_a`` / ``serving_b``: the app serves that snapshot
+with the params' configuration; ``_fresh_rows``: users' rows as the daily batch left them), so every test
+passes alone and in any order; in file order the switches cost nothing (A -> async / realtime / offline /
+batch / bad input / metrics -> rollout to B under load -> frozen still A -> pipeline rollout records ->
+failed rollouts keep B). The store I/O and dispatch tests without Ray are in ``tests/unit``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -147,6 +151,54 @@ def deployed_a(soap_env, serve_session):
     return {"initial_written_at_ms": int(old.value // 1_000_000), "initial": emb}
 
 
+def _serve(soap_env, name: str) -> None:
+    """Brings the app to serve snapshot ``name`` (frozen: sum-A) with the params' configuration (mode,
+    budgets, knobs); a no-op when it already does."""
+    from serving.rollout import rollout, served_snapshot_id
+
+    result = rollout(
+        soap_env["params"],
+        soap_env["snaps"][name],
+        name,
+        params_file=soap_env["params_file"],
+        frozen=(soap_env["snaps"]["sum-A"], "sum-A"),
+    )
+    assert served_snapshot_id(soap_env["params"]) == name, result
+
+
+@pytest.fixture
+def serving_a(soap_env, deployed_a):
+    """The app serving sum-A with the params' configuration (what the A-phase tests read against)."""
+    _serve(soap_env, "sum-A")
+    return deployed_a
+
+
+@pytest.fixture
+def serving_b(soap_env, deployed_a):
+    """The app serving sum-B (frozen sum-A) with the params' configuration."""
+    _serve(soap_env, "sum-B")
+    return deployed_a
+
+
+def _fresh_rows(soap_env, url, deployed_a, user_ids) -> None:
+    """Users' embedding rows as the daily batch left them: the initial batch row for users with one
+    (``USERS_WITH_EMBEDDINGS``), no row for the others. Waits for in-flight compute calls first, so no
+    earlier write-back lands afterwards."""
+    from serving.store_io import reader_for, write_embeddings
+
+    _poll(lambda: _health(url)["compute_inflight"] == 0, what="no compute call in flight")
+    reader = reader_for(soap_env["store"])
+    with sqlite3.connect(reader.path) as conn:  # Feast has no per-key delete: the row's keys, directly
+        conn.executemany(f'DELETE FROM "{reader.table}" WHERE entity_key = ?', [(reader._key(u),) for u in user_ids])
+    batch = [u for u in user_ids if u in USERS_WITH_EMBEDDINGS]
+    if batch:
+        emb = deployed_a["initial"][[USERS_WITH_EMBEDDINGS.index(u) for u in batch]]
+        write_embeddings(soap_env["store"], batch, emb, "batch-0", deployed_a["initial_written_at_ms"], batch=True)
+    for u in user_ids:
+        row = _stored(soap_env, u)
+        assert (row is not None) == (u in batch) and (row is None or row["snapshot_id"] == "batch-0"), (u, row)
+
+
 @contextmanager
 def _configured(soap_env, **kwargs):
     """Reconfigures the running app in place (mode, budgets, compute knobs); restores it afterwards."""
@@ -181,178 +233,11 @@ def _expected_raw(soap_env, snapshot: str, user_id: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# in-process
-# ---------------------------------------------------------------------------------------------
-def test_compute_launcher_bounds_inflight_calls_and_counts_drops():
-    from serving.app import ComputeLauncher
-
-    outcomes: list[str] = []
-
-    async def scenario():
-        launcher = ComputeLauncher(max_inflight=3, on_outcome=lambda outcome, n: outcomes.extend([outcome] * n))
-        gates = [asyncio.get_running_loop().create_future() for _ in range(5)]
-        fired = [launcher.fire(lambda g=g: g) for g in gates]
-        assert [t is not None for t in fired] == [True, True, True, False, False]
-        assert launcher.inflight == 3 and launcher.stats["dropped"] == 2
-        gates[0].set_result({"status": "written"})
-        gates[1].set_result({"status": "no_features"})
-        gates[2].set_exception(RuntimeError("compute down"))
-        await asyncio.gather(*[t for t in fired if t is not None])
-        assert launcher.inflight == 0
-        assert launcher.stats == {"scheduled": 3, "dropped": 2, "written": 1, "computed": 0, "skipped": 1, "failed": 1}
-        last = launcher.fire(lambda: asyncio.sleep(0, {"status": "written"}))
-        assert last is not None and (await last) == {"status": "written"}
-
-    asyncio.run(scenario())
-    assert sorted(outcomes) == ["failed", "skipped", "written", "written"]
-
-
-def test_coalescer_sends_one_call_per_window_within_the_bound():
-    from serving.app import ComputeCoalescer, ComputeLauncher
-
-    sent: list[list[int]] = []
-
-    async def scenario():
-        gate = asyncio.Event()
-
-        async def send(ids):
-            sent.append(ids)
-            await gate.wait()  # the compute answers when the test says so
-            return [{"user_id": u, "status": "written"} for u in ids]
-
-        launcher = ComputeLauncher(max_inflight=4)
-        coalescer = ComputeCoalescer(launcher, send, window_s=0.01, max_users=3)
-        fates = [coalescer.add(u) for u in (1, 2, 1, 3)]  # 3 distinct users fill the window: sent at once
-        assert fates == ["scheduled"] * 4 and sent == [] and launcher.inflight == 3
-        await asyncio.sleep(0)
-        assert sent == [[1, 2, 3]]
-        fates = [coalescer.add(u) for u in (4, 5)]  # one room left: 5 is dropped
-        assert fates == ["scheduled", "dropped"]
-        await asyncio.sleep(0.05)  # the window elapses
-        assert sent == [[1, 2, 3], [4]] and launcher.inflight == 4
-        gate.set()
-        await asyncio.sleep(0.01)
-        assert launcher.inflight == 0
-        assert launcher.stats["scheduled"] == 5 and launcher.stats["dropped"] == 1 and launcher.stats["written"] == 4
-
-    asyncio.run(scenario())
-
-
-# ---------------------------------------------------------------------------------------------
-# online store
-# ---------------------------------------------------------------------------------------------
-@slow
-def test_store_io_round_trip_and_validation(soap_env):
-    from serving.store_io import read_embeddings, read_user_features, write_embeddings
-
-    store = soap_env["store"]
-    emb32 = np.random.default_rng(5).standard_normal((2, K, D)).astype(np.float32)
-    assert write_embeddings(store, [500, 501], emb32, "probe", 1_700_000_000_000) == 2
-    rows = read_embeddings(store, [500, 501, 502])
-    assert set(rows) == {500, 501}
-    assert rows[500]["snapshot_id"] == "probe" and rows[500]["written_at_ms"] == 1_700_000_000_000
-    assert rows[500]["pooled_versions"] == 1
-    # Stored values are the fp16 rounding of what was given, exactly.
-    np.testing.assert_array_equal(rows[501]["embeddings"], emb32[1].astype(np.float16))
-    with pytest.raises(ValueError, match="K="):
-        write_embeddings(store, [500], np.zeros((1, K + 1, D), np.float16), "probe")
-    with pytest.raises(ValueError, match="NaN/inf"):
-        write_embeddings(store, [500], np.full((1, K, D), 1e6, np.float32), "probe")
-    with pytest.raises(ValueError, match="non-negative"):
-        write_embeddings(store, [-5], np.zeros((1, K, D), np.float16), "probe")
-    with pytest.raises(ValueError, match="user ids"):
-        write_embeddings(store, [500, 501], np.zeros((1, K, D), np.float16), "probe")
-
-    spec = soap_env["spec"]
-    frame, skipped = read_user_features(store, [0, 1, UNKNOWN_USER], spec)
-    assert frame["user_id"].tolist() == [0, 1] and skipped == {UNKNOWN_USER: "no_features"}
-    # The direct read of the features equals Feast's get_online_features.
-    columns = [*spec.user_dense, *spec.user_sparse]
-    feast = store.get_online_features(
-        features=[f"user_features:{c}" for c in columns], entity_rows=[{"user_id": 0}, {"user_id": 1}]
-    ).to_dict()
-    for i in range(2):
-        for c in spec.user_dense:
-            assert frame.loc[i, c] == pytest.approx(feast[c][i])
-        for c in spec.user_sparse:
-            assert list(frame.loc[i, c]) == list(feast[c][i] or [])
-
-
-@slow
-def test_store_pools_current_with_two_previous_versions(soap_env):
-    """Paper §5.2: the served value is the mean of the current version and the two stored before it."""
-    from serving.store_io import read_embeddings, read_embeddings_feast, read_history, write_embeddings
-
-    store = soap_env["store"]
-    rng = np.random.default_rng(11)
-    versions = [rng.standard_normal((1, K, D)).astype(np.float16) for _ in range(5)]
-    mean = lambda vs: np.mean(np.stack([v[0].astype(np.float64) for v in vs]), axis=0).astype(np.float16)  # noqa: E731
-
-    write_embeddings(store, [600], versions[0], "v", 1_000, batch=True)
-    write_embeddings(store, [600], versions[1], "v", 2_000)
-    row = read_embeddings(store, [600])[600]
-    assert row["pooled_versions"] == 2
-    np.testing.assert_array_equal(row["embeddings"], mean(versions[:2]))
-    write_embeddings(store, [600], versions[2], "w", 3_000)
-    row = read_embeddings(store, [600])[600]
-    assert row["pooled_versions"] == 3 and row["snapshot_id"] == "w" and row["written_at_ms"] == 3_000
-    np.testing.assert_array_equal(row["embeddings"], mean(versions[:3]))
-    # A fourth version pushes the first out of the pool.
-    write_embeddings(store, [600], versions[3], "w", 4_000)
-    np.testing.assert_array_equal(read_embeddings(store, [600])[600]["embeddings"], mean(versions[1:4]))
-    # Rewriting the latest version (same snapshot id and time, e.g. a rerun of the daily batch) replaces it.
-    write_embeddings(store, [600], versions[4], "w", 4_000)
-    np.testing.assert_array_equal(
-        read_embeddings(store, [600])[600]["embeddings"], mean([versions[4], versions[2], versions[1]])
-    )
-    history = read_history(store, [600])[600]
-    np.testing.assert_array_equal(history["raw_embedding_0"], versions[4][0, 0].astype(np.float32))
-    np.testing.assert_array_equal(history["prev2_embedding_1"], versions[1][0, 1].astype(np.float32))
-    # The daily batch value is kept apart (offline mode) and carried over by non-batch writes.
-    batch = read_embeddings(store, [600], source="batch")[600]
-    assert batch["snapshot_id"] == "v" and batch["written_at_ms"] == 1_000
-    np.testing.assert_array_equal(batch["embeddings"], versions[0][0])
-    # The direct read and Feast's get_online_features see the same row.
-    via_feast = read_embeddings_feast(store, [600])[600]
-    direct = read_embeddings(store, [600])[600]
-    np.testing.assert_array_equal(via_feast["embeddings"], direct["embeddings"])
-    assert {k: via_feast[k] for k in ("snapshot_id", "written_at_ms", "pooled_versions")} == {
-        k: direct[k] for k in ("snapshot_id", "written_at_ms", "pooled_versions")
-    }
-    # A new embedding shape (another embedding_dim) starts a fresh history.
-    write_embeddings(store, [601], versions[0], "v", 1_000)
-    write_embeddings(store, [601], np.ones((1, K, D // 2), np.float16), "x", 5_000)
-    assert read_embeddings(store, [601])[601]["pooled_versions"] == 1
-
-
-@slow
-def test_concurrent_writers_never_lose_a_version(soap_env):
-    """The read-modify-write is serialised (file lock): 3 threads x 4 writes -> the last 3 pooled."""
-    from serving.store_io import read_history, write_embeddings
-
-    store = soap_env["store"]
-
-    def writer(i: int):
-        for j in range(4):
-            write_embeddings(store, [700], np.full((1, K, D), i * 10 + j, np.float16), f"t{i}", 10_000 + i * 100 + j)
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    row = read_history(store, [700])[700]
-    assert row["pooled_versions"] == 3
-    # The three slots hold three distinct writes (none lost or duplicated by a race).
-    values = {float(row[f"{slot}_embedding_0"][0]) for slot in ("raw", "prev1", "prev2")}
-    assert len(values) == 3
-
-
-# ---------------------------------------------------------------------------------------------
 # async (default)
 # ---------------------------------------------------------------------------------------------
 @slow
-def test_async_read_answers_from_store_while_compute_is_slow_then_sees_write_back(soap_env, deployed_a, url):
+def test_async_read_answers_from_store_while_compute_is_slow_then_sees_write_back(soap_env, deployed_a, serving_a, url):
+    _fresh_rows(soap_env, url, deployed_a, [0])
     with _configured(soap_env, compute_options={"debug_delay_ms": 2000}):
         t0 = time.monotonic()
         resp = httpx.get(f"{url}/users/0/embeddings", timeout=30)
@@ -386,7 +271,8 @@ def test_async_read_answers_from_store_while_compute_is_slow_then_sees_write_bac
 
 
 @slow
-def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, url):
+def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, serving_a, url):
+    _fresh_rows(soap_env, url, deployed_a, [3, UNKNOWN_USER])
     resp = httpx.get(f"{url}/users/{UNKNOWN_USER}/embeddings", timeout=30)
     assert resp.status_code == 404
     assert "no embeddings" in resp.json()["detail"] and resp.json()["compute"] == "scheduled"
@@ -402,10 +288,11 @@ def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, u
 
 
 @slow
-def test_served_value_is_average_of_three_computed_versions(soap_env, deployed_a, url):
+def test_served_value_is_average_of_three_computed_versions(soap_env, deployed_a, serving_a, url):
     """Three write-backs through the compute deployment: the stored value is the mean of all three."""
     from serving.store_io import read_history
 
+    _fresh_rows(soap_env, url, deployed_a, [4])
     user = 4
     for n in (1, 2, 3):
         before = (_stored(soap_env, user) or {}).get("written_at_ms")
@@ -427,7 +314,7 @@ def test_served_value_is_average_of_three_computed_versions(soap_env, deployed_a
 # realtime / offline / batch
 # ---------------------------------------------------------------------------------------------
 @slow
-def test_realtime_answers_fresh_value_when_compute_is_fast(soap_env, deployed_a, url):
+def test_realtime_answers_fresh_value_when_compute_is_fast(soap_env, serving_a, url):
     with _configured(soap_env, mode="realtime", realtime_budget_ms=5000):
         before = _health(url)["fallbacks"]
         resp = httpx.get(f"{url}/users/5/embeddings", timeout=30)
@@ -445,7 +332,8 @@ def test_realtime_answers_fresh_value_when_compute_is_fast(soap_env, deployed_a,
 
 
 @slow
-def test_realtime_falls_back_to_store_within_budget_when_compute_is_slow(soap_env, deployed_a, url):
+def test_realtime_falls_back_to_store_within_budget_when_compute_is_slow(soap_env, deployed_a, serving_a, url):
+    _fresh_rows(soap_env, url, deployed_a, [1])  # the late write-back below is then the one of this read
     budget_ms = 300
     with _configured(soap_env, mode="realtime", realtime_budget_ms=budget_ms, compute_options={"debug_delay_ms": 3000}):
         stored = _stored(soap_env, 1)
@@ -467,8 +355,11 @@ def test_realtime_falls_back_to_store_within_budget_when_compute_is_slow(soap_en
 
 
 @slow
-def test_offline_mode_serves_daily_batch_value_without_compute(soap_env, deployed_a, url):
+def test_offline_mode_serves_daily_batch_value_without_compute(soap_env, deployed_a, serving_a, url):
     # User 0 was recomputed by A, but offline mode answers the daily batch value and fires nothing.
+    if _stored(soap_env, 0)["snapshot_id"] != "sum-A":  # not by an earlier test: recompute it now
+        httpx.get(f"{url}/users/0/embeddings", timeout=30)
+        _poll(lambda: _stored(soap_env, 0)["snapshot_id"] == "sum-A", what="user 0 recomputed by sum-A")
     assert _stored(soap_env, 0)["snapshot_id"] == "sum-A"
     before = _health(url)["compute_scheduled"]
     resp = httpx.get(f"{url}/users/0/embeddings", params={"mode": "offline"}, timeout=30)
@@ -557,7 +448,8 @@ def test_other_bad_requests_are_4xx(deployed_a, url):
 
 
 @slow
-def test_healthz_version_and_openapi(deployed_a, url):
+def test_healthz_version_and_openapi(serving_a, url):
+    httpx.get(f"{url}/users/8/embeddings", timeout=30)  # an async read: a compute call is scheduled
     health = _health(url)
     assert health["status"] == "ok" and health["snapshot_id"] == "sum-A" and health["mode"] == "async"
     assert health["frozen_snapshot_id"] == "sum-A" and health["compute_scheduled"] >= 1
@@ -618,7 +510,7 @@ def test_burst_of_reads_all_answered_and_compute_accounted(soap_env, deployed_a,
 
 
 @slow
-def test_prometheus_metrics_move(soap_env, deployed_a, url):
+def test_prometheus_metrics_move(soap_env, serving_a, url):
     from serving.metrics import parse_samples, total
 
     def scrape() -> str:
@@ -636,7 +528,14 @@ def test_prometheus_metrics_move(soap_env, deployed_a, url):
             "fallbacks": total(text, "ray_soap_realtime_fallbacks_total"),
         }
 
-    # Earlier tests read, wrote back, dropped and fell back: every metric has moved.
+    if not all(v > 0 for v in counts(scrape()).values()):  # no earlier test made this traffic: make it
+        with _configured(soap_env, compute_options={"debug_delay_ms": 500}):
+            # 40 users in async mode, past the in-flight bound (16): reads, drops, then write-backs.
+            httpx.post(f"{url}/embeddings/batch", json={"user_ids": list(range(40))}, timeout=30)
+            _poll(lambda: _health(url)["compute_inflight"] == 0, what="the batch's compute calls")
+        with _configured(soap_env, mode="realtime", realtime_budget_ms=50, compute_options={"debug_delay_ms": 1000}):
+            httpx.get(f"{url}/users/0/embeddings", timeout=30)  # a fallback
+    # Reads, write-backs, drops and fallbacks happened: every metric has moved.
     moved = _poll(lambda: (c := counts(scrape())) and all(v > 0 for v in c.values()) and c, what="metrics exported")
     def loaded() -> list:
         return [
@@ -703,7 +602,7 @@ def _compute_info(soap_env):
 
 
 @slow
-def test_rollout_to_b_under_load_keeps_reads_and_writes_up(soap_env, deployed_a, url):
+def test_rollout_to_b_under_load_keeps_reads_and_writes_up(soap_env, serving_a, url):
     from serving.rollout import rollout, served_snapshot_id
 
     pid_before = _compute_info(soap_env)["pid"]
@@ -766,7 +665,7 @@ def test_frozen_mode_keeps_serving_the_first_snapshot(soap_env, deployed_a, url)
 
 
 @slow
-def test_pipeline_rollout_records_outcome_in_registry(soap_env, deployed_a, url):
+def test_pipeline_rollout_records_outcome_in_registry(soap_env, serving_b, url):
     """tasks.rollout stores the rollout record; a corrupt production snapshot is refused and B keeps
     serving; frozen mode is pinned to the first promoted snapshot."""
     from serving.rollout import RolloutError, served_snapshot_id
@@ -791,7 +690,7 @@ def test_pipeline_rollout_records_outcome_in_registry(soap_env, deployed_a, url)
 
 
 @slow
-def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, deployed_a, url):
+def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, serving_b, url):
     from serving.rollout import RolloutError, rollout, served_snapshot_id
 
     with pytest.raises(RolloutError) as err:
@@ -808,7 +707,7 @@ def test_rollout_of_corrupt_snapshot_fails_preflight_and_keeps_b(soap_env, deplo
 
 
 @slow
-def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deployed_a, url):
+def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, serving_b, url):
     from serving.rollout import RolloutError, rollout, served_snapshot_id
 
     pid_before = _compute_info(soap_env)["pid"]
@@ -841,10 +740,10 @@ def test_rollout_of_corrupt_snapshot_in_replica_rolls_back_to_b(soap_env, deploy
 
 
 @slow
-def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, deployed_a, url):
+def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, serving_b, url):
     """A rerun of a day's training replaces the snapshot directory under the same id: not a no-op."""
-    from serving.app import snapshot_fingerprint
     from serving.rollout import rollout
+    from serving.settings import snapshot_fingerprint
     from sum_models.model import build_model
     from sum_models.snapshot import export_snapshot
 
@@ -860,8 +759,21 @@ def test_snapshot_reexported_under_same_id_is_reloaded(soap_env, deployed_a, url
     assert again["status"] == "unchanged"
 
 
+@pytest.fixture
+def restores_settings(soap_env):
+    """Afterwards, sum-B with the params' constructor settings again (a rollout compares user_configs
+    only, so it would not undo a test's settings change)."""
+    yield
+    from serving.rollout import deploy, served_snapshot_id
+
+    snaps = soap_env["snaps"]
+    deploy(soap_env["params"], snaps["sum-B"], "sum-B", timeout_s=180, params_file=soap_env["params_file"],
+           frozen=(snaps["sum-A"], "sum-A"))
+    _poll(lambda: served_snapshot_id(soap_env["params"]) == "sum-B", what="sum-B with the params' settings")
+
+
 @slow
-def test_failed_fresh_replica_rolls_back_and_reads_stay_up(soap_env, deployed_a, url):
+def test_failed_fresh_replica_rolls_back_and_reads_stay_up(soap_env, serving_b, restores_settings, url):
     """Code/settings change + unloadable snapshot: fresh replicas never come up (DEPLOY_FAILED) while the
     old replica keeps serving (surge); the rollback is itself a replacement (B with the new settings)."""
     from serving.rollout import RolloutError, rollout, served_snapshot_id

@@ -1,0 +1,136 @@
+"""The SOAP HTTP contract: request and response models, the FastAPI object and the JSON response.
+
+:class:`serving.ingress.SoapIngress` registers its routes on :data:`api`; the models document them
+(OpenAPI at ``/docs``). The modes and the batch cap come from :mod:`serving.settings` (the ingress
+configuration validates against the same values).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from serving.settings import BATCH_HARD_MAX, MODES, Mode
+from serving.store_io import MAX_USER_ID
+
+__all__ = [
+    "BATCH_HARD_MAX",
+    "MODES",
+    "BatchItem",
+    "BatchRequest",
+    "BatchResponse",
+    "EmbeddingsResponse",
+    "ErrorResponse",
+    "Mode",
+    "UserId",
+    "VersionResponse",
+    "api",
+    "json_response",
+]
+
+
+UserId = Annotated[StrictInt, Field(ge=0, le=MAX_USER_ID)]
+
+
+class EmbeddingsResponse(BaseModel):
+    """A user's SUM embeddings, as the mode in force answers them."""
+
+    user_id: int
+    mode: Mode = Field(description="Mode that answered.")
+    source: Literal["store", "compute", "batch", "frozen"] = Field(
+        description="store: the online store's pooled value; compute: the fresh pooled value (realtime); "
+        "batch: the daily batch value (offline); frozen: the first snapshot's tower (frozen)."
+    )
+    snapshot_id: str | None = Field(description="Snapshot that computed the latest version.")
+    written_at_ms: int | None = Field(description="When that version was written (computed, for frozen), Unix ms.")
+    age_seconds: float | None = Field(description="Seconds since then.")
+    pooled_versions: int | None = Field(description="Versions averaged into the value (paper §5.2), 1-3.")
+    embeddings: list[list[float]] = Field(description="K embeddings of dimension D (fp16 values as floats).")
+    compute: str = Field(
+        description="Fate of the compute call: scheduled | dropped (async); completed | timeout | dropped | "
+        "failed | skipped (realtime, frozen); not_requested (offline)."
+    )
+
+
+class BatchRequest(BaseModel):
+    """Users to read (duplicates are answered once, in first-seen order)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_ids: list[UserId] = Field(
+        min_length=1, max_length=BATCH_HARD_MAX, description="Non-negative int64 ids; at most serving.max_batch_users."
+    )
+    mode: Mode | None = Field(None, description="Mode for this request; default the deployment's mode.")
+
+
+class BatchItem(BaseModel):
+    user_id: int
+    status: Literal["ok", "not_found", "timeout", "unavailable"] = Field(
+        description="not_found: no stored value (async/realtime/offline) or no features (frozen); "
+        "timeout/unavailable: frozen compute did not answer in time / is not loaded."
+    )
+    source: str | None = None
+    snapshot_id: str | None = None
+    written_at_ms: int | None = None
+    age_seconds: float | None = None
+    pooled_versions: int | None = None
+    embeddings: list[list[float]] | None = None
+    compute: str
+
+
+class BatchResponse(BaseModel):
+    mode: Mode
+    count: int = Field(description="Distinct users answered.")
+    found: int = Field(description="Users with status ok.")
+    results: list[BatchItem]
+
+
+class VersionResponse(BaseModel):
+    """What the compute deployment runs, and the outcome of the last snapshot it was asked to load."""
+
+    snapshot_id: str | None = Field(description="Snapshot whose user tower computes embeddings now.")
+    fingerprint: str | None = Field(description="Content hash of that snapshot's manifest.")
+    requested_snapshot_id: str | None = Field(description="Snapshot of the latest user_config.")
+    requested_fingerprint: str | None = Field(description="Its fingerprint.")
+    last_error: str | None = Field(description="Why the requested snapshot is not running (None if it is).")
+    frozen_snapshot_id: str | None = Field(None, description="Snapshot frozen mode computes with.")
+    frozen_error: str | None = Field(None, description="Why the requested frozen snapshot is not loaded.")
+    cpu_priority: dict = Field(default_factory=dict, description="Scheduling policy and nice level of the compute "
+                               "replica's worker threads (compute, load), as the kernel reports them.")
+    ingress: dict = Field(default_factory=dict, description="The ingress user_config in force (mode, budgets).")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    user_id: int | None = None
+    mode: str | None = None
+    compute: str | None = None
+
+
+api = FastAPI(
+    title="SOAP - SUM Online Asynchronous Platform",
+    description=(
+        "Serves SUM user embeddings (paper §4). Modes: async (stored pooled value, async recompute), "
+        "realtime (fresh value within a budget, else stored), offline (daily batch value), frozen (the first "
+        "production snapshot's tower). A user with no stored value (or, in frozen mode, no features) gets "
+        "404 with a reason; malformed input gets 422 (or 413 for an oversized batch); a store or compute "
+        "outage gets 503."
+    ),
+    version="2",
+)
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """A JSON response serialised once (the route's response_model documents it; FastAPI would otherwise
+    validate and re-encode the K x D floats on every read)."""
+    try:
+        import orjson
+
+        body = orjson.dumps(content)
+    except ImportError:  # pragma: no cover - orjson ships with the lock file
+        body = json.dumps(content, separators=(",", ":")).encode()
+    return Response(content=body, status_code=status_code, media_type="application/json")
