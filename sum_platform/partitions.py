@@ -21,8 +21,8 @@ class PartitionReadError(Exception):
 def read_partition(folder: str | Path, columns: Sequence[str] | None = None) -> "pd.DataFrame":
     """Reads every ``*.parquet`` file of a partition folder (or a single parquet file) into one frame.
 
-    Files are read one by one and concatenated with type promotion (e.g. ``int32`` and ``int64`` of two
-    files give ``int64``), in file-name order.
+    Files are read one by one and concatenated in file-name order (pyarrow's default promotion: a column
+    that a file lacks is null in its rows; a column's type must be the same in every file).
 
     Args:
         folder: The partition folder, or one parquet file.

@@ -36,7 +36,7 @@ from sum_models.spec import FeatureSpec
 from sum_platform.files import write_json
 from sum_platform.partitions import PartitionReadError, read_partition
 from sum_platform.workspace import Workspace
-from validation.frames import batch_frame, user_ids as read_user_ids
+from validation.frames import batch_frame, partition_user_ids
 from validation.gx_project import DATA_DOCS_SITE, build_docs, checkpoint_for, file_context, project_lock
 from validation.messages import describe_failure
 from validation.profiles import PROFILE_VERSION, load_history, profile_partition, profile_path, trailing_plan
@@ -292,7 +292,7 @@ def validate_day(
         users = read_partition(folders["users"])
     except PartitionReadError:
         users = None  # validate_partition reports why
-    user_ids = read_user_ids(users, folders["users"], params)
+    user_ids = partition_user_ids(users, folders["users"], params)
     reports = [
         validate_partition(kind, ds, folders[kind], spec, params, gx_root, history=history,  # type: ignore[arg-type]
                            user_ids=user_ids if kind == "events" else None, build_data_docs=False,

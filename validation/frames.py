@@ -154,7 +154,7 @@ def batch_frame(
     return out
 
 
-def user_ids(users: pd.DataFrame | None, folder: Path, params: "Params") -> np.ndarray | None:
+def partition_user_ids(users: pd.DataFrame | None, folder: Path, params: "Params") -> np.ndarray | None:
     """The users partition's ``user_id`` values, or None when they cannot be read.
 
     Args:
