@@ -8,7 +8,7 @@ entry through real GX checkpoints; the soak writes them into a workspace with :f
 
 ``outcome`` is ``"fail"`` for a partition the gate must reject (and quarantine), ``"warn"`` for one it
 accepts with a warning (``ValidationReport.warnings``): columns outside the contract, and a few sparse ids
-beyond the hash size (the model takes ids modulo it; see the module docstring of ``data_checks``).
+beyond the hash size (the model takes ids modulo it; see the module docstring of ``suites``).
 ``needs_history`` marks the kinds only the trailing checks catch: they need a validated day before.
 
 Example::
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from sum_models.spec import FeatureSpec
+from validation.suites import AD_DENSE_BOUNDS
 
 
 Frames = tuple[pd.DataFrame, pd.DataFrame]
@@ -89,8 +90,6 @@ def _sparse(spec: FeatureSpec) -> str:
 
 def _ad_dense(spec: FeatureSpec) -> str:
     """An ad feature without an upper bound (so a scaled value passes the range check and only drift sees it)."""
-    from validation.data_checks import AD_DENSE_BOUNDS
-
     unbounded = [n for n in spec.ad_dense if AD_DENSE_BOUNDS.get(n, (None, None))[1] is None]
     return (unbounded or list(spec.ad_dense))[0]
 

@@ -18,15 +18,14 @@ simply moves whatever is still in place into a new folder: quarantining is rerun
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from sum_platform.files import read_json, write_json
 from sum_platform.workspace import Workspace, ds_str
 
 log = logging.getLogger(__name__)
@@ -41,12 +40,6 @@ def _workspace(ws: Workspace | str | os.PathLike) -> Workspace:
 
 def _partition_dir(ws: Workspace, kind: str, ds: str) -> Path:
     return ws.events_dir(ds) if kind == "events" else ws.users_dir(ds)
-
-
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
 
 
 def _new_folder(base: Path) -> Path:
@@ -105,7 +98,7 @@ def quarantine_partition(ws: Workspace | str | os.PathLike, ds: str, reason: str
         "moved": {},
         "absent": [],
     }
-    _write_json(folder / REASON_FILE, record)
+    write_json(folder / REASON_FILE, record)
     for kind in KINDS:
         source = _partition_dir(ws, kind, ds)
         if not source.exists():
@@ -116,7 +109,7 @@ def quarantine_partition(ws: Workspace | str | os.PathLike, ds: str, reason: str
         record["moved"][kind] = {"from": str(source.relative_to(ws.root)), "to": str(target.relative_to(ws.root)),
                                  "files": _files(target)}
     record["status"] = "quarantined"
-    _write_json(folder / REASON_FILE, record)
+    write_json(folder / REASON_FILE, record)
     log.warning("ds=%s quarantined to %s (moved: %s; absent: %s)", ds, folder, sorted(record["moved"]) or "none",
                 record["absent"] or "none")
     return folder
@@ -130,7 +123,7 @@ def quarantined(ws: Workspace | str | os.PathLike, ds: str | None = None) -> lis
     out = []
     for path in sorted(base.glob(pattern)):
         try:
-            record = json.loads(path.read_text())
+            record = read_json(path)
         except (OSError, ValueError) as err:
             record = {"status": f"unreadable reason.json: {err}"}
         out.append(record | {"folder": str(path.parent)})
@@ -177,10 +170,10 @@ def release_partition(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(source), str(target))
     reason_path = folder / REASON_FILE
-    record = json.loads(reason_path.read_text()) if reason_path.exists() else {}
+    record = read_json(reason_path) if reason_path.exists() else {}
     record["released_at"] = datetime.now(timezone.utc).isoformat()
     record["released_by"], record["release_reason"] = actor, reason
     record["status"] = "released"
-    _write_json(reason_path, record)
+    write_json(reason_path, record)
     log.warning("ds=%s released from quarantine %s", ds, folder)
     return folder

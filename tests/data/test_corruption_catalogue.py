@@ -7,11 +7,15 @@ the trailing checks (row count, label rates, drift, stuck content) are armed. Ea
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import pytest
 
 from validation.corruptions import CATALOGUE, CorruptionContext, failing_kinds, warning_kinds
-from validation.data_checks import KINDS, DataValidationError, profile_path, validate_day
+from validation.data_checks import DataValidationError, validate_day
+from validation.profiles import profile_path
+from validation.suites import KINDS
 
 
 def test_catalogue_has_at_least_15_distinct_failing_kinds(spec):
@@ -26,13 +30,24 @@ def test_catalogue_has_at_least_15_distinct_failing_kinds(spec):
     assert set(failing_kinds(with_history=False)) < set(kinds)
 
 
+def _deep_copy(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy that shares no cell with ``frame`` (``DataFrame.copy`` shares the arrays of list columns)."""
+    out = frame.copy()
+    for column in out.columns[out.dtypes == object]:
+        out[column] = frame[column].map(copy.deepcopy)
+    return out
+
+
 def test_corruptions_leave_their_inputs_untouched(spec, sim_day, history):
     events, users = sim_day(history.next_ds)
     previous = sim_day(history.days[-1])
     ctx = CorruptionContext(history.next_ds, spec, previous)
+    inputs = (events, users, *previous)
+    before = [_deep_copy(frame) for frame in inputs]
     for name, corruption in CATALOGUE.items():
         bad_events, bad_users = corruption.apply(events, users, ctx)
-        pd.testing.assert_frame_equal(events, sim_day(history.next_ds)[0])
+        for frame, original in zip(inputs, before):  # today's and the previous day's frames, lists included
+            pd.testing.assert_frame_equal(frame, original, obj=f"{name}: input frame")
         assert (bad_events is not events) and (bad_users is not users), name
 
 

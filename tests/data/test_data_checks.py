@@ -9,13 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from validation.data_checks import (
-    DataValidationError,
-    ValidationReport,
-    build_suite,
-    validate_day,
-    validate_partition,
-)
+from validation.data_checks import DataValidationError, ValidationReport, validate_day, validate_partition
+from validation.suites import MAX_SPARSE_LEN, build_suite
 
 
 def _validate(kind, df, tmp_path, ds, spec, params, gx_root, builder) -> ValidationReport:
@@ -210,8 +205,6 @@ def test_duplicate_user_and_wrong_snapshot_time_fail(tmp_path, ds, spec, params,
 
 
 def test_overlong_sparse_list_fails(tmp_path, ds, spec, params, gx_root, good_day, builder):
-    from validation.data_checks import MAX_SPARSE_LEN
-
     users = good_day[1].copy()
     name = next(iter(spec.user_sparse))
     users.at[0, name] = np.zeros(MAX_SPARSE_LEN + 1, dtype=np.int64)

@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from validation.corruptions import CATALOGUE, CorruptionContext
-from validation.data_checks import (
-    DataValidationError,
-    build_trailing_suite,
-    load_history,
-    profile_path,
-    quantile_partition,
-    trailing_plan,
-    validate_day,
-)
+from validation.data_checks import DataValidationError, validate_day
+from validation.profiles import load_history, profile_path, quantile_partition, trailing_plan
+from validation.suites import build_trailing_suite
 
 
 def test_first_day_skips_the_trailing_checks_and_says_so(history):
