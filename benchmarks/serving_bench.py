@@ -43,6 +43,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serving.ray_cluster import ensure_ray, shutdown
+from serving.rollout import base_url, compute_info, reconfigure, rollout
+from serving.store_io import EmbeddingReader, served_fields, write_embeddings
+from sum_platform.config import load_params
+from sum_platform.feature_store import EMBEDDINGS_VIEW, USER_FEATURES_VIEW, apply_definitions, feature_spec
+from sum_platform.simulate import simulate_day
+from sum_platform.workspace import Workspace
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SIZES = (1, 10, 100)
 
@@ -72,10 +80,6 @@ def _setup(root: Path, port: int, users: int, realtime_budget_ms: float) -> dict
     os.environ["SUM_WORKSPACE"] = str(root / "workspace")
     os.environ.pop("RAY_ADDRESS", None)
 
-    from serving.store_io import write_embeddings
-    from sum_platform.config import load_params
-    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
-    from sum_platform.simulate import simulate_day
 
     params = load_params(params_file)
     store = apply_definitions(params)
@@ -128,7 +132,6 @@ def _model_flops(env: dict, hidden_dim: int) -> int:
 
 def _export(env: dict, hidden_dim: int, name: str) -> tuple[Path, int]:
     from sum_models.snapshot import export_snapshot
-    from sum_platform.workspace import Workspace
 
     model, cfg = _model(env, hidden_dim)
     out = export_snapshot(model, env["spec"], cfg, Workspace(env["params"].workspace).snapshot_dir(name), name)
@@ -262,8 +265,6 @@ def _drain(base: str, timeout_s: float = 120.0) -> None:
 
 def _store_reads(env: dict, n: int) -> dict[str, Any]:
     """One user's served embeddings: the direct SQLite read vs Feast get_online_features (same row)."""
-    from serving.store_io import EmbeddingReader, served_fields
-    from sum_platform.feature_store import EMBEDDINGS_VIEW
 
     store, uid = env["store"], int(env["ids"][0])
     reader = EmbeddingReader(store)
@@ -302,9 +303,6 @@ def _write_throughput(env: dict, towers: dict, n_users: int) -> dict[str, Any]:
     import asyncio
 
     from ray import serve
-
-    from serving.rollout import compute_info, reconfigure
-    from serving.store_io import write_embeddings
 
     params, params_file = env["params"], env["params_file"]
     ids = [int(u) for u in env["ids"][:n_users]]
@@ -352,8 +350,6 @@ def _write_throughput(env: dict, towers: dict, n_users: int) -> dict[str, Any]:
 # main
 # ---------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.ray_cluster import ensure_ray, shutdown
-    from serving.rollout import base_url, rollout
 
     t_start = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="soap-bench-"))

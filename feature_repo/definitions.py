@@ -24,14 +24,13 @@ from feast.types import Array, Float32, Int64, String
 
 from sum_models.shift import POOL_DEPTH
 from sum_platform.config import load_params
+from sum_platform.feature_store import EMBEDDING_SLOTS
 from sum_platform.workspace import Workspace
 
 # The workspace and K of the params in force (the platform's one rule: $SUM_PARAMS, $SUM_WORKSPACE).
 _PARAMS = load_params()
 _DATA = Workspace(_PARAMS.workspace).data
 NUM_EMBEDDINGS = _PARAMS.model.num_embeddings
-#: The raw versions a row keeps for pooling: the latest and the POOL_DEPTH - 1 before it.
-EMBEDDING_SLOTS = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
 
 user = Entity(
     name="user",

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from sum_platform.config import Params
+from sum_platform.config import Params, load_params
 
 __all__ = ["ensure_ray", "shutdown", "started_local"]
 
@@ -97,8 +96,6 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
-
-    from sum_platform.config import load_params
 
     params = params or load_params()
     cfg = params.serving

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from sum_models.shift import POOL_DEPTH, average_pool
-from sum_platform.feature_store import EMBEDDINGS_PUSH, EMBEDDINGS_VIEW, USER_FEATURES_VIEW
+from sum_models.shift import average_pool
+from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_PUSH, EMBEDDINGS_VIEW, USER_FEATURES_VIEW
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -69,9 +69,6 @@ log = logging.getLogger(__name__)
 _EMB_RE = re.compile(r"^embedding_(\d+)$")
 #: Largest entity id accepted anywhere (the join key is a signed int64).
 MAX_USER_ID = 2**63 - 1
-#: The stored raw versions of a row, latest first: ``raw``, ``prev1`` .. ``prev{POOL_DEPTH - 1}`` (paper §5.2:
-#: the served value pools the current version with the ``POOL_DEPTH - 1`` most recent cached ones).
-_SLOTS = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
 
 
 def num_embeddings(store: "FeatureStore") -> int:
@@ -93,7 +90,7 @@ def batch_fields(k: int) -> list[str]:
 
 def history_fields(k: int) -> list[str]:
     """Every field of a row (what a writer needs to pool and carry over)."""
-    slots = [f"{s}_embedding_{j}" for s in _SLOTS for j in range(k)]
+    slots = [f"{s}_embedding_{j}" for s in EMBEDDING_SLOTS for j in range(k)]
     return served_fields(k) + slots + batch_fields(k)
 
 
@@ -393,9 +390,9 @@ def _write_lock(store: "FeatureStore") -> Iterator[None]:
 def _versions(row: dict[str, Any] | None, k: int, shape: tuple[int, int]) -> list[np.ndarray | None]:
     """The stored raw versions ``[raw, prev1, prev2]`` of a row (None for unused/mismatching slots)."""
     if row is None:
-        return [None] * len(_SLOTS)
+        return [None] * len(EMBEDDING_SLOTS)
     out: list[np.ndarray | None] = []
-    for slot in _SLOTS:
+    for slot in EMBEDDING_SLOTS:
         arr = _stack([row.get(f"{slot}_embedding_{j}") for j in range(k)])
         out.append(arr if arr is not None and arr.shape == shape else None)
     return out
@@ -448,7 +445,7 @@ def _pooled_frame(
         pooled = pool(present)
         for j in range(k):
             cols[f"embedding_{j}"].append(pooled[j].astype(np.float32))
-            for slot, value in zip(_SLOTS, slots):
+            for slot, value in zip(EMBEDDING_SLOTS, slots):
                 cols[f"{slot}_embedding_{j}"].append(empty if value is None else np.asarray(value[j], dtype=np.float32))
         cols["snapshot_id"].append(str(snapshot_id))
         cols["written_at_ms"].append(ms)

@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from typing import Any, Callable
 
-import pandas as pd
-
 from sum_pipeline import airflow_env
 from sum_platform.config import Params
 from sum_platform.context import context
 from sum_platform.feature_store import apply_definitions, feature_spec
 from sum_platform.files import write_partition
+from sum_platform.partitions import PartitionReadError, read_partition
 from sum_platform.simulate import simulate_day, write_day
 from sum_platform.workspace import Workspace, snapshot_id_for
 from sum_models.spec import FeatureSpec
@@ -166,8 +165,8 @@ def inject(
     if corruption.needs_history:
         yesterday = (date.fromisoformat(ds) - timedelta(days=1)).isoformat()
         try:
-            previous = (pd.read_parquet(ws.events_dir(yesterday)), pd.read_parquet(ws.users_dir(yesterday)))
-        except (OSError, ValueError):
+            previous = (read_partition(ws.events_dir(yesterday)), read_partition(ws.users_dir(yesterday)))
+        except PartitionReadError:
             previous = simulate_day(yesterday, params)
     events, users = corruption.apply(events, users, CorruptionContext(ds, spec, previous, seed))
     write_partition(events, ws.events_dir(ds))

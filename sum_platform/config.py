@@ -109,7 +109,7 @@ class GateConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    """Thresholds of the data gate's relative checks (validation/data_checks.py), against trailing days.
+    """Thresholds of the data gate's relative checks (validation/suites.py, profiles.py), against trailing days.
 
     "Trailing days" are the previously *validated* partitions of the workspace (their profiles are kept
     only for days that passed, so a bad day never becomes a baseline). With no such day the relative

@@ -1,4 +1,4 @@
-"""Gates of the daily pipeline: data checks (GX), the snapshot gate and the snapshot registry.
+"""Gates of the daily pipeline: the data gate (GX) and the snapshot gate; nothing else.
 
 Modules:
     data_checks  the data gate's entry points validate_partition / validate_day, ValidationReport,
@@ -12,6 +12,5 @@ Modules:
     messages     describe_failure: one readable line per failed expectation
     quarantine   moves a failed day's partitions aside (reason.json) and releases them back
     corruptions  catalogue of corrupted partitions the data gate must catch (tests, soak)
-    gate         the snapshot gate: a candidate against production (embedding shift, NE)
-    registry     the snapshot registry (SQLite): stages, verdicts, promotions
+    gate         the snapshot gate: a candidate against production (embedding shift, NE); verdict_markdown
 """

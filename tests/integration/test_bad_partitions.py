@@ -114,7 +114,7 @@ def test_caught_partition_changes_nothing_downstream(runs):
 
 
 def test_rerun_after_the_fix_goes_through(runs):
-    from validation.data_checks import profile_path
+    from validation.profiles import profile_path
 
     r = runs["rerun"]
     assert r.ok, r.task_states
