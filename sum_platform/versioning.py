@@ -29,46 +29,8 @@ is *held* is retried with back-off (:data:`LOCK_RETRY_DELAYS`) rather than waite
 (``dvc --wait-for-lock`` has no timeout). A git ``*.lock`` file (``index.lock`` …) left by a killed
 git is removed once older than :data:`STALE_GIT_LOCK_SECONDS`.
 
-Shell equivalents (``WS`` = the workspace, ``REMOTE`` = ``params.dvc_remote``)::
-
-    # init_workspace_repo(WS, REMOTE)
-    git init -b main "$WS" && cd "$WS"
-    git config user.name sum-platform && git config user.email sum@localhost
-    dvc init && dvc config core.analytics false
-    dvc remote add -d -f storage "$REMOTE"
-    printf '/registry/\\n/feast/\\n/gx/\\n/airflow/\\n/runs/\\n/quarantine/\\n' >> .gitignore
-    git add .gitignore .dvcignore .dvc/config .dvc/.gitignore && git commit -m "initialise workspace"
-
-    # track_paths(WS, [WS/"data/events/ds=2026-01-03"], msg)
-    dvc add data/events/ds=2026-01-03
-    dvc push data/events/ds=2026-01-03.dvc
-    git add data/events/ds=2026-01-03.dvc data/events/.gitignore && git commit -m "$msg"
-    # data_version(): the `md5` in the .dvc file (e.g. 3c1e….dir for a directory)
-
-    # tag_promotion(WS, "sum-2026-01-03", msg)
-    #   (after tracking snapshots/sum-2026-01-03 as above)
-    #   edit dvc.yaml: artifacts.user-tower.path = snapshots/sum-2026-01-03
-    git add dvc.yaml && git commit -m "promote user-tower: sum-2026-01-03"
-    gto register user-tower HEAD -m "sum-2026-01-03: $msg"                  # -> user-tower@v0.0.N
-    gto assign user-tower --version v0.0.N --stage prod -m "sum-2026-01-03: $msg"  # -> user-tower#prod#K
-    gto show user-tower ; gto history user-tower                            # inspect
-
-Restoring a promoted snapshot by its tag (``restore_snapshot`` runs the first form); each of these
-works after ``snapshots/<id>`` *and* the local DVC cache were deleted, as long as the remote holds the
-objects::
-
-    git -C "$WS" tag -n1 -l 'user-tower@*'        # which version holds which snapshot id
-    gto show -r "$WS" 'user-tower#prod' --ref      # the version currently in prod
-
-    # a) into any folder, straight from the tag (no checkout in the workspace):
-    dvc get "$WS" snapshots/sum-2026-01-03 --rev user-tower@v0.0.1 -o /tmp/sum-2026-01-03
-    # b) by artifact version or stage (dvc.yaml at the tag says which path):
-    dvc artifacts get "$WS" user-tower --rev v0.0.1 -o /tmp/sum-2026-01-03   # --rev = GTO version
-    dvc artifacts get "$WS" user-tower --stage prod -o /tmp/prod-snapshot
-    # c) back into the workspace itself (the .dvc file at the tag; `git status` shows it modified if
-    #    the snapshot was re-tracked after the tag, `git checkout HEAD -- <file>.dvc` undoes that):
-    cd "$WS" && git checkout user-tower@v0.0.1 -- snapshots/sum-2026-01-03.dvc \\
-             && dvc pull snapshots/sum-2026-01-03.dvc
+The shell commands each function runs, and the ways to restore a promoted snapshot by its tag, are in
+the README ("Versioning and restoring").
 """
 
 from __future__ import annotations

@@ -55,6 +55,29 @@ def airflow_db() -> Path:
 
 
 @pytest.fixture(scope="session")
+def write_online_features():
+    """``write_online_features(store, spec, user_ids)``: seeded random values of every user feature of
+    ``spec`` for those users, written to the online store as a materialization would; returns the frame."""
+    import numpy as np
+    import pandas as pd
+
+    from sum_platform.feature_store import USER_FEATURES_VIEW
+
+    def write(store, spec, user_ids, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        users = pd.DataFrame({"user_id": np.asarray(user_ids, dtype=np.int64)})
+        for c in spec.user_dense:
+            users[c] = rng.random(len(users)).astype(np.float32)
+        for c, size in spec.user_sparse.items():
+            users[c] = [list(rng.integers(0, size, size=int(n))) for n in rng.integers(0, 5, size=len(users))]
+        users["event_ts"] = pd.Timestamp.now(tz="UTC")
+        store.write_to_online_store(USER_FEATURES_VIEW, users)
+        return users
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def ray_serve():
     """One local Ray instance with Serve for the whole session, shut down at the end."""
     import time

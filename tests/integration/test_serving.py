@@ -50,7 +50,7 @@ def _poll(fn, timeout_s: float = 60.0, interval_s: float = 0.1, what: str = "con
 
 
 @pytest.fixture(scope="module")
-def soap_env(tmp_path_factory):
+def soap_env(tmp_path_factory, write_online_features):
     """Tmp params (session port, local Ray, tiny model) + workspace with features and three snapshots."""
     from sum_platform.config import PROJECT_ROOT
 
@@ -80,21 +80,14 @@ def soap_env(tmp_path_factory):
     from sum_models.model import build_model
     from sum_models.snapshot import export_snapshot
     from sum_platform.config import load_params
-    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
+    from sum_platform.feature_store import apply_definitions, feature_spec
     from sum_platform.workspace import Workspace
 
     params = load_params(params_file)
     store = apply_definitions(params)
     spec = feature_spec(params, store)
 
-    rng = np.random.default_rng(0)
-    users = pd.DataFrame({"user_id": np.asarray(USERS_WITH_FEATURES, dtype=np.int64)})
-    for c in spec.user_dense:
-        users[c] = rng.random(len(users)).astype(np.float32)
-    for c, size in spec.user_sparse.items():
-        users[c] = [list(rng.integers(0, size, size=int(n))) for n in rng.integers(0, 5, size=len(users))]
-    users["event_ts"] = pd.Timestamp.now(tz="UTC")
-    store.write_to_online_store(USER_FEATURES_VIEW, users)
+    users = write_online_features(store, spec, USERS_WITH_FEATURES)
 
     ws = Workspace(params.workspace)
     snaps = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
@@ -25,10 +24,10 @@ UNKNOWN_USER = 999_999
 
 
 @pytest.fixture(scope="module")
-def feast_env(tmp_path_factory):
+def feast_env(tmp_path_factory, write_online_features):
     """Tmp params (tiny K, D) + workspace whose Feast store is applied and holds users' features."""
     from sum_platform.config import PROJECT_ROOT, load_params
-    from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec
+    from sum_platform.feature_store import apply_definitions, feature_spec
 
     root = tmp_path_factory.mktemp("store_io")
     workspace = root / "workspace"
@@ -45,14 +44,7 @@ def feast_env(tmp_path_factory):
         params = load_params(params_file)
         store = apply_definitions(params)
         spec = feature_spec(params, store)
-        rng = np.random.default_rng(0)
-        users = pd.DataFrame({"user_id": np.asarray(USERS_WITH_FEATURES, dtype=np.int64)})
-        for c in spec.user_dense:
-            users[c] = rng.random(len(users)).astype(np.float32)
-        for c, size in spec.user_sparse.items():
-            users[c] = [list(rng.integers(0, size, size=int(n))) for n in rng.integers(0, 5, size=len(users))]
-        users["event_ts"] = pd.Timestamp.now(tz="UTC")
-        store.write_to_online_store(USER_FEATURES_VIEW, users)
+        users = write_online_features(store, spec, USERS_WITH_FEATURES)
         yield {"params": params, "store": store, "spec": spec, "users": users}
     finally:
         mp.undo()
