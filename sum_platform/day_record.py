@@ -69,8 +69,8 @@ class DayRecord:
             raise MissingDayState(f"ds={self.ds} has no {part} yet ({self.path(part)}): run {written_by} first")
         return value
 
-    def write(self, part: str, payload: dict[str, Any]) -> Path:
-        return write_json(self.path(part), payload)
+    def write(self, part: str, payload: dict[str, Any], sort_keys: bool = True) -> Path:
+        return write_json(self.path(part), payload, sort_keys=sort_keys)
 
     # ---- typed parts ---------------------------------------------------------------------------
     @property
@@ -79,7 +79,8 @@ class DayRecord:
         return FeatureSpec.from_dict(self.require("spec", "validate_data"))
 
     def write_spec(self, spec: FeatureSpec) -> Path:
-        return self.write("spec", spec.to_dict())
+        # Unsorted: the order of the spec's features is the order of the model's tables and projections.
+        return self.write("spec", spec.to_dict(), sort_keys=False)
 
     @property
     def validation(self) -> dict[str, Any] | None:

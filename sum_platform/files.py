@@ -40,10 +40,14 @@ def replace_atomically(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Writes ``payload`` as indented, key-sorted JSON atomically; returns ``path``."""
+def write_json(path: Path, payload: Mapping[str, Any], sort_keys: bool = True) -> Path:
+    """Writes ``payload`` as indented JSON atomically; returns ``path``.
+
+    Keys are sorted unless ``sort_keys=False``: a payload whose dict order means something (a feature
+    spec: the order of the embedding tables) keeps its order.
+    """
     with replace_atomically(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str))
     return path
 
 

@@ -12,8 +12,8 @@ from sum_platform.day_record import PARTS, DayRecord, MissingDayState
 from sum_platform.files import replace_atomically, write_json, write_partition
 from sum_platform.workspace import Workspace
 
-SPEC = FeatureSpec(user_dense=("a", "b"), user_sparse={"pages": 100, "topics": 7}, ad_dense=("price",),
-                   ad_sparse={"category": 8}, labels=("click", "conversion"))
+SPEC = FeatureSpec(user_dense=("b", "a"), user_sparse={"topics": 7, "pages": 100}, ad_dense=("price",),
+                   ad_sparse={"placement": 4, "category": 8}, labels=("click", "conversion"))
 
 
 @pytest.fixture
@@ -30,7 +30,10 @@ def test_parts_live_in_the_dates_run_folder_under_their_file_names(day):
 def test_the_spec_round_trips_with_the_order_of_its_tables(day):
     day.write_spec(SPEC)
     assert day.spec == SPEC
-    assert list(day.spec.user_sparse) == ["pages", "topics"]  # the order of the embedding tables
+    # The order of the features is the order of the model's embedding tables and projections: a spec that
+    # came back sorted would build a different model from the same seed.
+    assert list(day.spec.user_sparse) == ["topics", "pages"] and day.spec.user_dense == ("b", "a")
+    assert list(day.spec.ad_sparse) == ["placement", "category"]
 
 
 def test_a_part_not_written_yet_names_the_task_that_writes_it(day):
