@@ -24,7 +24,7 @@ from serving.ray_cluster import ensure_ray, shutdown
 from serving.rollout import rollout as serve_rollout
 from sum_pipeline import airflow_env, tasks
 from sum_pipeline.faults import CANDIDATE_FAULTS
-from sum_pipeline.promotion import promote_snapshot, rollback_production
+from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
 from sum_platform.config import load_params
 from sum_platform.context import Context
@@ -318,7 +318,8 @@ def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     if prod is None:
         raise typer.BadParameter(f"no production snapshot in {ws.root}: run `sumctl run` first")
     ensure_ray(p)
-    serve_rollout(p, ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id)
+    # Frozen mode keeps the registry's first snapshot, whatever (re)started the app.
+    serve_rollout(p, ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id, frozen=frozen_snapshot(Context(p, ws)))
     console.print(f"serving {prod.snapshot_id} on http://{p.serving.host}:{p.serving.port} (Ctrl-C stops)")
     try:
         while True:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from serving.ray_cluster import ensure_ray
@@ -32,6 +33,16 @@ def baseline_history(snapshot_id: str, ctx: Context) -> list[str]:
     if own is not None and own.stage in ("production", "retired"):
         history = history[history.index(own.parent_id):] if own.parent_id in history else []
     return history
+
+
+def frozen_snapshot(ctx: Context) -> tuple[Path, str] | None:
+    """``(folder, id)`` of the first snapshot ever promoted: frozen mode's tower (paper 6.4, "frozen user
+    model"), which every deployment of the app is given; None before the first promotion or if its
+    folder is gone."""
+    first = min(ctx.registry.promoted_history(), key=lambda r: (r.ds, r.snapshot_id), default=None)
+    if first is None or not ctx.ws.snapshot_dir(first.snapshot_id).exists():
+        return None
+    return ctx.ws.snapshot_dir(first.snapshot_id), first.snapshot_id
 
 
 def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool = False) -> dict[str, Any]:
@@ -79,6 +90,6 @@ def rollback_production(actor: str, reason: str, to: str | None = None, reroll: 
     if reroll and served_snapshot_id(ctx.params, timeout_s=3) is not None:
         ensure_ray(ctx.params)
         out["serving"] = serve_rollout(ctx.params, ctx.ws.snapshot_dir(target), target,
-                                       previous=(ctx.ws.snapshot_dir(current), current))
+                                       previous=(ctx.ws.snapshot_dir(current), current), frozen=frozen_snapshot(ctx))
     ctx.registry.update_record(target, {"rollback": out | {"actor": actor, "reason": reason}})
     return out

@@ -20,7 +20,7 @@ from serving.rollout import RolloutError, base_url, served_snapshot_id
 from serving.rollout import rollout as serve_rollout
 from serving.store_io import write_embeddings
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
-from sum_pipeline.promotion import baseline_history, parent_for, promote_snapshot
+from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
 from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec, get_store
 from sum_platform.files import read_json, write_parquet, write_partition
@@ -408,15 +408,10 @@ def rollout(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     previous = None
     if prod.parent_id and ctx.ws.snapshot_dir(prod.parent_id).exists():
         previous = (ctx.ws.snapshot_dir(prod.parent_id), prod.parent_id)
-    # Frozen mode computes with the first snapshot ever promoted (paper 6.4, "frozen user model").
-    first = min(ctx.registry.promoted_history(), key=lambda r: (r.ds, r.snapshot_id), default=None)
-    frozen = (ctx.ws.snapshot_dir(first.snapshot_id), first.snapshot_id) if first else None
-    if frozen and not frozen[0].exists():
-        frozen = None
     ensure_ray(ctx.params)
     try:
         result = serve_rollout(ctx.params, ctx.ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id,
-                               previous=previous, frozen=frozen)
+                               previous=previous, frozen=frozen_snapshot(ctx))
     except RolloutError as err:  # rolled back (or not): recorded on the snapshot that failed to roll out
         ctx.registry.update_record(prod.snapshot_id, {"rollout": err.record})
         raise

@@ -1,0 +1,43 @@
+"""Which snapshots a deployment is given: frozen mode's tower is the registry's first promoted snapshot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sum_pipeline.promotion import frozen_snapshot
+from sum_platform.config import load_params
+from sum_platform.context import Context
+from sum_platform.workspace import Workspace
+
+
+def _ctx(tmp_path: Path) -> Context:
+    return Context(load_params(), Workspace(tmp_path))
+
+
+def _promote(ctx: Context, sid: str, ds: str, force: bool = False) -> None:
+    if ctx.registry.get(sid) is None:
+        ctx.registry.register_candidate(sid, ds, None, {})
+    ctx.ws.snapshot_dir(sid).mkdir(parents=True, exist_ok=True)
+    ctx.registry.promote(sid, reason="test", force=force)
+
+
+def test_no_frozen_snapshot_before_the_first_promotion(tmp_path):
+    ctx = _ctx(tmp_path)
+    ctx.registry.register_candidate("sum-2026-01-01", "2026-01-01", None, {})
+    assert frozen_snapshot(ctx) is None
+
+
+def test_the_first_promoted_snapshot_stays_frozen_through_promotions_and_a_rollback(tmp_path):
+    ctx = _ctx(tmp_path)
+    for i in (1, 2, 3):
+        _promote(ctx, f"sum-2026-01-0{i}", f"2026-01-0{i}")
+    _promote(ctx, "sum-2026-01-02", "2026-01-02", force=True)  # a rollback: 01-02 is production again
+    assert ctx.registry.production().snapshot_id == "sum-2026-01-02"
+    assert frozen_snapshot(ctx) == (ctx.ws.snapshot_dir("sum-2026-01-01"), "sum-2026-01-01")
+
+
+def test_a_first_snapshot_whose_folder_is_gone_is_not_offered(tmp_path):
+    ctx = _ctx(tmp_path)
+    _promote(ctx, "sum-2026-01-01", "2026-01-01")
+    ctx.ws.snapshot_dir("sum-2026-01-01").rmdir()
+    assert frozen_snapshot(ctx) is None
