@@ -155,6 +155,34 @@ class ServingConfig(_Section):
     access_log: bool
 
 
+class PostgresConfig(_Section):
+    host: str
+    port: int
+    database: str
+    user: str
+
+
+class AirflowConfig(_Section):
+    host: str
+    port: int
+    parallelism: int = Field(ge=1)
+    metadata_db: Literal["sqlite", "postgresql"]
+    postgresql: PostgresConfig
+    start_date: str
+    catchup: bool
+    approval_timeout_minutes: float = Field(gt=0)
+    dag_poll_seconds: float = Field(gt=0)
+
+
+class RayClusterConfig(_Section):
+    node_ip: str
+    gcs_port: int
+    dashboard_host: str
+    dashboard_port: int
+    num_cpus: int = Field(ge=1)
+    object_store_mb: int = Field(ge=75)
+
+
 class ReproConfig(_Section):
     ds: str
 
@@ -169,6 +197,8 @@ class Params(_Section):
     gate: GateConfig
     serving: ServingConfig
     validation: ValidationConfig
+    airflow: AirflowConfig
+    ray: RayClusterConfig
     repro: ReproConfig
     # Directory of the params file; relative paths resolve against it.
     base_dir: Path = Field(default=PROJECT_ROOT, exclude=True)

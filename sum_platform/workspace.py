@@ -67,5 +67,10 @@ class Workspace:
         return self.root / "gx"
 
     @property
+    def stack_dir(self) -> Path:
+        """The deployed stack's state (``sumctl up``): pids, ports, logs, the Ray token, generated secrets."""
+        return self.root / "stack"
+
+    @property
     def airflow_home(self) -> Path:
         return self.root / "airflow"
