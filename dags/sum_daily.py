@@ -9,14 +9,21 @@ evaluation, the gate and promotion as task arguments. A held snapshot is a verdi
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import Param, dag, get_current_context, task
 
 from sum_pipeline import tasks
 from sum_pipeline.faults import CANDIDATE_FAULTS
+from sum_platform.config import load_params
 from validation.data_checks import DataValidationError
 from validation.gate import verdict_markdown
+
+SCHEDULE = load_params().airflow  # the data's dates and catch-up come from params.yaml
+
+
+def _date(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
 
 DEFAULT_ARGS = {
     "owner": "sum-platform",
@@ -33,8 +40,9 @@ def _ds() -> str:
     dag_id="sum_daily",
     description="Daily SUM user model: validate, train, gate on embedding shift, promote, serve.",
     schedule="@daily",
-    start_date=datetime(2026, 1, 1),
-    catchup=True,
+    start_date=_date(SCHEDULE.start_date),
+    end_date=_date(SCHEDULE.end_date),
+    catchup=SCHEDULE.catchup,
     # Each day warm-starts from the previous day's production snapshot, and DVC holds a repo lock:
     # runs go one at a time, in date order.
     max_active_runs=1,

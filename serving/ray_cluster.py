@@ -2,27 +2,32 @@
 
 ``params.serving.ray_address`` chooses the cluster:
 
-* ``"auto"`` (default): attach to a running Ray cluster on this machine (the one ``sumctl run`` or a
-  ``ray start --head`` started; ``RAY_ADDRESS`` also counts); if none is reachable, start a local
-  in-process Ray.
-* ``"local"``: always start a local in-process Ray (the tests use this, so they never attach to some
-  other Ray on the machine).
-* ``"host:port"`` / ``"ray://..."``: attach to that cluster; failing to reach it is an error (a silent
-  local fallback would serve from a Ray that dies with this process).
+* ``"stack"`` (default): attach to the long-lived Ray head of the workspace's deployed stack, whose
+  address and token file ``sumctl up`` records in ``<workspace>/stack/ray.json``. No record, or a head that
+  does not answer, is an error naming ``sumctl up``: never an in-process Ray that dies with the task.
+* ``"local"``: start a local in-process Ray (the tests and ``sumctl run --inline`` use this). It lives
+  only as long as the process that started it, and the Serve application it runs stops with it.
+* ``"host:port"`` / ``"ray://..."``: attach to that cluster; failing to reach it is an error.
 
-A local in-process Ray lives only as long as the process that started it: the Serve application it
-runs stops with it.
+``SUM_RAY_ADDRESS`` overrides the params (the stack sets it to ``stack`` for its components and tasks).
+
+The stack's Ray runs with token authentication (``RAY_AUTH_MODE=token``): a process attaching to it
+authenticates with the token file of the record (``RAY_AUTH_TOKEN_PATH``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from sum_platform.config import Params, load_params
+from sum_platform.files import read_json, write_json
+from sum_platform.workspace import Workspace
 
-__all__ = ["ensure_ray", "shutdown", "started_local"]
+__all__ = ["ClusterRecord", "NoClusterError", "cluster_record", "ensure_ray", "record_cluster", "shutdown",
+           "started_local", "token_env"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,46 @@ log = logging.getLogger(__name__)
 LOCAL_NUM_CPUS = 2
 
 _state: dict[str, Any] = {"started_local": False}
+
+
+class NoClusterError(RuntimeError):
+    """The workspace's stack has no reachable Ray cluster."""
+
+
+class ClusterRecord(dict):
+    """``{"address": "host:port", "token_path": str, "dashboard": "http://host:port"}`` of a stack's Ray."""
+
+    @property
+    def address(self) -> str:
+        return str(self["address"])
+
+    @property
+    def token_path(self) -> Path:
+        return Path(self["token_path"])
+
+
+def _record_path(ws: Workspace) -> Path:
+    return ws.stack_dir / "ray.json"
+
+
+def record_cluster(ws: Workspace, address: str, token_path: Path, dashboard: str) -> None:
+    """Records the stack's Ray head for every later process (tasks, ``sumctl``)."""
+    write_json(_record_path(ws), {"address": address, "token_path": str(token_path), "dashboard": dashboard})
+
+
+def forget_cluster(ws: Workspace) -> None:
+    _record_path(ws).unlink(missing_ok=True)
+
+
+def cluster_record(ws: Workspace) -> ClusterRecord | None:
+    """The stack's Ray head as ``sumctl up`` recorded it, or None."""
+    path = _record_path(ws)
+    return ClusterRecord(read_json(path)) if path.exists() else None
+
+
+def token_env(token_path: Path) -> dict[str, str]:
+    """The environment a process needs to authenticate with a token-protected Ray."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
 def started_local() -> bool:
@@ -54,26 +99,52 @@ def _init_local(num_cpus: int, worker_niceness: int = 0) -> None:
     log.info("started a local Ray instance (%d CPUs)", num_cpus)
 
 
-def _connect_ray(address: str, num_cpus: int, worker_niceness: int = 0) -> None:
+def _attach(address: str) -> None:
     import ray
 
-    if address == "local":
-        _init_local(num_cpus, worker_niceness)
-        return
-    if address == "auto":
-        try:
-            ray.init(address="auto", namespace="sum")
-            _state["started_local"] = False
-            log.info("attached to the running Ray cluster")
-            return
-        except ConnectionError as exc:
-            log.info("no running Ray cluster to attach to (%s); starting a local one", exc)
-        if ray.is_initialized():  # a half-made connection
-            ray.shutdown()
-        _init_local(num_cpus, worker_niceness)
-        return
-    ray.init(address=address, namespace="sum")
+    ray.init(address=address, namespace="sum", log_to_driver=False)
     _state["started_local"] = False
+    log.info("attached to the Ray cluster at %s", address)
+
+
+def _refresh_ray_config() -> None:
+    """Makes an already imported Ray see the token environment (Ray reads RAY_AUTH_MODE once, at import;
+    its own ``ray start`` path refreshes it the same way)."""
+    import sys
+
+    if "ray" in sys.modules:
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def _attach_stack(ws: Workspace) -> None:
+    import socket
+
+    record = cluster_record(ws)
+    hint = f"start the deployed stack with `sumctl up` (workspace {ws.root})"
+    if record is None:
+        raise NoClusterError(f"no Ray cluster recorded in {_record_path(ws)}: {hint}")
+    host, _, port = record.address.rpartition(":")
+    try:  # fail in a second, not after ray.init's long connection retries
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError as exc:
+        raise NoClusterError(f"the stack's Ray head at {record.address} does not answer ({exc}): {hint}") from exc
+    os.environ.update(token_env(record.token_path))
+    _refresh_ray_config()
+    _attach(record.address)
+
+
+def _connect_ray(params: Params, num_cpus: int) -> None:
+    # The stack's components set SUM_RAY_ADDRESS=stack: their tasks attach to the stack's head whatever
+    # the params file says (a test's params ask for a local Ray).
+    address = os.environ.get("SUM_RAY_ADDRESS") or params.serving.ray_address
+    if address == "local":
+        _init_local(num_cpus, params.serving.ray_worker_niceness)
+    elif address == "stack":
+        _attach_stack(Workspace(params.workspace))
+    else:
+        _attach(address)
 
 
 def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -> dict[str, Any]:
@@ -91,6 +162,7 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
         ``{"started_local": bool, "http": "host:port"}``.
 
     Raises:
+        NoClusterError: ``ray_address`` is ``stack`` and the workspace's stack has no reachable Ray.
         RuntimeError: Serve already runs on the cluster with another HTTP host/port.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -100,7 +172,7 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
     params = params or load_params()
     cfg = params.serving
     if not ray.is_initialized():
-        _connect_ray(cfg.ray_address, num_cpus, cfg.ray_worker_niceness)
+        _connect_ray(params, num_cpus)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     host, port = _serve_http_address()
     if host is not None and port is not None and (str(host), int(port)) != (str(cfg.host), int(cfg.port)):

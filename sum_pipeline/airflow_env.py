@@ -6,6 +6,7 @@ imports ``airflow`` (``sumctl`` and the tests call it first).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -55,12 +56,32 @@ def configure(home: Path) -> None:
         marker.touch()
 
 
+def migrate(home: Path, env: dict[str, str]) -> None:
+    """Creates or upgrades the metadata DB that ``env`` points at (once per DB URL; ``airflow db migrate``).
+
+    Raises:
+        RuntimeError: The migration failed; the message holds Airflow's error output.
+    """
+    url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / f".migrated-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    if marker.exists():
+        return
+    airflow_bin = Path(sys.executable).with_name("airflow")
+    done = subprocess.run([str(airflow_bin), "db", "migrate"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`airflow db migrate` failed for {url.split('@')[-1]}:\n{done.stderr[-3000:]}")
+    marker.touch()
+
+
 @dataclass
 class DagRunResult:
     ds: str
     state: str
     task_states: dict[str, str] = field(default_factory=dict)
     xcoms: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+    task_instances: dict[str, dict[str, Any]] = field(default_factory=dict)  # REST API's task instance records
 
     @property
     def ok(self) -> bool:
@@ -93,7 +114,7 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     dag = load_dag()
     logical_date = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
     dr = dag.test(logical_date=logical_date, run_conf=conf or {})
-    result = DagRunResult(ds=ds, state=str(getattr(dr.state, "value", dr.state)))
+    result = DagRunResult(ds=ds, state=str(getattr(dr.state, "value", dr.state)), run_id=dr.run_id)
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 

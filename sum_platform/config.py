@@ -169,6 +169,7 @@ class AirflowConfig(_Section):
     metadata_db: Literal["sqlite", "postgresql"]
     postgresql: PostgresConfig
     start_date: str
+    end_date: str | None
     catchup: bool
     approval_timeout_minutes: float = Field(gt=0)
     dag_poll_seconds: float = Field(gt=0)

@@ -1,0 +1,439 @@
+"""The deployed stack: a long-lived Ray head serving SOAP and Airflow 3 as separate components.
+
+``sumctl up`` starts, ``sumctl status`` reports and ``sumctl down`` stops, on this machine:
+
+* ``ray``: ``ray start --head --block`` (CPUs and object store from params ``ray``, the dashboard on
+  ``ray.dashboard_host``, token authentication with a token file of mode 0600), then the SOAP application
+  with the registry's production snapshot;
+* ``api-server``, ``scheduler`` (LocalExecutor, ``airflow.parallelism`` task processes), ``dag-processor``
+  and ``triggerer``: Airflow on the metadata DB of the ``airflow.metadata_db`` profile, login required
+  (the simple auth manager; the generated password is in the passwords file ``status`` names).
+
+Every component runs in a session of its own (it outlives ``sumctl``), from the venv's ``bin`` without the
+venv being activated; its pid, port and log file are in ``<workspace>/stack/stack.json``. ``up`` twice gives
+one stack (it starts only what is not running); ``down`` stops the process group of every component and
+checks that none of their processes is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, token_env
+from sum_pipeline import airflow_env
+from sum_platform.config import Params
+from sum_platform.files import read_json, write_json
+from sum_platform.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: The Airflow user the stack creates (simple auth manager, admin role).
+AIRFLOW_USER = "admin"
+#: Components in start order (``down`` stops them in reverse).
+COMPONENTS = ("ray", "api-server", "scheduler", "dag-processor", "triggerer")
+_BIN = Path(sys.executable).parent
+
+
+class StackError(RuntimeError):
+    """A component did not come up; the message names it and its log."""
+
+
+@dataclass
+class ComponentState:
+    name: str
+    pid: int | None = None
+    create_time: float | None = None
+    port: int | None = None
+    log: str = ""
+    argv: list[str] = field(default_factory=list)
+
+    def process(self) -> psutil.Process | None:
+        """The running process, or None (gone, or its pid reused by another program)."""
+        if self.pid is None:
+            return None
+        try:
+            proc = psutil.Process(self.pid)
+            if self.create_time is not None and abs(proc.create_time() - self.create_time) > 1.0:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+    @property
+    def running(self) -> bool:
+        return self.process() is not None
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    running: bool
+    pid: int | None
+    port: int | None
+    listening: bool | None
+    log: str
+    log_tail: str = ""
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Stack:
+    """The workspace's deployed stack.
+
+    Example::
+
+        stack = Stack(load_params(), Workspace(load_params().workspace))
+        stack.up()               # idempotent
+        print(stack.status())
+        stack.down()
+    """
+
+    def __init__(self, params: Params, ws: Workspace):
+        self.params = params
+        self.ws = ws
+        self.dir = ws.stack_dir
+        self.logs = self.dir / "logs"
+
+    # -- files -----------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "stack.json"
+
+    @property
+    def token_path(self) -> Path:
+        return self.dir / "ray_auth_token"
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.dir / "airflow_passwords.json"
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        # Ray's unix sockets live under its temp dir and their paths may not exceed ~107 bytes.
+        path = self.dir / "ray"
+        if len(str(path)) > 48:
+            import hashlib
+
+            path = Path("/tmp") / f"sum-ray-{hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]}"
+        return path
+
+    def _states(self) -> dict[str, ComponentState]:
+        if not self.state_file.exists():
+            return {}
+        raw = read_json(self.state_file)
+        return {name: ComponentState(**entry) for name, entry in raw.get("components", {}).items()}
+
+    def _save(self, states: dict[str, ComponentState]) -> None:
+        write_json(self.state_file, {
+            "workspace": str(self.ws.root),
+            "airflow_url": self.airflow_url,
+            "ray_address": self.ray_address,
+            "ray_dashboard": self.ray_dashboard,
+            "serving_url": f"http://{self.params.serving.host}:{self.params.serving.port}",
+            "passwords_file": str(self.passwords_file),
+            "components": {name: asdict(s) for name, s in states.items()},
+        })
+
+    def _secret(self, name: str) -> str:
+        """A secret generated once per workspace, in a file only its owner can read."""
+        path = self.dir / name
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+
+    # -- addresses -------------------------------------------------------------------------------
+    @property
+    def airflow_url(self) -> str:
+        cfg = self.params.airflow
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+        return f"http://{host}:{cfg.port}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.params.ray.node_ip}:{self.params.ray.gcs_port}"
+
+    @property
+    def ray_dashboard(self) -> str:
+        return f"http://{self.params.ray.dashboard_host}:{self.params.ray.dashboard_port}"
+
+    def airflow_password(self) -> str | None:
+        """The generated password of :data:`AIRFLOW_USER` (None before the API server first started)."""
+        try:
+            return json.loads(self.passwords_file.read_text()).get(AIRFLOW_USER)
+        except (OSError, ValueError):
+            return None
+
+    def database_url(self) -> str:
+        cfg = self.params.airflow
+        if cfg.metadata_db == "postgresql":
+            from sum_pipeline.postgres import ensure_database
+
+            return ensure_database(self.params, self.ws)
+        return f"sqlite:///{self.ws.airflow_home / 'airflow.db'}"
+
+    # -- environments ----------------------------------------------------------------------------
+    def ray_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(token_env(self.token_path))
+        env.update({
+            "PATH": f"{_BIN}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # The read path (Serve proxy, SOAP ingress) are Ray workers, reniced to 15 unless told.
+            "RAY_worker_niceness": str(self.params.serving.ray_worker_niceness),
+        })
+        return env
+
+    def airflow_env(self, database_url: str) -> dict[str, str]:
+        """The environment of every Airflow component (and so of every task process they start)."""
+        cfg = self.params.airflow
+        env = self.ray_env()
+        env.update(airflow_env.environment(self.ws.airflow_home))
+        env.update({
+            "SUM_PARAMS": os.environ.get("SUM_PARAMS", str(self.params.base_dir / "params.yaml")),
+            "SUM_WORKSPACE": str(self.ws.root),
+            "SUM_RAY_ADDRESS": "stack",  # tasks attach to this stack's Ray head, never start their own
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(cfg.parallelism),
+            "AIRFLOW__CORE__AUTH_MANAGER":
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            # The components sign and check each other's tokens (task processes call the execution API).
+            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("airflow_jwt_secret"),
+            "AIRFLOW__API__SECRET_KEY": self._secret("airflow_secret_key"),
+            "AIRFLOW__API__HOST": cfg.host,
+            "AIRFLOW__API__PORT": str(cfg.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            # The scheduler sees new runs within a second or two (the default loop is already ~1 s).
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        })
+        return env
+
+    # -- components ------------------------------------------------------------------------------
+    def _argv(self, name: str) -> list[str]:
+        r, a = self.params.ray, self.params.airflow
+        if name == "ray":
+            return [str(_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                    f"--node-ip-address={r.node_ip}", f"--port={r.gcs_port}", f"--num-cpus={r.num_cpus}",
+                    f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
+                    "--include-dashboard=true", f"--dashboard-host={r.dashboard_host}",
+                    f"--dashboard-port={r.dashboard_port}", f"--temp-dir={self.ray_temp_dir}"]
+        if name == "api-server":
+            return [str(_BIN / "airflow"), "api-server", "--host", a.host, "--port", str(a.port)]
+        return [str(_BIN / "airflow"), name]
+
+    def _port(self, name: str) -> int | None:
+        return {"ray": self.params.ray.gcs_port, "api-server": self.params.airflow.port}.get(name)
+
+    def _spawn(self, name: str, env: dict[str, str]) -> ComponentState:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{name}.log"
+        argv = self._argv(name)
+        with open(log_path, "ab") as out:
+            out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+            out.flush()
+            # A session of its own: the component outlives sumctl, and down stops its whole group.
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=str(self.dir), start_new_session=True)
+        return ComponentState(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+                              port=self._port(name), log=str(log_path), argv=argv)
+
+    def _wait(self, state: ComponentState, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if not state.running:
+                raise StackError(f"{state.name} exited while starting; its log {state.log} ends with:\n"
+                                 f"{_tail(Path(state.log))}")
+            time.sleep(0.5)
+        raise StackError(f"{state.name} not ready after {timeout:.0f}s; its log {state.log} ends with:\n"
+                         f"{_tail(Path(state.log))}")
+
+    def _ready(self, name: str) -> Callable[[], bool]:
+        if name == "ray":
+            return lambda: _listening(self.params.ray.node_ip, self.params.ray.gcs_port)
+        if name == "api-server":
+            url = f"{self.airflow_url}/api/v2/monitor/health"
+
+            def api_ready() -> bool:
+                import httpx
+
+                try:
+                    return httpx.get(url, timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            return api_ready
+        return lambda: True
+
+    # -- the commands ----------------------------------------------------------------------------
+    def up(self, deploy: Callable[["Stack"], Any] | None = None, on_step: Callable[[str], None] = lambda s: None
+           ) -> dict[str, Any]:
+        """Starts whatever is not running; returns :meth:`info`.
+
+        Args:
+            deploy: Called once Ray is up (the SOAP application with the production snapshot).
+            on_step: Told each step as it begins (a progress display).
+
+        Raises:
+            StackError: A component did not come up (the message holds its log tail).
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._secret("ray_auth_token")
+        states = self._states()
+        started: list[str] = []
+        if not (states.get("ray") and states["ray"].running):
+            for name, port in (("ray", self.params.ray.gcs_port), ("api-server", self.params.airflow.port)):
+                if not (states.get(name) and states[name].running) and _listening("127.0.0.1", port):
+                    raise StackError(f"port {port} for {name} is taken by another program; stop it or "
+                                     f"change params.yaml ({'ray.gcs_port' if name == 'ray' else 'airflow.port'})")
+            on_step("starting the Ray head")
+            states["ray"] = self._spawn("ray", self.ray_env())
+            self._save(states)
+            self._wait(states["ray"], self._ready("ray"), 120)
+            started.append("ray")
+        record_cluster(self.ws, self.ray_address, self.token_path, self.ray_dashboard)
+        if deploy is not None:
+            on_step("deploying the SOAP application")
+            deploy(self)
+
+        on_step("preparing the Airflow metadata DB")
+        env = self.airflow_env(self.database_url())
+        airflow_env.migrate(self.ws.airflow_home, env)
+        for name in COMPONENTS[1:]:
+            if states.get(name) and states[name].running:
+                continue
+            on_step(f"starting Airflow's {name}")
+            states[name] = self._spawn(name, env)
+            self._save(states)
+            started.append(name)
+        for name in started:
+            if name != "ray":
+                self._wait(states[name], self._ready(name), 180)
+        self._save(states)
+        return self.info() | {"started": started}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "airflow_url": self.airflow_url, "airflow_user": AIRFLOW_USER, "airflow_password": self.airflow_password(),
+            "passwords_file": str(self.passwords_file), "ray_address": self.ray_address,
+            "ray_dashboard": self.ray_dashboard,
+            "serving_url": f"http://{self.params.serving.host}:{self.params.serving.port}",
+            "logs": str(self.logs),
+        }
+
+    def status(self) -> list[ComponentStatus]:
+        """Each component: running or not, pid, port (and whether it answers), log, and a dead one's log tail."""
+        out = []
+        states = self._states()
+        for name in COMPONENTS:
+            s = states.get(name)
+            if s is None:
+                out.append(ComponentStatus(name, False, None, self._port(name), None, "", "never started"))
+                continue
+            running = s.running
+            listening = _listening("127.0.0.1" if name != "ray" else self.params.ray.node_ip, s.port) \
+                if (s.port and running) else None
+            out.append(ComponentStatus(name, running, s.pid, s.port, listening, s.log,
+                                       "" if running else _tail(Path(s.log))))
+        return out
+
+    def is_up(self) -> bool:
+        return all(c.running for c in self.status())
+
+    def _processes(self, states: dict[str, ComponentState]) -> list[psutil.Process]:
+        """Every live process of the stack: the components, their children, and Ray's (found by temp dir)."""
+        procs: dict[int, psutil.Process] = {}
+        for s in states.values():
+            p = s.process()
+            if p is None:
+                continue
+            procs[p.pid] = p
+            try:
+                for child in p.children(recursive=True):
+                    procs[child.pid] = child
+            except psutil.Error:
+                pass
+        marker = str(self.ray_temp_dir)
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(marker in part for part in (p.info["cmdline"] or [])):
+                    procs[p.pid] = p
+            except psutil.Error:
+                pass
+        return [p for p in procs.values() if p.pid != os.getpid()]
+
+    def down(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Stops every component (SIGTERM to its process group, SIGKILL after ``timeout``).
+
+        Returns:
+            ``{"stopped": [names], "pids": [every pid that was running], "left": [pids still alive]}``.
+        """
+        states = self._states()
+        procs = self._processes(states)
+        pids = sorted(p.pid for p in procs)
+        stopped = []
+        for name in reversed(COMPONENTS):
+            s = states.get(name)
+            if s is None or not s.running:
+                continue
+            try:
+                os.killpg(s.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            stopped.append(name)
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=10)
+        left = sorted(p.pid for p in alive)
+        forget_cluster(self.ws)
+        if self.state_file.exists():
+            self.state_file.unlink()
+        return {"stopped": stopped, "pids": pids, "left": left}
+
+
+def require_stack(ws: Workspace) -> None:
+    """Raises :class:`StackError` naming ``sumctl up`` when the workspace has no recorded stack."""
+    if cluster_record(ws) is None:
+        raise StackError(f"the stack of {ws.root} is not running: start it with `sumctl up`")
