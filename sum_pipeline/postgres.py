@@ -100,6 +100,11 @@ def ensure_database(params: Params, ws: Workspace) -> str:
         cluster = _running_cluster(cfg.port)
         state = _state(cluster, cfg)
         check_listen_addresses(state["listen_addresses"], cluster)
+        if state["db_owner"] not in (None, cfg.user):  # refused before anything changes
+            raise PostgresError(
+                f"PostgreSQL database {cfg.database!r} exists and is owned by {state['db_owner']!r}, not by "
+                f"{cfg.user!r}: set another airflow.postgresql.database in params.yaml, or hand it over with "
+                f"ALTER DATABASE ... OWNER TO (as the postgres user)")
         if state["role_login"] is None:
             log.info("creating the PostgreSQL role %s", cfg.user)
             _psql(cluster, 'CREATE ROLE :"role" LOGIN PASSWORD :\'pw\';', cfg, password=password)
@@ -110,11 +115,6 @@ def ensure_database(params: Params, ws: Workspace) -> str:
             log.info("creating the PostgreSQL database %s owned by %s", cfg.database, cfg.user)
             _psql(cluster, 'CREATE DATABASE :"db" OWNER :"role" TEMPLATE template0 ENCODING \'UTF8\';\n'
                            'REVOKE ALL ON DATABASE :"db" FROM PUBLIC;', cfg)
-        elif state["db_owner"] != cfg.user:
-            raise PostgresError(
-                f"PostgreSQL database {cfg.database!r} exists and is owned by {state['db_owner']!r}, not by "
-                f"{cfg.user!r}: set another airflow.postgresql.database in params.yaml, or hand it over with "
-                f"ALTER DATABASE ... OWNER TO (as the postgres user)")
         try:
             _check_login(cfg, password)
         except psycopg2.OperationalError:
