@@ -102,12 +102,14 @@ def test_airflow_migrates_its_metadata_db_on_the_profile(profile, tmp_path):
              "    async with create_session_async() as s:\n"
              "        print('PROBE', settings.async_engine.url.drivername, (await s.execute(sqlalchemy.text(\n"
              "            'SELECT count(*) FROM dag_run'))).scalar())\n"
+             "    await settings.async_engine.dispose()\n"
              "asyncio.run(main())\n")
     proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     probed = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     assert probed == [["postgresql+asyncpg", "0"]], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
     with _connect(url) as conn, conn.cursor() as cur:
         cur.execute("SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'dag_run'")
