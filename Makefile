@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DAYS   ?= 3
 
-.PHONY: setup run test test-fast ui soak bench-serving clean
+.PHONY: setup system-packages run test test-fast ui soak bench-serving clean
 
 # The venv is rebuilt whenever the lock or the project metadata changes.
 $(BIN)/.installed: requirements.lock pyproject.toml
@@ -13,7 +13,10 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[test]"
 	touch $@
 
-setup: $(BIN)/.installed
+system-packages:  ## Debian packages (PostgreSQL); installs only what is missing
+	bash scripts/install_system_packages.sh
+
+setup: system-packages $(BIN)/.installed
 
 run: setup  ## N simulated days through the real daily DAG (DAYS=3)
 	$(BIN)/sumctl run --days $(DAYS) --fresh
