@@ -102,7 +102,9 @@ def _init_local(num_cpus: int, worker_niceness: int = 0) -> None:
 def _attach(address: str) -> None:
     import ray
 
-    ray.init(address=address, namespace="sum", log_to_driver=False)
+    # configure_logging=False: Ray's driver records go to this process's logging setup (a file for sumctl, the
+    # task log for a task), not straight to the terminal.
+    ray.init(address=address, namespace="sum", log_to_driver=False, configure_logging=False)
     _state["started_local"] = False
     log.info("attached to the Ray cluster at %s", address)
 

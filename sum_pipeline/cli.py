@@ -20,12 +20,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from serving.ray_cluster import ensure_ray, shutdown
+from serving.ray_cluster import ensure_ray, shutdown, started_local
 from serving.rollout import rollout as serve_rollout
-from sum_pipeline import airflow_env, tasks
+from sum_pipeline import airflow_env, driver, tasks
 from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
+from sum_pipeline.stack import Stack, StackError
 from sum_platform.config import load_params
 from sum_platform.context import Context
 from sum_platform.files import write_json
@@ -92,40 +93,226 @@ def _wipe(p, ws) -> None:
 @contextmanager
 def _driving_the_dag(workspace: Optional[Path], params: Optional[Path], fresh: bool, keep_serving: bool = False):
     """Yields ``(params, workspace)`` with Airflow configured and this process's own local Ray + Serve for
-    the DAG runs it drives; Ray stops afterwards unless ``keep_serving``.
-
-    The DAG's rollout task reuses a Ray that is already initialised in the process; starting it here as
-    ``local`` keeps ``run``/``soak`` from attaching to some other Ray on the machine (``auto`` would).
+    the ``dag.test()`` runs it drives (the ``--inline`` debugging path); Ray stops afterwards unless
+    ``keep_serving``.
     """
     p, ws = _setup(workspace, params)
     if fresh:
         _wipe(p, ws)
     airflow_env.configure(ws.airflow_home)
+    os.environ["SUM_RAY_ADDRESS"] = "local"  # the tasks run in this process, with this process's Ray
     try:
-        ensure_ray(p.model_copy(update={"serving": p.serving.model_copy(update={"ray_address": "local"})}))
+        ensure_ray(p)
         yield p, ws
     finally:
         if not keep_serving:
             shutdown()
 
 
+def _log_to_file(path: Path | None = None) -> None:
+    """Sends this process's log records (ours, Ray's, Serve's, Airflow's) to ``path``, not over the table
+    (without ``path``: only takes the terminal handlers that Ray and Serve added since)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    for name in ("ray", "ray.serve", "ray.data", "ray.train"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
+def _deploy_production(p, ws) -> Any:
+    """The stack's deploy step: Serve on the stack's Ray, with the registry's production snapshot if any."""
+    def deploy(stack: Stack) -> None:
+        os.environ["SUM_RAY_ADDRESS"] = "stack"
+        ensure_ray(p)
+        _log_to_file()  # Serve adds a terminal handler when it starts
+        try:
+            prod = Registry(ws.registry_db).production() if ws.registry_db.exists() else None
+            if prod is not None:
+                # Frozen mode keeps the registry's first snapshot, whatever (re)started the app.
+                serve_rollout(p, ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id,
+                              frozen=frozen_snapshot(Context(p, ws)))
+        finally:
+            shutdown(stop_serve=False)  # disconnect; Serve lives on in the stack's Ray
+
+    return deploy
+
+
+def _stack_up(p, ws) -> Stack:
+    stack = Stack(p, ws)
+    _log_to_file(stack.logs / "sumctl.log")
+    t0 = time.perf_counter()
+    with console.status("bringing the stack up") as status:
+        try:
+            info = stack.up(deploy=_deploy_production(p, ws), on_step=lambda step: status.update(step))
+        except StackError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+    if info["started"]:
+        console.print(f"stack up in {time.perf_counter() - t0:.0f}s (started {', '.join(info['started'])}); "
+                      f"UI {info['airflow_url']} as {info['airflow_user']} (password in {info['passwords_file']})")
+    return stack
+
+
+def _client(stack: Stack):
+    from sum_pipeline.airflow_api import AirflowClient
+
+    return AirflowClient(stack.airflow_url, stack.info()["airflow_user"], stack.airflow_password() or "", timeout=120)
+
+
+@app.command()
+def up(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Starts the deployed stack (Ray head serving SOAP, Airflow api-server, scheduler, dag-processor, triggerer)."""
+    p, ws = _setup(workspace, params)
+    stack = _stack_up(p, ws)
+    _print_status(stack)
+
+
+def _print_status(stack: Stack) -> None:
+    info = stack.info()
+    table = Table(title=f"Stack of {stack.ws.root}")
+    for col in ("component", "state", "pid", "port", "listening", "log"):
+        table.add_column(col, overflow="fold")
+    dead = []
+    for c in stack.status():
+        state = "[green]running[/green]" if c.running else "[red]stopped[/red]"
+        table.add_row(c.name, state, str(c.pid or "-"), str(c.port or "-"),
+                      "-" if c.listening is None else ("yes" if c.listening else "[red]no[/red]"), c.log or "-")
+        if not c.running and c.log:
+            dead.append(c)
+    console.print(table)
+    console.print(f"Airflow UI/API: {info['airflow_url']}  user [bold]{info['airflow_user']}[/bold]  password "
+                  f"[bold]{info['airflow_password'] or '(not generated yet)'}[/bold]")
+    console.print(f"SOAP: {info['serving_url']}   Ray: {info['ray_address']} (token auth), dashboard {info['ray_dashboard']}")
+    for c in dead:
+        console.print(f"[red]{c.name} is not running[/red]; {c.log} ends with:\n{c.log_tail}")
+
+
+@app.command()
+def status(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Reports each stack component: pid, port, log; a stopped one with its log tail. Exit 1 unless all run."""
+    p, ws = _setup(workspace, params)
+    stack = Stack(p, ws)
+    _print_status(stack)
+    if not stack.is_up():
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Stops every stack component and checks that none of their processes is left."""
+    p, ws = _setup(workspace, params)
+    t0 = time.perf_counter()
+    out = Stack(p, ws).down()
+    console.print(f"stopped {', '.join(out['stopped']) or 'nothing'} ({len(out['pids'])} processes) in "
+                  f"{time.perf_counter() - t0:.0f}s" + (f"; [red]still alive: {out['left']}[/red]" if out["left"] else ""))
+    if out["left"]:
+        raise typer.Exit(1)
+
+
+def _progress_line(progress, task_of: dict, p: "driver.DayProgress") -> None:
+    running = ", ".join(p.running) or p.state
+    progress.update(task_of[p.ds], completed=p.done, total=max(p.total, 1), description=f"{p.ds} {running}")
+
+
+def _readable_log(path: Path, lines: int = 12) -> str:
+    """The end of a task's log (Airflow writes JSON lines): time, level, message, and an error's type and value."""
+    import json
+
+    out = []
+    for raw in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            out.append(raw)
+            continue
+        line = f"{rec.get('timestamp', '')[11:19]} {rec.get('level', '')} {rec.get('event', '')}"
+        for err in rec.get("error_detail") or []:
+            line += f"\n    {err.get('exc_type')}: {err.get('exc_value')}"
+        out.append(line)
+    return "\n".join(out[-lines:])
+
+
+def _print_failures(stack: Stack, result) -> None:
+    """A failed task's log tail, with the log's path (upstream_failed tasks have no log of their own)."""
+    for task_id, state in result.task_states.items():
+        if state != "failed":
+            continue
+        ti = result.task_instances.get(task_id, {})
+        path = driver.task_log_path(stack.ws.airflow_home, result.run_id, task_id, int(ti.get("try_number") or 1))
+        tail = _readable_log(path) if path.exists() else "(no log file)"
+        console.print(f"[red]{result.ds} {task_id} failed[/red]; log {path}:\n{tail}", markup=True, highlight=False)
+
+
 @app.command()
 def run(
     days: Annotated[int, typer.Option("--days", "-n", min=1, help="How many consecutive dates to run.")] = 3,
-    start: Annotated[Optional[str], typer.Option(help="First logical date YYYY-MM-DD (default: simulator.start_date).")] = None,
+    start: Annotated[Optional[str], typer.Option(help="First logical date YYYY-MM-DD (default: airflow.start_date).")] = None,
     fault: Annotated[
         list[str], typer.Option("--fault", help="DATE=reinit: inject a re-initialised candidate on DATE (gate drill).")
     ] = [],
-    fresh: Annotated[bool, typer.Option(help="Delete the workspace and its DVC remote first.")] = False,
-    keep_serving: Annotated[bool, typer.Option(help="Leave Ray Serve running after the last day.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Stop the stack, delete the workspace and its DVC remote first.")] = False,
+    inline: Annotated[bool, typer.Option(help="Debugging: run each date with dag.test() in this process, no stack.")] = False,
+    down_after: Annotated[bool, typer.Option("--down", help="Stop the stack after the last day.")] = False,
+    keep_serving: Annotated[bool, typer.Option(help="--inline only: leave Ray Serve running after the last day.")] = False,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Runs N simulated days through the real daily DAG (``dag.test()`` per date) and prints a table."""
+    """Runs N days through the deployed stack's scheduler (brought up if needed) and prints a table."""
     faults = dict(f.split("=", 1) for f in fault)
+    if inline:
+        return _run_inline(days, start, faults, fresh, keep_serving, workspace, params)
+    p, ws = _setup(workspace, params)
+    if fresh:
+        Stack(p, ws).down()
+        _wipe(p, ws)
+    first = date.fromisoformat(start or p.airflow.start_date)
+    dates = [(first + timedelta(days=i)).isoformat() for i in range(days)]
+    stack = _stack_up(p, ws)
+    client = _client(stack)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    t_start: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task_of = {ds: progress.add_task(f"{ds} waiting", total=len(tasks.STAGES), start=False) for ds in dates}
+
+        def on_progress(day: "driver.DayProgress") -> None:
+            if day.ds not in t_start and (day.running or day.done):
+                t_start[day.ds] = time.perf_counter()
+                progress.start_task(task_of[day.ds])
+            if day.state in driver.FINISHED and day.ds not in seconds:
+                seconds[day.ds] = time.perf_counter() - t_start.get(day.ds, time.perf_counter())
+            _progress_line(progress, task_of, day)
+
+        results = driver.drive(client, dates, faults, p.airflow.dag_poll_seconds, on_progress)
+    rows = [day_row(r) | {"seconds": seconds.get(r.ds, 0.0)} for r in results]
+    console.print(days_table(rows, p.model.num_embeddings))
+    for r in results:
+        _print_failures(stack, r)
+    console.print(f"UI: {stack.airflow_url}/dags/{airflow_env.DAG_ID}  SOAP: http://{p.serving.host}:{p.serving.port}"
+                  f"  (`sumctl down` stops the stack)")
+    if down_after:
+        Stack(p, ws).down()
+    if any(r["state"] != "success" for r in rows):
+        raise typer.Exit(code=1)
+
+
+def _run_inline(days, start, faults, fresh, keep_serving, workspace, params) -> None:
+    """``sumctl run --inline``: each date through ``dag.test()`` in this process (a debugging aid)."""
     rows = []
     with _driving_the_dag(workspace, params, fresh, keep_serving) as (p, ws):
-        first = date.fromisoformat(start or p.simulator.start_date)
+        first = date.fromisoformat(start or p.airflow.start_date)
         for i in range(days):
             ds = (first + timedelta(days=i)).isoformat()
             t0 = time.perf_counter()
@@ -229,21 +416,12 @@ def stage(
 
 
 @app.command()
-def ui(
-    port: Annotated[int, typer.Option(help="Port of the Airflow UI/API server.")] = 8080,
-    workspace: WorkspaceOpt = None,
-    params: ParamsOpt = None,
-) -> None:
-    """Starts ``airflow standalone`` on 127.0.0.1 for the workspace's DAG runs (Ctrl-C stops it)."""
-    import subprocess
-    import sys
-
-    _, ws = _setup(workspace, params)
-    airflow_env.configure(ws.airflow_home)
-    os.environ["AIRFLOW__API__PORT"] = str(port)
-    console.print(f"Airflow UI: http://127.0.0.1:{port} (home {ws.airflow_home}; "
-                  f"login details in {ws.airflow_home}/simple_auth_manager_passwords.json.generated)")
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "standalone"], check=False)
+def ui(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Brings the stack up if needed and prints where the Airflow UI is and how to log in."""
+    p, ws = _setup(workspace, params)
+    stack = _stack_up(p, ws)
+    _print_status(stack)
+    console.print(f"open {stack.airflow_url}/dags/{airflow_env.DAG_ID} (`sumctl down` stops the stack)")
 
 
 @app.command()
@@ -312,7 +490,8 @@ def quarantine_release(
 
 @app.command()
 def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
-    """Serves the production snapshot (Ray Serve on serving.host:port) until Ctrl-C."""
+    """(Re)deploys the production snapshot on the stack's Ray (``serving.ray_address``); with a local Ray
+    it serves in this process until Ctrl-C."""
     p, ws = _setup(workspace, params)
     prod = Registry(ws.registry_db).production()
     if prod is None:
@@ -320,6 +499,10 @@ def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     ensure_ray(p)
     # Frozen mode keeps the registry's first snapshot, whatever (re)started the app.
     serve_rollout(p, ws.snapshot_dir(prod.snapshot_id), prod.snapshot_id, frozen=frozen_snapshot(Context(p, ws)))
+    if not started_local():
+        shutdown(stop_serve=False)
+        console.print(f"serving {prod.snapshot_id} on http://{p.serving.host}:{p.serving.port} from the stack's Ray")
+        return
     console.print(f"serving {prod.snapshot_id} on http://{p.serving.host}:{p.serving.port} (Ctrl-C stops)")
     try:
         while True:
@@ -355,5 +538,6 @@ def soak(
 
 
 def main() -> None:  # pragma: no cover - console entry
-    logging.basicConfig(level=logging.INFO)
+    # The terminal gets the tables and warnings; the stack commands send the full log to a file.
+    logging.basicConfig(level=logging.WARNING)
     app()

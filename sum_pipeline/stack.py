@@ -34,6 +34,7 @@ import psutil
 
 from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, token_env
 from sum_pipeline import airflow_env
+from sum_pipeline.postgres import database_url
 from sum_platform.config import Params
 from sum_platform.files import read_json, write_json
 from sum_platform.workspace import Workspace
@@ -196,12 +197,8 @@ class Stack:
             return None
 
     def database_url(self) -> str:
-        cfg = self.params.airflow
-        if cfg.metadata_db == "postgresql":
-            from sum_pipeline.postgres import ensure_database
-
-            return ensure_database(self.params, self.ws)
-        return f"sqlite:///{self.ws.airflow_home / 'airflow.db'}"
+        """The metadata DB of the ``airflow.metadata_db`` profile (PostgreSQL: made ready first)."""
+        return database_url(self.params, self.ws)
 
     # -- environments ----------------------------------------------------------------------------
     def ray_env(self) -> dict[str, str]:
@@ -237,7 +234,7 @@ class Stack:
             "AIRFLOW__API__SECRET_KEY": self._secret("airflow_secret_key"),
             "AIRFLOW__API__HOST": cfg.host,
             "AIRFLOW__API__PORT": str(cfg.port),
-            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__WORKERS": "2",  # the execution API (task processes) and the public API must not queue behind each other
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             # The scheduler sees new runs within a second or two (the default loop is already ~1 s).
@@ -419,6 +416,11 @@ class Stack:
             except (ProcessLookupError, PermissionError):
                 pass
             stopped.append(name)
+        for p in procs:  # Ray's workers and Airflow's task processes may sit in sessions of their own
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
         _, alive = psutil.wait_procs(procs, timeout=timeout)
         for p in alive:
             try:

@@ -1,0 +1,124 @@
+"""Drives the daily DAG through the deployed stack's real scheduler, over Airflow's REST API.
+
+For each logical date :func:`drive` makes sure a run exists (a new one is created with the date's conf; a
+finished one is cleared, so the date reruns; a queued or running one is awaited), unpauses the DAG, then
+waits for the runs in date order, telling ``on_progress`` the running task of each. It reads task states
+and XComs over the REST API and writes each run's verdict into the run's note, where the UI shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from sum_pipeline.airflow_api import AirflowClient, run_result
+from sum_pipeline.airflow_env import DAG_ID, DagRunResult
+
+#: Dag run states after which nothing more happens to the run.
+FINISHED = ("success", "failed")
+
+
+@dataclass
+class DayProgress:
+    ds: str
+    state: str
+    running: list[str]
+    done: int
+    total: int
+
+
+def run_id_for(ds: str) -> str:
+    return f"sumctl__{ds}"
+
+
+def _stamp(ds: str) -> str:
+    return f"{ds}T00:00:00+00:00"
+
+
+def find_run(client: AirflowClient, ds: str) -> dict | None:
+    """The DAG's run of logical date ``ds`` (there is at most one), or None."""
+    runs = client._get_all(f"/dags/{DAG_ID}/dagRuns", "dag_runs", logical_date_gte=_stamp(ds),
+                           logical_date_lte=_stamp(ds))
+    return runs[0] if runs else None
+
+
+def ensure_run(client: AirflowClient, ds: str, conf: dict[str, Any]) -> str:
+    """The run of ``ds``: created when missing, cleared (so it reruns) when finished, else as it is."""
+    existing = find_run(client, ds)
+    if existing is None:
+        # run_after = the end of the date's interval, as for a scheduled run: queued runs go in date order.
+        after = datetime.combine(date.fromisoformat(ds) + timedelta(days=1), datetime.min.time(), timezone.utc)
+        body = {"dag_run_id": run_id_for(ds), "logical_date": _stamp(ds), "run_after": after.isoformat(),
+                "conf": conf}
+        return client._request("POST", f"/dags/{DAG_ID}/dagRuns", json_body=body).json()["dag_run_id"]
+    run_id = existing["dag_run_id"]
+    if existing["state"] in FINISHED:
+        if conf != (existing.get("conf") or {}):
+            raise ValueError(f"{ds} already has run {run_id} with conf {existing.get('conf')}; a rerun keeps the "
+                             f"run's conf: delete the run in the UI to run the date with {conf}")
+        # What Clear in the UI does: every task of the run again (the tasks are idempotent per date).
+        client._request("POST", f"/dags/{DAG_ID}/clearTaskInstances",
+                        json_body={"dag_run_id": run_id, "dry_run": False, "only_failed": False,
+                                   "reset_dag_runs": True, "include_downstream": True})
+    return run_id
+
+
+def wait_run(client: AirflowClient, ds: str, run_id: str, poll_s: float,
+             on_progress: Callable[[DayProgress], None], timeout_s: float) -> DagRunResult:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            run = client.dag_run(DAG_ID, run_id)
+            tis = client.task_instances(DAG_ID, run_id)
+        except httpx.TimeoutException:  # a busy API server: ask again, the run goes on regardless
+            continue
+        states = {t: (ti.get("state") or "none") for t, ti in tis.items()}
+        done = sum(s in ("success", "skipped", "failed", "upstream_failed") for s in states.values())
+        running = [t for t, s in states.items() if s in ("running", "queued", "up_for_retry", "deferred",
+                                                          "awaiting_input", "scheduled")]
+        on_progress(DayProgress(ds, run["state"], running, done, len(states)))
+        if run["state"] in FINISHED:
+            result = run_result(client, DAG_ID, run_id, ds)
+            result.run_id, result.task_instances = run_id, tis
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the run {run_id} of {ds} did not finish within {timeout_s:.0f}s "
+                               f"(state {run['state']}, running {running})")
+        time.sleep(poll_s)
+
+
+def verdict_note(result: DagRunResult) -> str:
+    """The run's note: the gate's verdict table (markdown) or why the run stopped."""
+    table = result.xcoms.get("shift_gate.verdict_table")
+    verdict = (result.xcoms.get("shift_gate.verdict") or {}).get("verdict")
+    served = (result.xcoms.get("verify_serving") or {}).get("served_snapshot_id")
+    if table:
+        head = f"**{verdict}**" + (f", serving `{served}`" if served else "")
+        return f"{head}\n\n{table}"
+    failed = result.failed_tasks()
+    return f"**{result.state}**" + (f": failed at {', '.join(failed)}" if failed else "")
+
+
+def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_s: float,
+          on_progress: Callable[[DayProgress], None] = lambda p: None, timeout_s: float = 3600) -> list[DagRunResult]:
+    """Runs ``dates`` through the scheduler in date order; returns each run's result."""
+    client.wait_dag(DAG_ID, timeout_s=300)
+    run_ids = [ensure_run(client, ds, {"candidate_fault": faults[ds]} if ds in faults else {}) for ds in dates]
+    client.unpause(DAG_ID)
+    results = []
+    for ds, run_id in zip(dates, run_ids):
+        result = wait_run(client, ds, run_id, poll_s, on_progress, timeout_s)
+        client.set_note(DAG_ID, run_id, verdict_note(result))
+        results.append(result)
+    return results
+
+
+def task_log_path(airflow_home: Path, run_id: str, task_id: str, try_number: int) -> Path:
+    """Where the scheduler's task processes write a task's log (Airflow's default log template)."""
+    return (airflow_home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={task_id}"
+            / f"attempt={try_number}.log")

@@ -1,0 +1,380 @@
+"""The whole daily loop as deployed: `sumctl`'s stack (a token-authenticated Ray head serving SOAP, Airflow's
+api-server, scheduler with LocalExecutor, dag-processor and triggerer, each its own process) runs the real DAG
+for seven runs driven over the REST API, with real GX, torch, Feast, Ray Serve over HTTP and DVC:
+promotion and serving after the task processes have exited, a task process killed with SIGKILL and retried,
+a Clear-style rerun, a held candidate approved through the HITL endpoint and one left to time out, and a
+corrupted partition stopping the run at validation while production, the online store and serving stay
+unchanged. Then an operator's `sumctl rollback`, the UI in Debian's Chromium, and `sumctl down`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from serving.rollout import served_snapshot_id, served_version
+from sum_pipeline import driver
+from sum_pipeline.airflow_api import AirflowClient
+from sum_pipeline.airflow_env import DAG_ID
+from sum_pipeline.stack import Stack
+from sum_platform.config import load_params
+from sum_platform.context import context
+from sum_platform.files import write_partition
+from sum_platform.simulate import simulate_day
+from sum_platform.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+
+DAY1, DAY2, DAY3, DAY4, DAY5, DAY6 = (f"2026-01-0{i}" for i in range(1, 7))
+WATCHED_USERS = list(range(1, 41))  # user 0 is the one verify_serving reads (and so recomputes)
+KILLED_TASK = "rollout"  # retries once: killed mid-rollout, the retry must reach the same end state
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SUMCTL = str(Path(sys.executable).with_name("sumctl"))
+
+
+@pytest.fixture(scope="module")
+def stack_params(session_dir: Path):
+    """A params file of the stack's own: its ports, a workspace, a short approval timeout, the test's dates."""
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    port = int(os.environ["SUM_TEST_PORT"])
+    raw["paths"] = {"workspace": "stack-workspace", "dvc_remote": "stack-dvc-remote"}
+    raw["serving"].update({"port": port + 1, "ray_address": "stack"})
+    raw["airflow"].update({"port": port + 2, "end_date": DAY6, "approval_timeout_minutes": 0.5,
+                           "dag_poll_seconds": 1})
+    raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4})
+    path = session_dir / "stack-params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    old = {k: os.environ.get(k) for k in ("SUM_PARAMS", "SUM_WORKSPACE")}
+    os.environ["SUM_PARAMS"] = str(path)
+    os.environ.pop("SUM_WORKSPACE", None)
+    yield load_params()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _sumctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([SUMCTL, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"sumctl {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def stack(stack_params):
+    """`sumctl up` (as an operator runs it), then `sumctl up` again; stopped by the last test (or here)."""
+    t0 = time.monotonic()
+    first = _sumctl("up")
+    up_seconds = time.monotonic() - t0
+    second = _sumctl("up")
+    s = Stack(stack_params, Workspace(stack_params.workspace))
+    yield {"stack": s, "up_seconds": up_seconds, "first": first.stdout, "second": second.stdout,
+           "pids": {c.name: c.pid for c in s.status()}}
+    if s.state_file.exists():
+        s.down()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    s = stack["stack"]
+    with AirflowClient(s.airflow_url, "admin", s.airflow_password(), timeout=120) as c:
+        yield c
+
+
+def _kill_when_running(client: AirflowClient, run_id: str, task_id: str, out: dict, stop: threading.Event) -> None:
+    """SIGKILLs the task's process as soon as it runs (its pid as the API reports it)."""
+    while not stop.is_set():
+        try:
+            ti = client.task_instances(DAG_ID, run_id).get(task_id) or {}
+        except Exception:  # noqa: BLE001 - a busy API server: ask again
+            ti = {}
+        if ti.get("state") == "running" and ti.get("pid"):
+            time.sleep(2)  # mid-run: the rollout has begun talking to Serve
+            try:
+                proc = psutil.Process(int(ti["pid"]))
+                out["killed"] = {"pid": proc.pid, "cmdline": proc.cmdline()}
+                proc.send_signal(signal.SIGKILL)
+            except psutil.Error as exc:
+                out["kill_error"] = repr(exc)
+            return
+        time.sleep(0.5)
+
+
+def _answer_when_awaiting(client: AirflowClient, run_id: str, out: dict, stop: threading.Event) -> None:
+    """Approves the run's held candidate through the HITL endpoint, as an operator in the UI would."""
+    while not stop.is_set():
+        try:
+            state = (client.task_instances(DAG_ID, run_id).get("approve_held") or {}).get("state")
+        except Exception:  # noqa: BLE001
+            state = None
+        if state == "awaiting_input":
+            out["response"] = client.respond(DAG_ID, run_id, "approve_held", ["Approve"],
+                                             {"reason": "drill: downstream team accepts the shift"})
+            return
+        time.sleep(0.5)
+
+
+def _drive(client, ds, faults=None, helper=None):
+    stop = threading.Event()
+    side: dict = {}
+    thread = None
+    if helper is not None:
+        run_id = driver.run_id_for(ds)
+        thread = threading.Thread(target=helper, args=(client, run_id, side, stop), daemon=True)
+    t0 = time.monotonic()
+    try:
+        if thread is not None:
+            thread.start()
+        [result] = driver.drive(client, [ds], faults or {}, poll_s=1)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=10)
+    return result, side, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def runs(stack, client, stack_params, stored_rows):
+    """Seven runs through the scheduler; after each, what the registry, the server and the store say."""
+    params = stack_params
+    ctx = context()
+    out: dict = {"seconds": {}}
+
+    def observe(key: str) -> None:
+        out[f"{key}/production"] = ctx.registry.production().snapshot_id if ctx.registry.production() else None
+        out[f"{key}/served"] = served_snapshot_id(params)
+
+    for ds in (DAY1, DAY2):
+        out[ds], _, out["seconds"][ds] = _drive(client, ds)
+        observe(ds)
+    # DAY3: the rollout's task process is SIGKILLed mid-run; its retry must finish the day.
+    out[DAY3], out["kill"], out["seconds"][DAY3] = _drive(
+        client, DAY3, helper=lambda c, r, o, e: _kill_when_running(c, r, KILLED_TASK, o, e))
+    observe(DAY3)
+    out["store_day3"] = stored_rows(WATCHED_USERS)
+
+    # Rerun DAY3 (the production snapshot's date) as Clear in the UI does: the same end state.
+    out["rerun/before"] = ctx.registry.get(f"sum-{DAY3}")
+    out["rerun"], _, out["seconds"]["rerun"] = _drive(client, DAY3)
+    out["rerun/after"] = ctx.registry.get(f"sum-{DAY3}")
+    observe("rerun")
+
+    # DAY4: a re-initialised candidate is held; an operator approves it through the HITL endpoint.
+    out[DAY4], out["approval"], out["seconds"][DAY4] = _drive(
+        client, DAY4, {DAY4: "reinit"}, helper=_answer_when_awaiting)
+    observe(DAY4)
+    # DAY5: held again, and nobody answers: the approval times out into held.
+    out[DAY5], _, out["seconds"][DAY5] = _drive(client, DAY5, {DAY5: "reinit"})
+    observe(DAY5)
+
+    # DAY6: the partition arrives corrupted (click labels outside {0, 1}).
+    before = stored_rows(WATCHED_USERS)
+    events, users = simulate_day(DAY6, params)
+    events.loc[events.index[:25], "click"] = 2
+    write_partition(events, ctx.ws.events_dir(DAY6))
+    write_partition(users, ctx.ws.users_dir(DAY6))
+    out[DAY6], _, out["seconds"][DAY6] = _drive(client, DAY6)
+    observe(DAY6)
+    out["store_before"], out["store_after"] = before, stored_rows(WATCHED_USERS)
+    out["ctx"] = ctx
+    print(f"stack up {stack['up_seconds']:.0f}s; run seconds {json.dumps({k: round(v) for k, v in out['seconds'].items()})}")
+    return out
+
+
+def test_up_starts_every_component_once_on_loopback_with_a_login(stack, client):
+    s = stack["stack"]
+    assert all(c.running for c in s.status()), s.status()
+    assert "started" not in stack["second"] or "started ray" not in stack["second"]
+    assert {c.name: c.pid for c in s.status()} == stack["pids"]  # the second `up` started nothing new
+    assert s.airflow_url.startswith("http://127.0.0.1:")
+    import httpx
+
+    assert httpx.get(f"{s.airflow_url}/api/v2/dags", timeout=30).status_code == 401  # no login, no API
+    assert client.dag(DAG_ID)["dag_id"] == DAG_ID
+    token = Path(s.token_path)
+    assert token.stat().st_mode & 0o777 == 0o600
+    listeners = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    for port in (s.params.airflow.port, s.params.serving.port, s.params.ray.dashboard_port):
+        assert any(p == port for _, p in listeners), port
+        assert all(ip == "127.0.0.1" for ip, p in listeners if p == port), (port, listeners)
+
+
+def test_status_reports_each_component(stack):
+    done = _sumctl("status")
+    for name in ("ray", "api-server", "scheduler", "dag-processor", "triggerer"):
+        assert name in done.stdout
+    assert stack["stack"].airflow_password() in done.stdout
+
+
+def test_a_ray_client_without_the_token_is_refused(stack, tmp_path):
+    s = stack["stack"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    code = ("import ray\ntry:\n    ray.init(address=%r)\nexcept Exception as e:\n    print('REFUSED', type(e).__name__, e)\n"
+            "else:\n    print('ADMITTED')\n") % s.ray_address
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "REFUSED" in done.stdout, (done.stdout[-2000:], done.stderr[-2000:])
+    assert "ADMITTED" not in done.stdout
+    assert "auth" in (done.stdout + done.stderr).lower()
+
+
+def test_first_day_is_promoted_by_rubber_stamp(runs):
+    r = runs[DAY1]
+    assert r.ok, r.task_states
+    assert r.xcoms["shift_gate.verdict"]["verdict"] == "blessed"
+    rec = runs["ctx"].registry.get("sum-2026-01-01")
+    assert rec.stage in ("production", "retired")
+    verdict = rec.record["verdict"]
+    assert verdict["blessed"] and verdict["baseline_snapshot_id"] is None
+    assert any("first snapshot" in reason for reason in verdict["reasons"])
+    assert runs[f"{DAY1}/production"] == "sum-2026-01-01"
+
+
+def test_served_snapshot_follows_each_promotion(runs):
+    for ds in (DAY1, DAY2, DAY3):
+        assert runs[ds].ok, (ds, runs[ds].task_states)
+        assert runs[f"{ds}/production"] == f"sum-{ds}"
+        assert runs[f"{ds}/served"] == runs[f"{ds}/production"]
+
+
+def test_normal_days_have_shift_numbers_within_thresholds(runs):
+    gate = runs["ctx"].params.gate
+    rec = runs["ctx"].registry.get(f"sum-{DAY2}")
+    shift = rec.record["verdict"]["shift"]
+    assert len(shift) == 2
+    for m in shift:
+        assert gate.min_mean_cosine <= m["mean_cosine"] <= 1.0
+        assert 0.0 <= m["relative_l2_change"] <= gate.max_relative_l2_change
+    ne = rec.record["evaluation"]["ne"]
+    assert 0 < ne["click"] < 1.0
+
+
+def test_online_store_holds_embeddings_for_the_users(runs):
+    stored = runs["store_day3"]
+    assert len(stored) == len(WATCHED_USERS)
+    for user_id, row in stored.items():
+        assert row["snapshot_id"] == f"sum-{DAY3}", (user_id, row["snapshot_id"])
+        emb = np.asarray(row["embeddings"], dtype=np.float32)
+        assert emb.shape == (2, 96) and np.isfinite(emb).all()
+
+
+def test_the_rollout_outlives_its_task_and_a_killed_task_is_retried_to_the_same_end(runs, stack):
+    kill = runs["kill"]
+    assert "killed" in kill, kill  # the helper found the running task process and killed it
+    r = runs[DAY3]
+    assert r.ok, r.task_states
+    assert int(r.task_instances[KILLED_TASK]["try_number"]) == 2
+    assert not psutil.pid_exists(kill["killed"]["pid"]) or psutil.Process(kill["killed"]["pid"]).status() == "zombie"
+    assert runs[f"{DAY3}/production"] == runs[f"{DAY3}/served"] == f"sum-{DAY3}"
+    # Every task process of the day has exited, and the stack's Ray still serves the registry's production.
+    version = served_version(stack["stack"].params)
+    assert version and version["snapshot_id"] == runs["ctx"].registry.production().snapshot_id
+
+
+def test_verdict_is_in_the_run_note_and_on_the_user_tower_asset(runs, client):
+    run = client.dag_run(DAG_ID, driver.run_id_for(DAY2))
+    assert "blessed" in run["note"] and "sum-2026-01-02" in run["note"]
+    held = client.dag_run(DAG_ID, driver.run_id_for(DAY5))
+    assert "held" in held["note"]
+    events = client.asset_events("sum_user_tower")
+    by_snapshot = {e["extra"].get("snapshot_id"): e["extra"] for e in events if e.get("extra")}
+    assert by_snapshot[f"sum-{DAY2}"]["verdict"] == "blessed"
+    assert by_snapshot[f"sum-{DAY5}"]["verdict"] == "held"
+
+
+def test_a_held_candidate_approved_in_the_ui_is_promoted_with_who_and_why(runs):
+    r = runs[DAY4]
+    assert r.ok, r.task_states
+    assert runs["approval"].get("response"), runs["approval"]
+    assert r.task_states["approve_held"] == "success"
+    for downstream in ("promote", "materialize_embeddings", "rollout", "verify_serving"):
+        assert r.task_states[downstream] == "success", (downstream, r.task_states)
+    rec = runs["ctx"].registry.get(f"sum-{DAY4}")
+    assert rec.record["verdict"]["verdict"] == "held"  # the gate's verdict stands in the lineage ...
+    assert rec.promoted_by == "admin"  # ... next to who overrode it, and why
+    last = [e for e in runs["ctx"].registry.events(f"sum-{DAY4}") if e["action"] == "promote"][-1]
+    assert last["actor"] == "admin" and "downstream team accepts" in last["detail"]["reason"]
+    assert runs[f"{DAY4}/production"] == runs[f"{DAY4}/served"] == f"sum-{DAY4}"
+
+
+def test_an_unanswered_approval_times_out_into_held_and_production_stays(runs):
+    r = runs[DAY5]
+    assert r.state == "success", r.task_states  # a held snapshot is a verdict, not a failure
+    assert r.task_states["shift_gate"] == "success"
+    for downstream in ("promote", "materialize_embeddings", "rollout", "verify_serving"):
+        assert r.task_states[downstream] == "skipped", (downstream, r.task_states)
+    rec = runs["ctx"].registry.get(f"sum-{DAY5}")
+    assert rec.stage == "held"
+    assert any("mean_cosine" in reason for reason in rec.record["verdict"]["reasons"])
+    assert runs[f"{DAY5}/production"] == runs[f"{DAY5}/served"] == f"sum-{DAY4}"
+
+
+def test_rerunning_a_promoted_date_gives_the_same_end_state(runs):
+    before, after = runs["rerun/before"], runs["rerun/after"]
+    assert runs["rerun"].ok, runs["rerun"].task_states
+    assert runs["rerun"].run_id == runs[DAY3].run_id  # the same run, cleared
+    assert after.stage == "production" and runs["rerun/production"] == f"sum-{DAY3}"
+    assert runs["rerun/served"] == f"sum-{DAY3}"
+    assert after.parent_id == before.parent_id == f"sum-{DAY2}"
+    # Deterministic training from the same parent on the same data: the same weights, NE and shift.
+    assert after.record["weights_sha256"] == before.record["weights_sha256"]
+    manifest = json.loads((runs["ctx"].ws.snapshot_dir(f"sum-{DAY3}") / "manifest.json").read_text())
+    assert manifest["sha256"]["user_tower.safetensors"] == before.record["weights_sha256"]["user_tower.safetensors"]
+    assert after.record["evaluation"]["ne"] == before.record["evaluation"]["ne"]
+    assert after.record["verdict"]["shift"] == before.record["verdict"]["shift"]
+    assert after.record["data_version"] == before.record["data_version"]
+
+
+def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
+    from sum_platform.versioning import restore_snapshot, tag_for_snapshot
+
+    ws = runs["ctx"].ws
+    tag = tag_for_snapshot(ws.root, f"sum-{DAY2}")
+    assert tag
+    tags = subprocess.run(["git", "tag"], cwd=ws.root, capture_output=True, text=True, check=True).stdout
+    assert tag in tags
+    restored = restore_snapshot(ws.root, f"sum-{DAY2}", tmp_path / "restored")
+    original = ws.snapshot_dir(f"sum-{DAY2}") / "user_tower.safetensors"
+    assert (restored / "user_tower.safetensors").read_bytes() == original.read_bytes()
+
+
+def test_operator_rollback_returns_the_previous_production_and_rerolls_the_stack(runs):
+    """`sumctl rollback` from a shell, as an operator runs it: production and the stack's server go back."""
+    from sum_platform.versioning import production_snapshot
+
+    ctx = runs["ctx"]
+    done = _sumctl("rollback", "--reason", "bad downstream metrics", "--actor", "operator-x")
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    assert (out["from"], out["to"]) == (f"sum-{DAY4}", f"sum-{DAY3}")
+    assert ctx.registry.production().snapshot_id == f"sum-{DAY3}"
+    assert ctx.registry.get(f"sum-{DAY4}").stage == "retired"
+    assert served_snapshot_id(ctx.params) == f"sum-{DAY3}"
+    assert production_snapshot(ctx.ws.root) == f"sum-{DAY3}"
+    last = ctx.registry.events(f"sum-{DAY3}")[-1]
+    assert last["action"] == "promote" and last["actor"] == "operator-x"
+    assert "rollback from" in last["detail"]["reason"]
+
+
+def test_down_stops_every_process_of_the_stack(runs, stack):
+    """Last in the module: `sumctl down` leaves none of the stack's processes (checked by pid)."""
+    s = stack["stack"]
+    pids = [p.pid for p in s._processes(s._states())]
+    assert len(pids) >= 5
+    _sumctl("down")
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert alive == []
+    assert not s.state_file.exists()
+    assert _sumctl("status", check=False).returncode == 1
