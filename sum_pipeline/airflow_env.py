@@ -35,6 +35,46 @@ def environment(home: Path) -> dict[str, str]:
     }
 
 
+#: The simple auth manager's class path (Airflow 3's default auth manager).
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jwt_secret: str, api_secret_key: str,
+                      fernet_key: str, users: str = "admin:admin", parallelism: int = 2,
+                      sql_alchemy_conn: str | None = None, log_server_port: int | None = None) -> dict[str, str]:
+    """The environment every process of a multi-process Airflow (api-server, scheduler, dag-processor,
+    triggerer, and the task processes the LocalExecutor forks) must share.
+
+    The secrets must be the same in every process: ``jwt_secret`` signs and checks the API tokens and the
+    execution API's task tokens (the scheduler signs, the api-server checks), ``api_secret_key`` the log
+    server's tokens and ``fernet_key`` the encrypted connections and variables. Airflow generates them
+    into ``airflow.cfg`` when it first writes that file, which processes starting together may race on,
+    so they are set here instead. ``log_server_port`` is the port the scheduler's log server listens
+    on (8793 by default; the triggerer's is the next one), to keep two stacks on one machine apart.
+    """
+    env = environment(home) | {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json.generated"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{host}:{port}/execution/",
+        "AIRFLOW__CORE__FERNET_KEY": fernet_key,
+        "AIRFLOW__API__HOST": host,
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://{host}:{port}",
+        "AIRFLOW__API__SECRET_KEY": api_secret_key,
+        "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
+    }
+    if sql_alchemy_conn is not None:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sql_alchemy_conn
+    if log_server_port is not None:
+        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(log_server_port)
+        env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] = str(log_server_port + 1)
+    return env
+
+
 def configure(home: Path) -> None:
     """Points this process's Airflow at ``home`` (e.g. ``Workspace.airflow_home``) and migrates its DB.
 
