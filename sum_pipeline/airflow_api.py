@@ -2,7 +2,8 @@
 
 Authentication is the simple auth manager's: ``POST /auth/token`` with a username and password gives a
 JWT, sent as a bearer token and fetched again when the API answers 401 (it expires after
-``[api_auth] jwt_expiration_time``). Every non-2xx answer raises :class:`AirflowApiError` carrying the
+``[api_auth] jwt_expiration_time``) or 403 "Invalid JWT token" (signed with a secret the api-server no
+longer has). Every non-2xx answer raises :class:`AirflowApiError` carrying the
 API's ``detail``. Only httpx is imported: the client does not need Airflow in the calling process.
 
 The paths are those of ``airflow/api_fastapi/core_api/routes/public/`` (and the simple auth manager's
@@ -75,8 +76,8 @@ class AirflowClient:
             if auth:
                 hdrs["Authorization"] = f"Bearer {self._token or self._login()}"
             resp = self._http.request(method, url, params=params, json=json_body, headers=hdrs)
-            if resp.status_code == 401 and auth and attempt == 0:
-                self._token = None  # expired or signed by another secret: log in again, once
+            if auth and attempt == 0 and _stale_token(resp):
+                self._token = None  # expired, or signed before the stack restarted with another secret
                 continue
             break
         if not resp.is_success:
@@ -230,6 +231,11 @@ class AirflowClient:
         return self._get_all(f"/dags/{_q(dag_id or '~')}/dagRuns/~/hitlDetails", "hitl_details",
                              response_received="false", state="awaiting_input")
 
+    def approval(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:
+        """One task's human-in-the-loop request and its answer (``chosen_options``, ``responded_by_user``
+        (None when the timeout applied the defaults), ``params_input``, ``response_received``)."""
+        return self._get(f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/{map_index}/hitlDetails")
+
     def respond(self, dag_id: str, run_id: str, task_id: str, chosen_options: list[str],
                 params_input: dict | None = None, map_index: int = -1) -> dict:
         """Answers a human-in-the-loop request as this client's user; the task resumes at once.
@@ -249,6 +255,11 @@ def run_result(client: AirflowClient, dag_id: str, run_id: str, ds: str) -> DagR
     tis = client.task_instances(dag_id, run_id)
     return DagRunResult(ds=ds, state=run["state"], task_states={t: ti["state"] for t, ti in tis.items()},
                         xcoms=client.xcoms(dag_id, run_id))
+
+
+def _stale_token(resp: httpx.Response) -> bool:
+    """401 is an expired (or missing) token; 403 "Invalid JWT token" one the api-server cannot verify."""
+    return resp.status_code == 401 or (resp.status_code == 403 and _detail(resp) == "Invalid JWT token")
 
 
 def _detail(resp: httpx.Response) -> Any:

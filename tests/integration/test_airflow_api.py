@@ -78,14 +78,15 @@ def _wait_for(what: str, fn, timeout_s: float = 60, poll_s: float = 0.5):
 
 @pytest.fixture(scope="module")
 def stack():
-    """An Airflow stack of three processes on 127.0.0.1:18081; yields ``(client, home)``."""
+    """An Airflow stack of three processes on 127.0.0.1:18081; yields ``(client, jwt_secret)``."""
     home = Path(tempfile.mkdtemp(prefix="wt-api-airflow-"))
     dags = home / "dags"
     dags.mkdir()
     (dags / "api_toy.py").write_text(TOY_DAG)
     (dags / "broken_dag.py").write_text("from airflow.sdk import dag\nraise RuntimeError('toy import error')\n")
+    jwt_secret = secrets.token_urlsafe(64)
     env = os.environ | stack_environment(
-        home, dags_folder=dags, host="127.0.0.1", port=PORT, jwt_secret=secrets.token_urlsafe(32),
+        home, dags_folder=dags, host="127.0.0.1", port=PORT, jwt_secret=jwt_secret,
         api_secret_key=secrets.token_urlsafe(32), fernet_key=urlsafe_b64encode(secrets.token_bytes(32)).decode(),
         log_server_port=LOG_SERVER_PORT,
     ) | {"AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "1",  # the HITL timeout sweep
@@ -106,7 +107,7 @@ def stack():
         client.wait_healthy(120)
         client.wait_dag("api_toy", 120)
         print(f"stack up in {time.monotonic() - t0:.1f}s")
-        yield client, home
+        yield client, jwt_secret
         client.close()
     finally:
         for name, proc in procs.items():
@@ -132,15 +133,26 @@ def _finished(client: AirflowClient, dag_id: str, run_id: str):
 
 
 def test_health_auth_and_errors(stack):
-    client, _ = stack
+    client, jwt_secret = stack
     health = client.health()
     assert health["metadatabase"]["status"] == "healthy" and health["scheduler"]["status"] == "healthy"
     with AirflowClient(client.base_url, "admin", "wrong") as bad:
         with pytest.raises(AirflowApiError) as err:
             bad.dag("api_toy")
     assert err.value.status == 401 and "/auth/token" in str(err.value)
-    client._token = "not-a-jwt"  # an expired or foreign token: the client logs in again
-    assert client.dag("api_toy")["dag_id"] == "api_toy"
+    import jwt  # PyJWT, Airflow's own
+
+    token = client._login()
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    expired = jwt.encode(claims | {"exp": int(time.time()) - 60}, jwt_secret, algorithm=header["alg"], headers=header)
+    for stale in (expired, "not-a-jwt"):  # 401 Token Expired, 403 Invalid JWT token: the client logs in again
+        with pytest.raises(AirflowApiError) as err:
+            client._request("GET", "/dags/api_toy", auth=False, headers={"Authorization": f"Bearer {stale}"})
+        assert err.value.status == (401 if stale is expired else 403)
+        client._token = stale
+        assert client.dag("api_toy")["dag_id"] == "api_toy"
+        assert client._token != stale
     with pytest.raises(AirflowApiError) as err:
         client.dag_run("api_toy", "no-such-run")
     assert err.value.status == 404 and "no-such-run" in str(err.value)
@@ -206,8 +218,12 @@ def test_unanswered_approval_times_out_into_the_default(stack):
     client.wait_dag("api_toy_timeout", 60)
     client.unpause("api_toy_timeout")
     run_id = client.trigger("api_toy_timeout", "2026-01-03")
+    t0 = time.monotonic()
     _wait_for("the run to finish", _finished(client, "api_toy_timeout", run_id), 120)
+    print(f"timeout run finished in {time.monotonic() - t0:.1f}s")
     result = run_result(client, "api_toy_timeout", run_id, "2026-01-03")
     assert result.ok and result.task_states == {"produce": "success", "approve": "success", "after": "skipped"}
-    assert result.xcoms["approve"]["chosen_options"] == ["Reject"]
-    assert result.xcoms["approve"]["responded_by_user"] is None
+    assert "approve" not in result.xcoms  # a rejection skips downstream by raising: no return value
+    answer = client.approval("api_toy_timeout", run_id, "approve")
+    assert answer["response_received"] and answer["chosen_options"] == ["Reject"]
+    assert answer["responded_by_user"] is None  # the scheduler's timeout sweep applied the defaults
