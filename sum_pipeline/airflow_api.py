@@ -12,7 +12,6 @@ The paths are those of ``airflow/api_fastapi/core_api/routes/public/`` (and the 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 from urllib.parse import quote
@@ -202,10 +201,12 @@ class AirflowClient:
         return {ti["task_id"] if ti["map_index"] < 0 else f"{ti['task_id']}[{ti['map_index']}]": ti for ti in tis}
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-        """One XCom's value as the task pushed it."""
+        """One XCom's value, deserialized by the API (``deserialize=true``): JSON values (what the daily
+        tasks push) come back as pushed; a serialized object (a tuple, a dataclass) comes back as the API's
+        readable string of it, since the API does not import the classes."""
         entry = self._get(f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/xcomEntries/{_q(key)}",
-                          map_index=map_index)
-        return _native(entry["value"])
+                          map_index=map_index, deserialize="true")
+        return entry["value"]
 
     def xcoms(self, dag_id: str, run_id: str) -> dict[str, Any]:
         """Every XCom of the run, keyed as :func:`sum_pipeline.airflow_env.run_date` keys them: ``task_id``
@@ -268,16 +269,6 @@ def _detail(resp: httpx.Response) -> Any:
     except ValueError:
         return resp.text[:2000]
     return body.get("detail", body) if isinstance(body, dict) else body
-
-
-def _native(value: Any) -> Any:
-    """An XCom entry's value: the API returns the stored JSON, as text for values pushed as JSON."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _log_line(rec: Any) -> str:

@@ -43,6 +43,7 @@ def build(dag_id, timeout):
         @task
         def produce():
             get_current_context()["ti"].xcom_push(key="extra", value={"a": [1, 2.5], "s": "x", "none": None})
+            get_current_context()["ti"].xcom_push(key="digits", value="123")  # a string that parses as JSON
             print("PRODUCE-MARKER")
             return {"n": 3, "text": "123", "ok": True}
 
@@ -201,6 +202,7 @@ def test_run_with_approval_xcoms_note_and_log(stack):
     assert result.ok and result.task_states == {"produce": "success", "approve": "success", "after": "success"}
     assert result.xcoms["produce"] == {"n": 3, "text": "123", "ok": True}
     assert result.xcoms["produce.extra"] == {"a": [1, 2.5], "s": "x", "none": None}
+    assert result.xcoms["produce.digits"] == "123"
     assert result.xcoms["after"] == "after ran"
     assert result.xcoms["approve"]["chosen_options"] == ["Approve"]
     assert result.xcoms["approve"]["params_input"] == {"reason": "looks fine"}
