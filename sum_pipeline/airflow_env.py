@@ -123,6 +123,10 @@ def load_dag():
 def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     """Runs the real DAG for one logical date with ``dag.test()`` (tasks in this process).
 
+    ``dag.test()`` never resolves a human-in-the-loop task (Airflow 3.3 keeps the run alive until a
+    response arrives through an api-server sharing the DB), so the run is given ``await_approval=False``
+    unless ``conf`` says otherwise: a held candidate stays held, as with no approver.
+
     Args:
         ds: The logical date, ``YYYY-MM-DD``.
         conf: DAG run conf (e.g. ``{"candidate_fault": "reinit"}``).
@@ -132,7 +136,7 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     """
     dag = load_dag()
     logical_date = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
-    dr = dag.test(logical_date=logical_date, run_conf=conf or {})
+    dr = dag.test(logical_date=logical_date, run_conf={"await_approval": False} | (conf or {}))
     result = DagRunResult(ds=ds, state=str(getattr(dr.state, "value", dr.state)))
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
