@@ -74,7 +74,12 @@ class AirflowClient:
             hdrs = dict(headers or {})
             if auth:
                 hdrs["Authorization"] = f"Bearer {self._token or self._login()}"
-            resp = self._http.request(method, url, params=params, json=json_body, headers=hdrs)
+            try:
+                resp = self._http.request(method, url, params=params, json=json_body, headers=hdrs)
+            except httpx.TimeoutException:
+                if method != "GET" or attempt:
+                    raise
+                continue  # a read is safe to repeat (a busy SQLite metadata DB can stall one)
             if auth and attempt == 0 and _stale_token(resp):
                 self._token = None  # expired, or signed before the stack restarted with another secret
                 continue

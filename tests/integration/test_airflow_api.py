@@ -104,7 +104,7 @@ def stack():
         password_file = home / "simple_auth_manager_passwords.json.generated"
         _wait_for("the generated password file", lambda: password_file.exists() and password_file.stat().st_size, 120)
         password = json.loads(password_file.read_text())["admin"]
-        client = AirflowClient(f"http://127.0.0.1:{PORT}", "admin", password)
+        client = AirflowClient(f"http://127.0.0.1:{PORT}", "admin", password, timeout=60)
         client.wait_healthy(120)
         client.wait_dag("api_toy", 120)
         print(f"stack up in {time.monotonic() - t0:.1f}s")
