@@ -223,6 +223,13 @@ class AirflowClient:
             out[name] = self.xcom(dag_id, run_id, e["task_id"], e["key"], e["map_index"])
         return out
 
+    def asset_events(self, dag_id: str, run_id: str | None = None, task_id: str | None = None) -> list[dict]:
+        """Asset events a DAG's tasks emitted (``asset_id``, ``uri``, ``name``, ``extra``, ``timestamp``,
+        ``source_run_id``, ...), oldest first."""
+        filters = {"source_dag_id": dag_id, "source_run_id": run_id, "source_task_id": task_id}
+        return self._get_all("/assets/events", "asset_events", order_by="timestamp",
+                             **{k: v for k, v in filters.items() if v is not None})
+
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
         """The text of one try's log (its structured records, one line each)."""
         resp = self._request("GET", f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/logs/{try_number}",

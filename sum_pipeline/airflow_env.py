@@ -41,7 +41,8 @@ SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_mana
 
 def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jwt_secret: str, api_secret_key: str,
                       fernet_key: str, users: str = "admin:admin", parallelism: int = 2,
-                      sql_alchemy_conn: str | None = None, log_server_port: int | None = None) -> dict[str, str]:
+                      sql_alchemy_conn: str | None = None, log_server_port: int | None = None,
+                      execution_api_timeout_s: float = 30) -> dict[str, str]:
     """The environment every process of a multi-process Airflow (api-server, scheduler, dag-processor,
     triggerer, and the task processes the LocalExecutor forks) must share.
 
@@ -51,6 +52,9 @@ def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jw
     into ``airflow.cfg`` when it first writes that file, which processes starting together may race on,
     so they are set here instead. ``log_server_port`` is the port the scheduler's log server listens
     on (8793 by default; the triggerer's is the next one), to keep two stacks on one machine apart.
+    ``execution_api_timeout_s`` is how long a task process waits for the api-server's execution API
+    (Airflow's default, 5 s, fails tasks at start-up - "finished with state failed, but the task
+    instance's state attribute is queued" - when the machine is busy).
     """
     env = environment(home) | {
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
@@ -66,6 +70,7 @@ def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jw
         "AIRFLOW__API__BASE_URL": f"http://{host}:{port}",
         "AIRFLOW__API__SECRET_KEY": api_secret_key,
         "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(execution_api_timeout_s),
     }
     if sql_alchemy_conn is not None:
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sql_alchemy_conn

@@ -34,18 +34,21 @@ TOY_DAG = '''
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
+TOY_ASSET = Asset("toy_asset")
 
 def build(dag_id, timeout):
-    @dag(dag_id=dag_id, schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False)
+    @dag(dag_id=dag_id, schedule=None, start_date=datetime(2026, 1, 1))
     def toy():
-        @task
+        @task.branch(outlets=[TOY_ASSET])  # as sum_daily's shift_gate: a branch recording an asset event
         def produce():
-            get_current_context()["ti"].xcom_push(key="extra", value={"a": [1, 2.5], "s": "x", "none": None})
-            get_current_context()["ti"].xcom_push(key="digits", value="123")  # a string that parses as JSON
+            ctx = get_current_context()
+            ctx["outlet_events"][TOY_ASSET].extra = {"verdict": "held", "min_mean_cosine": 0.25}
+            ctx["ti"].xcom_push(key="extra", value={"a": [1, 2.5], "s": "x", "none": None})
+            ctx["ti"].xcom_push(key="digits", value="123")  # a string that parses as JSON
             print("PRODUCE-MARKER")
-            return {"n": 3, "text": "123", "ok": True}
+            return ["approve"]
 
         approve = ApprovalOperator(
             task_id="approve", subject="Approve {{ ds }}", body="**verdict** table",
@@ -200,13 +203,17 @@ def test_run_with_approval_xcoms_note_and_log(stack):
     result = run_result(client, "api_toy", run_id, "2026-01-02")
     print(f"trigger -> awaiting input {waited:.1f}s, whole run {time.monotonic() - t0:.1f}s")
     assert result.ok and result.task_states == {"produce": "success", "approve": "success", "after": "success"}
-    assert result.xcoms["produce"] == {"n": 3, "text": "123", "ok": True}
+    assert result.xcoms["produce"] == ["approve"]
     assert result.xcoms["produce.extra"] == {"a": [1, 2.5], "s": "x", "none": None}
     assert result.xcoms["produce.digits"] == "123"
     assert result.xcoms["after"] == "after ran"
     assert result.xcoms["approve"]["chosen_options"] == ["Approve"]
     assert result.xcoms["approve"]["params_input"] == {"reason": "looks fine"}
     assert result.xcoms["approve"]["responded_by_user"]["name"] == "admin"
+
+    events = client.asset_events("api_toy", run_id)
+    assert [(e["name"], e["source_task_id"], e["extra"]) for e in events] == [
+        ("toy_asset", "produce", {"verdict": "held", "min_mean_cosine": 0.25})]
 
     client.set_note("api_toy", run_id, "verdict: **held**, approved by admin")
     assert client.dag_run("api_toy", run_id)["note"] == "verdict: **held**, approved by admin"
