@@ -206,11 +206,15 @@ class AirflowClient:
         return {ti["task_id"] if ti["map_index"] < 0 else f"{ti['task_id']}[{ti['map_index']}]": ti for ti in tis}
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-        """One XCom's value, deserialized by the API (``deserialize=true``): JSON values (what the daily
-        tasks push) come back as pushed; a serialized object (a tuple, a dataclass) comes back as the API's
-        readable string of it, since the API does not import the classes."""
+        """One XCom's value as stored: JSON values (what the daily tasks push) come back as pushed; an
+        object Airflow serializes (a tuple, a datetime) comes back as its serde form
+        (``{"__classname__": ..., "__data__": ...}``).
+
+        Not ``deserialize=true``: in Airflow 3.3 that runs ``json.loads`` over the stored value, so a
+        string XCom that reads as JSON (``"123"``) comes back as another type (``123``).
+        """
         entry = self._get(f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/xcomEntries/{_q(key)}",
-                          map_index=map_index, deserialize="true")
+                          map_index=map_index)
         return entry["value"]
 
     def xcoms(self, dag_id: str, run_id: str) -> dict[str, Any]:
