@@ -106,8 +106,10 @@ class AirflowClient:
         """``GET /monitor/health`` (no authentication): metadatabase, scheduler, triggerer, dag processor."""
         return self._request("GET", "/monitor/health", auth=False).json()
 
-    def wait_healthy(self, timeout_s: float, poll_s: float = 1.0) -> None:
-        """Until the api-server answers and reports a healthy metadatabase and scheduler.
+    def wait_healthy(self, timeout_s: float, poll_s: float = 1.0,
+                     components: tuple[str, ...] = ("metadatabase", "scheduler")) -> None:
+        """Until the api-server answers and reports ``components`` healthy (of ``metadatabase``,
+        ``scheduler``, ``dag_processor``, ``triggerer``: the last three from their jobs' heartbeats).
 
         Raises:
             TimeoutError: naming the URL and the last answer (or connection error).
@@ -117,8 +119,7 @@ class AirflowClient:
         while True:
             try:
                 last = self.health()
-                if (last.get("metadatabase", {}).get("status") == "healthy"
-                        and last.get("scheduler", {}).get("status") == "healthy"):
+                if all((last.get(name) or {}).get("status") == "healthy" for name in components):
                     return
             except (httpx.HTTPError, AirflowApiError) as err:
                 last = err

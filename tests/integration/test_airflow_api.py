@@ -108,7 +108,7 @@ def stack():
         _wait_for("the generated password file", lambda: password_file.exists() and password_file.stat().st_size, 120)
         password = json.loads(password_file.read_text())["admin"]
         client = AirflowClient(f"http://127.0.0.1:{PORT}", "admin", password, timeout=60)
-        client.wait_healthy(120)
+        client.wait_healthy(120, components=("metadatabase", "scheduler", "dag_processor"))
         client.wait_dag("api_toy", 120)
         print(f"stack up in {time.monotonic() - t0:.1f}s")
         yield client, jwt_secret
@@ -168,6 +168,8 @@ def test_wait_dag_names_import_errors(stack):
         client.wait_dag("not_a_dag", timeout_s=1)
     with pytest.raises(TimeoutError, match="127.0.0.1:1"):
         AirflowClient("http://127.0.0.1:1", "admin", "x").wait_healthy(0.5)
+    with pytest.raises(TimeoutError, match="triggerer"):  # this stack runs none
+        client.wait_healthy(0.5, components=("scheduler", "triggerer"))
 
 
 def test_run_with_approval_xcoms_note_and_log(stack):
