@@ -2,22 +2,32 @@
 
 Each task is a thin call into :mod:`sum_pipeline.tasks` (torch, Feast, GX and Ray are imported inside
 those calls, never when the DAG is parsed). The candidate's id flows from ``train_user_model`` through
-evaluation, the gate and promotion as task arguments. A held snapshot is a verdict, not a failure:
-``shift_gate`` short-circuits, so promotion, materialization, rollout and verification show as
-*skipped* and production keeps serving.
+evaluation, the gate and promotion as task arguments.
+
+``shift_gate`` branches on its verdict (and records it as an event of the asset ``sum_user_tower``,
+whose ``extra`` the UI shows on the asset's page): a blessed candidate goes straight to ``promote``
+(``approve_held`` shows as *skipped*); a held one waits in ``approve_held`` for a human (the
+Required Actions page) for ``airflow.approval_timeout_minutes``. *Approve* promotes it in the same
+run, forced, with the responding user and their reason in the registry's lineage; *Reject*, or no
+answer before the timeout, keeps it held: promotion, materialization, rollout and verification show
+as *skipped* and production keeps serving. A held snapshot is a verdict, not a failure. With the
+run parameter ``await_approval`` false (``dag.test()`` runs: nothing would ever answer them), a held
+candidate skips the approval too.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.definitions.param import ParamsDict
 
 from sum_pipeline import tasks
 from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_platform.config import load_params
 from validation.data_checks import DataValidationError
-from validation.gate import verdict_markdown
+from validation.gate import verdict_markdown, verdict_summary
 
 SCHEDULE = load_params().airflow  # the data's dates and catch-up come from params.yaml
 
@@ -30,6 +40,12 @@ DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": timedelta(seconds=30),
 }
+
+
+#: The production user tower: every gate verdict is an event of it, its numbers in the event's ``extra``.
+USER_TOWER = Asset("sum_user_tower")
+
+AIRFLOW = load_params().airflow
 
 
 def _ds() -> str:
@@ -53,6 +69,12 @@ def _ds() -> str:
             type=["null", "string"],
             enum=[None, *CANDIDATE_FAULTS],
             description=f"Gate drill: {' | '.join(CANDIDATE_FAULTS)} corrupts the day's candidate on purpose.",
+        ),
+        "await_approval": Param(
+            True,
+            type="boolean",
+            description="A held candidate waits for a human in approve_held (false: it stays held at once, "
+                        "as dag.test() runs need: they never resolve an approval).",
         ),
     },
     tags=["sum", "training", "serving"],
@@ -90,22 +112,43 @@ def sum_daily():
     def evaluate(trained: dict) -> dict:
         return tasks.evaluate(_ds(), trained["snapshot_id"])
 
-    @task.short_circuit(doc_md="Judges the candidate against production (cosine, L2 change raw and after "
-                         "average pooling, NE non-regression). Held: downstream tasks are skipped, production stays.")
-    def shift_gate(evaluation: dict) -> bool:
+    @task.branch(outlets=[USER_TOWER],
+                 doc_md="Judges the candidate against production (cosine, L2 change raw and after average pooling, "
+                        "NE non-regression). Blessed: promote. Held: approve_held (or nothing when the run does "
+                        "not await approval); production stays unless a human approves.")
+    def shift_gate(evaluation: dict) -> list[str]:
         verdict = tasks.shift_gate(_ds(), evaluation["snapshot_id"])
         table = verdict_markdown(verdict)
-        # Operators read the verdict in the UI: the table in the task log, the numbers in the XComs
-        # `verdict` (JSON) and `verdict_table` (markdown).
-        ti = get_current_context()["ti"]
-        ti.xcom_push(key="verdict", value=verdict)
-        ti.xcom_push(key="verdict_table", value=table)
+        # Operators read the verdict in the UI: the numbers on the sum_user_tower asset event, the table in
+        # the task log and the approval's body, the whole verdict in the XComs `verdict` (JSON) and
+        # `verdict_table` (markdown).
+        ctx = get_current_context()
+        ctx["outlet_events"][USER_TOWER].extra = verdict_summary(verdict, evaluation["ne"])
+        ctx["ti"].xcom_push(key="verdict", value=verdict)
+        ctx["ti"].xcom_push(key="verdict_table", value=table)
         print(table)
-        return bool(verdict["blessed"])
+        if verdict["blessed"]:
+            return ["promote"]
+        return ["approve_held"] if ctx["params"].get("await_approval", True) else []
 
-    @task
+    approve_held = ApprovalOperator(
+        task_id="approve_held",
+        subject="Promote the held snapshot {{ ti.xcom_pull(task_ids='shift_gate', key='verdict')['snapshot_id'] }}?",
+        body="{{ ti.xcom_pull(task_ids='shift_gate', key='verdict_table') }}",
+        params=ParamsDict({"reason": Param("", type="string", description="Why it may go to production (recorded).")}),
+        defaults=ApprovalOperator.REJECT,  # no answer in time: the candidate stays held
+        response_timeout=timedelta(minutes=AIRFLOW.approval_timeout_minutes),
+        retries=0,
+        doc_md="A held candidate waits here for a human: Approve promotes it (forced, the responding user and "
+               "the reason recorded), Reject or the timeout keeps it held and skips what follows.",
+    )
+
+    # Runs when the gate chose it, or after an approval (a rejection skips it). Blessed: approve_held is
+    # skipped, which the trigger rule lets through.
+    @task(trigger_rule="none_failed_min_one_success")
     def promote(trained: dict) -> dict:
-        return tasks.promote(_ds(), trained["snapshot_id"])
+        approval = get_current_context()["ti"].xcom_pull(task_ids="approve_held")
+        return tasks.promote(_ds(), trained["snapshot_id"], **tasks.approval_override(approval))
 
     @task
     def materialize_embeddings(promoted: dict) -> dict:
@@ -120,12 +163,14 @@ def sum_daily():
         return tasks.verify_serving(_ds(), rolled_out["snapshot_id"])
 
     versioned = ingest() >> validate_data() >> version_data()
-    versioned >> materialize_user_features()
     trained = train_user_model()
-    versioned >> trained
-    blessed = shift_gate(evaluate(trained))
+    # Training reads the offline store through Feast, which refuses a view that is MATERIALIZING: under a
+    # scheduler that runs tasks side by side, training waits for the day's materialization.
+    versioned >> materialize_user_features() >> trained
+    gate = shift_gate(evaluate(trained))
     promoted = promote(trained)
-    blessed >> promoted
+    gate >> [promoted, approve_held]
+    approve_held >> promoted
     verify_serving(rollout(materialize_embeddings(promoted)))
 
 

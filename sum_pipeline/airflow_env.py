@@ -36,6 +36,51 @@ def environment(home: Path) -> dict[str, str]:
     }
 
 
+#: The simple auth manager's class path (Airflow 3's default auth manager).
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+
+
+def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jwt_secret: str, api_secret_key: str,
+                      fernet_key: str, users: str = "admin:admin", parallelism: int = 2,
+                      sql_alchemy_conn: str | None = None, log_server_port: int | None = None,
+                      execution_api_timeout_s: float = 30) -> dict[str, str]:
+    """The environment every process of a multi-process Airflow (api-server, scheduler, dag-processor,
+    triggerer, and the task processes the LocalExecutor forks) must share.
+
+    The secrets must be the same in every process: ``jwt_secret`` signs and checks the API tokens and the
+    execution API's task tokens (the scheduler signs, the api-server checks), ``api_secret_key`` the log
+    server's tokens and ``fernet_key`` the encrypted connections and variables. Airflow generates them
+    into ``airflow.cfg`` when it first writes that file, which processes starting together may race on,
+    so they are set here instead. ``log_server_port`` is the port the scheduler's log server listens
+    on (8793 by default; the triggerer's is the next one), to keep two stacks on one machine apart.
+    ``execution_api_timeout_s`` is how long a task process waits for the api-server's execution API
+    (Airflow's default, 5 s, fails tasks at start-up - "finished with state failed, but the task
+    instance's state attribute is queued" - when the machine is busy).
+    """
+    env = environment(home) | {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json.generated"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{host}:{port}/execution/",
+        "AIRFLOW__CORE__FERNET_KEY": fernet_key,
+        "AIRFLOW__API__HOST": host,
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://{host}:{port}",
+        "AIRFLOW__API__SECRET_KEY": api_secret_key,
+        "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(execution_api_timeout_s),
+    }
+    if sql_alchemy_conn is not None:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sql_alchemy_conn
+    if log_server_port is not None:
+        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(log_server_port)
+        env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] = str(log_server_port + 1)
+    return env
+
+
 def configure(home: Path) -> None:
     """Points this process's Airflow at ``home`` (e.g. ``Workspace.airflow_home``) and migrates its DB.
 
@@ -104,6 +149,10 @@ def load_dag():
 def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     """Runs the real DAG for one logical date with ``dag.test()`` (tasks in this process).
 
+    ``dag.test()`` never resolves a human-in-the-loop task (Airflow 3.3 keeps the run alive until a
+    response arrives through an api-server sharing the DB), so the run is given ``await_approval=False``
+    unless ``conf`` says otherwise: a held candidate stays held, as with no approver.
+
     Args:
         ds: The logical date, ``YYYY-MM-DD``.
         conf: DAG run conf (e.g. ``{"candidate_fault": "reinit"}``).
@@ -113,7 +162,7 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     """
     dag = load_dag()
     logical_date = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
-    dr = dag.test(logical_date=logical_date, run_conf=conf or {})
+    dr = dag.test(logical_date=logical_date, run_conf={"await_approval": False} | (conf or {}))
     result = DagRunResult(ds=ds, state=str(getattr(dr.state, "value", dr.state)), run_id=dr.run_id)
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session

@@ -23,6 +23,7 @@ from rich.table import Table
 from serving.ray_cluster import ensure_ray, shutdown, started_local
 from serving.rollout import rollout as serve_rollout
 from sum_pipeline import airflow_env, driver, tasks
+from sum_pipeline.airflow_api import AirflowClient
 from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
@@ -163,9 +164,7 @@ def _stack_up(p, ws) -> Stack:
     return stack
 
 
-def _client(stack: Stack):
-    from sum_pipeline.airflow_api import AirflowClient
-
+def _client(stack: Stack) -> AirflowClient:
     return AirflowClient(stack.airflow_url, stack.info()["airflow_user"], stack.airflow_password() or "", timeout=120)
 
 

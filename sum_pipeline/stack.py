@@ -35,7 +35,7 @@ import psutil
 from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, token_env
 from sum_pipeline import airflow_env
 from sum_pipeline.postgres import database_url
-from sum_platform.config import Params
+from sum_platform.config import PROJECT_ROOT, Params
 from sum_platform.files import read_json, write_json
 from sum_platform.workspace import Workspace
 
@@ -212,35 +212,50 @@ class Stack:
         })
         return env
 
+    def _fernet_key(self) -> str:
+        path = self.dir / "airflow_fernet_key"
+        if not path.exists():
+            from cryptography.fernet import Fernet
+
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(Fernet.generate_key().decode())
+        return path.read_text().strip()
+
+    @property
+    def log_server_port(self) -> int:
+        """The scheduler's task-log server (the triggerer's is the next port): next to the API server's."""
+        return self.params.airflow.port + 1
+
     def airflow_env(self, database_url: str) -> dict[str, str]:
         """The environment of every Airflow component (and so of every task process they start)."""
         cfg = self.params.airflow
         env = self.ray_env()
-        env.update(airflow_env.environment(self.ws.airflow_home))
+        env.update(airflow_env.stack_environment(
+            self.ws.airflow_home, dags_folder=PROJECT_ROOT / "dags", host=cfg.host, port=cfg.port,
+            jwt_secret=self._secret("airflow_jwt_secret"), api_secret_key=self._secret("airflow_secret_key"),
+            fernet_key=self._fernet_key(), users=f"{AIRFLOW_USER}:admin", parallelism=cfg.parallelism,
+            sql_alchemy_conn=database_url, log_server_port=self.log_server_port))
         env.update({
             "SUM_PARAMS": os.environ.get("SUM_PARAMS", str(self.params.base_dir / "params.yaml")),
             "SUM_WORKSPACE": str(self.ws.root),
             "SUM_RAY_ADDRESS": "stack",  # tasks attach to this stack's Ray head, never start their own
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": str(cfg.parallelism),
-            "AIRFLOW__CORE__AUTH_MANAGER":
-                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
-            # The components sign and check each other's tokens (task processes call the execution API).
-            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("airflow_jwt_secret"),
-            "AIRFLOW__API__SECRET_KEY": self._secret("airflow_secret_key"),
-            "AIRFLOW__API__HOST": cfg.host,
-            "AIRFLOW__API__PORT": str(cfg.port),
-            "AIRFLOW__API__WORKERS": "2",  # the execution API (task processes) and the public API must not queue behind each other
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
+            "AIRFLOW__API__WORKERS": "2",  # the execution API (task processes) and the public API must not queue
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-            # The scheduler sees new runs within a second or two (the default loop is already ~1 s).
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         })
+        if cfg.host in ("0.0.0.0", ""):
+            env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"{self.airflow_url}/execution/"
+            env["AIRFLOW__API__BASE_URL"] = self.airflow_url
         return env
+
+    def component_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
+        """The scheduler also loads ``airflow_settings/airflow_local_settings.py``: its workers, and every task
+        process they fork, start with the DAG's heavy modules already imported."""
+        if name != "scheduler":
+            return env
+        path = os.pathsep.join(p for p in (str(PROJECT_ROOT / "airflow_settings"), env.get("PYTHONPATH")) if p)
+        return env | {"PYTHONPATH": path}
 
     # -- components ------------------------------------------------------------------------------
     def _argv(self, name: str) -> list[str]:
@@ -338,7 +353,7 @@ class Stack:
             if states.get(name) and states[name].running:
                 continue
             on_step(f"starting Airflow's {name}")
-            states[name] = self._spawn(name, env)
+            states[name] = self._spawn(name, self.component_env(name, env))
             self._save(states)
             started.append(name)
         for name in started:

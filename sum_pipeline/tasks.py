@@ -367,9 +367,39 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # promote -> materialize -> rollout -> verify
 # ---------------------------------------------------------------------------------------------
-def promote(ds: str, snapshot_id: str | None = None, actor: str = "pipeline", reason: str = "gate blessed") -> dict[str, Any]:
-    """Versions the blessed snapshot (DVC + GTO tag) and makes it production in the registry."""
-    return promote_snapshot(context(), snapshot_id or snapshot_id_for(ds), actor=actor, reason=reason)
+def promote(ds: str, snapshot_id: str | None = None, actor: str = "pipeline", reason: str = "gate blessed",
+            force: bool = False) -> dict[str, Any]:
+    """Versions the blessed snapshot (DVC + GTO tag) and makes it production in the registry.
+
+    ``force`` promotes a snapshot the gate held (a human approved it); ``actor`` and ``reason`` go to the
+    registry's lineage either way.
+    """
+    return promote_snapshot(context(), snapshot_id or snapshot_id_for(ds), actor=actor, reason=reason, force=force)
+
+
+def approval_override(approval: dict[str, Any] | None) -> dict[str, Any]:
+    """``promote``'s arguments for a day whose gate verdict was answered in Airflow.
+
+    Args:
+        approval: ``approve_held``'s return value (the human-in-the-loop answer: ``chosen_options``,
+            ``params_input``, ``responded_by_user``), or None when the gate blessed the candidate (the
+            approval was skipped).
+
+    Returns:
+        ``{}`` for a blessed candidate; for an approved held one ``force=True`` with the responding user
+        as ``actor`` and their ``reason``.
+
+    Raises:
+        ValueError: an answer other than an approval by a named user (a rejection or a timeout skips
+            ``promote``, so reaching here with one is a wiring error).
+    """
+    if approval is None:
+        return {}
+    user = approval.get("responded_by_user") or {}
+    if approval.get("chosen_options") != ["Approve"] or not user.get("name"):
+        raise ValueError(f"not an approval by a user: {approval}")
+    reason = ((approval.get("params_input") or {}).get("reason") or "").strip() or "no reason given"
+    return {"force": True, "actor": user["name"], "reason": f"held candidate approved in Airflow: {reason}"}
 
 
 def _production(ctx: Context, expected: str | None, action: str):

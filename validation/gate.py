@@ -63,6 +63,31 @@ def verdict_markdown(verdict: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + [f"- {r}" for r in verdict["reasons"]])
 
 
+def verdict_summary(verdict: dict[str, Any], ne: dict[str, float]) -> dict[str, Any]:
+    """The verdict's headline numbers as flat JSON (the ``sum_user_tower`` asset event's ``extra``, shown
+    in the UI): snapshot, verdict, baseline, NE per task, the shift per embedding and its worst values
+    (lowest mean cosine, highest relative L2 change); non-finite numbers become None."""
+
+    def num(x: Any) -> float | None:
+        return float(x) if x is not None and np.isfinite(x) else None
+
+    shift = [{k: (v if k == "embedding" else num(v)) for k, v in m.items()} for m in verdict.get("shift", [])]
+    cosines = [m["mean_cosine"] for m in shift if m.get("mean_cosine") is not None]
+    l2 = [m["relative_l2_change"] for m in shift if m.get("relative_l2_change") is not None]
+    return {
+        "snapshot_id": verdict["snapshot_id"],
+        "ds": verdict.get("ds"),
+        "verdict": verdict["verdict"],
+        "blessed": bool(verdict["blessed"]),
+        "baseline_snapshot_id": verdict.get("baseline_snapshot_id"),
+        "ne": {task: num(v) for task, v in ne.items()},
+        "min_mean_cosine": min(cosines) if cosines else None,
+        "max_relative_l2_change": max(l2) if l2 else None,
+        "shift": shift,
+        "reasons": list(verdict.get("reasons", [])),
+    }
+
+
 def _check(name: str, value: float | None, threshold: float, op: str) -> Check:
     """A threshold check; an undefined or non-finite value fails (and is stored as None, valid JSON)."""
     if value is None or not np.isfinite(value):

@@ -10,6 +10,7 @@ import pytest
 
 from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.tasks import STAGES
+from sum_platform.config import load_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,17 +29,56 @@ def test_daily_dag_order_and_gate(airflow_db):
     from sum_pipeline.airflow_env import load_dag
 
     dag = load_dag()
-    assert set(dag.task_ids) == set(STAGES)
-    chain = [s for s in STAGES if s != "materialize_user_features"]
-    for upstream, downstream in zip(chain, chain[1:]):
+    assert set(dag.task_ids) == set(STAGES) | {"approve_held"}
+    # One chain: training reads the offline store through Feast, which refuses a view while it materializes.
+    for upstream, downstream in zip(STAGES, STAGES[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids, (upstream, downstream)
-    assert dag.get_task("shift_gate").task_type == "_ShortCircuitDecoratedOperator"
+    assert dag.get_task("shift_gate").task_type == "_BranchPythonDecoratedOperator"
     # The day's user features reach the online store whatever the gate says.
     assert "materialize_user_features" in dag.get_task("version_data").downstream_task_ids
     # The candidate's id travels as a task argument from training to promotion.
     assert "train_user_model" in dag.get_task("promote").upstream_task_ids
-    assert dag.max_active_runs == 1 and dag.catchup
+    schedule = load_params().airflow
+    assert dag.max_active_runs == 1 and dag.catchup == schedule.catchup
+    assert dag.start_date.date().isoformat() == schedule.start_date
+    assert (dag.end_date.date().isoformat() if dag.end_date else None) == schedule.end_date
     assert dag.params.get_param("candidate_fault").schema["enum"] == [None, *CANDIDATE_FAULTS]
+
+
+@pytest.mark.slow
+def test_held_candidate_waits_for_an_approval_with_the_configured_timeout(airflow_db):
+    from datetime import timedelta
+
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    from sum_pipeline.airflow_env import load_dag
+    from sum_platform.config import load_params
+
+    dag = load_dag()
+    approve = dag.get_task("approve_held")
+    assert isinstance(approve, ApprovalOperator)
+    assert approve.upstream_task_ids == {"shift_gate"} and approve.downstream_task_ids == {"promote"}
+    assert approve.response_timeout == timedelta(minutes=load_params().airflow.approval_timeout_minutes)
+    assert approve.defaults == [ApprovalOperator.REJECT]  # unanswered: stays held
+    assert set(approve.params) == {"reason"}  # the DAG's own params are not asked of the approver
+    assert "verdict_table" in approve.body and "snapshot_id" in approve.subject
+    # promote runs after the gate chose it (approval skipped) or after an approval; a rejection skips it.
+    promote = dag.get_task("promote")
+    assert {"shift_gate", "approve_held"} <= promote.upstream_task_ids
+    assert promote.trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("materialize_embeddings").trigger_rule == "all_success"
+    await_approval = dag.params.get_param("await_approval")
+    assert await_approval.value is True and await_approval.schema["type"] == "boolean"
+
+
+@pytest.mark.slow
+def test_gate_verdict_is_an_event_of_the_user_tower_asset(airflow_db):
+    from airflow.sdk import Asset
+
+    from sum_pipeline.airflow_env import load_dag
+
+    outlets = load_dag().get_task("shift_gate").outlets
+    assert outlets == [Asset("sum_user_tower")]
 
 
 def test_parsing_the_dag_imports_no_heavy_library():

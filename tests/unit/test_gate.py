@@ -102,3 +102,31 @@ def test_a_missing_threshold_is_named_in_the_refusal(production):
     cfg = CFG.model_copy(update={"max_ne_regression": None})
     v = judge(production, None, NE_OK, cfg)
     assert not v.blessed and "gate.max_ne_regression" in v.reasons[0]
+
+
+def test_verdict_summary_carries_the_headline_numbers_as_strict_json(production):
+    import json
+
+    from validation.gate import verdict_summary
+
+    cand = np.random.default_rng(2).normal(size=production.shape).astype(np.float16)
+    v = judge(cand, production, NE_OK, CFG, "sum-prev")
+    summary = verdict_summary(v.to_dict() | {"snapshot_id": "sum-2026-01-04", "ds": "2026-01-04"},
+                              {"click": 0.8, "conversion": float("nan")})
+    assert summary["snapshot_id"] == "sum-2026-01-04" and summary["verdict"] == "held" and not summary["blessed"]
+    assert summary["baseline_snapshot_id"] == "sum-prev"
+    assert summary["ne"] == {"click": 0.8, "conversion": None}
+    assert summary["min_mean_cosine"] == min(m["mean_cosine"] for m in v.shift) < CFG.min_mean_cosine
+    assert summary["max_relative_l2_change"] == max(m["relative_l2_change"] for m in v.shift)
+    assert [m["embedding"] for m in summary["shift"]] == [0, 1]
+    assert summary["reasons"] == v.reasons
+    json.dumps(summary, allow_nan=False)  # an asset event's extra is JSON
+
+
+def test_verdict_summary_of_a_first_snapshot_has_no_shift(production):
+    from validation.gate import verdict_summary
+
+    v = judge(production, None, NE_OK, CFG)
+    summary = verdict_summary(v.to_dict() | {"snapshot_id": "sum-2026-01-01"}, NE_OK)
+    assert summary["blessed"] and summary["baseline_snapshot_id"] is None
+    assert summary["min_mean_cosine"] is None and summary["max_relative_l2_change"] is None and summary["shift"] == []

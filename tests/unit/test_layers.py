@@ -7,7 +7,8 @@ Floors, lowest first (a package may import only packages on lower floors):
                                          registry, versioning, simulator, partitions
     2  validation, serving, feature_repo the gates, SOAP serving, the Feast declarations
     3  sum_pipeline                      the daily tasks, promotion, faults, soak, Airflow glue, the CLI
-    4  dags, benchmarks                  Airflow's DAG files; the benchmarks
+    4  dags, benchmarks,                 Airflow's DAG files; the benchmarks; the stack scheduler's
+       airflow_settings                  airflow_local_settings (preloads the tasks' modules)
 
 Every import counts, at module level or inside a function (a lazy import hides a dependency from the
 reader, not from the layering).
@@ -26,7 +27,7 @@ FLOORS = {
     "sum_platform": 1,
     "validation": 2, "serving": 2, "feature_repo": 2,
     "sum_pipeline": 3,
-    "dags": 4, "benchmarks": 4,
+    "dags": 4, "benchmarks": 4, "airflow_settings": 4,
 }
 
 

@@ -41,3 +41,21 @@ def test_a_first_snapshot_whose_folder_is_gone_is_not_offered(tmp_path):
     _promote(ctx, "sum-2026-01-01", "2026-01-01")
     ctx.ws.snapshot_dir("sum-2026-01-01").rmdir()
     assert frozen_snapshot(ctx) is None
+
+
+def test_an_approval_forces_the_promotion_as_the_responding_user():
+    import pytest
+
+    from sum_pipeline.tasks import approval_override
+
+    assert approval_override(None) == {}  # blessed: the approval was skipped, promote as the pipeline
+    approved = {"chosen_options": ["Approve"], "params_input": {"reason": " NE fine, shift expected "},
+                "responded_by_user": {"id": "admin", "name": "admin"}}
+    assert approval_override(approved) == {"force": True, "actor": "admin",
+                                           "reason": "held candidate approved in Airflow: NE fine, shift expected"}
+    no_reason = approved | {"params_input": {"reason": ""}}
+    assert approval_override(no_reason)["reason"].endswith("no reason given")
+    for not_an_approval in (approved | {"chosen_options": ["Reject"]},
+                            approved | {"responded_by_user": None}):  # the timeout's defaults have no user
+        with pytest.raises(ValueError, match="not an approval"):
+            approval_override(not_an_approval)
