@@ -294,7 +294,7 @@ def rollout(
     snapshot_dir: Path,
     snapshot_id: str,
     previous: tuple[Path, str] | None = None,
-    timeout_s: float = 60.0,
+    timeout_s: float | None = None,
     *,
     preflight: bool = True,
     params_file: str | os.PathLike | None = None,
@@ -314,7 +314,7 @@ def rollout(
         previous: ``(dir, id)`` to restore on failure; defaults to whatever the compute deployment ran
             before this rollout (when known).
         timeout_s: How long the new snapshot may take to be reported by ``/version`` (and, separately,
-            the rollback).
+            the rollback); default ``serving.rollout_timeout_s``.
         preflight: Load the snapshot in this process first; a snapshot that fails to load is never
             deployed (serving is not touched at all).
         params_file: The params file replicas load (default ``SUM_PARAMS`` / the project's file).
@@ -332,6 +332,7 @@ def rollout(
             ``rollback_failed`` / ``preflight_failed`` / ``failed``).
     """
     t0 = time.monotonic()
+    timeout_s = params.serving.rollout_timeout_s if timeout_s is None else timeout_s
     snapshot_dir = Path(snapshot_dir)
     ensure_ray(params)
     fingerprint = snapshot_fingerprint(snapshot_dir)

@@ -263,13 +263,14 @@ def run(
     inline: Annotated[bool, typer.Option(help="Debugging: run each date with dag.test() in this process, no stack.")] = False,
     down_after: Annotated[bool, typer.Option("--down", help="Stop the stack after the last day.")] = False,
     keep_serving: Annotated[bool, typer.Option(help="--inline only: leave Ray Serve running after the last day.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the rows and each task's timings as JSON here.")] = None,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = None,
 ) -> None:
     """Runs N days through the deployed stack's scheduler (brought up if needed) and prints a table."""
     faults = dict(f.split("=", 1) for f in fault)
     if inline:
-        return _run_inline(days, start, faults, fresh, keep_serving, workspace, params)
+        return _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params)
     p, ws = _setup(workspace, params)
     if fresh:
         Stack(p, ws).down()
@@ -296,6 +297,9 @@ def run(
 
         results = driver.drive(client, dates, faults, p.airflow.dag_poll_seconds, on_progress)
     rows = [day_row(r) | {"seconds": seconds.get(r.ds, 0.0)} for r in results]
+    if report:
+        write_json(report, {"mode": "scheduler", "rows": rows,
+                            "task_instances": {r.ds: r.task_instances for r in results}})
     console.print(days_table(rows, p.model.num_embeddings))
     for r in results:
         _print_failures(stack, r)
@@ -307,7 +311,7 @@ def run(
         raise typer.Exit(code=1)
 
 
-def _run_inline(days, start, faults, fresh, keep_serving, workspace, params) -> None:
+def _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params) -> None:
     """``sumctl run --inline``: each date through ``dag.test()`` in this process (a debugging aid)."""
     rows = []
     with _driving_the_dag(workspace, params, fresh, keep_serving) as (p, ws):
@@ -321,6 +325,8 @@ def _run_inline(days, start, faults, fresh, keep_serving, workspace, params) -> 
             rows.append(row)
             console.print(f"[bold]{ds}[/]: {result.state} in {row['seconds']:.1f}s; verdict {row['verdict']}; "
                           f"served {row['served'] or '-'}" + (f"; failed: {row['failed_tasks']}" if row["failed_tasks"] else ""))
+    if report:
+        write_json(report, {"mode": "inline", "rows": rows})
     console.print(days_table(rows, p.model.num_embeddings))
     if any(r["state"] != "success" for r in rows):
         raise typer.Exit(code=1)

@@ -153,6 +153,7 @@ class ServingConfig(_Section):
     compute_cpus: Literal["last"] | list[int] | None
     ray_worker_niceness: int = Field(ge=0, le=19)
     access_log: bool
+    rollout_timeout_s: float = Field(gt=0)
 
 
 class PostgresConfig(_Section):

@@ -1,0 +1,151 @@
+"""A simulated day through the deployed stack's scheduler against ``sumctl run --inline`` (not a test).
+
+Both modes run the same dates from an empty workspace of their own, in this one invocation: ``--inline``
+runs each date with ``dag.test()`` in one process (every module imported once, the floor of the DAG's own
+work), the stack runs it through Airflow's scheduler, one process per task (forked from a LocalExecutor
+worker that preloaded the tasks' modules, ``airflow_settings/airflow_local_settings.py``). It prints each
+day's wall time in both modes and their ratio (target: scheduler <= 1.3x inline), the stack's per-task
+overhead (queued -> running, and the rest of the gap spread over the tasks), and the physical floors of a
+task process: a bare ``fork()``, a bare interpreter start, and an interpreter importing the Task SDK.
+
+Run::
+
+    .venv/bin/python -m benchmarks.stack_bench --days 2 --json reports/stack_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from sum_platform.config import PROJECT_ROOT
+
+SUMCTL = str(Path(sys.executable).with_name("sumctl"))
+PORT_OFFSET = 100  # the benchmark's stack must not meet a stack the operator runs on the default ports
+
+
+def _params(root: Path, name: str) -> Path:
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["paths"] = {"workspace": str(root / name / "workspace"), "dvc_remote": str(root / name / "remote")}
+    raw["serving"]["port"] += PORT_OFFSET
+    raw["airflow"]["port"] += PORT_OFFSET
+    raw["ray"]["gcs_port"] += PORT_OFFSET
+    raw["ray"]["dashboard_port"] += PORT_OFFSET
+    raw["airflow"]["end_date"] = None
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _sumctl(*args: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([SUMCTL, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={k: v for k, v in os.environ.items() if k not in ("SUM_WORKSPACE", "SUM_PARAMS")})
+    return time.perf_counter() - t0
+
+
+def _median_seconds(argv: list[str], repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fork_seconds(repeat: int = 20) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def _task_overheads(task_instances: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Queued -> start latency per task (the scheduler's and executor's share), and the tasks that ran."""
+    waits = []
+    for ti in task_instances.values():
+        queued, started = _ts(ti.get("queued_when")), _ts(ti.get("start_date"))
+        if queued and started and ti.get("state") == "success":
+            waits.append((started - queued).total_seconds())
+    return {"tasks_run": len(waits), "queued_to_start_s": statistics.mean(waits) if waits else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--days", type=int, default=2, help="consecutive simulated days per mode")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    console = Console()
+    root = Path(tempfile.mkdtemp(prefix="sum-stack-bench-"))
+    inline_params, stack_params = _params(root, "inline"), _params(root, "stack")
+
+    floors = {
+        "fork_s": _fork_seconds(),
+        "python_start_s": _median_seconds([sys.executable, "-c", "pass"]),
+        "task_sdk_import_s": _median_seconds([sys.executable, "-c", "import airflow.sdk"], repeat=3),
+    }
+    with console.status("inline: dag.test() per date"):
+        inline_total = _sumctl("run", "--inline", "--days", str(args.days), "--params", str(inline_params),
+                               "--report", str(root / "inline.json"))
+    with console.status("stack: sumctl up"):
+        up_s = _sumctl("up", "--params", str(stack_params))
+    try:
+        with console.status("stack: the scheduler per date"):
+            stack_total = _sumctl("run", "--days", str(args.days), "--params", str(stack_params),
+                                  "--report", str(root / "stack.json"))
+    finally:
+        with console.status("stack: sumctl down"):
+            down_s = _sumctl("down", "--params", str(stack_params))
+
+    inline = json.loads((root / "inline.json").read_text())
+    stack = json.loads((root / "stack.json").read_text())
+    table = Table(title=f"A simulated day: scheduler vs inline ({args.days} days, {os.cpu_count()} CPUs)")
+    for col in ("date", "inline s", "scheduler s", "ratio", "tasks", "queued->start s/task", "gap s/task"):
+        table.add_column(col, justify="right")
+    days = []
+    for irow, srow in zip(inline["rows"], stack["rows"]):
+        over = _task_overheads(stack["task_instances"][srow["ds"]])
+        gap = (srow["seconds"] - irow["seconds"]) / max(over["tasks_run"], 1)
+        day = {"ds": srow["ds"], "inline_s": irow["seconds"], "scheduler_s": srow["seconds"],
+               "ratio": srow["seconds"] / irow["seconds"], "gap_per_task_s": gap, **over}
+        days.append(day)
+        table.add_row(day["ds"], f"{day['inline_s']:.1f}", f"{day['scheduler_s']:.1f}", f"{day['ratio']:.2f}x",
+                      str(over["tasks_run"]), f"{over['queued_to_start_s']:.2f}", f"{gap:.2f}")
+    console.print(table)
+    console.print(f"floors per task process: fork {floors['fork_s'] * 1e3:.1f} ms, python start "
+                  f"{floors['python_start_s']:.2f} s, python + Task SDK import {floors['task_sdk_import_s']:.2f} s")
+    console.print(f"stack up {up_s:.0f} s, down {down_s:.0f} s; totals: inline {inline_total:.0f} s (one process, "
+                  f"its own Ray), scheduler {stack_total:.0f} s")
+    last = days[-1]
+    verdict = "meets" if last["ratio"] <= 1.3 else "misses"
+    console.print(f"last (warm) day: scheduler {last['ratio']:.2f}x inline - {verdict} the 1.3x target")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"days": days, "floors": floors, "up_s": up_s, "down_s": down_s,
+                                         "inline_total_s": inline_total, "stack_total_s": stack_total}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
