@@ -29,7 +29,7 @@ from sum_platform.config import load_params
 from validation.data_checks import DataValidationError
 from validation.gate import verdict_markdown, verdict_summary
 
-SCHEDULE = load_params().airflow  # the data's dates and catch-up come from params.yaml
+SCHEDULE = load_params().airflow  # the data's dates, catch-up and the approval timeout come from params.yaml
 
 
 def _date(value: str | None) -> datetime | None:
@@ -44,8 +44,6 @@ DEFAULT_ARGS = {
 
 #: The production user tower: every gate verdict is an event of it, its numbers in the event's ``extra``.
 USER_TOWER = Asset("sum_user_tower")
-
-AIRFLOW = load_params().airflow
 
 
 def _ds() -> str:
@@ -137,7 +135,7 @@ def sum_daily():
         body="{{ ti.xcom_pull(task_ids='shift_gate', key='verdict_table') }}",
         params=ParamsDict({"reason": Param("", type="string", description="Why it may go to production (recorded).")}),
         defaults=ApprovalOperator.REJECT,  # no answer in time: the candidate stays held
-        response_timeout=timedelta(minutes=AIRFLOW.approval_timeout_minutes),
+        response_timeout=timedelta(minutes=SCHEDULE.approval_timeout_minutes),
         retries=0,
         doc_md="A held candidate waits here for a human: Approve promotes it (forced, the responding user and "
                "the reason recorded), Reject or the timeout keeps it held and skips what follows.",

@@ -128,6 +128,13 @@ def stack():
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _failure_logs(client: AirflowClient, dag_id: str, run_id: str) -> str:
+    """The log tails of a run's failed tasks (an assertion message)."""
+    tis = client.task_instances(dag_id, run_id)
+    return "\n".join(f"--- {t} try {ti['try_number']}:\n" + client.task_log(dag_id, run_id, t, ti["try_number"])[-3000:]
+                     for t, ti in tis.items() if ti["state"] == "failed")
+
+
 def _awaiting(client: AirflowClient, dag_id: str, run_id: str):
     return lambda: client.task_instances(dag_id, run_id).get("approve", {}).get("state") == "awaiting_input"
 
@@ -204,7 +211,8 @@ def test_run_with_approval_xcoms_note_and_log(stack):
     _wait_for("the run to finish", _finished(client, "api_toy", run_id), 90)
     result = run_result(client, "api_toy", run_id, "2026-01-02")
     print(f"trigger -> awaiting input {waited:.1f}s, whole run {time.monotonic() - t0:.1f}s")
-    assert result.ok and result.task_states == {"produce": "success", "approve": "success", "after": "success"}
+    assert result.ok, (result.task_states, _failure_logs(client, "api_toy", run_id))
+    assert result.task_states == {"produce": "success", "approve": "success", "after": "success"}
     assert result.xcoms["produce"] == ["approve"]
     assert result.xcoms["produce.extra"] == {"a": [1, 2.5], "s": "x", "none": None}
     assert result.xcoms["produce.digits"] == "123"
@@ -233,7 +241,8 @@ def test_unanswered_approval_times_out_into_the_default(stack):
     _wait_for("the run to finish", _finished(client, "api_toy_timeout", run_id), 120)
     print(f"timeout run finished in {time.monotonic() - t0:.1f}s")
     result = run_result(client, "api_toy_timeout", run_id, "2026-01-03")
-    assert result.ok and result.task_states == {"produce": "success", "approve": "success", "after": "skipped"}
+    assert result.ok, (result.task_states, _failure_logs(client, "api_toy_timeout", run_id))
+    assert result.task_states == {"produce": "success", "approve": "success", "after": "skipped"}
     assert "approve" not in result.xcoms  # a rejection skips downstream by raising: no return value
     answer = client.approval("api_toy_timeout", run_id, "approve")
     assert answer["response_received"] and answer["chosen_options"] == ["Reject"]
