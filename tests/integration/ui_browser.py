@@ -1,0 +1,1 @@
+"""Playwright helpers for the Airflow UI tests."""
