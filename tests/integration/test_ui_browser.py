@@ -36,11 +36,29 @@ PORT = int(os.environ.get("SUM_UI_TEST_PORT", "18082"))
 DAG_ID = "ui_toy_gate"
 USERNAME = "admin"
 
+ASSET = "sum_user_tower"
+VERDICT_NOTES = {  # what the fixture sets as the runs' notes (markdown, as an operator would read it)
+    "blessed": "**Gate verdict: BLESSED** sum-toy\n\n| check | value | threshold | ok |\n|---|---|---|---|\n"
+               "| mean cosine | 0.981 | 0.9 | yes |\n| NE | 0.930 | 1.0 | yes |\n",
+    "held": "Gate verdict: HELD sum-toy (mean cosine 0.112 < 0.9)",
+}
+
+
+def _verdict_table(blessed: bool) -> str:
+    """The markdown the toy gate pushes as XCom ``verdict_table``."""
+    return ("| check | value | threshold | ok |\n|---|---|---|---|\n"
+            f"| mean cosine | {'0.981' if blessed else '0.112'} | 0.9 | {'yes' if blessed else 'NO'} |\n"
+            f"| verdict | {'BLESSED' if blessed else 'HELD'} sum-toy | | |\n")
+
+
 TOY_DAG = textwrap.dedent('''
     """A DAG shaped like sum_daily's gate, for the UI test: shift_gate pushes the verdict table."""
     from datetime import datetime
 
-    from airflow.sdk import dag, get_current_context, task
+    from airflow.sdk import Asset, dag, get_current_context, task
+
+    USER_TOWER = Asset("sum_user_tower")
+    VERDICT_TABLES = {True: %r, False: %r}
 
 
     @dag(dag_id="ui_toy_gate", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
@@ -50,17 +68,15 @@ TOY_DAG = textwrap.dedent('''
         def evaluate() -> dict:
             return {"snapshot_id": "sum-toy", "ne": 0.93}
 
-        @task
+        @task(outlets=[USER_TOWER])
         def shift_gate(evaluation: dict) -> dict:
-            params = get_current_context()["dag_run"].conf or {}
+            context = get_current_context()
+            params = context["dag_run"].conf or {}
             blessed = not params.get("hold", False)
-            table = (
-                "| check | value | threshold | ok |\\n"
-                "|---|---|---|---|\\n"
-                f"| mean cosine | 0.{981 if blessed else 112} | 0.9 | {'yes' if blessed else 'NO'} |\\n"
-                f"| verdict | {'BLESSED' if blessed else 'HELD'} {evaluation['snapshot_id']} | | |\\n"
-            )
-            get_current_context()["ti"].xcom_push(key="verdict_table", value=table)
+            table = VERDICT_TABLES[blessed]
+            context["ti"].xcom_push(key="verdict_table", value=table)
+            context["outlet_events"][USER_TOWER].extra = {"verdict": "BLESSED" if blessed else "HELD",
+                                                          "snapshot_id": evaluation["snapshot_id"]}
             if not blessed:
                 raise RuntimeError("toy gate held the candidate")
             return {"blessed": blessed, "snapshot_id": evaluation["snapshot_id"]}
@@ -69,7 +85,7 @@ TOY_DAG = textwrap.dedent('''
 
 
     ui_toy_gate()
-''')
+''') % (_verdict_table(True), _verdict_table(False))
 
 
 def _free(port: int) -> bool:
@@ -157,7 +173,7 @@ class ToyAirflow:
     def client(self) -> httpx.Client:
         token = httpx.post(f"{self.url}/auth/token", json={"username": USERNAME, "password": self.password},
                            timeout=10).raise_for_status().json()["access_token"]
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=20)
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
     def wait_for_dag(self, api: httpx.Client, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -169,10 +185,14 @@ class ToyAirflow:
         raise TimeoutError(f"{DAG_ID} not parsed after {timeout}s: {self.logs()}")
 
     def wait_for_runs(self, api: httpx.Client, run_ids: list[str], timeout: float = 180.0) -> dict[str, str]:
+        states: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            states = {r: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{r}").json()["state"] for r in run_ids}
+            try:
+                states = {r: api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{r}").json()["state"] for r in run_ids}
+            except httpx.TimeoutException:  # SQLite busy with the scheduler on a loaded machine: ask again
+                continue
             if all(s in ("success", "failed") for s in states.values()):
                 return states
             time.sleep(1)
@@ -208,20 +228,18 @@ def toy_stack():
         with stack.client() as api:
             stack.wait_for_dag(api)
             api.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False}).raise_for_status()
-            verdicts = {"blessed": "Gate verdict: BLESSED sum-toy (mean cosine 0.981 >= 0.9)",
-                        "held": "Gate verdict: HELD sum-toy (mean cosine 0.112 < 0.9)"}
             runs = {}
             for kind, conf in (("blessed", {}), ("held", {"hold": True})):
                 run_id = f"ui_test_{kind}"
                 api.post(f"/api/v2/dags/{DAG_ID}/dagRuns",
                          json={"dag_run_id": run_id, "logical_date": None, "conf": conf}).raise_for_status()
-                runs[run_id] = {"note": verdicts[kind]}
+                runs[run_id] = {"note": VERDICT_NOTES[kind], "verdict_table": _verdict_table(kind == "blessed")}
             states = stack.wait_for_runs(api, list(runs))
             for run_id, info in runs.items():
                 api.patch(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"note": info["note"]}).raise_for_status()
                 info["state"] = states[run_id]
         yield {"url": stack.url, "username": USERNAME, "password": stack.password, "dag_id": DAG_ID,
-               "runs": runs, "seconds_to_start": time.monotonic() - t0}
+               "runs": runs, "asset": ASSET, "seconds_to_start": time.monotonic() - t0}
     finally:
         stack.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -18,7 +18,9 @@ The pages and selectors (Airflow 3.3's React UI; ``DAG``/``RUN``/``TASK`` are id
                                   with the whole note rendered as markdown
 ``/dags/DAG/runs/RUN/tasks/TASK/xcom``  Storage > XCom: rows ``[data-testid=table-cell-key]`` and
                                   ``[data-testid=xcom-value]``
-``/assets``                       the assets list; an asset's page lists its events (with their extra)
+``/assets``                       the assets list (a link per asset name) -> ``/assets/ID``: its events,
+                                  ``[data-testid=card-list] > div``, each with a source link to the run and
+                                  its extra in a folded JSON editor (``.codicon-folding-collapsed`` unfolds)
 ================================  ==========================================================================
 """
 
@@ -79,19 +81,57 @@ def _url(base_url: str, path: str) -> str:
     return base_url.rstrip("/") + path
 
 
-def navigate(page, base_url: str, path: str) -> None:
-    """Goes to ``path`` of the UI. Inside the running app (same origin, past the login page) this is a
-    client-side navigation, as a click on a link would do (history entry + ``popstate`` for the app's
-    router), which spares re-loading the UI's bundle on every page; else a full page load."""
+def navigate(page, base_url: str, path: str, quiet_ms: int = 500) -> None:
+    """Goes to ``path`` of the UI and waits until the page's fetches are done.
+
+    Inside the running app (same origin, past the login page) this is a client-side navigation, as a
+    click on a link does (history entry + ``popstate`` for the app's router): it spares re-loading the
+    UI's bundle for every page. Else a full page load.
+    """
     target = _url(base_url, path)
     origin = _url(base_url, "")
-    if page.url.startswith(origin + "/") and not is_login_page(page) \
-            and page.locator("[data-testid=nav-sidebar]").count():
-        page.evaluate("p => { window.history.pushState({}, '', p); "
-                      "window.dispatchEvent(new PopStateEvent('popstate', {state: {}})); }", path)
-        page.wait_for_url(target)
-    else:
-        page.goto(target)
+    in_app = page.url.startswith(origin + "/") and not is_login_page(page) \
+        and page.locator("[data-testid=nav-sidebar]").count() > 0
+    with _quiet_network(page, quiet_ms):
+        if in_app:
+            page.evaluate("p => { window.history.pushState({}, '', p); "
+                          "window.dispatchEvent(new PopStateEvent('popstate', {state: {}})); }", path)
+            page.wait_for_url(target)
+        else:
+            page.goto(target)
+
+
+@contextlib.contextmanager
+def _quiet_network(page, quiet_ms: int, timeout_ms: int = TIMEOUT_MS) -> Iterator[None]:
+    """On exit, waits until no fetch/XHR of the page has been in flight for ``quiet_ms``."""
+    inflight: set = set()
+    last_change = [time.monotonic()]
+
+    def started(request) -> None:
+        if request.resource_type in ("fetch", "xhr"):
+            inflight.add(request)
+            last_change[0] = time.monotonic()
+
+    def ended(request) -> None:
+        if request in inflight:
+            inflight.discard(request)
+            last_change[0] = time.monotonic()
+
+    page.on("request", started)
+    page.on("requestfinished", ended)
+    page.on("requestfailed", ended)
+    try:
+        yield
+        deadline = time.monotonic() + timeout_ms / 1000
+        page.wait_for_timeout(100)  # let the router render and start its fetches
+        while time.monotonic() < deadline:
+            if not inflight and time.monotonic() - last_change[0] >= quiet_ms / 1000:
+                break
+            page.wait_for_timeout(50)
+    finally:
+        page.remove_listener("request", started)
+        page.remove_listener("requestfinished", ended)
+        page.remove_listener("requestfailed", ended)
 
 
 def _q(value: str) -> str:
@@ -299,18 +339,34 @@ def open_task_xcom(page, base_url: str, dag_id: str, run_id: str, task_id: str,
     return shown
 
 
-def open_asset_events(page, base_url: str, asset_name: str) -> str:
-    """Opens the asset's page from the assets list and returns the text of its events panel (each
-    event with its source run and extra)."""
+def open_asset_events(page, base_url: str, asset_name: str) -> list[dict]:
+    """Opens the asset's page from the assets list and returns its events as shown, newest first:
+    ``{"run_id": the source run (from the event's source link) or None, "text": the card's text with its
+    extra unfolded}``."""
     navigate(page, base_url, "/assets")
     link = page.get_by_role("link", name=asset_name, exact=True).first
     link.wait_for()
-    link.click()
-    page.wait_for_url(re.compile(r"/assets/\d+"))
-    page.get_by_text(asset_name).first.wait_for()
-    page.wait_for_load_state("networkidle")
-    return page.locator("[data-testid=main-content]").first.inner_text() \
-        if page.locator("[data-testid=main-content]").count() else _body_text(page)
+    with _quiet_network(page, 500):
+        link.click()
+        page.wait_for_url(re.compile(r"/assets/\d+"))
+    page.get_by_role("heading", name=asset_name).first.wait_for()
+    page.get_by_text("Producing Tasks").first.wait_for()
+    cards = page.locator("[data-testid=card-list] > div")
+    page.get_by_text(re.compile(r"\d+ Asset Events?")).first.wait_for()
+    events = []
+    for card in cards.all():
+        # the extra is a folded JSON editor (Monaco): unfold it, as a reader would, to see the values
+        for _ in range(20):
+            folded = card.locator(".codicon-folding-collapsed")
+            if not folded.count():
+                break
+            folded.first.click()
+        source = card.locator('a[href*="/runs/"]')
+        href = source.first.get_attribute("href") if source.count() else None
+        match = re.search(r"/runs/([^/]+)", href or "")
+        events.append({"run_id": match.group(1) if match else None,
+                       "text": card.inner_text().replace("\u00a0", " ")})
+    return events
 
 
 def open_verdict(page, base_url: str, dag_id: str, run_id: str, task_id: str = "shift_gate",
@@ -318,7 +374,7 @@ def open_verdict(page, base_url: str, dag_id: str, run_id: str, task_id: str = "
                  screenshot_prefix: str | None = None) -> dict[str, str]:
     """Opens every place the gate's verdict is shown for one run and returns the visible text of each:
     ``note`` (the DAG run's note dialog), ``xcom`` (the task's ``xcom_key`` in its XCom view) and, with
-    ``asset_name``, ``asset_events`` (the asset's events). With ``screenshot_prefix``, saves
+    ``asset_name``, ``asset_event`` (the text of the asset's newest event from this run, "" if none). With ``screenshot_prefix``, saves
     ``reports/ui/<prefix>-note.png``, ``-xcom.png`` (and ``-asset.png``)."""
     shown = {"note": open_run_note(page, base_url, dag_id, run_id)}
     if screenshot_prefix:
@@ -328,7 +384,8 @@ def open_verdict(page, base_url: str, dag_id: str, run_id: str, task_id: str = "
     if screenshot_prefix:
         screenshot(page, f"{screenshot_prefix}-xcom.png")
     if asset_name:
-        shown["asset_events"] = open_asset_events(page, base_url, asset_name)
+        events = [e for e in open_asset_events(page, base_url, asset_name) if e["run_id"] == run_id]
+        shown["asset_event"] = events[0]["text"] if events else ""
         if screenshot_prefix:
             screenshot(page, f"{screenshot_prefix}-asset.png")
     return shown
