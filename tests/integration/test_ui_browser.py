@@ -220,7 +220,7 @@ class ToyAirflow:
 def toy_stack():
     """A toy Airflow with two finished runs of ``ui_toy_gate`` (one success, one failed), notes set to the
     verdict through the REST API; everything killed and removed on exit."""
-    root = Path(tempfile.mkdtemp(prefix="wt-ui-airflow-"))
+    root = Path(tempfile.mkdtemp(prefix="sum-ui-airflow-"))
     stack = ToyAirflow(root)
     t0 = time.monotonic()
     try:
@@ -251,3 +251,55 @@ def ui_stack():
     Airflow. The lead swaps this for the session's deployed stack."""
     with toy_stack() as stack:
         yield stack
+
+
+@pytest.mark.timeout(900)
+def test_airflow_ui_shows_runs_and_gate_verdicts(ui_stack):
+    url, dag_id, runs = ui_stack["url"], ui_stack["dag_id"], ui_stack["runs"]
+    assert {info["state"] for info in runs.values()} - {"success", "failed"} == set(), runs
+    t0 = time.monotonic()
+    timings = {}
+
+    # Without a login the REST API refuses and the UI sends the browser to the login page.
+    assert httpx.get(f"{url}/api/v2/dags/{dag_id}/dagRuns", timeout=30).status_code == 401
+    assert httpx.get(f"{url}/api/v2/dags/{dag_id}/dagRuns", timeout=30,
+                     headers={"Authorization": "Bearer not-a-token"}).status_code in (401, 403)
+
+    with ui_browser.open_browser() as page:
+        page.goto(f"{url}/dags/{dag_id}")
+        page.wait_for_url("**/auth/login?next=**")
+        assert ui_browser.is_login_page(page), page.url
+        ui_browser.screenshot(page, "login.png")
+        with pytest.raises(ui_browser.UIError, match="Invalid credentials"):
+            ui_browser.login(page, url, ui_stack["username"], ui_stack["password"] + "-wrong")
+        ui_browser.screenshot(page, "login-refused.png")
+        ui_browser.login(page, url, ui_stack["username"], ui_stack["password"])
+        timings["login"] = time.monotonic() - t0
+
+        # The grid shows every run with the state it finished in (tooltip of each run's bar), and so
+        # does the Runs tab.
+        expected = {run_id: info["state"] for run_id, info in runs.items()}
+        assert ui_browser.run_states(page, url, dag_id, list(runs), screenshot_prefix="grid") == expected
+        assert ui_browser.run_states(page, url, dag_id, list(runs), source="runs",
+                                     screenshot_prefix="runs") == expected
+        timings["states"] = time.monotonic() - t0
+
+        # The gate's verdict: the run's note (whole markdown, in the note dialog) and the XCom table.
+        for run_id, info in runs.items():
+            shown = ui_browser.open_verdict(page, url, dag_id, run_id, asset_name=ui_stack.get("asset"),
+                                            screenshot_prefix=f"verdict-{run_id}")
+            assert ui_browser.shows_text(shown["note"], info["note"]), (run_id, shown["note"], info["note"])
+            assert shown["xcom"], (run_id, shown)
+            if "verdict_table" in info:
+                assert ui_browser.shows_text(shown["xcom"], info["verdict_table"]), (run_id, shown["xcom"])
+            if ui_stack.get("asset") and info["state"] == "success":
+                assert "BLESSED" in shown["asset_event"], (run_id, shown["asset_event"])
+        # The notes differ between the runs, so the check above cannot pass on another run's page.
+        notes = [info["note"] for info in runs.values()]
+        assert len(set(notes)) == len(notes)
+        timings["verdicts"] = time.monotonic() - t0
+
+    for name in ["login.png", "login-refused.png", *(f"grid-{r}.png" for r in runs), "runs.png",
+                 *(f"verdict-{r}-{part}.png" for r in runs for part in ("note", "xcom"))]:
+        assert (REPORT_DIR / name).stat().st_size > 10_000, name
+    print(f"UI test timings (s, cumulative): {timings}; stack start {ui_stack.get('seconds_to_start')}")

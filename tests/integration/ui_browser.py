@@ -153,8 +153,13 @@ def login(page, base_url: str, username: str, password: str, next_path: str = "/
     page.locator("input[name=username]").fill(username)
     page.locator("input[name=password]").fill(password)
     page.locator("button[type=submit]").click()
+    refused = page.get_by_text(re.compile(r"Invalid credentials|401 Unauthorized"))
+    deadline = time.monotonic() + login_timeout_ms / 1000
+    while "/auth/login" in page.url and time.monotonic() < deadline:
+        if refused.count():
+            raise UIError(f"login as {username!r} refused; the page shows: {_body_text(page)[:300]!r}")
+        page.wait_for_timeout(100)
     try:
-        page.wait_for_url(lambda u: "/auth/login" not in u, timeout=login_timeout_ms)
         page.locator("[data-testid=nav-sidebar]").wait_for()
     except Exception as err:  # playwright's TimeoutError
         raise UIError(f"login as {username!r} failed; the page shows: {_body_text(page)[:500]!r}") from err
@@ -356,11 +361,11 @@ def open_asset_events(page, base_url: str, asset_name: str) -> list[dict]:
     events = []
     for card in cards.all():
         # the extra is a folded JSON editor (Monaco): unfold it, as a reader would, to see the values
-        for _ in range(20):
-            folded = card.locator(".codicon-folding-collapsed")
-            if not folded.count():
-                break
+        folded = card.locator(".codicon-folding-collapsed")
+        if folded.count():
             folded.first.click()
+            card.locator(".codicon-folding-expanded").first.wait_for(state="attached")
+            page.wait_for_timeout(300)  # the editor lays the unfolded lines out
         source = card.locator('a[href*="/runs/"]')
         href = source.first.get_attribute("href") if source.count() else None
         match = re.search(r"/runs/([^/]+)", href or "")
