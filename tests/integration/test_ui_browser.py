@@ -286,13 +286,16 @@ def test_airflow_ui_shows_runs_and_gate_verdicts(ui_stack):
 
         # The gate's verdict: the run's note (whole markdown, in the note dialog) and the XCom table.
         for run_id, info in runs.items():
-            shown = ui_browser.open_verdict(page, url, dag_id, run_id, asset_name=ui_stack.get("asset"),
+            # only a run whose gate task succeeded emits the asset event
+            asset = ui_stack.get("asset") if info["state"] == "success" else None
+            shown = ui_browser.open_verdict(page, url, dag_id, run_id, asset_name=asset,
                                             screenshot_prefix=f"verdict-{run_id}")
+            assert shown["run_state"] == info["state"], (run_id, shown)
             assert ui_browser.shows_text(shown["note"], info["note"]), (run_id, shown["note"], info["note"])
             assert shown["xcom"], (run_id, shown)
             if "verdict_table" in info:
                 assert ui_browser.shows_text(shown["xcom"], info["verdict_table"]), (run_id, shown["xcom"])
-            if ui_stack.get("asset") and info["state"] == "success":
+            if asset:
                 assert "BLESSED" in shown["asset_event"], (run_id, shown["asset_event"])
         # The notes differ between the runs, so the check above cannot pass on another run's page.
         notes = [info["note"] for info in runs.values()]

@@ -13,7 +13,8 @@ The pages and selectors (Airflow 3.3's React UI; ``DAG``/``RUN``/``TASK`` are id
                                   hovering it shows a tooltip ``Run ID: RUN`` / ``State: Failed``; its data
                                   comes from ``GET /ui/grid/runs/DAG``; cells ``[data-testid=grid-RUN-TASK]``
 ``/dags/DAG/runs``                the Runs tab: ``table[data-testid=table-list]`` with the columns ``Dag Run ID`` and ``State``
-``/dags/DAG/runs/RUN``            the run's header; its note (first paragraph only) beside
+``/dags/DAG/runs/RUN``            the run's header ``h2`` RUN + ``[data-testid=state-badge]``; its note
+                                  (first paragraph only) beside
                                   ``button[aria-label="Edit note"]``, which opens the ``Dag Run Note`` dialog
                                   with the whole note rendered as markdown
 ``/dags/DAG/runs/RUN/tasks/TASK/xcom``  Storage > XCom: rows ``[data-testid=table-cell-key]`` and
@@ -287,18 +288,24 @@ def _runs_tab_states(page, base_url: str, dag_id: str, run_ids: list[str] | None
 def open_run(page, base_url: str, dag_id: str, run_id: str) -> str:
     """Opens the DAG run's page and returns the state its header shows (lower case)."""
     navigate(page, base_url, f"/dags/{_q(dag_id)}/runs/{_q(run_id)}")
-    header = page.locator("h2", has_text=run_id).first
+    header = page.locator("h2").filter(has_text=re.compile(rf"^{re.escape(run_id)}$")).first
     header.wait_for()
     page.locator('button[aria-label="Edit note"]').first.wait_for()
-    badge = page.locator("[data-testid=state-badge]").first
-    return badge.inner_text().strip().lower() if badge.count() else ""
+    badge = header.locator("xpath=following-sibling::*[@data-testid='state-badge'][1]")
+    badge.wait_for()
+    return badge.inner_text().strip().lower()
 
 
-def open_run_note(page, base_url: str, dag_id: str, run_id: str) -> str:
+def open_run_note(page, base_url: str, dag_id: str, run_id: str, opened: bool = False) -> str:
     """The DAG run's note as its page shows it: the ``Dag Run Note`` dialog (opened with the note's button;
     the header shows only the first paragraph) with the markdown rendered. Empty if the run has no note.
-    The dialog is left open (for a screenshot); :func:`close_dialog` closes it."""
-    open_run(page, base_url, dag_id, run_id)
+    The dialog is left open (for a screenshot); :func:`close_dialog` closes it.
+
+    Args:
+        opened: the run's page is open already (:func:`open_run`).
+    """
+    if not opened:
+        open_run(page, base_url, dag_id, run_id)
     page.locator('button[aria-label="Edit note"]').first.click()
     dialog = page.locator("[role=dialog]", has=page.locator("h2", has_text="Note")).first
     dialog.wait_for()
@@ -378,10 +385,11 @@ def open_verdict(page, base_url: str, dag_id: str, run_id: str, task_id: str = "
                  xcom_key: str = "verdict_table", asset_name: str | None = None,
                  screenshot_prefix: str | None = None) -> dict[str, str]:
     """Opens every place the gate's verdict is shown for one run and returns the visible text of each:
-    ``note`` (the DAG run's note dialog), ``xcom`` (the task's ``xcom_key`` in its XCom view) and, with
+    ``run_state`` (the state badge in the run's header), ``note`` (the DAG run's note dialog), ``xcom`` (the task's ``xcom_key`` in its XCom view) and, with
     ``asset_name``, ``asset_event`` (the text of the asset's newest event from this run, "" if none). With ``screenshot_prefix``, saves
     ``reports/ui/<prefix>-note.png``, ``-xcom.png`` (and ``-asset.png``)."""
-    shown = {"note": open_run_note(page, base_url, dag_id, run_id)}
+    shown = {"run_state": open_run(page, base_url, dag_id, run_id)}
+    shown["note"] = open_run_note(page, base_url, dag_id, run_id, opened=True)
     if screenshot_prefix:
         screenshot(page, f"{screenshot_prefix}-note.png")
     close_dialog(page)
