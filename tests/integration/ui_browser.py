@@ -368,11 +368,16 @@ def open_asset_events(page, base_url: str, asset_name: str) -> list[dict]:
     events = []
     for card in cards.all():
         # the extra is a folded JSON editor (Monaco): unfold it, as a reader would, to see the values
-        folded = card.locator(".codicon-folding-collapsed")
-        if folded.count():
-            folded.first.click()
-            card.locator(".codicon-folding-expanded").first.wait_for(state="attached")
-            page.wait_for_timeout(300)  # the editor lays the unfolded lines out
+        if card.locator(".monaco-editor").count():
+            fold = card.locator(".codicon-folding-collapsed, .codicon-folding-expanded").first
+            try:  # the editor adds its folding controls once it has laid the JSON out; `{}` gets none
+                fold.wait_for(state="attached", timeout=10_000)
+            except Exception:
+                pass
+            if card.locator(".codicon-folding-collapsed").count():
+                card.locator(".codicon-folding-collapsed").first.click()
+                card.locator(".codicon-folding-expanded").first.wait_for(state="attached")
+                page.wait_for_timeout(300)  # the editor lays the unfolded lines out
         source = card.locator('a[href*="/runs/"]')
         href = source.first.get_attribute("href") if source.count() else None
         match = re.search(r"/runs/([^/]+)", href or "")
