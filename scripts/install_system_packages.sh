@@ -6,7 +6,9 @@
 set -euo pipefail
 
 PACKAGES=(
-    postgresql   # the PostgreSQL profile of the Airflow metadata DB (airflow.metadata_db: postgresql)
+    postgresql        # the PostgreSQL profile of the Airflow metadata DB (airflow.metadata_db: postgresql)
+    chromium          # headless browser for the Airflow UI test (tests/integration/ui_browser.py)
+    chromium-driver   # its WebDriver companion (/usr/bin/chromedriver)
 )
 
 missing=()
