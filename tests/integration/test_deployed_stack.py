@@ -353,6 +353,45 @@ def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
     assert (restored / "user_tower.safetensors").read_bytes() == original.read_bytes()
 
 
+def test_the_ui_shows_the_runs_and_their_verdicts_in_a_real_browser(runs, stack, client):
+    """Debian's Chromium (Playwright): login required, the grid's run states, the verdict in each run's note,
+    the gate's XCom table and the user-tower asset event; screenshots under reports/ui/."""
+    import httpx
+
+    from tests.integration import ui_browser
+
+    s = stack["stack"]
+    url, password = s.airflow_url, s.airflow_password()
+    shown_runs = {driver.run_id_for(ds): ds for ds in (DAY2, DAY5, DAY6)}
+    expected = {run_id: client.dag_run(DAG_ID, run_id)["state"] for run_id in shown_runs}
+    assert expected == {driver.run_id_for(DAY2): "success", driver.run_id_for(DAY5): "success",
+                        driver.run_id_for(DAY6): "failed"}
+    assert httpx.get(f"{url}/api/v2/dags/{DAG_ID}/dagRuns", timeout=30,
+                     headers={"Authorization": "Bearer not-a-token"}).status_code in (401, 403)
+    with ui_browser.open_browser() as page:
+        page.goto(f"{url}/dags/{DAG_ID}")
+        page.wait_for_url("**/auth/login?next=**")
+        ui_browser.screenshot(page, "login.png")
+        with pytest.raises(ui_browser.UIError, match="Invalid credentials"):
+            ui_browser.login(page, url, "admin", password + "-wrong")
+        ui_browser.login(page, url, "admin", password)
+        assert ui_browser.run_states(page, url, DAG_ID, list(shown_runs), screenshot_prefix="grid") == expected
+        for run_id, ds in shown_runs.items():
+            note = client.dag_run(DAG_ID, run_id)["note"]
+            asset = "sum_user_tower" if ds == DAY2 else None
+            shown = ui_browser.open_verdict(page, url, DAG_ID, run_id, asset_name=asset,
+                                            screenshot_prefix=f"verdict-{ds}")
+            assert shown["run_state"] == expected[run_id], (run_id, shown)
+            assert ui_browser.shows_text(shown["note"], note), (run_id, shown["note"], note)
+            if ds != DAY6:  # a run stopped at validation has no verdict
+                table = runs[ds].xcoms["shift_gate.verdict_table"]
+                assert ui_browser.shows_text(shown["xcom"], table), (run_id, shown["xcom"])
+            if asset:
+                assert "blessed" in shown["asset_event"].lower() and f"sum-{DAY2}" in shown["asset_event"]
+    for name in ("login.png", *(f"grid-{r}.png" for r in shown_runs), f"verdict-{DAY2}-note.png"):
+        assert (ui_browser.SCREENSHOT_DIR / name).stat().st_size > 10_000, name
+
+
 def test_operator_rollback_returns_the_previous_production_and_rerolls_the_stack(runs):
     """`sumctl rollback` from a shell, as an operator runs it: production and the stack's server go back."""
     from sum_platform.versioning import production_snapshot
