@@ -218,8 +218,10 @@ def down(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
         raise typer.Exit(1)
 
 
-def _progress_line(progress, task_of: dict, p: "driver.DayProgress") -> None:
+def _progress_line(progress, task_of: dict, p: "driver.DayProgress", approvals_url: str = "") -> None:
     running = ", ".join(p.running) or p.state
+    if p.awaiting:
+        running += f" - held: approve or reject at {approvals_url} (else it stays held when the approval times out)"
     progress.update(task_of[p.ds], completed=p.done, total=max(p.total, 1), description=f"{p.ds} {running}")
 
 
@@ -293,7 +295,7 @@ def run(
                 progress.start_task(task_of[day.ds])
             if day.state in driver.FINISHED and day.ds not in seconds:
                 seconds[day.ds] = time.perf_counter() - t_start.get(day.ds, time.perf_counter())
-            _progress_line(progress, task_of, day)
+            _progress_line(progress, task_of, day, f"{stack.airflow_url}/required_actions")
 
         results = driver.drive(client, dates, faults, p.airflow.dag_poll_seconds, on_progress)
     rows = [day_row(r) | {"seconds": seconds.get(r.ds, 0.0)} for r in results]

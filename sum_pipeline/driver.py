@@ -9,7 +9,7 @@ and XComs over the REST API and writes each run's verdict into the run's note, w
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +30,7 @@ class DayProgress:
     running: list[str]
     done: int
     total: int
+    awaiting: list[str] = field(default_factory=list)  # tasks waiting for a human (Required Actions)
 
 
 def run_id_for(ds: str) -> str:
@@ -81,7 +82,8 @@ def wait_run(client: AirflowClient, ds: str, run_id: str, poll_s: float,
         done = sum(s in ("success", "skipped", "failed", "upstream_failed") for s in states.values())
         running = [t for t, s in states.items() if s in ("running", "queued", "up_for_retry", "deferred",
                                                           "awaiting_input", "scheduled")]
-        on_progress(DayProgress(ds, run["state"], running, done, len(states)))
+        awaiting = [t for t, s in states.items() if s == "awaiting_input"]
+        on_progress(DayProgress(ds, run["state"], running, done, len(states), awaiting))
         if run["state"] in FINISHED:
             result = run_result(client, DAG_ID, run_id, ds)
             result.run_id, result.task_instances = run_id, tis
