@@ -94,16 +94,31 @@ def wait_run(client: AirflowClient, ds: str, run_id: str, poll_s: float,
         time.sleep(poll_s)
 
 
+#: Airflow's limit on a run's note.
+NOTE_MAX = 1000
+
+
 def verdict_note(result: DagRunResult) -> str:
-    """The run's note: the gate's verdict table (markdown) or why the run stopped."""
-    table = result.xcoms.get("shift_gate.verdict_table")
-    verdict = (result.xcoms.get("shift_gate.verdict") or {}).get("verdict")
+    """The run's note (markdown, at most :data:`NOTE_MAX` characters): the verdict, what is served, NE and
+    shift per embedding, and the reasons of a hold; the whole table is the XCom ``verdict_table``."""
+    verdict = result.xcoms.get("shift_gate.verdict") or {}
+    if not verdict:
+        failed = [t for t, state in result.task_states.items() if state == "failed"]  # not the upstream_failed
+        return f"**{result.state}**" + (f": failed at {', '.join(failed)}" if failed else "")
     served = (result.xcoms.get("verify_serving") or {}).get("served_snapshot_id")
-    if table:
-        head = f"**{verdict}**" + (f", serving `{served}`" if served else "")
-        return f"{head}\n\n{table}"
-    failed = result.failed_tasks()
-    return f"**{result.state}**" + (f": failed at {', '.join(failed)}" if failed else "")
+    approved = result.task_states.get("approve_held") == "success" and result.task_states.get("promote") == "success"
+    head = f"**{verdict.get('verdict')}** `{verdict.get('snapshot_id')}`" + (" - approved by a human" if approved else "")
+    lines = [head + (f"; serving `{served}`" if served else ""), ""]
+    ne = (result.xcoms.get("evaluate") or {}).get("ne") or {}
+    if ne:
+        lines.append("NE " + ", ".join(f"{task} {value:.4f}" for task, value in ne.items()))
+    for i, m in enumerate(verdict.get("shift") or []):
+        lines.append(f"e{i}: cos {m.get('mean_cosine', float('nan')):.3f}, "
+                     f"ΔL2 {m.get('relative_l2_change', float('nan')):.3f}")
+    if not verdict.get("blessed"):
+        lines += ["", *(f"- {reason}" for reason in verdict.get("reasons") or [])]
+    note = "\n".join(lines)
+    return note if len(note) <= NOTE_MAX else note[: NOTE_MAX - 1] + "…"
 
 
 def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_s: float,

@@ -1,0 +1,37 @@
+"""The run note the driver writes: the verdict's headline within Airflow's 1000-character limit."""
+
+from sum_pipeline.airflow_env import DagRunResult
+from sum_pipeline.driver import NOTE_MAX, verdict_note
+
+
+def _result(verdict, states=None, served=None):
+    xcoms = {"shift_gate.verdict": verdict, "evaluate": {"ne": {"click": 0.88, "conversion": 0.93}}}
+    if served:
+        xcoms["verify_serving"] = {"served_snapshot_id": served}
+    return DagRunResult(ds="2026-01-02", state="success", task_states=states or {}, xcoms=xcoms)
+
+
+def test_blessed_note_names_the_snapshot_what_is_served_and_the_numbers():
+    verdict = {"verdict": "blessed", "blessed": True, "snapshot_id": "sum-2026-01-02",
+               "shift": [{"mean_cosine": 0.91, "relative_l2_change": 0.2}], "reasons": ["ok"]}
+    note = verdict_note(_result(verdict, served="sum-2026-01-02"))
+    assert note.startswith("**blessed** `sum-2026-01-02`; serving `sum-2026-01-02`")
+    assert "NE click 0.8800" in note and "e0: cos 0.910, ΔL2 0.200" in note
+    assert "- ok" not in note
+
+
+def test_a_held_note_lists_the_reasons_and_stays_within_the_limit():
+    reasons = [f"embedding_{i}.mean_cosine = -0.01, needs >= 0.5 " + "x" * 80 for i in range(30)]
+    verdict = {"verdict": "held", "blessed": False, "snapshot_id": "sum-2026-01-04", "shift": [], "reasons": reasons}
+    note = verdict_note(_result(verdict))
+    assert note.startswith("**held** `sum-2026-01-04`")
+    assert "- embedding_0.mean_cosine" in note
+    assert len(note) == NOTE_MAX and note.endswith("…")
+
+
+def test_an_approved_hold_says_so_and_a_run_without_verdict_names_the_failed_task():
+    verdict = {"verdict": "held", "blessed": False, "snapshot_id": "s", "shift": [], "reasons": ["r"]}
+    note = verdict_note(_result(verdict, {"approve_held": "success", "promote": "success"}, served="s"))
+    assert "approved by a human" in note
+    failed = DagRunResult(ds="d", state="failed", task_states={"validate_data": "failed", "evaluate": "upstream_failed"})
+    assert verdict_note(failed) == "**failed**: failed at validate_data"
