@@ -291,7 +291,7 @@ def test_verdict_is_in_the_run_note_and_on_the_user_tower_asset(runs, client):
     assert "blessed" in run["note"] and "sum-2026-01-02" in run["note"]
     held = client.dag_run(DAG_ID, driver.run_id_for(DAY5))
     assert "held" in held["note"]
-    events = client.asset_events("sum_user_tower")
+    events = [e for e in client.asset_events(DAG_ID) if e.get("name") == "sum_user_tower"]
     by_snapshot = {e["extra"].get("snapshot_id"): e["extra"] for e in events if e.get("extra")}
     assert by_snapshot[f"sum-{DAY2}"]["verdict"] == "blessed"
     assert by_snapshot[f"sum-{DAY5}"]["verdict"] == "held"
