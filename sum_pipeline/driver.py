@@ -108,7 +108,7 @@ def verdict_note(result: DagRunResult) -> str:
     served = (result.xcoms.get("verify_serving") or {}).get("served_snapshot_id")
     approved = result.task_states.get("approve_held") == "success" and result.task_states.get("promote") == "success"
     head = f"**{verdict.get('verdict')}** `{verdict.get('snapshot_id')}`" + (" - approved by a human" if approved else "")
-    lines = [head + (f"; serving `{served}`" if served else ""), ""]
+    lines = [head + (f" - serving `{served}`" if served else ""), ""]
     ne = (result.xcoms.get("evaluate") or {}).get("ne") or {}
     if ne:
         lines.append("NE " + ", ".join(f"{task} {value:.4f}" for task, value in ne.items()))

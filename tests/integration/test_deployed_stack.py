@@ -319,8 +319,9 @@ def test_an_unanswered_approval_times_out_into_held_and_production_stays(runs):
     for downstream in ("promote", "materialize_embeddings", "rollout", "verify_serving"):
         assert r.task_states[downstream] == "skipped", (downstream, r.task_states)
     rec = runs["ctx"].registry.get(f"sum-{DAY5}")
-    assert rec.stage == "held"
-    assert any("mean_cosine" in reason for reason in rec.record["verdict"]["reasons"])
+    assert rec.stage == "held" and rec.record["verdict"]["verdict"] == "held"
+    assert any("needs" in reason for reason in rec.record["verdict"]["reasons"]), rec.record["verdict"]["reasons"]
+    assert rec.promoted_by is None
     assert runs[f"{DAY5}/production"] == runs[f"{DAY5}/served"] == f"sum-{DAY4}"
 
 

@@ -423,7 +423,8 @@ def markdown_words(markdown: str) -> list[str]:
     """The words a reader sees of a markdown text (table pipes and rules, emphasis, headings dropped), for
     comparing a note or an XCom with the page however the page lays it out (rendered or raw)."""
     words = re.sub(r"[|*_`#>]", " ", markdown).split()
-    return [w for w in words if not re.fullmatch(r":?-{3,}:?", w)]
+    # table rules, and list markers (a rendered list shows bullets, not "-")
+    return [w for w in words if not re.fullmatch(r":?-{3,}:?|-", w)]
 
 
 def shows_text(displayed: str, expected_markdown: str) -> bool:

@@ -15,7 +15,7 @@ def test_blessed_note_names_the_snapshot_what_is_served_and_the_numbers():
     verdict = {"verdict": "blessed", "blessed": True, "snapshot_id": "sum-2026-01-02",
                "shift": [{"mean_cosine": 0.91, "relative_l2_change": 0.2}], "reasons": ["ok"]}
     note = verdict_note(_result(verdict, served="sum-2026-01-02"))
-    assert note.startswith("**blessed** `sum-2026-01-02`; serving `sum-2026-01-02`")
+    assert note.startswith("**blessed** `sum-2026-01-02` - serving `sum-2026-01-02`")
     assert "NE click 0.8800" in note and "e0: cos 0.910, ΔL2 0.200" in note
     assert "- ok" not in note
 
