@@ -130,11 +130,26 @@ def _log_to_file(path: Path | None = None) -> None:
         lg.propagate = True
 
 
+@contextmanager
+def _stderr_to(path: Path):
+    """This process's stderr (file descriptor 2, so Ray's C++ core and Serve's handlers too) appended to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    with open(path, "ab") as fh:
+        os.dup2(fh.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _deploy_production(p, ws) -> Any:
     """The stack's deploy step: Serve on the stack's Ray, with the registry's production snapshot if any."""
     def deploy(stack: Stack) -> None:
         os.environ["SUM_RAY_ADDRESS"] = "stack"
-        ensure_ray(p)
+        with _stderr_to(stack.logs / "sumctl.log"):  # Ray and Serve write to stderr past logging's handlers
+            ensure_ray(p)
         _log_to_file()  # Serve adds a terminal handler when it starts
         try:
             prod = Registry(ws.registry_db).production() if ws.registry_db.exists() else None
