@@ -161,6 +161,11 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
         The run's state, each task's state and the XCom return values.
     """
     dag = load_dag()
+    # dag.test() runs the date it is given: the schedule's end date (params airflow.end_date) bounds what the
+    # scheduler runs, not a debugging run (with it, tasks of later dates would not run at all).
+    dag.end_date = None
+    for task in dag.tasks:
+        task.end_date = None
     logical_date = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
     dr = dag.test(logical_date=logical_date, run_conf={"await_approval": False} | (conf or {}))
     result = DagRunResult(ds=ds, state=str(getattr(dr.state, "value", dr.state)), run_id=dr.run_id)

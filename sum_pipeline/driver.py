@@ -123,7 +123,16 @@ def verdict_note(result: DagRunResult) -> str:
 
 def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_s: float,
           on_progress: Callable[[DayProgress], None] = lambda p: None, timeout_s: float = 3600) -> list[DagRunResult]:
-    """Runs ``dates`` through the scheduler in date order; returns each run's result."""
+    """Runs ``dates`` through the scheduler in date order; returns each run's result.
+
+    Raises:
+        ValueError: A date lies after the DAG's end date (its tasks would never run).
+    """
+    end = (client._get(f"/dags/{DAG_ID}/details").get("end_date") or "")[:10] if dates else ""
+    late = [ds for ds in dates if end and ds > end]
+    if late:
+        raise ValueError(f"{', '.join(late)} after the DAG's end date {end}: raise params.yaml airflow.end_date "
+                         f"(then `sumctl down` and `sumctl up`, so the DAG is parsed again)")
     client.wait_dag(DAG_ID, timeout_s=300)
     run_ids = [ensure_run(client, ds, {"candidate_fault": faults[ds]} if ds in faults else {}) for ds in dates]
     client.unpause(DAG_ID)

@@ -178,6 +178,12 @@ def runs(stack, client, stack_params, stored_rows):
     out[DAY4], out["approval"], out["seconds"][DAY4] = _drive(
         client, DAY4, {DAY4: "reinit"}, helper=_answer_when_awaiting)
     observe(DAY4)
+    ti = out[DAY4].task_instances.get("approve_held") or {}
+    if ti.get("state") != "success":  # keep the evidence: the session's folder is gone after the run
+        try:
+            out["approval_log"] = client.task_log(DAG_ID, out[DAY4].run_id, "approve_held", int(ti.get("try_number") or 1))
+        except Exception as exc:  # noqa: BLE001
+            out["approval_log"] = repr(exc)
     # DAY5: held again, and nobody answers: the approval times out into held.
     out[DAY5], _, out["seconds"][DAY5] = _drive(client, DAY5, {DAY5: "reinit"})
     observe(DAY5)
@@ -299,7 +305,7 @@ def test_verdict_is_in_the_run_note_and_on_the_user_tower_asset(runs, client):
 
 def test_a_held_candidate_approved_in_the_ui_is_promoted_with_who_and_why(runs):
     r = runs[DAY4]
-    assert r.ok, r.task_states
+    assert r.ok, (r.task_states, runs.get("approval_log", "")[-4000:])
     assert runs["approval"].get("response"), runs["approval"]
     assert r.task_states["approve_held"] == "success"
     for downstream in ("promote", "materialize_embeddings", "rollout", "verify_serving"):
@@ -323,6 +329,21 @@ def test_an_unanswered_approval_times_out_into_held_and_production_stays(runs):
     assert any("needs" in reason for reason in rec.record["verdict"]["reasons"]), rec.record["verdict"]["reasons"]
     assert rec.promoted_by is None
     assert runs[f"{DAY5}/production"] == runs[f"{DAY5}/served"] == f"sum-{DAY4}"
+
+
+def test_corrupted_partition_stops_at_validation_and_changes_nothing(runs):
+    r = runs[DAY6]
+    assert r.state == "failed"
+    assert r.task_states["validate_data"] == "failed"
+    assert r.task_states["train_user_model"] in ("upstream_failed", "skipped")
+    assert runs["ctx"].registry.get(f"sum-{DAY6}") is None
+    assert runs[f"{DAY6}/production"] == runs[f"{DAY6}/served"] == f"sum-{DAY4}"
+    assert runs["store_after"] == runs["store_before"]
+    # The day's record names the check that failed: labels outside {0, 1} in the events partition only.
+    validation = runs["ctx"].day(DAY6).validation
+    assert validation["success"] is False and set(validation["failed_checks"]) == {"events"}
+    assert any("expect_column_values_to_be_in_set(click)" in line for line in validation["failed_checks"]["events"])
+    assert validation["quarantine"] and not runs["ctx"].ws.events_dir(DAY6).exists()
 
 
 def test_rerunning_a_promoted_date_gives_the_same_end_state(runs):
@@ -359,7 +380,7 @@ def test_the_ui_shows_the_runs_and_their_verdicts_in_a_real_browser(runs, stack,
     the gate's XCom table and the user-tower asset event; screenshots under reports/ui/."""
     import httpx
 
-    from tests.integration import ui_browser
+    import ui_browser  # tests/integration/ui_browser.py (this folder is on sys.path, as for conftest)
 
     s = stack["stack"]
     url, password = s.airflow_url, s.airflow_password()
