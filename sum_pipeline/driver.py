@@ -104,7 +104,7 @@ def verdict_note(result: DagRunResult) -> str:
     verdict = result.xcoms.get("shift_gate.verdict") or {}
     if not verdict:
         failed = [t for t, state in result.task_states.items() if state == "failed"]  # not the upstream_failed
-        return f"**{result.state}**" + (f": failed at {', '.join(failed)}" if failed else "")
+        return f"**{result.state}**" + (f" - stopped at {', '.join(failed)}" if failed else "")
     served = (result.xcoms.get("verify_serving") or {}).get("served_snapshot_id")
     approved = result.task_states.get("approve_held") == "success" and result.task_states.get("promote") == "success"
     head = f"**{verdict.get('verdict')}** `{verdict.get('snapshot_id')}`" + (" - approved by a human" if approved else "")

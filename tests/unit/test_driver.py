@@ -34,4 +34,4 @@ def test_an_approved_hold_says_so_and_a_run_without_verdict_names_the_failed_tas
     note = verdict_note(_result(verdict, {"approve_held": "success", "promote": "success"}, served="s"))
     assert "approved by a human" in note
     failed = DagRunResult(ds="d", state="failed", task_states={"validate_data": "failed", "evaluate": "upstream_failed"})
-    assert verdict_note(failed) == "**failed**: failed at validate_data"
+    assert verdict_note(failed) == "**failed** - stopped at validate_data"
