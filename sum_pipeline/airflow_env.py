@@ -91,14 +91,8 @@ def configure(home: Path) -> None:
     if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != env["AIRFLOW_HOME"]:
         raise RuntimeError("airflow was imported before sum_pipeline.airflow_env.configure()")
     os.environ.update(env)
-    home.mkdir(parents=True, exist_ok=True)
-    marker = home / ".migrated"
-    if not marker.exists():
-        airflow_bin = Path(sys.executable).with_name("airflow")
-        log.info("creating the Airflow metadata DB in %s", home)
-        subprocess.run([str(airflow_bin), "db", "migrate"], check=True, env=os.environ.copy(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        marker.touch()
+    log.info("the Airflow metadata DB is in %s", home)
+    migrate(home, os.environ.copy())
 
 
 def migrate(home: Path, env: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ checks that none of their processes is left.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
+from cryptography.fernet import Fernet
 
 from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, token_env
 from sum_pipeline import airflow_env
@@ -141,8 +143,6 @@ class Stack:
         # Ray's unix sockets live under its temp dir and their paths may not exceed ~107 bytes.
         path = self.dir / "ray"
         if len(str(path)) > 48:
-            import hashlib
-
             path = Path("/tmp") / f"sum-ray-{hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]}"
         return path
 
@@ -163,14 +163,14 @@ class Stack:
             "components": {name: asdict(s) for name, s in states.items()},
         })
 
-    def _secret(self, name: str) -> str:
-        """A secret generated once per workspace, in a file only its owner can read."""
+    def _secret(self, name: str, make: Callable[[], str] = lambda: secrets.token_hex(32)) -> str:
+        """A secret generated once per workspace (by ``make``), in a file only its owner can read."""
         path = self.dir / name
         if not path.exists():
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
+                fh.write(make())
         os.chmod(path, 0o600)
         return path.read_text().strip()
 
@@ -212,16 +212,6 @@ class Stack:
         })
         return env
 
-    def _fernet_key(self) -> str:
-        path = self.dir / "airflow_fernet_key"
-        if not path.exists():
-            from cryptography.fernet import Fernet
-
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(Fernet.generate_key().decode())
-        return path.read_text().strip()
-
     @property
     def log_server_port(self) -> int:
         """The scheduler's task-log server (the triggerer's is the next port): next to the API server's."""
@@ -234,7 +224,7 @@ class Stack:
         env.update(airflow_env.stack_environment(
             self.ws.airflow_home, dags_folder=PROJECT_ROOT / "dags", host=cfg.host, port=cfg.port,
             jwt_secret=self._secret("airflow_jwt_secret"), api_secret_key=self._secret("airflow_secret_key"),
-            fernet_key=self._fernet_key(), users=f"{AIRFLOW_USER}:admin", parallelism=cfg.parallelism,
+            fernet_key=self._secret("airflow_fernet_key", lambda: Fernet.generate_key().decode()), users=f"{AIRFLOW_USER}:admin", parallelism=cfg.parallelism,
             sql_alchemy_conn=database_url, log_server_port=self.log_server_port))
         env.update({
             "SUM_PARAMS": os.environ.get("SUM_PARAMS", str(self.params.base_dir / "params.yaml")),
