@@ -35,6 +35,11 @@ class AirflowApiError(RuntimeError):
         super().__init__(f"{method} {path} -> {status}: {detail}")
 
 
+def _stamp(logical_date: str) -> str:
+    """A date's logical date as the API writes it: midnight UTC."""
+    return f"{logical_date}T00:00:00+00:00"
+
+
 def _q(part: str) -> str:
     """One path segment (run ids hold ':' and '+')."""
     return quote(part, safe="")
@@ -164,17 +169,27 @@ class AirflowClient:
         return self._set_paused(dag_id, True)
 
     # -- runs ------------------------------------------------------------------------------------
-    def trigger(self, dag_id: str, logical_date: str, conf: dict | None = None, run_id: str | None = None) -> str:
+    def run_of_date(self, dag_id: str, logical_date: str) -> dict | None:
+        """The run of ``logical_date`` (``YYYY-MM-DD``, midnight UTC), or None (a DAG has at most one)."""
+        stamp = _stamp(logical_date)
+        runs = self._get_all(f"/dags/{_q(dag_id)}/dagRuns", "dag_runs",
+                             logical_date_gte=stamp, logical_date_lte=stamp)
+        return runs[0] if runs else None
+
+    def trigger(self, dag_id: str, logical_date: str, conf: dict | None = None, run_id: str | None = None,
+                run_after: str | None = None) -> str:
         """Creates a manual run for ``logical_date`` (``YYYY-MM-DD``, midnight UTC); returns its run id.
 
         The data interval is left to the API, which infers it from the DAG's timetable as ``dag.test()``
-        does. Idempotent: if the run id (or a run of that logical date) exists already (409), the
-        existing run's id is returned.
+        does; ``run_after`` (ISO timestamp) orders queued runs as the scheduler's own would be. Idempotent:
+        if the run id (or a run of that logical date) exists already (409), the existing run's id is
+        returned.
         """
-        stamp = f"{logical_date}T00:00:00+00:00"
-        body: dict[str, Any] = {"logical_date": stamp, "conf": conf or {}}
+        body: dict[str, Any] = {"logical_date": _stamp(logical_date), "conf": conf or {}}
         if run_id is not None:
             body["dag_run_id"] = run_id
+        if run_after is not None:
+            body["run_after"] = run_after
         try:
             return self._request("POST", f"/dags/{_q(dag_id)}/dagRuns", json_body=body).json()["dag_run_id"]
         except AirflowApiError as err:
@@ -186,11 +201,18 @@ class AirflowClient:
                 except AirflowApiError as missing:
                     if missing.status != 404:
                         raise
-            runs = self._get_all(f"/dags/{_q(dag_id)}/dagRuns", "dag_runs",
-                                 logical_date_gte=stamp, logical_date_lte=stamp)
-            if not runs:
+            existing = self.run_of_date(dag_id, logical_date)
+            if existing is None:
                 raise
-            return runs[0]["dag_run_id"]
+            return existing["dag_run_id"]
+
+    def clear_run(self, dag_id: str, run_id: str) -> list[dict]:
+        """What *Clear* on a run does in the UI: every task of the run queued again; returns the cleared
+        task instances."""
+        body = {"dag_run_id": run_id, "dry_run": False, "only_failed": False, "reset_dag_runs": True,
+                "include_downstream": True}
+        return self._request("POST", f"/dags/{_q(dag_id)}/clearTaskInstances",
+                             json_body=body).json().get("task_instances", [])
 
     def dag_run(self, dag_id: str, run_id: str) -> dict:
         return self._get(f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}")

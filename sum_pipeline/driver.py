@@ -37,15 +37,9 @@ def run_id_for(ds: str) -> str:
     return f"sumctl__{ds}"
 
 
-def _stamp(ds: str) -> str:
-    return f"{ds}T00:00:00+00:00"
-
-
 def find_run(client: AirflowClient, ds: str) -> dict | None:
     """The DAG's run of logical date ``ds`` (there is at most one), or None."""
-    runs = client._get_all(f"/dags/{DAG_ID}/dagRuns", "dag_runs", logical_date_gte=_stamp(ds),
-                           logical_date_lte=_stamp(ds))
-    return runs[0] if runs else None
+    return client.run_of_date(DAG_ID, ds)
 
 
 def ensure_run(client: AirflowClient, ds: str, conf: dict[str, Any]) -> str:
@@ -54,18 +48,13 @@ def ensure_run(client: AirflowClient, ds: str, conf: dict[str, Any]) -> str:
     if existing is None:
         # run_after = the end of the date's interval, as for a scheduled run: queued runs go in date order.
         after = datetime.combine(date.fromisoformat(ds) + timedelta(days=1), datetime.min.time(), timezone.utc)
-        body = {"dag_run_id": run_id_for(ds), "logical_date": _stamp(ds), "run_after": after.isoformat(),
-                "conf": conf}
-        return client._request("POST", f"/dags/{DAG_ID}/dagRuns", json_body=body).json()["dag_run_id"]
+        return client.trigger(DAG_ID, ds, conf=conf, run_id=run_id_for(ds), run_after=after.isoformat())
     run_id = existing["dag_run_id"]
     if existing["state"] in FINISHED:
         if conf != (existing.get("conf") or {}):
             raise ValueError(f"{ds} already has run {run_id} with conf {existing.get('conf')}; a rerun keeps the "
                              f"run's conf: delete the run in the UI to run the date with {conf}")
-        # What Clear in the UI does: every task of the run again (the tasks are idempotent per date).
-        client._request("POST", f"/dags/{DAG_ID}/clearTaskInstances",
-                        json_body={"dag_run_id": run_id, "dry_run": False, "only_failed": False,
-                                   "reset_dag_runs": True, "include_downstream": True})
+        client.clear_run(DAG_ID, run_id)  # every task again: they are idempotent per date
     return run_id
 
 

@@ -17,11 +17,9 @@ import fcntl
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import shutil
 import socket
-import stat
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from urllib.parse import quote
 import psycopg2
 
 from sum_platform.config import Params, PostgresConfig
-from sum_platform.files import replace_atomically
+from sum_platform.files import owner_only_secret
 from sum_platform.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -207,17 +205,7 @@ def _locked(ws: Workspace) -> Iterator[None]:
 def _password(ws: Workspace) -> str:
     """The stored password, generated once (mode 0600; a looser mode is tightened)."""
     path = password_file(ws)
-    if not path.exists():
-        with replace_atomically(path) as tmp:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32) + "\n")
-        log.info("generated the PostgreSQL password into %s", path)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        log.warning("%s had mode %o; set to 0600", path, mode)
-        path.chmod(0o600)
-    password = path.read_text().strip()
+    password = owner_only_secret(path, lambda: secrets.token_urlsafe(32))
     if not password or not password.isprintable():
         raise PostgresError(f"{path} holds no usable password (empty, or a control character): delete it and "
                             f"rerun to generate a new one")

@@ -38,7 +38,7 @@ from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, 
 from sum_pipeline import airflow_env
 from sum_pipeline.postgres import database_url
 from sum_platform.config import PROJECT_ROOT, Params
-from sum_platform.files import read_json, write_json
+from sum_platform.files import owner_only_secret, read_json, write_json
 from sum_platform.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -165,14 +165,8 @@ class Stack:
 
     def _secret(self, name: str, make: Callable[[], str] = lambda: secrets.token_hex(32)) -> str:
         """A secret generated once per workspace (by ``make``), in a file only its owner can read."""
-        path = self.dir / name
-        if not path.exists():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(make())
-        os.chmod(path, 0o600)
-        return path.read_text().strip()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return owner_only_secret(self.dir / name, make)
 
     # -- addresses -------------------------------------------------------------------------------
     @property

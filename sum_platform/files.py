@@ -7,11 +7,14 @@ Every writer in the project goes through :func:`replace_atomically` (a temporary
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,6 +52,25 @@ def write_json(path: Path, payload: Mapping[str, Any], sort_keys: bool = True) -
     with replace_atomically(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=sort_keys, default=str))
     return path
+
+
+def owner_only_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in ``path``, generated once by ``make`` into a file only its owner can read (0600).
+
+    Written atomically (a half-written secret would lock the stack out); a looser mode found later is
+    tightened with a warning.
+    """
+    path = Path(path)
+    if not path.exists():
+        with replace_atomically(path) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(make().strip() + "\n")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        logging.getLogger(__name__).warning("%s had mode %o; set to 0600", path, mode)
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def read_json(path: Path) -> dict[str, Any]:
