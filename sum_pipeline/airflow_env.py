@@ -42,7 +42,7 @@ SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_mana
 
 def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jwt_secret: str, api_secret_key: str,
                       fernet_key: str, users: str = "admin:admin", parallelism: int = 2,
-                      sql_alchemy_conn: str | None = None, log_server_port: int | None = None,
+                      sql_alchemy_conn: str | None = None,
                       execution_api_timeout_s: float = 30) -> dict[str, str]:
     """The environment every process of a multi-process Airflow (api-server, scheduler, dag-processor,
     triggerer, and the task processes the LocalExecutor forks) must share.
@@ -51,8 +51,7 @@ def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jw
     execution API's task tokens (the scheduler signs, the api-server checks), ``api_secret_key`` the log
     server's tokens and ``fernet_key`` the encrypted connections and variables. Airflow generates them
     into ``airflow.cfg`` when it first writes that file, which processes starting together may race on,
-    so they are set here instead. ``log_server_port`` is the port the scheduler's log server listens
-    on (8793 by default; the triggerer's is the next one), to keep two stacks on one machine apart.
+    so they are set here instead.
     ``execution_api_timeout_s`` is how long a task process waits for the api-server's execution API
     (Airflow's default, 5 s, fails tasks at start-up - "finished with state failed, but the task
     instance's state attribute is queued" - when the machine is busy).
@@ -75,9 +74,6 @@ def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jw
     }
     if sql_alchemy_conn is not None:
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sql_alchemy_conn
-    if log_server_port is not None:
-        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(log_server_port)
-        env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"] = str(log_server_port + 1)
     return env
 
 

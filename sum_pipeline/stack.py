@@ -206,11 +206,6 @@ class Stack:
         })
         return env
 
-    @property
-    def log_server_port(self) -> int:
-        """The scheduler's task-log server (the triggerer's is the next port): next to the API server's."""
-        return self.params.airflow.port + 1
-
     def airflow_env(self, database_url: str) -> dict[str, str]:
         """The environment of every Airflow component (and so of every task process they start)."""
         cfg = self.params.airflow
@@ -219,7 +214,7 @@ class Stack:
             self.ws.airflow_home, dags_folder=PROJECT_ROOT / "dags", host=cfg.host, port=cfg.port,
             jwt_secret=self._secret("airflow_jwt_secret"), api_secret_key=self._secret("airflow_secret_key"),
             fernet_key=self._secret("airflow_fernet_key", lambda: Fernet.generate_key().decode()), users=f"{AIRFLOW_USER}:admin", parallelism=cfg.parallelism,
-            sql_alchemy_conn=database_url, log_server_port=self.log_server_port))
+            sql_alchemy_conn=database_url))
         env.update({
             "SUM_PARAMS": os.environ.get("SUM_PARAMS", str(self.params.base_dir / "params.yaml")),
             "SUM_WORKSPACE": str(self.ws.root),
@@ -252,6 +247,10 @@ class Stack:
                     f"--dashboard-port={r.dashboard_port}", f"--temp-dir={self.ray_temp_dir}"]
         if name == "api-server":
             return [str(_BIN / "airflow"), "api-server", "--host", a.host, "--port", str(a.port)]
+        if name in ("scheduler", "triggerer"):
+            # No task-log server: it listens on every interface, and the api-server reads the task logs
+            # from the files under the stack's Airflow home, on this machine.
+            return [str(_BIN / "airflow"), name, "--skip-serve-logs"]
         return [str(_BIN / "airflow"), name]
 
     def _port(self, name: str) -> int | None:
@@ -315,21 +314,17 @@ class Stack:
         self._secret("ray_auth_token")
         states = self._states()
         started: list[str] = []
+        for name, port in (("ray", self.params.ray.gcs_port), ("api-server", self.params.airflow.port)):
+            if not (states.get(name) and states[name].running) and _listening("127.0.0.1", port):
+                raise StackError(f"port {port} for {name} is taken by another program; stop it or "
+                                 f"change params.yaml ({'ray.gcs_port' if name == 'ray' else 'airflow.port'})")
+        # Ray and Airflow start side by side (what each waits for is the other's CPU time); the SOAP
+        # application is deployed while Airflow's components import.
         if not (states.get("ray") and states["ray"].running):
-            for name, port in (("ray", self.params.ray.gcs_port), ("api-server", self.params.airflow.port)):
-                if not (states.get(name) and states[name].running) and _listening("127.0.0.1", port):
-                    raise StackError(f"port {port} for {name} is taken by another program; stop it or "
-                                     f"change params.yaml ({'ray.gcs_port' if name == 'ray' else 'airflow.port'})")
             on_step("starting the Ray head")
             states["ray"] = self._spawn("ray", self.ray_env())
             self._save(states)
-            self._wait(states["ray"], self._ready("ray"), 120)
             started.append("ray")
-        record_cluster(self.ws, self.ray_address, self.token_path, self.ray_dashboard)
-        if deploy is not None:
-            on_step("deploying the SOAP application")
-            deploy(self)
-
         on_step("preparing the Airflow metadata DB")
         env = self.airflow_env(self.database_url())
         airflow_env.migrate(self.ws.airflow_home, env)
@@ -340,8 +335,15 @@ class Stack:
             states[name] = self._spawn(name, self.component_env(name, env))
             self._save(states)
             started.append(name)
+        if "ray" in started:
+            self._wait(states["ray"], self._ready("ray"), 120)
+        record_cluster(self.ws, self.ray_address, self.token_path, self.ray_dashboard)
+        if deploy is not None:
+            on_step("deploying the SOAP application")
+            deploy(self)
         for name in started:
             if name != "ray":
+                on_step(f"waiting for Airflow's {name}")
                 self._wait(states[name], self._ready(name), 180)
         self._save(states)
         return self.info() | {"started": started}
@@ -397,7 +399,13 @@ class Stack:
         return [p for p in procs.values() if p.pid != os.getpid()]
 
     def down(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Stops every component (SIGTERM to its process group, SIGKILL after ``timeout``).
+        """Stops every component; SIGKILL for what outlives ``timeout``.
+
+        Airflow first, then Ray. Each Airflow component gets one SIGTERM to its process group (a second
+        signal to the scheduler's workers makes it wait for them forever); Ray's ``ray start --block`` gets
+        one to itself and stops its node in order, the GCS last, in a few seconds (signalling every Ray
+        process at once leaves the raylet retrying the GCS for half a minute). Whatever is left then (a Serve replica, a
+        task process in a session of its own) gets SIGTERM, and SIGKILL at the deadline.
 
         Returns:
             ``{"stopped": [names], "pids": [every pid that was running], "left": [pids still alive]}``.
@@ -405,22 +413,31 @@ class Stack:
         states = self._states()
         procs = self._processes(states)
         pids = sorted(p.pid for p in procs)
-        stopped = []
-        for name in reversed(COMPONENTS):
-            s = states.get(name)
-            if s is None or not s.running:
-                continue
-            try:
-                os.killpg(s.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-            stopped.append(name)
-        for p in procs:  # Ray's workers and Airflow's task processes may sit in sessions of their own
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        stopped = [name for name in reversed(COMPONENTS) if states.get(name) and states[name].running]
+        deadline = time.monotonic() + timeout
+        ray_pids = {p.pid for p in self._ray_processes(states)}
+        airflow = ([n for n in stopped if n != "ray"], [p for p in procs if p.pid not in ray_pids])
+        ray = ([n for n in stopped if n == "ray"], [p for p in procs if p.pid in ray_pids])
+        for names, group in (airflow, ray):
+            for name in names:
+                try:  # `ray start` alone: signalled with its group, the node's processes race each other
+                    (os.kill if name == "ray" else os.killpg)(states[name].pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            t0 = time.monotonic()
+            _, alive = psutil.wait_procs(group, timeout=max(0.0, min(deadline - time.monotonic(), timeout / 2)))
+            log.info("down: %s stopped in %.1fs%s", "/".join(names) or "-", time.monotonic() - t0,
+                     f"; still running: {_described(alive)}" if alive else "")
+        for p in procs:
+            if _alive(p):
+                try:
+                    p.terminate()
+                except psutil.Error:
+                    pass
+        psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
+        alive = [p for p in procs if _alive(p)]
+        if alive:
+            log.warning("down: killing what outlived %.0fs: %s", timeout, _described(alive))
         for p in alive:
             try:
                 p.kill()
@@ -432,6 +449,43 @@ class Stack:
         if self.state_file.exists():
             self.state_file.unlink()
         return {"stopped": stopped, "pids": pids, "left": left}
+
+    def _ray_processes(self, states: dict[str, ComponentState]) -> list[psutil.Process]:
+        """The Ray head's processes: `ray start`'s and every process that names the head's temp dir."""
+        found: dict[int, psutil.Process] = {}
+        head = states.get("ray")
+        p = head.process() if head else None
+        if p is not None:
+            found[p.pid] = p
+            try:
+                found.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.Error:
+                pass
+        marker = str(self.ray_temp_dir)
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(marker in part for part in (p.info["cmdline"] or [])):
+                    found[p.pid] = p
+            except psutil.Error:
+                pass
+        return list(found.values())
+
+
+def _described(procs: list[psutil.Process]) -> str:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+        except psutil.Error:
+            out.append(str(p.pid))
+    return "; ".join(out)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def require_stack(ws: Workspace) -> None:
