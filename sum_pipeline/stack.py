@@ -404,8 +404,9 @@ class Stack:
         Airflow first, then Ray. Each Airflow component gets one SIGTERM to its process group (a second
         signal to the scheduler's workers makes it wait for them forever); Ray's ``ray start --block`` gets
         one to itself and stops its node in order, the GCS last, in a few seconds (signalling every Ray
-        process at once leaves the raylet retrying the GCS for half a minute). Whatever is left then (a Serve replica, a
-        task process in a session of its own) gets SIGTERM, and SIGKILL at the deadline.
+        process at once leaves the raylet retrying the GCS for half a minute). Each gets half of ``timeout``;
+        whatever is left then (a Serve replica, a task process in a session of its own) gets SIGTERM, five
+        seconds, and SIGKILL.
 
         Returns:
             ``{"stopped": [names], "pids": [every pid that was running], "left": [pids still alive]}``.
@@ -414,7 +415,6 @@ class Stack:
         procs = self._processes(states)
         pids = sorted(p.pid for p in procs)
         stopped = [name for name in reversed(COMPONENTS) if states.get(name) and states[name].running]
-        deadline = time.monotonic() + timeout
         ray_pids = {p.pid for p in self._ray_processes(states)}
         airflow = ([n for n in stopped if n != "ray"], [p for p in procs if p.pid not in ray_pids])
         ray = ([n for n in stopped if n == "ray"], [p for p in procs if p.pid in ray_pids])
@@ -425,7 +425,7 @@ class Stack:
                 except (ProcessLookupError, PermissionError):
                     pass
             t0 = time.monotonic()
-            _, alive = psutil.wait_procs(group, timeout=max(0.0, min(deadline - time.monotonic(), timeout / 2)))
+            _, alive = psutil.wait_procs(group, timeout=timeout / 2)
             log.info("down: %s stopped in %.1fs%s", "/".join(names) or "-", time.monotonic() - t0,
                      f"; still running: {_described(alive)}" if alive else "")
         for p in procs:
@@ -434,10 +434,10 @@ class Stack:
                     p.terminate()
                 except psutil.Error:
                     pass
-        psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
+        psutil.wait_procs(procs, timeout=5)
         alive = [p for p in procs if _alive(p)]
         if alive:
-            log.warning("down: killing what outlived %.0fs: %s", timeout, _described(alive))
+            log.warning("down: killing what outlived SIGTERM: %s", _described(alive))
         for p in alive:
             try:
                 p.kill()

@@ -191,9 +191,9 @@ def runs(stack, client, stack_params, stored_rows):
     out["rerun/after"] = ctx.registry.get(f"sum-{DAY3}")
     observe("rerun")
 
-    # DAY4: a re-initialised candidate is held; an operator approves it through the HITL endpoint.
+    # DAY4: a perturbed candidate is held; an operator approves it through the HITL endpoint.
     out[DAY4], out["approval"], out["seconds"][DAY4] = _drive(
-        client, DAY4, {DAY4: "reinit"}, helper=_answer_when_awaiting)
+        client, DAY4, {DAY4: "perturb"}, helper=_answer_when_awaiting)
     observe(DAY4)
     ti = out[DAY4].task_instances.get("approve_held") or {}
     if ti.get("state") != "success":  # keep the evidence: the session's folder is gone after the run
@@ -202,7 +202,7 @@ def runs(stack, client, stack_params, stored_rows):
         except Exception as exc:  # noqa: BLE001
             out["approval_log"] = repr(exc)
     # DAY5: held again, and nobody answers: the approval times out into held.
-    out[DAY5], _, out["seconds"][DAY5] = _drive(client, DAY5, {DAY5: "reinit"})
+    out[DAY5], _, out["seconds"][DAY5] = _drive(client, DAY5, {DAY5: "nan"})
     observe(DAY5)
 
     # DAY6: the partition arrives corrupted (click labels outside {0, 1}).

@@ -1,5 +1,8 @@
-"""A short soak through the real DAG (the 30-day one is `make soak`): shifted candidates are never
-promoted, normal ones are, a corrupted partition is caught, and its fixed redelivery is promoted."""
+"""A short soak through the real DAG (the 30-day one is `make soak`): a shifted candidate is never
+promoted, normal ones are, a corrupted partition is caught, and its fixed redelivery is promoted.
+
+The other candidate faults go through the deployed stack (tests/integration/test_deployed_stack.py: a
+perturbed candidate held then approved, a NaN one held until its approval times out)."""
 
 from __future__ import annotations
 
@@ -12,11 +15,8 @@ pytestmark = pytest.mark.slow
 
 SCHEDULE = [
     ("2026-01-01", "normal", ""),
-    ("2026-01-02", "normal", ""),
-    ("2026-01-03", "fault", "perturb"),
-    ("2026-01-04", "corrupt", "label_rate_collapse"),
-    ("2026-01-05", "fault", "explode_lr"),
-    ("2026-01-06", "fault", "nan"),
+    ("2026-01-02", "fault", "explode_lr"),
+    ("2026-01-03", "corrupt", "label_rate_collapse"),  # a trailing check: two validated days before it
 ]
 
 
@@ -37,7 +37,7 @@ def report(session_dir: Path, airflow_db, ray_serve):
 
 def test_no_shifted_candidate_is_promoted(report):
     shifted = report.shifted
-    assert [d.detail for d in shifted] == ["perturb", "explode_lr", "nan"]
+    assert [d.detail for d in shifted] == ["explode_lr"]
     for day in shifted:
         assert day.state == "success", day  # held is a verdict, not a failure
         assert day.verdict == "held" and not day.promoted, day
@@ -45,7 +45,7 @@ def test_no_shifted_candidate_is_promoted(report):
 
 def test_normal_candidates_are_promoted(report):
     summary = report.summary()
-    assert summary["normal_candidates"] == 3  # two normal days + the fixed redelivery of the corrupted one
+    assert summary["normal_candidates"] == 2  # the normal day + the fixed redelivery of the corrupted one
     assert summary["normal_promotion_rate"] == 1.0
 
 
