@@ -136,6 +136,10 @@ class AirflowClient:
     def dag(self, dag_id: str) -> dict:
         return self._get(f"/dags/{_q(dag_id)}")
 
+    def dag_details(self, dag_id: str) -> dict:
+        """The parsed DAG's details: start and end date, catch-up, params, ..."""
+        return self._get(f"/dags/{_q(dag_id)}/details")
+
     def import_errors(self) -> list[dict]:
         return self._get_all("/importErrors", "import_errors")
 
@@ -294,7 +298,7 @@ def run_result(client: AirflowClient, dag_id: str, run_id: str, ds: str) -> DagR
     run = client.dag_run(dag_id, run_id)
     tis = client.task_instances(dag_id, run_id)
     return DagRunResult(ds=ds, state=run["state"], task_states={t: ti["state"] for t, ti in tis.items()},
-                        xcoms=client.xcoms(dag_id, run_id))
+                        xcoms=client.xcoms(dag_id, run_id), run_id=run_id)
 
 
 def _stale_token(resp: httpx.Response) -> bool:

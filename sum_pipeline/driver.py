@@ -117,7 +117,7 @@ def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_
     Raises:
         ValueError: A date lies after the DAG's end date (its tasks would never run).
     """
-    end = (client._get(f"/dags/{DAG_ID}/details").get("end_date") or "")[:10] if dates else ""
+    end = (client.dag_details(DAG_ID).get("end_date") or "")[:10] if dates else ""
     late = [ds for ds in dates if end and ds > end]
     if late:
         raise ValueError(f"{', '.join(late)} after the DAG's end date {end}: raise params.yaml airflow.end_date "

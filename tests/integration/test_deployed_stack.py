@@ -176,9 +176,17 @@ def runs(stack, client, stack_params, stored_rows):
         out[f"{key}/production"] = ctx.registry.production().snapshot_id if ctx.registry.production() else None
         out[f"{key}/served"] = served_snapshot_id(params)
 
-    for ds in (DAY1, DAY2):
-        out[ds], _, out["seconds"][ds] = _drive(client, ds)
-        observe(ds)
+    out[DAY1], _, out["seconds"][DAY1] = _drive(client, DAY1)
+    observe(DAY1)
+    # DAY2 as an operator backfills a date from a shell: `airflow backfill create` on the stack's metadata DB;
+    # the driver finds the backfill's run by its logical date and follows it.
+    s = stack["stack"]
+    out["backfill"] = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "backfill", "create", "--dag-id", DAG_ID,
+         "--from-date", DAY2, "--to-date", DAY2], env=s.airflow_env(s.database_url()), capture_output=True,
+        text=True, timeout=300)
+    out[DAY2], _, out["seconds"][DAY2] = _drive(client, DAY2)
+    observe(DAY2)
     # DAY3: the rollout's task process is SIGKILLed mid-run; its retry must finish the day.
     out[DAY3], out["kill"], out["seconds"][DAY3] = _drive(
         client, DAY3, helper=lambda c, r, o, e: _kill_when_running(c, r, KILLED_TASK, o, e))
@@ -282,6 +290,15 @@ def test_first_day_is_promoted_by_rubber_stamp(runs):
     assert runs[f"{DAY1}/production"] == "sum-2026-01-01"
 
 
+def test_a_backfill_created_from_the_cli_runs_through_the_scheduler(runs):
+    done = runs["backfill"]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    r = runs[DAY2]
+    assert r.run_id.startswith("backfill__"), r.run_id  # the backfill's own run, not one the driver made
+    assert r.ok, r.task_states
+    assert runs[f"{DAY2}/production"] == runs[f"{DAY2}/served"] == f"sum-{DAY2}"
+
+
 def test_served_snapshot_follows_each_promotion(runs):
     for ds in (DAY1, DAY2, DAY3):
         assert runs[ds].ok, (ds, runs[ds].task_states)
@@ -324,7 +341,7 @@ def test_the_rollout_outlives_its_task_and_a_killed_task_is_retried_to_the_same_
 
 
 def test_verdict_is_in_the_run_note_and_on_the_user_tower_asset(runs, client):
-    run = client.dag_run(DAG_ID, driver.run_id_for(DAY2))
+    run = client.dag_run(DAG_ID, runs[DAY2].run_id)
     assert "blessed" in run["note"] and "sum-2026-01-02" in run["note"]
     held = client.dag_run(DAG_ID, driver.run_id_for(DAY5))
     assert "held" in held["note"]
@@ -425,10 +442,10 @@ def test_the_ui_shows_the_runs_and_their_verdicts_in_a_real_browser(runs, stack,
 
     s = stack["stack"]
     url, password = s.airflow_url, s.airflow_password()
-    shown_runs = {driver.run_id_for(ds): ds for ds in (DAY2, DAY5, DAY6)}
+    shown_runs = {runs[ds].run_id: ds for ds in (DAY2, DAY5, DAY6)}
     expected = {run_id: client.dag_run(DAG_ID, run_id)["state"] for run_id in shown_runs}
-    assert expected == {driver.run_id_for(DAY2): "success", driver.run_id_for(DAY5): "success",
-                        driver.run_id_for(DAY6): "failed"}
+    assert expected == {runs[DAY2].run_id: "success", runs[DAY5].run_id: "success",
+                        runs[DAY6].run_id: "failed"}
     assert httpx.get(f"{url}/api/v2/dags/{DAG_ID}/dagRuns", timeout=30,
                      headers={"Authorization": "Bearer not-a-token"}).status_code in (401, 403)
     with ui_browser.open_browser() as page:
