@@ -37,7 +37,8 @@ from sum_platform.files import write_json
 from sum_platform.partitions import PartitionReadError, read_partition
 from sum_platform.workspace import Workspace
 from validation.frames import batch_frame, partition_user_ids
-from validation.gx_project import DATA_DOCS_SITE, build_docs, checkpoint_for, file_context, project_lock
+from validation.gx_project import (DATA_DOCS_SITE, build_docs, checkpoint_for, file_context, project_lock,
+                                   suite_page_is_current)
 from validation.messages import describe_failure
 from validation.profiles import PROFILE_VERSION, load_history, profile_partition, profile_path, trailing_plan
 from validation.suites import KINDS, Kind, check_kind, suite_parameters, trailing_suite_name
@@ -204,7 +205,8 @@ def validate_partition(
             run_id=RunIdentifier(run_name=f"{kind}-{ds}"),
         )
     resources: list = list(result.run_results)
-    resources += [ExpectationSuiteIdentifier(name=r.suite_name) for r in result.run_results.values()]
+    resources += [ExpectationSuiteIdentifier(name=r.suite_name) for r in result.run_results.values()
+                  if not suite_page_is_current(gx_root, r.suite_name)]
     docs_index = build_docs(gx_root, resources) if build_data_docs else None
 
     # GX returns results grouped by metric, not in suite order: report them in suite order.

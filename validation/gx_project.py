@@ -155,6 +155,21 @@ def _data_docs_index(context, gx_root: Path) -> str | None:
     return str(index) if index.exists() else None
 
 
+def suite_page_is_current(gx_root: Path, suite_name: str) -> bool:
+    """Whether the Data Docs page of a stored suite was rendered after the suite was last written.
+
+    A suite that a run reused as it was (see :func:`checkpoint_for`) renders to the same page: rebuilding
+    it is pure cost (the drift checks' charts make a suite page about a second), so :func:`build_docs`
+    callers pass a suite only when this is False, as ``make`` rebuilds only what is older than its source.
+    """
+    source = Path(gx_root) / "expectations" / f"{suite_name}.json"
+    page = Path(gx_root) / "uncommitted" / "data_docs" / DATA_DOCS_SITE / "expectations" / f"{suite_name}.html"
+    try:
+        return page.stat().st_mtime_ns >= source.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
 def build_docs(gx_root: Path, resources: list) -> str | None:
     """Updates the local Data Docs with the given validation results (and suites) in one site build.
 

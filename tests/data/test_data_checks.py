@@ -77,6 +77,29 @@ def test_good_day_passes_and_builds_data_docs(tmp_path, ds, spec, params, builde
     json.dumps(reports[0].to_dict())  # serialisable for the run's validation.json
 
 
+def test_a_suite_page_is_rendered_again_only_when_its_suite_changed(tmp_path, ds, spec, params, builder):
+    """Data Docs: the suite pages exist after the first run, a rerun with the same suites leaves them as they
+    are, and a changed suite (written again by the next run) gets its page rendered again."""
+    import os
+
+    from validation.gx_project import suite_page_is_current
+
+    builder.make_day(tmp_path, ds, spec)
+    validate_day(ds, tmp_path, spec, params)
+    gx_root = tmp_path / "gx"
+    pages = gx_root / "uncommitted" / "data_docs" / "local_site" / "expectations"
+    page = pages / "sum_events.html"
+    assert page.is_file() and suite_page_is_current(gx_root, "sum_events")
+    rendered = page.stat().st_mtime_ns
+    validate_day(ds, tmp_path, spec, params)
+    assert page.stat().st_mtime_ns == rendered  # the same suite: not rendered again
+    suite = gx_root / "expectations" / "sum_events.json"
+    os.utime(suite, ns=(rendered + 10**6, rendered + 10**6))  # as a changed contract rewrites it
+    assert not suite_page_is_current(gx_root, "sum_events")
+    validate_day(ds, tmp_path, spec, params)
+    assert page.stat().st_mtime_ns > rendered and suite_page_is_current(gx_root, "sum_events")
+
+
 def test_validation_of_a_day_at_scale_is_quick(tmp_path, ds, spec, params, builder):
     import time
 
