@@ -8,6 +8,7 @@ and XComs over the REST API and writes each run's verdict into the run's note, w
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -100,14 +101,23 @@ def verdict_note(result: DagRunResult) -> str:
     lines = [head + (f" - serving `{served}`" if served else ""), ""]
     ne = (result.xcoms.get("evaluate") or {}).get("ne") or {}
     if ne:
-        lines.append("NE " + ", ".join(f"{task} {value:.4f}" for task, value in ne.items()))
+        lines.append("NE " + ", ".join(f"{task} {_number(value, '.4f')}" for task, value in ne.items()))
     for i, m in enumerate(verdict.get("shift") or []):
-        lines.append(f"e{i}: cos {m.get('mean_cosine', float('nan')):.3f}, "
-                     f"ΔL2 {m.get('relative_l2_change', float('nan')):.3f}")
+        lines.append(f"e{i}: cos {_number(m.get('mean_cosine'), '.3f')}, "
+                     f"ΔL2 {_number(m.get('relative_l2_change'), '.3f')}")
     if not verdict.get("blessed"):
         lines += ["", *(f"- {reason}" for reason in verdict.get("reasons") or [])]
     note = "\n".join(lines)
     return note if len(note) <= NOTE_MAX else note[: NOTE_MAX - 1] + "…"
+
+
+def _number(value: Any, spec: str) -> str:
+    """A verdict number for the note; "n/a" for a NaN candidate's (the gate stores non-finite as null)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return format(number, spec) if math.isfinite(number) else "n/a"
 
 
 def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_s: float,

@@ -35,3 +35,14 @@ def test_an_approved_hold_says_so_and_a_run_without_verdict_names_the_failed_tas
     assert "approved by a human" in note
     failed = DagRunResult(ds="d", state="failed", task_states={"validate_data": "failed", "evaluate": "upstream_failed"})
     assert verdict_note(failed) == "**failed** - stopped at validate_data"
+
+
+def test_a_nan_candidates_note_says_n_a_where_the_gate_stored_no_number():
+    verdict = {"verdict": "held", "blessed": False, "snapshot_id": "sum-2026-01-05",
+               "shift": [{"mean_cosine": None, "relative_l2_change": None}],
+               "reasons": ["weights_finite = 0, needs >= 1"]}
+    result = _result(verdict)
+    result.xcoms["evaluate"] = {"ne": {"click": None, "conversion": float("nan")}}
+    note = verdict_note(result)
+    assert "e0: cos n/a, ΔL2 n/a" in note and "NE click n/a, conversion n/a" in note
+    assert "- weights_finite = 0, needs >= 1" in note
