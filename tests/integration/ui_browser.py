@@ -213,7 +213,10 @@ def open_dag_grid(page, base_url: str, dag_id: str) -> list[str]:
 
 
 def _grid_bar(page, dag_id: str, run_id: str):
-    return page.locator(f'a[href="/dags/{_q(dag_id)}/runs/{_q(run_id)}/"]').first
+    # The UI writes the run id into the link as it is ("backfill__2026-01-02T00:00:00+00:00") or
+    # percent-encoded, depending on the id's characters: match either.
+    hrefs = {f"/dags/{_q(dag_id)}/runs/{rid}/" for rid in (_q(run_id), run_id)}
+    return page.locator(", ".join(f'a[href="{h}"]' for h in sorted(hrefs))).first
 
 
 def run_states(page, base_url: str, dag_id: str, run_ids: list[str] | None = None,
