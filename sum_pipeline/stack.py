@@ -318,13 +318,20 @@ class Stack:
             if not (states.get(name) and states[name].running) and _listening("127.0.0.1", port):
                 raise StackError(f"port {port} for {name} is taken by another program; stop it or "
                                  f"change params.yaml ({'ray.gcs_port' if name == 'ray' else 'airflow.port'})")
-        # Ray and Airflow start side by side (what each waits for is the other's CPU time); the SOAP
-        # application is deployed while Airflow's components import.
+        # Ray first, ready and serving before Airflow's components start: started side by side, their imports
+        # starve the new head, and the SOAP deploy's driver timed out waiting for the GCS (seen on a fresh
+        # `make run`); in parallel the whole `up` was no faster on 2 cores.
         if not (states.get("ray") and states["ray"].running):
             on_step("starting the Ray head")
             states["ray"] = self._spawn("ray", self.ray_env())
             self._save(states)
+            self._wait(states["ray"], self._ready("ray"), 120)
             started.append("ray")
+        record_cluster(self.ws, self.ray_address, self.token_path, self.ray_dashboard)
+        if deploy is not None:
+            on_step("deploying the SOAP application")
+            deploy(self)
+
         on_step("preparing the Airflow metadata DB")
         env = self.airflow_env(self.database_url())
         airflow_env.migrate(self.ws.airflow_home, env)
@@ -335,12 +342,6 @@ class Stack:
             states[name] = self._spawn(name, self.component_env(name, env))
             self._save(states)
             started.append(name)
-        if "ray" in started:
-            self._wait(states["ray"], self._ready("ray"), 120)
-        record_cluster(self.ws, self.ray_address, self.token_path, self.ray_dashboard)
-        if deploy is not None:
-            on_step("deploying the SOAP application")
-            deploy(self)
         for name in started:
             if name != "ray":
                 on_step(f"waiting for Airflow's {name}")
