@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 AIRFLOW_USER = "admin"
 #: Components in start order (``down`` stops them in reverse).
 COMPONENTS = ("ray", "api-server", "scheduler", "dag-processor", "triggerer")
+UNIX_PATH_MAX = 107  # AF_UNIX path bytes Ray accepts
+RAY_SOCKET_SUFFIX = 80  # what Ray appends under its temp dir, with room for longer pids
 _BIN = Path(sys.executable).parent
 
 
@@ -140,9 +142,12 @@ class Stack:
 
     @property
     def ray_temp_dir(self) -> Path:
-        # Ray's unix sockets live under its temp dir and their paths may not exceed ~107 bytes.
+        # Ray's unix sockets live under its temp dir and their paths may not exceed 107 bytes; Ray adds
+        # "/session_<date>_<time>_<usec>_<pid>/sockets/dash_MetricsHead" (67 bytes with a 5-digit pid, the
+        # dashboard's modules have the longest names) and a fresh clone's ".sum/workspace/stack/ray" went
+        # over by 3 bytes (the head died at start). Room for 80 bytes; else a short per-workspace /tmp dir.
         path = self.dir / "ray"
-        if len(str(path)) > 48:
+        if len(str(path)) + RAY_SOCKET_SUFFIX > UNIX_PATH_MAX:
             path = Path("/tmp") / f"sum-ray-{hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]}"
         return path
 
