@@ -395,13 +395,7 @@ class Stack:
                     procs[child.pid] = child
             except psutil.Error:
                 pass
-        marker = str(self.ray_temp_dir)
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(marker in part for part in (p.info["cmdline"] or [])):
-                    procs[p.pid] = p
-            except psutil.Error:
-                pass
+        procs.update({p.pid: p for p in self._ray_processes(states)})
         return [p for p in procs.values() if p.pid != os.getpid()]
 
     def down(self, timeout: float = 30.0) -> dict[str, Any]:
