@@ -369,6 +369,7 @@ def rollout(
     # Default rollback target: what runs now, if it serves this workspace.
     fallback = previous or (served_snapshot(params) if before and _same_workspace(info, params) else None)
     failure: str
+    log.info("deploying %s (serving %s now)", snapshot_id, before)
     try:
         deploy(params, snapshot_dir, snapshot_id, wait=False, params_file=params_file, frozen=frozen)
         ok, failure = _await_served(params, snapshot_id, fingerprint, timeout_s)
