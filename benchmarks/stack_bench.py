@@ -45,6 +45,7 @@ def _params(root: Path, name: str) -> Path:
     raw["ray"]["gcs_port"] += PORT_OFFSET
     raw["ray"]["dashboard_port"] += PORT_OFFSET
     raw["airflow"]["end_date"] = None
+    raw["airflow"]["catchup"] = False  # the runs the benchmark creates, no catch-up after them
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

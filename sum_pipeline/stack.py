@@ -235,11 +235,13 @@ class Stack:
 
     def component_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
         """The scheduler also loads ``airflow_settings/airflow_local_settings.py``: its workers, and every task
-        process they fork, start with the DAG's heavy modules already imported."""
+        process they fork, start with the DAG's heavy modules already imported. Its idle loop sleeps
+        ``airflow.scheduler_idle_sleep_seconds``: the next task of a run starts at its next loop."""
         if name != "scheduler":
             return env
         path = os.pathsep.join(p for p in (str(PROJECT_ROOT / "airflow_settings"), env.get("PYTHONPATH")) if p)
-        return env | {"PYTHONPATH": path}
+        idle_sleep = str(self.params.airflow.scheduler_idle_sleep_seconds)
+        return env | {"PYTHONPATH": path, "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": idle_sleep}
 
     # -- components ------------------------------------------------------------------------------
     def _argv(self, name: str) -> list[str]:

@@ -167,6 +167,7 @@ class AirflowConfig(_Section):
     host: str
     port: int
     parallelism: int = Field(ge=1)
+    scheduler_idle_sleep_seconds: float = Field(gt=0)
     metadata_db: Literal["sqlite", "postgresql"]
     postgresql: PostgresConfig
     start_date: str
