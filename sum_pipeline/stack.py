@@ -208,6 +208,9 @@ class Stack:
             "RAY_USAGE_STATS_ENABLED": "0",
             # The read path (Serve proxy, SOAP ingress) are Ray workers, reniced to 15 unless told.
             "RAY_worker_niceness": str(self.params.serving.ray_worker_niceness),
+            # On SIGTERM `ray start --block` first drains its node for up to 30 s, waiting for Serve to move
+            # its replicas to another node. The stack has one node, and `down` stops all of it.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         })
         return env
 
