@@ -267,6 +267,7 @@ def _observed_key(cfg) -> str:
 
 def validate_day(
     ds: str, workspace_root: Path, spec: FeatureSpec, params: "Params", gx_root: Path | None = None,
+    data_docs: bool = True,
 ) -> list[ValidationReport]:
     """Validates the events and users partitions of ``ds`` in the workspace; Data Docs under ``<ws>/gx``.
 
@@ -281,6 +282,9 @@ def validate_day(
         spec: The model's input spec.
         params: Platform params.
         gx_root: The GX project (default ``<workspace_root>/gx``).
+        data_docs: Update the Data Docs site (False: the results stay in the GX project's validation
+            store, the site is not rebuilt, ``data_docs_index`` is None; for callers that judge many
+            partitions, such as the corruption catalogue's tests).
 
     Raises:
         DataValidationError: If any partition fails (after all partitions ran and Data Docs were built);
@@ -301,10 +305,13 @@ def validate_day(
                            partition=users if kind == "users" else None)
         for kind in KINDS
     ]
-    docs = build_docs(gx_root, [res for r in reports for res in r.docs_resources])  # one site build
+    if data_docs:
+        docs = build_docs(gx_root, [res for r in reports for res in r.docs_resources])  # one site build
+        logger.info("Data Docs for ds=%s: %s", ds, docs)
+    else:
+        docs = None
     for report in reports:
         report.data_docs_index = docs
-    logger.info("Data Docs for ds=%s: %s", ds, docs)
     profile = profile_path(ws.root, ds)
     if not all(r.success for r in reports):
         if profile.exists():

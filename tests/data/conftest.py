@@ -173,7 +173,7 @@ def history(tmp_path_factory, spec, params, sim_day, gx_root) -> SimpleNamespace
         events, users = sim_day(ds)
         write_partition(events, root / "data" / "events" / f"ds={ds}")
         write_partition(users, root / "data" / "users" / f"ds={ds}")
-        reports[ds] = validate_day(ds, root, spec, params, gx_root=gx_root)
+        reports[ds] = validate_day(ds, root, spec, params, gx_root=gx_root, data_docs=False)  # docs: test_data_checks
     return SimpleNamespace(root=root, days=days, reports=reports, next_ds=sim_ds(HISTORY_DAYS), gx_root=gx_root)
 
 

@@ -1,5 +1,8 @@
 """Every kind of the bad-input catalogue (validation/corruptions.py) through real GX checkpoints.
 
+The Data Docs site is not rebuilt per kind (rendering is ~40% of a validation; tests/data/test_data_checks.py
+covers the docs of a failed partition).
+
 The corrupted day is the first simulated day after a validated history (see the ``history`` fixture), so
 the trailing checks (row count, label rates, drift, stuck content) are armed. Each failing kind must raise
 ``DataValidationError`` with a line naming its check; each warning kind must pass with that warning.
@@ -63,7 +66,7 @@ def test_each_corruption_is_caught_naming_its_check(name, spec, params, sim_day,
     expected = corruption.expected_check(spec)
 
     if corruption.outcome == "warn":
-        reports = validate_day(ds, root, spec, params, gx_root=history.gx_root)
+        reports = validate_day(ds, root, spec, params, gx_root=history.gx_root, data_docs=False)
         report = {r.kind: r for r in reports}[corruption.partition]
         assert report.success and all(r.success for r in reports), [r.summary() for r in reports]
         assert any(expected in line for line in report.warnings), (expected, report.warnings)
@@ -71,7 +74,7 @@ def test_each_corruption_is_caught_naming_its_check(name, spec, params, sim_day,
         return
 
     with pytest.raises(DataValidationError) as info:
-        validate_day(ds, root, spec, params, gx_root=history.gx_root)
+        validate_day(ds, root, spec, params, gx_root=history.gx_root, data_docs=False)
     report = {r.kind: r for r in info.value.reports}[corruption.partition]
     assert not report.success
     assert any(expected in line for line in report.failed), (expected, report.failed)

@@ -77,6 +77,17 @@ def test_good_day_passes_and_builds_data_docs(tmp_path, ds, spec, params, builde
     json.dumps(reports[0].to_dict())  # serialisable for the run's validation.json
 
 
+def test_without_data_docs_the_day_is_judged_the_same_and_no_site_is_built(tmp_path, ds, spec, params, builder):
+    builder.make_day(tmp_path, ds, spec)
+    reports = validate_day(ds, tmp_path, spec, params, data_docs=False)
+    assert all(r.success and r.data_docs_index is None for r in reports)
+    assert not list((tmp_path / "gx" / "uncommitted").rglob("*.html"))  # no page rendered
+    with_docs = validate_day(ds, tmp_path, spec, params)
+    assert [(r.kind, r.success, r.evaluated, r.failed) for r in with_docs] == \
+        [(r.kind, r.success, r.evaluated, r.failed) for r in reports]
+    assert Path(with_docs[0].data_docs_index).is_file()
+
+
 def test_a_suite_page_is_rendered_again_only_when_its_suite_changed(tmp_path, ds, spec, params, builder):
     """Data Docs: the suite pages exist after the first run, a rerun with the same suites leaves them as they
     are, and a changed suite (written again by the next run) gets its page rendered again."""
