@@ -29,7 +29,7 @@ from sum_platform.config import load_params
 from validation.data_checks import DataValidationError
 from validation.gate import verdict_markdown, verdict_summary
 
-SCHEDULE = load_params().airflow  # the data's dates, catch-up and the approval timeout come from params.yaml
+SCHEDULE = load_params().airflow  # the data's dates, catch-up, retries and the approval timeout: params.yaml
 
 
 def _date(value: str | None) -> datetime | None:
@@ -37,8 +37,8 @@ def _date(value: str | None) -> datetime | None:
 
 DEFAULT_ARGS = {
     "owner": "sum-platform",
-    "retries": 1,
-    "retry_delay": timedelta(seconds=30),
+    "retries": SCHEDULE.task_retries,
+    "retry_delay": timedelta(seconds=SCHEDULE.retry_delay_seconds),
 }
 
 

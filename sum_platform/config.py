@@ -174,6 +174,8 @@ class AirflowConfig(_Section):
     end_date: str | None
     catchup: bool
     approval_timeout_minutes: float = Field(gt=0)
+    task_retries: int = Field(ge=0)
+    retry_delay_seconds: float = Field(ge=0)
     dag_poll_seconds: float = Field(gt=0)
 
 

@@ -54,7 +54,7 @@ def stack_params(session_dir: Path):
     # No catch-up: the test creates each date's run itself, one at a time, with its conf (the scheduler's
     # latest interval lies past end_date, so it adds no run of its own).
     raw["airflow"].update({"port": port + 2, "end_date": DAY6, "catchup": False, "approval_timeout_minutes": 0.5,
-                           "dag_poll_seconds": 1})
+                           "retry_delay_seconds": 3, "dag_poll_seconds": 1})
     raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4})
     path = session_dir / "stack-params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -43,6 +43,12 @@ def test_daily_dag_order_and_gate(airflow_db):
     assert dag.start_date.date().isoformat() == schedule.start_date
     assert (dag.end_date.date().isoformat() if dag.end_date else None) == schedule.end_date
     assert dag.params.get_param("candidate_fault").schema["enum"] == [None, *CANDIDATE_FAULTS]
+    # Retries from params, except where a failure is the data's or the model's (a retry would not help).
+    rollout = dag.get_task("rollout")
+    assert rollout.retries == schedule.task_retries
+    assert rollout.retry_delay.total_seconds() == schedule.retry_delay_seconds
+    assert {t: dag.get_task(t).retries for t in ("ingest", "validate_data", "train_user_model")} == dict.fromkeys(
+        ("ingest", "validate_data", "train_user_model"), 0)
 
 
 @pytest.mark.slow
