@@ -5,7 +5,8 @@ runs each date with ``dag.test()`` in one process (every module imported once, t
 work), the stack runs it through Airflow's scheduler, one process per task (forked from a LocalExecutor
 worker that preloaded the tasks' modules, ``airflow_settings/airflow_local_settings.py``). It prints each
 day's wall time in both modes and their ratio (target: scheduler <= 1.3x inline), the stack's per-task
-overhead (queued -> running, and the rest of the gap spread over the tasks), and the physical floors of a
+overhead (the tasks' own run time in both modes, the scheduler's wait from a task's end to the next one's
+queueing, queued -> running, and the whole gap spread over the tasks), and the physical floors of a
 task process: a bare ``fork()``, a bare interpreter start, and an interpreter importing the Task SDK.
 
 Run::
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,16 @@ SUMCTL = str(Path(sys.executable).with_name("sumctl"))
 PORT_OFFSET = 100  # the benchmark's stack must not meet a stack the operator runs on the default ports
 
 
-def _params(root: Path, name: str) -> Path:
+def _params(root: Path, name: str, days: int) -> Path:
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     raw["paths"] = {"workspace": str(root / name / "workspace"), "dvc_remote": str(root / name / "remote")}
     raw["serving"]["port"] += PORT_OFFSET
     raw["airflow"]["port"] += PORT_OFFSET
     raw["ray"]["gcs_port"] += PORT_OFFSET
     raw["ray"]["dashboard_port"] += PORT_OFFSET
-    raw["airflow"]["end_date"] = None
-    raw["airflow"]["catchup"] = False  # the runs the benchmark creates, no catch-up after them
+    # Only the runs the benchmark creates: no catch-up, and no scheduled run past its last date.
+    last = date.fromisoformat(raw["airflow"]["start_date"]) + timedelta(days=days - 1)
+    raw["airflow"].update({"end_date": last.isoformat(), "catchup": False})
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -83,14 +85,21 @@ def _ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
-def _task_overheads(task_instances: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Queued -> start latency per task (the scheduler's and executor's share), and the tasks that ran."""
-    waits = []
-    for ti in task_instances.values():
-        queued, started = _ts(ti.get("queued_when")), _ts(ti.get("start_date"))
-        if queued and started and ti.get("state") == "success":
-            waits.append((started - queued).total_seconds())
-    return {"tasks_run": len(waits), "queued_to_start_s": statistics.mean(waits) if waits else 0.0}
+def _breakdown(task_instances: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Where a day's time went: the tasks' own run time, and (the daily DAG is one chain) the scheduler's
+    wait between a task's end and the next task's queueing, and the executor's from queued to started."""
+    ran = sorted((ti for ti in task_instances.values() if ti.get("state") == "success" and ti.get("start_date")),
+                 key=lambda ti: ti["start_date"])
+    waits, starts, prev_end = [], [], None
+    for ti in ran:
+        queued, started = _ts(ti.get("queued_when")), _ts(ti["start_date"])
+        if queued and prev_end:
+            waits.append(max((queued - prev_end).total_seconds(), 0.0))
+        if queued:
+            starts.append((started - queued).total_seconds())
+        prev_end = _ts(ti.get("end_date"))
+    return {"tasks_run": len(ran), "task_s": sum(float(ti.get("duration") or 0) for ti in ran),
+            "end_to_queued_s": sum(waits), "queued_to_start_s": statistics.mean(starts) if starts else 0.0}
 
 
 def main() -> None:
@@ -100,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     root = Path(tempfile.mkdtemp(prefix="sum-stack-bench-"))
-    inline_params, stack_params = _params(root, "inline"), _params(root, "stack")
+    inline_params, stack_params = _params(root, "inline", args.days), _params(root, "stack", args.days)
 
     floors = {
         "fork_s": _fork_seconds(),
@@ -123,17 +132,21 @@ def main() -> None:
     inline = json.loads((root / "inline.json").read_text())
     stack = json.loads((root / "stack.json").read_text())
     table = Table(title=f"A simulated day: scheduler vs inline ({args.days} days, {os.cpu_count()} CPUs)")
-    for col in ("date", "inline s", "scheduler s", "ratio", "tasks", "queued->start s/task", "gap s/task"):
+    for col in ("date", "inline s", "scheduler s", "ratio", "tasks", "task time s (inline)",
+                "end->queued s (sum)", "queued->start s/task", "gap s/task"):
         table.add_column(col, justify="right")
     days = []
     for irow, srow in zip(inline["rows"], stack["rows"]):
-        over = _task_overheads(stack["task_instances"][srow["ds"]])
+        over = _breakdown(stack["task_instances"][srow["ds"]])
+        inline_task_s = _breakdown(inline["task_instances"][irow["ds"]])["task_s"]
         gap = (srow["seconds"] - irow["seconds"]) / max(over["tasks_run"], 1)
         day = {"ds": srow["ds"], "inline_s": irow["seconds"], "scheduler_s": srow["seconds"],
-               "ratio": srow["seconds"] / irow["seconds"], "gap_per_task_s": gap, **over}
+               "ratio": srow["seconds"] / irow["seconds"], "gap_per_task_s": gap, "inline_task_s": inline_task_s,
+               **over}
         days.append(day)
         table.add_row(day["ds"], f"{day['inline_s']:.1f}", f"{day['scheduler_s']:.1f}", f"{day['ratio']:.2f}x",
-                      str(over["tasks_run"]), f"{over['queued_to_start_s']:.2f}", f"{gap:.2f}")
+                      str(over["tasks_run"]), f"{over['task_s']:.1f} ({inline_task_s:.1f})",
+                      f"{over['end_to_queued_s']:.1f}", f"{over['queued_to_start_s']:.2f}", f"{gap:.2f}")
     console.print(table)
     console.print(f"floors per task process: fork {floors['fork_s'] * 1e3:.1f} ms, python start "
                   f"{floors['python_start_s']:.2f} s, python + Task SDK import {floors['task_sdk_import_s']:.2f} s")

@@ -165,6 +165,11 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     with create_session() as session:
         for ti in dr.get_task_instances(session=session):
             result.task_states[ti.task_id] = str(getattr(ti.state, "value", ti.state))
+            # The REST API's fields of a task instance, so reports of both modes read alike.
+            times = {"queued_when": ti.queued_dttm, "start_date": ti.start_date, "end_date": ti.end_date}
+            result.task_instances[ti.task_id] = {
+                "task_id": ti.task_id, "state": result.task_states[ti.task_id], "try_number": ti.try_number,
+                "duration": ti.duration, **{k: v.isoformat() if v else None for k, v in times.items()}}
         rows = session.query(XComModel).filter(XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id)
         for row in rows:
             key = row.task_id if row.key == "return_value" else f"{row.task_id}.{row.key}"

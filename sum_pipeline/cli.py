@@ -330,7 +330,7 @@ def run(
 
 def _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params) -> None:
     """``sumctl run --inline``: each date through ``dag.test()`` in this process (a debugging aid)."""
-    rows = []
+    rows, task_instances = [], {}
     with _driving_the_dag(workspace, params, fresh, keep_serving) as (p, ws):
         first = date.fromisoformat(start or p.airflow.start_date)
         for i in range(days):
@@ -338,12 +338,13 @@ def _run_inline(days, start, faults, fresh, keep_serving, report, workspace, par
             t0 = time.perf_counter()
             conf = {"candidate_fault": faults[ds]} if ds in faults else {}
             result = airflow_env.run_date(ds, conf)
+            task_instances[ds] = result.task_instances
             row = day_row(result) | {"seconds": time.perf_counter() - t0}
             rows.append(row)
             console.print(f"[bold]{ds}[/]: {result.state} in {row['seconds']:.1f}s; verdict {row['verdict']}; "
                           f"served {row['served'] or '-'}" + (f"; failed: {row['failed_tasks']}" if row["failed_tasks"] else ""))
     if report:
-        write_json(report, {"mode": "inline", "rows": rows})
+        write_json(report, {"mode": "inline", "rows": rows, "task_instances": task_instances})
     console.print(days_table(rows, p.model.num_embeddings))
     if any(r["state"] != "success" for r in rows):
         raise typer.Exit(code=1)
