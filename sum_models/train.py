@@ -51,6 +51,8 @@ class TrainStats:
         seconds: Wall time of the whole call (encoding included).
         fresh_model: The model had never been trained before this call (its head biases got the
             base-rate prior when ``prior_init``).
+        normalized_features: Dense user features whose normalisation statistics this call learnt
+            (:mod:`sum_models.normalize`; a warm-started model keeps those it has).
     """
 
     examples: int
@@ -61,6 +63,7 @@ class TrainStats:
     examples_per_second: float
     seconds: float
     fresh_model: bool = False
+    normalized_features: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict of the stats."""
@@ -143,6 +146,9 @@ def train_model(
     batch_size, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
     loss_fn = MultiTaskBCELoss(spec.labels, cfg["task_weights"])
     fresh = int(model.examples_seen) == 0
+    # Dense-input statistics: learnt from the first day a feature is trained on, then kept (warm start).
+    tower = getattr(model, "user_tower", None)  # a baseline has no user tower
+    normalized = tower.dense_norm.fit(users.dense) if tower is not None else []
     if prior_init and fresh:
         model.init_task_priors(labels.mean(dim=0))
     optimizer = make_optimizer(model, cfg)
@@ -191,6 +197,7 @@ def train_model(
         examples_per_second=n * epochs / max(loop_seconds, 1e-9),
         seconds=time.perf_counter() - start,
         fresh_model=fresh,
+        normalized_features=tuple(normalized),
     )
 
 

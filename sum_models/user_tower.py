@@ -3,6 +3,7 @@
 TorchRec-style composition::
 
     UserTower = SparseArch (one EmbeddingBag per sparse feature, pooled)      -> X_sparse [B, N_sparse, D]
+              + DenseNormalizer (training statistics, clamped; normalize.py)   -> z        [B, N_dense_features]
               + DenseArch  (dense features projected to tokens)                -> X_dense  [B, N_dense, D]
               + InteractionPyramid (Interaction Modules, eq. 1; LC to K)       -> [B, K, D]
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from sum_models.interaction import InteractionPyramid
+from sum_models.normalize import DenseNormalizer
 from sum_models.presets import resolve_architecture
 from sum_models.spec import FeatureSpec
 
@@ -175,6 +177,7 @@ class UserTower(nn.Module):
         self.num_embeddings = k
         self.embedding_dim = d
         self.sparse_arch = SparseArch({n: int(h) for n, h in spec.user_sparse.items()}, d, str(arch["sparse_pooling"]))
+        self.dense_norm = DenseNormalizer(spec.user_dense)  # fitted by training (sum_models.train)
         self.dense_arch = DenseArch(spec.user_dense, d, int(arch["dense_tokens"]))
         num_dense = self.dense_arch.num_tokens
         self.pyramid = InteractionPyramid(len(spec.user_sparse) + num_dense, num_dense, d, arch["user_tower"], k)
@@ -191,6 +194,6 @@ class UserTower(nn.Module):
             float32 ``[B, K, D]``.
         """
         x_sparse = self.sparse_arch(sparse_ids, sparse_offsets, dense.shape[0])  # [B, N_sparse, D]
-        x_dense = self.dense_arch(dense)  # [B, N_dense, D] (X_dense of eq. 1)
+        x_dense = self.dense_arch(self.dense_norm(dense))  # [B, N_dense, D] (X_dense of eq. 1)
         x0 = torch.cat([x_sparse, x_dense], dim=1)  # [B, N_0, D]
         return self.pyramid(x0, x_dense)  # [B, K, D]
