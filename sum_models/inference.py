@@ -223,12 +223,9 @@ class ExportedUserTower:
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB chunks (the checksums of a snapshot's manifest)."""
-    digest = hashlib.sha256()
+    """The sha256 hex digest of a file, read in chunks (the checksums of a snapshot's manifest)."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def load_exported_tower(snapshot_dir: Path) -> ExportedUserTower:

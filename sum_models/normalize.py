@@ -15,7 +15,7 @@ clamp either): a snapshot exported before normalisation existed computes what it
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -67,15 +67,9 @@ class DenseNormalizer(nn.Module):
         self.features = nn.ModuleDict({n: FeatureStats() for n in self.names})
 
     def _stats(self) -> tuple[Tensor, Tensor, Tensor]:
-        means: List[Tensor] = []
-        stds: List[Tensor] = []
-        fitted: List[Tensor] = []
-        for stats in self.features.values():
-            assert isinstance(stats, FeatureStats)
-            means.append(stats.mean)
-            stds.append(stats.std)
-            fitted.append(stats.fitted)
-        return torch.stack(means), torch.stack(stds), torch.stack(fitted)
+        """``(mean, std, fitted)``, each ``[N_dense_features]``."""
+        features = list(self.features.values())
+        return tuple(torch.stack([getattr(f, name) for f in features]) for name in ("mean", "std", "fitted"))
 
     def forward(self, dense: Tensor) -> Tensor:
         """Normalises dense inputs.

