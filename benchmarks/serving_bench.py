@@ -47,7 +47,7 @@ from serving.ray_cluster import ensure_ray, shutdown
 from serving.rollout import base_url, compute_info, reconfigure, rollout
 from serving.store_io import EmbeddingReader, served_fields, write_embeddings
 from sum_platform.config import load_params
-from sum_platform.feature_store import EMBEDDINGS_VIEW, USER_FEATURES_VIEW, apply_definitions, feature_spec
+from sum_platform.feature_store import EMBEDDINGS_VIEW, apply_definitions, feature_spec, user_features_view
 from sum_platform.simulate import simulate_day
 from sum_platform.workspace import Workspace
 
@@ -87,7 +87,7 @@ def _setup(root: Path, port: int, users: int, realtime_budget_ms: float) -> dict
     _, frame = simulate_day(params.simulator.start_date, params)
     frame = frame.sort_values("user_id").head(users).reset_index(drop=True)
     frame["event_ts"] = pd.Timestamp.now(tz="UTC")
-    store.write_to_online_store(USER_FEATURES_VIEW, frame)
+    store.write_to_online_store(user_features_view(params), frame)
     ids = frame["user_id"].to_numpy()
     k, d = params.model.num_embeddings, params.model.embedding_dim
     emb = np.random.default_rng(0).standard_normal((len(ids), k, d)).astype(np.float16)

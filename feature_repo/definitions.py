@@ -85,6 +85,39 @@ user_features = FeatureView(
     description="Raw user-side features: the user tower's inputs.",
 )
 
+# MovieLens-100K as the platform's real dataset (params profile `movielens`, sum_platform/movielens_days.py):
+# a user's features on a day are computed from their ratings strictly before it.
+movielens_user_features_source = FileSource(
+    name="movielens_user_features_source",
+    path=str(_DATA / "users" / "*" / "*.parquet"),
+    file_format=ParquetFormat(),
+    timestamp_field="event_ts",
+    description="Daily MovieLens user snapshots, data/users/ds=YYYY-MM-DD/*.parquet.",
+)
+
+movielens_user_features = FeatureView(
+    name="movielens_user_features",
+    entities=[user],
+    ttl=timedelta(days=30),  # MovieLens users rate in bursts; a snapshot stays valid for a month
+    schema=[
+        Field(name="ml_age", dtype=Float32, description="Age from the profile (years)."),
+        Field(name="ml_ratings_before", dtype=Float32, description="Ratings given before the day."),
+        Field(name="ml_mean_rating_before", dtype=Float32, description="Mean rating given before the day (0: none)."),
+        Field(name="ml_days_since_first", dtype=Float32, description="Days since the user's first rating."),
+        Field(name="ml_recent_items", dtype=Array(Int64), tags={"hash_size": "1683"},
+              description="The 20 latest rated movies, most recent first."),
+        Field(name="ml_recent_genres", dtype=Array(Int64), tags={"hash_size": "19"},
+              description="Genres of the 20 latest rated movies."),
+        Field(name="ml_liked_items", dtype=Array(Int64), tags={"hash_size": "1683"},
+              description="The 20 latest movies rated 4 or 5."),
+        Field(name="ml_occupation", dtype=Array(Int64), tags={"hash_size": "21"}, description="Occupation id."),
+        Field(name="ml_gender", dtype=Array(Int64), tags={"hash_size": "2"}, description="Gender id."),
+    ],
+    source=movielens_user_features_source,
+    online=True,
+    description="MovieLens user features: the user tower's inputs under the movielens profile.",
+)
+
 sum_embeddings_source = FileSource(
     name="sum_embeddings_source",
     path=str(_DATA / "embeddings"),

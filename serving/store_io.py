@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from sum_models.shift import average_pool
-from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_PUSH, EMBEDDINGS_VIEW, USER_FEATURES_VIEW
+from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_PUSH, EMBEDDINGS_VIEW, user_features_view
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -552,7 +552,7 @@ def write_embeddings(
 # User features (the compute deployment's inputs)
 # ---------------------------------------------------------------------------------------------
 def read_user_features(
-    store: "FeatureStore", user_ids: Sequence[int] | np.ndarray, spec: "FeatureSpec"
+    store: "FeatureStore", user_ids: Sequence[int] | np.ndarray, spec: "FeatureSpec", view: str | None = None,
 ) -> tuple[pd.DataFrame, dict[int, str]]:
     """Reads users' current input features (the user tower's inputs) from the online store.
 
@@ -560,6 +560,7 @@ def read_user_features(
         store: An open feature store whose definitions are applied.
         user_ids: User ids.
         spec: The model's input spec (which dense and sparse columns to read).
+        view: The Feast view holding them; default: the params' ``source.user_features_view``.
 
     Returns:
         ``(frame, skipped)``: one row per user with complete features (``user_id`` plus every spec
@@ -574,7 +575,7 @@ def read_user_features(
     if ids.size == 0:
         return pd.DataFrame(columns=["user_id", *columns]), {}
     unique = list(dict.fromkeys(int(u) for u in ids))
-    rows = reader_for(store, USER_FEATURES_VIEW).rows(unique, columns)
+    rows = reader_for(store, view or user_features_view()).rows(unique, columns)
     df = pd.DataFrame({"user_id": np.asarray(unique, dtype=np.int64)})
     for c in columns:
         df[c] = [rows.get(u, {}).get(c) for u in unique]

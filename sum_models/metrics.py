@@ -101,20 +101,35 @@ class NormalizedEntropy:
             ValueError: A task has no examples, or only one label class (its background entropy is 0, so
                 NE is undefined); the message names the task.
         """
+        out, undefined = self.compute_defined()
+        if undefined:
+            name, why = next(iter(undefined.items()))
+            raise ValueError(f"NE of task {name!r} is undefined: {why}")
+        return out
+
+    def compute_defined(self) -> tuple[dict[str, float], dict[str, str]]:
+        """Evaluates eq. 9 for each task where it is defined.
+
+        Returns:
+            ``(ne, undefined)``: task -> NE for the tasks with both label classes, and task -> why for the
+            others (no examples, or a single class: the background entropy is 0). A small day's holdout can
+            lack the positives of a rare task; that task is then not measurable, which is not an error.
+        """
         out: dict[str, float] = {}
+        undefined: dict[str, str] = {}
         for t, name in enumerate(self.tasks):
             n, pos = self.count[t], self.positives[t]
             if n == 0:
-                raise ValueError(f"NE of task {name!r} is undefined: no examples")
+                undefined[name] = "no examples"
+                continue
             if pos == 0 or pos == n:
                 kind = "positive" if pos == n else "negative"
-                raise ValueError(
-                    f"NE of task {name!r} is undefined: all {int(n)} labels are {kind} (background entropy is 0)"
-                )
+                undefined[name] = f"all {int(n)} labels are {kind} (background entropy is 0)"
+                continue
             rate = pos / n
             background = -(rate * np.log(rate) + (1.0 - rate) * np.log1p(-rate))  # denominator of eq. 9
             out[name] = float((self.log_loss_sum[t] / n) / background)  # eq. 9
-        return out
+        return out, undefined
 
     def __repr__(self) -> str:
         return f"NormalizedEntropy(tasks={self.tasks}, count={self.count.tolist()}, positives={self.positives.tolist()})"

@@ -30,9 +30,12 @@ from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
 from sum_platform.config import load_params
 from sum_platform.context import Context
+from sum_platform.feature_store import spec_from_fields, user_feature_fields
+from sum_platform.sources import first_date, source_dates
 from sum_platform.files import write_json
 from sum_platform.registry import Registry
 from sum_platform.workspace import Workspace
+from validation.calibrate import calibrate as run_calibration
 from validation.corruptions import failing_kinds
 from validation.quarantine import quarantined, release_partition
 
@@ -558,6 +561,44 @@ def soak(
         write_json(report, result.to_dict())
     if not result.passed():
         raise typer.Exit(code=1)
+
+
+@app.command()
+def calibrate(
+    days: Annotated[Optional[int], typer.Option("--days", "-n", min=2, help="How many dates (default: all the source has; the simulator: 31).")] = None,
+    start: Annotated[Optional[str], typer.Option(help="First date (default: the source's first).")] = None,
+    csv: Annotated[Optional[Path], typer.Option(help="Also write every day's statistics to this CSV file.")] = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Measures what the data gate's relative checks see on the source's days, next to the thresholds in force.
+
+    Run it on normal days of a new source (``source`` in params.yaml), then set the ``validation`` thresholds
+    above the observed extremes with a margin.
+    """
+    from rich.progress import Progress
+
+    p, _ = _setup(None, params)
+    dates = source_dates(p)
+    begin = start or first_date(p)
+    if dates is None:
+        first = date.fromisoformat(begin)
+        dates = [(first + timedelta(days=i)).isoformat() for i in range(days or 31)]
+    else:
+        dates = [d for d in dates if d >= begin][:days] if days else [d for d in dates if d >= begin]
+    spec = spec_from_fields(user_feature_fields(p), p)
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"{p.source.kind} days", total=len(dates))
+        result = run_calibration(p, dates, spec, progress=lambda ds: progress.advance(bar))
+    table = Table(title=f"{p.source.kind}: {len(result.days)} days measured against their trailing days")
+    for column in ("threshold (validation.*)", "observed extreme", "in force"):
+        table.add_column(column)
+    for key, row in result.summary(p).items():
+        table.add_row(key, f"{row['observed']:.4g}", f"{row['threshold']:g}")
+    console.print(table)
+    for ds, why in result.skipped.items():
+        console.print(f"skipped {ds}: {why}")
+    if csv:
+        result.frame().to_csv(csv, index=False)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -22,10 +22,10 @@ from serving.store_io import write_embeddings
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
-from sum_platform.feature_store import USER_FEATURES_VIEW, apply_definitions, feature_spec, get_store
+from sum_platform.feature_store import apply_definitions, feature_spec, get_store, user_features_view
 from sum_platform.files import read_json, write_parquet, write_partition
 from sum_platform.partitions import read_partition
-from sum_platform.simulate import simulate_day, write_day
+from sum_platform.sources import day_frames
 from sum_platform.versioning import data_version, init_workspace_repo, track_paths
 from sum_platform.workspace import snapshot_id_for
 from sum_models.shift import POOL_DEPTH
@@ -47,7 +47,8 @@ _HOLDOUT_BUCKETS = 10_000
 # ingest -> validate -> version data
 # ---------------------------------------------------------------------------------------------
 def ingest(ds: str) -> dict[str, Any]:
-    """Makes the day's partitions available: the simulator writes the ones that are missing.
+    """Makes the day's partitions available: the configured source (``source.kind``: the simulator, MovieLens
+    or the user's own parquet files, :mod:`sum_platform.sources`) writes the ones that are missing.
 
     An existing partition (delivered by an upstream, dropped in place by an operator, or deliberately
     corrupted by a test) is left alone, so validation judges exactly what arrived; after a quarantine the
@@ -68,16 +69,18 @@ def ingest(ds: str) -> dict[str, Any]:
         log.warning("ds=%s was quarantined %d time(s) before (latest: %s); partitions in place: %s",
                     ds, len(history), history[-1]["folder"], sorted(k for k, v in present.items() if v) or "none")
     missing = [kind for kind, ok in present.items() if not ok]
+    source = ctx.params.source.kind
     if not missing:
-        return {"ds": ds, "written": False, "simulated": [], **extra}
-    if len(missing) == len(folders):
-        return write_day(ds, ctx.params, ctx.ws) | {"simulated": missing, **extra}
-    frames = dict(zip(("events", "users"), simulate_day(ds, ctx.params)))
-    for kind in missing:  # an operator's partition in place is kept; only the missing one is simulated
+        return {"ds": ds, "written": False, "source": source, "simulated": [], **extra}
+    frames = dict(zip(("events", "users"), day_frames(ds, ctx.params)))
+    for kind in missing:  # an operator's partition in place is kept; only the missing one is written
         write_partition(frames[kind], folders[kind])
-    log.info("ds=%s: simulated the missing %s partition(s), kept %s in place", ds, missing,
-             sorted(set(folders) - set(missing)))
-    return {"ds": ds, "written": True, "simulated": missing, **{k: len(frames[k]) for k in missing}, **extra}
+    if len(missing) < len(folders):
+        log.info("ds=%s: wrote the missing %s partition(s) from the %s source, kept %s in place", ds, missing,
+                 source, sorted(set(folders) - set(missing)))
+    # ``simulated`` names what the source wrote (kept under that name: the run notes and tests read it).
+    return {"ds": ds, "written": True, "source": source, "simulated": missing,
+            **{k: len(frames[k]) for k in missing}, **extra}
 
 
 def apply_features(ds: str, ctx: Context | None = None):
@@ -138,9 +141,10 @@ def materialize_user_features(ds: str) -> dict[str, Any]:
     """Loads the day's user features into the online store (Feast materialize over the day)."""
     ctx = context()
     start = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
+    view = user_features_view(ctx.params)
     get_store(ctx.params).materialize(start_date=start - timedelta(seconds=1), end_date=start + timedelta(days=1),
-                                      feature_views=[USER_FEATURES_VIEW])
-    return {"ds": ds, "view": USER_FEATURES_VIEW}
+                                      feature_views=[view])
+    return {"ds": ds, "view": view}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +172,8 @@ def training_frame(ds: str, ctx: Context):
         joined = pd.read_parquet(cache)
     else:
         events = read_partition(ctx.ws.events_dir(ds))
-        features = [f"{USER_FEATURES_VIEW}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
+        view = user_features_view(ctx.params)
+        features = [f"{view}:{name}" for name in (*spec.user_dense, *spec.user_sparse)]
         joined = get_store(ctx.params).get_historical_features(entity_df=events, features=features).to_df()
         columns = [*spec.user_dense, *spec.user_sparse]
         absent = joined[columns].isna().all(axis=1) if columns else pd.Series(False, index=joined.index)
@@ -278,23 +283,31 @@ def warm_start(model, parent_state: dict) -> dict[str, Any]:
 def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     """NE (eq. 9) of the candidate and of the production snapshot on the day's holdout."""
     from sum_models.snapshot import load_model
-    from sum_models.train import evaluate_ne
+    from sum_models.train import ne_accumulator
 
     ctx = context()
     snapshot_id = snapshot_id or snapshot_id_for(ds)
     _, holdout, spec = training_frame(ds, ctx)
     candidate, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))
+    undefined: dict[str, str] = {}
     try:
-        ne = evaluate_ne(candidate, holdout, spec)
+        # A task whose holdout holds one label class (a small day without a conversion) is not measurable
+        # today: None, with the reason in ne_undefined, which the gate reports instead of failing.
+        ne, undefined = ne_accumulator(candidate, holdout, spec).compute_defined()
+        ne = {task: ne.get(task) for task in spec.labels}
     except ValueError as err:  # non-finite predictions: a verdict for the gate, not a crash
         log.warning("candidate %s cannot be scored: %s", snapshot_id, err)
         ne = {task: None for task in spec.labels}
-    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout), "ne": ne}
+    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout), "ne": ne,
+                              "ne_undefined": undefined}
+    if undefined:
+        log.warning("NE not measurable on the holdout of %s: %s", ds, undefined)
     history = baseline_history(snapshot_id, ctx)
     if history:
         production, _ = load_model(ctx.ws.snapshot_dir(history[0]))
         try:
-            result["production_ne"] = evaluate_ne(production, holdout, production.spec)
+            production_ne, _ = ne_accumulator(production, holdout, production.spec).compute_defined()
+            result["production_ne"] = production_ne
         except RuntimeError as err:  # input layers changed since production was trained
             log.warning("production snapshot cannot score today's inputs: %s", err)
         result["production_id"] = history[0]
@@ -355,6 +368,7 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     verdict = judge(
         candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
         history=embeddings[1:], production_ne=production_ne, weights_finite=weights_finite,
+        unmeasured=evaluation.get("ne_undefined"),
     )
     payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe),
                                    "thresholds": ctx.params.gate.model_dump()}

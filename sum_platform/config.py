@@ -50,6 +50,29 @@ class SimulatorConfig(_Section):
     interest_strength: float
 
 
+class MovieLensSourceConfig(_Section):
+    cache_dir: str                             # where the recbole wheel is downloaded (relative: to the params file)
+
+
+class ParquetSourceConfig(_Section):
+    """A user's own files, mapped to the data contract by column names (``sum_platform.sources``)."""
+
+    events: str | None                         # glob of the impression files
+    users: str | None                          # glob of the user-feature files (daily snapshots)
+    # Contract column -> the files' column; a contract column not named here is read under its own name.
+    events_columns: dict[str, str]
+    users_columns: dict[str, str]
+
+
+class SourceConfig(_Section):
+    """Where a day's partitions come from, and which Feast view holds the user tower's inputs."""
+
+    kind: Literal["simulator", "movielens", "parquet"]
+    user_features_view: str
+    movielens: MovieLensSourceConfig
+    parquet: ParquetSourceConfig
+
+
 class EventsConfig(_Section):
     user_id: str
     timestamp: str
@@ -125,6 +148,8 @@ class ValidationConfig(_Section):
     sparse_length_max_kl: float                # same, for the length of a sparse id list
     max_out_of_range_id_share: float           # share of id lists with an id >= hash size: warn up to, fail above
     stuck_check_kinds: list[str]
+    min_event_rows: int = Field(ge=1)          # an events partition with fewer rows fails (too little to train on)
+    label_rate_noise_z: float = Field(ge=0)    # label-rate bounds widen to this many binomial standard errors
 
 
 #: Hard cap on ids in one batch request body (``serving.max_batch_users`` is the configured bound under it).
@@ -193,8 +218,10 @@ class ReproConfig(_Section):
 
 
 class Params(_Section):
+    profile: str | None                      # the profile in force (see :func:`apply_profile`)
     seed: int
     paths: PathsConfig
+    source: SourceConfig
     simulator: SimulatorConfig
     events: EventsConfig
     model: ModelConfig
@@ -233,6 +260,34 @@ class Params(_Section):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in: mappings key by key (recursively), anything else replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_profile(raw: dict) -> dict:
+    """The params of ``raw`` with the profile its ``profile`` key names merged in (null: the file as written).
+
+    A profile is a partial params file under ``profiles.<name>`` (e.g. ``movielens``: the MovieLens source,
+    its feature view, its calibrated checks and its own workspace). It is chosen in the file, not in the
+    environment, so every process that reads the file (Airflow's tasks, Serve's replicas, ``dvc repro``)
+    sees the same params.
+
+    Raises:
+        ValueError: the named profile is not defined in the file.
+    """
+    profiles = raw.pop("profiles", None) or {}
+    name = raw.get("profile") or None
+    if name is None:
+        return raw
+    if name not in profiles:
+        raise ValueError(f"params profile {name!r} is not defined (profiles: {sorted(profiles) or 'none'})")
+    return merge(raw, profiles[name])
+
+
 def params_path() -> Path:
     """Returns the params file in force (``SUM_PARAMS`` or the project's ``params.yaml``)."""
     return Path(os.environ.get("SUM_PARAMS", PROJECT_ROOT / "params.yaml")).resolve()
@@ -242,11 +297,11 @@ def params_path() -> Path:
 def _load(path: Path, mtime: float) -> Params:
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}
-    return Params(**raw, base_dir=path.parent)
+    return Params(**apply_profile(raw), base_dir=path.parent)
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:
-    """Loads and validates the params file.
+    """Loads and validates the params file, with the profile in force merged in (:func:`apply_profile`).
 
     Args:
         path: A params file; defaults to :func:`params_path`.

@@ -21,9 +21,13 @@ if TYPE_CHECKING:
 #: (paper §5.2: the served value pools the current version with the POOL_DEPTH - 1 most recent cached ones).
 EMBEDDING_SLOTS = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
 
-USER_FEATURES_VIEW = "user_features"
 EMBEDDINGS_VIEW = "sum_embeddings"
 EMBEDDINGS_PUSH = "sum_embeddings_push"
+
+
+def user_features_view(params: Params | None = None) -> str:
+    """The Feast view holding the user tower's inputs (``source.user_features_view``: one per data source)."""
+    return (params or load_params()).source.user_features_view
 
 
 def repo_config(params: Params | None = None):
@@ -95,7 +99,7 @@ def feature_spec(params: Params | None = None, store: "FeatureStore | None" = No
     """
     params = params or load_params()
     store = store or get_store(params)
-    return spec_from_fields(store.get_feature_view(USER_FEATURES_VIEW).features, params)
+    return spec_from_fields(store.get_feature_view(user_features_view(params)).features, params)
 
 
 def spec_from_fields(fields: list, params: Params) -> FeatureSpec:
@@ -125,10 +129,11 @@ def user_feature_fields(params: Params | None = None) -> list:
     """The user feature view's fields as declared in code (for the simulator; no registry needed)."""
     from feast import FeatureView
 
+    name = user_features_view(params)
     for obj in definitions(params):
-        if isinstance(obj, FeatureView) and obj.name == USER_FEATURES_VIEW:
+        if isinstance(obj, FeatureView) and obj.name == name:
             return list(obj.features)
-    raise LookupError(f"feature_repo declares no {USER_FEATURES_VIEW!r} view")
+    raise LookupError(f"feature_repo declares no {name!r} view (params source.user_features_view)")
 
 
 def feature_repo_dir() -> Path:

@@ -61,7 +61,7 @@ def write_online_features():
     import numpy as np
     import pandas as pd
 
-    from sum_platform.feature_store import USER_FEATURES_VIEW
+    from sum_platform.feature_store import user_features_view
 
     def write(store, spec, user_ids, seed: int = 0):
         rng = np.random.default_rng(seed)
@@ -71,7 +71,7 @@ def write_online_features():
         for c, size in spec.user_sparse.items():
             users[c] = [list(rng.integers(0, size, size=int(n))) for n in rng.integers(0, 5, size=len(users))]
         users["event_ts"] = pd.Timestamp.now(tz="UTC")
-        store.write_to_online_store(USER_FEATURES_VIEW, users)
+        store.write_to_online_store(user_features_view(), users)
         return users
 
     return write

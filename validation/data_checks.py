@@ -187,7 +187,7 @@ def validate_partition(
     skipped: list[str] = []
     if kind == "events" and user_ids is None:
         skipped.append("referential check (every user_id has a users row): no users partition given")
-    plan = trailing_plan(kind, history or [], spec, params)
+    plan = trailing_plan(kind, history or [], spec, params, rows=len(frame))
     if plan is None:
         skipped.append("trailing checks (row count, label rates, drift vs the previous day, stuck content): "
                        f"no validated day before {ds}")

@@ -106,6 +106,7 @@ def judge(
     history: list[np.ndarray] | None = None,
     production_ne: dict[str, float] | None = None,
     weights_finite: bool = True,
+    unmeasured: dict[str, str] | None = None,
 ) -> Verdict:
     """Judges a candidate snapshot.
 
@@ -119,6 +120,8 @@ def judge(
             (up to ``POOL_DEPTH - 1`` are used for average pooling).
         production_ne: Production's NE on the same holdout (for the non-regression check).
         weights_finite: Whether every candidate weight is finite.
+        unmeasured: Tasks whose NE is undefined on today's holdout -> why (a single label class): their NE
+            checks are not made, and the reasons say so. A non-finite NE is not in here: it fails.
 
     Returns:
         The :class:`Verdict`; ``blessed`` only when every check passed.
@@ -142,6 +145,10 @@ def judge(
             verdict.checks.append(_check(f"embedding_{k}.std_across_users", spread, cfg.min_embedding_std, ">="))
     else:
         verdict.reasons.append("candidate embeddings are not finite: shift not measured")
+    unmeasured = dict(unmeasured or {})
+    for task, why in sorted(unmeasured.items()):
+        verdict.reasons.append(f"ne.{task} not measured: {why} on today's holdout")
+    ne = {task: value for task, value in ne.items() if task not in unmeasured}
     for task, value in sorted(ne.items()):
         verdict.checks.append(_check(f"ne.{task}", value, cfg.max_ne, "<="))
 

@@ -141,8 +141,24 @@ class TrailingPlan:
     skipped: list[str]
 
 
-def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, params: "Params") -> TrailingPlan | None:
+def label_rate_bounds(mean: float, rows: int | None, max_relative_change: float, noise_z: float) -> tuple[float, float]:
+    """Today's bounds on a label rate whose trailing mean is ``mean``.
+
+    ``mean * (1 -/+ max_relative_change)``, widened to ``mean -/+ noise_z`` binomial standard errors
+    ``sqrt(mean (1 - mean) / rows)`` when those are wider: a day of a few hundred rows varies by more than
+    a fixed relative share through sampling alone (MovieLens), while a day of ~21k rows does not (simulator).
+    """
+    half = mean * max_relative_change
+    if rows:
+        half = max(half, noise_z * math.sqrt(max(mean * (1.0 - mean), 0.0) / rows))
+    return mean - half, mean + half
+
+
+def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, params: "Params",
+                  rows: int | None = None) -> TrailingPlan | None:
     """Bounds of the trailing checks of a ``kind`` partition from the validated days' profiles.
+
+    ``rows`` (today's row count) widens the label-rate bounds by their sampling noise (:func:`label_rate_bounds`).
 
     Returns:
         None when there is no validated day to compare with (the trailing suite is skipped).
@@ -158,8 +174,8 @@ def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, p
     notes: dict[str, str] = {}
     skipped: list[str] = []
 
-    rows = [int(d[kind]["rows"]) for d in days]
-    reference = float(np.median(rows))
+    trailing_rows = [int(d[kind]["rows"]) for d in days]
+    reference = float(np.median(trailing_rows))
     parameters["trailing_rows_min"] = int(math.ceil(reference * cfg.row_count_min_ratio))
     parameters["trailing_rows_max"] = int(math.floor(reference * cfg.row_count_max_ratio))
     notes["expect_table_row_count_to_be_between(table)"] = (
@@ -175,10 +191,12 @@ def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, p
                 skipped.append(f"label rate of {label!r}: no validated day with that label")
                 continue
             mean, tol = float(np.mean(rates)), cfg.label_rate_max_relative_change
-            parameters[param_name("trailing_rate_min", label)] = mean * (1.0 - tol)
-            parameters[param_name("trailing_rate_max", label)] = mean * (1.0 + tol)
+            lo, hi = label_rate_bounds(mean, rows, tol, cfg.label_rate_noise_z)
+            parameters[param_name("trailing_rate_min", label)] = lo
+            parameters[param_name("trailing_rate_max", label)] = hi
             notes[f"expect_column_mean_to_be_between({label})"] = (
-                f"trailing mean rate {mean:.4f} over {len(rates)} validated day(s) +/- {tol:.0%}")
+                f"trailing mean rate {mean:.4f} over {len(rates)} validated day(s) +/- {tol:.0%}, or "
+                f"{cfg.label_rate_noise_z:g} standard errors at {rows} rows if wider: [{lo:.4f}, {hi:.4f}]")
             labels.append(label)
 
     drift: list[str] = []

@@ -143,7 +143,7 @@ def build_suite(kind: Kind, spec: FeatureSpec, params: "Params") -> "Expectation
     user_id, ts = params.events.user_id, params.events.timestamp
     required = required_columns(kind, spec, params)
     exps: list = [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1),
+        gxe.ExpectTableRowCountToBeBetween(min_value=params.validation.min_event_rows if kind == "events" else 1),
         gxe.ExpectTableColumnsToMatchSet(column_set=required, exact_match=False),
         # Unexpected columns are ignored by training: warn, do not fail (missing ones fail just above).
         gxe.ExpectTableColumnsToMatchSet(

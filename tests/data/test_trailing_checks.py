@@ -141,3 +141,13 @@ def test_quantile_partition_has_no_empty_bin():
     assert quantile_partition([np.nan, np.inf], 10) is None
     constant = quantile_partition(np.ones(100), 10)
     assert constant["weights"] == [1.0]
+
+
+def test_label_rate_bounds_widen_to_the_sampling_noise_of_a_small_day():
+    from validation.profiles import label_rate_bounds
+
+    # ~21k rows (the simulator): the relative bound is the wider one and applies unchanged.
+    assert label_rate_bounds(0.07, 21_000, 0.25, 4.0) == pytest.approx((0.0525, 0.0875))
+    # 100 rows: 4 binomial standard errors of a 0.5 rate (0.2) are wider than 25% of it (0.125).
+    assert label_rate_bounds(0.5, 100, 0.25, 4.0) == pytest.approx((0.3, 0.7))
+    assert label_rate_bounds(0.5, None, 0.25, 4.0) == pytest.approx((0.375, 0.625))

@@ -59,7 +59,7 @@ def test_the_model_rooms_defaults_agree_with_params_yaml():
     assert TRAIN_CONFIG_DEFAULTS == RAW["train"]
 
 
-@pytest.mark.parametrize("section", sorted(k for k in RAW if isinstance(RAW[k], dict)))
+@pytest.mark.parametrize("section", sorted(k for k in RAW if isinstance(RAW[k], dict) and k != "profiles"))
 def test_a_setting_left_out_of_params_yaml_is_an_error_not_a_default(section):
     required = [k for k in RAW[section] if f"{section}.{k}" not in UNSET_DEFAULTS]
     raw = {**RAW, section: {k: v for k, v in RAW[section].items() if k != required[0]}}
@@ -67,3 +67,35 @@ def test_a_setting_left_out_of_params_yaml_is_an_error_not_a_default(section):
         Params(**raw, base_dir=PROJECT_ROOT)
     with pytest.raises(ValidationError, match=section):
         Params(**{k: v for k, v in RAW.items() if k != section}, base_dir=PROJECT_ROOT)
+
+
+def _with_profile(tmp_path: Path, name: str | None, profiles: dict | None = None) -> Path:
+    raw = {**RAW, "profile": name}
+    if profiles is not None:
+        raw["profiles"] = profiles
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_the_movielens_profile_merges_over_the_file_key_by_key(tmp_path):
+    (tmp_path / "plain").mkdir()
+    plain = load_params(_with_profile(tmp_path / "plain", None))
+    ml = load_params(_with_profile(tmp_path, "movielens"))
+    assert (plain.profile, ml.profile) == (None, "movielens")
+    assert (plain.source.kind, ml.source.kind) == ("simulator", "movielens")
+    assert ml.source.user_features_view == "movielens_user_features"
+    assert ml.events.ad_sparse == {"ad_id": 1683, "ad_category": 19}
+    # Keys the profile does not name keep the file's values, inside a section it does name too.
+    assert ml.events.labels == plain.events.labels and ml.events.user_id == plain.events.user_id
+    assert ml.validation.trailing_days == plain.validation.trailing_days
+    assert ml.validation.drift_max_kl > plain.validation.drift_max_kl
+    assert ml.paths.workspace != plain.paths.workspace  # its own workspace: no mixing of the two sources' data
+    assert ml.source.movielens == plain.source.movielens and ml.serving == plain.serving
+
+
+def test_an_unknown_profile_is_an_error_naming_the_defined_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"'nope' is not defined \(profiles: \['movielens'\]\)"):
+        load_params(_with_profile(tmp_path, "nope"))
+    with pytest.raises(ValueError, match=r"profiles: none"):
+        load_params(_with_profile(tmp_path, "nope", profiles={}))

@@ -130,3 +130,17 @@ def test_verdict_summary_of_a_first_snapshot_has_no_shift(production):
     summary = verdict_summary(v.to_dict() | {"snapshot_id": "sum-2026-01-01"}, NE_OK)
     assert summary["blessed"] and summary["baseline_snapshot_id"] is None
     assert summary["min_mean_cosine"] is None and summary["max_relative_l2_change"] is None and summary["shift"] == []
+
+
+def test_a_task_not_measurable_on_the_holdout_is_reported_not_failed(production):
+    # A small day's holdout without a conversion: NE of that task is undefined, the rest is judged as usual.
+    why = "all 8 labels are negative (background entropy is 0)"
+    v = judge(production, None, {"click": 0.8, "conversion": None}, CFG, unmeasured={"conversion": why})
+    assert v.blessed, v.reasons
+    assert f"ne.conversion not measured: {why} on today's holdout" in v.reasons
+    assert [c.name for c in v.checks if c.name.startswith("ne")] == ["ne.click"]
+    held = judge(production, production, {"click": 1.5, "conversion": None}, CFG, "sum-prev",
+                 production_ne={"click": 0.8}, unmeasured={"conversion": why})
+    assert not held.blessed and any(r.startswith("ne.click") for r in held.reasons)
+    # Without the reason, an undefined NE still fails: a None is never silently passed.
+    assert not judge(production, None, {"click": 0.8, "conversion": None}, CFG).blessed

@@ -97,3 +97,12 @@ def test_accepts_torch_tensors_and_accumulates_in_float64():
     acc = NormalizedEntropy(("click",)).update(p, y)
     assert acc.log_loss_sum.dtype == np.float64
     assert acc.compute()["click"] == pytest.approx(-np.log(np.float32(0.8)) / np.log(2.0), rel=1e-7)
+
+
+def test_compute_defined_scores_the_defined_tasks_and_says_why_not_the_others():
+    acc = NormalizedEntropy(("click", "conversion")).update(
+        np.full((4, 2), 0.3), np.array([[1, 0], [0, 0], [1, 0], [0, 0]]))
+    ne, undefined = acc.compute_defined()
+    assert list(ne) == ["click"] and ne["click"] == pytest.approx(normalized_entropy(np.full(4, 0.3), [1, 0, 1, 0]))
+    assert undefined == {"conversion": "all 4 labels are negative (background entropy is 0)"}
+    assert NormalizedEntropy(("click",)).compute_defined() == ({}, {"click": "no examples"})
