@@ -368,7 +368,7 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     verdict = judge(
         candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
         history=embeddings[1:], production_ne=production_ne, weights_finite=weights_finite,
-        unmeasured=evaluation.get("ne_undefined"),
+        unmeasured=evaluation.get("ne_undefined"), enforce_shift=len(history) >= ctx.params.gate.warmup_promotions,
     )
     payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe),
                                    "thresholds": ctx.params.gate.model_dump()}

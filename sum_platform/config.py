@@ -122,6 +122,7 @@ class GateConfig(_Section):
     """
 
     probe_users: int
+    warmup_promotions: int = Field(ge=1)       # shift is enforced once this many snapshots were promoted
     min_mean_cosine: float | None = None
     max_relative_l2_change: float | None = None
     max_ne: float | None = None

@@ -107,6 +107,7 @@ def judge(
     production_ne: dict[str, float] | None = None,
     weights_finite: bool = True,
     unmeasured: dict[str, str] | None = None,
+    enforce_shift: bool = True,
 ) -> Verdict:
     """Judges a candidate snapshot.
 
@@ -122,6 +123,8 @@ def judge(
         weights_finite: Whether every candidate weight is finite.
         unmeasured: Tasks whose NE is undefined on today's holdout -> why (a single label class): their NE
             checks are not made, and the reasons say so. A non-finite NE is not in here: it fails.
+        enforce_shift: False during the warm-up (``gate.warmup_promotions``): the shift against production
+            is measured and reported (``verdict.shift``, the reasons) but does not hold the candidate.
 
     Returns:
         The :class:`Verdict`; ``blessed`` only when every check passed.
@@ -157,18 +160,25 @@ def judge(
         # Pooled: what serving hands downstream after this promotion vs what it hands now (paper 5.2).
         older = list(history or [])[:POOL_DEPTH - 1]
         pooled = shift_metrics(average_pool([candidate, production, *older[:1]]), average_pool([production, *older]))
+        shift_checks: list[Check] = []
         for k, (m, mp) in enumerate(zip(verdict.shift, pooled)):
             m["pooled_mean_cosine"] = mp["mean_cosine"]
             m["pooled_relative_l2_change"] = mp["relative_l2_change"]
-            verdict.checks.append(_check(f"embedding_{k}.mean_cosine", m["mean_cosine"], cfg.min_mean_cosine, ">="))
-            verdict.checks.append(
+            shift_checks.append(_check(f"embedding_{k}.mean_cosine", m["mean_cosine"], cfg.min_mean_cosine, ">="))
+            shift_checks.append(
                 _check(f"embedding_{k}.relative_l2_change", m["relative_l2_change"], cfg.max_relative_l2_change, "<=")
             )
-            verdict.checks.append(
+            shift_checks.append(
                 _check(f"embedding_{k}.pooled_mean_cosine", mp["mean_cosine"], cfg.min_mean_cosine_pooled, ">=")
             )
-            verdict.checks.append(_check(f"embedding_{k}.pooled_relative_l2_change", mp["relative_l2_change"],
+            shift_checks.append(_check(f"embedding_{k}.pooled_relative_l2_change", mp["relative_l2_change"],
                                          cfg.max_relative_l2_change_pooled, "<="))
+        if enforce_shift:
+            verdict.checks.extend(shift_checks)
+        else:
+            outside = [c.name for c in shift_checks if not c.passed]
+            verdict.reasons.append("warm-up (gate.warmup_promotions): shift measured, not enforced"
+                                   + (f"; outside the thresholds: {', '.join(outside)}" if outside else ""))
     if production_ne:
         for task, value in sorted(ne.items()):
             if task in production_ne:

@@ -6,7 +6,7 @@ import pytest
 from sum_platform.config import GateConfig
 from validation.gate import judge
 
-CFG = GateConfig(probe_users=64, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4,
+CFG = GateConfig(probe_users=64, warmup_promotions=1, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4,
                  min_mean_cosine_pooled=0.9, max_relative_l2_change_pooled=0.2, max_ne_regression=0.01)
 NE_OK = {"click": 0.8, "conversion": 0.9}
 
@@ -63,7 +63,7 @@ def test_ne_above_threshold_is_held(production):
 
 
 def test_no_thresholds_configured_refuses_to_bless(production):
-    v = judge(production, None, NE_OK, GateConfig(probe_users=64, min_embedding_std=1e-4))  # no thresholds
+    v = judge(production, None, NE_OK, GateConfig(probe_users=64, warmup_promotions=1, min_embedding_std=1e-4))  # no thresholds
     assert not v.blessed and "not configured" in v.reasons[0]
 
 
@@ -144,3 +144,12 @@ def test_a_task_not_measurable_on_the_holdout_is_reported_not_failed(production)
     assert not held.blessed and any(r.startswith("ne.click") for r in held.reasons)
     # Without the reason, an undefined NE still fails: a None is never silently passed.
     assert not judge(production, None, {"click": 0.8, "conversion": None}, CFG).blessed
+
+
+def test_during_the_warm_up_shift_is_reported_but_does_not_hold(production):
+    cand = np.random.default_rng(2).normal(size=production.shape).astype(np.float16)  # a very different tower
+    young = judge(cand, production, NE_OK, CFG, "sum-prev", enforce_shift=False)
+    assert young.blessed, young.reasons
+    assert young.shift and young.shift[0]["mean_cosine"] < CFG.min_mean_cosine  # measured all the same
+    assert any(r.startswith("warm-up") and "embedding_0.mean_cosine" in r for r in young.reasons)
+    assert not judge(cand, production, {"click": 1.5, "conversion": 0.9}, CFG, "sum-prev", enforce_shift=False).blessed
