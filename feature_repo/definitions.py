@@ -120,9 +120,12 @@ movielens_user_features = FeatureView(
 
 sum_embeddings_source = FileSource(
     name="sum_embeddings_source",
-    path=str(_DATA / "embeddings"),
+    # Every row the online store was given, as written (the daily batch and each SOAP write-back), so a
+    # point-in-time retrieval returns what serving returned at that moment (sum_platform.offline_store).
+    path=str(_DATA / "embeddings" / "*" / "*.parquet"),
+    file_format=ParquetFormat(),
     timestamp_field="written_at",
-    description="Daily batch SUM embeddings, data/embeddings/ds=YYYY-MM-DD/*.parquet.",
+    description="The served SUM embeddings' write log, data/embeddings/ds=YYYY-MM-DD/*.parquet.",
 )
 
 sum_embeddings_push = PushSource(

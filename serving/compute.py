@@ -405,7 +405,9 @@ def _compute_pooled(
 
 def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
     """Job 2 of a compute batch: the pooled write-back (read-modify-write under the store's lock)."""
-    return write_embeddings(store, pending["user_ids"], pending["embeddings"], snapshot_id, pending["written_at_ms"])
+    # Logged offline too: downstream models train on what serving returned (point-in-time, through Feast).
+    return write_embeddings(store, pending["user_ids"], pending["embeddings"], snapshot_id, pending["written_at_ms"],
+                            to_offline=True)
 
 
 def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:

@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 
 from sum_models.shift import average_pool
-from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_PUSH, EMBEDDINGS_VIEW, user_features_view
+from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_VIEW, user_features_view
+from sum_platform.offline_store import append_rows, partition_root
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -502,6 +503,7 @@ def write_embeddings(
     *,
     batch: bool = False,
     to_offline: bool = False,
+    offline_file: str | None = None,
     return_frame: bool = False,
 ) -> Any:
     """Writes a new version of users' SUM embeddings and serves their average pool (paper §5.2).
@@ -522,7 +524,9 @@ def write_embeddings(
             Stored as ``written_at_ms`` and as the row's event time.
         batch: A daily batch write: the pooled value is also kept as the row's ``batch_*`` value (what
             ``offline`` mode serves); other writes carry the stored ``batch_*`` value over.
-        to_offline: Also append the rows to the push source's offline batch source.
+        to_offline: Also log the rows to the view's offline source (``data/embeddings/ds=*/``), so a
+            point-in-time retrieval gives what was served at any moment (downstream training frames).
+        offline_file: The log file's name (a rerun replaces it: the daily batch passes one); default unique.
         return_frame: Return the written rows (a DataFrame with every view column) instead of a count.
 
     Returns:
@@ -532,8 +536,6 @@ def write_embeddings(
         ValueError: Shapes disagree with each other or with the view's K, values are not finite in
             fp16, or ``snapshot_id`` is empty.
     """
-    from feast.data_source import PushMode
-
     reader = reader_for(store)
     order, emb16 = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
@@ -541,10 +543,10 @@ def write_embeddings(
     ms = to_ms(written_at)
     with _write_lock(store):
         df = _pooled_frame(reader, order, emb16, snapshot_id, ms, batch)
+        store.write_to_online_store(EMBEDDINGS_VIEW, df)
         if to_offline:
-            store.push(EMBEDDINGS_PUSH, df, to=PushMode.ONLINE_AND_OFFLINE)
-        else:
-            store.write_to_online_store(EMBEDDINGS_VIEW, df)
+            source = store.get_feature_view(EMBEDDINGS_VIEW).batch_source
+            append_rows(partition_root(source.path), df, source.timestamp_field, offline_file)
     return df if return_frame else int(len(df))
 
 

@@ -438,10 +438,10 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
     emb = embed_users(tower, users, tower.spec)
     written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
     # The same pooled write as SOAP's compute (paper 5.2: mean of this version and the ones stored before),
-    # marked as the day's batch value (what offline mode serves); the offline copy is the stored rows.
-    offline = write_embeddings(get_store(ctx.params), users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
-                               batch=True, return_frame=True)
-    write_partition(offline, ctx.ws.embeddings_dir(ds))
+    # marked as the day's batch value (what offline mode serves), logged to the day's offline partition
+    # beside the day's write-backs under a fixed name (a rerun replaces it).
+    write_embeddings(get_store(ctx.params), users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
+                     batch=True, to_offline=True, offline_file="batch.parquet")
     return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(users)}
 
 

@@ -125,6 +125,50 @@ def spec_from_fields(fields: list, params: Params) -> FeatureSpec:
     )
 
 
+#: What a downstream model can be given, by the ``sum_embeddings`` columns that hold it: the served (pooled)
+#: value of async / realtime serving, the daily batch value of offline mode, or the latest raw version
+#: (no average pooling).
+EMBEDDING_SOURCES = {"served": "embedding", "batch": "batch_embedding", "raw": "raw_embedding"}
+
+
+def historical_embeddings(store: "FeatureStore", entity_df, num_embeddings: int, source: str = "served",
+                          timestamp: str = "event_ts"):
+    """The SUM embeddings each row of ``entity_df`` would have been served at its ``timestamp`` (Feast's
+    point-in-time join over the logged writes of ``sum_embeddings``: the latest write at or before it).
+
+    Args:
+        store: The workspace's store (its ``sum_embeddings`` writes logged offline, see
+            ``serving.store_io.write_embeddings(to_offline=True)``).
+        entity_df: ``user_id`` and ``timestamp`` per row (e.g. impressions), any other columns kept.
+        num_embeddings: K.
+        source: ``served`` | ``batch`` | ``raw`` (:data:`EMBEDDING_SOURCES`).
+
+    Returns:
+        ``entity_df`` (in its row order) with ``embedding_0 .. embedding_{K-1}`` (arrays, or None when
+        nothing was written before the row's time), ``embedding_snapshot_id`` and ``embedding_written_at_ms``.
+    """
+    import pandas as pd
+
+    prefix = EMBEDDING_SOURCES[source]
+    id_col, ms_col = ("batch_snapshot_id", "batch_written_at_ms") if source == "batch" else ("snapshot_id", "written_at_ms")
+    features = [f"{EMBEDDINGS_VIEW}:{prefix}_{k}" for k in range(num_embeddings)]
+    features += [f"{EMBEDDINGS_VIEW}:{id_col}", f"{EMBEDDINGS_VIEW}:{ms_col}"]
+    frame = entity_df.reset_index(drop=True).copy()
+    frame["_row"] = range(len(frame))
+    if timestamp != "event_timestamp":
+        frame = frame.rename(columns={timestamp: "event_timestamp"})
+    out = store.get_historical_features(entity_df=frame, features=features).to_df()
+    out = out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    out = out.rename(columns={"event_timestamp": timestamp, id_col: "embedding_snapshot_id",
+                              ms_col: "embedding_written_at_ms",
+                              **{f"{prefix}_{k}": f"embedding_{k}" for k in range(num_embeddings)}})
+    for k in range(num_embeddings):  # an empty stored array (no version in that slot) is no embedding
+        out[f"embedding_{k}"] = [None if v is None or (hasattr(v, "__len__") and len(v) == 0) else v
+                                 for v in out[f"embedding_{k}"]]
+    out["embedding_written_at_ms"] = pd.to_numeric(out["embedding_written_at_ms"], errors="coerce")
+    return out
+
+
 def user_feature_fields(params: Params | None = None) -> list:
     """The user feature view's fields as declared in code (for the simulator; no registry needed)."""
     from feast import FeatureView

@@ -166,3 +166,41 @@ def test_concurrent_writers_never_lose_a_version(feast_env):
     # The three slots hold three distinct writes (none lost or duplicated by a race).
     values = {float(row[f"{slot}_embedding_0"][0]) for slot in ("raw", "prev1", "prev2")}
     assert len(values) == 3
+
+
+def test_a_point_in_time_retrieval_never_returns_an_embedding_written_after_the_impression(feast_env):
+    """Every write is logged offline with its time; Feast's historical join gives each impression the latest
+    write at or before it (what serving returned then), never a later one, and nothing before the first."""
+    import pandas as pd
+
+    from sum_platform.feature_store import historical_embeddings
+
+    store, users = feast_env["store"], [40, 41]
+    t0 = pd.Timestamp("2026-02-01 10:00", tz="UTC")
+    rng = np.random.default_rng(21)
+    writes = [  # (minutes after t0, snapshot, batch?)
+        (0, "sum-a", True), (30, "sum-b", False), (90, "sum-c", False),
+    ]
+    versions = {}
+    for minutes, snap, batch in writes:
+        emb = rng.standard_normal((len(users), K, D)).astype(np.float16)
+        rows = write_embeddings(store, users, emb, snap, t0 + pd.Timedelta(minutes=minutes), batch=batch,
+                                to_offline=True, return_frame=True)
+        versions[snap] = {int(r.user_id): np.asarray(r.embedding_0) for r in rows.itertuples()}
+    impressions = pd.DataFrame({
+        "user_id": [40, 40, 41, 40, 41, 40],
+        "event_ts": t0 + pd.to_timedelta([-1, 0, 29, 30, 89, 500], unit="min"),
+        "impression_id": list("abcdef"),
+    })
+    got = historical_embeddings(store, impressions, K)
+    assert got["impression_id"].tolist() == list("abcdef")  # the caller's rows, in their order
+    expected = [None, "sum-a", "sum-a", "sum-b", "sum-b", "sum-c"]
+    assert got["embedding_snapshot_id"].where(got["embedding_snapshot_id"].notna(), None).tolist() == expected
+    assert got.loc[0, "embedding_0"] is None
+    written = pd.to_datetime(got["embedding_written_at_ms"].dropna(), unit="ms", utc=True)
+    assert (written <= got.loc[written.index, "event_ts"]).all()
+    for i in (1, 3, 5):  # the served (pooled) value exactly as written then
+        np.testing.assert_array_equal(np.asarray(got.loc[i, "embedding_0"]), versions[expected[i]][40])
+    # Offline mode's column: the daily batch value stays the batch write's after later write-backs.
+    batch = historical_embeddings(store, impressions, K, source="batch")
+    assert batch["embedding_snapshot_id"].tolist()[1:] == ["sum-a"] * 5
