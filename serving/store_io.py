@@ -43,7 +43,7 @@ import pandas as pd
 
 from sum_models.shift import average_pool
 from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_VIEW, user_features_view
-from sum_platform.offline_store import append_rows, partition_root
+from sum_platform.offline_log import append_rows, partition_root
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["shift_metrics", "average_pool", "POOL_DEPTH"]
+__all__ = ["shift_metrics", "average_pool", "shift_by_pooling_depth", "POOL_DEPTH"]
 
 #: Versions averaged into a served embedding (paper 5.2: the current computed embedding and the two
 #: most recent cached ones). Serving's stored slots, the feature view and the gate all derive from it.
@@ -85,3 +85,45 @@ def average_pool(versions: Sequence[np.ndarray]) -> np.ndarray:
     if not np.issubdtype(dtype, np.floating):
         dtype = np.dtype(np.float64)
     return np.mean(np.stack([a.astype(np.float64) for a in arrays]), axis=0).astype(dtype)
+
+
+def shift_by_pooling_depth(versions: Sequence[np.ndarray], depths: Sequence[int] = (1, 2, 3, 4, 5)) -> list[dict]:
+    """Table 3: the day-to-day shift of average-pooled embeddings, per pooling depth.
+
+    With ``AP_k(t)`` the average of the versions of days ``t-k+1 .. t`` (:func:`average_pool`; ``k = 1``
+    is the raw version, the paper's "None"), the shift at depth ``k`` is :func:`shift_metrics` of
+    ``AP_k(t)`` against ``AP_k(t-1)``, averaged over every ``t`` whose two windows are full (``t >= k``).
+
+    Args:
+        versions: Daily ``[N, K, D]`` embeddings of the same users in the same order, oldest first.
+        depths: Pooling depths ``k``; a depth needing more than ``len(versions) - 1`` earlier days is left out.
+
+    Returns:
+        One dict per (depth, embedding): ``pooling``, ``embedding``, ``cosine`` and ``l2_change`` (means
+        over the compared days) and ``days`` (how many pairs were compared).
+
+    Example::
+
+        >>> day = np.ones((4, 2, 3))
+        >>> rows = shift_by_pooling_depth([day, 2 * day, 3 * day], depths=(1, 2))
+        >>> [(r["pooling"], r["embedding"], round(r["l2_change"], 3)) for r in rows]
+        [(1, 0, 0.75), (1, 1, 0.75), (2, 0, 0.667), (2, 1, 0.667)]
+    """
+    arrays = [_check_3d(f"version {i}", v) for i, v in enumerate(versions)]
+    out: list[dict] = []
+    for k in depths:
+        if k < 1:
+            raise ValueError(f"pooling depth must be >= 1, got {k}")
+        days = range(k, len(arrays))  # AP_k(t) and AP_k(t-1) both full
+        if not days:
+            continue
+        per_day = [shift_metrics(average_pool(arrays[t - k + 1 : t + 1]), average_pool(arrays[t - k : t])) for t in days]
+        for e in range(arrays[0].shape[1]):
+            out.append({
+                "pooling": k,
+                "embedding": e,
+                "cosine": float(np.mean([m[e]["mean_cosine"] for m in per_day])),
+                "l2_change": float(np.mean([m[e]["relative_l2_change"] for m in per_day])),
+                "days": len(per_day),
+            })
+    return out

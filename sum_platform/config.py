@@ -214,6 +214,21 @@ class RayClusterConfig(_Section):
     object_store_mb: int = Field(ge=75)
 
 
+class StudyConfig(_Section):
+    """``sumctl study`` (sum_pipeline/study.py): the paper's Tables 1-4 on the configured source."""
+
+    days: int = Field(ge=3)                    # the source's first days with >= validation.min_event_rows
+    eval_days: int = Field(ge=1)               # the last of them: downstream models are evaluated there
+    seeds: int = Field(ge=1)
+    downstream_epochs: int = Field(ge=1)
+    downstream_batch_size: int = Field(ge=1)
+    downstream_learning_rate: float = Field(gt=0)
+    importance_repeats: int = Field(ge=1)
+    replay_batch: int = Field(ge=1)            # requests per compute call in the replay (coalescing)
+    realtime_fallback_rate: float = Field(ge=0, le=1)
+    report_dir: str
+
+
 class ReproConfig(_Section):
     ds: str
 
@@ -232,6 +247,7 @@ class Params(_Section):
     validation: ValidationConfig
     airflow: AirflowConfig
     ray: RayClusterConfig
+    study: StudyConfig
     repro: ReproConfig
     # Directory of the params file; relative paths resolve against it.
     base_dir: Path = Field(default=PROJECT_ROOT, exclude=True)

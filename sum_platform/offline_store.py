@@ -15,7 +15,6 @@ config class is the store class name plus ``Config``, in the same module).
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
@@ -34,6 +33,8 @@ from feast.infra.offline_stores.ibis import (
     pull_latest_from_table_or_query_ibis,
 )
 from pydantic import StrictStr
+
+from sum_platform.offline_log import append_rows, partition_root
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,43 +71,6 @@ def read_partitioned_source(data_source: "DataSource", repo_path: str) -> "Table
     if isinstance(data_source, FileSource) and isinstance(data_source.file_format, ParquetFormat) and local:
         return ibis.read_parquet(path, union_by_name=True, hive_partitioning=True)
     return _read_data_source(data_source, repo_path)
-
-
-def partition_root(path: str) -> Path:
-    """The folder of a partitioned source path: the part before its first glob component
-    (``.../data/embeddings/*/*.parquet`` -> ``.../data/embeddings``)."""
-    parts = Path(path).parts
-    cut = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
-    return Path(*parts[:cut])
-
-
-def append_rows(root: Path, frame: "pd.DataFrame", timestamp_field: str, name: str | None = None) -> list[Path]:
-    """Appends rows to a ``ds=``-partitioned parquet source: one new file per UTC date of ``timestamp_field``.
-
-    Feast's DuckDB store appends by reading the whole source and writing it back as one file, which neither
-    fits the daily partitions nor scales with a log that grows by every write-back. Here a write is one
-    file per date it touches, written atomically, so a reader never sees half a file.
-
-    Args:
-        root: The source's folder (:func:`partition_root`).
-        frame: The rows, with a UTC ``timestamp_field``.
-        name: The file name (a rerun replaces its own file: idempotent writers pass one); default a unique
-            ``part-<uuid>.parquet``.
-
-    Returns:
-        The files written.
-    """
-    import pandas as pd
-
-    from sum_platform.files import write_parquet
-
-    written = []
-    days = pd.to_datetime(frame[timestamp_field], utc=True).dt.strftime("%Y-%m-%d")
-    for ds, rows in frame.groupby(days.to_numpy(), sort=True):
-        file = root / f"ds={ds}" / (name or f"part-{uuid.uuid4().hex}.parquet")
-        file.parent.mkdir(parents=True, exist_ok=True)
-        written.append(write_parquet(rows.reset_index(drop=True), file))
-    return written
 
 
 def _io_options(config: "RepoConfig") -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sum_models.shift import average_pool, shift_metrics
+from sum_models.shift import average_pool, shift_by_pooling_depth, shift_metrics
 
 
 @pytest.fixture
@@ -74,3 +74,33 @@ def test_average_pool_rejects_bad_input(emb):
         average_pool([])
     with pytest.raises(ValueError):
         average_pool([emb, emb[:3]])
+
+
+def test_pooling_damps_independent_daily_noise():
+    """Table 3's direction on a constructed case: versions = a fixed signal plus fresh noise each day, so
+    AP_k(t) and AP_k(t-1) share k-1 of their k days and their difference shrinks as k grows."""
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(200, 2, 8))
+    versions = [signal + rng.normal(scale=0.5, size=signal.shape) for _ in range(12)]
+    rows = shift_by_pooling_depth(versions)
+    for e in (0, 1):
+        by_k = {r["pooling"]: r for r in rows if r["embedding"] == e}
+        assert sorted(by_k) == [1, 2, 3, 4, 5]
+        cosines = [by_k[k]["cosine"] for k in range(1, 6)]
+        l2 = [by_k[k]["l2_change"] for k in range(1, 6)]
+        assert cosines == sorted(cosines) and l2 == sorted(l2, reverse=True)
+        assert by_k[5]["days"] == 12 - 5 and by_k[1]["days"] == 11
+    # For independent noise AP_3(t) - AP_3(t-1) = (v_t - v_{t-3}) / 3: a third of a raw day's difference (its
+    # denominator, the pooled vector, is a little shorter: the noise in it is averaged down too).
+    raw, ap3 = (next(r for r in rows if r["pooling"] == k and r["embedding"] == 0) for k in (1, 3))
+    assert raw["l2_change"] / 4 < ap3["l2_change"] < raw["l2_change"] / 2
+
+
+def test_pooling_depth_golden_and_limits():
+    day = np.ones((4, 2, 3))
+    rows = shift_by_pooling_depth([day, 2 * day, 3 * day], depths=(1, 2, 3))
+    # k=1: |2-1|/1 and |3-2|/2 -> mean 0.75; k=2: |2.5-1.5|/1.5 -> 0.667; k=3 needs 4 versions: left out.
+    assert [(r["pooling"], round(r["l2_change"], 3)) for r in rows] == [(1, 0.75), (1, 0.75), (2, 0.667), (2, 0.667)]
+    assert all(r["cosine"] == pytest.approx(1.0) for r in rows)
+    with pytest.raises(ValueError, match="depth"):
+        shift_by_pooling_depth([day, day], depths=(0,))
