@@ -8,6 +8,7 @@ Airflow environment are set, so ``sumctl --help`` stays fast. Each command is a 
 from __future__ import annotations
 
 import logging
+from enum import Enum
 import os
 import shutil
 import time
@@ -28,7 +29,7 @@ from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
-from sum_platform.config import load_params
+from sum_platform.config import load_params, load_profile
 from sum_platform.context import Context
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
 from sum_platform.sources import first_date, source_dates
@@ -599,6 +600,70 @@ def calibrate(
         console.print(f"skipped {ds}: {why}")
     if csv:
         result.frame().to_csv(csv, index=False)
+
+
+class Dataset(str, Enum):
+    simulated = "simulated"
+    movielens = "movielens"
+
+
+#: The params profile each study dataset runs under (None: the file without a profile, the simulator).
+DATASET_PROFILES = {Dataset.simulated: None, Dataset.movielens: "movielens"}
+
+
+@app.command()
+def study(
+    dataset: Annotated[Dataset, typer.Option(help="The data to study: the simulator or MovieLens-100K.")] = Dataset.simulated,
+    days: Annotated[Optional[int], typer.Option("--days", "-n", min=4, help="Days of the source (default: study.days).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds (default: study.seeds).")] = None,
+    eval_days: Annotated[Optional[int], typer.Option(min=1, help="The last days, where downstream models are evaluated (default: study.eval_days).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: study.report_dir/<dataset>).")] = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Measures what SUM's embeddings are worth downstream: the paper's Tables 1-4, as a report with plots.
+
+    Trains the upstream model daily, replays each serving mode's requests through the store, trains the
+    downstream models with and without each mode's embeddings, and writes ``report.md`` with the PNGs.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sum_pipeline.study import run_study
+
+    if params:
+        os.environ["SUM_PARAMS"] = str(params.resolve())
+    p = load_profile(DATASET_PROFILES[dataset])
+    if eval_days:
+        p = p.model_copy(update={"study": p.study.model_copy(update={"eval_days": eval_days})})
+    n_days = days or p.study.days
+    if n_days < p.study.eval_days + 3:
+        raise typer.BadParameter(f"needs at least eval days + 3 = {p.study.eval_days + 3} days (two train days and "
+                                 f"the upstream's first), got {n_days}", param_hint="--days")
+    folder = out or p.resolve(p.study.report_dir) / dataset.value
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    folder.mkdir(parents=True, exist_ok=True)
+    # Feast's and ibis' warnings and logs go to a file: the terminal shows the progress and the verdicts.
+    log_file = folder / "study.log"
+    handler = logging.FileHandler(log_file, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    for h in [h for h in root.handlers if h is not handler]:
+        root.removeHandler(h)
+    logging.captureWarnings(True)
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(f"study {dataset.value}", total=None)
+
+        def on_step(what: str, done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total, description=f"{dataset.value}: {what}")
+
+        results = run_study(p, dataset.value, folder, days=days, seeds=seeds, progress=on_step)
+    table = Table(title=f"{dataset.value}: does the paper's direction hold?")
+    for column in ("claim", "holds", "numbers"):
+        table.add_column(column)
+    for d in results["directions"]:
+        table.add_row(d["claim"], {True: "yes", False: "no"}.get(d["holds"], "n/a"), d["evidence"])
+    console.print(table)
+    console.print(f"report: {folder / 'report.md'} ({results['wall_seconds']:.0f} s; log: {log_file})")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -185,7 +185,8 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         "",
         f"- Days: {span(days)}; train {span(train)}, eval {span(evald)}",
         f"- Seeds: {', '.join(str(s) for s in results.get('seeds', [])) or MISSING}",
-        f"- Wall time: {MISSING if wall is None else f'{wall:.1f} s ({wall / 60:.1f} min)'}",
+        f"- Wall time: {MISSING if wall is None else f'{wall:.1f} s ({wall / 60:.1f} min)'}"
+        + "".join(f"; {stage} {sec:.0f} s" for stage, sec in (results.get("stage_seconds") or {}).items()),
     ]
     if up:
         lines.append(f"- Upstream model: preset `{up.get('preset', '?')}`, {up.get('num_embeddings', '?')} "

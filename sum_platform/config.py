@@ -317,6 +317,19 @@ def _load(path: Path, mtime: float) -> Params:
     return Params(**apply_profile(raw), base_dir=path.parent)
 
 
+def load_profile(profile: str | None, path: str | os.PathLike | None = None) -> Params:
+    """The params of a file with ``profile`` in force instead of the one the file names (None: no profile).
+
+    For commands that compare sources side by side (``sumctl study --dataset``); the daily platform reads the
+    file's own choice (:func:`load_params`).
+    """
+    p = Path(path).resolve() if path else params_path()
+    with open(p) as fh:
+        raw = yaml.safe_load(fh) or {}
+    raw["profile"] = profile
+    return Params(**apply_profile(raw), base_dir=p.parent)
+
+
 def load_params(path: str | os.PathLike | None = None) -> Params:
     """Loads and validates the params file, with the profile in force merged in (:func:`apply_profile`).
 
