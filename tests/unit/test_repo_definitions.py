@@ -35,18 +35,27 @@ def test_dvc_pipeline_follows_the_dag_order():
     assert out.returncode == 0, out.stderr
     stages = subprocess.run([str(BIN / "dvc"), "stage", "list", "--name-only"], cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=120).stdout.split()
+    # The study (one stage per dataset) stands beside the daily loop, fed by no stage of it.
+    study = [s for s in stages if s.startswith("study@")]
+    assert study == ["study@simulated", "study@movielens"]
+    stages = [s for s in stages if s not in study]
     # dvc.yaml covers the DAG's steps up to the gate, in the DAG's order (materializing the online store,
     # promotion and serving need the workspace's services and stay with Airflow and sumctl).
     through_gate = STAGES[:STAGES.index("shift_gate") + 1]
     assert stages == [s for s in through_gate if s != "materialize_user_features"]
-    names = dict(re.findall(r'(node\d+)\["(\w+)"\]', out.stdout))
+    names = dict(re.findall(r'(node\d+)\["([\w@]+)"\]', out.stdout))
     edges = {(names[a], names[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", out.stdout)}
     assert edges == set(zip(stages, stages[1:]))
+    assert set(names.values()) == set(stages) | set(study)
 
 
 def test_every_dvc_stage_is_a_sumctl_step():
     dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     for name, stage in dvc["stages"].items():
+        if name == "study":
+            assert stage["do"]["cmd"] == "sumctl study --dataset ${item} --out reports/study/${item}"
+            assert "reports/study/${item}/metrics.json" in str(stage["do"]["metrics"])
+            continue
         assert name in STAGES
         assert stage["cmd"].startswith(f"sumctl stage {name} ")
 
