@@ -44,6 +44,8 @@ DEFAULT_ARGS = {
 
 #: The production user tower: every gate verdict is an event of it, its numbers in the event's ``extra``.
 USER_TOWER = Asset("sum_user_tower")
+#: A promotion: the DAG sum_downstream (downstream models retrained on the day) is scheduled on it.
+PRODUCTION_TOWER = Asset("sum_production_tower")
 
 
 def _ds() -> str:
@@ -143,10 +145,14 @@ def sum_daily():
 
     # Runs when the gate chose it, or after an approval (a rejection skips it). Blessed: approve_held is
     # skipped, which the trigger rule lets through.
-    @task(trigger_rule="none_failed_min_one_success")
+    @task(trigger_rule="none_failed_min_one_success", outlets=[PRODUCTION_TOWER])
     def promote(trained: dict) -> dict:
-        approval = get_current_context()["ti"].xcom_pull(task_ids="approve_held")
-        return tasks.promote(_ds(), trained["snapshot_id"], **tasks.approval_override(approval))
+        ctx = get_current_context()
+        approval = ctx["ti"].xcom_pull(task_ids="approve_held")
+        promoted = tasks.promote(_ds(), trained["snapshot_id"], **tasks.approval_override(approval))
+        # The event names the day, so sum_downstream knows what to retrain on (an asset-triggered run has no date).
+        ctx["outlet_events"][PRODUCTION_TOWER].extra = {"ds": _ds(), "snapshot_id": promoted["snapshot_id"]}
+        return promoted
 
     @task
     def materialize_embeddings(promoted: dict) -> dict:

@@ -126,17 +126,17 @@ class DagRunResult:
         return [t for t, s in self.task_states.items() if s in ("failed", "upstream_failed")]
 
 
-def load_dag():
-    """Parses ``dags/`` and returns the daily DAG (import errors are raised, not swallowed)."""
+def load_dag(dag_id: str = DAG_ID):
+    """Parses ``dags/`` and returns a DAG, the daily one by default (import errors are raised, not swallowed)."""
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    return bag.get_dag(DAG_ID)
+    return bag.get_dag(dag_id)
 
 
-def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
+def run_date(ds: str, conf: dict[str, Any] | None = None, dag_id: str = DAG_ID) -> DagRunResult:
     """Runs the real DAG for one logical date with ``dag.test()`` (tasks in this process).
 
     ``dag.test()`` never resolves a human-in-the-loop task (Airflow 3.3 keeps the run alive until a
@@ -150,14 +150,17 @@ def run_date(ds: str, conf: dict[str, Any] | None = None) -> DagRunResult:
     Returns:
         The run's state, each task's state and the XCom return values.
     """
-    dag = load_dag()
+    dag = load_dag(dag_id)
+    if dag_id != DAG_ID:  # the downstream DAG: its day comes in the conf (as an operator's manual run)
+        conf = {"ds": ds} | (conf or {})
     # dag.test() runs the date it is given: the schedule's end date (params airflow.end_date) bounds what the
     # scheduler runs, not a debugging run (with it, tasks of later dates would not run at all).
     dag.end_date = None
     for task in dag.tasks:
         task.end_date = None
     logical_date = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc)
-    dr = dag.test(logical_date=logical_date, run_conf={"await_approval": False} | (conf or {}))
+    defaults = {"await_approval": False} if dag_id == DAG_ID else {}
+    dr = dag.test(logical_date=logical_date, run_conf=defaults | (conf or {}))
     result = DagRunResult(ds=ds, state=str(getattr(dr.state, "value", dr.state)), run_id=dr.run_id)
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session

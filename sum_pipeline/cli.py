@@ -29,6 +29,7 @@ from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
+from sum_pipeline.study import run_study
 from sum_platform.config import load_params, load_profile
 from sum_platform.context import Context
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
@@ -316,7 +317,8 @@ def run(
                 seconds[day.ds] = time.perf_counter() - t_start.get(day.ds, time.perf_counter())
             _progress_line(progress, task_of, day, f"{stack.airflow_url}/required_actions")
 
-        results = driver.drive(client, dates, faults, p.airflow.dag_poll_seconds, on_progress)
+        consumers = ("sum_downstream",) if p.downstream.retrain_on_promotion else ()
+        results = driver.drive(client, dates, faults, p.airflow.dag_poll_seconds, on_progress, consumers=consumers)
     rows = [day_row(r) | {"seconds": seconds.get(r.ds, 0.0)} for r in results]
     if report:
         write_json(report, {"mode": "scheduler", "rows": rows,
@@ -626,8 +628,6 @@ def study(
     downstream models with and without each mode's embeddings, and writes ``report.md`` with the PNGs.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from sum_pipeline.study import run_study
 
     if params:
         os.environ["SUM_PARAMS"] = str(params.resolve())

@@ -121,8 +121,12 @@ def _number(value: Any, spec: str) -> str:
 
 
 def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_s: float,
-          on_progress: Callable[[DayProgress], None] = lambda p: None, timeout_s: float = 3600) -> list[DagRunResult]:
+          on_progress: Callable[[DayProgress], None] = lambda p: None, timeout_s: float = 3600,
+          consumers: tuple[str, ...] = ()) -> list[DagRunResult]:
     """Runs ``dates`` through the scheduler in date order; returns each run's result.
+
+    ``consumers`` are DAGs scheduled on the daily DAG's assets (``sum_downstream``), unpaused with it so that
+    each promotion triggers them; the scheduler runs them beside the daily runs, nobody waits for them here.
 
     Raises:
         ValueError: A date lies after the DAG's end date (its tasks would never run).
@@ -134,6 +138,9 @@ def drive(client: AirflowClient, dates: list[str], faults: dict[str, str], poll_
                          f"(then `sumctl down` and `sumctl up`, so the DAG is parsed again)")
     client.wait_dag(DAG_ID, timeout_s=300)
     run_ids = [ensure_run(client, ds, {"candidate_fault": faults[ds]} if ds in faults else {}) for ds in dates]
+    for consumer in consumers:
+        client.wait_dag(consumer, timeout_s=300)
+        client.unpause(consumer)
     client.unpause(DAG_ID)
     results = []
     for ds, run_id in zip(dates, run_ids):

@@ -293,8 +293,8 @@ def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: 
                 with contextlib.suppress(ValueError):
                     table = permutation_importance(model, day.frame, emb, repeats=cfg.importance_repeats, seed=seed)
             break
-        model, _ = train_downstream(spec, day.frame, emb, epochs=cfg.downstream_epochs,
-                                    batch_size=cfg.downstream_batch_size, lr=cfg.downstream_learning_rate,
+        model, _ = train_downstream(spec, day.frame, emb, epochs=params.downstream.epochs,
+                                    batch_size=params.downstream.batch_size, lr=params.downstream.learning_rate,
                                     seed=seed * 1000 + i, init_from=model)
     return ne, table
 
@@ -343,7 +343,7 @@ def run_study(params: Params, dataset: str, out_dir: Path, days: int | None = No
     spec = spec_from_fields(user_feature_fields(params), params)
     k, d = params.model.num_embeddings, params.model.embedding_dim
     specs = downstream_specs(params.events.ad_dense, params.events.ad_sparse, spec.user_dense, params.events.labels,
-                             num_embeddings=k, embedding_dim=d)
+                             num_embeddings=k, embedding_dim=d, names=params.downstream.models)
     down_days = dates[1:]
     eval_days = down_days[-cfg.eval_days:]
     train_days = down_days[:-cfg.eval_days]

@@ -214,15 +214,23 @@ class RayClusterConfig(_Section):
     object_store_mb: int = Field(ge=75)
 
 
+class DownstreamConfig(_Section):
+    """Downstream ranking models consuming the SUM embeddings (sum_models/downstream.py): the DAG
+    ``sum_downstream`` retrains them on each promoted day; ``sumctl study`` trains them alike."""
+
+    retrain_on_promotion: bool                 # the stack unpauses sum_downstream (scheduled on the promotion)
+    models: list[str] = Field(min_length=1)    # presets of sum_models.downstream.PRESETS
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+
+
 class StudyConfig(_Section):
     """``sumctl study`` (sum_pipeline/study.py): the paper's Tables 1-4 on the configured source."""
 
     days: int = Field(ge=3)                    # the source's first days with >= validation.min_event_rows
     eval_days: int = Field(ge=1)               # the last of them: downstream models are evaluated there
     seeds: int = Field(ge=1)
-    downstream_epochs: int = Field(ge=1)
-    downstream_batch_size: int = Field(ge=1)
-    downstream_learning_rate: float = Field(gt=0)
     importance_repeats: int = Field(ge=1)
     replay_batch: int = Field(ge=1)            # requests per compute call in the replay (coalescing)
     realtime_fallback_rate: float = Field(ge=0, le=1)
@@ -247,6 +255,7 @@ class Params(_Section):
     validation: ValidationConfig
     airflow: AirflowConfig
     ray: RayClusterConfig
+    downstream: DownstreamConfig
     study: StudyConfig
     repro: ReproConfig
     # Directory of the params file; relative paths resolve against it.

@@ -50,6 +50,14 @@ class Workspace:
     def snapshot_dir(self, snapshot_id: str) -> Path:
         return self.snapshots / snapshot_id
 
+    def downstream_dir(self, model: str, arm: str, ds: str | date) -> Path:
+        """A downstream model's weights and metrics for one promoted day (``arm``: with | without SUM)."""
+        return self.root / "downstream" / model / arm / f"ds={ds_str(ds)}"
+
+    def downstream_frame(self, ds: str | date) -> Path:
+        """The day's downstream training frame: impressions with the embeddings served at their time."""
+        return self.root / "downstream" / "frames" / f"ds={ds_str(ds)}" / "frame.parquet"
+
     def run_dir(self, ds: str | date) -> Path:
         """Per-date working files of the DAG (metrics, gate verdicts); rerun-safe."""
         return self.root / "runs" / ds_str(ds)

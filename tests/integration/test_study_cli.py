@@ -27,7 +27,8 @@ def study(session_dir: Path, tmp_path_factory):
     raw["profile"] = None  # --dataset picks the profile
     raw["profiles"]["movielens"]["paths"] = {"workspace": str(work / "ws"), "dvc_remote": str(work / "remote")}
     raw["source"]["movielens"]["cache_dir"] = str(session_dir / "movielens-cache")  # shared with the DAG test
-    raw["study"].update({"days": 5, "eval_days": 2, "seeds": 2, "downstream_epochs": 1, "importance_repeats": 1})
+    raw["study"].update({"days": 5, "eval_days": 2, "seeds": 2, "importance_repeats": 1})
+    raw["downstream"]["epochs"] = 1
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("SUM_WORKSPACE",)}

@@ -87,12 +87,25 @@ def test_gate_verdict_is_an_event_of_the_user_tower_asset(airflow_db):
     assert outlets == [Asset("sum_user_tower")]
 
 
-def test_parsing_the_dag_imports_no_heavy_library():
+@pytest.mark.slow
+def test_downstream_dag_is_scheduled_on_the_promotion(airflow_db):
+    from sum_pipeline.airflow_env import load_dag
+
+    daily, downstream = load_dag(), load_dag("sum_downstream")
+    assert [a.name for a in daily.get_task("promote").outlets] == ["sum_production_tower"]
+    assert [a.name for a in downstream.timetable.asset_condition.objects] == ["sum_production_tower"]
+    assert downstream.max_active_runs == 1
+    # Frames first (Feast), then the models: the day flows as task arguments.
+    assert downstream.get_task("retrain").upstream_task_ids == {"training_frames"}
+
+
+@pytest.mark.parametrize("dag_file", ["sum_daily.py", "sum_downstream.py"])
+def test_parsing_the_dag_imports_no_heavy_library(dag_file):
     """The DAG processor parses the file often: torch, Ray, Feast, GX and DVC are imported by tasks only."""
     code = ("import runpy, sys, json; runpy.run_path(sys.argv[1]); "
             "print(json.dumps(sorted(m for m in ('torch', 'ray', 'feast', 'great_expectations', 'dvc', 'gto') "
             "if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code, str(PROJECT_ROOT / "dags" / "sum_daily.py")],
+    out = subprocess.run([sys.executable, "-c", code, str(PROJECT_ROOT / "dags" / dag_file)],
                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
