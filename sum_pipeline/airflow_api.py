@@ -173,6 +173,10 @@ class AirflowClient:
         return self._set_paused(dag_id, True)
 
     # -- runs ------------------------------------------------------------------------------------
+    def dag_runs(self, dag_id: str) -> list[dict]:
+        """Every run of a DAG (e.g. the asset-triggered runs of ``sum_downstream``, which have no logical date)."""
+        return self._get_all(f"/dags/{_q(dag_id)}/dagRuns", "dag_runs")
+
     def run_of_date(self, dag_id: str, logical_date: str) -> dict | None:
         """The run of ``logical_date`` (``YYYY-MM-DD``, midnight UTC), or None (a DAG has at most one)."""
         stamp = _stamp(logical_date)

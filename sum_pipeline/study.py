@@ -46,6 +46,7 @@ import pandas as pd
 
 from serving.store_io import write_embeddings
 from sum_models.shift import POOL_DEPTH, shift_by_pooling_depth
+from sum_pipeline.retrain_downstream import embeddings_of
 from sum_pipeline.study_report import write_report
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
@@ -232,22 +233,11 @@ def replay_mode(mode: str, params: Params, days: list[Day], up: Upstream, seed: 
         served: dict[str, list[np.ndarray]] = {}
         for source in sources:
             got = historical_embeddings(store, entity[["user_id", "event_ts"]], k, source=source)
-            arrays = _to_array(got, k, params.model.embedding_dim)
+            arrays = embeddings_of(got, k, params.model.embedding_dim)
             served[source] = [arrays[(entity["day"] == t).to_numpy()] for t in range(1, len(days))]
     n = len(entity)
     coverage = float(sum(np.isfinite(a[:, 0, 0]).sum() for a in served["served"]) / max(n, 1))
     return served, {"coverage": coverage, "fallback_rate": fallbacks / max(n, 1) if mode == "realtime" else None}
-
-
-def _to_array(frame: pd.DataFrame, k: int, d: int) -> np.ndarray:
-    out = np.full((len(frame), k, d), np.nan, dtype=np.float32)
-    for j in range(k):
-        col = frame[f"embedding_{j}"]
-        has = col.map(lambda v: v is not None and len(v) == d).to_numpy(dtype=bool)
-        if has.any():
-            out[has, j] = np.stack(col[has].to_numpy()).astype(np.float32)
-    out[~np.isfinite(out).all(axis=(1, 2))] = np.nan  # a row is served whole or not at all
-    return out
 
 
 def frozen_arm(days: list[Day], up: Upstream, params: Params) -> list[np.ndarray]:

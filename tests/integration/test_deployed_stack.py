@@ -150,7 +150,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
 
 
-def _drive(client, ds, faults=None, helper=None):
+def _drive(client, ds, faults=None, helper=None, consumers=()):
     stop = threading.Event()
     side: dict = {}
     thread = None
@@ -161,12 +161,25 @@ def _drive(client, ds, faults=None, helper=None):
     try:
         if thread is not None:
             thread.start()
-        [result] = driver.drive(client, [ds], faults or {}, poll_s=1)
+        [result] = driver.drive(client, [ds], faults or {}, poll_s=1, consumers=consumers)
     finally:
         stop.set()
         if thread is not None:
             thread.join(timeout=10)
     return result, side, time.monotonic() - t0
+
+
+DOWNSTREAM_DAG = "sum_downstream"
+
+
+def _finished_run(client, dag_id: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [r for r in client.dag_runs(dag_id) if r["state"] in ("success", "failed")]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError(f"no finished {dag_id} run within {timeout_s:.0f} s: {client.dag_runs(dag_id)}")
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +202,13 @@ def runs(stack, client, stack_params, stored_rows):
         [str(Path(sys.executable).with_name("airflow")), "backfill", "create", "--dag-id", DAG_ID,
          "--from-date", DAY2, "--to-date", DAY2], env=s.airflow_env(s.database_url()), capture_output=True,
         text=True, timeout=300)
-    out[DAY2], _, out["seconds"][DAY2] = _drive(client, DAY2)
+    # DAY2's promotion also triggers sum_downstream through the asset (unpaused for this day only, so that no
+    # other day's run shares the two cores with it).
+    out[DAY2], _, out["seconds"][DAY2] = _drive(client, DAY2, consumers=(DOWNSTREAM_DAG,))
     observe(DAY2)
+    out["downstream"] = _finished_run(client, DOWNSTREAM_DAG, timeout_s=600)
+    client.pause(DOWNSTREAM_DAG)
+    out["downstream/xcoms"] = client.xcoms(DOWNSTREAM_DAG, out["downstream"]["dag_run_id"])
     # DAY3: the rollout's task process is SIGKILLed mid-run; its retry must finish the day.
     out[DAY3], out["kill"], out["seconds"][DAY3] = _drive(
         client, DAY3, helper=lambda c, r, o, e: _kill_when_running(c, r, KILLED_TASK, o, e))
@@ -292,6 +310,16 @@ def test_first_day_is_promoted_by_rubber_stamp(runs):
     assert validated["success"] and Path(validated["data_docs"]).is_file()
     assert any("no validated day before" in line for line in validated["skipped"]["events"])
     assert runs[f"{DAY1}/production"] == "sum-2026-01-01"
+
+
+def test_a_promotion_triggers_the_downstream_models_retraining(runs):
+    run, xcoms = runs["downstream"], runs["downstream/xcoms"]
+    assert run["state"] == "success" and run["run_type"] == "asset_triggered", run
+    assert xcoms["promoted_days"] == [DAY2]  # the day came with the asset event
+    [frame] = xcoms["training_frames"]
+    assert frame["rows"] > 1000 and frame["coverage"] > 0.5  # DAY1's batch served DAY2's users
+    [day] = xcoms["retrain"]
+    assert day["ds"] == DAY2 and set(day["models"]) == {"click", "conversion", "inbox"}
 
 
 def test_a_backfill_created_from_the_cli_runs_through_the_scheduler(runs):
