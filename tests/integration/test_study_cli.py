@@ -27,7 +27,8 @@ def study(session_dir: Path, tmp_path_factory):
     raw["profile"] = None  # --dataset picks the profile
     raw["profiles"]["movielens"]["paths"] = {"workspace": str(work / "ws"), "dvc_remote": str(work / "remote")}
     raw["source"]["movielens"]["cache_dir"] = str(session_dir / "movielens-cache")  # shared with the DAG test
-    raw["study"].update({"days": 5, "eval_days": 2, "seeds": 2, "importance_repeats": 1})
+    raw["study"].update({"seeds": 2, "importance_repeats": 1})
+    raw["profiles"]["movielens"]["study"] = {"days": 5, "eval_days": 2}  # the profile's own window, shortened
     raw["downstream"]["epochs"] = 1
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
