@@ -321,6 +321,7 @@ def run_study(params: Params, dataset: str, out_dir: Path, days: int | None = No
         The results (the report's ``results.json``).
     """
     from sum_models.downstream import downstream_specs
+    from sum_models.importance import sum_embedding_rank
 
     started = time.perf_counter()
     cfg = params.study
@@ -384,8 +385,6 @@ def run_study(params: Params, dataset: str, out_dir: Path, days: int | None = No
                 eval_ne[arm, name, seed] = _mean([by_day[ds] for ds in eval_days])
                 train_ne[arm, name, seed] = _mean([by_day[ds] for ds in train_days])
                 if table is not None:
-                    from sum_models.importance import sum_embedding_rank
-
                     fi_rank[name, seed] = (sum_embedding_rank(table), len(table))
                     importance_rows += [{**r, "model": name, "seed": seed} for r in table.to_dict("records")]
                 step(f"downstream {name} seed {seed}", 1)

@@ -16,7 +16,6 @@ config class is the store class name plus ``Config``, in the same module).
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
 
 from feast.data_format import ParquetFormat

@@ -17,7 +17,6 @@ import torch
 from sum_models.data import encode_users
 from sum_models.flops import model_flops
 from sum_models.inference import PROGRAM_FILE, UnsafeProgramError, check_program_archive, load_exported_tower
-from sum_models.model import build_model
 from sum_models.snapshot import embed_users, export_snapshot
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,5 @@
 """The Feast repo applies from a clean checkout, and dvc.yaml describes the DAG's steps in its order."""
 
-import json
 import os
 import re
 import shutil
