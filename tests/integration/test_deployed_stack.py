@@ -315,11 +315,16 @@ def test_first_day_is_promoted_by_rubber_stamp(runs):
 def test_a_promotion_triggers_the_downstream_models_retraining(runs):
     run, xcoms = runs["downstream"], runs["downstream/xcoms"]
     assert run["state"] == "success" and run["run_type"] == "asset_triggered", run
-    assert xcoms["promoted_days"] == [DAY2]  # the day came with the asset event
-    [frame] = xcoms["training_frames"]
-    assert frame["rows"] > 1000 and frame["coverage"] > 0.5  # DAY1's batch served DAY2's users
-    [day] = xcoms["retrain"]
-    assert day["ds"] == DAY2 and set(day["models"]) == {"click", "conversion", "inbox"}
+    # The days come with the asset events: every promotion since the DAG's previous run (DAY1's happened while
+    # it was still paused), retrained in date order.
+    assert xcoms["promoted_days"] == [DAY1, DAY2]
+    first, second = xcoms["training_frames"]
+    assert first["coverage"] == 0.0  # nothing was served before the first day's batch
+    assert second["rows"] > 1000 and second["coverage"] > 0.5  # DAY1's batch served DAY2's users
+    days = {d["ds"]: d["models"] for d in xcoms["retrain"]}
+    assert set(days) == {DAY1, DAY2} and set(days[DAY2]) == {"click", "conversion", "inbox"}
+    for name, m in days[DAY2].items():  # scored on DAY2 before training on it, warm-started from DAY1
+        assert m["warm_start_with_sum"] == DAY1 and 0 < m["ne_with_sum"] < 2 and 0 < m["ne_without_sum"] < 2, name
 
 
 def test_a_backfill_created_from_the_cli_runs_through_the_scheduler(runs):
