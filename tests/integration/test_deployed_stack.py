@@ -1,7 +1,8 @@
 """The whole daily loop as deployed: `sumctl`'s stack (a token-authenticated Ray head serving SOAP, Airflow's
 api-server, scheduler with LocalExecutor, dag-processor and triggerer, each its own process) runs the real DAG
 for seven runs driven over the REST API, with real GX, torch, Feast, Ray Serve over HTTP and DVC:
-promotion and serving after the task processes have exited, a task process killed with SIGKILL and retried,
+promotion and serving after the task processes have exited, a promotion triggering the downstream models' DAG
+through its asset, a task process killed with SIGKILL and retried,
 a Clear-style rerun, a held candidate approved through the HITL endpoint and one left to time out, and a
 corrupted partition stopping the run at validation while production, the online store and serving stay
 unchanged. Then an operator's `sumctl rollback`, the UI in Debian's Chromium, and `sumctl down`.
