@@ -528,7 +528,7 @@ def directions(results: dict[str, Any]) -> list[dict[str, Any]]:
     t4 = {x["setting"]: x for x in results["table4"]}
     no_ap, with_ap = t4.get("no_ap", {}).get("eval_ne_diff_pct"), t4.get(f"ap{POOL_DEPTH}", {}).get("eval_ne_diff_pct")
     out.append({
-        "claim": f"AP({POOL_DEPTH}) gives the downstream model a larger eval NE gain than no pooling (Table 4)",
+        "claim": f"with AP({POOL_DEPTH}) the downstream model's eval NE diff is lower than without pooling (Table 4)",
         "holds": None if no_ap is None or with_ap is None else with_ap < no_ap,
         "evidence": f"eval NE diff without AP {_fmt(no_ap)} %, with AP({POOL_DEPTH}) {_fmt(with_ap)} %",
     })
