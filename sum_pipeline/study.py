@@ -21,8 +21,9 @@ One run, per seed:
    one written later.
 3. **Downstream.** Each downstream model (:data:`sum_models.downstream.PRESETS`) is trained day by day on
    days ``1 .. D-1`` (warm-started daily), without the embeddings and with each mode's, and scored on each
-   day before it trains on it (progressive NE). The train window's NE gives Table 4's train column, the last
-   ``study.eval_days`` days every eval number.
+   day before it trains on it (progressive NE). NE over the train window's impressions gives Table 4's train
+   column, NE over the last ``study.eval_days`` days' impressions every eval number (pooled impressions, so
+   MovieLens' days of a few dozen ratings weigh as little as they hold).
 
 Tables: 1 = async vs none per model, with the SUM embeddings' permutation-importance rank on the last day;
 2 = every mode vs none; 3 = the shift of the daily batch versions of a fixed user set per pooling depth;
@@ -253,31 +254,38 @@ def frozen_arm(days: list[Day], up: Upstream, params: Params) -> list[np.ndarray
 
 # ------------------------------------------------------------------------------------------------ downstream
 
-def _ne_or_none(model, frame: pd.DataFrame, emb: np.ndarray | None) -> float | None:
-    from sum_models.downstream_train import evaluate_downstream
+def _window_ne(scored: dict[str, tuple[np.ndarray, np.ndarray]], days: list[str]) -> float | None:
+    """NE (eq. 9) over every impression of ``days`` pooled: a small day weighs by its impressions, not as a day."""
+    from sum_models.metrics import normalized_entropy
 
+    parts = [scored[ds] for ds in days if ds in scored]
+    if not parts:
+        return None
+    probs, labels = np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts])
     try:
-        return float(evaluate_downstream(model, frame, emb))
-    except ValueError:  # one label class that day: NE undefined
+        return float(normalized_entropy(probs, labels))
+    except ValueError:  # one label class in the window: NE undefined
         return None
 
 
 def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: Params, seed: int,
-            importance: bool) -> tuple[list[float | None], Any]:
-    """Trains a downstream model day by day on days ``1 .. D-1``; NE of each day before training on it.
+            importance: bool) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Any]:
+    """Trains a downstream model day by day on days ``1 .. D-1``, predicting each day before training on it.
 
     Returns:
-        ``(ne, importance)``: NE per downstream day (None on the first, which nothing was trained before) and the
-        permutation importance on the last day (or None).
+        ``(scored, importance)``: per downstream day but the first (nothing was trained before it) the
+        predictions and labels, and the permutation importance on the last day (or None).
     """
-    from sum_models.downstream_train import train_downstream
+    from sum_models.downstream_train import DownstreamData, predict_downstream, train_downstream
     from sum_models.importance import permutation_importance
 
     cfg = params.study
-    model, ne, table = None, [], None
+    model, scored, table = None, {}, None
     for i, day in enumerate(days[1:]):
         emb = None if embeddings is None else embeddings[i]
-        ne.append(None if model is None else _ne_or_none(model, day.frame, emb))
+        if model is not None:
+            data = DownstreamData.from_frame(spec, day.frame, emb)
+            scored[day.ds] = (predict_downstream(model, data), data.labels.numpy())
         if i == len(days) - 2:  # the last day: held out for the importance, not trained on
             if importance and model is not None:
                 with contextlib.suppress(ValueError):
@@ -286,7 +294,7 @@ def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: 
         model, _ = train_downstream(spec, day.frame, emb, epochs=params.downstream.epochs,
                                     batch_size=params.downstream.batch_size, lr=params.downstream.learning_rate,
                                     seed=seed * 1000 + i, init_from=model)
-    return ne, table
+    return scored, table
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -378,12 +386,11 @@ def run_study(params: Params, dataset: str, out_dir: Path, days: int | None = No
             for arm in ARMS:
                 emb = arms[arm]
                 arm_spec = dspec.with_embeddings(emb is not None)
-                ne, table = run_arm(arm_spec, data, emb, params, seed, importance=arm == TABLE1_ARM)
-                for ds, v in zip(down_days, ne):
-                    daily.append({"mode": arm, "model": name, "seed": seed, "ds": ds, "ne": v})
-                by_day = dict(zip(down_days, ne))
-                eval_ne[arm, name, seed] = _mean([by_day[ds] for ds in eval_days])
-                train_ne[arm, name, seed] = _mean([by_day[ds] for ds in train_days])
+                scored, table = run_arm(arm_spec, data, emb, params, seed, importance=arm == TABLE1_ARM)
+                for ds in down_days:
+                    daily.append({"mode": arm, "model": name, "seed": seed, "ds": ds, "ne": _window_ne(scored, [ds])})
+                eval_ne[arm, name, seed] = _window_ne(scored, eval_days)
+                train_ne[arm, name, seed] = _window_ne(scored, train_days)
                 if table is not None:
                     fi_rank[name, seed] = (sum_embedding_rank(table), len(table))
                     importance_rows += [{**r, "model": name, "seed": seed} for r in table.to_dict("records")]
