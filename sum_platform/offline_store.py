@@ -65,6 +65,8 @@ def read_partitioned_source(data_source: "DataSource", repo_path: str) -> "Table
     """
     import ibis
 
+    # DuckDB draws a progress bar on the terminal for long joins: component output goes to logs, not there.
+    ibis.get_backend().raw_sql("SET enable_progress_bar = false")
     path = getattr(data_source, "path", "") or ""
     local = "://" not in path or path.startswith("file://")
     if isinstance(data_source, FileSource) and isinstance(data_source.file_format, ParquetFormat) and local:
