@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from serving.store_io import write_embeddings
+from sum_models.metrics import normalized_entropy
 from sum_models.shift import POOL_DEPTH, shift_by_pooling_depth
 from sum_pipeline.retrain_downstream import embeddings_of
 from sum_pipeline.study_report import write_report
@@ -253,8 +254,6 @@ def frozen_arm(days: list[Day], up: Upstream, params: Params) -> list[np.ndarray
 
 def _window_ne(scored: dict[str, tuple[np.ndarray, np.ndarray]], days: list[str]) -> float | None:
     """NE (eq. 9) over every impression of ``days`` pooled: a small day weighs by its impressions, not as a day."""
-    from sum_models.metrics import normalized_entropy
-
     parts = [scored[ds] for ds in days if ds in scored]
     if not parts:
         return None
