@@ -107,8 +107,10 @@ def load_day(ds: str, params: Params) -> Day:
     return Day(ds, frame, users)
 
 
-def t_interval(values: list[float], confidence: float = 0.95) -> list[float] | None:
-    """Student-t confidence interval of the mean (None for fewer than two values)."""
+def t_interval(values: list[float], confidence: float = 0.95, lower: float = -math.inf,
+               upper: float = math.inf) -> list[float] | None:
+    """Student-t confidence interval of the mean (None for fewer than two values), clipped to the values'
+    possible range ``[lower, upper]`` (a rank's interval never starts below 1)."""
     from scipy import stats  # scipy: only the report's statistics need it
 
     vals = [v for v in values if v is not None and math.isfinite(v)]
@@ -116,7 +118,7 @@ def t_interval(values: list[float], confidence: float = 0.95) -> list[float] | N
         return None
     mean, sem = float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(vals) - 1)) * sem
-    return [mean - half, mean + half]
+    return [max(mean - half, lower), min(mean + half, upper)]
 
 
 @contextlib.contextmanager
@@ -432,13 +434,14 @@ def _table1(specs, seeds, eval_ne, fi_rank) -> list[dict]:
     for name, spec in specs.items():
         diffs = _diffs(TABLE1_ARM, name, seeds, eval_ne)
         ranks = [fi_rank.get((name, s), (None, None))[0] for s in seeds]
+        n_features = max((fi_rank.get((name, s), (None, 0))[1] for s in seeds), default=None)
         rows.append({
             "model": name, "label": spec.label, "description": _describe(spec),
             "ne_without": _mean([eval_ne["none", name, s] for s in seeds]),
             "ne_with": _mean([eval_ne[TABLE1_ARM, name, s] for s in seeds]),
             "ne_diff_pct": _mean(diffs), "ne_diff_ci": t_interval(diffs),
-            "fi_rank": _mean(ranks), "fi_rank_ci": t_interval(ranks),
-            "n_features": max((fi_rank.get((name, s), (None, 0))[1] for s in seeds), default=None),
+            "fi_rank": _mean(ranks), "fi_rank_ci": t_interval(ranks, lower=1, upper=n_features or math.inf),
+            "n_features": n_features,
             "per_seed": [{"seed": s, "ne_without": eval_ne["none", name, s], "ne_with": eval_ne[TABLE1_ARM, name, s],
                           "ne_diff_pct": diff, "fi_rank": rank} for s, diff, rank in zip(seeds, diffs, ranks)],
         })
