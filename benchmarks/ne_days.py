@@ -29,13 +29,12 @@ from sum_models.shift import shift_metrics
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import load_params
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
-from sum_platform.sources import day_frames, source_dates
+from sum_platform.sources import day_frames, joined_day, source_dates
 
 
 def _joined_day(ds: str, params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     events, users = day_frames(ds, params)
-    joined = events.merge(users.drop(columns=["event_ts"]), on="user_id", how="inner")
-    joined = joined.sort_values("impression_id").reset_index(drop=True)
+    joined = joined_day(events, users, params).sort_values("impression_id").reset_index(drop=True)
     holdout = holdout_mask(joined, params.events.holdout_fraction)
     return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), users
 

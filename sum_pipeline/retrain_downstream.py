@@ -23,6 +23,7 @@ from sum_platform.context import context
 from sum_platform.feature_store import get_store, historical_embeddings, spec_from_fields, user_feature_fields
 from sum_platform.files import read_json, write_json, write_parquet
 from sum_platform.partitions import read_partition
+from sum_platform.sources import joined_day
 from sum_platform.workspace import ds_str
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,7 @@ def training_frame(ds: str) -> dict[str, Any]:
     ctx = context()
     params, ws = ctx.params, ctx.ws
     ev = params.events
-    events = read_partition(ws.events_dir(ds))
-    users = read_partition(ws.users_dir(ds)).drop(columns=[ev.timestamp], errors="ignore")
-    frame = events.merge(users, on=ev.user_id, how="inner").sort_values([ev.timestamp, "impression_id"], kind="stable")
-    frame = frame.reset_index(drop=True)
+    frame = joined_day(read_partition(ws.events_dir(ds)), read_partition(ws.users_dir(ds)), params)
     k = params.model.num_embeddings
     served = historical_embeddings(get_store(params), frame[[ev.user_id, ev.timestamp]], k, source="served",
                                    timestamp=ev.timestamp)

@@ -35,12 +35,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -52,8 +51,9 @@ from sum_pipeline.retrain_downstream import embeddings_of
 from sum_pipeline.study_report import write_report
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
-from sum_platform.feature_store import apply_definitions, historical_embeddings, spec_from_fields, user_feature_fields
-from sum_platform.sources import day_frames, source_dates
+from sum_platform.feature_store import (apply_definitions, historical_embeddings, spec_from_fields, user_feature_fields,
+                                        workspace_in_force)
+from sum_platform.sources import day_frames, joined_day, source_dates
 from sum_platform.workspace import snapshot_id_for
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ def study_days(params: Params, days: int) -> list[str]:
 def load_day(ds: str, params: Params) -> Day:
     events, users = day_frames(ds, params)
     users = users.sort_values("user_id").reset_index(drop=True)
-    frame = events.merge(users.drop(columns=[params.events.timestamp]), on=params.events.user_id, how="inner")
-    frame = frame.sort_values([params.events.timestamp, "impression_id"], kind="stable").reset_index(drop=True)
-    return Day(ds, frame, users)
+    return Day(ds, joined_day(events, users, params), users)
 
 
 def t_interval(values: list[float], confidence: float = 0.95, lower: float = -math.inf,
@@ -121,23 +119,9 @@ def t_interval(values: list[float], confidence: float = 0.95, lower: float = -ma
     return [max(mean - half, lower), min(mean + half, upper)]
 
 
-@contextlib.contextmanager
-def workspace_in_force(path: Path) -> Iterator[None]:
-    """``$SUM_WORKSPACE`` = ``path`` while a mode's store is set up (Feast's definitions resolve paths from it)."""
-    old = os.environ.get("SUM_WORKSPACE")
-    os.environ["SUM_WORKSPACE"] = str(path)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SUM_WORKSPACE", None)
-        else:
-            os.environ["SUM_WORKSPACE"] = old
-
-
 # ------------------------------------------------------------------------------------------------ upstream
 
-def train_upstream(params: Params, days: list[Day], seed: int, progress: Progress) -> Upstream:
+def train_upstream(params: Params, spec, days: list[Day], seed: int, progress: Progress) -> Upstream:
     """Trains ``S_0 .. S_{D-2}`` day by day (warm start) and computes the embeddings the replay serves."""
     import torch  # the model stack: loaded by the study's run only
 
@@ -145,7 +129,6 @@ def train_upstream(params: Params, days: list[Day], seed: int, progress: Progres
     from sum_models.snapshot import embed_users
     from sum_models.train import ne_accumulator, train_model
 
-    spec = spec_from_fields(user_feature_fields(params), params)
     out = Upstream()
     prev_state, first = None, None
     for t, day in enumerate(days[:-1]):
@@ -196,7 +179,7 @@ def replay_mode(mode: str, params: Params, days: list[Day], up: Upstream, seed: 
     shutil.rmtree(workspace, ignore_errors=True)  # a rerun starts from the same empty store
     workspace.mkdir(parents=True)
     with workspace_in_force(workspace):
-        store = apply_definitions(params.model_copy(update={"paths": params.paths.model_copy(update={"workspace": str(workspace)})}))
+        store = apply_definitions(params)  # params.workspace is $SUM_WORKSPACE: the mode's folder
         last_ms = 0
         lookups = []
         fallbacks = 0
@@ -369,7 +352,7 @@ def run_study(params: Params, dataset: str, out_dir: Path, days: int | None = No
     shift_rows: list[dict] = []
     upstream_ne: list[float] = []
     for seed in seed_list:
-        up = train_upstream(params, data, seed, step)
+        up = train_upstream(params, spec, data, seed, step)
         upstream_ne += [ne.get(params.events.labels[0], math.nan) for ne in up.holdout_ne]
         probe = _probe_versions(data, up)
         shift_rows += [{**r, "seed": seed} for r in shift_by_pooling_depth(probe, range(1, min(5, len(probe) - 1) + 1))]
@@ -429,6 +412,11 @@ def _diffs(arm: str, model: str, seeds: list[int], ne: dict) -> list[float | Non
     return [_pct(ne[arm, model, s], ne["none", model, s]) for s in seeds]
 
 
+def _diffs_over_models(arm: str, models, seeds: list[int], ne: dict) -> list[float | None]:
+    """Per seed, the mean NE diff of ``arm`` over the models (the paper's row is one model; ours average three)."""
+    return [_mean([_pct(ne[arm, m, s], ne["none", m, s]) for m in models]) for s in seeds]
+
+
 def _table1(specs, seeds, eval_ne, fi_rank) -> list[dict]:
     rows = []
     for name, spec in specs.items():
@@ -452,8 +440,7 @@ def _table2(specs, seeds, eval_ne, mode_stats, dates) -> list[dict]:
     rows = []
     for mode in TABLE2_MODES:
         per_model = {name: _mean(_diffs(mode, name, seeds, eval_ne)) for name in specs}
-        # One value per seed: the mean over the models (the paper's row is one model; ours average three).
-        per_seed = [_mean([_pct(eval_ne[mode, m, s], eval_ne["none", m, s]) for m in specs]) for s in seeds]
+        per_seed = _diffs_over_models(mode, specs, seeds, eval_ne)
         stats = mode_stats.get(mode, [])
         staleness = {"frozen": f"1 to {len(dates) - 1} days (first snapshot)", "offline": "1-day"}.get(mode)
         rows.append({"mode": mode, "staleness": staleness, "ne_diff_pct": _mean(per_seed),
@@ -475,8 +462,7 @@ def _table3(shift_rows: list[dict]) -> list[dict]:
 def _table4(specs, seeds, eval_ne, train_ne) -> list[dict]:
     rows = []
     for setting, arm in (("no_ap", "offline_raw"), (f"ap{POOL_DEPTH}", "offline")):
-        train = [_mean([_pct(train_ne[arm, m, s], train_ne["none", m, s]) for m in specs]) for s in seeds]
-        evals = [_mean([_pct(eval_ne[arm, m, s], eval_ne["none", m, s]) for m in specs]) for s in seeds]
+        train, evals = _diffs_over_models(arm, specs, seeds, train_ne), _diffs_over_models(arm, specs, seeds, eval_ne)
         rows.append({"setting": setting, "arm": arm, "train_ne_diff_pct": _mean(train), "train_ne_diff_ci": t_interval(train),
                      "eval_ne_diff_pct": _mean(evals), "eval_ne_diff_ci": t_interval(evals)})
     return rows

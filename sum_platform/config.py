@@ -319,11 +319,14 @@ def params_path() -> Path:
     return Path(os.environ.get("SUM_PARAMS", PROJECT_ROOT / "params.yaml")).resolve()
 
 
+def _read(path: Path) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
 @lru_cache(maxsize=8)
 def _load(path: Path, mtime: float) -> Params:
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
-    return Params(**apply_profile(raw), base_dir=path.parent)
+    return Params(**apply_profile(_read(path)), base_dir=path.parent)
 
 
 def load_profile(profile: str | None, path: str | os.PathLike | None = None) -> Params:
@@ -333,10 +336,7 @@ def load_profile(profile: str | None, path: str | os.PathLike | None = None) -> 
     file's own choice (:func:`load_params`).
     """
     p = Path(path).resolve() if path else params_path()
-    with open(p) as fh:
-        raw = yaml.safe_load(fh) or {}
-    raw["profile"] = profile
-    return Params(**apply_profile(raw), base_dir=p.parent)
+    return Params(**apply_profile(_read(p) | {"profile": profile}), base_dir=p.parent)
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:

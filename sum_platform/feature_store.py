@@ -71,7 +71,7 @@ def definitions(params: Params | None = None) -> list:
     from feast.data_source import DataSource
 
     params = params or load_params()
-    with _workspace_in_force(params.workspace):  # the file resolves its paths with load_params()
+    with workspace_in_force(params.workspace):  # the file resolves its paths with load_params()
         defs = _load_definitions_module()
     return [
         obj
@@ -188,7 +188,7 @@ def feature_repo_dir() -> Path:
 
 
 @contextmanager
-def _workspace_in_force(workspace: Path) -> Iterator[None]:
+def workspace_in_force(workspace: Path) -> Iterator[None]:
     """``$SUM_WORKSPACE`` set to ``workspace`` for the duration (then restored: no lasting side effect)."""
     old = os.environ.get("SUM_WORKSPACE")
     os.environ["SUM_WORKSPACE"] = str(workspace)

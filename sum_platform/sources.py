@@ -58,6 +58,14 @@ def day_frames(ds: str | date, params: Params) -> tuple[pd.DataFrame, pd.DataFra
     return _parquet_day(ds, params)
 
 
+def joined_day(events: pd.DataFrame, users: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """A day's impressions with the day's user features, in time order (impressions of users without a row
+    are dropped). The users partition is a daily snapshot: this is what Feast's point-in-time join returns."""
+    ev = params.events
+    frame = events.merge(users.drop(columns=[ev.timestamp], errors="ignore"), on=ev.user_id, how="inner")
+    return frame.sort_values([ev.timestamp, "impression_id"], kind="stable").reset_index(drop=True)
+
+
 def source_dates(params: Params) -> list[str] | None:
     """The dates the source holds data for, in order; None for the simulator (any date from its start)."""
     kind = params.source.kind

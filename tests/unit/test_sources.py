@@ -11,7 +11,7 @@ import yaml
 
 from sum_platform.config import load_params
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
-from sum_platform.sources import SourceError, day_frames, first_date, source_dates
+from sum_platform.sources import SourceError, day_frames, first_date, joined_day, source_dates
 from validation.suites import required_columns
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +93,14 @@ def test_the_simulator_is_unbounded_and_starts_at_its_start_date():
     params = load_params(PROJECT_ROOT / "params.yaml")
     assert source_dates(params) is None
     assert first_date(params) == params.simulator.start_date
+
+
+def test_joined_day_orders_by_time_and_drops_users_without_features():
+    params = load_params()
+    events = pd.DataFrame({"impression_id": ["b", "a", "c"], "user_id": [1, 2, 3],
+                           "event_ts": pd.to_datetime(["2026-01-01 10:00", "2026-01-01 09:00", "2026-01-01 08:00"], utc=True)})
+    users = pd.DataFrame({"user_id": [1, 2], "event_ts": pd.to_datetime(["2026-01-01"] * 2, utc=True), "sessions_7d": [5.0, 7.0]})
+    frame = joined_day(events, users, params)
+    assert frame["impression_id"].tolist() == ["a", "b"]  # user 3 has no features that day
+    assert frame["sessions_7d"].tolist() == [7.0, 5.0]
+    assert list(frame.columns).count("event_ts") == 1 and frame["event_ts"].is_monotonic_increasing
