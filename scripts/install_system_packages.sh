@@ -7,6 +7,7 @@ set -euo pipefail
 
 PACKAGES=(
     postgresql        # the PostgreSQL profile of the Airflow metadata DB (airflow.metadata_db: postgresql)
+    redis-server      # the Redis profile of the Feast online store (feature_store.online_store: redis)
     chromium          # headless browser for the Airflow UI test (tests/integration/ui_browser.py)
     chromium-driver   # its WebDriver companion (/usr/bin/chromedriver)
 )

@@ -26,7 +26,7 @@ from sum_platform.config import Params, load_params
 from sum_platform.files import read_json, write_json
 from sum_platform.workspace import Workspace
 
-__all__ = ["ClusterRecord", "NoClusterError", "cluster_record", "ensure_ray", "record_cluster", "shutdown",
+__all__ = ["ClusterRecord", "NoClusterError", "cluster_record", "connect_ray", "ensure_ray", "record_cluster", "shutdown",
            "started_local", "token_env"]
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,19 @@ def _connect_ray(params: Params, num_cpus: int) -> None:
         _attach(address)
 
 
+def connect_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -> None:
+    """Connects this process to the configured Ray cluster (a no-op when already connected); no Serve.
+
+    Raises:
+        NoClusterError: ``ray_address`` is ``stack`` and the workspace's stack has no reachable Ray.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        _connect_ray(params or load_params(), num_cpus)
+
+
 def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -> dict[str, Any]:
     """Makes sure this process is connected to Ray and Ray Serve listens on the configured address.
 
@@ -173,8 +186,7 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
 
     params = params or load_params()
     cfg = params.serving
-    if not ray.is_initialized():
-        _connect_ray(params, num_cpus)
+    connect_ray(params, num_cpus)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     host, port = _serve_http_address()
     if host is not None and port is not None and (str(host), int(port)) != (str(cfg.host), int(cfg.port)):

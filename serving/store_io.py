@@ -34,6 +34,7 @@ import logging
 import re
 import sqlite3
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -57,6 +58,8 @@ __all__ = [
     "num_embeddings",
     "to_ms",
     "write_embeddings",
+    "log_offline",
+    "delete_rows",
     "read_embeddings",
     "read_embeddings_feast",
     "read_history",
@@ -165,9 +168,20 @@ class OnlineRowReader:
         self.store = store
         self.view = view
         cfg = store.config
-        self._direct = str(getattr(cfg.online_store, "type", "")) == "sqlite"
+        kind = str(getattr(cfg.online_store, "type", ""))
+        self.backend = kind if kind in ("sqlite", "redis") else "feast"
+        self._direct = self.backend == "sqlite"
         self._local = threading.local()
         self._ek_version = int(cfg.entity_key_serialization_version)
+        if self.backend == "redis":
+            from feast.infra.online_stores.helpers import _mmh3
+            from feast.infra.online_stores.redis import _versioned_fv_name
+
+            self.redis = redis_client(cfg.online_store.connection_string)
+            self._project = cfg.project.encode("utf-8")
+            self._fv_name = _versioned_fv_name(store.get_feature_view(view), cfg)
+            self._ts_field = f"_ts:{self._fv_name}".encode()
+            self._field_hash = lambda name: _mmh3(f"{self._fv_name}:{name}")
         if self._direct:
             path = Path(cfg.online_store.path)
             if not path.is_absolute() and cfg.repo_path:
@@ -200,6 +214,10 @@ class OnlineRowReader:
             entity_key_serialization_version=self._ek_version,
         )
 
+    def redis_key(self, user_id: int) -> bytes:
+        """The Redis key of a user's row (Feast's layout: serialised entity key + project)."""
+        return self._key(user_id) + self._project
+
     def rows(self, user_ids: Sequence[int], fields: Sequence[str], timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
         """``{user_id: {field: value}}`` for users with a stored row (absent fields: None).
 
@@ -209,6 +227,8 @@ class OnlineRowReader:
         unique = list(dict.fromkeys(int(u) for u in user_ids))
         if not unique:
             return {}
+        if self.backend == "redis":
+            return self._rows_redis(unique, fields)
         if not self._direct:
             return self._rows_feast(unique, fields)
         keys = {self._key(u): u for u in unique}
@@ -224,6 +244,21 @@ class OnlineRowReader:
             if row is None:
                 row = out[keys[key]] = dict.fromkeys(fields)
             row[name] = _decode(value)
+        return out
+
+    def _rows_redis(self, unique: list[int], fields: Sequence[str]) -> dict[int, dict[str, Any]]:
+        """One pipelined round trip: ``HMGET`` of the fields' hashed names in each user's hash (Feast's layout:
+        ``mmh3("<view>:<feature>")`` -> the value proto, ``_ts:<view>`` -> the event time)."""
+        hashed = [self._field_hash(f) for f in fields]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for u in unique:
+                pipe.hmget(self.redis_key(u), hashed)
+            replies = pipe.execute()
+        out: dict[int, dict[str, Any]] = {}
+        for u, values in zip(unique, replies):
+            if all(v is None for v in values):
+                continue
+            out[u] = {f: (_decode(v) if v is not None else None) for f, v in zip(fields, values)}
         return out
 
     def _rows_feast(self, unique: list[int], fields: Sequence[str]) -> dict[int, dict[str, Any]]:
@@ -299,13 +334,25 @@ def _stack(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return np.stack([np.asarray(v, dtype=np.float32) for v in vectors])
 
 
+def redis_client(connection_string: str):
+    """A redis-py client for a Feast connection string (``host:port,password=...``; a pool, thread-safe)."""
+    import redis
+
+    parts = connection_string.split(",")
+    host, _, port = parts[0].rpartition(":")
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return redis.Redis(host=host or "127.0.0.1", port=int(port or 6379), password=options.get("password"),
+                       db=int(options.get("db", 0)), socket_timeout=30, socket_connect_timeout=5)
+
+
 _READERS: dict[tuple[int, str, str], OnlineRowReader] = {}
 _READERS_LOCK = threading.Lock()
 
 
 def reader_for(store: "FeatureStore", view: str = EMBEDDINGS_VIEW) -> Any:
     """The (cached) reader of a view of an open store (:class:`EmbeddingReader` for the embeddings)."""
-    key = (id(store), str(store.config.online_store.path), view)
+    online = store.config.online_store
+    key = (id(store), str(getattr(online, "path", None) or getattr(online, "connection_string", "")), view)
     with _READERS_LOCK:
         reader = _READERS.get(key)
         if reader is None or reader.store is not store:
@@ -366,6 +413,33 @@ def read_history(store: "FeatureStore", user_ids: Sequence[int]) -> dict[int, di
     """
     reader = reader_for(store)
     return reader.rows(_as_user_ids(user_ids).tolist(), history_fields(reader.k))
+
+
+def delete_rows(store: "FeatureStore", user_ids: Sequence[int] | np.ndarray, view: str = EMBEDDINGS_VIEW) -> None:
+    """Deletes users' rows of a view from the online store (Feast has no per-key delete).
+
+    SQLite: the rows of the users' keys in the view's table; Redis: the view's fields in the users' hashes
+    (other views of the same user stay).
+    """
+    reader = reader_for(store, view)
+    ids = _as_user_ids(user_ids).tolist()
+    if reader.backend == "redis":
+        names = [f.name for f in store.get_feature_view(view).features]
+        fields = [reader._field_hash(n) for n in names] + [reader._ts_field]
+        with reader.redis.pipeline(transaction=False) as pipe:
+            for u in ids:
+                pipe.hdel(reader.redis_key(u), *fields)
+            pipe.execute()
+    elif reader.backend == "sqlite":
+        with _write_lock(store):
+            conn = sqlite3.connect(reader.path, timeout=30)
+            try:
+                with conn:
+                    conn.executemany(f'DELETE FROM "{reader.table}" WHERE entity_key = ?', [(reader._key(u),) for u in ids])
+            finally:
+                conn.close()
+    else:
+        raise NotImplementedError(f"deleting rows of a {reader.backend} online store")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,13 +615,68 @@ def write_embeddings(
     if not order:
         return pd.DataFrame() if return_frame else 0
     ms = to_ms(written_at)
-    with _write_lock(store):
-        df = _pooled_frame(reader, order, emb16, snapshot_id, ms, batch)
-        store.write_to_online_store(EMBEDDINGS_VIEW, df)
-        if to_offline:
-            source = store.get_feature_view(EMBEDDINGS_VIEW).batch_source
-            append_rows(partition_root(source.path), df, source.timestamp_field, offline_file)
+    if reader.backend == "redis":
+        df = _write_redis(store, reader, order, emb16, snapshot_id, ms, batch)
+    else:
+        with _write_lock(store):
+            df = _pooled_frame(reader, order, emb16, snapshot_id, ms, batch)
+            store.write_to_online_store(EMBEDDINGS_VIEW, df)
+    if to_offline:
+        log_offline(store, df, offline_file)
     return df if return_frame else int(len(df))
+
+
+#: Users per Redis transaction of :func:`_write_redis` (a conflict retries only its own chunk).
+REDIS_WRITE_CHUNK = 512
+#: Optimistic retries of one chunk before giving up (each follows a concurrent write to one of its users).
+REDIS_WRITE_RETRIES = 100
+
+
+def _write_redis(store: "FeatureStore", reader: EmbeddingReader, order: list[int], emb16: np.ndarray,
+                 snapshot_id: str, ms: int, batch: bool) -> pd.DataFrame:
+    """The read-modify-write on Redis, atomic per chunk of users: ``WATCH`` their keys, read and pool (on
+    another connection of the pool), then ``MULTI`` / ``HSET`` whole rows / ``EXEC``. A concurrent write to any
+    of them between the ``WATCH`` and the ``EXEC`` aborts the transaction (``WatchError``) and the chunk is read
+    and pooled again, so no writer's version is lost (what the file lock does for SQLite). Rows are encoded by
+    Feast's own provider code, in the layout of Feast's Redis store."""
+    import redis
+    from feast.infra.passthrough_provider import PassthroughProvider
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    view = store.get_feature_view(EMBEDDINGS_VIEW)
+    frames = []
+    for lo in range(0, len(order), REDIS_WRITE_CHUNK):
+        chunk, values = order[lo : lo + REDIS_WRITE_CHUNK], emb16[lo : lo + REDIS_WRITE_CHUNK]
+        keys = [reader.redis_key(u) for u in chunk]
+        for attempt in range(REDIS_WRITE_RETRIES):
+            with reader.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(*keys)
+                    df = _pooled_frame(reader, chunk, values, snapshot_id, ms, batch)
+                    rows = PassthroughProvider._prep_rows_to_write_for_ingestion(feature_view=view, df=df)
+                    pipe.multi()
+                    for key, (_, features, event_ts, _) in zip(keys, rows):
+                        ts = Timestamp()
+                        ts.FromDatetime(event_ts)
+                        mapping = {reader._ts_field: ts.SerializeToString()}
+                        mapping.update({reader._field_hash(name): v.SerializeToString() for name, v in features.items()})
+                        pipe.hset(key, mapping=mapping)
+                    pipe.execute()
+                    frames.append(df)
+                    break
+                except redis.WatchError:
+                    time.sleep(0.001 * min(attempt, 20))
+        else:
+            raise RuntimeError(f"{REDIS_WRITE_RETRIES} concurrent writes to the same users in a row: gave up writing "
+                               f"{len(chunk)} embeddings of {snapshot_id}")
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def log_offline(store: "FeatureStore", rows: pd.DataFrame, name: str | None = None) -> None:
+    """Appends written ``sum_embeddings`` rows (:func:`write_embeddings` ``return_frame``) to the view's offline
+    source, under ``name`` in each date's partition (a rerun replaces its own file; default: a unique name)."""
+    source = store.get_feature_view(EMBEDDINGS_VIEW).batch_source
+    append_rows(partition_root(source.path), rows, source.timestamp_field, name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ from sum_models.presets import config_dict
 from sum_models.runtime import torch_threads
 from sum_models.spec import FeatureSpec
 
-__all__ = ["TrainStats", "train_model", "predict_proba", "ne_accumulator", "evaluate_ne", "make_optimizer"]
+__all__ = ["TrainStats", "EncodedExamples", "train_model", "prepare_training", "run_epochs", "predict_proba", "ne_accumulator", "evaluate_ne", "make_optimizer"]
 
 TRAIN_CONFIG_DEFAULTS: dict[str, Any] = {
     "batch_size": 512,
@@ -138,67 +138,163 @@ def train_model(
     """
     start = time.perf_counter()
     cfg = _train_config_dict(train_cfg)
-    check_spec(getattr(model, "spec", None), spec)
-    if len(df_train) == 0:
-        raise ValueError("cannot train on an empty frame")
-    users, ad_sparse, ad_dense, labels = encode_examples(df_train, spec)
-    n = len(users)
-    batch_size, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
-    loss_fn = MultiTaskBCELoss(spec.labels, cfg["task_weights"])
-    fresh = int(model.examples_seen) == 0
-    # Dense-input statistics: learnt from the first day a feature is trained on, then kept (warm start).
-    tower = getattr(model, "user_tower", None)  # a baseline has no user tower
-    normalized = tower.dense_norm.fit(users.dense) if tower is not None else []
-    if prior_init and fresh:
-        model.init_task_priors(labels.mean(dim=0))
-    optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(n / batch_size)
+    examples, fresh, normalized = prepare_training(model, df_train, spec, prior_init=prior_init)
     show = sys.stderr.isatty() if progress is None else progress
-    epoch_losses: list[float] = []
-    steps = 0
-    model.train()
-    loop_start = time.perf_counter()
-    with torch_threads(num_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        shuffler = torch.Generator().manual_seed(seed)
-        bar = tqdm(total=epochs * steps_per_epoch, disable=not show, desc="train", unit="batch", leave=False)
-        try:
-            for _ in range(epochs):
-                order = torch.randperm(n, generator=shuffler)
-                total = 0.0
-                for b in range(steps_per_epoch):
-                    idx = order[b * batch_size : (b + 1) * batch_size]
-                    batch = users.select(idx)
-                    logits = model(batch.dense, batch.sparse_ids, batch.sparse_offsets, ad_sparse[idx], ad_dense[idx])
-                    loss = loss_fn(logits, labels[idx])  # eq. 8
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise ValueError(f"non-finite training loss {value} at step {steps}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    steps += 1
-                    total += value * len(idx)
-                    bar.update(1)
-                    elapsed = time.perf_counter() - loop_start
-                    bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{steps * batch_size / max(elapsed, 1e-9):.0f}")
-                epoch_losses.append(total / n)
-        finally:
-            bar.close()
-    loop_seconds = time.perf_counter() - loop_start
-    model.examples_seen += n * epochs
-    model.eval()
+    with torch_threads(num_threads):
+        epoch_losses, steps, loop_seconds = run_epochs(model, examples, spec, cfg, seed, progress=show)
+    n = len(examples.labels)
     return TrainStats(
         examples=n,
-        epochs=epochs,
+        epochs=int(cfg["epochs"]),
         steps=steps,
         final_loss=epoch_losses[-1],
         epoch_losses=tuple(epoch_losses),
-        examples_per_second=n * epochs / max(loop_seconds, 1e-9),
+        examples_per_second=n * int(cfg["epochs"]) / max(loop_seconds, 1e-9),
         seconds=time.perf_counter() - start,
         fresh_model=fresh,
         normalized_features=tuple(normalized),
     )
+
+
+@dataclass
+class EncodedExamples:
+    """A training frame encoded once (:func:`sum_models.data.encode_examples`): ``N`` rows.
+
+    Attributes:
+        users: User-side inputs of every row.
+        ad_sparse: int64 ``[N, n_ad_sparse]``.
+        ad_dense: float32 ``[N, n_ad_dense]``.
+        labels: float32 ``[N, T]``.
+    """
+
+    users: Any
+    ad_sparse: torch.Tensor
+    ad_dense: torch.Tensor
+    labels: torch.Tensor
+
+
+def prepare_training(
+    model: torch.nn.Module, df_train: pd.DataFrame, spec: FeatureSpec, *, prior_init: bool = True
+) -> tuple[EncodedExamples, bool, list[str]]:
+    """Encodes the frame and readies the model for its first step (done once, before any worker starts).
+
+    A fresh model (``model.examples_seen == 0``) gets its head biases set to the logits of the training
+    base rates (see :meth:`MixTower.init_task_priors`); dense-input statistics are learnt from the first day
+    a feature is trained on, then kept (warm start).
+
+    Returns:
+        ``(examples, fresh, normalized_features)``.
+
+    Raises:
+        ValueError: Empty frame, bad features / labels.
+        SpecMismatchError: ``spec`` is not the spec the model was built with.
+    """
+    check_spec(getattr(model, "spec", None), spec)
+    if len(df_train) == 0:
+        raise ValueError("cannot train on an empty frame")
+    users, ad_sparse, ad_dense, labels = encode_examples(df_train, spec)
+    fresh = int(model.examples_seen) == 0
+    tower = getattr(model, "user_tower", None)  # a baseline has no user tower
+    normalized = tower.dense_norm.fit(users.dense) if tower is not None else []
+    if prior_init and fresh:
+        model.init_task_priors(labels.mean(dim=0))
+    return EncodedExamples(users, ad_sparse, ad_dense, labels), fresh, list(normalized)
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    examples: EncodedExamples,
+    spec: FeatureSpec,
+    train_cfg: Any,
+    seed: int,
+    *,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[list[float], int, float]:
+    """The optimizer loop over ``epochs`` of the examples (eq. 8 loss); the model is left in eval mode.
+
+    Deterministic for a given seed, initial weights and data: every process draws the same permutation from
+    a generator seeded with ``seed`` and the global torch RNG is seeded inside a forked RNG state (the
+    caller's is untouched). With ``world_size`` W > 1 (data-parallel training, ``model`` wrapped in DDP)
+    each global batch of ``batch_size`` rows is split into W contiguous parts and this process trains on part
+    ``rank``: DDP's gradient average over the W parts is the gradient of the whole batch (for equal parts).
+
+    Args:
+        model: The model (or its DDP wrapper); trained in place.
+        examples: :func:`prepare_training`'s encoded frame (every process holds the whole of it).
+        spec: Model input spec (the loss's task order).
+        train_cfg: ``params.train`` or an equivalent mapping.
+        seed: Shuffling / RNG seed.
+        progress: Show a tqdm bar (loss, examples/s).
+        rank: This process's part of each global batch.
+        world_size: Processes training together.
+        all_reduce: Sums a tensor over the processes (DDP: ``torch.distributed.all_reduce``); the loss of
+            each step is summed so that every process sees the same value and stops on the same step.
+
+    Returns:
+        ``(epoch_losses, steps, loop_seconds)``: the example-weighted mean loss of every epoch over all
+        processes.
+
+    Raises:
+        ValueError: A non-finite loss (raised by every process at the same step).
+    """
+    cfg = _train_config_dict(train_cfg)
+    users, ad_sparse, ad_dense, labels = examples.users, examples.ad_sparse, examples.ad_dense, examples.labels
+    n = len(labels)
+    batch_size, epochs = int(cfg["batch_size"]), int(cfg["epochs"])
+    loss_fn = MultiTaskBCELoss(spec.labels, cfg["task_weights"])
+    optimizer = make_optimizer(getattr(model, "module", model), cfg)
+    # A last batch with fewer rows than processes is dropped (a process may not train on an empty part).
+    steps_per_epoch = n // batch_size + int(n % batch_size >= world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} training rows cannot be split over {world_size} processes")
+    epoch_losses: list[float] = []
+    steps = 0
+    model.train()
+    loop_start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        shuffler = torch.Generator().manual_seed(seed)
+        bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="train", unit="batch", leave=False)
+        try:
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=shuffler)
+                total, rows = 0.0, 0
+                for b in range(steps_per_epoch):
+                    idx = order[b * batch_size : (b + 1) * batch_size]
+                    if world_size > 1:
+                        idx = torch.tensor_split(idx, world_size)[rank]
+                    batch = users.select(idx)
+                    logits = model(batch.dense, batch.sparse_ids, batch.sparse_offsets, ad_sparse[idx], ad_dense[idx])
+                    loss = loss_fn(logits, labels[idx])  # eq. 8
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    # Every process sees the same summed loss: they stop together on a non-finite one.
+                    if all_reduce is None:
+                        value, count = loss.item(), len(idx)
+                    else:
+                        part = all_reduce(torch.stack([loss.detach().double() * len(idx),
+                                                       torch.tensor(float(len(idx)), dtype=torch.float64)]))
+                        value, count = float(part[0]) / float(part[1]), int(part[1])
+                    if not math.isfinite(value):
+                        raise ValueError(f"non-finite training loss {value} at step {steps}")
+                    optimizer.step()
+                    steps += 1
+                    total += value * count
+                    rows += count
+                    bar.update(1)
+                    elapsed = time.perf_counter() - loop_start
+                    bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{rows / max(elapsed, 1e-9):.0f}")
+                epoch_losses.append(total / rows)
+        finally:
+            bar.close()
+    loop_seconds = time.perf_counter() - loop_start
+    inner = getattr(model, "module", model)
+    inner.examples_seen += n * epochs
+    model.eval()
+    return epoch_losses, steps, loop_seconds
 
 
 def predict_proba(

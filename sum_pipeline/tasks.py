@@ -18,7 +18,7 @@ from typing import Any
 from serving.ray_cluster import ensure_ray
 from serving.rollout import RolloutError, base_url, served_snapshot_id
 from serving.rollout import rollout as serve_rollout
-from serving.store_io import write_embeddings
+from serving.store_io import log_offline, write_embeddings
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
@@ -219,7 +219,6 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
 
     from sum_models.model import build_model
     from sum_models.snapshot import MANIFEST_FILE, export_snapshot, load_model
-    from sum_models.train import train_model
 
     check_fault(candidate_fault)
     ctx = context()
@@ -235,7 +234,7 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
     if candidate_fault == "explode_lr":
         train_cfg = train_cfg.model_copy(update={"learning_rate": train_cfg.learning_rate * EXPLODE_LR_FACTOR})
     try:
-        stats = train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
+        stats = _train(model, train_df, spec, train_cfg, ctx, ds)
     except ValueError as err:
         if "non-finite training loss" not in str(err):
             raise
@@ -260,9 +259,28 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
         "weights_sha256": {k: v for k, v in manifest["sha256"].items() if k.endswith(".safetensors")},
         "fault": candidate_fault,
         "torch_threads": torch.get_num_threads(),
+        "train_workers": ctx.params.train.workers,
     }
     ctx.registry.register_candidate(snapshot_id, ds, parent_id, record)
     return {"snapshot_id": snapshot_id, "parent_id": parent_id, "train": train, "warm_start": warm}
+
+
+def _train(model, train_df, spec, train_cfg, ctx: Context, ds: str):
+    """The day's training: the loop in this process, or with ``train.workers`` > 1 a Ray Train run on the
+    cluster (:mod:`sum_models.distributed`: same loop, same export, judged the same way)."""
+    if train_cfg.workers <= 1:
+        from sum_models.train import train_model
+
+        return train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
+    from serving.ray_cluster import connect_ray
+    from sum_models.distributed import train_model_ray
+
+    connect_ray(ctx.params)
+    log.info("training on %d Ray Train workers (%.2f CPU, %d thread(s) each)", train_cfg.workers,
+             train_cfg.cpus_per_worker, train_cfg.threads_per_worker)
+    return train_model_ray(model, train_df, spec, train_cfg, seed=ctx.params.seed, workers=train_cfg.workers,
+                           cpus_per_worker=train_cfg.cpus_per_worker, threads_per_worker=train_cfg.threads_per_worker,
+                           storage_path=ctx.ws.run_dir(ds) / "ray_train", run_name=f"train-{ds}")
 
 
 def warm_start(model, parent_state: dict) -> dict[str, Any]:
@@ -428,21 +446,48 @@ def _production(ctx: Context, expected: str | None, action: str):
 
 
 def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
-    """Batch inference of every user with the production snapshot; written offline and online."""
-    from sum_models.snapshot import embed_users, load_user_tower
+    """Batch inference of every user with the production snapshot; written offline and online.
+
+    ``inference.engine``: ``task`` embeds in this process; ``ray_data`` on the Ray cluster
+    (:mod:`sum_pipeline.batch_embeddings`), written here batch by batch. The same rows either way.
+    """
+    import pandas as pd
 
     ctx = context()
     prod = _production(ctx, snapshot_id, "materialize")
-    users = read_partition(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
-    tower, _ = load_user_tower(ctx.ws.snapshot_dir(prod.snapshot_id))
-    emb = embed_users(tower, users, tower.spec)
+    snap_dir = ctx.ws.snapshot_dir(prod.snapshot_id)
+    store = get_store(ctx.params)
+    cfg = ctx.params.inference
     written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
     # The same pooled write as SOAP's compute (paper 5.2: mean of this version and the ones stored before),
     # marked as the day's batch value (what offline mode serves), logged to the day's offline partition
     # beside the day's write-backs under a fixed name (a rerun replaces it).
-    write_embeddings(get_store(ctx.params), users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
-                     batch=True, to_offline=True, offline_file="batch.parquet")
-    return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(users)}
+    if cfg.engine == "task":
+        from sum_models.runtime import torch_threads
+        from sum_models.snapshot import embed_users, load_user_tower
+
+        users = read_partition(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
+        tower, _ = load_user_tower(snap_dir)
+        with torch_threads(1):  # as each Ray Data actor: the same arithmetic, the same bits
+            emb = embed_users(tower, users, tower.spec, batch_size=cfg.batch_size)
+        written = write_embeddings(store, users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
+                                   batch=True, to_offline=True, offline_file="batch.parquet")
+        return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": written, "engine": cfg.engine}
+    from serving.ray_cluster import connect_ray
+    from sum_pipeline.batch_embeddings import embed_with_ray_data
+    from sum_models.snapshot import MANIFEST_FILE
+
+    connect_ray(ctx.params)
+    manifest = read_json(snap_dir / MANIFEST_FILE)
+    frames = []
+    for ids, emb in embed_with_ray_data(ctx.ws.users_dir(ds), snap_dir, (manifest["num_embeddings"],
+                                        manifest["embedding_dim"]), batch_size=cfg.batch_size,
+                                        actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor):
+        frames.append(write_embeddings(store, ids, emb, prod.snapshot_id, written_at, batch=True, return_frame=True))
+        log.info("materialize_embeddings: %d users written", sum(len(f) for f in frames))
+    rows = pd.concat(frames).sort_values("user_id").reset_index(drop=True)
+    log_offline(store, rows, "batch.parquet")  # one file for the day's batch, as the in-task path writes
+    return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(rows), "engine": cfg.engine}
 
 
 def rollout(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:

@@ -113,6 +113,31 @@ class TrainConfig(_Section):
     learning_rate: float
     weight_decay: float
     task_weights: dict[str, float]
+    # Data-parallel training on the Ray cluster (sum_models/distributed.py) when workers > 1.
+    workers: int = Field(ge=1)
+    cpus_per_worker: float = Field(gt=0)
+    threads_per_worker: int = Field(ge=1)
+
+
+class InferenceConfig(_Section):
+    """The daily batch embeddings (``materialize_embeddings``)."""
+
+    engine: Literal["task", "ray_data"]        # a loop in the task, or a Ray Data pipeline on the cluster
+    batch_size: int = Field(ge=1)              # users per tower call (per Ray Data batch)
+    actors: int = Field(ge=1)                  # ray_data: actors holding the exported tower
+    cpus_per_actor: float = Field(gt=0)
+
+
+class RedisConfig(_Section):
+    host: str
+    port: int
+    data_dir: str                              # relative: to the workspace (its RDB/AOF files)
+    password_file: str                         # relative: to the workspace; generated once, mode 0600
+
+
+class FeatureStoreConfig(_Section):
+    online_store: Literal["sqlite", "redis"]   # redis: the stack starts redis-server (sum_pipeline/redis_server.py)
+    redis: RedisConfig
 
 
 class GateConfig(_Section):
@@ -180,6 +205,7 @@ class ServingConfig(_Section):
     ray_worker_niceness: int = Field(ge=0, le=19)
     access_log: bool
     rollout_timeout_s: float = Field(gt=0)
+    compute_replicas: int = Field(ge=1)       # replicas of the compute deployment (one per node with several nodes)
 
 
 class PostgresConfig(_Section):
@@ -212,6 +238,9 @@ class RayClusterConfig(_Section):
     dashboard_port: int
     num_cpus: int = Field(ge=1)
     object_store_mb: int = Field(ge=75)
+    worker_nodes: int = Field(ge=0)            # more Ray nodes on this machine, each a raylet of its own
+    worker_num_cpus: int = Field(ge=1)
+    worker_object_store_mb: int = Field(ge=75)
 
 
 class DownstreamConfig(_Section):
@@ -242,7 +271,7 @@ class ReproConfig(_Section):
 
 
 class Params(_Section):
-    profile: str | None                      # the profile in force (see :func:`apply_profile`)
+    profile: str | list[str] | None          # the profile(s) in force (see :func:`apply_profile`)
     seed: int
     paths: PathsConfig
     source: SourceConfig
@@ -250,6 +279,8 @@ class Params(_Section):
     events: EventsConfig
     model: ModelConfig
     train: TrainConfig
+    inference: InferenceConfig
+    feature_store: FeatureStoreConfig
     gate: GateConfig
     serving: ServingConfig
     validation: ValidationConfig
@@ -295,23 +326,24 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def apply_profile(raw: dict) -> dict:
-    """The params of ``raw`` with the profile its ``profile`` key names merged in (null: the file as written).
+    """The params of ``raw`` with the profile(s) its ``profile`` key names merged in (null: the file as written).
 
     A profile is a partial params file under ``profiles.<name>`` (e.g. ``movielens``: the MovieLens source,
-    its feature view, its calibrated checks and its own workspace). It is chosen in the file, not in the
-    environment, so every process that reads the file (Airflow's tasks, Serve's replicas, ``dvc repro``)
+    its feature view, its calibrated checks and its own workspace; ``redis``: the online store on Redis). A list
+    of names merges each in turn (a later one wins where two set the same key). It is chosen in the file, not in
+    the environment, so every process that reads the file (Airflow's tasks, Serve's replicas, ``dvc repro``)
     sees the same params.
 
     Raises:
-        ValueError: the named profile is not defined in the file.
+        ValueError: a named profile is not defined in the file.
     """
     profiles = raw.pop("profiles", None) or {}
-    name = raw.get("profile") or None
-    if name is None:
-        return raw
-    if name not in profiles:
-        raise ValueError(f"params profile {name!r} is not defined (profiles: {sorted(profiles) or 'none'})")
-    return merge(raw, profiles[name])
+    names = raw.get("profile") or []
+    for name in [names] if isinstance(names, str) else names:
+        if name not in profiles:
+            raise ValueError(f"params profile {name!r} is not defined (profiles: {sorted(profiles) or 'none'})")
+        raw = merge(raw, profiles[name])
+    return raw
 
 
 def params_path() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ def user_features_view(params: Params | None = None) -> str:
 
 
 def repo_config(params: Params | None = None):
-    """Builds the Feast ``RepoConfig`` for the workspace (SQLite online, DuckDB offline over the parquet files).
+    """Builds the Feast ``RepoConfig`` for the workspace (SQLite or Redis online, DuckDB offline over the parquet files).
 
     Args:
         params: Platform params; defaults to the params in force.
@@ -50,12 +51,40 @@ def repo_config(params: Params | None = None):
         project="sum",
         provider="local",
         registry=str(ws.feast_dir / "registry.db"),
-        online_store={"type": "sqlite", "path": str(ws.feast_dir / "online_store.db")},
+        online_store=online_store_config(params),
         # Feast's DuckDB store, reading partitions of a growing schema (see sum_platform.offline_store).
         offline_store={"type": STORE_TYPE},
         entity_key_serialization_version=3,
         repo_path=feature_repo_dir(),
     )
+
+
+def redis_paths(params: Params) -> tuple[Path, Path]:
+    """``(data_dir, password_file)`` of the Redis online store (``feature_store.redis``; relative to the workspace)."""
+    cfg, root = params.feature_store.redis, params.workspace
+    return tuple((p if p.is_absolute() else root / p) for p in (Path(cfg.data_dir), Path(cfg.password_file)))
+
+
+def redis_password(params: Params) -> str:
+    """The Redis online store's password: generated once into ``feature_store.redis.password_file`` (0600).
+
+    Hex behind a letter prefix: Feast's connection string splits on commas and JSON-decodes values, so an
+    all-digit token would turn into a number.
+    """
+    from sum_platform.files import owner_only_secret
+
+    path = redis_paths(params)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return owner_only_secret(path, lambda: "sum-" + secrets.token_hex(24))
+
+
+def online_store_config(params: Params) -> dict:
+    """Feast's ``online_store`` settings for ``feature_store.online_store``: a SQLite file in the workspace, or
+    the Redis server of ``feature_store.redis`` (started by ``sumctl up``, :mod:`sum_pipeline.redis_server`)."""
+    if params.feature_store.online_store == "redis":
+        cfg = params.feature_store.redis
+        return {"type": "redis", "connection_string": f"{cfg.host}:{cfg.port},password={redis_password(params)}"}
+    return {"type": "sqlite", "path": str(Workspace(params.workspace).feast_dir / "online_store.db")}
 
 
 def get_store(params: Params | None = None) -> "FeatureStore":

@@ -18,6 +18,7 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="sum-tests-"))
 TEST_PORT = int(os.environ.get("SUM_TEST_PORT", "8765"))
+TEST_REDIS_PORT = int(os.environ.get("SUM_TEST_REDIS_PORT", "6395"))
 
 
 def _write_test_params() -> Path:
@@ -25,6 +26,9 @@ def _write_test_params() -> Path:
     params["serving"]["port"] = TEST_PORT
     params["serving"]["ray_address"] = "local"  # never attach to a developer's running cluster
     params["paths"] = {"workspace": "workspace", "dvc_remote": "dvc-remote"}
+    # One Redis server for the session (fixture redis_server), whatever workspace a test module uses.
+    params["feature_store"]["redis"].update(port=TEST_REDIS_PORT, data_dir=str(SESSION_DIR / "redis"),
+                                            password_file=str(SESSION_DIR / "redis" / "password"))
     path = SESSION_DIR / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -89,6 +93,19 @@ def ray_serve():
     info = ensure_ray(load_params())
     yield info | {"seconds": time.monotonic() - t0}
     shutdown(stop_serve=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session (Debian's, started by the project's own code, loopback only, with a
+    password), stopped at the end. Modules select it with the ``redis`` profile in their params."""
+    from sum_pipeline import redis_server as server
+    from sum_platform.config import load_params
+
+    params = load_params()
+    proc = server.start(params)
+    yield {"port": params.feature_store.redis.port, "pid": proc.pid}
+    server.stop(proc)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -49,14 +48,17 @@ def _poll(fn, timeout_s: float = 60.0, interval_s: float = 0.1, what: str = "con
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
-@pytest.fixture(scope="module")
-def soap_env(tmp_path_factory, write_online_features):
-    """Tmp params (session port, local Ray, tiny model) + workspace with features and three snapshots."""
-    from sum_platform.config import PROJECT_ROOT
-
-    root = tmp_path_factory.mktemp("soap")
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def soap_env(request, tmp_path_factory, write_online_features):
+    """Tmp params (session port, local Ray, tiny model) + workspace with features and three snapshots, on the
+    online store of the parameter: every test of the module runs on SQLite, then on Redis (the session's
+    redis-server, the ``redis`` profile)."""
+    root = tmp_path_factory.mktemp(f"soap-{request.param}")
     workspace = root / "workspace"
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())  # the session's (its Redis port)
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")
+        raw["profile"] = "redis"
     raw["paths"]["workspace"] = str(workspace)
     raw["model"].update({"num_embeddings": K, "embedding_dim": D, "hidden_dim": 16, "mix_hidden_dim": 8})
     # The session's one Ray instance serves HTTP on the session's port (tests/conftest.py).
@@ -177,12 +179,10 @@ def _fresh_rows(soap_env, url, deployed_a, user_ids) -> None:
     """Users' embedding rows as the daily batch left them: the initial batch row for users with one
     (``USERS_WITH_EMBEDDINGS``), no row for the others. Waits for in-flight compute calls first, so no
     earlier write-back lands afterwards."""
-    from serving.store_io import reader_for, write_embeddings
+    from serving.store_io import delete_rows, write_embeddings
 
     _poll(lambda: _health(url)["compute_inflight"] == 0, what="no compute call in flight")
-    reader = reader_for(soap_env["store"])
-    with sqlite3.connect(reader.path) as conn:  # Feast has no per-key delete: the row's keys, directly
-        conn.executemany(f'DELETE FROM "{reader.table}" WHERE entity_key = ?', [(reader._key(u),) for u in user_ids])
+    delete_rows(soap_env["store"], user_ids)
     batch = [u for u in user_ids if u in USERS_WITH_EMBEDDINGS]
     if batch:
         emb = deployed_a["initial"][[USERS_WITH_EMBEDDINGS.index(u) for u in batch]]

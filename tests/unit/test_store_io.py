@@ -8,7 +8,9 @@ concurrent writers.
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,15 +25,19 @@ USERS_WITH_FEATURES = list(range(0, 60))
 UNKNOWN_USER = 999_999
 
 
-@pytest.fixture(scope="module")
-def feast_env(tmp_path_factory, write_online_features):
-    """Tmp params (tiny K, D) + workspace whose Feast store is applied and holds users' features."""
-    from sum_platform.config import PROJECT_ROOT, load_params
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
+def feast_env(request, tmp_path_factory, write_online_features):
+    """Tmp params (tiny K, D) + workspace whose Feast store is applied and holds users' features; on SQLite,
+    then on Redis (the session's redis-server, the ``redis`` profile)."""
+    from sum_platform.config import load_params
     from sum_platform.feature_store import apply_definitions, feature_spec
 
-    root = tmp_path_factory.mktemp("store_io")
+    root = tmp_path_factory.mktemp(f"store_io-{request.param}")
     workspace = root / "workspace"
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())  # the session's (its Redis port)
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")
+        raw["profile"] = "redis"
     raw["paths"]["workspace"] = str(workspace)
     raw["model"].update({"num_embeddings": K, "embedding_dim": D})
     params_file = root / "params.yaml"
@@ -149,23 +155,42 @@ def test_store_pools_current_with_two_previous_versions(feast_env):
 
 
 def test_concurrent_writers_never_lose_a_version(feast_env):
-    """The read-modify-write is serialised (file lock): 3 threads x 4 writes -> the last 3 pooled."""
+    """The read-modify-write is atomic (SQLite: a file lock; Redis: WATCH / MULTI / EXEC): 4 threads x 5 writes
+    of distinct values to the same users. Each write pools what it read: a lost update would show as two writes
+    that read the same previous version. So the writes form one chain: every write's previous version is a
+    distinct one (the first write's is empty), and the last three of the chain are what is stored."""
     store = feast_env["store"]
+    users = [700, 701]
+    frames = []
 
     def writer(i: int):
-        for j in range(4):
-            write_embeddings(store, [700], np.full((1, K, D), i * 10 + j, np.float16), f"t{i}", 10_000 + i * 100 + j)
+        for j in range(5):
+            value = i * 10 + j + 1
+            frames.append(write_embeddings(store, users, np.full((2, K, D), value, np.float16), f"t{i}",
+                                           10_000 + i * 100 + j, return_frame=True))
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    row = read_history(store, [700])[700]
-    assert row["pooled_versions"] == 3
-    # The three slots hold three distinct writes (none lost or duplicated by a race).
-    values = {float(row[f"{slot}_embedding_0"][0]) for slot in ("raw", "prev1", "prev2")}
-    assert len(values) == 3
+    for n, uid in enumerate(users):
+        raws = [float(f["raw_embedding_0"].iloc[n][0]) for f in frames]
+        prevs = [float(f["prev1_embedding_0"].iloc[n][0]) if len(f["prev1_embedding_0"].iloc[n]) else None
+                 for f in frames]
+        assert len(set(raws)) == 20 and len(set(prevs)) == 20, (raws, prevs)  # no two writes read the same row
+        assert prevs.count(None) == 1 and set(prevs) - {None} < set(raws)
+        # Follow the chain from the first write to the last: it visits every write.
+        after = dict(zip(prevs, raws))
+        chain, cur = [], after[None]
+        while cur is not None:
+            chain.append(cur)
+            cur = after.get(cur)
+        assert len(chain) == 20
+        row = read_history(store, [uid])[uid]
+        assert row["pooled_versions"] == 3
+        stored = [float(row[f"{slot}_embedding_0"][0]) for slot in ("raw", "prev1", "prev2")]
+        assert stored == chain[::-1][:3]
 
 
 def test_a_point_in_time_retrieval_never_returns_an_embedding_written_after_the_impression(feast_env):
