@@ -62,14 +62,37 @@ def build_app(
     logging_config = {"enable_access_log": bool(params.serving.access_log)}
     # Pinned code versions go through Deployment.options(version=..., _internal=True): the public
     # `version` option was removed from Ray Serve, and without it every deploy replaces every replica.
+    placement = _placement(params)
     compute = ComputeCenter.options(  # type: ignore[attr-defined]
         user_config=user_config,
+        **placement["compute"],
         # Room for every in-flight compute call of the ingress plus /version calls.
         max_ongoing_requests=max(max_inflight, int(user_config["max_batch_size"])) + 16,
         logging_config=logging_config,
     ).options(version=code_version("compute", settings), _internal=True)
     ingress = SoapIngress.options(  # type: ignore[attr-defined]
         user_config=ingress_config,
+        **placement["ingress"],
         logging_config=logging_config,
     ).options(version=code_version("ingress", settings), _internal=True)
     return ingress.bind(compute.bind(settings), settings)
+
+
+#: Ray's resource of the head node (one per cluster): what keeps the ingress beside the HTTP proxy.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def _placement(params: "Params") -> dict[str, dict]:
+    """Replica counts and placement of the two deployments.
+
+    ``serving.compute_replicas`` compute replicas; on a cluster with worker nodes (``ray.worker_nodes``) at most
+    one per node, so they spread over the hosts (paper §6: the compute runs on other hosts than the read path),
+    and the ingress stays on the head, next to Serve's one HTTP proxy (``proxy_location="HeadOnly"``).
+    """
+    compute: dict = {"num_replicas": int(params.serving.compute_replicas)}
+    ingress: dict = {}
+    if params.ray.worker_nodes > 0:
+        compute["max_replicas_per_node"] = 1
+        own = dict(SoapIngress.ray_actor_options or {})
+        ingress["ray_actor_options"] = {**own, "resources": {**own.get("resources", {}), HEAD_NODE_RESOURCE: 0.001}}
+    return {"compute": compute, "ingress": ingress}

@@ -187,7 +187,9 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
     params = params or load_params()
     cfg = params.serving
     connect_ray(params, num_cpus)
-    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
+    # One HTTP proxy, on the head: worker nodes run compute replicas, never a second listener (on one machine two
+    # proxies would contend for the same port; on several the read path stays where the ingress is).
+    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)}, proxy_location="HeadOnly")
     host, port = _serve_http_address()
     if host is not None and port is not None and (str(host), int(port)) != (str(cfg.host), int(cfg.port)):
         raise RuntimeError(

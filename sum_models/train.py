@@ -34,6 +34,10 @@ TRAIN_CONFIG_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "task_weights": {"click": 1.0, "conversion": 0.5},
     "optimizer": "adam",
+    # Data-parallel runs (sum_models/distributed.py); train_model itself is one process.
+    "workers": 1,
+    "cpus_per_worker": 0.5,
+    "threads_per_worker": 1,
 }
 
 

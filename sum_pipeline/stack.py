@@ -45,8 +45,13 @@ log = logging.getLogger(__name__)
 
 #: The Airflow user the stack creates (simple auth manager, admin role).
 AIRFLOW_USER = "admin"
-#: Components in start order (``down`` stops them in reverse).
-COMPONENTS = ("ray", "api-server", "scheduler", "dag-processor", "triggerer")
+#: Airflow's components, in start order.
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+#: The components every stack has, in start order (``down`` stops them in reverse); a profile adds ``redis``
+#: (before Ray) and ``ray.worker_nodes`` adds ``ray-worker-1`` .. (after the head): :attr:`Stack.components`.
+COMPONENTS = ("ray", *AIRFLOW_COMPONENTS)
+#: The custom resource every worker node offers (one unit): what places work off the head.
+WORKER_NODE_RESOURCE = "sum_worker_node"
 UNIX_PATH_MAX = 107  # AF_UNIX path bytes Ray accepts
 RAY_SOCKET_SUFFIX = 80  # what Ray appends under its temp dir, with room for longer pids
 _BIN = Path(sys.executable).parent
@@ -247,8 +252,25 @@ class Stack:
         return env | {"PYTHONPATH": path, "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": idle_sleep}
 
     # -- components ------------------------------------------------------------------------------
+    @property
+    def components(self) -> tuple[str, ...]:
+        """This stack's components in start order: ``redis`` (the Redis online store profile), the Ray head,
+        its worker nodes (``ray.worker_nodes``, each a raylet of its own joined to the head), Airflow's."""
+        redis = ("redis",) if self.params.feature_store.online_store == "redis" else ()
+        workers = tuple(f"ray-worker-{i}" for i in range(1, self.params.ray.worker_nodes + 1))
+        return (*redis, "ray", *workers, *AIRFLOW_COMPONENTS)
+
     def _argv(self, name: str) -> list[str]:
         r, a = self.params.ray, self.params.airflow
+        if name == "redis":
+            from sum_pipeline import redis_server
+
+            return redis_server.argv(self.params)
+        if name.startswith("ray-worker-"):
+            return [str(_BIN / "ray"), "start", f"--address={self.ray_address}", "--block", "--disable-usage-stats",
+                    f"--node-ip-address={r.node_ip}", f"--num-cpus={r.worker_num_cpus}",
+                    f"--object-store-memory={r.worker_object_store_mb * 1024 * 1024}",
+                    f"--resources={json.dumps({WORKER_NODE_RESOURCE: 1})}"]
         if name == "ray":
             return [str(_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                     f"--node-ip-address={r.node_ip}", f"--port={r.gcs_port}", f"--num-cpus={r.num_cpus}",
@@ -264,7 +286,8 @@ class Stack:
         return [str(_BIN / "airflow"), name]
 
     def _port(self, name: str) -> int | None:
-        return {"ray": self.params.ray.gcs_port, "api-server": self.params.airflow.port}.get(name)
+        return {"ray": self.params.ray.gcs_port, "api-server": self.params.airflow.port,
+                "redis": self.params.feature_store.redis.port}.get(name)
 
     def _spawn(self, name: str, env: dict[str, str]) -> ComponentState:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -294,6 +317,21 @@ class Stack:
     def _ready(self, name: str) -> Callable[[], bool]:
         if name == "ray":
             return lambda: _listening(self.params.ray.node_ip, self.params.ray.gcs_port)
+        if name == "redis":
+            from sum_pipeline import redis_server
+
+            return lambda: redis_server.ping(self.params)
+        if name.startswith("ray-worker-"):
+            # `ray start --block` says so once its raylet has registered with the head.
+            log_file = self.logs / f"{name}.log"
+            start = log_file.stat().st_size if log_file.exists() else 0
+
+            def joined() -> bool:
+                with open(log_file, "rb") as fh:
+                    fh.seek(start)
+                    return b"Ray runtime started" in fh.read()
+
+            return joined
         if name == "api-server":
             url = f"{self.airflow_url}/api/v2/monitor/health"
 
@@ -324,19 +362,27 @@ class Stack:
         self._secret("ray_auth_token")
         states = self._states()
         started: list[str] = []
-        for name, port in (("ray", self.params.ray.gcs_port), ("api-server", self.params.airflow.port)):
-            if not (states.get(name) and states[name].running) and _listening("127.0.0.1", port):
+        setting = {"ray": "ray.gcs_port", "api-server": "airflow.port", "redis": "feature_store.redis.port"}
+        for name in setting:
+            port = self._port(name)
+            if (name in self.components and not (states.get(name) and states[name].running)
+                    and _listening("127.0.0.1", port)):
                 raise StackError(f"port {port} for {name} is taken by another program; stop it or "
-                                 f"change params.yaml ({'ray.gcs_port' if name == 'ray' else 'airflow.port'})")
-        # Ray first, ready and serving before Airflow's components start: started side by side, their imports
-        # starve the new head, and the SOAP deploy's driver timed out waiting for the GCS (seen on a fresh
-        # `make run`); in parallel the whole `up` was no faster on 2 cores.
-        if not (states.get("ray") and states["ray"].running):
-            on_step("starting the Ray head")
-            states["ray"] = self._spawn("ray", self.ray_env())
+                                 f"change params.yaml ({setting[name]})")
+        # Redis and Ray first, ready and serving before Airflow's components start: started side by side, their
+        # imports starve the new head, and the SOAP deploy's driver timed out waiting for the GCS (seen on a fresh
+        # `make run`); in parallel the whole `up` was no faster on 2 cores. Worker nodes join before the deploy,
+        # so the compute replicas are placed across the nodes.
+        for name in self.components:
+            if name in AIRFLOW_COMPONENTS or (states.get(name) and states[name].running):
+                continue
+            on_step({"redis": "starting Redis (the online store)", "ray": "starting the Ray head"}.get(
+                name, f"starting the Ray worker node {name}"))
+            ready = self._ready(name)  # before the spawn: a worker's readiness reads its log from here on
+            states[name] = self._spawn(name, self.ray_env())
             self._save(states)
-            self._wait(states["ray"], self._ready("ray"), 120)
-            started.append("ray")
+            self._wait(states[name], ready, 120)
+            started.append(name)
         record_cluster(self.ws, self.ray_address, self.token_path, self.ray_dashboard)
         if deploy is not None:
             on_step("deploying the SOAP application")
@@ -345,7 +391,7 @@ class Stack:
         on_step("preparing the Airflow metadata DB")
         env = self.airflow_env(self.database_url())
         airflow_env.migrate(self.ws.airflow_home, env)
-        for name in COMPONENTS[1:]:
+        for name in AIRFLOW_COMPONENTS:
             if states.get(name) and states[name].running:
                 continue
             on_step(f"starting Airflow's {name}")
@@ -353,7 +399,7 @@ class Stack:
             self._save(states)
             started.append(name)
         for name in started:
-            if name != "ray":
+            if name in AIRFLOW_COMPONENTS:
                 on_step(f"waiting for Airflow's {name}")
                 self._wait(states[name], self._ready(name), 180)
         self._save(states)
@@ -372,13 +418,14 @@ class Stack:
         """Each component: running or not, pid, port (and whether it answers), log, and a dead one's log tail."""
         out = []
         states = self._states()
-        for name in COMPONENTS:
+        for name in self.components:
             s = states.get(name)
             if s is None:
                 out.append(ComponentStatus(name, False, None, self._port(name), None, "", "never started"))
                 continue
             running = s.running
-            listening = _listening("127.0.0.1" if name != "ray" else self.params.ray.node_ip, s.port) \
+            host = {"ray": self.params.ray.node_ip, "redis": self.params.feature_store.redis.host}.get(name, "127.0.0.1")
+            listening = _listening(host, s.port) \
                 if (s.port and running) else None
             out.append(ComponentStatus(name, running, s.pid, s.port, listening, s.log,
                                        "" if running else _tail(Path(s.log))))
@@ -419,14 +466,23 @@ class Stack:
         states = self._states()
         procs = self._processes(states)
         pids = sorted(p.pid for p in procs)
-        stopped = [name for name in reversed(COMPONENTS) if states.get(name) and states[name].running]
+        names = [n for n in dict.fromkeys((*self.components, *states)) if n in states]  # also a dropped profile's
+        stopped = [name for name in reversed(names) if states[name].running]
         ray_pids = {p.pid for p in self._ray_processes(states)}
-        airflow = ([n for n in stopped if n != "ray"], [p for p in procs if p.pid not in ray_pids])
-        ray = ([n for n in stopped if n == "ray"], [p for p in procs if p.pid in ray_pids])
-        for names, group in (airflow, ray):
+        worker_pids = {p.pid for n in stopped if n.startswith("ray-worker-") for p in _tree(states[n].process())}
+        redis_pids = {p.pid for p in _tree(states["redis"].process())} if "redis" in stopped else set()
+        other = ray_pids | worker_pids | redis_pids
+        # Airflow, then the worker nodes (their replicas write to the store), the head, Redis last.
+        groups = (
+            ([n for n in stopped if n in AIRFLOW_COMPONENTS], [p for p in procs if p.pid not in other]),
+            ([n for n in stopped if n.startswith("ray-worker-")], [p for p in procs if p.pid in worker_pids]),
+            ([n for n in stopped if n == "ray"], [p for p in procs if p.pid in ray_pids - worker_pids]),
+            ([n for n in stopped if n == "redis"], [p for p in procs if p.pid in redis_pids]),
+        )
+        for names, group in groups:
             for name in names:
                 try:  # `ray start` alone: signalled with its group, the node's processes race each other
-                    (os.kill if name == "ray" else os.killpg)(states[name].pid, signal.SIGTERM)
+                    (os.killpg if name in AIRFLOW_COMPONENTS else os.kill)(states[name].pid, signal.SIGTERM)
                 except (ProcessLookupError, PermissionError):
                     pass
             t0 = time.monotonic()
@@ -474,6 +530,16 @@ class Stack:
             except psutil.Error:
                 pass
         return list(found.values())
+
+
+def _tree(proc: psutil.Process | None) -> list[psutil.Process]:
+    """A process and its descendants (none for None)."""
+    if proc is None:
+        return []
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
 
 
 def _described(procs: list[psutil.Process]) -> str:

@@ -29,7 +29,7 @@ from serving.rollout import served_snapshot_id, served_version
 from sum_pipeline import driver
 from sum_pipeline.airflow_api import AirflowClient
 from sum_pipeline.airflow_env import DAG_ID
-from sum_pipeline.stack import Stack
+from sum_pipeline.stack import AIRFLOW_COMPONENTS, Stack
 from sum_platform.config import load_params
 from sum_platform.context import context
 from sum_platform.files import write_partition
@@ -57,6 +57,14 @@ def stack_params(session_dir: Path):
     raw["airflow"].update({"port": port + 2, "end_date": DAY6, "catchup": False, "approval_timeout_minutes": 0.5,
                            "retry_delay_seconds": 3, "dag_poll_seconds": 1})
     raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4})
+    # The scale-out layout as deployed: Redis as the online store (a component of the stack), a second Ray node
+    # holding one of the two compute replicas, training on 2 Ray Train workers, the batch embeddings on Ray Data.
+    raw["profile"] = ["redis"]
+    raw["feature_store"]["redis"]["port"] = port + 5
+    raw["ray"]["worker_nodes"] = 1
+    raw["serving"]["compute_replicas"] = 2
+    raw["train"]["workers"] = 2
+    raw["inference"]["engine"] = "ray_data"
     path = session_dir / "stack-params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     old = {k: os.environ.get(k) for k in ("SUM_PARAMS", "SUM_WORKSPACE")}
@@ -265,23 +273,30 @@ def test_up_starts_every_component_once_on_loopback_with_a_login(stack, client):
     token = Path(s.token_path)
     assert token.stat().st_mode & 0o777 == 0o600
     listeners = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
-    for port in (s.params.airflow.port, s.params.serving.port, s.params.ray.dashboard_port):
+    for port in (s.params.airflow.port, s.params.serving.port, s.params.ray.dashboard_port,
+                 s.params.feature_store.redis.port):
         assert any(p == port for _, p in listeners), port
         assert all(ip == "127.0.0.1" for ip, p in listeners if p == port), (port, listeners)
     # Every listener of Airflow's components (and of their children: no task-log server) is on loopback.
     airflow_pids = set()
     for c in s.status():
-        if c.name != "ray":
+        if c.name in AIRFLOW_COMPONENTS:
             proc = psutil.Process(c.pid)
             airflow_pids |= {proc.pid, *(child.pid for child in proc.children(recursive=True))}
     airflow_listeners = {(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("tcp")
                          if c.status == "LISTEN" and c.pid in airflow_pids}
     assert {ip for ip, _, _ in airflow_listeners} == {"127.0.0.1"}, airflow_listeners
+    # Redis (the online store) answers nobody without the generated password.
+    import redis
+
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=s.params.feature_store.redis.port).ping()
+    assert [c.name for c in s.status()] == ["redis", "ray", "ray-worker-1", *AIRFLOW_COMPONENTS]
 
 
 def test_status_reports_each_component(stack):
     done = _sumctl("status")
-    for name in ("ray", "api-server", "scheduler", "dag-processor", "triggerer"):
+    for name in ("redis", "ray", "ray-worker-1", "api-server", "scheduler", "dag-processor", "triggerer"):
         assert name in done.stdout
     assert stack["stack"].airflow_password() in done.stdout
 
@@ -363,6 +378,94 @@ def test_online_store_holds_embeddings_for_the_users(runs):
         assert row["snapshot_id"] == f"sum-{DAY3}", (user_id, row["snapshot_id"])
         emb = np.asarray(row["embeddings"], dtype=np.float32)
         assert emb.shape == (2, 96) and np.isfinite(emb).all()
+
+
+PLACEMENT_SCRIPT = """
+import json, ray
+from ray.util.state import list_actors, list_nodes
+ray.init(address="auto", namespace="sum", log_to_driver=False)
+head = {n.node_id for n in list_nodes() if n.is_head_node}
+alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:")]
+print(json.dumps({"head": sorted(head), "nodes": len([n for n in list_nodes() if n.state == "ALIVE"]),
+                  "replicas": [[a.class_name.split(":")[-1], a.node_id] for a in alive]}))
+"""
+
+
+def _placement(stack) -> dict:
+    """Where Serve's replicas run, asked of the stack's Ray from a process of its own (this one stays off Ray)."""
+    s = stack["stack"]
+    env = {**os.environ, **s.ray_env(), "RAY_ADDRESS": s.ray_address}
+    done = subprocess.run([sys.executable, "-c", PLACEMENT_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _health(params) -> dict:
+    import httpx
+
+    return httpx.get(f"http://{params.serving.host}:{params.serving.port}/healthz", timeout=30).json()
+
+
+def test_training_and_batch_embeddings_ran_on_the_stacks_ray(runs):
+    for ds in (DAY1, DAY2):
+        assert runs[ds].xcoms["materialize_embeddings"]["engine"] == "ray_data"
+        assert runs["ctx"].registry.get(f"sum-{ds}").record["train_workers"] == 2
+
+
+def test_compute_runs_on_two_nodes_and_reads_survive_losing_the_worker_node(runs, stack):
+    """Two compute replicas on two nodes, the ingress on the head; 8 clients read while the worker node's raylet
+    is SIGKILLed: no read fails (they are answered from the store), the compute calls lost with the node are
+    counted; `sumctl up` brings the node back and Serve places the second replica on it again."""
+    import httpx
+
+    s, params = stack["stack"], stack["stack"].params
+    placed = _placement(stack)
+    compute_nodes = {node for name, node in placed["replicas"] if name == "ComputeCenter"}
+    ingress_nodes = {node for name, node in placed["replicas"] if name == "SoapIngress"}
+    assert placed["nodes"] == 2 and len(compute_nodes) == 2, placed
+    assert ingress_nodes <= set(placed["head"]), placed
+    before = _health(params)
+
+    results: list[int] = []
+    stop = threading.Event()
+
+    def reader(i: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            n = 0
+            while not stop.is_set():
+                user = WATCHED_USERS[(i * 7 + n) % len(WATCHED_USERS)]
+                try:
+                    results.append(c.get(f"http://{params.serving.host}:{params.serving.port}/users/{user}/embeddings").status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+                n += 1
+
+    worker = s._states()["ray-worker-1"].process()
+    raylet = next(p for p in worker.children(recursive=True) if "raylet" in p.name())
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    raylet.send_signal(signal.SIGKILL)
+    time.sleep(12)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    after = _health(params)
+    assert results and set(results) == {200}, {code: results.count(code) for code in set(results)}
+    lost = sum(after.get(f"compute_{k}", 0) - before.get(f"compute_{k}", 0) for k in ("failed", "dropped"))
+    assert lost > 0, (before, after)  # the calls routed to the dead replica, counted, not failed reads
+
+    _sumctl("up")  # restarts whatever is not running: the worker node
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        placed = _placement(stack)
+        if placed["nodes"] == 2 and len({n for name, n in placed["replicas"] if name == "ComputeCenter"}) == 2:
+            break
+        time.sleep(3)
+    assert placed["nodes"] == 2 and len({n for name, n in placed["replicas"] if name == "ComputeCenter"}) == 2, placed
+    assert served_version(params)["snapshot_id"] == runs["ctx"].registry.production().snapshot_id
 
 
 def test_the_rollout_outlives_its_task_and_a_killed_task_is_retried_to_the_same_end(runs, stack):

@@ -95,7 +95,19 @@ def test_the_movielens_profile_merges_over_the_file_key_by_key(tmp_path):
 
 
 def test_an_unknown_profile_is_an_error_naming_the_defined_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"'nope' is not defined \(profiles: \['movielens'\]\)"):
+    with pytest.raises(ValueError, match=r"'nope' is not defined \(profiles: \['movielens', 'redis', 'scale'\]\)"):
         load_params(_with_profile(tmp_path, "nope"))
     with pytest.raises(ValueError, match=r"profiles: none"):
         load_params(_with_profile(tmp_path, "nope", profiles={}))
+
+
+def test_a_list_of_profiles_merges_each_in_turn(tmp_path):
+    params = load_params(_with_profile(tmp_path, ["scale", "movielens"]))
+    assert params.profile == ["scale", "movielens"]
+    assert params.feature_store.online_store == "redis" and params.train.workers == 2  # from scale
+    assert params.source.kind == "movielens"  # from movielens
+    # Where both set a key, the later one wins (both name a train section: movielens's batch_size).
+    assert params.train.batch_size == RAW["profiles"]["movielens"]["train"]["batch_size"]
+    assert load_params(_with_profile(tmp_path, ["redis"])).feature_store.online_store == "redis"
+    with pytest.raises(ValueError, match="'nope' is not defined"):
+        load_params(_with_profile(tmp_path, ["redis", "nope"]))
