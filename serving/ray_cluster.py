@@ -180,8 +180,6 @@ def ensure_ray(params: "Params | None" = None, num_cpus: int = LOCAL_NUM_CPUS) -
         NoClusterError: ``ray_address`` is ``stack`` and the workspace's stack has no reachable Ray.
         RuntimeError: Serve already runs on the cluster with another HTTP host/port.
     """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
     from ray import serve
 
     params = params or load_params()

@@ -35,7 +35,7 @@ import psutil
 from cryptography.fernet import Fernet
 
 from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, token_env
-from sum_pipeline import airflow_env
+from sum_pipeline import airflow_env, redis_server
 from sum_pipeline.postgres import database_url
 from sum_platform.config import PROJECT_ROOT, Params
 from sum_platform.files import owner_only_secret, read_json, write_json
@@ -263,8 +263,6 @@ class Stack:
     def _argv(self, name: str) -> list[str]:
         r, a = self.params.ray, self.params.airflow
         if name == "redis":
-            from sum_pipeline import redis_server
-
             return redis_server.argv(self.params)
         if name.startswith("ray-worker-"):
             return [str(_BIN / "ray"), "start", f"--address={self.ray_address}", "--block", "--disable-usage-stats",
@@ -318,8 +316,6 @@ class Stack:
         if name == "ray":
             return lambda: _listening(self.params.ray.node_ip, self.params.ray.gcs_port)
         if name == "redis":
-            from sum_pipeline import redis_server
-
             return lambda: redis_server.ping(self.params)
         if name.startswith("ray-worker-"):
             # `ray start --block` says so once its raylet has registered with the head.

@@ -15,10 +15,11 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from serving.ray_cluster import ensure_ray
+from serving.ray_cluster import connect_ray, ensure_ray
 from serving.rollout import RolloutError, base_url, served_snapshot_id
 from serving.rollout import rollout as serve_rollout
 from serving.store_io import log_offline, write_embeddings
+from sum_pipeline.batch_embeddings import embed_with_ray_data
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
@@ -272,7 +273,6 @@ def _train(model, train_df, spec, train_cfg, ctx: Context, ds: str):
         from sum_models.train import train_model
 
         return train_model(model, train_df, spec, train_cfg, seed=ctx.params.seed)
-    from serving.ray_cluster import connect_ray
     from sum_models.distributed import train_model_ray
 
     connect_ray(ctx.params)
@@ -473,8 +473,6 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
         written = write_embeddings(store, users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
                                    batch=True, to_offline=True, offline_file="batch.parquet")
         return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": written, "engine": cfg.engine}
-    from serving.ray_cluster import connect_ray
-    from sum_pipeline.batch_embeddings import embed_with_ray_data
     from sum_models.snapshot import MANIFEST_FILE
 
     connect_ray(ctx.params)

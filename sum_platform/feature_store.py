@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 from sum_models.shift import POOL_DEPTH
 from sum_models.spec import FeatureSpec
 from sum_platform.config import PROJECT_ROOT, Params, load_params
+from sum_platform.files import owner_only_secret
 from sum_platform.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -71,8 +72,6 @@ def redis_password(params: Params) -> str:
     Hex behind a letter prefix: Feast's connection string splits on commas and JSON-decodes values, so an
     all-digit token would turn into a number.
     """
-    from sum_platform.files import owner_only_secret
-
     path = redis_paths(params)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     return owner_only_secret(path, lambda: "sum-" + secrets.token_hex(24))
