@@ -260,14 +260,23 @@ def _await_served(
     params: "Params", snapshot_id: str, fingerprint: str | None, timeout_s: float
 ) -> tuple[bool, str]:
     """Polls ``/version`` until it reports the snapshot (id and content fingerprint); stops early when
-    the compute deployment reports it could not load exactly that snapshot, or the deploy failed."""
+    the compute deployment reports it could not load exactly that snapshot, or the deploy failed.
+
+    Each ``/version`` answers from one compute replica (Serve routes it): with several replicas it takes
+    ``4 x serving.compute_replicas`` answers in a row, so a replica that kept its old tower is asked too
+    (missed with a chance of 2 x 2^-8 for two replicas) and any replica's load error ends the wait."""
     deadline = time.monotonic() + timeout_s
+    needed = 1 if params.serving.compute_replicas <= 1 else 4 * params.serving.compute_replicas
+    agreeing = 0
     while True:
         body = served_version(params, timeout_s=max(1.0, min(10.0, deadline - time.monotonic()))) or {}
         served = body.get("snapshot_id")
         status, message = app_status(params)
-        if _serves(body, snapshot_id, fingerprint) and status == "RUNNING":
+        agreeing = agreeing + 1 if (_serves(body, snapshot_id, fingerprint) and status == "RUNNING") else 0
+        if agreeing >= needed:
             return True, ""
+        if agreeing:
+            continue
         if (
             body.get("last_error")
             and body.get("requested_snapshot_id") == snapshot_id
