@@ -72,6 +72,7 @@ def _params(root: Path, impressions: int) -> Path:
     last = date.fromisoformat(raw["airflow"]["start_date"]) + timedelta(days=1)
     raw["airflow"].update({"end_date": last.isoformat(), "catchup": False})
     raw["downstream"]["retrain_on_promotion"] = False  # its runs would share the cores with the timed day
+    raw["airflow"]["approval_timeout_minutes"] = 0.5  # a held candidate must not stall the benchmark for an hour
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -100,10 +101,12 @@ def _day_through_stack(root: Path, impressions: int, console: Console) -> dict[s
     rows = json.loads(report.read_text())
     ds = rows["rows"][-1]["ds"]
     tis = rows["task_instances"][ds]
-    tasks = {tid: float(ti.get("duration") or 0.0) for tid, ti in tis.items() if ti.get("state") == "success"}
+    # approve_held is a human's wait (skipped for a blessed candidate), not work that grows with the day
+    tasks = {tid: float(ti.get("duration") or 0.0) for tid, ti in tis.items()
+             if ti.get("state") == "success" and tid != "approve_held"}
     return {"impressions": impressions, "params": str(params), "up_s": up_s, "ds": ds,
             "day_s": float(rows["rows"][-1]["seconds"]), "tasks": tasks,
-            "events": rows["rows"][-1].get("rows")}
+            "events": rows["rows"][-1].get("rows"), "verdicts": [r.get("verdict") for r in rows["rows"]]}
 
 
 def _exponent(xs: list[float], ys: list[float]) -> float:
@@ -118,7 +121,7 @@ def _plot(days: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    xs = [d["impressions"] for d in days]
+    xs = [d["events"] or d["impressions"] for d in days]
     for task in days[-1]["tasks"]:
         ax.loglog(xs, [d["tasks"].get(task, float("nan")) for d in days], marker="o", label=task)
     ax.loglog(xs, [d["day_s"] for d in days], marker="s", color="black", linewidth=2, label="whole day")
@@ -268,9 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = Table(title=f"A day through the stack (scale profile, {os.cpu_count()} CPUs): wall time per task (s)")
     table.add_column("task")
     for d in days:
-        table.add_column(f"{d['impressions']:,} imp.", justify="right")
+        table.add_column(f"{d['impressions']:,} imp. ({d['events'] or 0:,} rows)", justify="right")
     table.add_column("log-log exponent", justify="right")
-    xs = [float(d["impressions"]) for d in days]
+    xs = [float(d["events"] or d["impressions"]) for d in days]  # the day's actual rows (new users add some)
     exponents = {}
     for task in days[-1]["tasks"]:
         ys = [d["tasks"].get(task, float("nan")) for d in days]
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     day_exp = _exponent(xs, [d["day_s"] for d in days]) if len(days) > 1 else float("nan")
     table.add_row("[bold]whole day", *(f"{d['day_s']:.0f}" for d in days), f"{day_exp:.2f}")
     console.print(table)
+    console.print("verdicts (day 1, day 2): " + "; ".join(f"{d['impressions']:,}: {', '.join(map(str, d['verdicts']))}"
+                                                          for d in days))
     last = days[-1]
     verdict = "meets" if last["day_s"] <= TARGET_DAY_S else "misses"
     console.print(f"{last['impressions']:,}-impression day: {last['day_s']:.0f} s - {verdict} the {TARGET_DAY_S:.0f} s target")

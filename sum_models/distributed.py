@@ -145,7 +145,8 @@ def train_model_ray(
             fractions keep the trainer from waiting for resources that never free up).
         storage_path: Ray Train's storage (run state, the checkpoint); a folder every node can read.
         threads_per_worker: torch intra-op threads per worker.
-        run_name: The run's folder under ``storage_path`` (replaced: a rerun never resumes an old run).
+        run_name: The run's folder under ``storage_path`` (replaced: a rerun never resumes an old run; removed
+            once its checkpoint is loaded).
         prior_init: Initialise a fresh model's head biases from the base rates.
 
     Returns:
@@ -191,6 +192,7 @@ def train_model_ray(
     with result.checkpoint.as_directory() as folder:
         model.load_state_dict(load_file(str(Path(folder) / _CHECKPOINT_FILE)))
     model.eval()
+    shutil.rmtree(storage / run_name, ignore_errors=True)  # the weights are the caller's now (it exports them)
     n, epochs = len(examples.labels), int(cfg["epochs"])
     losses = [float(x) for x in metrics["epoch_losses"]]
     return TrainStats(
