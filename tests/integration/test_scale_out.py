@@ -69,6 +69,7 @@ def test_two_workers_reach_the_one_worker_holdout_ne_and_rerun_to_the_same_bytes
     single-process loop (holdout NE noise is ~+-0.02 at this size, params gate.max_ne_regression), and a
     second 2-worker run gives the same weights bit for bit."""
     import torch
+    from safetensors.torch import save
 
     from sum_models.distributed import train_model_ray
     from sum_models.model import build_model
@@ -97,6 +98,8 @@ def test_two_workers_reach_the_one_worker_holdout_ne_and_rerun_to_the_same_bytes
         assert abs(ne_ddp[task] - ne_single[task]) < 0.02, (task, ne_ddp, ne_single)
     for name, tensor in daily.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
+    # ... so the exported weights file is the same bytes (safetensors serialises equal tensors identically).
+    assert save(daily.state_dict()) == save(again.state_dict())
     assert not all(torch.equal(t, single.state_dict()[n]) for n, t in daily.state_dict().items())
 
 
