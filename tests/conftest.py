@@ -102,9 +102,20 @@ def redis_server():
     from sum_pipeline import redis_server as server
     from sum_platform.config import load_params
 
+    import redis
+
+    from sum_platform.feature_store import redis_password
+
     params = load_params()
     proc = server.start(params)
-    yield {"port": params.feature_store.redis.port, "pid": proc.pid}
+    client = redis.Redis(host="127.0.0.1", port=params.feature_store.redis.port, password=redis_password(params))
+
+    def flush() -> None:
+        """Empties the server: a module's workspace starts with no rows of an earlier module's (Feast's keys
+        are the entity key and the project, the same in every workspace)."""
+        client.flushall()
+
+    yield {"port": params.feature_store.redis.port, "pid": proc.pid, "flush": flush}
     server.stop(proc)
 
 

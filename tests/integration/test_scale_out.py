@@ -26,6 +26,7 @@ DAYS = ("2026-01-01", "2026-01-02")
 def scale_params(session_dir: Path, redis_server):
     from sum_platform.config import load_params
 
+    redis_server["flush"]()  # no rows of an earlier module's workspace
     raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())
     raw["profile"] = ["redis"]
     raw["paths"] = {"workspace": "scale-workspace", "dvc_remote": "scale-remote"}

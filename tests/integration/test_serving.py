@@ -57,7 +57,7 @@ def soap_env(request, tmp_path_factory, write_online_features):
     workspace = root / "workspace"
     raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())  # the session's (its Redis port)
     if request.param == "redis":
-        request.getfixturevalue("redis_server")
+        request.getfixturevalue("redis_server")["flush"]()
         raw["profile"] = "redis"
     raw["paths"]["workspace"] = str(workspace)
     raw["model"].update({"num_embeddings": K, "embedding_dim": D, "hidden_dim": 16, "mix_hidden_dim": 8})
