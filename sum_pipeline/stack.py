@@ -45,11 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The Airflow user the stack creates (simple auth manager, admin role).
 AIRFLOW_USER = "admin"
-#: Airflow's components, in start order.
+#: Airflow's components, in start order (after Ray; the whole list, profile by profile: :attr:`Stack.components`).
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
-#: The components every stack has, in start order (``down`` stops them in reverse); a profile adds ``redis``
-#: (before Ray) and ``ray.worker_nodes`` adds ``ray-worker-1`` .. (after the head): :attr:`Stack.components`.
-COMPONENTS = ("ray", *AIRFLOW_COMPONENTS)
 #: The custom resource every worker node offers (one unit): what places work off the head.
 WORKER_NODE_RESOURCE = "sum_worker_node"
 UNIX_PATH_MAX = 107  # AF_UNIX path bytes Ray accepts
