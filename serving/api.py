@@ -1,16 +1,14 @@
 """The SOAP HTTP contract: request and response models, the FastAPI object and the JSON response.
 
-:class:`serving.ingress.SoapIngress` registers its routes on :data:`api`; the models document them
-(OpenAPI at ``/docs``). The modes and the batch cap come from :mod:`serving.settings` (the ingress
+:func:`serving.http_app.build_http_app` registers the routes; the models document them (OpenAPI at
+``/docs``). The modes and the batch cap come from :mod:`serving.settings` (the ingress
 configuration validates against the same values).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -18,6 +16,7 @@ from serving.settings import BATCH_HARD_MAX, MODES, Mode
 from serving.store_io import MAX_USER_ID
 
 __all__ = [
+    "API_DESCRIPTION",
     "BATCH_HARD_MAX",
     "MODES",
     "BatchItem",
@@ -26,14 +25,18 @@ __all__ = [
     "EmbeddingsResponse",
     "ErrorResponse",
     "Mode",
+    "USER_ID_BOUND",
     "UserId",
     "VersionResponse",
-    "api",
     "json_response",
 ]
 
 
-UserId = Annotated[StrictInt, Field(ge=0, le=MAX_USER_ID)]
+#: Exclusive upper bound of user ids (int64). Stated as ``lt=2**63`` rather than ``le=2**63 - 1``: JSON Schema
+#: numbers are doubles, and 2**63 - 1 is not one (it printed as 9.223372036854776e+18 = 2**63, so a schema-valid
+#: id 2**63 was rejected); 2**63 is exact as a double, so schema and validation agree.
+USER_ID_BOUND = MAX_USER_ID + 1
+UserId = Annotated[StrictInt, Field(ge=0, lt=USER_ID_BOUND)]
 
 
 class EmbeddingsResponse(BaseModel):
@@ -111,26 +114,20 @@ class ErrorResponse(BaseModel):
     compute: str | None = None
 
 
-api = FastAPI(
-    title="SOAP - SUM Online Asynchronous Platform",
-    description=(
-        "Serves SUM user embeddings (paper §4). Modes: async (stored pooled value, async recompute), "
-        "realtime (fresh value within a budget, else stored), offline (daily batch value), frozen (the first "
-        "production snapshot's tower). A user with no stored value (or, in frozen mode, no features) gets "
-        "404 with a reason; malformed input gets 422 (or 413 for an oversized batch); a store or compute "
-        "outage gets 503."
-    ),
-    version="2",
+API_DESCRIPTION = (
+    "Serves SUM user embeddings (paper §4). Modes: async (stored pooled value, async recompute), "
+    "realtime (fresh value within a budget, else stored), offline (daily batch value), frozen (the first "
+    "production snapshot's tower). A user with no stored value (or, in frozen mode, no features) gets "
+    "404 with a reason; malformed input gets 422 (or 413 for an oversized batch); a store or compute "
+    "outage gets 503."
 )
 
 
 def json_response(content: Any, status_code: int = 200) -> Response:
     """A JSON response serialised once (the route's response_model documents it; FastAPI would otherwise
     validate and re-encode the K x D floats on every read)."""
-    try:
-        import orjson
+    import orjson
 
-        body = orjson.dumps(content)
-    except ImportError:  # pragma: no cover - orjson ships with the lock file
-        body = json.dumps(content, separators=(",", ":")).encode()
+    # numpy arrays (the embeddings) serialised natively: float64 prints each fp16 value exactly.
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(content=body, status_code=status_code, media_type="application/json")

@@ -1,7 +1,7 @@
 """SOAP (paper §4): the SUM Online Asynchronous Platform as a Ray Serve application.
 
-:func:`build_app` binds the two deployments: the ingress :class:`serving.ingress.SoapIngress` (HTTP reads
-in four modes, fire-and-forget compute calls) and :class:`serving.compute.ComputeCenter` (the production
+:func:`build_app` binds the two deployments: the ingress :class:`serving.ingress.SoapIngress` (the HTTP
+server of the read path, in four modes, with fire-and-forget compute calls) and :class:`serving.compute.ComputeCenter` (the production
 and frozen user towers, the pooled write-back), configured from ``params.serving`` by
 :mod:`serving.settings`.
 
@@ -78,7 +78,7 @@ def build_app(
     return ingress.bind(compute.bind(settings), settings)
 
 
-#: Ray's resource of the head node (one per cluster): what keeps the ingress beside the HTTP proxy.
+#: Ray's resource of the head node (one per cluster): what keeps the ingress (the HTTP listener) there.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
@@ -87,7 +87,7 @@ def _placement(params: "Params") -> dict[str, dict]:
 
     ``serving.compute_replicas`` compute replicas; on a cluster with worker nodes (``ray.worker_nodes``) at most
     one per node, so they spread over the hosts (paper §6: the compute runs on other hosts than the read path),
-    and the ingress stays on the head, next to Serve's one HTTP proxy (``proxy_location="HeadOnly"``).
+    and the ingress, whose replica is the HTTP server, stays on the head (the address ``serving.host`` names).
     """
     compute: dict = {"num_replicas": int(params.serving.compute_replicas)}
     ingress: dict = {}

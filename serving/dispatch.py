@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 from typing import Any, Awaitable, Callable
 
 __all__ = ["ComputeCoalescer", "ComputeLauncher"]
@@ -36,6 +37,8 @@ class ComputeLauncher:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.max_inflight = int(max_inflight)
         self._inflight = 0
+        #: Guards the counters: reads reserve from any thread (an in-process client), calls finish on the loop.
+        self.lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._on_outcome = on_outcome
         self.stats = {"scheduled": 0, "dropped": 0, "written": 0, "computed": 0, "skipped": 0, "failed": 0}
@@ -46,7 +49,12 @@ class ComputeLauncher:
         return self._inflight
 
     def try_reserve(self, users: int = 1) -> bool:
-        """Reserves room for ``users``; False (and counted as dropped) when over the bound."""
+        """Reserves room for ``users``; False (and counted as dropped) when over the bound. Any thread."""
+        with self.lock:
+            return self.reserve_locked(users)
+
+    def reserve_locked(self, users: int) -> bool:
+        """:meth:`try_reserve` for a caller that holds :attr:`lock`."""
         if self._inflight + users > self.max_inflight:
             self.stats["dropped"] += users
             return False
@@ -79,14 +87,16 @@ class ComputeLauncher:
                 log.warning("async compute call failed (%d so far): %s: %s", n, type(exc).__name__, exc)
             return None
         finally:
-            self._inflight -= reserved
+            with self.lock:
+                self._inflight -= reserved
         for item in result if isinstance(result, list) else [result]:
             status = item.get("status") if isinstance(item, dict) else None
             self._count(status if status in ("written", "computed") else "skipped", 1)
         return result
 
     def _count(self, outcome: str, users: int) -> None:
-        self.stats[outcome] += users
+        with self.lock:
+            self.stats[outcome] += users
         if self._on_outcome is not None:
             try:
                 self._on_outcome(outcome, users)
@@ -116,29 +126,59 @@ class ComputeCoalescer:
         self._launcher, self._send = launcher, send
         self.window_s, self.max_users = float(window_s), int(max_users)
         self._pending: dict[int, None] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._armed = False
+        self._timer: asyncio.Handle | None = None
+        #: The loop calls are sent from (set by the owner; default: the loop of the first ``add``).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, user_id: int) -> str:
-        """Schedules a user's recompute; ``scheduled`` or ``dropped`` (the in-flight bound)."""
-        if user_id in self._pending:
-            self._launcher.stats["scheduled"] += 1
-            return "scheduled"
-        if not self._launcher.try_reserve(1):
-            return "dropped"
-        self._pending[user_id] = None
-        if len(self._pending) >= self.max_users:
-            self.flush()
-        elif self._timer is None:
+        """Schedules a user's recompute; ``scheduled`` or ``dropped`` (the in-flight bound). Any thread: off the
+        loop, the window's timer is armed through ``call_soon_threadsafe``."""
+        launcher = self._launcher
+        with launcher.lock:
+            if user_id in self._pending:
+                launcher.stats["scheduled"] += 1
+                return "scheduled"
+            if not launcher.reserve_locked(1):
+                return "dropped"
+            self._pending[user_id] = None
+            full = len(self._pending) >= self.max_users
+            arm = not full and not self._armed
+            if arm:
+                self._armed = True
+        if full:
+            self._on_loop(self.flush)
+        elif arm:
+            self._on_loop(self._arm)
+        return "scheduled"
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self.loop is None:
+            if running is None:
+                raise RuntimeError("ComputeCoalescer.add off the event loop needs ComputeCoalescer.loop")
+            self.loop = running
+        if running is self.loop:
+            fn()
+        else:
+            self.loop.call_soon_threadsafe(fn)
+
+    def _arm(self) -> None:
+        if self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.window_s, self.flush) if self.window_s > 0 else loop.call_soon(self.flush)
-        return "scheduled"
 
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._pending:
+        with self._launcher.lock:
+            ids = list(self._pending)
+            self._pending.clear()
+            self._armed = False
+        if not ids:
             return
-        ids = list(self._pending)
-        self._pending.clear()
         self._launcher.start(lambda: self._send(ids), reserved=len(ids))

@@ -221,7 +221,8 @@ def deploy(
     )
     # Like serve.run(blocking=False), but without serve.run's unbounded wait for RUNNING: we bound it.
     serve.run_many(
-        [RunTarget(target=app, name=params.serving.app_name, route_prefix=params.serving.route_prefix)],
+        # No Serve route: the ingress replica serves HTTP itself (serving.http_server), Serve runs no proxy.
+        [RunTarget(target=app, name=params.serving.app_name, route_prefix=None)],
         wait_for_ingress_deployment_creation=True,
         wait_for_applications_running=False,
     )

@@ -128,6 +128,9 @@ def app_settings(params: "Params", params_file: str | os.PathLike | None = None)
     return {
         "workspace": str(params.workspace),
         "params_path": str(Path(params_file).resolve() if params_file else params_path()),
+        "host": str(params.serving.host),
+        "port": int(params.serving.port),
+        "route_prefix": str(params.serving.route_prefix or "/"),
         "max_inflight_compute": int(params.serving.max_inflight_compute),
         "compute_niceness": int(params.serving.compute_niceness),
         "compute_sched_idle": bool(params.serving.compute_sched_idle),

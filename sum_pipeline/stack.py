@@ -208,7 +208,7 @@ class Stack:
         env.update({
             "PATH": f"{_BIN}{os.pathsep}{env.get('PATH', '')}",
             "RAY_USAGE_STATS_ENABLED": "0",
-            # The read path (Serve proxy, SOAP ingress) are Ray workers, reniced to 15 unless told.
+            # The read path (the SOAP ingress and its HTTP server) is a Ray worker, reniced to 15 unless told.
             "RAY_worker_niceness": str(self.params.serving.ray_worker_niceness),
             # On SIGTERM `ray start --block` first drains its node for up to 30 s, waiting for Serve to move
             # its replicas to another node. The stack has one node, and `down` stops all of it.

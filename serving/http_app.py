@@ -1,0 +1,210 @@
+"""The SOAP HTTP API: a FastAPI application answering every read through one :class:`serving.client.SoapClient`.
+
+Routes (the contract's models are in :mod:`serving.api`; OpenAPI at ``/openapi.json``, docs at ``/docs``):
+
+``GET /users/{user_id}/embeddings``   one user, in the mode in force or ``?mode=``; 404 for a user with no stored
+                                      value (or no features, frozen), 503 when the store or frozen compute fails
+``POST /embeddings/batch``            many users, per-user status; 413 past ``serving.max_batch_users``
+``GET /version``                      the snapshots the compute deployment runs and the config in force
+``GET /healthz``                      liveness and counters
+``GET /metrics``                      this node's ``ray_soap_*`` Prometheus families
+
+The app is plain ASGI: :class:`serving.ingress.SoapIngress` runs it in its replica on ``serving.port``
+(:mod:`serving.http_server`) with no proxy in front, and a test or a benchmark can run it anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from fastapi import FastAPI, Query
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from serving.api import (
+    API_DESCRIPTION,
+    USER_ID_BOUND,
+    BatchRequest,
+    BatchResponse,
+    EmbeddingsResponse,
+    ErrorResponse,
+    Mode,
+    VersionResponse,
+    json_response,
+)
+from serving.client import StoreUnavailable
+
+if TYPE_CHECKING:
+    from serving.client import SoapClient
+
+__all__ = ["build_http_app", "item_json"]
+
+_BLANK = dict.fromkeys(("source", "snapshot_id", "written_at_ms", "age_seconds", "pooled_versions", "embeddings"))
+
+
+def item_json(item: dict) -> dict:
+    """A client item as the API returns it: embeddings as ``[K][D]`` floats (the fp16 values, exactly)."""
+    emb = item.get("embeddings")
+    if emb is None:
+        return item
+    return {**item, "embeddings": np.asarray(emb).astype(np.float64)}
+
+
+def build_http_app(
+    client: "SoapClient",
+    *,
+    metrics: Any = None,
+    metrics_url: Callable[[], str] | None = None,
+) -> FastAPI:
+    """The SOAP API over ``client``.
+
+    Args:
+        client: Answers the reads (its event loop must be the server's: :meth:`SoapClient.bind_loop`).
+        metrics: :class:`serving.metrics.IngressMetrics` for the per-request latency and code counters.
+        metrics_url: Returns the Prometheus endpoint ``/metrics`` filters (default: this Ray node's).
+    """
+    from serving.client import _NoMetrics
+
+    sink = metrics if metrics is not None else _NoMetrics()
+    state: dict[str, Any] = {"metrics_url": None}
+    app = FastAPI(title="SOAP - SUM Online Asynchronous Platform", description=API_DESCRIPTION, version="2")
+
+    def observe(mode: str, endpoint: str, code: int, t0: float) -> None:
+        sink.read_latency.observe(time.perf_counter() - t0, tags={"mode": mode, "endpoint": endpoint})
+        sink.requests.inc(tags={"mode": mode, "endpoint": endpoint, "code": str(code)})
+
+    @app.get(
+        "/users/{user_id}/embeddings",
+        response_model=EmbeddingsResponse,
+        responses={
+            404: {"model": ErrorResponse, "description": "No stored value for the user (cold or unknown user)."},
+            422: {"description": "Malformed user id or mode."},
+            503: {"model": ErrorResponse, "description": "Online store unreadable, or frozen compute unavailable."},
+        },
+        summary="One user's SUM embeddings, answered in the mode in force (or ?mode=)",
+    )
+    async def get_embeddings(
+        user_id: int = PathParam(..., ge=0, lt=USER_ID_BOUND, description="User id (non-negative int64)."),
+        mode: Mode | None = Query(None, description="Override the deployment's mode for this request."),
+    ):
+        t0 = time.perf_counter()
+        mode = mode or client.config["mode"]
+        try:
+            item = (await client.answer([user_id], mode, t0))[user_id]
+        except StoreUnavailable as exc:
+            client.stats["requests"] += 1
+            observe(mode, "user", 503, t0)
+            return JSONResponse(status_code=503, content={"detail": str(exc), "user_id": user_id, "mode": mode})
+        client.account({user_id: item}, mode)
+        status = item.pop("status")
+        if status != "ok":
+            code = 404 if status == "not_found" else 503
+            detail = {
+                "not_found": f"no embeddings for user {user_id}"
+                + (" (no features)" if mode == "frozen" else " stored" if mode != "offline" else " from the daily batch"),
+                "timeout": f"frozen compute did not answer within {client.config['frozen_timeout_ms']} ms",
+                "unavailable": "no frozen snapshot loaded",
+            }[status]
+            observe(mode, "user", code, t0)
+            return JSONResponse(
+                status_code=code,
+                content={"detail": detail, "user_id": user_id, "mode": mode, "compute": item["compute"]},
+            )
+        observe(mode, "user", 200, t0)
+        return json_response({"mode": mode, **item_json(item)})
+
+    @app.post(
+        "/embeddings/batch",
+        response_model=BatchResponse,
+        responses={
+            413: {"model": ErrorResponse, "description": "More users than serving.max_batch_users."},
+            422: {"description": "Malformed body (non-integer, negative or out-of-range ids, unknown mode)."},
+            503: {"model": ErrorResponse, "description": "Online store unreadable."},
+        },
+        summary="Many users' SUM embeddings in one call (per-user status)",
+    )
+    async def get_embeddings_batch(body: BatchRequest):
+        t0 = time.perf_counter()
+        mode = body.mode or client.config["mode"]
+        ids = list(dict.fromkeys(body.user_ids))
+        limit = int(client.config["max_batch_users"])
+        if len(ids) > limit:
+            observe(mode, "batch", 413, t0)
+            return JSONResponse(
+                status_code=413,
+                content={"detail": f"{len(ids)} distinct user ids; at most {limit} per request", "mode": mode},
+            )
+        try:
+            items = await client.answer(ids, mode, t0)
+        except StoreUnavailable as exc:
+            client.stats["requests"] += 1
+            observe(mode, "batch", 503, t0)
+            return JSONResponse(status_code=503, content={"detail": str(exc), "mode": mode})
+        client.account(items, mode)
+        results = [{**_BLANK, **item_json(items[u])} for u in ids]
+        observe(mode, "batch", 200, t0)
+        found = sum(1 for r in results if r["status"] == "ok")
+        return json_response({"mode": mode, "count": len(results), "found": found, "results": results})
+
+    @app.get(
+        "/version",
+        response_model=VersionResponse,
+        responses={503: {"model": ErrorResponse}},
+        summary="Snapshots the compute deployment runs (production and frozen) and the ingress config",
+    )
+    async def version():
+        info, reason = await client.compute_version()
+        if info is None:
+            return JSONResponse(status_code=503, content={"detail": f"compute deployment unavailable: {reason}"})
+        return json_response({**info, "ingress": {**client.config, "config_error": client.config_error}})
+
+    @app.get("/healthz", summary="Liveness, the loaded snapshot ids, the mode and counters")
+    async def healthz():
+        info, reason = await client.compute_version()
+        return json_response({
+            "status": "ok" if info and info.get("snapshot_id") else "degraded",
+            "mode": client.config["mode"],
+            "snapshot_id": (info or {}).get("snapshot_id"),
+            "frozen_snapshot_id": (info or {}).get("frozen_snapshot_id"),
+            "compute_error": reason or (info or {}).get("last_error"),
+            **client.health(),
+        })
+
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        summary="The SOAP Prometheus metrics (ray_soap_*) exported by this node's Ray metrics agent",
+    )
+    async def prometheus():
+        import httpx
+
+        from serving.metrics import filter_families
+
+        try:
+            url = state["metrics_url"] or await asyncio.get_running_loop().run_in_executor(
+                None, metrics_url or local_metrics_url
+            )
+            state["metrics_url"] = url
+            async with httpx.AsyncClient(timeout=5.0) as http:
+                resp = await http.get(url)
+            resp.raise_for_status()
+        except Exception as exc:
+            state["metrics_url"] = None
+            return PlainTextResponse(f"# Ray metrics endpoint unavailable: {type(exc).__name__}: {exc}\n", status_code=503)
+        return PlainTextResponse(filter_families(resp.text), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def local_metrics_url() -> str:
+    """This Ray node's Prometheus endpoint (the agent listens on the node address, or every address)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://127.0.0.1:{int(node['MetricsExportPort'])}/metrics"
+    raise RuntimeError("this node has no metrics export port")
