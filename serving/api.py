@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from serving.settings import BATCH_HARD_MAX, MODES, Mode
 from serving.store_io import MAX_USER_ID
@@ -32,11 +32,26 @@ __all__ = [
 ]
 
 
-#: Exclusive upper bound of user ids (int64). Stated as ``lt=2**63`` rather than ``le=2**63 - 1``: JSON Schema
-#: numbers are doubles, and 2**63 - 1 is not one (it printed as 9.223372036854776e+18 = 2**63, so a schema-valid
-#: id 2**63 was rejected); 2**63 is exact as a double, so schema and validation agree.
+#: Exclusive upper bound of user ids (int64). Stated as ``lt=2**63`` rather than ``le=2**63 - 1``: FastAPI's
+#: OpenAPI holds bounds as doubles, and 2**63 - 1 is not one (it printed as 9.223372036854776e+18 = 2**63, so a
+#: schema-valid id 2**63 was rejected); 2**63 is exact as a double, and the schema states it as an integer
+#: (:func:`serving.http_app.exact_integer_bounds`), so schema and validation agree.
 USER_ID_BOUND = MAX_USER_ID + 1
-UserId = Annotated[StrictInt, Field(ge=0, lt=USER_ID_BOUND)]
+
+
+def _integral(value: Any) -> Any:
+    """A JSON integer as JSON Schema defines it: ``1`` or ``1.0`` (a number with no fraction); never a string, a
+    boolean or ``1.5`` (pydantic's lax mode would take ``"1"``, its strict mode would refuse ``1.0``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("user ids must be integers")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("user ids must be integers")
+        return int(value)
+    return value
+
+
+UserId = Annotated[int, Field(ge=0, lt=USER_ID_BOUND), BeforeValidator(_integral)]
 
 
 class EmbeddingsResponse(BaseModel):

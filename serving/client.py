@@ -47,15 +47,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Awaitable, Sequence
 
 from serving.dispatch import ComputeCoalescer, ComputeLauncher
-from serving.settings import MODES, validate_ingress_config
+from serving.metrics import IngressMetrics
+from serving.ray_cluster import connect_ray
+from serving.settings import MODES, ingress_user_config, validate_ingress_config
 from serving.store_io import EmbeddingReader
+from sum_platform.config import load_params
+from sum_platform.feature_store import get_store
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
     from sum_platform.config import Params
 
-__all__ = ["SoapClient", "StoreUnavailable"]
+__all__ = ["NoMetrics", "SoapClient", "StoreUnavailable"]
 
 log = logging.getLogger("ray.serve")
 
@@ -69,7 +73,7 @@ class StoreUnavailable(RuntimeError):
     """The online store could not be read."""
 
 
-class _NoMetrics:
+class NoMetrics:
     """Stands in for :class:`serving.metrics.IngressMetrics` where no Ray metrics are wanted."""
 
     class _Sink:
@@ -77,8 +81,8 @@ class _NoMetrics:
 
         def observe(self, *args: Any, **kwargs: Any) -> None: ...
 
-    def __getattr__(self, name: str) -> "_NoMetrics._Sink":
-        return _NoMetrics._Sink()
+    def __getattr__(self, name: str) -> "NoMetrics._Sink":
+        return NoMetrics._Sink()
 
 
 def _source(mode: str) -> str:
@@ -110,7 +114,7 @@ class SoapClient:
         self.store = store
         self._reader = EmbeddingReader(store)
         self._compute = compute
-        self._metrics = metrics if metrics is not None else _NoMetrics()
+        self._metrics = metrics if metrics is not None else NoMetrics()
         self.launcher = ComputeLauncher(int(max_inflight), on_outcome=self._count_outcome)
         self.coalescer = ComputeCoalescer(
             self.launcher,
@@ -150,18 +154,11 @@ class SoapClient:
         """
         from ray import serve
 
-        from serving.ray_cluster import connect_ray
-        from serving.settings import ingress_user_config
-        from sum_platform.config import load_params
-        from sum_platform.feature_store import get_store
-
         params = params or load_params()
         connect_ray(params)
         handle = serve.get_deployment_handle("ComputeCenter", app_name=params.serving.app_name)
         sink = None
         if metrics:
-            from serving.metrics import IngressMetrics
-
             sink = IngressMetrics()
         client = cls(
             get_store(params),

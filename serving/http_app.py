@@ -35,12 +35,13 @@ from serving.api import (
     VersionResponse,
     json_response,
 )
-from serving.client import StoreUnavailable
+from serving.client import NoMetrics, StoreUnavailable
+from serving.metrics import filter_families
 
 if TYPE_CHECKING:
     from serving.client import SoapClient
 
-__all__ = ["build_http_app", "item_json"]
+__all__ = ["build_http_app", "exact_integer_bounds", "item_json"]
 
 _BLANK = dict.fromkeys(("source", "snapshot_id", "written_at_ms", "age_seconds", "pooled_versions", "embeddings"))
 
@@ -66,9 +67,7 @@ def build_http_app(
         metrics: :class:`serving.metrics.IngressMetrics` for the per-request latency and code counters.
         metrics_url: Returns the Prometheus endpoint ``/metrics`` filters (default: this Ray node's).
     """
-    from serving.client import _NoMetrics
-
-    sink = metrics if metrics is not None else _NoMetrics()
+    sink = metrics if metrics is not None else NoMetrics()
     state: dict[str, Any] = {"metrics_url": None}
     app = FastAPI(title="SOAP - SUM Online Asynchronous Platform", description=API_DESCRIPTION, version="2")
 
@@ -120,6 +119,7 @@ def build_http_app(
         "/embeddings/batch",
         response_model=BatchResponse,
         responses={
+            400: {"description": "A body that is not JSON-decodable."},
             413: {"model": ErrorResponse, "description": "More users than serving.max_batch_users."},
             422: {"description": "Malformed body (non-integer, negative or out-of-range ids, unknown mode)."},
             503: {"model": ErrorResponse, "description": "Online store unreadable."},
@@ -181,8 +181,6 @@ def build_http_app(
     async def prometheus():
         import httpx
 
-        from serving.metrics import filter_families
-
         try:
             url = state["metrics_url"] or await asyncio.get_running_loop().run_in_executor(
                 None, metrics_url or local_metrics_url
@@ -196,7 +194,36 @@ def build_http_app(
             return PlainTextResponse(f"# Ray metrics endpoint unavailable: {type(exc).__name__}: {exc}\n", status_code=503)
         return PlainTextResponse(filter_families(resp.text), media_type="text/plain; version=0.0.4")
 
+    plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            exact_integer_bounds(plain_openapi())  # cached by FastAPI; fixed in place once
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def exact_integer_bounds(node: Any) -> None:
+    """Integer bounds of a schema restored to integers, in place.
+
+    FastAPI's OpenAPI model types ``minimum`` / ``exclusiveMaximum`` as floats, so the int64 bound of user ids
+    came out as ``9.223372036854776e+18`` in request bodies: a generator reading that as a double admits ids
+    up to ~2**63 + 1024 that validation rejects. The bound is ``2**63`` (exclusive), exact as a double, so the
+    integer it stands for is known.
+    """
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                value = node.get(key)
+                if isinstance(value, float) and value.is_integer():
+                    node[key] = int(value)
+        for value in node.values():
+            exact_integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            exact_integer_bounds(value)
 
 
 def local_metrics_url() -> str:

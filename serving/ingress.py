@@ -14,12 +14,16 @@ Modes are described in :mod:`serving.client`; the routes' contract in :mod:`serv
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
 from ray import serve
 
 from serving.client import SoapClient, StoreUnavailable
+from serving.http_app import build_http_app
+from serving.http_server import HttpServer
+from serving.metrics import IngressMetrics
 from serving.settings import ingress_user_config, open_store
 
 if TYPE_CHECKING:
@@ -52,12 +56,6 @@ class SoapIngress:
     """
 
     async def __init__(self, compute: "DeploymentHandle", settings: dict) -> None:
-        import asyncio
-
-        from serving.http_app import build_http_app
-        from serving.http_server import HttpServer
-        from serving.metrics import IngressMetrics
-
         self._settings = dict(settings)
         params, store = open_store(settings["workspace"], settings["params_path"])
         self._metrics = IngressMetrics()

@@ -456,6 +456,74 @@ def test_healthz_version_and_openapi(serving_a, url):
     assert httpx.get(f"{url}/docs", timeout=30).status_code == 200
 
 
+@slow
+def test_openapi_bounds_agree_with_validation_and_fuzzing_finds_no_fault(serving_a, url):
+    """The schema states what validation enforces (user ids: 0 <= id < 2**63, exactly), and schema-driven fuzzing
+    of every operation (schemathesis: valid and invalid requests) finds no 5xx, no schema-valid request rejected
+    and no response outside the schema."""
+    from api_fuzz import fuzz_api
+
+    schema = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    path_id = schema["paths"]["/users/{user_id}/embeddings"]["get"]["parameters"][0]["schema"]
+    body_id = schema["components"]["schemas"]["BatchRequest"]["properties"]["user_ids"]["items"]
+    for bound in (path_id, body_id):
+        assert bound["minimum"] == 0 and bound["exclusiveMaximum"] == 2**63 and "maximum" not in bound, bound
+        assert type(bound["exclusiveMaximum"]) is int, bound  # an exact integer, not the double 9.2e18
+    # The largest id the schema allows is accepted (404: nobody has it), the smallest it forbids is a 422.
+    assert httpx.get(f"{url}/users/{2**63 - 1}/embeddings", timeout=30).status_code == 404
+    assert httpx.get(f"{url}/users/{2**63}/embeddings", timeout=30).status_code == 422
+    batch = httpx.post(f"{url}/embeddings/batch", json={"user_ids": [2**63 - 1, 1.0], "mode": "offline"}, timeout=30)
+    assert batch.status_code == 200 and [r["user_id"] for r in batch.json()["results"]] == [2**63 - 1, 1], batch.text
+    report = fuzz_api(url, max_examples=20, seed=0, deadline_s=90)
+    TIMINGS["fuzz_cases"] = report["cases"]
+    assert report["operations"] == 5 and report["cases"] >= 60, report
+    assert report["failures"] == [], [(f["check"], f["status"], f["request"]) for f in report["failures"]]
+    assert not any(500 <= code for code in report["by_status"] if code != 503), report["by_status"]
+
+
+@slow
+def test_in_process_client_answers_what_http_answers(soap_env, deployed_a, serving_a, url):
+    """The SOAP client a Python downstream model holds (SoapClient.connect) reads the store itself and answers what
+    the HTTP API answers, mode by mode; its async reads schedule real recomputes through the compute handle."""
+    from serving.client import SoapClient
+
+    users = [0, 1, 2, 30, UNKNOWN_USER]  # stored rows, a user with features only, an unknown user
+    _fresh_rows(soap_env, url, deployed_a, users[:4])
+    client = SoapClient.connect(soap_env["params"], metrics=False)
+    try:
+        # A slow model: no write-back lands while the two reads are compared.
+        with _configured(soap_env, realtime_budget_ms=50, compute_options={"debug_delay_ms": 3000}):
+            client.reconfigure({**client.config, "realtime_budget_ms": 50})
+            for mode in ("offline", "async", "realtime"):
+                local = client.get(users, mode=mode)
+                remote = httpx.post(f"{url}/embeddings/batch", json={"user_ids": users, "mode": mode}, timeout=30)
+                assert remote.status_code == 200, remote.text
+                assert list(local) == users
+                for item in remote.json()["results"]:
+                    mine = local[item["user_id"]]
+                    assert mine["status"] == item["status"] and mine["compute"] == item["compute"], (mode, mine, item)
+                    if item["status"] != "ok":
+                        continue
+                    for key in ("source", "snapshot_id", "written_at_ms", "pooled_versions"):
+                        assert mine[key] == item[key], (mode, key, mine[key], item[key])
+                    assert mine["embeddings"].dtype == np.float16 and mine["embeddings"].shape == (K, D)
+                    np.testing.assert_array_equal(mine["embeddings"], np.asarray(item["embeddings"], np.float16))
+                statuses = {u: local[u]["status"] for u in users}
+                assert statuses == {0: "ok", 1: "ok", 2: "ok", 30: "not_found", UNKNOWN_USER: "not_found"}, (mode, statuses)
+        # Async reads schedule the recompute: user 30 (features, no row) gets its first version.
+        _poll(lambda: client.health()["compute_inflight"] == 0, what="the client's compute calls answered")
+        _fresh_rows(soap_env, url, deployed_a, [30])
+        before = client.health()["compute_scheduled"]
+        assert client.get([30], mode="async")[30]["compute"] == "scheduled"
+        row = _poll(lambda: _stored(soap_env, 30), what="user 30 written back after an in-process async read")
+        assert row["snapshot_id"] == "sum-A" and row["pooled_versions"] == 1
+        _poll(lambda: client.health()["compute_written"] >= 1, what="the client counted the write-back")
+        assert client.health()["compute_scheduled"] > before
+        assert client.get([30], mode="offline")[30]["status"] == "not_found"  # no daily batch value for user 30
+    finally:
+        client.close()
+
+
 def test_compute_threads_yield_the_cpu_to_the_read_path(soap_env, deployed_a, url):
     """The read path outranks the write path on a shared CPU: compute threads run under SCHED_IDLE at
     nice 19 (per thread, as the kernel reports it), the ingress replica at Ray's configured level."""
