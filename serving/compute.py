@@ -9,7 +9,12 @@ only after a successful load. The frozen tower (the first production snapshot's)
 reads: computed on read, never pooled nor written.
 
 The blocking work of a batch runs in executor jobs (:func:`_compute_pooled`, :func:`_write_pooled`,
-:func:`_compute_only`) on one worker thread whose CPU priority :mod:`serving.cpu` lowers. torch is
+:func:`_compute_only`) on one worker thread whose CPU priority :mod:`serving.cpu` lowers (one thread: a second
+one would contend for the GIL and the pinned CPU, slowing the computes it was meant to free). A write costs ~9 ms
+however few users it holds (Feast's write, the offline log's file), so the write-backs of realtime batches are
+buffered for ``write_coalesce_ms`` and written together, after their answers: a realtime compute does not queue
+behind the previous one's write. A batch that touches a user with a buffered write flushes the buffer first, so
+every pooled value builds on the user's previous write. torch is
 imported inside the replica only (the driver that builds the application does not need it).
 """
 
@@ -94,6 +99,15 @@ class ComputeCenter:
                                             initializer=background_thread, initargs=(self._cpu, "compute"))
         for pool in (self._loader, self._executor):
             pool.submit(lambda: None)  # start the threads now, so info() reports their priority at once
+        #: Realtime write-backs not yet handed to the executor (one merged write per window), their users, the
+        #: future every buffered user's write resolves, and the window's timer.
+        self._buffer: list[dict] = []
+        self._buffer_users: set[int] = set()
+        self._buffer_done: asyncio.Future | None = None
+        self._buffer_timer: asyncio.TimerHandle | None = None
+        self._write_coalesce_s = 0.0
+        #: Users whose write is buffered or queued -> the future it resolves (a later compute of them waits).
+        self._unwritten: dict[int, asyncio.Future] = {}
         self._stats = {
             "batches": 0,
             "requests": 0,
@@ -157,6 +171,7 @@ class ComputeCenter:
 
     def _apply_knobs(self, user_config: dict) -> None:
         self._debug_delay_s = max(0.0, float(user_config.get("debug_delay_ms") or 0.0)) / 1000.0
+        self._write_coalesce_s = max(0.0, float(user_config.get("write_coalesce_ms") or 0.0)) / 1000.0
         size = user_config.get("max_batch_size")
         wait_ms = user_config.get("batch_wait_ms")
         for method in (self.compute, self.compute_many, self.compute_frozen):
@@ -215,15 +230,20 @@ class ComputeCenter:
 
     # -- compute -------------------------------------------------------------------------------
     async def _process(self, user_ids: list[int], wait_for_write: bool) -> dict[int, dict]:
-        """Computes a batch in two executor jobs: (1) features -> tower -> pooled value (a lock-free
-        preview of the write), (2) the pooled write-back. Job 2 is queued right behind job 1 (the
-        single-thread executor keeps batches in order), so ``wait_for_write=False`` answers after job 1
-        (realtime: the write is off the critical path) and the write follows."""
+        """Computes a batch: (1) features -> tower -> pooled value (a lock-free preview of the write), then (2) the
+        pooled write-back. ``wait_for_write=False`` (realtime) answers after job 1 and buffers the write for
+        ``write_coalesce_ms`` (:meth:`_flush`); ``wait_for_write=True`` (async) writes at once and answers after.
+        A user with an earlier write not yet done waits for it first: the value answered is the one written."""
         prod, store = self._prod, self._store
         if prod is None:
             raise RuntimeError("no user tower loaded")
         if self._debug_delay_s:
             await asyncio.sleep(self._debug_delay_s)  # test/benchmark knob: a slower model
+        if self._buffer_users.intersection(user_ids):
+            self._flush()
+        earlier = {self._unwritten[u] for u in user_ids if u in self._unwritten}
+        if earlier:
+            await asyncio.wait(earlier)
         self._stats["batches"] += 1
         self._stats["requests"] += len(user_ids)
         t0 = time.perf_counter()
@@ -238,25 +258,76 @@ class ComputeCenter:
         self._stats["skipped"] += len(results) - (len(pending["user_ids"]) if pending else 0)
         if not pending:
             return results
-        write = loop.run_in_executor(self._executor, _write_pooled, store, prod.snapshot_id, pending)
-        n_users = len(user_ids)
+        self._metrics.batch_size.observe(len(user_ids), tags={"tower": "production"})
+        write = self._buffer_write({**pending, "snapshot_id": prod.snapshot_id, "store": store, "t0": t0})
+        if not wait_for_write:
+            if self._write_coalesce_s <= 0:
+                self._flush()
+            return results
+        self._flush()
+        await asyncio.wait({write})
+        if write.exception() is None:
+            for u in pending["user_ids"]:
+                results[u]["status"] = "written"
+        elif wait_for_write:
+            raise write.exception()  # type: ignore[misc]
+        return results
+
+    def _buffer_write(self, pending: dict) -> "asyncio.Future":
+        """Adds a batch's write-back to the buffer (flushed first if it holds one of the users, or another
+        snapshot's or store's rows); returns the future the write resolves."""
+        head = self._buffer[0] if self._buffer else None
+        if head is not None and (
+            self._buffer_users.intersection(pending["user_ids"])
+            or head["snapshot_id"] != pending["snapshot_id"]
+            or head["store"] is not pending["store"]
+        ):
+            self._flush()
+        loop = asyncio.get_running_loop()
+        if self._buffer_done is None:
+            self._buffer_done = loop.create_future()
+            self._buffer_timer = loop.call_later(self._write_coalesce_s, self._flush)
+        self._buffer.append(pending)
+        self._buffer_users.update(pending["user_ids"])
+        for u in pending["user_ids"]:
+            self._unwritten[u] = self._buffer_done
+        return self._buffer_done
+
+    def _flush(self) -> None:
+        """Hands the buffered write-backs to the executor as one write (the versions keep their own write times)."""
+        if self._buffer_timer is not None:
+            self._buffer_timer.cancel()
+            self._buffer_timer = None
+        batch, done = self._buffer, self._buffer_done
+        self._buffer, self._buffer_users, self._buffer_done = [], set(), None
+        if not batch or done is None:
+            return
+        merged = {
+            "user_ids": [u for p in batch for u in p["user_ids"]],
+            "embeddings": np.concatenate([p["embeddings"] for p in batch]),
+            "written_at_ms": [p["written_at_ms"] for p in batch for _ in p["user_ids"]],
+        }
+        store, snapshot_id, t0 = batch[0]["store"], batch[0]["snapshot_id"], min(p["t0"] for p in batch)
+        write = asyncio.get_running_loop().run_in_executor(self._executor, _write_pooled, store, snapshot_id, merged)
 
         def written(fut: "asyncio.Future") -> None:
-            if fut.cancelled() or fut.exception() is not None:
+            for u in merged["user_ids"]:
+                if self._unwritten.get(u) is done:
+                    del self._unwritten[u]
+            exc = None if not fut.cancelled() else asyncio.CancelledError()
+            exc = exc or fut.exception()
+            if exc is not None:
                 self._stats["failed_batches"] += 1
-                log.error("write-back of %d users failed: %s", len(pending["user_ids"]), fut.exception())
+                log.error("write-back of %d users failed: %s", len(merged["user_ids"]), exc)
+                done.set_exception(exc)
+                done.exception()  # retrieved: a realtime batch nobody waits for must not warn
                 return
             self._stats["written"] += fut.result()
             self._metrics.write_backs.inc(fut.result())
             self._metrics.latency.observe(time.perf_counter() - t0 + self._debug_delay_s, tags={"tower": "production"})
-            self._metrics.batch_size.observe(n_users, tags={"tower": "production"})
+            done.set_result(fut.result())
 
         write.add_done_callback(written)
-        if wait_for_write:
-            await write
-            for u in pending["user_ids"]:
-                results[u]["status"] = "written"
-        return results
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def compute(self, user_ids: list[int]) -> list[dict]:
@@ -348,6 +419,13 @@ class ComputeCenter:
             "max_batch_size": self.compute._get_max_batch_size(),  # type: ignore[attr-defined]
             "stats": dict(self._stats),
         }
+
+    async def __del__(self) -> None:
+        # Serve calls this before the replica stops: the buffered realtime write-backs are written, not lost.
+        done = self._buffer_done
+        self._flush()
+        if done is not None:
+            await asyncio.wait({done}, timeout=10)
 
     def check_health(self) -> None:
         """Ray Serve's health check (every few seconds): unhealthy while no production tower is loaded.

@@ -457,7 +457,7 @@ def reconfigure(
     ingress.update({k: v for k, v in {"mode": mode, "realtime_budget_ms": realtime_budget_ms,
                                        "frozen_timeout_ms": frozen_timeout_ms,
                                        "max_batch_users": max_batch_users}.items() if v is not None})
-    knobs = {k: cfg.get(k) for k in ("max_batch_size", "batch_wait_ms", "debug_delay_ms")}
+    knobs = {k: cfg.get(k) for k in ("max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms")}
     knobs.update(compute_options or {})
     frozen = _configured_frozen(info, params)
     want_ingress = ingress_user_config(params, **ingress)  # validates before anything is deployed

@@ -157,7 +157,7 @@ def compute_user_config(
         snapshot_id: Its id.
         params_file: The params file replicas load.
         frozen: ``(dir, id)`` of the snapshot frozen mode uses (default: the production one).
-        overrides: ``max_batch_size``, ``batch_wait_ms``, ``debug_delay_ms`` (test/benchmark knob: every
+        overrides: ``max_batch_size``, ``batch_wait_ms``, ``write_coalesce_ms``, ``debug_delay_ms`` (test/benchmark knob: every
             compute batch sleeps this long first, i.e. a slower model).
     """
     settings = app_settings(params, params_file)
@@ -173,9 +173,10 @@ def compute_user_config(
         "params_path": settings["params_path"],
         "max_batch_size": int(params.serving.compute_max_batch_size),
         "batch_wait_ms": float(params.serving.compute_batch_wait_ms),
+        "write_coalesce_ms": float(params.serving.compute_write_coalesce_ms),
         "debug_delay_ms": 0.0,
     }
-    unknown = set(overrides) - {"max_batch_size", "batch_wait_ms", "debug_delay_ms"}
+    unknown = set(overrides) - {"max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms"}
     if unknown:
         raise ValueError(f"unknown compute options {sorted(unknown)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})

@@ -481,8 +481,11 @@ def pool(versions: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(average_pool([np.asarray(v, dtype=np.float16) for v in versions])).astype(np.float16)
 
 
-def _check(reader: EmbeddingReader, user_ids: Any, embeddings: np.ndarray, snapshot_id: str) -> tuple[list[int], np.ndarray]:
-    """Validated ``(user ids in write order, fp16 [N, K, D])``; a repeated id keeps its last row."""
+def _check(
+    reader: EmbeddingReader, user_ids: Any, embeddings: np.ndarray, snapshot_id: str
+) -> tuple[list[int], np.ndarray, list[int]]:
+    """Validated ``(user ids in write order, fp16 [N, K, D], the input rows they come from)``; a repeated id keeps
+    its last row."""
     ids = _as_user_ids(user_ids)
     emb = np.asarray(embeddings)
     if emb.ndim != 3:
@@ -499,23 +502,27 @@ def _check(reader: EmbeddingReader, user_ids: Any, embeddings: np.ndarray, snaps
         raise ValueError("embeddings have NaN/inf values (or values overflowing fp16)")
     last = {int(u): i for i, u in enumerate(ids.tolist())}
     order = list(last)
-    return order, emb16[[last[u] for u in order]]
+    picked = [last[u] for u in order]
+    return order, emb16[picked], picked
 
 
 def _pooled_frame(
-    reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str, ms: int, batch: bool
+    reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str, ms: "int | np.ndarray", batch: bool
 ) -> pd.DataFrame:
-    """The rows to write: each user's stored history shifted by the new version, pooled."""
+    """The rows to write: each user's stored history shifted by the new version, pooled (``ms``: the write time,
+    one for all rows or one per row)."""
     k = reader.k
     shape = (k, emb16.shape[2])
     empty = np.zeros(0, dtype=np.float32)
     old_rows = reader.rows(order, history_fields(k))
     cols: dict[str, list] = {name: [] for name in history_fields(k)}
+    per_row = isinstance(ms, np.ndarray)
     for i, uid in enumerate(order):
+        ms_i = int(ms[i]) if per_row else ms
         old = old_rows.get(uid)
         stored = _versions(old, k, shape)
         same_version = (
-            old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms
+            old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms_i
         )
         # A rerun of the latest version replaces it; any other write pushes the oldest out of the pool.
         slots = [emb16[i], *(stored[1:] if same_version else stored[:-1])]
@@ -526,13 +533,13 @@ def _pooled_frame(
             for slot, value in zip(EMBEDDING_SLOTS, slots):
                 cols[f"{slot}_embedding_{j}"].append(empty if value is None else np.asarray(value[j], dtype=np.float32))
         cols["snapshot_id"].append(str(snapshot_id))
-        cols["written_at_ms"].append(ms)
+        cols["written_at_ms"].append(ms_i)
         cols["pooled_versions"].append(len(present))
         if batch:
             for j in range(k):
                 cols[f"batch_embedding_{j}"].append(pooled[j].astype(np.float32))
             cols["batch_snapshot_id"].append(str(snapshot_id))
-            cols["batch_written_at_ms"].append(ms)
+            cols["batch_written_at_ms"].append(ms_i)
         else:
             old_batch = _stack([(old or {}).get(f"batch_embedding_{j}") for j in range(k)])
             for j in range(k):
@@ -541,14 +548,13 @@ def _pooled_frame(
             bms = (old or {}).get("batch_written_at_ms") if old_batch is not None else None
             cols["batch_snapshot_id"].append(bsid)
             cols["batch_written_at_ms"].append(int(bms) if bms is not None else None)
-    n = len(order)
     frame: dict[str, Any] = {"user_id": np.asarray(order, dtype=np.int64)}
     frame.update(cols)
     frame["written_at_ms"] = np.asarray(cols["written_at_ms"], dtype=np.int64)
     frame["pooled_versions"] = np.asarray(cols["pooled_versions"], dtype=np.int64)
     frame["batch_written_at_ms"] = pd.array(cols["batch_written_at_ms"], dtype="Int64")
     frame["batch_snapshot_id"] = np.asarray(cols["batch_snapshot_id"], dtype=object)
-    frame["written_at"] = pd.DatetimeIndex([pd.Timestamp(ms, unit="ms", tz="UTC")] * n)
+    frame["written_at"] = pd.to_datetime(frame["written_at_ms"], unit="ms", utc=True)
     return pd.DataFrame(frame)
 
 
@@ -565,7 +571,7 @@ def pooled_preview(
     between can make the stored value differ from the answered one (both are valid pools).
     """
     reader = reader_for(store)
-    order, emb16 = _check(reader, user_ids, embeddings_fp16, snapshot_id)
+    order, emb16, _ = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
         return pd.DataFrame()
     return _pooled_frame(reader, order, emb16, snapshot_id, to_ms(written_at), batch=False)
@@ -597,8 +603,9 @@ def write_embeddings(
         embeddings_fp16: ``[N, K, D]`` freshly computed embeddings. Values are rounded to fp16 (a no-op
             for an fp16 array) and stored as float32, so every stored value is exactly fp16.
         snapshot_id: The snapshot that computed them.
-        written_at: Write time (datetime, pandas Timestamp or Unix ms; naive = UTC); default now.
-            Stored as ``written_at_ms`` and as the row's event time.
+        written_at: Write time (datetime, pandas Timestamp or Unix ms; naive = UTC); default now. Or one Unix ms
+            per row (a list or array of N): versions computed at different times, written together (the compute
+            deployment's merged write-backs). Stored as ``written_at_ms`` and as the row's event time.
         batch: A daily batch write: the pooled value is also kept as the row's ``batch_*`` value (what
             ``offline`` mode serves); other writes carry the stored ``batch_*`` value over.
         to_offline: Also log the rows to the view's offline source (``data/embeddings/ds=*/``), so a
@@ -614,10 +621,16 @@ def write_embeddings(
             fp16, or ``snapshot_id`` is empty.
     """
     reader = reader_for(store)
-    order, emb16 = _check(reader, user_ids, embeddings_fp16, snapshot_id)
+    order, emb16, picked = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
         return pd.DataFrame() if return_frame else 0
-    ms = to_ms(written_at)
+    if isinstance(written_at, (list, tuple, np.ndarray)):
+        per_row = np.asarray(written_at, dtype=np.int64)
+        if per_row.shape != (len(_as_user_ids(user_ids)),):
+            raise ValueError(f"{per_row.size} write times for {len(_as_user_ids(user_ids))} rows")
+        ms: int | np.ndarray = per_row[picked]
+    else:
+        ms = to_ms(written_at)
     if reader.backend == "redis":
         df = _write_redis(store, reader, order, emb16, snapshot_id, ms, batch)
     else:
@@ -636,7 +649,7 @@ REDIS_WRITE_RETRIES = 100
 
 
 def _write_redis(store: "FeatureStore", reader: EmbeddingReader, order: list[int], emb16: np.ndarray,
-                 snapshot_id: str, ms: int, batch: bool) -> pd.DataFrame:
+                 snapshot_id: str, ms: "int | np.ndarray", batch: bool) -> pd.DataFrame:
     """The read-modify-write on Redis, atomic per chunk of users: ``WATCH`` their keys, read and pool (on
     another connection of the pool), then ``MULTI`` / ``HSET`` whole rows / ``EXEC``. A concurrent write to any
     of them between the ``WATCH`` and the ``EXEC`` aborts the transaction (``WatchError``) and the chunk is read
@@ -650,12 +663,13 @@ def _write_redis(store: "FeatureStore", reader: EmbeddingReader, order: list[int
     frames = []
     for lo in range(0, len(order), REDIS_WRITE_CHUNK):
         chunk, values = order[lo : lo + REDIS_WRITE_CHUNK], emb16[lo : lo + REDIS_WRITE_CHUNK]
+        chunk_ms = ms[lo : lo + REDIS_WRITE_CHUNK] if isinstance(ms, np.ndarray) else ms
         keys = [reader.redis_key(u) for u in chunk]
         for attempt in range(REDIS_WRITE_RETRIES):
             with reader.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*keys)
-                    df = _pooled_frame(reader, chunk, values, snapshot_id, ms, batch)
+                    df = _pooled_frame(reader, chunk, values, snapshot_id, chunk_ms, batch)
                     rows = PassthroughProvider._prep_rows_to_write_for_ingestion(feature_view=view, df=df)
                     pipe.multi()
                     for key, (_, features, event_ts, _) in zip(keys, rows):
@@ -710,20 +724,18 @@ def read_user_features(
         return pd.DataFrame(columns=["user_id", *columns]), {}
     unique = list(dict.fromkeys(int(u) for u in ids))
     rows = reader_for(store, view or user_features_view()).rows(unique, columns)
-    df = pd.DataFrame({"user_id": np.asarray(unique, dtype=np.int64)})
-    for c in columns:
-        df[c] = [rows.get(u, {}).get(c) for u in unique]
-    skipped: dict[int, str] = {}
-    if columns:
-        absent = df[columns].isna().all(axis=1).to_numpy()
-    else:
-        absent = np.zeros(len(df), dtype=bool)
-    for uid in df["user_id"].to_numpy()[absent].tolist():
-        skipped[int(uid)] = "no_features"
-    df = df.loc[~absent].reset_index(drop=True)
+    # The frame is built once from columns (the realtime path reads one user: pandas' per-column work is most
+    # of its cost).
+    present = [u for u in unique if not columns or any(rows.get(u, {}).get(c) is not None for c in columns)]
+    kept = set(present)
+    skipped = {u: "no_features" for u in unique if u not in kept}
+    data: dict[str, Any] = {"user_id": np.asarray(present, dtype=np.int64)}
+    for c in spec.user_dense:
+        data[c] = np.asarray([np.nan if (v := rows.get(u, {}).get(c)) is None else v for u in present], dtype=np.float32)
+    for c in spec.user_sparse:
+        data[c] = [rows.get(u, {}).get(c) for u in present]
+    df = pd.DataFrame(data, columns=["user_id", *columns])
     # Values of a feature declared after the user's row was written are filled (dense 0.0, sparse empty),
     # exactly as training fills them, so the served model sees what it was trained on.
     fill_missing_user_features(df, spec)
-    for c in spec.user_dense:
-        df[c] = df[c].astype(np.float32)
     return df, skipped

@@ -197,6 +197,7 @@ class ServingConfig(_Section):
     max_batch_users: int = Field(ge=1, le=BATCH_HARD_MAX)
     compute_max_batch_size: int = Field(ge=1)
     compute_batch_wait_ms: float = Field(ge=0)
+    compute_write_coalesce_ms: float = Field(ge=0, le=1000)
     compute_coalesce_ms: float = Field(ge=0, le=1000)
     compute_coalesce_max_users: int = Field(ge=1)
     compute_niceness: int = Field(ge=0, le=19)
