@@ -325,6 +325,26 @@ def test_realtime_answers_fresh_value_when_compute_is_fast(soap_env, serving_a, 
 
 
 @slow
+def test_back_to_back_realtime_reads_of_a_user_each_build_on_the_last(soap_env, deployed_a, serving_a, url):
+    """Realtime write-backs are buffered and written together after the answers; a read of a user whose write is
+    still buffered flushes it first, so each answer pools over the previous one and the last is what is stored."""
+    _fresh_rows(soap_env, url, deployed_a, [6])
+    with _configured(soap_env, mode="realtime", realtime_budget_ms=5000):
+        answers = []
+        for _ in range(3):
+            resp = httpx.get(f"{url}/users/6/embeddings", timeout=30)
+            assert resp.status_code == 200 and resp.json()["source"] == "compute", resp.text
+            answers.append(resp.json())
+        assert [a["pooled_versions"] for a in answers] == [1, 2, 3], answers
+        assert len({a["written_at_ms"] for a in answers}) == 3
+        last = answers[-1]
+        row = _poll(lambda: (r := _stored(soap_env, 6)) and r["written_at_ms"] == last["written_at_ms"] and r,
+                    what="the last realtime answer written back")
+        assert row["pooled_versions"] == 3
+        np.testing.assert_array_equal(np.asarray(last["embeddings"], np.float16), row["embeddings"])
+
+
+@slow
 def test_realtime_falls_back_to_store_within_budget_when_compute_is_slow(soap_env, deployed_a, serving_a, url):
     _fresh_rows(soap_env, url, deployed_a, [1])  # the late write-back below is then the one of this read
     budget_ms = 300

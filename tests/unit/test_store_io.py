@@ -154,6 +154,26 @@ def test_store_pools_current_with_two_previous_versions(feast_env):
     assert read_embeddings(store, [601])[601]["pooled_versions"] == 1
 
 
+def test_one_write_of_versions_computed_at_different_times_keeps_each_time(feast_env):
+    """The compute deployment writes the realtime versions of a window together: each row keeps the write time
+    it was computed (and answered) with, and pools exactly as a write of its own would."""
+    store = feast_env["store"]
+    rng = np.random.default_rng(17)
+    users, times = [720, 721, 722], [5_000, 5_007, 5_013]
+    emb = rng.standard_normal((3, K, D)).astype(np.float16)
+    write_embeddings(store, [721], rng.standard_normal((1, K, D)).astype(np.float16), "v", 1_000)  # 721 has history
+    alone = {u: read_embeddings(store, [u]).get(u) for u in users}
+    assert write_embeddings(store, users, emb, "w", times, to_offline=True) == 3
+    rows = read_embeddings(store, users)
+    assert [rows[u]["written_at_ms"] for u in users] == times
+    assert [rows[u]["pooled_versions"] for u in users] == [1, 2, 1]
+    expected_721 = np.mean([alone[721]["embeddings"].astype(np.float64), emb[1].astype(np.float64)], axis=0)
+    np.testing.assert_array_equal(rows[721]["embeddings"], expected_721.astype(np.float16))
+    np.testing.assert_array_equal(rows[720]["embeddings"], emb[0])
+    with pytest.raises(ValueError, match="2 write times for 3 rows"):
+        write_embeddings(store, users, emb, "w", times[:2])
+
+
 def test_concurrent_writers_never_lose_a_version(feast_env):
     """The read-modify-write is atomic (SQLite: a file lock; Redis: WATCH / MULTI / EXEC): 4 threads x 5 writes
     of distinct values to the same users. Each write pools what it read: a lost update would show as two writes
