@@ -194,12 +194,22 @@ class SoapClient:
         self.coalescer.loop = loop
 
     def close(self) -> None:
-        """Stops the client's own loop thread (compute calls in flight are abandoned)."""
+        """Stops the client's own loop thread; compute calls still in flight are cancelled (their write-backs may
+        still land: the compute deployment does not hear of the cancellation)."""
         loop, self._loop = self._loop, None
         if loop is not None and self._loop_thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            self._loop_thread.join(timeout=5)
-            self._loop_thread = None
+
+            async def cancel_inflight() -> None:
+                tasks = self.launcher.cancel_all()
+                if tasks:
+                    await asyncio.wait(tasks, timeout=5)
+
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_inflight(), loop).result(timeout=10)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                self._loop_thread.join(timeout=5)
+                self._loop_thread = None
         self._executor.shutdown(wait=False)
 
     def __enter__(self) -> "SoapClient":

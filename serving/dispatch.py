@@ -69,6 +69,13 @@ class ComputeLauncher:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def cancel_all(self) -> set["asyncio.Task"]:
+        """Cancels the calls in flight (call from the event loop); returns their tasks."""
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return tasks
+
     def fire(self, make_call: Callable[[], Awaitable[Any]], users: int = 1) -> "asyncio.Task | None":
         """Reserves and starts a call without awaiting it.
 
