@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -28,6 +29,7 @@ __all__ = [
     "USER_ID_BOUND",
     "UserId",
     "VersionResponse",
+    "json_bytes",
     "json_response",
 ]
 
@@ -141,8 +143,9 @@ API_DESCRIPTION = (
 def json_response(content: Any, status_code: int = 200) -> Response:
     """A JSON response serialised once (the route's response_model documents it; FastAPI would otherwise
     validate and re-encode the K x D floats on every read)."""
-    import orjson
+    return Response(content=json_bytes(content), status_code=status_code, media_type="application/json")
 
-    # numpy arrays (the embeddings) serialised natively: float64 prints each fp16 value exactly.
-    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(content=body, status_code=status_code, media_type="application/json")
+
+def json_bytes(content: Any) -> bytes:
+    """Compact JSON; numpy arrays (the embeddings) serialised natively: float64 prints each fp16 value exactly."""
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

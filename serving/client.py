@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Awaitable, Sequence
 
 from serving.dispatch import ComputeCoalescer, ComputeLauncher
-from serving.metrics import IngressMetrics
+from serving.metrics import DeferredMetrics, IngressMetrics
 from serving.ray_cluster import connect_ray
 from serving.settings import MODES, ingress_user_config, validate_ingress_config
 from serving.store_io import EmbeddingReader
@@ -157,9 +157,7 @@ class SoapClient:
         params = params or load_params()
         connect_ray(params)
         handle = serve.get_deployment_handle("ComputeCenter", app_name=params.serving.app_name)
-        sink = None
-        if metrics:
-            sink = IngressMetrics()
+        sink = DeferredMetrics(IngressMetrics()) if metrics else None
         client = cls(
             get_store(params),
             handle,
@@ -167,7 +165,9 @@ class SoapClient:
             max_inflight=int(params.serving.max_inflight_compute),
             metrics=sink,
         )
-        client.start_loop()
+        loop = client.start_loop()
+        if sink is not None:
+            sink.start(loop)
         return client
 
     def start_loop(self) -> asyncio.AbstractEventLoop:

@@ -149,12 +149,16 @@ class ComputeCoalescer:
             if not launcher.reserve_locked(1):
                 return "dropped"
             self._pending[user_id] = None
-            full = len(self._pending) >= self.max_users
+            full = ids = None
+            if len(self._pending) >= self.max_users:  # sent at once, however many threads keep adding
+                full, ids = True, list(self._pending)
+                self._pending.clear()
+                self._armed = False
             arm = not full and not self._armed
             if arm:
                 self._armed = True
         if full:
-            self._on_loop(self.flush)
+            self._on_loop(lambda: self._start(ids))
         elif arm:
             self._on_loop(self._arm)
         return "scheduled"
@@ -179,6 +183,7 @@ class ComputeCoalescer:
             self._timer = loop.call_later(self.window_s, self.flush) if self.window_s > 0 else loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Sends the window's users now (on the loop)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -186,6 +191,8 @@ class ComputeCoalescer:
             ids = list(self._pending)
             self._pending.clear()
             self._armed = False
-        if not ids:
-            return
-        self._launcher.start(lambda: self._send(ids), reserved=len(ids))
+        self._start(ids)
+
+    def _start(self, ids: list[int]) -> None:
+        if ids:
+            self._launcher.start(lambda: self._send(ids), reserved=len(ids))

@@ -502,6 +502,26 @@ def test_openapi_bounds_agree_with_validation_and_fuzzing_finds_no_fault(serving
 
 
 @slow
+def test_the_hot_route_answers_what_the_framework_route_answers(soap_env, deployed_a, serving_a, url):
+    """GET /users/{id}/embeddings with a plain id and mode is answered without FastAPI (serving.http_app.FastUserReads);
+    the same request in a form only FastAPI takes (an extra query parameter, a leading zero) gets the same answer."""
+    _fresh_rows(soap_env, url, deployed_a, [0])
+    for user, mode in ((0, "offline"), (UNKNOWN_USER, "offline"), (0, "async"), (UNKNOWN_USER, "async")):
+        fast = httpx.get(f"{url}/users/{user}/embeddings", params={"mode": mode}, timeout=30)
+        slow_ = httpx.get(f"{url}/users/0{user}/embeddings", params={"mode": mode, "trace": "1"}, timeout=30)
+        assert fast.status_code == slow_.status_code == (200 if user == 0 else 404), (fast.text, slow_.text)
+        assert fast.headers["content-type"] == slow_.headers["content-type"] == "application/json"
+        a, b = fast.json(), slow_.json()
+        if user == 0:
+            a.pop("age_seconds"), b.pop("age_seconds")
+        assert a == b, (a, b)
+    # What the fast path does not take goes to FastAPI: its validation answers.
+    assert httpx.get(f"{url}/users/{2**63}/embeddings", timeout=30).status_code == 422
+    assert httpx.get(f"{url}/users/1/embeddings", params={"mode": "warp"}, timeout=30).status_code == 422
+    assert httpx.post(f"{url}/users/1/embeddings", timeout=30).status_code == 405
+
+
+@slow
 def test_in_process_client_answers_what_http_answers(soap_env, deployed_a, serving_a, url):
     """The SOAP client a Python downstream model holds (SoapClient.connect) reads the store itself and answers what
     the HTTP API answers, mode by mode; its async reads schedule real recomputes through the compute handle."""
