@@ -124,9 +124,9 @@ class SoapClient:
         )
         #: Reads answered, users not found, realtime fallbacks, frozen failures.
         self.stats = {"requests": 0, "not_found": 0, "fallbacks": 0, "frozen_failures": 0}
-        # A store read takes ~0.1 ms and, in WAL mode, does not wait for writers: it runs on the caller's
-        # thread (a thread hop would cost more than the read). One that finds the database locked (rare:
-        # WAL recovery) is retried on this thread with a long lock timeout.
+        # A store read takes ~0.05 ms and, in WAL mode, does not wait for writers: it runs on the caller's
+        # thread (a thread hop would cost more than the read). On the event loop, one that finds the database
+        # locked (rare: WAL recovery) is retried on this executor's thread with a long lock timeout.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-read")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -247,7 +247,7 @@ class SoapClient:
 
         Raises:
             StoreUnavailable: The online store could not be read.
-            ValueError: An unknown mode or a negative id.
+            ValueError: An unknown mode.
         """
         ids = [int(user_ids)] if isinstance(user_ids, int) else [int(u) for u in user_ids]
         mode = self._mode(mode)
@@ -268,7 +268,8 @@ class SoapClient:
 
     # -- the async API (on the loop compute calls run on) ---------------------------------------
     async def answer(self, user_ids: Sequence[int], mode: str | None = None, t0: float | None = None) -> dict[int, dict]:
-        """Like :meth:`get`, on the client's event loop (the HTTP service's); metrics are left to the caller.
+        """Like :meth:`get`, on the client's event loop (the HTTP service's); counting the read (:meth:`account`) is
+        left to the caller.
 
         Raises:
             StoreUnavailable: The online store read failed (async, realtime, offline).
