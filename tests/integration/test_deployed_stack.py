@@ -25,12 +25,12 @@ import psutil
 import pytest
 import yaml
 
+from params_env import params_in_force
 from serving.rollout import served_snapshot_id, served_version
 from sum_pipeline import driver
 from sum_pipeline.airflow_api import AirflowClient
 from sum_pipeline.airflow_env import DAG_ID
 from sum_pipeline.stack import AIRFLOW_COMPONENTS, Stack
-from sum_platform.config import load_params
 from sum_platform.context import context
 from sum_platform.files import write_partition
 from sum_platform.simulate import simulate_day
@@ -65,17 +65,8 @@ def stack_params(session_dir: Path):
     raw["serving"]["compute_replicas"] = 2
     raw["train"]["workers"] = 2
     raw["inference"]["engine"] = "ray_data"
-    path = session_dir / "stack-params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    old = {k: os.environ.get(k) for k in ("SUM_PARAMS", "SUM_WORKSPACE")}
-    os.environ["SUM_PARAMS"] = str(path)
-    os.environ.pop("SUM_WORKSPACE", None)
-    yield load_params()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with params_in_force(raw, session_dir / "stack-params.yaml") as params:
+        yield params
 
 
 def _sumctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:

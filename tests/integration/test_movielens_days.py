@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from params_env import params_in_force
+
 pytestmark = pytest.mark.slow
 
 DAYS = ("1997-09-20", "1997-09-21")
@@ -21,23 +23,12 @@ DAYS = ("1997-09-20", "1997-09-21")
 
 @pytest.fixture(scope="module")
 def movielens_params(session_dir: Path):
-    from sum_platform.config import load_params
-
     raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())
     raw["profile"] = "movielens"
     raw["profiles"]["movielens"]["paths"] = {"workspace": "movielens-workspace", "dvc_remote": "movielens-remote"}
     raw["source"]["movielens"]["cache_dir"] = str(session_dir / "movielens-cache")
-    path = session_dir / "params-movielens.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    old = {k: os.environ.get(k) for k in ("SUM_PARAMS", "SUM_WORKSPACE")}
-    os.environ["SUM_PARAMS"] = str(path)
-    os.environ.pop("SUM_WORKSPACE", None)
-    yield load_params()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with params_in_force(raw, session_dir / "params-movielens.yaml") as params:
+        yield params
 
 
 @pytest.fixture(scope="module")

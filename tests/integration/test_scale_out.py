@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from params_env import params_in_force
+
 pytestmark = pytest.mark.slow
 
 DAYS = ("2026-01-01", "2026-01-02")
@@ -24,25 +26,14 @@ DAYS = ("2026-01-01", "2026-01-02")
 
 @pytest.fixture(scope="module")
 def scale_params(session_dir: Path, redis_server):
-    from sum_platform.config import load_params
-
     redis_server["flush"]()  # no rows of an earlier module's workspace
     raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())
     raw["profile"] = ["redis"]
     raw["paths"] = {"workspace": "scale-workspace", "dvc_remote": "scale-remote"}
     raw["train"]["workers"] = 2
     raw["inference"]["engine"] = "ray_data"
-    path = session_dir / "params-scale.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    old = {k: os.environ.get(k) for k in ("SUM_PARAMS", "SUM_WORKSPACE")}
-    os.environ["SUM_PARAMS"] = str(path)
-    os.environ.pop("SUM_WORKSPACE", None)
-    yield load_params()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with params_in_force(raw, session_dir / "params-scale.yaml") as params:
+        yield params
 
 
 @pytest.fixture(scope="module")
