@@ -2,8 +2,12 @@
 
 Modules:
     app          build_app(): binds SoapIngress -> ComputeCenter with pinned code versions
-    api          the HTTP contract: request/response models, the FastAPI object, json_response
-    ingress      SoapIngress deployment: reads in async / realtime / offline / frozen mode, five routes
+    api          the HTTP contract: request/response models, json_response / json_bytes
+    client       SoapClient: the one read path (modes, store reads, coalesced compute calls); in process for
+                 Python downstream models (SoapClient.connect), or behind the HTTP API
+    http_app     build_http_app(): the five routes over a SoapClient; FastUserReads, the hot route without FastAPI
+    http_server  HttpServer: uvicorn on the running loop, SO_REUSEPORT listener, draining on replacement
+    ingress      SoapIngress deployment: its replica is the HTTP server of the read path (no Serve proxy)
     dispatch     ComputeLauncher, ComputeCoalescer: fire-and-forget compute calls (pure asyncio, no Ray)
     compute      ComputeCenter deployment: production + frozen user towers, batched compute, pooled write-back
     cpu          CPU priority and pinning of the compute worker threads (stdlib only)

@@ -278,12 +278,7 @@ class SoapClient:
         t0 = time.perf_counter() if t0 is None else t0
         ids = list(dict.fromkeys(int(u) for u in user_ids))
         if mode in ("async", "offline"):
-            try:
-                rows = self._read_raise_locked(ids, _source(mode))
-            except _Locked:
-                rows = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._read_blocking, ids, _source(mode))
-            return self._stored_items(ids, mode, rows)
+            return self._stored_items(ids, mode, await self._read_on_loop(ids, _source(mode)))
         if mode == "frozen":
             return await self._answer_frozen(ids, t0)
         return await self._answer_realtime(ids, t0)
@@ -338,10 +333,7 @@ class SoapClient:
     async def _answer_realtime(self, ids: list[int], t0: float) -> dict[int, dict]:
         # The compute call is fired first, the store is read meanwhile.
         tasks = {u: self._fire("compute", u, "realtime") for u in ids}
-        try:
-            rows = self._read_raise_locked(ids, "served")
-        except _Locked:
-            rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._read_blocking, ids, "served")
+        rows = await self._read_on_loop(ids, "served")
         budget = float(self.config["realtime_budget_ms"]) / 1000.0
         results = await self._wait(tasks, t0 + budget)
         out = {}
@@ -357,6 +349,13 @@ class SoapClient:
         return out
 
     # -- store reads ----------------------------------------------------------------------------
+    async def _read_on_loop(self, ids: list[int], source: str) -> dict[int, dict]:
+        """The read on the event loop with a short lock wait; a locked file is read again off the loop."""
+        try:
+            return self._read_raise_locked(ids, source)
+        except _Locked:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._read_blocking, ids, source)
+
     def _read_raise_locked(self, ids: list[int], source: str) -> dict[int, dict]:
         """The read with a short lock wait (on the event loop); :class:`_Locked` when the file is locked."""
         try:

@@ -266,11 +266,10 @@ class ComputeCenter:
             return results
         self._flush()
         await asyncio.wait({write})
-        if write.exception() is None:
-            for u in pending["user_ids"]:
-                results[u]["status"] = "written"
-        elif wait_for_write:
+        if write.exception() is not None:
             raise write.exception()  # type: ignore[misc]
+        for u in pending["user_ids"]:
+            results[u]["status"] = "written"
         return results
 
     def _buffer_write(self, pending: dict) -> "asyncio.Future":

@@ -99,10 +99,6 @@ class HttpServer:
             await asyncio.sleep(0.01)
         log.info("SOAP HTTP server listening on %s:%d", self.host, self.port)
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
     def failure(self) -> str | None:
         """Why the server stopped (None while it runs)."""
         if self._task is None:

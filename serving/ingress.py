@@ -88,10 +88,6 @@ class SoapIngress:
         if failure:
             raise RuntimeError(f"SOAP HTTP server on {self._server.host}:{self._server.port} {failure}")
 
-    def health(self) -> dict:
-        """The client's counters (what ``/healthz`` reports), asked through Ray."""
-        return {"listening": f"{self._server.host}:{self._server.port}", **self.client.health()}
-
     async def __del__(self) -> None:
         # Serve calls this before the replica stops (a replacement, a scale-down, serve.delete).
         await self._server.drain(DRAIN_GRACE_S)

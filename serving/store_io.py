@@ -633,8 +633,9 @@ def write_embeddings(
         return pd.DataFrame() if return_frame else 0
     if isinstance(written_at, (list, tuple, np.ndarray)):
         per_row = np.asarray(written_at, dtype=np.int64)
-        if per_row.shape != (len(_as_user_ids(user_ids)),):
-            raise ValueError(f"{per_row.size} write times for {len(_as_user_ids(user_ids))} rows")
+        n_rows = len(embeddings_fp16)  # as many as user ids (checked above)
+        if per_row.shape != (n_rows,):
+            raise ValueError(f"{per_row.size} write times for {n_rows} rows")
         ms: int | np.ndarray = per_row[picked]
     else:
         ms = to_ms(written_at)
