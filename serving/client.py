@@ -85,6 +85,16 @@ class NoMetrics:
         return NoMetrics._Sink()
 
 
+def _over_grpc(compute: Any) -> Any:
+    """A Serve handle whose calls go over the replicas' inter-deployment gRPC servers (each Serve replica runs
+    one, token-authenticated like Ray's own ports; Serve's throughput-optimised mode uses them) instead of Ray
+    actor calls: ~1.3 vs ~2.5 ms for a no-op call between two replicas on the 2-core machine. Results come back by
+    value, which is all the compute calls return."""
+    from ray.serve.handle import DeploymentHandle
+
+    return compute.options(_by_reference=False) if isinstance(compute, DeploymentHandle) else compute
+
+
 def _source(mode: str) -> str:
     return "batch" if mode == "offline" else "served"
 
@@ -113,7 +123,7 @@ class SoapClient:
         self.config_error: str | None = None
         self.store = store
         self._reader = EmbeddingReader(store)
-        self._compute = compute
+        self._compute = _over_grpc(compute)
         self._metrics = metrics if metrics is not None else NoMetrics()
         self.launcher = ComputeLauncher(int(max_inflight), on_outcome=self._count_outcome)
         self.coalescer = ComputeCoalescer(

@@ -35,7 +35,7 @@ from ray import serve
 from serving.cpu import background_thread, thread_priority
 from serving.metrics import ComputeMetrics
 from serving.settings import USER_CONFIG_KEYS, open_store, snapshot_fingerprint
-from serving.store_io import pooled_preview, read_user_features, to_ms, write_embeddings
+from serving.store_io import pooled_preview, read_user_rows, to_ms, write_embeddings
 
 __all__ = ["ComputeCenter"]
 
@@ -441,6 +441,9 @@ def _compute_pooled(
 ) -> tuple[dict[int, dict], dict | None]:
     """Job 1 of a compute batch: read features -> tower (-> pooled value as the write will store it).
 
+    Rows go from the store to the tower's tensors without a pandas frame (for the one user of a realtime call
+    the frame cost more than the tower).
+
     Args:
         preview: Compute the pooled value now (realtime answers with it); otherwise only the tower runs
             and results carry no embeddings (async: nobody waits for them).
@@ -449,35 +452,40 @@ def _compute_pooled(
         ``(results, pending)``: per user the answer (status ``computed``, with the pooled embeddings when
         ``preview``, or a skip reason), and what job 2 writes (None if nothing).
     """
-    from sum_models.snapshot import embed_users  # torch: loaded in the replica only
-
-    unique = list(dict.fromkeys(int(u) for u in user_ids))
-    frame, skipped = read_user_features(store, unique, tower.spec)
+    rows, skipped = read_user_rows(store, user_ids, tower.spec)
     results: dict[int, dict] = {
         u: {"user_id": u, "status": reason, "snapshot_id": None, "written_at_ms": None} for u, reason in skipped.items()
     }
-    if not len(frame):
+    if not rows:
         return results, None
-    emb = embed_users(tower, frame, tower.spec, batch_size=TOWER_BATCH_SIZE)
+    ids = list(rows)
+    emb = _embed_rows(tower, list(rows.values()))
     written_at_ms = to_ms(None)
-    ids = frame["user_id"].to_numpy()
-    pending = {"user_ids": [int(u) for u in ids], "embeddings": emb, "written_at_ms": written_at_ms}
+    pending = {"user_ids": ids, "embeddings": emb, "written_at_ms": written_at_ms}
     if not preview:
-        for u in pending["user_ids"]:
+        for u in ids:
             results[u] = {"user_id": u, "status": "computed", "snapshot_id": snapshot_id, "written_at_ms": written_at_ms}
         return results, pending
-    rows = pooled_preview(store, ids, emb, snapshot_id, written_at_ms)
-    k = emb.shape[1]
-    for r in rows.itertuples(index=False):
-        results[int(r.user_id)] = {
-            "user_id": int(r.user_id),
+    for u, (pooled, n_pooled) in pooled_preview(store, ids, emb, snapshot_id, written_at_ms).items():
+        results[u] = {
+            "user_id": u,
             "status": "computed",
             "snapshot_id": snapshot_id,
             "written_at_ms": written_at_ms,
-            "pooled_versions": int(r.pooled_versions),
-            "embeddings": np.stack([np.asarray(getattr(r, f"embedding_{j}")) for j in range(k)]).astype(np.float16),
+            "pooled_versions": n_pooled,
+            "embeddings": pooled,
         }
     return results, pending
+
+
+def _embed_rows(tower, rows: list[dict]) -> np.ndarray:
+    """fp16 ``[N, K, D]`` embeddings of feature rows, ``TOWER_BATCH_SIZE`` users per forward pass."""
+    from sum_models.data import encode_user_rows  # torch: loaded in the replica only
+    from sum_models.snapshot import embed_inputs
+
+    parts = [embed_inputs(tower, encode_user_rows(rows[s : s + TOWER_BATCH_SIZE], tower.spec))
+             for s in range(0, len(rows), TOWER_BATCH_SIZE)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
@@ -489,17 +497,14 @@ def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
 
 def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:
     """Blocking part of a frozen batch: read features -> tower (no pooling, no write)."""
-    from sum_models.snapshot import embed_users  # torch: loaded in the replica only
-
-    unique = list(dict.fromkeys(int(u) for u in user_ids))
-    frame, skipped = read_user_features(store, unique, tower.spec)
+    rows, skipped = read_user_rows(store, user_ids, tower.spec)
     results: dict[int, dict] = {u: {"user_id": u, "status": reason, "snapshot_id": None} for u, reason in skipped.items()}
-    if len(frame):
-        emb = embed_users(tower, frame, tower.spec, batch_size=TOWER_BATCH_SIZE)
+    if rows:
+        emb = _embed_rows(tower, list(rows.values()))
         now = to_ms(None)
-        for i, u in enumerate(frame["user_id"].tolist()):
-            results[int(u)] = {
-                "user_id": int(u),
+        for i, u in enumerate(rows):
+            results[u] = {
+                "user_id": u,
                 "status": "computed",
                 "snapshot_id": snapshot_id,
                 "written_at_ms": now,

@@ -68,6 +68,7 @@ __all__ = [
     "read_embeddings_feast",
     "read_history",
     "read_user_features",
+    "read_user_rows",
     "reader_for",
     "pooled_preview",
 ]
@@ -184,6 +185,9 @@ class OnlineRowReader:
 
         self.store = store
         self.view = view
+        # Held for writes too: Feast's write_to_online_store rebuilds every view from the registry's protos on
+        # each call (~45 % of a compute write-back's time).
+        self.feature_view = store.get_feature_view(view)
         cfg = store.config
         kind = str(getattr(cfg.online_store, "type", ""))
         self.backend = kind if kind in ("sqlite", "redis") else "feast"
@@ -196,7 +200,7 @@ class OnlineRowReader:
 
             self.redis = redis_client(cfg.online_store.connection_string)
             self._project = cfg.project.encode("utf-8")
-            self._fv_name = _versioned_fv_name(store.get_feature_view(view), cfg)
+            self._fv_name = _versioned_fv_name(self.feature_view, cfg)
             self._ts_field = f"_ts:{self._fv_name}".encode()
             self._field_hash = lambda name: _mmh3(f"{self._fv_name}:{name}")
         if self._direct:
@@ -205,7 +209,7 @@ class OnlineRowReader:
                 path = Path(cfg.repo_path) / path
             self.path = path
             versioning = bool(getattr(cfg.registry, "enable_online_feature_view_versioning", False))
-            self.table = compute_table_id(cfg.project, store.get_feature_view(view), versioning)
+            self.table = compute_table_id(cfg.project, self.feature_view, versioning)
 
     def _conn(self, timeout_s: float) -> sqlite3.Connection:
         conns = getattr(self._local, "conns", None)
@@ -519,29 +523,16 @@ def _pooled_frame(
     """The rows to write: each user's stored history shifted by the new version, pooled (``ms``: the write time,
     one for all rows or one per row)."""
     k = reader.k
-    shape = (k, emb16.shape[2])
     empty = np.zeros(0, dtype=np.float32)
-    old_rows = reader.rows(order, history_fields(k))
     cols: dict[str, list] = {name: [] for name in history_fields(k)}
-    per_row = isinstance(ms, np.ndarray)
-    for i, uid in enumerate(order):
-        ms_i = int(ms[i]) if per_row else ms
-        old = old_rows.get(uid)
-        stored = _versions(old, k, shape)
-        same_version = (
-            old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms_i
-        )
-        # A rerun of the latest version replaces it; any other write pushes the oldest out of the pool.
-        slots = [emb16[i], *(stored[1:] if same_version else stored[:-1])]
-        present = [v for v in slots if v is not None]
-        pooled = pool(present)
+    for uid, old, ms_i, slots, pooled, n_pooled in _pool_versions(reader, order, emb16, snapshot_id, ms):
         for j in range(k):
             cols[f"embedding_{j}"].append(pooled[j].astype(np.float32))
             for slot, value in zip(EMBEDDING_SLOTS, slots):
                 cols[f"{slot}_embedding_{j}"].append(empty if value is None else np.asarray(value[j], dtype=np.float32))
         cols["snapshot_id"].append(str(snapshot_id))
         cols["written_at_ms"].append(ms_i)
-        cols["pooled_versions"].append(len(present))
+        cols["pooled_versions"].append(n_pooled)
         if batch:
             for j in range(k):
                 cols[f"batch_embedding_{j}"].append(pooled[j].astype(np.float32))
@@ -565,23 +556,49 @@ def _pooled_frame(
     return pd.DataFrame(frame)
 
 
+def _pool_versions(
+    reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str, ms: "int | np.ndarray"
+) -> Iterator[tuple[int, dict | None, int, list, np.ndarray, int]]:
+    """Per user of a write: ``(user_id, stored row, write time, version slots [raw, prev1, prev2], pooled fp16
+    [K, D], versions pooled)`` -- the new version shifted into the user's stored history (paper §5.2)."""
+    k = reader.k
+    shape = (k, emb16.shape[2])
+    old_rows = reader.rows(order, history_fields(k))
+    per_row = isinstance(ms, np.ndarray)
+    for i, uid in enumerate(order):
+        ms_i = int(ms[i]) if per_row else int(ms)
+        old = old_rows.get(uid)
+        stored = _versions(old, k, shape)
+        same_version = (
+            old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms_i
+        )
+        # A rerun of the latest version replaces it; any other write pushes the oldest out of the pool.
+        slots = [emb16[i], *(stored[1:] if same_version else stored[:-1])]
+        present = [v for v in slots if v is not None]
+        yield uid, old, ms_i, slots, pool(present), len(present)
+
+
 def pooled_preview(
     store: "FeatureStore",
     user_ids: Sequence[int] | np.ndarray,
     embeddings_fp16: np.ndarray,
     snapshot_id: str,
     written_at: datetime | pd.Timestamp | int | None = None,
-) -> pd.DataFrame:
-    """The rows :func:`write_embeddings` would write now, without writing (no lock taken).
+) -> dict[int, tuple[np.ndarray, int]]:
+    """The served values :func:`write_embeddings` would write now, without writing (no lock taken).
 
     The realtime path answers with this value and writes it right after; a concurrent writer slipping in
     between can make the stored value differ from the answered one (both are valid pools).
+
+    Returns:
+        ``{user_id: (pooled fp16 [K, D], versions pooled)}``.
     """
     reader = reader_for(store)
     order, emb16, _ = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
-        return pd.DataFrame()
-    return _pooled_frame(reader, order, emb16, snapshot_id, to_ms(written_at), batch=False)
+        return {}
+    return {uid: (pooled, n) for uid, _, _, _, pooled, n in _pool_versions(reader, order, emb16, snapshot_id,
+                                                                           to_ms(written_at))}
 
 
 def write_embeddings(
@@ -602,7 +619,8 @@ def write_embeddings(
     new``) and the served ``embedding_k`` becomes their fp16 mean (fewer versions for a new user). A
     write carrying the same ``snapshot_id`` and write time as the stored latest version replaces it
     (idempotent reruns). Stored history whose shape differs from the new ``[K, D]`` is dropped. Rows go
-    to the online store through Feast's ``write_to_online_store`` (``push`` with ``to_offline``).
+    to the online store through Feast's provider (``ingest_df``, what ``write_to_online_store`` calls;
+    Redis: Feast's row encoding in a transaction per chunk).
 
     Args:
         store: An open feature store whose definitions are applied.
@@ -644,7 +662,8 @@ def write_embeddings(
     else:
         with _write_lock(store):
             df = _pooled_frame(reader, order, emb16, snapshot_id, ms, batch)
-            store.write_to_online_store(EMBEDDINGS_VIEW, df)
+            # What write_to_online_store does after its registry lookup, with the reader's view.
+            store._get_provider().ingest_df(reader.feature_view, df)
     if to_offline:
         log_offline(store, df, offline_file)
     return df if return_frame else int(len(df))
@@ -667,7 +686,7 @@ def _write_redis(store: "FeatureStore", reader: EmbeddingReader, order: list[int
     from feast.infra.passthrough_provider import PassthroughProvider
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    view = store.get_feature_view(EMBEDDINGS_VIEW)
+    view = reader.feature_view
     frames = []
     for lo in range(0, len(order), REDIS_WRITE_CHUNK):
         chunk, values = order[lo : lo + REDIS_WRITE_CHUNK], emb16[lo : lo + REDIS_WRITE_CHUNK]
@@ -700,13 +719,39 @@ def _write_redis(store: "FeatureStore", reader: EmbeddingReader, order: list[int
 def log_offline(store: "FeatureStore", rows: pd.DataFrame, name: str | None = None) -> None:
     """Appends written ``sum_embeddings`` rows (:func:`write_embeddings` ``return_frame``) to the view's offline
     source, under ``name`` in each date's partition (a rerun replaces its own file; default: a unique name)."""
-    source = store.get_feature_view(EMBEDDINGS_VIEW).batch_source
+    source = reader_for(store).feature_view.batch_source
     append_rows(partition_root(source.path), rows, source.timestamp_field, name)
 
 
 # ---------------------------------------------------------------------------------------------
 # User features (the compute deployment's inputs)
 # ---------------------------------------------------------------------------------------------
+def read_user_rows(
+    store: "FeatureStore", user_ids: Sequence[int] | np.ndarray, spec: "FeatureSpec", view: str | None = None,
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Reads users' current input features as rows (what :func:`sum_models.data.encode_user_rows` encodes).
+
+    Returns:
+        ``(rows, skipped)``: ``{user_id: {feature: value or None}}`` for the users with a stored row (None: a
+        feature declared after the row was written), in first-seen order; ``{user_id: "no_features"}`` for the
+        others.
+    """
+    columns = list(spec.user_dense) + list(spec.user_sparse)
+    unique = list(dict.fromkeys(int(u) for u in _as_user_ids(user_ids)))
+    if not unique:
+        return {}, {}
+    stored = reader_for(store, view or user_features_view()).rows(unique, columns)
+    rows: dict[int, dict[str, Any]] = {}
+    skipped: dict[int, str] = {}
+    for u in unique:
+        row = stored.get(u) or {}
+        if columns and all(row.get(c) is None for c in columns):
+            skipped[u] = "no_features"
+        else:
+            rows[u] = {c: row.get(c) for c in columns}
+    return rows, skipped
+
+
 def read_user_features(
     store: "FeatureStore", user_ids: Sequence[int] | np.ndarray, spec: "FeatureSpec", view: str | None = None,
 ) -> tuple[pd.DataFrame, dict[int, str]]:
@@ -726,22 +771,15 @@ def read_user_features(
     """
     from sum_models.data import fill_missing_user_features  # compute path only: keeps torch off the reader
 
-    ids = _as_user_ids(user_ids)
     columns = list(spec.user_dense) + list(spec.user_sparse)
-    if ids.size == 0:
-        return pd.DataFrame(columns=["user_id", *columns]), {}
-    unique = list(dict.fromkeys(int(u) for u in ids))
-    rows = reader_for(store, view or user_features_view()).rows(unique, columns)
-    # The frame is built once from columns (the realtime path reads one user: pandas' per-column work is most
-    # of its cost).
-    present = [u for u in unique if not columns or any(rows.get(u, {}).get(c) is not None for c in columns)]
-    kept = set(present)
-    skipped = {u: "no_features" for u in unique if u not in kept}
+    rows, skipped = read_user_rows(store, user_ids, spec, view)
+    present = list(rows)
+    # The frame is built once from columns (pandas' per-column work is what a few users' frame costs).
     data: dict[str, Any] = {"user_id": np.asarray(present, dtype=np.int64)}
     for c in spec.user_dense:
-        data[c] = np.asarray([np.nan if (v := rows.get(u, {}).get(c)) is None else v for u in present], dtype=np.float32)
+        data[c] = np.asarray([np.nan if (v := rows[u][c]) is None else v for u in present], dtype=np.float32)
     for c in spec.user_sparse:
-        data[c] = [rows.get(u, {}).get(c) for u in present]
+        data[c] = [rows[u][c] for u in present]
     df = pd.DataFrame(data, columns=["user_id", *columns])
     # Values of a feature declared after the user's row was written are filled (dense 0.0, sparse empty),
     # exactly as training fills them, so the served model sees what it was trained on.

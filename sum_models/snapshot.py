@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from sum_models.data import encode_users
+from sum_models.data import UserInputs, encode_users
 from sum_models.flops import model_flops, parameter_counts, synthetic_user_batch
 from sum_models.inference import PROGRAM_FILE, file_sha256
 from sum_models.model import SUMModel, check_spec, model_config_dict
@@ -54,6 +54,7 @@ __all__ = [
     "load_user_tower",
     "load_model",
     "embed_users",
+    "embed_inputs",
 ]
 
 USER_TOWER_FILE = "user_tower.safetensors"
@@ -357,11 +358,28 @@ def embed_users(tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, bat
     check_spec(getattr(tower, "spec", None), spec, user_only=True)
     k, d = int(tower.num_embeddings), int(tower.embedding_dim)
     out = np.empty((len(users_df), k, d), dtype=np.float16)
-    with torch.inference_mode():
-        for s in range(0, len(users_df), batch_size):
-            inputs = encode_users(users_df.iloc[s : s + batch_size], spec)
-            emb = tower(inputs.dense, inputs.sparse_ids, inputs.sparse_offsets)  # [B, K, D] fp32
-            out[s : s + len(inputs)] = emb.to(torch.float16).numpy()  # paper §5.3: fp16
+    for s in range(0, len(users_df), batch_size):
+        inputs = encode_users(users_df.iloc[s : s + batch_size], spec)
+        out[s : s + len(inputs)] = embed_inputs(tower, inputs, check=False)
     if not np.isfinite(out).all():
+        raise ValueError("user embeddings overflow float16 (|value| > 65504) or are NaN")
+    return out
+
+
+def embed_inputs(tower: UserTower, inputs: UserInputs, check: bool = True) -> np.ndarray:
+    """SUM user embeddings of encoded inputs, in one forward pass (serving: a few users, no frame).
+
+    Args:
+        tower: A user tower (see :func:`embed_users`).
+        inputs: ``B`` users' encoded features (:func:`sum_models.data.encode_user_rows`).
+        check: Raise if an embedding overflows fp16 or is NaN.
+
+    Returns:
+        float16 ``[B, K, D]`` (paper §5.3: embeddings are stored and served in fp16).
+    """
+    with torch.inference_mode():
+        emb = tower(inputs.dense, inputs.sparse_ids, inputs.sparse_offsets)  # [B, K, D] fp32
+        out = emb.to(torch.float16).numpy()
+    if check and not np.isfinite(out).all():
         raise ValueError("user embeddings overflow float16 (|value| > 65504) or are NaN")
     return out

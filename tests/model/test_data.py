@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sum_models.data import encode_examples, encode_users, fill_missing_user_features
+from sum_models.data import encode_examples, encode_user_rows, encode_users, fill_missing_user_features
 
 
 def test_encode_examples_shapes_and_types(spec, make_examples):
@@ -98,3 +98,32 @@ def test_fill_missing_user_features_fills_only_the_gaps(spec):
     users = encode_users(df, spec)  # encodable now: no NaN, the filled list is an empty bag
     assert users.sparse_offsets[0].tolist() == [0, 2, 2]
     assert fill_missing_user_features(df, spec) == {}
+
+
+def test_encode_user_rows_matches_the_filled_frame(spec, make_users):
+    """Serving encodes store rows without a frame: the tensors training's frame path gives, gaps filled alike."""
+    df = make_users(12, seed=3)
+    rows = [{c: df.at[i, c] for c in (*spec.user_dense, *spec.user_sparse)} for i in range(len(df))]
+    rows[4]["d2"], rows[7]["pages"], rows[9]["topics"] = None, None, np.array([], dtype=np.int64)
+    frame = df.copy()
+    frame.loc[4, "d2"] = np.nan
+    frame["pages"] = [None if i == 7 else v for i, v in enumerate(frame["pages"])]
+    frame["topics"] = [np.array([], dtype=np.int64) if i == 9 else v for i, v in enumerate(frame["topics"])]
+    fill_missing_user_features(frame, spec)
+    got, want = encode_user_rows(rows, spec), encode_users(frame, spec)
+    assert got.dense[4, 2] == 0.0 and got.sparse_offsets[0][8] == got.sparse_offsets[0][7]  # filled: 0.0, empty bag
+    assert torch.equal(got.dense, want.dense)
+    for a, b in zip(got.sparse_ids + got.sparse_offsets, want.sparse_ids + want.sparse_offsets):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_encode_user_rows_rejects_what_the_frame_path_rejects(spec, make_users):
+    df = make_users(3, seed=0)
+    rows = [{c: df.at[i, c] for c in (*spec.user_dense, *spec.user_sparse)} for i in range(len(df))]
+    with pytest.raises(ValueError, match="'d1'"):
+        encode_user_rows([*rows[:2], {**rows[2], "d1": np.inf}], spec)
+    with pytest.raises(ValueError, match="'topics'"):
+        encode_user_rows([{k: v for k, v in rows[0].items() if k != "topics"}], spec)
+    with pytest.raises(ValueError, match="'pages'"):
+        encode_user_rows([{**rows[0], "pages": ["a"]}], spec)
+    assert len(encode_user_rows([], spec)) == 0
