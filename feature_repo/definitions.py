@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_format import ParquetFormat
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Bytes, Float32, Int64, String
 
 from sum_models.shift import POOL_DEPTH
 from sum_platform.config import load_params
@@ -140,6 +140,8 @@ sum_embeddings_push = PushSource(
 #   embedding_k == fp16(mean of the non-empty raw_embedding_k, prev1_embedding_k, prev2_embedding_k)
 # where raw is the latest version (its snapshot_id / written_at_ms), prev1 the one before, prev2 before
 # that (for POOL_DEPTH = 3); pooled_versions counts the non-empty ones. batch_* keep the daily batch's value (offline mode).
+# served_packed / batch_packed hold the same values again, packed into one field each, so a read is one online-store
+# row and one decode instead of K + 3 (the unpacked fields stay what Feast clients and training read).
 sum_embeddings = FeatureView(
     name="sum_embeddings",
     entities=[user],
@@ -162,6 +164,12 @@ sum_embeddings = FeatureView(
     + [
         Field(name="batch_snapshot_id", dtype=String, description="Snapshot of the last daily batch write."),
         Field(name="batch_written_at_ms", dtype=Int64, description="Time of the last daily batch write."),
+    ]
+    + [
+        Field(name=f"{value}_packed", dtype=Bytes,
+              description=f"The {value} value, its snapshot id, write time and versions in one field: what SOAP "
+                          "reads (serving/store_io.py pack_value).")
+        for value in ("served", "batch")
     ],
     source=sum_embeddings_push,
     online=True,

@@ -123,7 +123,10 @@ class SoapClient:
         self.config_error: str | None = None
         self.store = store
         self._reader = EmbeddingReader(store)
-        self._compute = _over_grpc(compute)
+        self._compute = compute
+        # Calls somebody waits for (realtime, frozen) take the shorter hop; the fire-and-forget compute_many calls
+        # stay Ray actor calls, submitted by Ray's C++ core worker rather than by gRPC on this client's loop.
+        self._compute_waited = _over_grpc(compute)
         self._metrics = metrics if metrics is not None else NoMetrics()
         self.launcher = ComputeLauncher(int(max_inflight), on_outcome=self._count_outcome)
         self.coalescer = ComputeCoalescer(
@@ -396,7 +399,7 @@ class SoapClient:
         return self._compute.compute_many.remote(user_ids)
 
     def _fire(self, method: str, user_id: int, mode: str) -> "asyncio.Task | None":
-        fn = getattr(self._compute, method)
+        fn = getattr(self._compute_waited, method)
         task = self.launcher.fire(lambda: fn.remote(user_id))
         if task is None:
             self._metrics.dropped.inc(tags={"mode": mode})

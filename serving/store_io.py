@@ -9,7 +9,10 @@ mean of the current computed embedding and the two most recent cached ones). One
 * ``raw_embedding_k`` (latest version), ``prev1_embedding_k``, ``prev2_embedding_k`` - raw versions, fp16;
 * ``snapshot_id``, ``written_at_ms`` - identity of the latest version; ``pooled_versions`` (1-3);
 * ``batch_embedding_k``, ``batch_snapshot_id``, ``batch_written_at_ms`` - the last daily batch value
-  (what ``offline`` mode serves).
+  (what ``offline`` mode serves);
+* ``served_packed``, ``batch_packed`` - the served and the batch value again, each with its snapshot id, write
+  time and versions, packed into one bytes field (:func:`pack_value`): what SOAP's reads fetch, one row and one
+  decode instead of K + 3 (a row written before these fields existed is read from the fields above).
 
 A write reads the users' rows, shifts the history (``prev2 <- prev1 <- raw <- new``; a write with the
 same snapshot id *and* write time as the latest version replaces it instead, so a rerun of the daily
@@ -37,6 +40,7 @@ import functools
 import logging
 import re
 import sqlite3
+import struct
 import threading
 import time
 from datetime import datetime, timezone
@@ -71,6 +75,9 @@ __all__ = [
     "read_user_rows",
     "reader_for",
     "pooled_preview",
+    "pack_value",
+    "unpack_value",
+    "PACKED_FIELDS",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +108,39 @@ def history_fields(k: int) -> list[str]:
     """Every field of a row (what a writer needs to pool and carry over)."""
     slots = [f"{s}_embedding_{j}" for s in EMBEDDING_SLOTS for j in range(k)]
     return served_fields(k) + slots + batch_fields(k)
+
+
+#: ``served_packed`` / ``batch_packed``: format version, K, D, write time (Unix ms), versions pooled (-1: none),
+#: snapshot id length (UTF-8 bytes); then the snapshot id, then the K x D values as little-endian fp16.
+_PACKED_HEADER = struct.Struct("<BHHqhH")
+_PACKED_VERSION = 1
+PACKED_FIELDS = {"served": "served_packed", "batch": "batch_packed"}
+
+
+def pack_value(embeddings: np.ndarray, snapshot_id: str, written_at_ms: int, pooled_versions: int | None) -> bytes:
+    """One stored value (fp16 ``[K, D]`` and its identity) as the bytes of a ``*_packed`` field."""
+    sid = str(snapshot_id).encode("utf-8")
+    k, d = embeddings.shape
+    header = _PACKED_HEADER.pack(_PACKED_VERSION, k, d, int(written_at_ms),
+                                 -1 if pooled_versions is None else int(pooled_versions), len(sid))
+    return header + sid + np.ascontiguousarray(embeddings, dtype="<f2").tobytes()
+
+
+def unpack_value(packed: bytes | None) -> dict[str, Any] | None:
+    """A ``*_packed`` field as ``{"snapshot_id", "written_at_ms", "pooled_versions", "embeddings": fp16 [K, D]}``
+    (the embeddings a read-only view of ``packed``); None for an empty or malformed field."""
+    if not packed or len(packed) < _PACKED_HEADER.size:
+        return None
+    version, k, d, ms, pooled, n_sid = _PACKED_HEADER.unpack_from(packed)
+    start = _PACKED_HEADER.size + n_sid
+    if version != _PACKED_VERSION or len(packed) != start + 2 * k * d or k * d == 0:
+        return None
+    return {
+        "snapshot_id": packed[_PACKED_HEADER.size : start].decode("utf-8"),
+        "written_at_ms": ms,
+        "pooled_versions": None if pooled < 0 else pooled,
+        "embeddings": np.frombuffer(packed, dtype="<f2", count=k * d, offset=start).reshape(k, d),
+    }
 
 
 def to_ms(ts: datetime | pd.Timestamp | int | float | None) -> int:
@@ -316,13 +356,29 @@ class EmbeddingReader(OnlineRowReader):
             ``{user_id: {"snapshot_id", "written_at_ms", "pooled_versions", "embeddings": float16 [K, D]}}``
             for users with a complete value; others are absent.
         """
+        if source not in PACKED_FIELDS:
+            raise ValueError(f"source must be 'served' or 'batch', got {source!r}")
+        field = PACKED_FIELDS[source]
+        packed = self.rows(user_ids, [field], timeout_s)
+        out: dict[int, dict[str, Any]] = {}
+        unpacked: list[int] = []  # rows written before the packed fields existed (or no row at all)
+        for uid in dict.fromkeys(int(u) for u in user_ids):
+            row = packed.get(uid)
+            if row is None:
+                unpacked.append(uid)
+            elif (value := unpack_value(row[field])) is not None:
+                out[uid] = value
+        if unpacked:
+            out.update(self._unpacked_embeddings(unpacked, source, timeout_s))
+        return out
+
+    def _unpacked_embeddings(self, user_ids: list[int], source: str, timeout_s: float) -> dict[int, dict[str, Any]]:
+        """:meth:`embeddings` from the separate fields (K arrays, snapshot id, write time, versions)."""
         k = self.k
         if source == "served":
             fields, prefix, sid, ms = served_fields(k), "embedding_", "snapshot_id", "written_at_ms"
-        elif source == "batch":
-            fields, prefix, sid, ms = batch_fields(k), "batch_embedding_", "batch_snapshot_id", "batch_written_at_ms"
         else:
-            raise ValueError(f"source must be 'served' or 'batch', got {source!r}")
+            fields, prefix, sid, ms = batch_fields(k), "batch_embedding_", "batch_snapshot_id", "batch_written_at_ms"
         out: dict[int, dict[str, Any]] = {}
         for uid, row in self.rows(user_ids, fields, timeout_s).items():
             arr = _stack([row.get(f"{prefix}{j}") for j in range(k)])
@@ -524,7 +580,7 @@ def _pooled_frame(
     one for all rows or one per row)."""
     k = reader.k
     empty = np.zeros(0, dtype=np.float32)
-    cols: dict[str, list] = {name: [] for name in history_fields(k)}
+    cols: dict[str, list] = {name: [] for name in [*history_fields(k), *PACKED_FIELDS.values()]}
     for uid, old, ms_i, slots, pooled, n_pooled in _pool_versions(reader, order, emb16, snapshot_id, ms):
         for j in range(k):
             cols[f"embedding_{j}"].append(pooled[j].astype(np.float32))
@@ -533,11 +589,13 @@ def _pooled_frame(
         cols["snapshot_id"].append(str(snapshot_id))
         cols["written_at_ms"].append(ms_i)
         cols["pooled_versions"].append(n_pooled)
+        cols["served_packed"].append(pack_value(pooled, snapshot_id, ms_i, n_pooled))
         if batch:
             for j in range(k):
                 cols[f"batch_embedding_{j}"].append(pooled[j].astype(np.float32))
             cols["batch_snapshot_id"].append(str(snapshot_id))
             cols["batch_written_at_ms"].append(ms_i)
+            cols["batch_packed"].append(pack_value(pooled, snapshot_id, ms_i, None))
         else:
             old_batch = _stack([(old or {}).get(f"batch_embedding_{j}") for j in range(k)])
             for j in range(k):
@@ -546,12 +604,16 @@ def _pooled_frame(
             bms = (old or {}).get("batch_written_at_ms") if old_batch is not None else None
             cols["batch_snapshot_id"].append(bsid)
             cols["batch_written_at_ms"].append(int(bms) if bms is not None else None)
+            cols["batch_packed"].append(b"" if old_batch is None or bms is None else
+                                        pack_value(old_batch.astype(np.float16), bsid or "", int(bms), None))
     frame: dict[str, Any] = {"user_id": np.asarray(order, dtype=np.int64)}
     frame.update(cols)
     frame["written_at_ms"] = np.asarray(cols["written_at_ms"], dtype=np.int64)
     frame["pooled_versions"] = np.asarray(cols["pooled_versions"], dtype=np.int64)
     frame["batch_written_at_ms"] = pd.array(cols["batch_written_at_ms"], dtype="Int64")
     frame["batch_snapshot_id"] = np.asarray(cols["batch_snapshot_id"], dtype=object)
+    for name in PACKED_FIELDS.values():
+        frame[name] = np.asarray(cols[name], dtype=object)
     frame["written_at"] = pd.to_datetime(frame["written_at_ms"], unit="ms", utc=True)
     return pd.DataFrame(frame)
 
@@ -720,6 +782,8 @@ def log_offline(store: "FeatureStore", rows: pd.DataFrame, name: str | None = No
     """Appends written ``sum_embeddings`` rows (:func:`write_embeddings` ``return_frame``) to the view's offline
     source, under ``name`` in each date's partition (a rerun replaces its own file; default: a unique name)."""
     source = reader_for(store).feature_view.batch_source
+    # The packed copies are the online read path's; the log keeps the values once, as the arrays Feast reads.
+    rows = rows.drop(columns=[c for c in PACKED_FIELDS.values() if c in rows.columns])
     append_rows(partition_root(source.path), rows, source.timestamp_field, name)
 
 

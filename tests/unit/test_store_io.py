@@ -76,6 +76,55 @@ def test_pool_is_the_fp16_mean_of_the_versions():
     np.testing.assert_array_equal(store_io.pool(versions[:1]), versions[0])  # a new user: its one version
 
 
+def test_packed_value_round_trip():
+    emb = np.random.default_rng(3).standard_normal((K, D)).astype(np.float16)
+    value = store_io.unpack_value(store_io.pack_value(emb, "snap-\u00e9", 1_700_000_000_123, 3))
+    assert value["snapshot_id"] == "snap-\u00e9" and value["written_at_ms"] == 1_700_000_000_123
+    assert value["pooled_versions"] == 3 and value["embeddings"].dtype == np.float16
+    np.testing.assert_array_equal(value["embeddings"], emb)
+    assert store_io.unpack_value(store_io.pack_value(emb, "b", 7, None))["pooled_versions"] is None
+    packed = store_io.pack_value(emb, "b", 7, None)
+    assert [store_io.unpack_value(bad) for bad in (b"", None, packed[:-1], b"\x02" + packed[1:])] == [None] * 4
+
+
+def test_packed_fields_agree_with_the_separate_fields_and_old_rows_still_read(feast_env):
+    """What SOAP reads (one packed field) is what the separate fields hold; a row written before the packed
+    fields existed is read from the separate fields."""
+    store = feast_env["store"]
+    rng = np.random.default_rng(23)
+    users = [800, 801, 802]
+    write_embeddings(store, users[:2], rng.standard_normal((2, K, D)).astype(np.float16), "b", 1_000, batch=True)
+    write_embeddings(store, users, rng.standard_normal((3, K, D)).astype(np.float16), "s", [2_000, 2_001, 2_002])
+    reader = store_io.reader_for(store)
+    for source in ("served", "batch"):
+        packed = reader.embeddings(users, source)
+        separate = reader._unpacked_embeddings(users, source, 30.0)
+        assert set(packed) == set(separate) == ({800, 801, 802} if source == "served" else {800, 801})
+        for u in packed:
+            np.testing.assert_array_equal(packed[u]["embeddings"], separate[u]["embeddings"])
+            assert {k: v for k, v in packed[u].items() if k != "embeddings"} == {
+                k: v for k, v in separate[u].items() if k != "embeddings"}
+    assert reader.embeddings([801])[801]["pooled_versions"] == 2
+    served_802 = reader.embeddings([802])[802]["embeddings"].copy()
+    # An old row: its packed fields removed from the online store.
+    names = list(store_io.PACKED_FIELDS.values())
+    if reader.backend == "redis":
+        reader.redis.hdel(reader.redis_key(802), *[reader._field_hash(n) for n in names])
+    else:
+        import sqlite3
+
+        with sqlite3.connect(reader.path) as conn:
+            conn.execute(f'DELETE FROM "{reader.table}" WHERE entity_key = ? AND feature_name IN (?, ?)',
+                         (reader._key(802), *names))
+    assert reader.rows([802], names) == {}
+    old = read_embeddings(store, [802, UNKNOWN_USER])
+    assert set(old) == {802} and old[802]["written_at_ms"] == 2_002 and old[802]["pooled_versions"] == 1
+    np.testing.assert_array_equal(old[802]["embeddings"], served_802)
+    # The next write gives it its packed fields again.
+    write_embeddings(store, [802], rng.standard_normal((1, K, D)).astype(np.float16), "s", 3_000)
+    assert set(reader.rows([802], names)[802]) == set(names)
+
+
 def test_store_io_round_trip_and_validation(feast_env):
     store = feast_env["store"]
     emb32 = np.random.default_rng(5).standard_normal((2, K, D)).astype(np.float32)
