@@ -18,14 +18,16 @@ A write reads the users' rows, shifts the history (``prev2 <- prev1 <- raw <- ne
 same snapshot id *and* write time as the latest version replaces it instead, so a rerun of the daily
 batch is idempotent), pools and writes whole rows. Concurrent writers (compute replicas, the daily batch)
 never lose a version: on SQLite the read-modify-write holds an exclusive file lock next to the database and
-writes through Feast's ``write_to_online_store``; on Redis it is a transaction per chunk of users (``WATCH``
+writes through Feast's provider (``ingest_df``: what ``write_to_online_store`` runs after a registry lookup the
+reader has already done); on Redis it is a transaction per chunk of users (``WATCH``
 their keys, read and pool, ``MULTI`` / ``HSET`` / ``EXEC``, again on a conflict) writing the rows in Feast's
 Redis layout, encoded by Feast's own provider code.
 
 Reads (:func:`read_embeddings`, :class:`EmbeddingReader`) go straight to Feast's online tables (same rows,
 same value protos Feast writes; keys serialised with Feast's own function): a ``SELECT`` on the SQLite
-table, one pipelined ``HMGET`` per batch on Redis. They skip ``get_online_features``'s per-call registry and
-response-building work: ~0.1 ms instead of ~0.3 ms at p99 on SQLite (``benchmarks/serving_bench.py``).
+table, one pipelined ``HMGET`` per batch on Redis, of the one packed field of the value asked for. They skip
+``get_online_features``'s per-call registry and response-building work: ~0.03 ms instead of ~0.26 ms at p99 on
+SQLite (``benchmarks/serving_bench.py``).
 Being a read of the store itself it is always coherent with every writer - unlike an in-process cache, which
 other processes' write-backs would leave stale. Other online store types fall back to
 ``get_online_features``. The SQLite database is switched to WAL journaling so reads never wait behind a
