@@ -12,7 +12,9 @@ and measures, per day against the days before it, what each check would see:
   and ``label_rate_noise_z`` standard errors);
 * ``kl.<column>``: KL(today || previous day) over the previous day's quantile bins, computed as GX's
   ``expect_column_kl_divergence_to_be_less_than`` does (``scipy.stats.entropy`` of the observed and
-  expected weights), for ``drift_max_kl`` / ``sparse_length_max_kl``.
+  expected weights), for ``drift_max_kl`` / ``sparse_length_max_kl``;
+* ``extreme.<column>``: how far the day's most extreme value lies beyond the trailing days' tail range, in
+  widths of that range (``extreme_span_multiple``; every row counts when ``extreme_max_share`` is 0).
 
 No GX checkpoint runs, so a few hundred days take seconds; the gate itself stays the judge (the DAG's
 tests run the real checkpoints on days of the same sources).
@@ -30,13 +32,13 @@ import pandas as pd
 from sum_models.spec import FeatureSpec
 from sum_platform.sources import day_frames
 from validation.frames import batch_frame
-from validation.profiles import profile_partition
+from validation.profiles import extreme_bounds, profile_partition
 from validation.suites import KINDS, drift_columns
 
 if TYPE_CHECKING:
     from sum_platform.config import Params
 
-__all__ = ["Calibration", "calibrate", "kl_against", "day_statistics"]
+__all__ = ["Calibration", "calibrate", "kl_against", "extreme_excess", "day_statistics"]
 
 
 def kl_against(values: Any, stored: dict) -> float | None:
@@ -55,6 +57,18 @@ def kl_against(values: Any, stored: dict) -> float | None:
     inner = np.asarray(stored["inner_edges"], dtype=np.float64)
     counts = np.bincount(np.searchsorted(inner, x, side="right"), minlength=len(inner) + 1)
     return float(stats.entropy(counts / counts.sum(), np.asarray(stored["weights"], dtype=np.float64)))
+
+
+def extreme_excess(values: Any, tails: list[list[float]]) -> float | None:
+    """How far today's most extreme value lies beyond the validated days' tail range, in widths of that range
+    (0: inside): the smallest ``extreme_span_multiple`` this day passes. None without finite values."""
+    x = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None
+    _, _, lo, hi = extreme_bounds(tails, 0.0)
+    span = hi - lo if hi > lo else max(abs(lo), abs(hi), 1.0)
+    return float(max(0.0, (x.max() - hi) / span, (lo - x.min()) / span))
 
 
 def day_statistics(today: dict[str, dict], frames: dict[str, pd.DataFrame], history: list[dict[str, Any]],
@@ -79,6 +93,13 @@ def day_statistics(today: dict[str, dict], frames: dict[str, pd.DataFrame], hist
                 kl = kl_against(frames[kind][column], stored)
                 if kl is not None:
                     out[f"kl.{column}"] = kl
+    for kind in KINDS:  # extreme values: how far beyond the trailing range, in widths of that range
+        for column in drift_columns(kind, spec):
+            tails = [d[kind]["tails"][column] for d in days if column in (d[kind].get("tails") or {})]
+            if len(tails) >= params.validation.extreme_min_days and column in frames[kind].columns:
+                excess = extreme_excess(frames[kind][column], tails)
+                if excess is not None:
+                    out[f"extreme.{column}"] = excess
     n = today["events"]["rows"]
     for label, rate in today["events"].get("label_rates", {}).items():
         mean = float(np.mean([d["events"]["label_rates"][label] for d in days]))
@@ -136,6 +157,7 @@ class Calibration:
             "sparse_length_max_kl": {"observed": len_kl, "threshold": cfg.sparse_length_max_kl},
             "min_event_rows": {"observed": float(min(self.rows)) if self.rows else float("nan"),
                                "threshold": cfg.min_event_rows},
+            "extreme_span_multiple": {"observed": worst("extreme.", "max"), "threshold": cfg.extreme_span_multiple},
         }
 
 

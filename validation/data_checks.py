@@ -227,6 +227,8 @@ def validate_partition(
                 value = (r.result or {}).get("observed_value")
                 if key.startswith("content_repeated"):  # a map expectation: no observed value of its own
                     value = float(bool((r.result or {}).get("unexpected_count")))
+                elif key.startswith("extreme_share"):  # the share of the rows beyond the bounds
+                    value = float((r.result or {}).get("unexpected_percent") or 0.0) / 100.0
                 observed[key] = None if value is None or isinstance(value, (list, dict)) else float(value)
         bad = [r for r in suite_result.results if not r.success]
         bad.sort(key=lambda r: order.get(r.expectation_config.id, len(order)))
@@ -260,6 +262,7 @@ def _observed_key(cfg) -> str:
         "expect_column_mean_to_be_between": "label_rate",
         "expect_column_kl_divergence_to_be_less_than": "kl_divergence",
         "expect_column_values_to_not_be_in_set": "content_repeated",
+        "expect_column_values_to_be_between": "extreme_share",  # the trailing suite's only range check
     }
     name = names.get(cfg.type, cfg.type)
     return name if "column" not in kwargs else f"{name}({kwargs['column']})"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from validation.suites import CONTENT_DIGEST
+from validation.suites import CONTENT_DIGEST, EXTREME_VALUES
 
 
 def _fmt(value: Any) -> str:
@@ -139,6 +139,15 @@ def describe_failure(result, columns: set[str], notes: dict[str, str] | None = N
         return f"{head}: observed {res.get('observed_value')!r}, expected one of {expected}"
 
     count = f"{res.get('unexpected_count')} of {res.get('element_count')} values"
+    if (getattr(cfg, "meta", None) or {}).get("check") == EXTREME_VALUES:
+        share = (res.get("unexpected_percent") or 0.0) / 100.0
+        column = kwargs.get("column")
+        context = notes.get(f"extreme_values({column})")
+        return (f"{head}: extreme values of {column!r}: {count} ({share:.2%}) outside "
+                f"[{_num(kwargs.get('min_value'))}, {_num(kwargs.get('max_value'))}]"
+                + (f" ({context})" if context else "")
+                + ("; e.g. " + ", ".join(_num(v) for v in examples[:3]) if (examples := res.get("partial_unexpected_list"))
+                   else ""))
     if etype == "expect_column_values_to_be_between":
         lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
         close = ")" if kwargs.get("strict_max") or hi is None else "]"

@@ -1,7 +1,7 @@
 """Profiles of validated days: the baseline of the trailing checks, and today's bounds drawn from them.
 
 A profile is a small summary of a partition (row count, label rates, content digest, a quantile partition
-of every drift column, see :func:`profile_partition`). :func:`validation.data_checks.validate_day` writes the
+and the tail quantiles of every drift column, see :func:`profile_partition`). :func:`validation.data_checks.validate_day` writes the
 day's profile to ``<ws>/runs/<ds>/data_profile.json`` only when both partitions of the day pass, and removes
 it when a rerun of that day fails, so a bad day never becomes a baseline. :func:`load_history` reads the
 profiles of the validated days before a date; :func:`trailing_plan` turns them into the bounds of the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,15 +91,44 @@ def profile_partition(kind: str, frame: pd.DataFrame, spec: FeatureSpec, params:
             label: float(pd.to_numeric(frame[label], errors="coerce").mean())
             for label in spec.labels if label in frame.columns
         }
-    bins = params.validation.drift_bins
-    partitions = {}
+    bins, q = params.validation.drift_bins, params.validation.extreme_tail_quantile
+    partitions, tails = {}, {}
     for column in drift_columns(kind, spec):
         if column in frame.columns:
-            part = _json_partition(quantile_partition(pd.to_numeric(frame[column], errors="coerce"), bins))
+            values = pd.to_numeric(frame[column], errors="coerce")
+            part = _json_partition(quantile_partition(values, bins))
             if part is not None:
                 partitions[column] = part
+            if (tail := tail_quantiles(values, q)) is not None:
+                tails[column] = tail
     out["partitions"] = partitions
+    out["tails"] = tails
     return out
+
+
+def tail_quantiles(values: Any, q: float) -> list[float] | None:
+    """``[q, 1 - q]`` quantiles of the finite values (the robust range the extreme-values check widens); None
+    without finite values."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None
+    lo, hi = np.quantile(x, [q, 1.0 - q])
+    return [float(lo), float(hi)]
+
+
+def extreme_bounds(tails: list[list[float]], multiple: float) -> tuple[float, float, float, float]:
+    """Bounds of the extreme-values check from the validated days' tail quantiles.
+
+    The envelope ``[min of the days' low quantiles, max of their high quantiles]`` widened by ``multiple`` x its
+    width on each side (a constant column's width counts as ``max(|value|, 1)``, so it is not a zero-width trap).
+
+    Returns:
+        ``(min_value, max_value, envelope_lo, envelope_hi)``.
+    """
+    lo, hi = min(t[0] for t in tails), max(t[1] for t in tails)
+    span = hi - lo if hi > lo else max(abs(lo), abs(hi), 1.0)
+    return lo - multiple * span, hi + multiple * span, lo, hi
 
 
 def profile_path(workspace_root: Path, ds: str) -> Path:
@@ -139,6 +168,7 @@ class TrailingPlan:
     notes: dict[str, str]
     baseline: dict[str, Any]
     skipped: list[str]
+    extreme: list[str] = field(default_factory=list)
 
 
 def label_rate_bounds(mean: float, rows: int | None, max_relative_change: float, noise_z: float) -> tuple[float, float]:
@@ -209,9 +239,25 @@ def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, p
         parameters[param_name("previous_partition", column)] = _gx_partition(stored)
         drift.append(column)
 
+    extreme: list[str] = []
+    for column in drift_columns(kind, spec):
+        tails = [d[kind]["tails"][column] for d in days if column in (d[kind].get("tails") or {})]
+        if len(tails) < cfg.extreme_min_days:
+            skipped.append(f"extreme values of {column!r}: tail quantiles on {len(tails)} validated day(s), "
+                           f"fewer than validation.extreme_min_days {cfg.extreme_min_days}")
+            continue
+        lo, hi, env_lo, env_hi = extreme_bounds(tails, cfg.extreme_span_multiple)
+        parameters[param_name("extreme_min", column)] = lo
+        parameters[param_name("extreme_max", column)] = hi
+        q = cfg.extreme_tail_quantile
+        notes[f"extreme_values({column})"] = (
+            f"the p{100 * q:g}..p{100 * (1 - q):g} range of {len(tails)} validated day(s) is [{env_lo:.4g}, {env_hi:.4g}]"
+            f", +/- {cfg.extreme_span_multiple:g} x its width")
+        extreme.append(column)
+
     stuck = kind in cfg.stuck_check_kinds
     if stuck:
         parameters["trailing_content_digests"] = [d[kind].get("content_digest") or "" for d in days]
         notes["digest_days"] = json.dumps({d[kind].get("content_digest"): d["ds"] for d in days})
     baseline = {"previous_day": previous["ds"], "trailing_days": [d["ds"] for d in days]}
-    return TrailingPlan(drift, labels, stuck, parameters, notes, baseline, skipped)
+    return TrailingPlan(drift, labels, stuck, parameters, notes, baseline, skipped, extreme)

@@ -30,6 +30,11 @@ Each partition type also has a *trailing* suite (``sum_events_trailing``, ``sum_
   KS expectations are bootstrapped and slow), it is a built-in GX expectation evaluated by GX's own
   metrics (so it runs on Spark/SQL engines too and Data Docs chart observed against expected shares), and
   with quantile bins whose outer bins are open it is always finite and bounded by ~log(bins);
+* rare extreme values: every value of each drift column within the trailing validated days' robust range
+  (``[q, 1 - q]`` quantiles, ``extreme_tail_quantile``, min/max over the days) widened by
+  ``extreme_span_multiple`` x its width on both sides; more than ``extreme_max_share`` of the rows beyond it
+  (default: any row) fails (``expect_column_values_to_be_between``, ``meta.check = extreme_values``). A tail of
+  0.3 % at 1e12 moves no quantile bin enough for the KL check, and the contract's range only asks for finite;
 * a partition whose content equals a trailing day's (a stuck upstream re-delivering yesterday's rows,
   possibly re-stamped with today's date): ``expect_column_values_to_not_be_in_set`` on the helper
   ``table__content_digest`` (a hash of the rows without their date-dependent columns), for the partition
@@ -76,6 +81,8 @@ STRINGS = ["str", "string", "StringDtype"]
 SUITE_PARAMETERS = ("partition_date", "partition_start")
 #: Helper column holding the partition's content digest (see :func:`validation.frames.content_digest`).
 CONTENT_DIGEST = "table__content_digest"
+#: ``meta["check"]`` of the trailing suite's extreme-values expectations (their failure lines say so).
+EXTREME_VALUES = "extreme_values"
 
 
 def check_kind(kind: str) -> None:
@@ -268,6 +275,12 @@ def build_trailing_suite(kind: Kind, spec: FeatureSpec, params: "Params", plan: 
         threshold = cfg.sparse_length_max_kl if column.endswith("__len") else cfg.drift_max_kl
         exps.append(gxe.ExpectColumnKLDivergenceToBeLessThan(
             column=column, partition_object=values[param_name("previous_partition", column)], threshold=threshold))
+    for column in plan.extreme:
+        share = cfg.extreme_max_share
+        exps.append(gxe.ExpectColumnValuesToBeBetween(
+            column=column, min_value=values[param_name("extreme_min", column)],
+            max_value=values[param_name("extreme_max", column)], mostly=1.0 - share if share > 0 else 1.0,
+            meta={"check": EXTREME_VALUES}))
     if plan.stuck:
         exps.append(gxe.ExpectColumnValuesToNotBeInSet(
             column=CONTENT_DIGEST, value_set=values["trailing_content_digests"]))

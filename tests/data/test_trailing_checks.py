@@ -151,3 +151,51 @@ def test_label_rate_bounds_widen_to_the_sampling_noise_of_a_small_day():
     # 100 rows: 4 binomial standard errors of a 0.5 rate (0.2) are wider than 25% of it (0.125).
     assert label_rate_bounds(0.5, 100, 0.25, 4.0) == pytest.approx((0.3, 0.7))
     assert label_rate_bounds(0.5, None, 0.25, 4.0) == pytest.approx((0.375, 0.625))
+
+
+def test_rare_extreme_values_fail_naming_the_column_the_share_and_examples(
+        spec, params, sim_day, history, workspace_with_history, builder):
+    """6 of ~1,900 users at 1e12: finite (the contract passes) and 0.3 % of the rows (no KL bin moves), so only
+    the extreme-values check sees them; its line says which column, how many, and shows the values."""
+    root, ds = workspace_with_history, history.next_ds
+    events, users = CATALOGUE["rare_extreme_dense"].apply(*sim_day(ds), CorruptionContext(ds, spec, seed=4))
+    column = spec.user_dense[0]
+    bad = int((users[column] == 1e12).sum())
+    assert bad == round(0.003 * len(users)) and bad >= 5
+    builder.write_partition(events, root / "data" / "events" / f"ds={ds}")
+    builder.write_partition(users, root / "data" / "users" / f"ds={ds}")
+    with pytest.raises(DataValidationError) as info:
+        validate_day(ds, root, spec, params, gx_root=history.gx_root, data_docs=False)
+    report = {r.kind: r for r in info.value.reports}["users"]
+    assert report.failed == [line for line in report.failed if "extreme values" in line]  # the only check failing
+    (line,) = report.failed
+    assert f"extreme values of {column!r}: {bad} of {len(users)} values ({bad / len(users):.2%})" in line
+    assert "e.g. 1e+12, 1e+12" in line and "range of 6 validated day(s)" in line
+    assert report.observed[f"extreme_share({column})"] == pytest.approx(bad / len(users))
+    assert report.observed[f"kl_divergence({column})"] < params.validation.drift_max_kl  # what the KL check saw
+
+
+def test_extreme_values_check_starts_after_enough_validated_days_and_normal_days_pass_it(history, params):
+    cfg = params.validation
+    for i, ds in enumerate(history.days):
+        users = {r.kind: r for r in history.reports[ds]}["users"]
+        shares = {k: v for k, v in users.observed.items() if k.startswith("extreme_share(")}
+        if i < cfg.extreme_min_days:
+            assert not shares
+            if i:
+                assert any("extreme values" in s and "extreme_min_days" in s for s in users.skipped)
+        else:
+            assert shares and set(shares.values()) == {0.0}, shares
+
+
+def test_extreme_bounds_widen_the_days_envelope():
+    from validation.profiles import extreme_bounds, tail_quantiles
+
+    assert extreme_bounds([[0.0, 10.0], [-2.0, 8.0]], 3.0) == (-38.0, 46.0, -2.0, 10.0)
+    # A constant column: its width counts as max(|value|, 1), never zero.
+    assert extreme_bounds([[5.0, 5.0]], 2.0) == (-5.0, 15.0, 5.0, 5.0)
+    assert extreme_bounds([[0.0, 0.0]], 3.0)[:2] == (-3.0, 3.0)
+    values = np.concatenate([np.arange(1000, dtype=float), [np.inf, np.nan]])
+    lo, hi = tail_quantiles(values, 0.001)
+    assert lo == pytest.approx(0.999) and hi == pytest.approx(998.001)
+    assert tail_quantiles([np.nan], 0.001) is None
