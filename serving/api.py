@@ -100,6 +100,8 @@ class BatchItem(BaseModel):
     pooled_versions: int | None = None
     embeddings: list[list[float]] | None = None
     compute: str
+    reason: str | None = Field(None, description="Why frozen mode has no embedding for the user: no_features, "
+                               "nonfinite_features or nonfinite_embedding (the user is skipped, not the batch).")
 
 
 class BatchResponse(BaseModel):

@@ -85,6 +85,12 @@ class NoMetrics:
         return NoMetrics._Sink()
 
 
+#: Why the compute deployment gives no embedding for a user: no stored features, a non-finite feature, or an
+#: embedding that overflows fp16 (the user is skipped, the other users of its batch are computed).
+SKIP_REASONS = {"no_features": "no features", "nonfinite_features": "a non-finite feature value",
+                "nonfinite_embedding": "an embedding overflowing fp16"}
+
+
 def _over_grpc(compute: Any) -> Any:
     """A Serve handle whose calls go over the replicas' inter-deployment gRPC servers (each Serve replica runs
     one, token-authenticated like Ray's own ports; Serve's throughput-optimised mode uses them) instead of Ray
@@ -335,8 +341,8 @@ class SoapClient:
             fate, result = results[u]
             if fate == "completed":
                 out[u] = self._item(u, result, "frozen", fate, now)
-            elif fate == "skipped" and (result or {}).get("status") == "no_features":
-                out[u] = {"user_id": u, "status": "not_found", "compute": fate}
+            elif fate == "skipped" and (reason := (result or {}).get("status")) in SKIP_REASONS:
+                out[u] = {"user_id": u, "status": "not_found", "compute": fate, "reason": reason}
             else:
                 self.stats["frozen_failures"] += 1
                 status = "unavailable" if (result or {}).get("status") == "no_frozen_snapshot" else "timeout"

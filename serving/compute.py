@@ -255,7 +255,7 @@ class ComputeCenter:
         except Exception:
             self._stats["failed_batches"] += 1
             raise
-        self._stats["skipped"] += len(results) - (len(pending["user_ids"]) if pending else 0)
+        self._count_skipped(results, "production")
         if not pending:
             return results
         self._metrics.batch_size.observe(len(user_ids), tags={"tower": "production"})
@@ -271,6 +271,20 @@ class ComputeCenter:
         for u in pending["user_ids"]:
             results[u]["status"] = "written"
         return results
+
+    def _count_skipped(self, results: dict[int, dict], tower: str) -> None:
+        """Counts (stats, metric by reason) the users a batch skipped; logs the non-finite ones (a data problem
+        upstream: the data gate's range checks should have stopped such a day)."""
+        reasons: dict[str, list[int]] = {}
+        for u, r in results.items():
+            if r["status"] not in ("computed", "written"):
+                reasons.setdefault(r["status"], []).append(u)
+        for reason, users in reasons.items():
+            self._stats["skipped"] += len(users)
+            self._stats[f"skipped_{reason}"] = self._stats.get(f"skipped_{reason}", 0) + len(users)
+            self._metrics.skipped.inc(len(users), tags={"tower": tower, "reason": reason})
+            if reason.startswith("nonfinite"):
+                log.warning("compute (%s tower) skipped %d user(s), %s: e.g. %s", tower, len(users), reason, users[:5])
 
     def _buffer_write(self, pending: dict) -> "asyncio.Future":
         """Adds a batch's write-back to the buffer (flushed first if it holds one of the users, or another
@@ -335,7 +349,7 @@ class ComputeCenter:
         Returns:
             Per call: ``{"user_id", "status", "snapshot_id", "written_at_ms", "pooled_versions",
             "embeddings"}``; status ``computed`` (``embeddings``: the pooled fp16 ``[K, D]``, being written
-            back) or why it was skipped (``no_features``).
+            back) or why it was skipped (``no_features``, ``nonfinite_features``, ``nonfinite_embedding``).
         """
         results = await self._process(list(user_ids), wait_for_write=False)
         return [results[int(u)] for u in user_ids]
@@ -371,6 +385,7 @@ class ComputeCenter:
         results = await asyncio.get_running_loop().run_in_executor(
             self._executor, _compute_only, frozen.tower, store, frozen.snapshot_id, list(user_ids)
         )
+        self._count_skipped(results, "frozen")
         self._metrics.latency.observe(time.perf_counter() - t0 + self._debug_delay_s, tags={"tower": "frozen"})
         self._metrics.batch_size.observe(len(user_ids), tags={"tower": "frozen"})
         return [results[int(u)] for u in user_ids]
@@ -453,13 +468,13 @@ def _compute_pooled(
         ``preview``, or a skip reason), and what job 2 writes (None if nothing).
     """
     rows, skipped = read_user_rows(store, user_ids, tower.spec)
+    emb, ids, bad = _embed_finite(tower, rows)
+    skipped.update(bad)
     results: dict[int, dict] = {
         u: {"user_id": u, "status": reason, "snapshot_id": None, "written_at_ms": None} for u, reason in skipped.items()
     }
-    if not rows:
+    if not ids:
         return results, None
-    ids = list(rows)
-    emb = _embed_rows(tower, list(rows.values()))
     written_at_ms = to_ms(None)
     pending = {"user_ids": ids, "embeddings": emb, "written_at_ms": written_at_ms}
     if not preview:
@@ -478,14 +493,34 @@ def _compute_pooled(
     return results, pending
 
 
-def _embed_rows(tower, rows: list[dict]) -> np.ndarray:
-    """fp16 ``[N, K, D]`` embeddings of feature rows, ``TOWER_BATCH_SIZE`` users per forward pass."""
-    from sum_models.data import encode_user_rows  # torch: loaded in the replica only
+def _embed_finite(tower, rows: dict[int, dict]) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """Embeddings of the users whose feature rows and embeddings are finite, ``TOWER_BATCH_SIZE`` per forward pass.
+
+    A user with a non-finite feature (``nonfinite_features``) or whose embedding overflows fp16
+    (``nonfinite_embedding``) is skipped: one bad row must not fail the batch it shares with other users.
+
+    Returns:
+        ``(embeddings fp16 [N, K, D], their user ids, {skipped user id: reason})``.
+    """
+    from sum_models.data import encode_user_rows, user_row_is_finite  # torch: loaded in the replica only
     from sum_models.snapshot import embed_inputs
 
-    parts = [embed_inputs(tower, encode_user_rows(rows[s : s + TOWER_BATCH_SIZE], tower.spec))
-             for s in range(0, len(rows), TOWER_BATCH_SIZE)]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    skipped = {u: "nonfinite_features" for u, row in rows.items() if not user_row_is_finite(row, tower.spec)}
+    ids = [u for u in rows if u not in skipped]
+    if not ids:
+        return np.zeros((0, tower.num_embeddings, tower.embedding_dim), np.float16), [], skipped
+    parts = []
+    for s in range(0, len(ids), TOWER_BATCH_SIZE):
+        chunk = [rows[u] for u in ids[s : s + TOWER_BATCH_SIZE]]
+        with np.errstate(over="ignore", invalid="ignore"):
+            parts.append(embed_inputs(tower, encode_user_rows(chunk, tower.spec), check=False))
+    emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    finite = np.isfinite(emb.reshape(len(emb), -1)).all(axis=1)
+    if not finite.all():
+        skipped.update({u: "nonfinite_embedding" for u, ok in zip(ids, finite) if not ok})
+        ids = [u for u, ok in zip(ids, finite) if ok]
+        emb = emb[finite]
+    return emb, ids, skipped
 
 
 def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
@@ -498,11 +533,12 @@ def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
 def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:
     """Blocking part of a frozen batch: read features -> tower (no pooling, no write)."""
     rows, skipped = read_user_rows(store, user_ids, tower.spec)
+    emb, ids, bad = _embed_finite(tower, rows)
+    skipped.update(bad)
     results: dict[int, dict] = {u: {"user_id": u, "status": reason, "snapshot_id": None} for u, reason in skipped.items()}
-    if rows:
-        emb = _embed_rows(tower, list(rows.values()))
+    if ids:
         now = to_ms(None)
-        for i, u in enumerate(rows):
+        for i, u in enumerate(ids):
             results[u] = {
                 "user_id": u,
                 "status": "computed",

@@ -38,7 +38,7 @@ from serving.api import (
     json_bytes,
     json_response,
 )
-from serving.client import NoMetrics, StoreUnavailable
+from serving.client import SKIP_REASONS, NoMetrics, StoreUnavailable
 from serving.metrics import filter_families
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FastUserReads", "answer_user", "build_http_app", "exact_integer_bounds", "item_json"]
 
-_BLANK = dict.fromkeys(("source", "snapshot_id", "written_at_ms", "age_seconds", "pooled_versions", "embeddings"))
+_BLANK = dict.fromkeys(("source", "snapshot_id", "written_at_ms", "age_seconds", "pooled_versions", "embeddings", "reason"))
 
 
 def item_json(item: dict) -> dict:
@@ -202,9 +202,10 @@ async def answer_user(
     status = item.pop("status")
     if status != "ok":
         code = 404 if status == "not_found" else 503
+        why = SKIP_REASONS.get(item.pop("reason", None) or "no_features")
         detail = {
             "not_found": f"no embeddings for user {user_id}"
-            + (" (no features)" if mode == "frozen" else " stored" if mode != "offline" else " from the daily batch"),
+            + (f" ({why})" if mode == "frozen" else " stored" if mode != "offline" else " from the daily batch"),
             "timeout": f"frozen compute did not answer within {client.config['frozen_timeout_ms']} ms",
             "unavailable": "no frozen snapshot loaded",
         }[status]

@@ -150,6 +150,12 @@ class ComputeMetrics:
             "soap_compute_batch_size", description="Users per compute batch.", boundaries=BATCH_BOUNDS, tag_keys=("tower",)
         )
         self.write_backs = Counter("soap_write_backs", description="Embeddings written back to the online store.")
+        self.skipped = Counter(
+            "soap_compute_skipped_users",
+            description="Users a compute batch skipped (no_features, nonfinite_features, nonfinite_embedding); the "
+                        "other users of the batch are computed.",
+            tag_keys=("tower", "reason"),
+        )
         self.loaded = Gauge(
             "soap_snapshot_loaded", description="1 for the snapshot a compute replica runs.", tag_keys=("role", "snapshot_id")
         )

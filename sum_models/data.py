@@ -7,6 +7,7 @@ Python loop over rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -19,9 +20,11 @@ from torch import Tensor
 
 from sum_models.spec import FeatureSpec
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 __all__ = [
     "UserInputs", "fill_missing_user_features", "encode_users", "encode_user_rows", "encode_examples",
-    "encode_ad_features", "encode_labels",
+    "encode_ad_features", "encode_labels", "finite_rows", "user_row_is_finite",
 ]
 
 
@@ -89,6 +92,30 @@ def _float_matrix(df: pd.DataFrame, columns: Sequence[str], what: str) -> Tensor
         bad = [c for c, ok in zip(columns, finite.all(axis=0)) if not ok]
         raise ValueError(f"{what} column {bad[0]!r} has NaN/inf (or float32-overflowing) values (all bad: {bad})")
     return torch.from_numpy(np.ascontiguousarray(values))
+
+
+def finite_rows(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """bool ``[N]``: rows whose ``columns`` are all finite as float32 (what the encoders accept).
+
+    A value beyond float32's range (e.g. 1e39) is infinite to the model; a missing column counts as finite here
+    (the encoders name it). The skip-and-count paths (serving, the daily batch, the gate) pick rows with this
+    instead of letting one row's value fail a whole batch.
+    """
+    present = [c for c in columns if c in df.columns]
+    if not present:
+        return np.ones(len(df), dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = df[present].to_numpy(dtype=np.float32, na_value=np.nan)
+    return np.isfinite(values).all(axis=1)
+
+
+def user_row_is_finite(row: Mapping[str, Any], spec: FeatureSpec) -> bool:
+    """Whether a feature row (:func:`encode_user_rows`) has finite float32 dense values (None: missing, fine)."""
+    for name in spec.user_dense:
+        value = row.get(name)
+        if value is not None and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+            return False
+    return True
 
 
 def _encode_id_lists(column: pd.Series, hash_size: int, name: str) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from sum_models.data import UserInputs, encode_users
+from sum_models.data import UserInputs, encode_users, finite_rows
 from sum_models.flops import model_flops, parameter_counts, synthetic_user_batch
 from sum_models.inference import PROGRAM_FILE, file_sha256
 from sum_models.model import SUMModel, check_spec, model_config_dict
@@ -54,6 +54,7 @@ __all__ = [
     "load_user_tower",
     "load_model",
     "embed_users",
+    "embed_users_finite",
     "embed_inputs",
 ]
 
@@ -366,6 +367,33 @@ def embed_users(tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, bat
     return out
 
 
+def embed_users_finite(
+    tower: UserTower, users_df: pd.DataFrame, spec: FeatureSpec, batch_size: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed_users` that skips, instead of failing on, users with non-finite inputs or embeddings.
+
+    One user's bad value (a feature at 1e12 overflows the tower) must not cost the other users of a batch their
+    embeddings; the caller counts and reports the skipped ones.
+
+    Returns:
+        ``(embeddings, ok)``: float16 ``[N, K, D]`` in row order (NaN for skipped users) and bool ``[N]``, True
+        where the user's dense inputs are finite in float32 and every value of its embedding is finite in fp16.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_spec(getattr(tower, "spec", None), spec, user_only=True)
+    k, d = int(tower.num_embeddings), int(tower.embedding_dim)
+    inputs_ok = finite_rows(users_df, spec.user_dense)
+    out = np.full((len(users_df), k, d), np.nan, dtype=np.float16)
+    rows = np.flatnonzero(inputs_ok)
+    for s in range(0, len(rows), batch_size):
+        part = rows[s : s + batch_size]
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[part] = embed_inputs(tower, encode_users(users_df.iloc[part], spec), check=False)
+    ok = inputs_ok & np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    return out, ok
+
+
 def embed_inputs(tower: UserTower, inputs: UserInputs, check: bool = True) -> np.ndarray:
     """SUM user embeddings of encoded inputs, in one forward pass (serving: a few users, no frame).
 
@@ -379,7 +407,7 @@ def embed_inputs(tower: UserTower, inputs: UserInputs, check: bool = True) -> np
     """
     with torch.inference_mode():
         emb = tower(inputs.dense, inputs.sparse_ids, inputs.sparse_offsets)  # [B, K, D] fp32
-        out = emb.to(torch.float16).numpy()
+        out = emb.to(torch.float16).numpy()  # beyond fp16's range: inf, caught below or by the caller
     if check and not np.isfinite(out).all():
         raise ValueError("user embeddings overflow float16 (|value| > 65504) or are NaN")
     return out

@@ -179,10 +179,10 @@ class ValidationConfig(_Section):
     # Rare extreme values: each drift column's values must lie within the trailing validated days' robust range
     # (their [q, 1 - q] quantiles, q = extreme_tail_quantile) widened by extreme_span_multiple x its width on
     # both sides; more than extreme_max_share of the rows beyond it fails (0: a single row does).
-    extreme_tail_quantile: float = Field(default=0.001, gt=0, lt=0.5)
-    extreme_span_multiple: float = Field(default=3.0, ge=0)
-    extreme_max_share: float = Field(default=0.0, ge=0, lt=1)
-    extreme_min_days: int = Field(default=3, ge=1)  # validated days before the check runs (a source's first days
+    extreme_tail_quantile: float = Field(gt=0, lt=0.5)
+    extreme_span_multiple: float = Field(ge=0)
+    extreme_max_share: float = Field(ge=0, lt=1)
+    extreme_min_days: int = Field(ge=1)  # validated days before the check runs (a source's first days
                                                     # have no range yet: cumulative counts all 0 on day 1)
 
 

@@ -33,6 +33,7 @@ K, D = 2, 8
 USERS_WITH_EMBEDDINGS = [0, 1, 2]
 USERS_WITH_FEATURES = list(range(0, 60))  # 3..59: features but no stored embedding yet
 UNKNOWN_USER = 999_999
+NONFINITE_USER, OVERFLOW_USER = 990, 991  # features written by the test that has them
 MAX_BATCH_USERS = 50
 TIMINGS: dict[str, float] = {}
 
@@ -408,6 +409,39 @@ def test_batch_endpoint(soap_env, deployed_a, url):
     assert ok.status_code == 200 and ok.json()["count"] == MAX_BATCH_USERS
     big = httpx.post(f"{url}/embeddings/batch", json={"user_ids": list(range(MAX_BATCH_USERS + 1))}, timeout=30)
     assert big.status_code == 413 and str(MAX_BATCH_USERS) in big.json()["detail"]
+
+
+def test_a_user_with_non_finite_features_is_skipped_not_its_batch(soap_env, serving_a, url):
+    """One user's non-finite feature, or a feature that makes its embedding overflow fp16, costs that user its
+    recompute, not the other users of its batch: they are computed and written; the skips are counted by reason
+    and frozen mode answers 404 naming it."""
+    from ray import serve
+
+    from sum_platform.feature_store import user_features_view
+
+    spec, store = soap_env["spec"], soap_env["store"]
+    bad = soap_env["users"].head(2).copy()
+    bad["user_id"] = [NONFINITE_USER, OVERFLOW_USER]
+    column = spec.user_dense[0]
+    bad[column] = np.asarray([np.inf, 1e30], dtype=np.float64)
+    bad["event_ts"] = pd.Timestamp.now(tz="UTC")
+    store.write_to_online_store(user_features_view(), bad)
+    good = 7
+    before = _compute_info(soap_env)["stats"]
+    handle = serve.get_deployment_handle("ComputeCenter", app_name=soap_env["params"].serving.app_name)
+    results = handle.compute_many.remote([good, NONFINITE_USER, OVERFLOW_USER]).result(timeout_s=60)
+    assert {r["user_id"]: r["status"] for r in results} == {
+        good: "written", NONFINITE_USER: "nonfinite_features", OVERFLOW_USER: "nonfinite_embedding"}
+    assert _stored(soap_env, good)["snapshot_id"] == "sum-A"
+    assert _stored(soap_env, NONFINITE_USER) is None and _stored(soap_env, OVERFLOW_USER) is None
+    after = _compute_info(soap_env)["stats"]
+    for reason in ("nonfinite_features", "nonfinite_embedding"):
+        assert after.get(f"skipped_{reason}", 0) == before.get(f"skipped_{reason}", 0) + 1
+    frozen = httpx.get(f"{url}/users/{NONFINITE_USER}/embeddings", params={"mode": "frozen"}, timeout=30)
+    assert frozen.status_code == 404 and "non-finite feature" in frozen.json()["detail"]
+    batch = httpx.post(f"{url}/embeddings/batch", json={"user_ids": [good, OVERFLOW_USER], "mode": "frozen"},
+                       timeout=30).json()
+    assert [(r["status"], r["reason"]) for r in batch["results"]] == [("ok", None), ("not_found", "nonfinite_embedding")]
 
 
 BAD_PATH_IDS = ["-1", "abc", "1.5", str(2**63), "%20", "1e3", "0x10", "true"]

@@ -238,3 +238,35 @@ def test_prior_init_only_for_a_fresh_model(spec, model_cfg, tmp_path, make_examp
     stats = train_model(warm, df, spec, cfg, 0, progress=False)
     assert not stats.fresh_model and int(warm.examples_seen) == 400
     assert warm.mix_tower.heads["click"].net[-1].bias.item() == pytest.approx(0.5)  # warm start kept
+
+
+def test_embed_users_finite_skips_only_the_bad_users(spec, model_cfg, make_users):
+    """One user's non-finite input (or overflowing embedding) is skipped, the other users get exactly what
+    embed_users gives them; embed_users itself still refuses the whole frame."""
+    from sum_models.data import finite_rows
+    from sum_models.snapshot import embed_users_finite
+
+    tower = build_model(spec, model_cfg, seed=0).user_tower.eval()
+    users = make_users(40, seed=5)
+    column = spec.user_dense[0]
+    users[column] = users[column].astype(np.float64)  # holds 1e39 as written; the model reads float32 (inf)
+    users.loc[3, column], users.loc[7, column], users.loc[11, column] = np.inf, np.nan, 1e39  # inf as float32
+    users.loc[20, column] = 1e30  # finite input; the tower's output overflows fp16
+    assert finite_rows(users, spec.user_dense).tolist() == [i not in (3, 7, 11) for i in range(40)]
+    emb, ok = embed_users_finite(tower, users, spec, batch_size=8)
+    assert emb.shape == (40, tower.num_embeddings, tower.embedding_dim) and emb.dtype == np.float16
+    assert not ok[[3, 7, 11, 20]].any() and ok.sum() == 36
+    assert np.isnan(emb[[3, 7, 11]]).all() and not np.isfinite(emb[20]).all()
+    clean = users.drop(index=[3, 7, 11, 20]).reset_index(drop=True)
+    np.testing.assert_array_equal(emb[ok], embed_users(tower, clean, spec, batch_size=8))
+    with pytest.raises(ValueError):
+        embed_users(tower, users, spec)
+
+
+def test_user_row_is_finite(spec):
+    from sum_models.data import user_row_is_finite
+
+    row = {name: 0.5 for name in spec.user_dense}
+    assert user_row_is_finite(row, spec) and user_row_is_finite({**row, spec.user_dense[1]: None}, spec)
+    for bad in (np.inf, np.nan, 1e39):
+        assert not user_row_is_finite({**row, spec.user_dense[2]: bad}, spec)
