@@ -302,6 +302,28 @@ class OnlineRowReader:
             row[name] = _decode(value)
         return out
 
+    def user_ids(self) -> list[int]:
+        """Every user with a row in the online store (SQLite: of this view's table; Redis: a hash of the project,
+        which may hold other views only). For consistency checks, not for the read path."""
+        from feast.infra.key_encoding_utils import deserialize_entity_key
+
+        if self.backend == "redis":
+            n = len(self._project)
+            keys = [k[:-n] for k in self.redis.scan_iter(match=b"*" + self._project, count=1000)]
+        elif self._direct:
+            keys = [k for (k,) in self._conn(30.0).execute(f'SELECT DISTINCT entity_key FROM "{self.table}"')]
+        else:
+            raise NotImplementedError(f"listing the users of a {self.backend} online store")
+        ids = []
+        for key in keys:
+            try:
+                values = deserialize_entity_key(bytes(key), self._ek_version).entity_values
+            except Exception:  # another entity's key in a shared Redis: not a user
+                continue
+            if len(values) == 1 and values[0].WhichOneof("val") == "int64_val":
+                ids.append(int(values[0].int64_val))
+        return sorted(set(ids))
+
     def _rows_redis(self, unique: list[int], fields: Sequence[str]) -> dict[int, dict[str, Any]]:
         """One pipelined round trip: ``HMGET`` of the fields' hashed names in each user's hash (Feast's layout:
         ``mmh3("<view>:<feature>")`` -> the value proto, ``_ts:<view>`` -> the event time)."""

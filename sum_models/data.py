@@ -104,9 +104,9 @@ def finite_rows(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     present = [c for c in columns if c in df.columns]
     if not present:
         return np.ones(len(df), dtype=bool)
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = df[present].to_numpy(dtype=np.float32, na_value=np.nan)
-    return np.isfinite(values).all(axis=1)
+    values = df[present].to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        return (np.abs(values) <= _FLOAT32_MAX).all(axis=1)  # NaN compares False
 
 
 def user_row_is_finite(row: Mapping[str, Any], spec: FeatureSpec) -> bool:

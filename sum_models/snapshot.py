@@ -55,6 +55,7 @@ __all__ = [
     "load_model",
     "embed_users",
     "embed_users_finite",
+    "skipped_users",
     "embed_inputs",
 ]
 
@@ -373,11 +374,14 @@ def embed_users_finite(
     """:func:`embed_users` that skips, instead of failing on, users with non-finite inputs or embeddings.
 
     One user's bad value (a feature at 1e12 overflows the tower) must not cost the other users of a batch their
-    embeddings; the caller counts and reports the skipped ones.
+    embeddings; the caller counts and reports the skipped ones. Rows are taken in blocks of ``batch_size`` as
+    :func:`embed_users` takes them (only the block's good rows go through the tower), so a frame without a bad
+    row gets exactly :func:`embed_users`' values, and any caller cutting the same blocks the same values.
 
     Returns:
-        ``(embeddings, ok)``: float16 ``[N, K, D]`` in row order (NaN for skipped users) and bool ``[N]``, True
-        where the user's dense inputs are finite in float32 and every value of its embedding is finite in fp16.
+        ``(embeddings, skipped)``: float16 ``[N, K, D]`` in row order (NaN for skipped users) and, per row, ``""``
+        or why it was skipped: ``nonfinite_features`` (a dense input not finite in float32) or
+        ``nonfinite_embedding`` (a value of its embedding not finite in fp16).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -385,13 +389,25 @@ def embed_users_finite(
     k, d = int(tower.num_embeddings), int(tower.embedding_dim)
     inputs_ok = finite_rows(users_df, spec.user_dense)
     out = np.full((len(users_df), k, d), np.nan, dtype=np.float16)
-    rows = np.flatnonzero(inputs_ok)
-    for s in range(0, len(rows), batch_size):
-        part = rows[s : s + batch_size]
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[part] = embed_inputs(tower, encode_users(users_df.iloc[part], spec), check=False)
-    ok = inputs_ok & np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-    return out, ok
+    for s in range(0, len(users_df), batch_size):
+        part = s + np.flatnonzero(inputs_ok[s : s + batch_size])
+        if part.size:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[part] = embed_inputs(tower, encode_users(users_df.iloc[part], spec), check=False)
+    skipped = np.full(len(users_df), "", dtype=object)
+    skipped[~np.isfinite(out.reshape(len(out), -1)).all(axis=1)] = "nonfinite_embedding"
+    skipped[~inputs_ok] = "nonfinite_features"
+    return out, skipped
+
+
+def skipped_users(user_ids: Any, skipped: np.ndarray, examples: int = 5) -> dict[str, dict[str, Any]]:
+    """``{reason: {"count", "users": the first few ids}}`` of :func:`embed_users_finite`'s skipped rows."""
+    ids = np.asarray(user_ids)
+    out: dict[str, dict[str, Any]] = {}
+    for reason in sorted({r for r in skipped if r}):
+        hit = ids[skipped == reason]
+        out[reason] = {"count": int(hit.size), "users": [int(u) for u in hit[:examples]]}
+    return out
 
 
 def embed_inputs(tower: UserTower, inputs: UserInputs, check: bool = True) -> np.ndarray:

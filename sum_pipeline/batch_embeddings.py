@@ -4,7 +4,7 @@ The day's users partition in blocks (``from_arrow``) -> ``map_batches`` over an 
 production snapshot's user tower (loaded once per actor, not once per batch) -> batches of ``(user ids,
 fp16 [B, K, D])`` streamed back to the caller, which writes them through the one store writer
 (:func:`serving.store_io.write_embeddings`) as the in-task path does. The tower call is the in-task path's
-(:func:`sum_models.snapshot.embed_users`), so both paths compute the same values.
+(:func:`sum_models.snapshot.embed_users_finite`), so both paths compute the same values and skip the same users.
 
 The actors read the snapshot folder by path: on several hosts it must be on storage every node mounts.
 """
@@ -38,11 +38,14 @@ class TowerEmbedder:
         self.batch_size = int(batch_size)
 
     def __call__(self, batch):
-        """``users`` (pandas, one row per user) -> ``{"user_id": int64 [B], "embedding": fp16 [B, K*D]}``."""
-        from sum_models.snapshot import embed_users
+        """``users`` (pandas, one row per user) -> ``{"user_id": int64 [B], "embedding": fp16 [B, K*D], "skipped":
+        str [B]}`` (``skipped``: ``""`` or why the user has no embedding, see
+        :func:`sum_models.snapshot.embed_users_finite`: one bad row does not fail its batch)."""
+        from sum_models.snapshot import embed_users_finite
 
-        emb = embed_users(self.tower, batch, self.tower.spec, batch_size=self.batch_size)
-        return {"user_id": batch["user_id"].to_numpy(dtype=np.int64), "embedding": emb.reshape(len(emb), -1)}
+        emb, skipped = embed_users_finite(self.tower, batch, self.tower.spec, batch_size=self.batch_size)
+        return {"user_id": batch["user_id"].to_numpy(dtype=np.int64), "embedding": emb.reshape(len(emb), -1),
+                "skipped": skipped.astype(str)}
 
 
 def embed_with_ray_data(
@@ -60,7 +63,8 @@ def embed_with_ray_data(
         cpus_per_actor: Ray CPUs each actor reserves.
 
     Yields:
-        ``(user_ids int64 [B], embeddings fp16 [B, K, D])`` per batch, in no particular order.
+        ``(user_ids int64 [B], embeddings fp16 [B, K, D], skipped str [B])`` per batch, in no particular order
+        (``skipped``: ``""`` for a computed user, else the reason; its embedding is NaN).
     """
     import ray.data
 
@@ -88,4 +92,5 @@ def embed_with_ray_data(
     k, d = shape
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ids: Any = batch["user_id"]
-        yield np.asarray(ids, dtype=np.int64), np.asarray(batch["embedding"], dtype=np.float16).reshape(len(ids), k, d)
+        yield (np.asarray(ids, dtype=np.int64), np.asarray(batch["embedding"], dtype=np.float16).reshape(len(ids), k, d),
+               np.asarray(batch["skipped"], dtype=object))

@@ -445,6 +445,38 @@ def stage(
 
 
 @app.command()
+def doctor(
+    serving: Annotated[bool, typer.Option(help="Also ask the running SOAP app what it serves.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON.")] = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Checks that the registry, GTO's tags, the DVC remote, the online store and serving agree; lists each
+    disagreement with the command that repairs it (exit code 1 if there is one). Changes nothing."""
+    from sum_pipeline.doctor import diagnose
+
+    p, ws = _setup(workspace, params)
+    with console.status("checking registry, tags, remote, online store, serving ..."):
+        result = diagnose(Context(p, ws), serving=serving)
+    if as_json:
+        console.print_json(data=result.to_dict())
+    else:
+        for component, counts in result.checked.items():
+            console.print(f"[bold]{component}[/bold]: {counts}")
+        if result.healthy:
+            console.print("[green]everything agrees[/green]")
+        else:
+            table = Table(title=f"{len(result.findings)} disagreement(s) in {ws.root}")
+            for col in ("component", "problem", "repair"):
+                table.add_column(col, overflow="fold")
+            for f in result.findings:
+                table.add_row(f.component, f.problem, f.repair)
+            console.print(table)
+    if not result.healthy:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def ui(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     """Brings the stack up if needed and prints where the Airflow UI is and how to log in."""
     p, ws = _setup(workspace, params)

@@ -299,35 +299,77 @@ def warm_start(model, parent_state: dict) -> dict[str, Any]:
 
 
 def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
-    """NE (eq. 9) of the candidate and of the production snapshot on the day's holdout."""
-    from sum_models.snapshot import load_model
-    from sum_models.train import ne_accumulator
+    """NE (eq. 9) of the candidate and of the production snapshot on the day's holdout.
+
+    Both are scored on the same rows: those whose inputs are finite and whose predictions are finite under both
+    models. The others are counted in ``nonfinite`` (``inputs``: a non-finite feature; ``production``: production's
+    prediction is NaN/inf too, so the row's data is the cause; ``candidate``: only the candidate's is, which the
+    gate holds) instead of failing the task or every row's score.
+    """
+    import numpy as np
+
+    from sum_models.data import encode_labels, finite_rows
+    from sum_models.metrics import NormalizedEntropy
+    from sum_models.snapshot import load_model, skipped_users
+    from sum_models.train import predict_proba
 
     ctx = context()
     snapshot_id = snapshot_id or snapshot_id_for(ds)
     _, holdout, spec = training_frame(ds, ctx)
     candidate, _ = load_model(ctx.ws.snapshot_dir(snapshot_id))
+    history = baseline_history(snapshot_id, ctx)
+    production = load_model(ctx.ws.snapshot_dir(history[0]))[0] if history else None
+    dense = {*spec.user_dense, *spec.ad_dense, *((production.spec.user_dense + production.spec.ad_dense)
+                                                 if production is not None else ())}
+    users = holdout["user_id"].to_numpy()
+    reasons = np.where(finite_rows(holdout, sorted(dense)), "", "inputs").astype(object)
+    scored = holdout[reasons == ""]
+
+    def probs(model, model_spec, who: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(row finite and in [0, 1], probabilities)`` of ``scored``; None when the model cannot score it."""
+        if scored.empty:
+            return None
+        try:
+            p = predict_proba(model, scored, model_spec)
+        except (RuntimeError, ValueError) as err:  # e.g. input layers changed since production was trained
+            log.warning("the %s snapshot cannot score today's holdout: %s", who, err)
+            return None
+        with np.errstate(invalid="ignore"):
+            return np.isfinite(p).all(axis=1) & (p >= 0).all(axis=1) & (p <= 1).all(axis=1), p
+
+    cand = probs(candidate, spec, "candidate")
+    prod = probs(production, production.spec, "production") if production is not None else None
+    idx = np.flatnonzero(reasons == "")
+    if prod is not None:
+        reasons[idx[~prod[0]]] = "production"  # production's prediction not finite either: the row's data
+    if cand is not None:
+        reasons[idx[(reasons[idx] == "") & ~cand[0]]] = "candidate"
+    use = reasons[idx] == ""
+    labels = encode_labels(scored, spec).numpy()
     undefined: dict[str, str] = {}
-    try:
+    ne: dict[str, Any] = {task: None for task in spec.labels}
+    if scored.empty or (cand is not None and not use.any()):
+        undefined = {task: f"no holdout row with finite inputs and predictions (of {len(holdout)})"
+                     for task in spec.labels}
+    elif cand is not None:
         # A task whose holdout holds one label class (a small day without a conversion) is not measurable
         # today: None, with the reason in ne_undefined, which the gate reports instead of failing.
-        ne, undefined = ne_accumulator(candidate, holdout, spec).compute_defined()
-        ne = {task: ne.get(task) for task in spec.labels}
-    except ValueError as err:  # non-finite predictions: a verdict for the gate, not a crash
-        log.warning("candidate %s cannot be scored: %s", snapshot_id, err)
-        ne = {task: None for task in spec.labels}
-    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout), "ne": ne,
-                              "ne_undefined": undefined}
+        measured, undefined = NormalizedEntropy(spec.labels).update(cand[1][use], labels[use]).compute_defined()
+        ne = {task: measured.get(task) for task in spec.labels}
+    nonfinite = skipped_users(users, reasons)
+    result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout),
+                              "scored_rows": int(use.sum()), "ne": ne, "ne_undefined": undefined,
+                              "nonfinite": nonfinite}
     if undefined:
         log.warning("NE not measurable on the holdout of %s: %s", ds, undefined)
-    history = baseline_history(snapshot_id, ctx)
-    if history:
-        production, _ = load_model(ctx.ws.snapshot_dir(history[0]))
-        try:
-            production_ne, _ = ne_accumulator(production, holdout, production.spec).compute_defined()
-            result["production_ne"] = production_ne
-        except RuntimeError as err:  # input layers changed since production was trained
-            log.warning("production snapshot cannot score today's inputs: %s", err)
+    for reason, what in nonfinite.items():
+        log.warning("evaluate %s: %d holdout row(s) not scored (%s non-finite), users e.g. %s",
+                    snapshot_id, what["count"], reason, what["users"])
+    if production is not None:
+        if prod is not None and use.any():
+            prod_labels = encode_labels(scored, production.spec).numpy()
+            result["production_ne"], _ = NormalizedEntropy(production.spec.labels).update(
+                prod[1][use], prod_labels[use]).compute_defined()
         result["production_id"] = history[0]
     day = ctx.day(ds)
     day.write("evaluation", result)
@@ -360,7 +402,7 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
 
     import torch
 
-    from sum_models.snapshot import embed_users, load_model, load_user_tower
+    from sum_models.snapshot import embed_users_finite, load_model, load_user_tower, skipped_users
 
     ctx = context()
     day = ctx.day(ds)
@@ -370,25 +412,37 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     weights_finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
     tower = model.user_tower.eval()
     # Each tower reads the inputs it was built for (a feature added today is new to production).
-    try:
-        candidate = embed_users(tower, probe, tower.spec)
-    except ValueError as err:  # NaN / fp16 overflow: held by the gate's finiteness check
-        log.warning("candidate %s gives unusable embeddings: %s", snapshot_id, err)
-        candidate = np.full((len(probe), tower.num_embeddings, tower.embedding_dim), np.nan, dtype=np.float32)
+    candidate, cand_skipped = embed_users_finite(tower, probe, tower.spec)
     evaluation = day.require("evaluation", "evaluate")
     history = baseline_history(snapshot_id, ctx)
     embeddings = []
+    # A probe user whose inputs are not finite, or whose embedding by a baseline tower is not, says nothing about
+    # the candidate (its data is the cause): left out and counted. A non-finite embedding by the candidate alone
+    # stays in, and the gate's finiteness check holds the candidate.
+    data_skips = np.where(cand_skipped == "nonfinite_features", "nonfinite_features", "").astype(object)
     for sid in history[:POOL_DEPTH]:
         old_tower, _ = load_user_tower(ctx.ws.snapshot_dir(sid))
-        embeddings.append(embed_users(old_tower, probe, old_tower.spec))
+        emb, skipped = embed_users_finite(old_tower, probe, old_tower.spec)
+        newly = (data_skips == "") & (skipped != "")
+        data_skips[newly] = "baseline_" + skipped[newly]  # e.g. baseline_nonfinite_embedding
+        embeddings.append(emb)
+    keep = data_skips == ""
+    probe_skipped = skipped_users(probe["user_id"].to_numpy(), data_skips)
+    if keep.any() and not keep.all():
+        candidate, embeddings = candidate[keep], [e[keep] for e in embeddings]
     baseline = history[0] if history else None
     production_ne = evaluation.get("production_ne") if evaluation.get("production_id") == baseline else None
     verdict = judge(
         candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
         history=embeddings[1:], production_ne=production_ne, weights_finite=weights_finite,
         unmeasured=evaluation.get("ne_undefined"), enforce_shift=len(history) >= ctx.params.gate.warmup_promotions,
+        nonfinite_predictions=(evaluation.get("nonfinite") or {}).get("candidate"),
     )
-    payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": len(probe),
+    for reason, what in probe_skipped.items():
+        verdict.reasons.append(f"{what['count']} probe user(s) left out ({reason}: their data, not the candidate), "
+                               f"e.g. {what['users']}")
+    payload = verdict.to_dict() | {"ds": ds, "snapshot_id": snapshot_id, "probe_users": int(keep.sum()) if keep.any()
+                                   else len(probe), "probe_skipped": probe_skipped,
                                    "thresholds": ctx.params.gate.model_dump()}
     day.write("verdict", payload)
     ctx.registry.record_verdict(snapshot_id, verdict.blessed, day.lineage("verdict")["verdict"])
@@ -451,6 +505,7 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
     ``inference.engine``: ``task`` embeds in this process; ``ray_data`` on the Ray cluster
     (:mod:`sum_pipeline.batch_embeddings`), written here batch by batch. The same rows either way.
     """
+    import numpy as np
     import pandas as pd
 
     ctx = context()
@@ -462,30 +517,51 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
     # The same pooled write as SOAP's compute (paper 5.2: mean of this version and the ones stored before),
     # marked as the day's batch value (what offline mode serves), logged to the day's offline partition
     # beside the day's write-backs under a fixed name (a rerun replaces it).
+    # A user whose features or embedding are not finite is skipped and counted (its stored value stays): one bad
+    # row must not cost every other user today's batch value.
+    from sum_models.snapshot import MANIFEST_FILE, skipped_users
+
     if cfg.engine == "task":
         from sum_models.runtime import torch_threads
-        from sum_models.snapshot import embed_users, load_user_tower
+        from sum_models.snapshot import embed_users_finite, load_user_tower
 
         users = read_partition(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
         tower, _ = load_user_tower(snap_dir)
         with torch_threads(1):  # as each Ray Data actor: the same arithmetic, the same bits
-            emb = embed_users(tower, users, tower.spec, batch_size=cfg.batch_size)
-        written = write_embeddings(store, users["user_id"].to_numpy(), emb, prod.snapshot_id, written_at,
+            emb, skipped = embed_users_finite(tower, users, tower.spec, batch_size=cfg.batch_size)
+        ids, ok = users["user_id"].to_numpy(), skipped == ""
+        written = write_embeddings(store, ids[ok], emb[ok], prod.snapshot_id, written_at,
                                    batch=True, to_offline=True, offline_file="batch.parquet")
-        return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": written, "engine": cfg.engine}
-    from sum_models.snapshot import MANIFEST_FILE
-
+        return _materialized(ctx, ds, prod.snapshot_id, written, cfg.engine, skipped_users(ids, skipped))
     connect_ray(ctx.params)
     manifest = read_json(snap_dir / MANIFEST_FILE)
-    frames = []
-    for ids, emb in embed_with_ray_data(ctx.ws.users_dir(ds), snap_dir, (manifest["num_embeddings"],
-                                        manifest["embedding_dim"]), batch_size=cfg.batch_size,
-                                        actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor):
-        frames.append(write_embeddings(store, ids, emb, prod.snapshot_id, written_at, batch=True, return_frame=True))
+    frames, all_ids, all_skipped = [], [], []
+    for ids, emb, skipped in embed_with_ray_data(ctx.ws.users_dir(ds), snap_dir, (manifest["num_embeddings"],
+                                                 manifest["embedding_dim"]), batch_size=cfg.batch_size,
+                                                 actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor):
+        ok = skipped == ""
+        all_ids.append(ids)
+        all_skipped.append(skipped)
+        if ok.any():
+            frames.append(write_embeddings(store, ids[ok], emb[ok], prod.snapshot_id, written_at, batch=True,
+                                           return_frame=True))
         log.info("materialize_embeddings: %d users written", sum(len(f) for f in frames))
-    rows = pd.concat(frames).sort_values("user_id").reset_index(drop=True)
-    log_offline(store, rows, "batch.parquet")  # one file for the day's batch, as the in-task path writes
-    return {"ds": ds, "snapshot_id": prod.snapshot_id, "users": len(rows), "engine": cfg.engine}
+    rows = pd.concat(frames).sort_values("user_id").reset_index(drop=True) if frames else pd.DataFrame()
+    if len(rows):
+        log_offline(store, rows, "batch.parquet")  # one file for the day's batch, as the in-task path writes
+    skips = skipped_users(np.concatenate(all_ids), np.concatenate(all_skipped)) if all_ids else {}
+    return _materialized(ctx, ds, prod.snapshot_id, len(rows), cfg.engine, skips)
+
+
+def _materialized(ctx: Context, ds: str, snapshot_id: str, written: int, engine: str,
+                  skipped: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The daily batch's outcome, kept in the day's record (``materialize``) and logged; skips are warned."""
+    result = {"ds": ds, "snapshot_id": snapshot_id, "users": written, "engine": engine, "skipped": skipped}
+    for reason, what in skipped.items():
+        log.warning("materialize_embeddings skipped %d user(s) of %s (%s), e.g. %s: their stored values stay",
+                    what["count"], ds, reason, what["users"])
+    ctx.day(ds).write("materialize", result)
+    return result
 
 
 def rollout(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ PARTS = {
     "data_version": "data_version.json",
     "evaluation": "evaluation.json",
     "verdict": "gate.json",
+    "materialize": "materialize.json",  # the daily batch's outcome (users written, users skipped and why)
     "profile": "data_profile.json",  # the validated day's data profile (the trailing checks' baseline)
 }
 

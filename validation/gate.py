@@ -108,6 +108,7 @@ def judge(
     weights_finite: bool = True,
     unmeasured: dict[str, str] | None = None,
     enforce_shift: bool = True,
+    nonfinite_predictions: dict[str, Any] | None = None,
 ) -> Verdict:
     """Judges a candidate snapshot.
 
@@ -125,6 +126,8 @@ def judge(
             checks are not made, and the reasons say so. A non-finite NE is not in here: it fails.
         enforce_shift: False during the warm-up (``gate.warmup_promotions``): the shift against production
             is measured and reported (``verdict.shift``, the reasons) but does not hold the candidate.
+        nonfinite_predictions: Holdout rows whose candidate predictions are NaN/inf while their inputs (and
+            production's predictions) are finite, ``{"count", "users"}``: the candidate's own defect, held.
 
     Returns:
         The :class:`Verdict`; ``blessed`` only when every check passed.
@@ -148,6 +151,11 @@ def judge(
             verdict.checks.append(_check(f"embedding_{k}.std_across_users", spread, cfg.min_embedding_std, ">="))
     else:
         verdict.reasons.append("candidate embeddings are not finite: shift not measured")
+    bad = int((nonfinite_predictions or {}).get("count", 0))
+    verdict.checks.append(Check("predictions_finite", float(bad == 0), 1.0, ">=", bad == 0))
+    if bad:
+        verdict.reasons.append(f"{bad} holdout row(s) give the candidate NaN/inf predictions where the inputs and "
+                               f"production's predictions are finite (users e.g. {nonfinite_predictions['users']})")
     unmeasured = dict(unmeasured or {})
     for task, why in sorted(unmeasured.items()):
         verdict.reasons.append(f"ne.{task} not measured: {why} on today's holdout")

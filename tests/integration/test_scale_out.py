@@ -151,3 +151,55 @@ def test_ray_data_batch_embeddings_equal_the_in_task_path(runs, scale_params):
         same = ray_log["user_id"].isin(compared)
         pd.testing.assert_frame_equal(log[same], ray_log[same])
         assert log["user_id"].tolist() == ray_log["user_id"].tolist()
+
+
+def test_the_daily_batch_skips_a_user_with_non_finite_features_not_the_others(runs, scale_params, tmp_path):
+    """Issue 14: one user's feature at inf, another's NaN: both engines skip exactly those two, count them in the
+    day's record, keep their stored values, and write every other user. (A huge finite value cannot make a trained
+    tower overflow: its inputs are clamped, sum_models/normalize.py; the embedding-overflow skip is tested on an
+    unfitted tower in tests/model and tests/integration/test_serving.py.)"""
+    import shutil
+
+    import pandas as pd
+
+    from serving.store_io import read_history
+    from sum_pipeline import tasks
+    from sum_platform.context import context
+    from sum_platform.feature_store import feature_spec, get_store
+    from sum_platform.files import write_parquet
+    from sum_platform.partitions import read_partition
+
+    ctx = context()
+    store = get_store(ctx.params)
+    folder = ctx.ws.users_dir(DAYS[1])
+    shutil.copytree(folder, tmp_path / "users")
+    try:
+        users = read_partition(folder)
+        column = feature_spec(ctx.params, store).user_dense[0]
+        users[column] = users[column].astype("float64")
+        inf_user, nan_user = int(users["user_id"].iloc[3]), int(users["user_id"].iloc[9])
+        users.loc[users["user_id"] == inf_user, column] = np.inf
+        users.loc[users["user_id"] == nan_user, column] = np.nan
+        for f in folder.glob("*.parquet"):
+            f.unlink()
+        write_parquet(users, folder / "part-0.parquet")
+        before = read_history(store, [inf_user, nan_user])
+        for name in ("task", "ray_data"):
+            with engine(name):
+                out = tasks.materialize_embeddings(DAYS[1])
+            assert out["users"] == len(users) - 2, (name, out)
+            assert out["skipped"] == {"nonfinite_features": {"count": 2, "users": sorted([inf_user, nan_user])}}, \
+                (name, out)
+            assert ctx.day(DAYS[1]).read("materialize") == out
+            after = read_history(store, [inf_user, nan_user])
+            for uid in (inf_user, nan_user):
+                for field, value in before[uid].items():
+                    assert np.array_equal(value, after[uid][field]) if isinstance(value, np.ndarray) else \
+                        value == after[uid][field], (name, uid, field)
+            logged = pd.read_parquet(ctx.ws.embeddings_dir(DAYS[1]) / "batch.parquet")
+            assert len(logged) == len(users) - 2 and not logged["user_id"].isin([inf_user, nan_user]).any()
+    finally:
+        shutil.rmtree(folder)
+        shutil.copytree(tmp_path / "users", folder)
+        with engine("task"):
+            assert tasks.materialize_embeddings(DAYS[1])["skipped"] == {}  # the day's good state again

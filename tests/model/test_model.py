@@ -244,7 +244,7 @@ def test_embed_users_finite_skips_only_the_bad_users(spec, model_cfg, make_users
     """One user's non-finite input (or overflowing embedding) is skipped, the other users get exactly what
     embed_users gives them; embed_users itself still refuses the whole frame."""
     from sum_models.data import finite_rows
-    from sum_models.snapshot import embed_users_finite
+    from sum_models.snapshot import embed_users_finite, skipped_users
 
     tower = build_model(spec, model_cfg, seed=0).user_tower.eval()
     users = make_users(40, seed=5)
@@ -253,12 +253,23 @@ def test_embed_users_finite_skips_only_the_bad_users(spec, model_cfg, make_users
     users.loc[3, column], users.loc[7, column], users.loc[11, column] = np.inf, np.nan, 1e39  # inf as float32
     users.loc[20, column] = 1e30  # finite input; the tower's output overflows fp16
     assert finite_rows(users, spec.user_dense).tolist() == [i not in (3, 7, 11) for i in range(40)]
-    emb, ok = embed_users_finite(tower, users, spec, batch_size=8)
+    emb, skipped = embed_users_finite(tower, users, spec, batch_size=8)
     assert emb.shape == (40, tower.num_embeddings, tower.embedding_dim) and emb.dtype == np.float16
-    assert not ok[[3, 7, 11, 20]].any() and ok.sum() == 36
+    assert {i: r for i, r in enumerate(skipped) if r} == {
+        3: "nonfinite_features", 7: "nonfinite_features", 11: "nonfinite_features", 20: "nonfinite_embedding"}
     assert np.isnan(emb[[3, 7, 11]]).all() and not np.isfinite(emb[20]).all()
+    ok = skipped == ""
     clean = users.drop(index=[3, 7, 11, 20]).reset_index(drop=True)
-    np.testing.assert_array_equal(emb[ok], embed_users(tower, clean, spec, batch_size=8))
+    np.testing.assert_allclose(emb[ok].astype(np.float32), embed_users(tower, clean, spec).astype(np.float32),
+                               rtol=1e-3, atol=1e-3)
+    # A frame without a bad row: embed_users' values, bit for bit (the same blocks through the tower).
+    good = make_users(40, seed=6)
+    emb_good, none = embed_users_finite(tower, good, spec, batch_size=8)
+    assert not any(none)
+    np.testing.assert_array_equal(emb_good, embed_users(tower, good, spec, batch_size=8))
+    assert skipped_users(users["user_id"], skipped) == {
+        "nonfinite_embedding": {"count": 1, "users": [int(users.at[20, "user_id"])]},
+        "nonfinite_features": {"count": 3, "users": [int(users.at[i, "user_id"]) for i in (3, 7, 11)]}}
     with pytest.raises(ValueError):
         embed_users(tower, users, spec)
 

@@ -153,3 +153,15 @@ def test_during_the_warm_up_shift_is_reported_but_does_not_hold(production):
     assert young.shift and young.shift[0]["mean_cosine"] < CFG.min_mean_cosine  # measured all the same
     assert any(r.startswith("warm-up") and "embedding_0.mean_cosine" in r for r in young.reasons)
     assert not judge(cand, production, {"click": 1.5, "conversion": 0.9}, CFG, "sum-prev", enforce_shift=False).blessed
+
+
+def test_candidate_only_non_finite_predictions_are_held_naming_them(production):
+    """Holdout rows the candidate alone scores NaN/inf (inputs and production finite): its own defect, held with
+    the count and the users; none of them: the check passes."""
+    cand = production + 0.01 * np.random.default_rng(4).standard_normal(production.shape).astype(np.float32)
+    v = judge(cand, production, NE_OK, CFG, "sum-prev", nonfinite_predictions={"count": 3, "users": [5, 9, 11]})
+    assert not v.blessed
+    assert any("3 holdout row(s) give the candidate NaN/inf predictions" in r and "[5, 9, 11]" in r for r in v.reasons)
+    assert [c.passed for c in v.checks if c.name == "predictions_finite"] == [False]
+    ok = judge(cand, production, NE_OK, CFG, "sum-prev", nonfinite_predictions=None)
+    assert ok.blessed and [c.passed for c in ok.checks if c.name == "predictions_finite"] == [True]
