@@ -517,6 +517,10 @@ def test_an_unanswered_approval_times_out_into_held_and_production_stays(runs):
     rec = runs["ctx"].registry.get(f"sum-{DAY5}")
     assert rec.stage == "held" and rec.record["verdict"]["verdict"] == "held"
     assert any("needs" in reason for reason in rec.record["verdict"]["reasons"]), rec.record["verdict"]["reasons"]
+    # The NaN weight makes every holdout prediction NaN: counted, named in the verdict, no crashed task.
+    evaluation = rec.record["evaluation"]
+    assert evaluation["nonfinite"]["candidate"]["count"] == evaluation["holdout_rows"] > 0, evaluation
+    assert any("give the candidate NaN/inf predictions" in r for r in rec.record["verdict"]["reasons"])
     assert rec.promoted_by is None
     assert runs[f"{DAY5}/production"] == runs[f"{DAY5}/served"] == runs[f"{DAY4}/production"]
 
@@ -637,6 +641,16 @@ def test_operator_rollback_returns_the_previous_production_and_rerolls_the_stack
     last = ctx.registry.events(previous)[-1]
     assert last["action"] == "promote" and last["actor"] == "operator-x"
     assert "rollback from" in last["detail"]["reason"]
+
+
+def test_doctor_finds_registry_tags_remote_store_and_serving_in_agreement(runs):
+    """After every run, approval, rejection, quarantine and rollback above: `sumctl doctor` from a shell is green."""
+    done = _sumctl("doctor", "--json", check=False)
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert done.returncode == 0 and report["healthy"], report["findings"]
+    checked = report["checked"]
+    assert checked["registry"]["promoted"] >= 4 and checked["manifests"] == checked["registry"]["promoted"]
+    assert checked["online_store"]["rows"] > 0 and checked["serving"]["snapshot_id"] == f"sum-{DAY3}"
 
 
 def test_down_stops_every_process_of_the_stack(runs, stack):
