@@ -238,6 +238,16 @@ class SoapClient:
         self.close()
 
     # -- configuration --------------------------------------------------------------------------
+    def reopen_store_if_replaced(self, open_store: Any) -> bool:
+        """Reopens the online store when its file was replaced (``sumctl rebuild-online``); ``open_store()`` gives
+        the new store. Returns whether it did. Called from the serving replica's health check."""
+        if not self._reader.replaced():
+            return False
+        self.store = open_store()
+        self._reader = EmbeddingReader(self.store)
+        log.warning("online store file replaced: reopened %s", self._reader.path)
+        return True
+
     def reconfigure(self, config: dict) -> None:
         """Mode, budgets and coalescing (:func:`serving.settings.ingress_user_config`).
 

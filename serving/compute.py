@@ -35,7 +35,7 @@ from ray import serve
 from serving.cpu import background_thread, thread_priority
 from serving.metrics import ComputeMetrics
 from serving.settings import USER_CONFIG_KEYS, open_store, snapshot_fingerprint
-from serving.store_io import pooled_preview, read_user_rows, to_ms, write_embeddings
+from serving.store_io import pooled_preview, read_user_rows, reader_for, to_ms, write_embeddings
 
 __all__ = ["ComputeCenter"]
 
@@ -446,6 +446,11 @@ class ComputeCenter:
         Also refreshes the loaded-snapshot gauges (a gauge set once is not exported forever)."""
         if self._prod is None:
             raise RuntimeError(f"no user tower loaded (last error: {self._last_error})")
+        if self._store is not None and self._store_key is not None and reader_for(self._store).replaced():
+            # A rebuilt online store (a new file): Feast's cached connection would keep writing to the old one
+            # (write-backs still buffered, <= write_coalesce_ms of them, go there).
+            _, self._store = open_store(*self._store_key)
+            log.warning("online store file replaced: reopened it")
         self._metrics.loaded.set(1, tags={"role": "production", "snapshot_id": self._prod.snapshot_id})
         if self._frozen is not None:
             self._metrics.loaded.set(1, tags={"role": "frozen", "snapshot_id": self._frozen.snapshot_id})

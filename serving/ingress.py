@@ -83,7 +83,10 @@ class SoapIngress:
             log.error("ingress user_config rejected (%s); keeping %s", exc, self.client.config)
 
     def check_health(self) -> None:
-        """Ray Serve's health check: unhealthy when the HTTP server stopped (Serve then replaces the replica)."""
+        """Ray Serve's health check: unhealthy when the HTTP server stopped (Serve then replaces the replica). A
+        replaced online store file (a rebuild) is reopened here."""
+        self.client.reopen_store_if_replaced(
+            lambda: open_store(self._settings["workspace"], self._settings["params_path"])[1])
         failure = self._server.failure()
         if failure:
             raise RuntimeError(f"SOAP HTTP server on {self._server.host}:{self._server.port} {failure}")

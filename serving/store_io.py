@@ -12,7 +12,8 @@ mean of the current computed embedding and the two most recent cached ones). One
   (what ``offline`` mode serves);
 * ``served_packed``, ``batch_packed`` - the served and the batch value again, each with its snapshot id, write
   time and versions, packed into one bytes field (:func:`pack_value`): what SOAP's reads fetch, one row and one
-  decode instead of K + 3 (a row written before these fields existed is read from the fields above).
+  decode instead of K + 3 (a row without them - written before they existed, or materialised from an older
+  log - is read from the fields above).
 
 A write reads the users' rows, shifts the history (``prev2 <- prev1 <- raw <- new``; a write with the
 same snapshot id *and* write time as the latest version replaces it instead, so a rerun of the daily
@@ -40,6 +41,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import os
 import re
 import sqlite3
 import struct
@@ -252,6 +254,19 @@ class OnlineRowReader:
             self.path = path
             versioning = bool(getattr(cfg.registry, "enable_online_feature_view_versioning", False))
             self.table = compute_table_id(cfg.project, self.feature_view, versioning)
+            self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def replaced(self) -> bool:
+        """Whether the SQLite file at the store's path is another file than when this reader was made (a rebuilt
+        store, ``sumctl rebuild-online``): open connections, Feast's too, still point at the old one."""
+        return self._direct and self._file_identity() != self._identity
 
     def _conn(self, timeout_s: float) -> sqlite3.Connection:
         conns = getattr(self._local, "conns", None)
@@ -387,11 +402,11 @@ class EmbeddingReader(OnlineRowReader):
         out: dict[int, dict[str, Any]] = {}
         unpacked: list[int] = []  # rows written before the packed fields existed (or no row at all)
         for uid in dict.fromkeys(int(u) for u in user_ids):
-            row = packed.get(uid)
-            if row is None:
-                unpacked.append(uid)
-            elif (value := unpack_value(row[field])) is not None:
+            raw = (packed.get(uid) or {}).get(field)
+            if (value := unpack_value(raw)) is not None:
                 out[uid] = value
+            elif raw != b"":  # b"": no such value (a user without a batch value); None: no packed copy
+                unpacked.append(uid)
         if unpacked:
             out.update(self._unpacked_embeddings(unpacked, source, timeout_s))
         return out
@@ -806,8 +821,6 @@ def log_offline(store: "FeatureStore", rows: pd.DataFrame, name: str | None = No
     """Appends written ``sum_embeddings`` rows (:func:`write_embeddings` ``return_frame``) to the view's offline
     source, under ``name`` in each date's partition (a rerun replaces its own file; default: a unique name)."""
     source = reader_for(store).feature_view.batch_source
-    # The packed copies are the online read path's; the log keeps the values once, as the arrays Feast reads.
-    rows = rows.drop(columns=[c for c in PACKED_FIELDS.values() if c in rows.columns])
     append_rows(partition_root(source.path), rows, source.timestamp_field, name)
 
 

@@ -476,6 +476,19 @@ def doctor(
         raise typer.Exit(code=1)
 
 
+@app.command("rebuild-online")
+def rebuild_online(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+    """Rebuilds a damaged or lost online store from the offline store: the damaged file is moved aside, Feast
+    materialises the users' features and their latest served embedding rows over every day of the workspace.
+    Running serving replicas reopen the new file on their next health check."""
+    from sum_pipeline.online_rebuild import rebuild_online_store
+
+    p, ws = _setup(workspace, params)
+    with console.status("materialising user features and embeddings from the offline store ..."):
+        out = rebuild_online_store(Context(p, ws))
+    console.print_json(data=out)
+
+
 @app.command()
 def ui(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     """Brings the stack up if needed and prints where the Airflow UI is and how to log in."""

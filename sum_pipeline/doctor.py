@@ -200,7 +200,7 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
         users = reader.user_ids()
     except Exception as exc:  # an unreadable store is itself the finding
         out.findings.append(Finding("online_store", f"the online store cannot be read: {type(exc).__name__}: {exc}",
-                                    f"{SUMCTL} stage materialize_embeddings --ds <the latest date>   # rewrites every row"))
+                                    f"{SUMCTL} rebuild-online   # refills it from the offline store"))
         return
     known = set(promoted)
     problems: dict[str, list[int]] = {}

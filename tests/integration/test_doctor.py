@@ -87,7 +87,7 @@ def _only(diagnosis, component: str, text: str):
 
 
 def test_a_consistent_workspace_is_green_and_each_disagreement_is_repaired_by_its_command(ctx, sim_users):
-    from serving.store_io import PACKED_FIELDS, reader_for, write_embeddings
+    from serving.store_io import PACKED_FIELDS, history_fields, reader_for, write_embeddings
     from sum_platform.feature_store import get_store
     from sum_platform.versioning import production_snapshot, tag_promotion
 
@@ -133,6 +133,29 @@ def test_a_consistent_workspace_is_green_and_each_disagreement_is_repaired_by_it
     assert len({f.repair for f in found.findings}) == 1  # one rewrite of the day's rows repairs both
     _repair(found.findings[0])
     assert _diagnose(ctx).healthy
+
+    # The online store file truncated: unreadable; the printed repair refills it from the offline store, the
+    # same rows as before (the latest logged row of every user) and their features.
+    fields = [*history_fields(_shape(ctx)[0]), *PACKED_FIELDS.values()]
+    before = reader_for(get_store(ctx.params)).rows(users.tolist(), fields)
+    with sqlite3.connect(reader.path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file, as after any quiet spell
+    with open(reader.path, "r+b") as fh:
+        fh.truncate(100)  # mid-header: "file is not a database"
+    _repair(_only(_diagnose(ctx), "online_store", "the online store cannot be read"))
+    assert _diagnose(ctx).healthy
+    store = get_store(ctx.params)
+    after = reader_for(store).rows(users.tolist(), fields)
+    assert after.keys() == before.keys() and len(after) == len(users)
+    for uid, row in before.items():
+        for name, value in row.items():
+            got = after[uid][name]
+            assert (np.array_equal(value, got) if isinstance(value, np.ndarray) else value == got), (uid, name)
+    from sum_platform.feature_store import feature_spec
+    from serving.store_io import read_user_rows
+
+    rows, skipped = read_user_rows(store, users.tolist(), feature_spec(ctx.params, store))
+    assert not skipped and len(rows) == len(users)  # the users' features are back too
 
 
 def _shape(ctx) -> tuple[int, int]:

@@ -298,3 +298,30 @@ def test_a_point_in_time_retrieval_never_returns_an_embedding_written_after_the_
     # Offline mode's column: the daily batch value stays the batch write's after later write-backs.
     batch = historical_embeddings(store, impressions, K, source="batch")
     assert batch["embedding_snapshot_id"].tolist()[1:] == ["sum-a"] * 5
+
+
+def test_a_replaced_store_file_is_noticed_and_a_client_reopens_it(feast_env, tmp_path):
+    """A rebuilt online store is a new file at the same path: readers (and Feast's cached connection) still hold
+    the old one until the serving replicas' health checks reopen it."""
+    import os
+
+    from serving.client import SoapClient
+    from serving.settings import ingress_user_config
+    from sum_platform.feature_store import apply_definitions, get_store
+
+    store = feast_env["store"]
+    reader = store_io.reader_for(store)
+    if reader.backend != "sqlite":
+        pytest.skip("a Redis store has no file to replace")
+    write_embeddings(store, [900], np.ones((1, K, D), np.float16), "before", 1_000)
+    client = SoapClient(store, object(), ingress_user_config(feast_env["params"]), max_inflight=8)
+    assert not client.reopen_store_if_replaced(lambda: get_store(feast_env["params"]))
+    os.replace(reader.path, tmp_path / "aside.db")
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(f"{reader.path}{suffix}"):
+            os.replace(f"{reader.path}{suffix}", tmp_path / f"aside.db{suffix}")
+    fresh = apply_definitions(feast_env["params"])
+    write_embeddings(fresh, [900], np.full((1, K, D), 2, np.float16), "after", 2_000)
+    assert reader.replaced()
+    assert client.reopen_store_if_replaced(lambda: get_store(feast_env["params"]))
+    assert client._reader.embeddings([900])[900]["snapshot_id"] == "after" and not client._reader.replaced()
