@@ -499,33 +499,18 @@ def _compute_pooled(
 
 
 def _embed_finite(tower, rows: dict[int, dict]) -> tuple[np.ndarray, list[int], dict[int, str]]:
-    """Embeddings of the users whose feature rows and embeddings are finite, ``TOWER_BATCH_SIZE`` per forward pass.
-
-    A user with a non-finite feature (``nonfinite_features``) or whose embedding overflows fp16
-    (``nonfinite_embedding``) is skipped: one bad row must not fail the batch it shares with other users.
+    """Embeddings of the users whose feature rows and embeddings are finite, ``TOWER_BATCH_SIZE`` per forward pass
+    (:func:`sum_models.snapshot.embed_user_rows_finite`): one bad row must not fail the batch it shares.
 
     Returns:
-        ``(embeddings fp16 [N, K, D], their user ids, {skipped user id: reason})``.
+        ``(embeddings fp16 [N, K, D], their user ids, {skipped user id: nonfinite_features | nonfinite_embedding})``.
     """
-    from sum_models.data import encode_user_rows, user_row_is_finite  # torch: loaded in the replica only
-    from sum_models.snapshot import embed_inputs
+    from sum_models.snapshot import embed_user_rows_finite  # torch: loaded in the replica only
 
-    skipped = {u: "nonfinite_features" for u, row in rows.items() if not user_row_is_finite(row, tower.spec)}
-    ids = [u for u in rows if u not in skipped]
-    if not ids:
-        return np.zeros((0, tower.num_embeddings, tower.embedding_dim), np.float16), [], skipped
-    parts = []
-    for s in range(0, len(ids), TOWER_BATCH_SIZE):
-        chunk = [rows[u] for u in ids[s : s + TOWER_BATCH_SIZE]]
-        with np.errstate(over="ignore", invalid="ignore"):
-            parts.append(embed_inputs(tower, encode_user_rows(chunk, tower.spec), check=False))
-    emb = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    finite = np.isfinite(emb.reshape(len(emb), -1)).all(axis=1)
-    if not finite.all():
-        skipped.update({u: "nonfinite_embedding" for u, ok in zip(ids, finite) if not ok})
-        ids = [u for u, ok in zip(ids, finite) if ok]
-        emb = emb[finite]
-    return emb, ids, skipped
+    ids = list(rows)
+    emb, skipped = embed_user_rows_finite(tower, [rows[u] for u in ids], batch_size=TOWER_BATCH_SIZE)
+    ok = skipped == ""
+    return emb[ok], [u for u, good in zip(ids, ok) if good], {u: str(r) for u, r in zip(ids, skipped) if r}
 
 
 def _write_pooled(store, snapshot_id: str, pending: dict) -> int:

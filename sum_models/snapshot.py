@@ -55,6 +55,7 @@ __all__ = [
     "load_model",
     "embed_users",
     "embed_users_finite",
+    "embed_user_rows_finite",
     "skipped_users",
     "embed_inputs",
 ]
@@ -394,10 +395,38 @@ def embed_users_finite(
         if part.size:
             with np.errstate(over="ignore", invalid="ignore"):
                 out[part] = embed_inputs(tower, encode_users(users_df.iloc[part], spec), check=False)
-    skipped = np.full(len(users_df), "", dtype=object)
+    return out, _skip_reasons(out, inputs_ok)
+
+
+def embed_user_rows_finite(
+    tower: UserTower, rows: list[dict[str, Any]], batch_size: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed_users_finite` for feature rows as the online store holds them (serving: a few users, no frame;
+    :func:`sum_models.data.encode_user_rows`).
+
+    Returns:
+        ``(embeddings, skipped)`` as :func:`embed_users_finite` gives them.
+    """
+    from sum_models.data import encode_user_rows, user_row_is_finite
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    k, d = int(tower.num_embeddings), int(tower.embedding_dim)
+    inputs_ok = np.fromiter((user_row_is_finite(r, tower.spec) for r in rows), dtype=bool, count=len(rows))
+    out = np.full((len(rows), k, d), np.nan, dtype=np.float16)
+    for s in range(0, len(rows), batch_size):
+        part = s + np.flatnonzero(inputs_ok[s : s + batch_size])
+        if part.size:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[part] = embed_inputs(tower, encode_user_rows([rows[i] for i in part], tower.spec), check=False)
+    return out, _skip_reasons(out, inputs_ok)
+
+
+def _skip_reasons(out: np.ndarray, inputs_ok: np.ndarray) -> np.ndarray:
+    skipped = np.full(len(out), "", dtype=object)
     skipped[~np.isfinite(out.reshape(len(out), -1)).all(axis=1)] = "nonfinite_embedding"
     skipped[~inputs_ok] = "nonfinite_features"
-    return out, skipped
+    return skipped
 
 
 def skipped_users(user_ids: Any, skipped: np.ndarray, examples: int = 5) -> dict[str, dict[str, Any]]:

@@ -281,3 +281,19 @@ def test_user_row_is_finite(spec):
     assert user_row_is_finite(row, spec) and user_row_is_finite({**row, spec.user_dense[1]: None}, spec)
     for bad in (np.inf, np.nan, 1e39):
         assert not user_row_is_finite({**row, spec.user_dense[2]: bad}, spec)
+
+
+def test_embed_user_rows_finite_gives_what_the_frame_path_gives(spec, model_cfg, make_users):
+    from sum_models.snapshot import embed_user_rows_finite, embed_users_finite
+
+    tower = build_model(spec, model_cfg, seed=0).user_tower.eval()
+    users = make_users(20, seed=8)
+    users[spec.user_dense[0]] = users[spec.user_dense[0]].astype(np.float64)
+    users.loc[2, spec.user_dense[0]], users.loc[5, spec.user_dense[0]] = np.inf, 1e30
+    rows = [{c: users.at[i, c] for c in (*spec.user_dense, *spec.user_sparse)} for i in range(len(users))]
+    emb_rows, skipped_rows = embed_user_rows_finite(tower, rows, batch_size=8)
+    emb_frame, skipped_frame = embed_users_finite(tower, users, spec, batch_size=8)
+    assert skipped_rows.tolist() == skipped_frame.tolist() and skipped_rows[2] == "nonfinite_features"
+    assert skipped_rows[5] == "nonfinite_embedding"
+    ok = skipped_rows == ""
+    np.testing.assert_array_equal(emb_rows[ok], emb_frame[ok])
