@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from serving.ray_cluster import ensure_ray
 from serving.rollout import rollout as serve_rollout
@@ -45,8 +47,29 @@ def frozen_snapshot(ctx: Context) -> tuple[Path, str] | None:
     return ctx.ws.snapshot_dir(first.snapshot_id), first.snapshot_id
 
 
+@contextlib.contextmanager
+def promotion_lock(ctx: Context) -> Iterator[None]:
+    """One promotion at a time in a workspace, across processes (a manual ``sumctl promote`` racing the daily
+    run's): each moves GTO's ``prod`` and then the registry, so two interleaved could leave them naming different
+    snapshots."""
+    path = ctx.ws.registry_db.parent / "promotion.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool = False) -> dict[str, Any]:
-    """Promotion proper: files pushed and tagged first, then the registry flips in one transaction."""
+    """Promotion proper: files pushed and tagged first, then the registry flips in one transaction (one promotion
+    of the workspace at a time: :func:`promotion_lock`)."""
+    with promotion_lock(ctx):
+        return _promote(ctx, snapshot_id, actor, reason, force)
+
+
+def _promote(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool) -> dict[str, Any]:
     record = ctx.registry.get(snapshot_id)
     if record is None:
         raise LookupError(f"unknown snapshot {snapshot_id!r}")

@@ -345,7 +345,6 @@ def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     if cand is not None:
         reasons[idx[(reasons[idx] == "") & ~cand[0]]] = "candidate"
     use = reasons[idx] == ""
-    labels = encode_labels(scored, spec).numpy()
     undefined: dict[str, str] = {}
     ne: dict[str, Any] = {task: None for task in spec.labels}
     if scored.empty or (cand is not None and not use.any()):
@@ -354,6 +353,7 @@ def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     elif cand is not None:
         # A task whose holdout holds one label class (a small day without a conversion) is not measurable
         # today: None, with the reason in ne_undefined, which the gate reports instead of failing.
+        labels = encode_labels(scored, spec).numpy()
         measured, undefined = NormalizedEntropy(spec.labels).update(cand[1][use], labels[use]).compute_defined()
         ne = {task: measured.get(task) for task in spec.labels}
     nonfinite = skipped_users(users, reasons)

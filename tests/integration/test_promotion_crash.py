@@ -80,3 +80,35 @@ def test_unblessed_candidate_needs_force(ctx):
     assert out["stage"] == "production"
     event = ctx.registry.events("sum-2026-01-03")[-1]
     assert event["actor"] == "alice" and event["detail"]["reason"] == "incident 42" and event["detail"]["force"]
+
+
+def test_a_manual_promotion_racing_the_daily_one_leaves_one_production_and_both_in_the_audit_log(ctx):
+    """The daily run promotes sum-2026-01-02 while an operator force-promotes sum-2026-01-03: whichever lands
+    last is production in the registry and in GTO's prod alike, and both promotions are in the audit log."""
+    import threading
+
+    ctx.registry.register_candidate("sum-2026-01-03", "2026-01-03", None, {})
+    snap = ctx.ws.snapshot_dir("sum-2026-01-03")
+    snap.mkdir(parents=True)
+    (snap / "user_tower.safetensors").write_bytes(os.urandom(64))
+    (snap / "manifest.json").write_text(json.dumps({"snapshot_id": "sum-2026-01-03"}))
+    errors: list[BaseException] = []
+
+    def run(sid: str, actor: str, force: bool) -> None:
+        try:
+            promotion.promote_snapshot(context(), sid, actor=actor, reason="race", force=force)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("sum-2026-01-02", "pipeline", False)),
+               threading.Thread(target=run, args=("sum-2026-01-03", "operator", True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    productions = [r.snapshot_id for r in ctx.registry.list() if r.stage == "production"]
+    assert len(productions) == 1 and productions[0] in ("sum-2026-01-02", "sum-2026-01-03")
+    assert versioning.production_snapshot(ctx.ws.root) == productions[0]
+    actors = {(e["snapshot_id"], e["actor"]) for e in ctx.registry.events() if e["action"] == "promote"}
+    assert {("sum-2026-01-02", "pipeline"), ("sum-2026-01-03", "operator")} <= actors
