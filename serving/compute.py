@@ -441,16 +441,24 @@ class ComputeCenter:
         if done is not None:
             await asyncio.wait({done}, timeout=10)
 
+    def _reopen_store_if_replaced(self) -> None:
+        """A rebuilt online store is a new file: Feast's cached connection would keep writing to the old one
+        (write-backs still buffered, <= write_coalesce_ms of them, go there). Never fails the health check."""
+        if self._store is None or self._store_key is None:
+            return
+        try:
+            if reader_for(self._store).replaced():
+                _, self._store = open_store(*self._store_key)
+                log.warning("online store file replaced: reopened it")
+        except Exception as exc:  # the reads and writes themselves report a store that cannot be opened
+            log.warning("could not check or reopen the online store: %s", exc)
+
     def check_health(self) -> None:
         """Ray Serve's health check (every few seconds): unhealthy while no production tower is loaded.
         Also refreshes the loaded-snapshot gauges (a gauge set once is not exported forever)."""
         if self._prod is None:
             raise RuntimeError(f"no user tower loaded (last error: {self._last_error})")
-        if self._store is not None and self._store_key is not None and reader_for(self._store).replaced():
-            # A rebuilt online store (a new file): Feast's cached connection would keep writing to the old one
-            # (write-backs still buffered, <= write_coalesce_ms of them, go there).
-            _, self._store = open_store(*self._store_key)
-            log.warning("online store file replaced: reopened it")
+        self._reopen_store_if_replaced()
         self._metrics.loaded.set(1, tags={"role": "production", "snapshot_id": self._prod.snapshot_id})
         if self._frozen is not None:
             self._metrics.loaded.set(1, tags={"role": "frozen", "snapshot_id": self._frozen.snapshot_id})

@@ -85,8 +85,11 @@ class SoapIngress:
     def check_health(self) -> None:
         """Ray Serve's health check: unhealthy when the HTTP server stopped (Serve then replaces the replica). A
         replaced online store file (a rebuild) is reopened here."""
-        self.client.reopen_store_if_replaced(
-            lambda: open_store(self._settings["workspace"], self._settings["params_path"])[1])
+        try:
+            self.client.reopen_store_if_replaced(
+                lambda: open_store(self._settings["workspace"], self._settings["params_path"])[1])
+        except Exception as exc:  # reads answer 503 with the reason meanwhile; the server itself is fine
+            log.warning("could not check or reopen the online store: %s", exc)
         failure = self._server.failure()
         if failure:
             raise RuntimeError(f"SOAP HTTP server on {self._server.host}:{self._server.port} {failure}")
