@@ -517,10 +517,14 @@ def test_an_unanswered_approval_times_out_into_held_and_production_stays(runs):
     rec = runs["ctx"].registry.get(f"sum-{DAY5}")
     assert rec.stage == "held" and rec.record["verdict"]["verdict"] == "held"
     assert any("needs" in reason for reason in rec.record["verdict"]["reasons"]), rec.record["verdict"]["reasons"]
-    # The NaN weight makes every holdout prediction NaN: counted, named in the verdict, no crashed task.
+    # The NaN weight (the first row of an embedding table) makes the predictions of the impressions whose users hit
+    # that row NaN: those rows are counted, NE is measured on the others, the verdict names them; no crashed task.
     evaluation = rec.record["evaluation"]
-    assert evaluation["nonfinite"]["candidate"]["count"] == evaluation["holdout_rows"] > 0, evaluation
-    assert any("give the candidate NaN/inf predictions" in r for r in rec.record["verdict"]["reasons"])
+    bad = evaluation["nonfinite"]["candidate"]["count"]
+    assert 0 < bad and evaluation["scored_rows"] == evaluation["holdout_rows"] - bad, evaluation
+    assert all(v is not None for v in evaluation["ne"].values()), evaluation
+    assert any(f"{bad} holdout row(s) give the candidate NaN/inf predictions" in r
+               for r in rec.record["verdict"]["reasons"]), rec.record["verdict"]["reasons"]
     assert rec.promoted_by is None
     assert runs[f"{DAY5}/production"] == runs[f"{DAY5}/served"] == runs[f"{DAY4}/production"]
 
