@@ -120,8 +120,8 @@ def _registry_and_tags(ctx: Context, out: Diagnosis) -> list[str]:
         if sid not in tags:
             out.findings.append(Finding(
                 "versioning", f"{sid} was promoted (registry) but has no {ARTIFACT_NAME} version tag",
-                f"{SUMCTL} promote {sid} --reason 'tag a past promotion'"
-                + (f" && {SUMCTL} promote {prod.snapshot_id} --reason 'back to production'" if prod else "")))
+                f"{SUMCTL} promote {sid} --force --reason 'tag a past promotion'"
+                + (f" && {SUMCTL} promote {prod.snapshot_id} --force --reason 'back to production'" if prod else "")))
     for sid, tag in sorted(tags.items()):
         if sid not in promoted:
             out.findings.append(Finding(
