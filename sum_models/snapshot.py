@@ -424,7 +424,7 @@ def embed_user_rows_finite(
 
 def _skip_reasons(out: np.ndarray, inputs_ok: np.ndarray) -> np.ndarray:
     skipped = np.full(len(out), "", dtype=object)
-    skipped[~np.isfinite(out.reshape(len(out), -1)).all(axis=1)] = "nonfinite_embedding"
+    skipped[~np.isfinite(out).all(axis=(1, 2))] = "nonfinite_embedding"
     skipped[~inputs_ok] = "nonfinite_features"
     return skipped
 

@@ -44,7 +44,7 @@ class TowerEmbedder:
         from sum_models.snapshot import embed_users_finite
 
         emb, skipped = embed_users_finite(self.tower, batch, self.tower.spec, batch_size=self.batch_size)
-        return {"user_id": batch["user_id"].to_numpy(dtype=np.int64), "embedding": emb.reshape(len(emb), -1),
+        return {"user_id": batch["user_id"].to_numpy(dtype=np.int64), "embedding": emb.reshape(len(emb), emb.shape[1] * emb.shape[2]),
                 "skipped": skipped.astype(str)}
 
 

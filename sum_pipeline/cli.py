@@ -25,7 +25,9 @@ from serving.ray_cluster import ensure_ray, shutdown, started_local
 from serving.rollout import rollout as serve_rollout
 from sum_pipeline import airflow_env, driver, tasks
 from sum_pipeline.airflow_api import AirflowClient
+from sum_pipeline.doctor import diagnose
 from sum_pipeline.faults import CANDIDATE_FAULTS
+from sum_pipeline.online_rebuild import rebuild_online_store
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
@@ -453,8 +455,6 @@ def doctor(
 ) -> None:
     """Checks that the registry, GTO's tags, the DVC remote, the online store and serving agree; lists each
     disagreement with the command that repairs it (exit code 1 if there is one). Changes nothing."""
-    from sum_pipeline.doctor import diagnose
-
     p, ws = _setup(workspace, params)
     with console.status("checking registry, tags, remote, online store, serving ..."):
         result = diagnose(Context(p, ws), serving=serving)
@@ -481,8 +481,6 @@ def rebuild_online(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> 
     """Rebuilds a damaged or lost online store from the offline store: the damaged file is moved aside, Feast
     materialises the users' features and their latest served embedding rows over every day of the workspace.
     Running serving replicas reopen the new file on their next health check."""
-    from sum_pipeline.online_rebuild import rebuild_online_store
-
     p, ws = _setup(workspace, params)
     with console.status("materialising user features and embeddings from the offline store ..."):
         out = rebuild_online_store(Context(p, ws))

@@ -27,8 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from serving.rollout import base_url, served_version
 from serving.store_io import EMBEDDING_SLOTS, PACKED_FIELDS, _stack, history_fields, pool, reader_for, unpack_value
 from sum_platform.context import Context
+from sum_platform.feature_store import get_store
+from sum_platform.versioning import (ARTIFACT_NAME, VersioningError, _dvc, list_promotions,
+                                     production_snapshot)
 
 __all__ = ["Finding", "Diagnosis", "diagnose"]
 
@@ -93,8 +97,6 @@ SUMCTL = _exe("sumctl")
 # ---------------------------------------------------------------------------------------------
 def _registry_and_tags(ctx: Context, out: Diagnosis) -> list[str]:
     """Checks the registry against GTO's tags; returns the registry's promoted snapshot ids, oldest first."""
-    from sum_platform.versioning import ARTIFACT_NAME, VersioningError, list_promotions, production_snapshot
-
     history = ctx.registry.promoted_history()
     promoted = [r.snapshot_id for r in sorted(history, key=lambda r: (r.promoted_at or "", r.snapshot_id))]
     prod = ctx.registry.production()
@@ -134,8 +136,6 @@ def _registry_and_tags(ctx: Context, out: Diagnosis) -> list[str]:
 # DVC remote and manifests
 # ---------------------------------------------------------------------------------------------
 def _remote(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
-    from sum_platform.versioning import VersioningError, _dvc
-
     root = ctx.ws.root
     targets = sorted(str(p.relative_to(root)) for p in root.glob("data/*/ds=*.dvc"))
     missing_dvc = [sid for sid in promoted if not (root / "snapshots" / f"{sid}.dvc").exists()]
@@ -193,8 +193,6 @@ def _sha256(path: Path) -> str:
 # online store
 # ---------------------------------------------------------------------------------------------
 def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
-    from sum_platform.feature_store import get_store
-
     try:
         reader = reader_for(get_store(ctx.params))
         users = reader.user_ids()
@@ -258,8 +256,6 @@ def _row_problems(row: dict, k: int, promoted: set[str]) -> list[str]:
 # serving
 # ---------------------------------------------------------------------------------------------
 def _serving(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
-    from serving.rollout import base_url, served_version
-
     prod = ctx.registry.production()
     if prod is None:
         return

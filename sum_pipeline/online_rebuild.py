@@ -20,7 +20,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from serving.store_io import EMBEDDINGS_VIEW, reader_for, redis_client
 from sum_platform.context import Context
+from sum_platform.feature_store import apply_definitions, get_store, user_features_view
 
 __all__ = ["rebuild_online_store"]
 
@@ -37,9 +39,6 @@ def rebuild_online_store(ctx: Context) -> dict[str, Any]:
     Raises:
         FileNotFoundError: The workspace has no users partition to start from.
     """
-    from serving.store_io import EMBEDDINGS_VIEW, reader_for, redis_client
-    from sum_platform.feature_store import apply_definitions, get_store, user_features_view
-
     users_root = ctx.ws.data / "users"
     days = sorted(p.name.removeprefix("ds=") for p in users_root.glob("ds=*"))
     if not days:

@@ -19,6 +19,7 @@ from serving.ray_cluster import connect_ray, ensure_ray
 from serving.rollout import RolloutError, base_url, served_snapshot_id
 from serving.rollout import rollout as serve_rollout
 from serving.store_io import log_offline, write_embeddings
+from sum_models.metrics import NormalizedEntropy
 from sum_pipeline.batch_embeddings import embed_with_ray_data
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
@@ -309,7 +310,6 @@ def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     import numpy as np
 
     from sum_models.data import encode_labels, finite_rows
-    from sum_models.metrics import NormalizedEntropy
     from sum_models.snapshot import load_model, skipped_users
     from sum_models.train import predict_proba
 
