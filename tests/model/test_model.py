@@ -297,3 +297,14 @@ def test_embed_user_rows_finite_gives_what_the_frame_path_gives(spec, model_cfg,
     assert skipped_rows[5] == "nonfinite_embedding"
     ok = skipped_rows == ""
     np.testing.assert_array_equal(emb_rows[ok], emb_frame[ok])
+
+
+def test_the_skip_and_count_embedders_take_an_empty_batch(spec, model_cfg, make_users):
+    """A compute batch whose users all lack features reaches the tower with no row: no error, nothing skipped."""
+    from sum_models.snapshot import embed_user_rows_finite, embed_users_finite
+
+    tower = build_model(spec, model_cfg, seed=0).user_tower.eval()
+    emb, skipped = embed_user_rows_finite(tower, [])
+    assert emb.shape == (0, tower.num_embeddings, tower.embedding_dim) and skipped.shape == (0,)
+    emb, skipped = embed_users_finite(tower, make_users(3, seed=1).head(0), spec)
+    assert emb.shape[0] == 0 and skipped.shape == (0,)
