@@ -38,7 +38,6 @@ write transaction.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -55,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from sum_models.shift import average_pool
+from sum_platform.files import exclusive_lock
 from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_VIEW, user_features_view
 from sum_platform.offline_log import append_rows, partition_root
 
@@ -561,14 +561,8 @@ def _write_lock(store: "FeatureStore") -> Iterator[None]:
     if not reader._direct:  # scale-out stores need their own per-key atomicity (see README)
         yield
         return
-    lock_path = Path(f"{reader.path}.write.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(Path(f"{reader.path}.write.lock")):
+        yield
 
 
 def _versions(row: dict[str, Any] | None, k: int, shape: tuple[int, int]) -> list[np.ndarray | None]:

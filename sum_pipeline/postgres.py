@@ -13,7 +13,6 @@ the Unix socket). Names and the password reach SQL only as psql variables (``:"n
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import logging
@@ -30,7 +29,7 @@ from urllib.parse import quote
 import psycopg2
 
 from sum_platform.config import Params, PostgresConfig
-from sum_platform.files import owner_only_secret
+from sum_platform.files import exclusive_lock, owner_only_secret
 from sum_platform.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -194,12 +193,8 @@ def _require_loopback_host(host: str) -> None:
 def _locked(ws: Workspace) -> Iterator[None]:
     """Serialises the profile's setup between processes (password generation, CREATE ROLE/DATABASE)."""
     ws.stack_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(ws.stack_dir / "postgres.lock", "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(ws.stack_dir / "postgres.lock"):
+        yield
 
 
 def _password(ws: Workspace) -> str:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,6 +11,7 @@ from serving.ray_cluster import ensure_ray
 from serving.rollout import rollout as serve_rollout
 from serving.rollout import served_snapshot_id
 from sum_platform.context import Context, context
+from sum_platform.files import exclusive_lock
 from sum_platform.versioning import data_version, tag_promotion, track_paths
 
 
@@ -52,14 +52,8 @@ def promotion_lock(ctx: Context) -> Iterator[None]:
     """One promotion at a time in a workspace, across processes (a manual ``sumctl promote`` racing the daily
     run's): each moves GTO's ``prod`` and then the registry, so two interleaved could leave them naming different
     snapshots."""
-    path = ctx.ws.registry_db.parent / "promotion.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(ctx.ws.registry_db.parent / "promotion.lock"):
+        yield
 
 
 def promote_snapshot(ctx: Context, snapshot_id: str, actor: str, reason: str, force: bool = False) -> dict[str, Any]:

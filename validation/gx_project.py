@@ -11,7 +11,6 @@ GX is imported inside the functions: importing this module stays cheap.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from sum_models.spec import FeatureSpec
+from sum_platform.files import exclusive_lock
 from validation.suites import build_suite, build_trailing_suite
 
 if TYPE_CHECKING:
@@ -34,13 +34,8 @@ DATA_DOCS_INDEX_LIMIT = 120
 @contextmanager
 def project_lock(gx_root: Path) -> Iterator[None]:
     """Holds the project's exclusive file lock (``<gx_root>/.sum_validation.lock``) for the block."""
-    gx_root.mkdir(parents=True, exist_ok=True)
-    with open(gx_root / ".sum_validation.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(gx_root / ".sum_validation.lock"):
+        yield
 
 
 def file_context(gx_root: Path):
