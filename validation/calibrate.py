@@ -32,7 +32,7 @@ import pandas as pd
 from sum_models.spec import FeatureSpec
 from sum_platform.sources import day_frames
 from validation.frames import batch_frame
-from validation.profiles import extreme_bounds, profile_partition
+from validation.profiles import extreme_bounds, profile_partition, trailing_tails
 from validation.suites import KINDS, drift_columns
 
 if TYPE_CHECKING:
@@ -66,8 +66,8 @@ def extreme_excess(values: Any, tails: list[list[float]]) -> float | None:
     x = x[np.isfinite(x)]
     if x.size == 0:
         return None
-    _, _, lo, hi = extreme_bounds(tails, 0.0)
-    span = hi - lo if hi > lo else max(abs(lo), abs(hi), 1.0)
+    below, _, lo, hi = extreme_bounds(tails, 1.0)
+    span = lo - below  # the width the bounds are measured in
     return float(max(0.0, (x.max() - hi) / span, (lo - x.min()) / span))
 
 
@@ -95,7 +95,7 @@ def day_statistics(today: dict[str, dict], frames: dict[str, pd.DataFrame], hist
                     out[f"kl.{column}"] = kl
     for kind in KINDS:  # extreme values: how far beyond the trailing range, in widths of that range
         for column in drift_columns(kind, spec):
-            tails = [d[kind]["tails"][column] for d in days if column in (d[kind].get("tails") or {})]
+            tails = trailing_tails(days, kind, column)
             if len(tails) >= params.validation.extreme_min_days and column in frames[kind].columns:
                 excess = extreme_excess(frames[kind][column], tails)
                 if excess is not None:

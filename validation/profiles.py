@@ -117,6 +117,11 @@ def tail_quantiles(values: Any, q: float) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def trailing_tails(days: list[dict[str, Any]], kind: str, column: str) -> list[list[float]]:
+    """The tail quantiles of ``column`` on each validated day's ``kind`` profile that has them."""
+    return [d[kind]["tails"][column] for d in days if column in (d[kind].get("tails") or {})]
+
+
 def extreme_bounds(tails: list[list[float]], multiple: float) -> tuple[float, float, float, float]:
     """Bounds of the extreme-values check from the validated days' tail quantiles.
 
@@ -241,7 +246,7 @@ def trailing_plan(kind: str, history: list[dict[str, Any]], spec: FeatureSpec, p
 
     extreme: list[str] = []
     for column in drift_columns(kind, spec):
-        tails = [d[kind]["tails"][column] for d in days if column in (d[kind].get("tails") or {})]
+        tails = trailing_tails(days, kind, column)
         if len(tails) < cfg.extreme_min_days:
             skipped.append(f"extreme values of {column!r}: tail quantiles on {len(tails)} validated day(s), "
                            f"fewer than validation.extreme_min_days {cfg.extreme_min_days}")
