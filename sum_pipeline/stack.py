@@ -66,6 +66,9 @@ class ComponentState:
     port: int | None = None
     log: str = ""
     argv: list[str] = field(default_factory=list)
+    #: ``[pid, create_time]`` of processes a dead predecessor left running a task (its executor workers), stopped
+    #: by the next ``up`` once idle, or by ``down``.
+    leftovers: list[list[float]] = field(default_factory=list)
 
     def process(self) -> psutil.Process | None:
         """The running process, or None (gone, or its pid reused by another program)."""
@@ -84,6 +87,27 @@ class ComponentState:
     @property
     def running(self) -> bool:
         return self.process() is not None
+
+    def leftover_processes(self) -> list[psutil.Process]:
+        """What this component's dead predecessor left running (see :attr:`leftovers`), or its own session's
+        processes once its main process is gone: a killed process's children are reparented, not killed."""
+        found: dict[int, psutil.Process] = {}
+        for pid, created in self.leftovers:
+            try:
+                p = psutil.Process(int(pid))
+                if abs(p.create_time() - created) <= 1.0 and _alive(p):
+                    found[p.pid] = p
+            except psutil.Error:
+                pass
+        if self.pid is not None and not self.running:
+            for p in psutil.process_iter(["create_time"]):
+                try:
+                    if (p.pid != self.pid and os.getsid(p.pid) == self.pid and _alive(p)
+                            and (self.create_time is None or p.info["create_time"] >= self.create_time - 1.0)):
+                        found[p.pid] = p
+                except (psutil.Error, OSError):
+                    pass
+        return list(found.values())
 
 
 @dataclass
@@ -354,6 +378,7 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._secret("ray_auth_token")
         states = self._states()
+        self._clear_after_crashes(states)
         started: list[str] = []
         setting = {"ray": "ray.gcs_port", "api-server": "airflow.port", "redis": "feature_store.redis.port"}
         for name in setting:
@@ -398,6 +423,49 @@ class Stack:
         self._save(states)
         return self.info() | {"started": started}
 
+    def _clear_after_crashes(self, states: dict[str, ComponentState]) -> None:
+        """Before ``up`` restarts what died: stops what a dead component left behind, and the worker nodes of a dead head.
+
+        A component killed alone (SIGKILL, the OOM killer) leaves its children running: a head's GCS or raylet
+        holding its port, an api-server's workers, a scheduler's executor workers. They are stopped, except a
+        dead scheduler's executor workers that are still running a task: the task finishes and reports to the
+        API server (the new scheduler takes the run on from there); they are recorded and stopped by the next
+        ``up`` once idle, or by ``down``. Worker nodes joined to a head that died cannot join the new one (a new
+        GCS is a new cluster): they are restarted after it.
+        """
+        head = states.get("ray")
+        for name, state in states.items():
+            procs = state.leftover_processes()
+            if not procs:
+                continue
+            keep: dict[int, psutil.Process] = {}
+            if name == "scheduler":
+                for p in procs:
+                    tree = _tree(p)
+                    if len(tree) > 1:  # a worker with its task's supervisor (and the task) below it
+                        keep.update({c.pid: c for c in tree})
+            stop = [p for p in procs if p.pid not in keep]
+            if stop:
+                log.warning("up: stopping what the dead %s left running: %s", name, _described(stop))
+                _terminate(stop)
+            state.leftovers = [[p.pid, p.create_time()] for p in keep.values() if _alive(p)]
+            if keep:
+                log.warning("up: the dead %s's executor workers still run a task, left to finish: %s",
+                            name, _described(list(keep.values())))
+        if head is not None and not head.running:
+            for name in self.components:
+                worker = states.get(name)
+                if name.startswith("ray-worker-") and worker is not None and worker.running:
+                    log.warning("up: the Ray head died; restarting worker node %s after it", name)
+                    tree = _tree(worker.process())
+                    try:
+                        os.kill(worker.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    _, alive = psutil.wait_procs(tree, timeout=10)
+                    _terminate(alive)
+        self._save(states)
+
     def info(self) -> dict[str, Any]:
         return {
             "airflow_url": self.airflow_url, "airflow_user": AIRFLOW_USER, "airflow_password": self.airflow_password(),
@@ -431,15 +499,15 @@ class Stack:
         """Every live process of the stack: the components, their children, and Ray's (found by temp dir)."""
         procs: dict[int, psutil.Process] = {}
         for s in states.values():
-            p = s.process()
-            if p is None:
-                continue
-            procs[p.pid] = p
-            try:
-                for child in p.children(recursive=True):
-                    procs[child.pid] = child
-            except psutil.Error:
-                pass
+            for p in (s.process(), *s.leftover_processes()):
+                if p is None:
+                    continue
+                procs[p.pid] = p
+                try:
+                    for child in p.children(recursive=True):
+                        procs[child.pid] = child
+                except psutil.Error:
+                    pass
         procs.update({p.pid: p for p in self._ray_processes(states)})
         return [p for p in procs.values() if p.pid != os.getpid()]
 
@@ -533,6 +601,22 @@ def _tree(proc: psutil.Process | None) -> list[psutil.Process]:
         return [proc, *proc.children(recursive=True)]
     except psutil.Error:
         return [proc]
+
+
+def _terminate(procs: list[psutil.Process], grace: float = 5.0) -> None:
+    """SIGTERM, ``grace`` seconds, then SIGKILL for what is left."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _described(procs: list[psutil.Process]) -> str:

@@ -10,6 +10,7 @@ unchanged. Then an operator's `sumctl rollback`, the UI in Debian's Chromium, an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,6 +121,41 @@ def _kill_when_running(client: AirflowClient, run_id: str, task_id: str, out: di
         time.sleep(0.2)
 
 
+def _kill_scheduler_during(s: Stack, task_id: str):
+    """A helper for :func:`_drive`: SIGKILLs the scheduler's process (alone, as the OOM killer would) two seconds
+    into ``task_id``'s run, then runs `sumctl up` as an operator would three seconds later."""
+    def helper(client: AirflowClient, run_id: str, out: dict, stop: threading.Event) -> None:
+        def state() -> str | None:
+            try:
+                return (client.task_instances(DAG_ID, run_id).get(task_id) or {}).get("state")
+            except Exception:  # noqa: BLE001 - a busy API server: ask again
+                return None
+
+        while not stop.is_set() and state() != "running":
+            time.sleep(0.2)
+        if stop.is_set():
+            return
+        time.sleep(2)
+        scheduler = s._states()["scheduler"]
+        out["killed"] = {"pid": scheduler.pid, "task_state": state(),
+                         "children": [c.pid for c in psutil.Process(scheduler.pid).children()]}
+        os.kill(scheduler.pid, signal.SIGKILL)
+        out["killed_at"] = time.monotonic()
+        time.sleep(3)
+        done = _sumctl("up", check=False)
+        restarted = s._states()["scheduler"]
+        out["up"] = {"returncode": done.returncode, "stdout": done.stdout[-2000:] + done.stderr[-2000:],
+                     "seconds": time.monotonic() - out["killed_at"], "pid": restarted.pid,
+                     "leftovers": restarted.leftovers, "task_state": state()}
+    return helper
+
+
+def _doctor() -> dict:
+    """`sumctl doctor --json` from a shell: its report, with the exit code."""
+    done = _sumctl("doctor", "--json", check=False)
+    return json.loads(done.stdout[done.stdout.index("{"):]) | {"returncode": done.returncode}
+
+
 HUMAN_DELAY_S = 5  # an operator reads the verdict before answering; see _answer_when_awaiting
 
 
@@ -215,11 +251,16 @@ def runs(stack, client, stack_params, stored_rows):
     observe(DAY3)
     out["store_day3"] = stored_rows(WATCHED_USERS)
 
-    # Rerun DAY3 (the production snapshot's date) as Clear in the UI does: the same end state.
+    # Rerun DAY3 (the production snapshot's date) as Clear in the UI does, and SIGKILL the scheduler process
+    # while train_user_model runs; `sumctl up` restarts it: the same end state as the undisturbed first run.
     out["rerun/before"] = ctx.registry.get(f"sum-{DAY3}")
-    out["rerun"], _, out["seconds"]["rerun"] = _drive(client, DAY3)
+    out["rerun"], out["scheduler_kill"], out["seconds"]["rerun"] = _drive(
+        client, DAY3, helper=_kill_scheduler_during(s, "train_user_model"))
+    if "killed_at" in out["scheduler_kill"]:
+        out["scheduler_kill"]["run_done_after_kill_s"] = time.monotonic() - out["scheduler_kill"]["killed_at"]
     out["rerun/after"] = ctx.registry.get(f"sum-{DAY3}")
     observe("rerun")
+    out["doctor/scheduler_kill"] = _doctor()
 
     # DAY4: a perturbed candidate is held; an operator approves it through the HITL endpoint.
     out[DAY4], out["approval"], out["seconds"][DAY4] = _drive(
@@ -384,7 +425,8 @@ ray.init(address="auto", namespace="sum", log_to_driver=False)
 head = {n.node_id for n in list_nodes() if n.is_head_node}
 alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:")]
 print(json.dumps({"head": sorted(head), "nodes": len([n for n in list_nodes() if n.state == "ALIVE"]),
-                  "replicas": [[a.class_name.split(":")[-1], a.node_id] for a in alive]}))
+                  "replicas": [[a.class_name.split(":")[-1], a.node_id] for a in alive],
+                  "pids": [[a.class_name.split(":")[-1], a.pid] for a in alive]}))
 """
 
 
@@ -396,6 +438,42 @@ def _placement(stack) -> dict:
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def _reading(params, clients: int = 8):
+    """``clients`` threads reading the watched users' embeddings over HTTP until the block ends; yields the list
+    of their status codes (-1: no answer)."""
+    import httpx
+
+    results: list[int] = []
+    stop = threading.Event()
+
+    def reader(i: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            n = 0
+            while not stop.is_set():
+                user = WATCHED_USERS[(i * 7 + n) % len(WATCHED_USERS)]
+                try:
+                    results.append(c.get(f"http://{params.serving.host}:{params.serving.port}/users/{user}/embeddings").status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+                n += 1
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+
+
+def _compute_replicas(stack) -> set:
+    """The nodes of the alive compute replicas (two replicas on one node count once)."""
+    return {node for name, node in _placement(stack)["replicas"] if name == "ComputeCenter"}
 
 
 def _health(params) -> dict:
@@ -414,8 +492,6 @@ def test_compute_runs_on_two_nodes_and_reads_survive_losing_the_worker_node(runs
     """Two compute replicas on two nodes, the ingress on the head; 8 clients read while the worker node's raylet
     is SIGKILLed: no read fails (they are answered from the store), write-backs go on through the head's replica;
     `sumctl up` brings the node back and Serve places the second replica on it again."""
-    import httpx
-
     s, params = stack["stack"], stack["stack"].params
     placed = _placement(stack)
     compute_nodes = {node for name, node in placed["replicas"] if name == "ComputeCenter"}
@@ -423,33 +499,13 @@ def test_compute_runs_on_two_nodes_and_reads_survive_losing_the_worker_node(runs
     assert placed["nodes"] == 2 and len(compute_nodes) == 2, placed
     assert ingress_nodes <= set(placed["head"]), placed
     before = _health(params)
-
-    results: list[int] = []
-    stop = threading.Event()
-
-    def reader(i: int) -> None:
-        with httpx.Client(timeout=30) as c:
-            n = 0
-            while not stop.is_set():
-                user = WATCHED_USERS[(i * 7 + n) % len(WATCHED_USERS)]
-                try:
-                    results.append(c.get(f"http://{params.serving.host}:{params.serving.port}/users/{user}/embeddings").status_code)
-                except httpx.HTTPError:
-                    results.append(-1)
-                n += 1
-
     worker = s._states()["ray-worker-1"].process()
     raylet = next(p for p in worker.children(recursive=True) if "raylet" in p.name())
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    raylet.send_signal(signal.SIGKILL)
-    at_kill = _health(params)
-    time.sleep(12)
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
+    with _reading(params) as results:
+        time.sleep(3)
+        raylet.send_signal(signal.SIGKILL)
+        at_kill = _health(params)
+        time.sleep(12)
     after = _health(params)
     assert results and set(results) == {200}, {code: results.count(code) for code in set(results)}
     # The write path goes on on the head's replica: recomputes scheduled after the kill are written back (calls
@@ -570,6 +626,24 @@ def test_rerunning_a_promoted_date_gives_the_same_end_state(runs):
     assert after.record["data_version"] == before.record["data_version"]
 
 
+def test_a_scheduler_killed_during_training_is_restarted_by_up_and_the_run_ends_as_undisturbed(runs, stack):
+    """The scheduler's process SIGKILLed while train_user_model runs (the rerun above): `sumctl up` starts a new
+    scheduler, stops the dead one's idle executor workers and leaves the one running the training to finish (it
+    reports to the API server); the run completes with the end state of the undisturbed run (the test above),
+    and `sumctl doctor` is green."""
+    kill, up = runs["scheduler_kill"], runs["scheduler_kill"].get("up", {})
+    assert kill.get("killed", {}).get("task_state") == "running", kill
+    assert up.get("returncode") == 0 and "scheduler" in up["stdout"], up
+    assert up["pid"] != kill["killed"]["pid"]
+    assert runs["rerun"].ok, runs["rerun"].task_states
+    report = runs["doctor/scheduler_kill"]
+    FAULTS["scheduler SIGKILLed during train_user_model, then `sumctl up`"] = {
+        "failed reads": 0, "train try": int(runs["rerun"].task_instances["train_user_model"]["try_number"]),
+        "recover_s": round(up["seconds"], 1), "run_done_after_kill_s": round(kill["run_done_after_kill_s"], 1),
+        "left to finish": len(up["leftovers"]), "doctor after": report["healthy"]}
+    assert report["returncode"] == 0 and report["healthy"], report["findings"]
+
+
 def test_promoted_snapshots_are_tagged_and_restorable_with_dvc(runs, tmp_path):
     from sum_platform.versioning import restore_snapshot, tag_for_snapshot
 
@@ -657,6 +731,88 @@ def test_doctor_finds_registry_tags_remote_store_and_serving_in_agreement(runs):
     assert checked["online_store"]["rows"] > 0 and checked["serving"]["snapshot_id"] == f"sum-{DAY3}"
 
 
+def _until(what: str, check, timeout_s: float, interval_s: float = 1.0):
+    """Polls ``check`` until it returns something true; returns ``(value, seconds waited)``."""
+    t0 = time.monotonic()
+    while True:
+        value = check()
+        if value or time.monotonic() - t0 > timeout_s:
+            break
+        time.sleep(interval_s)
+    assert value, f"no {what} within {timeout_s:.0f} s (last: {value!r})"
+    return value, time.monotonic() - t0
+
+
+FAULTS: dict[str, dict] = {}  # what each fault test observed: printed as a table by the last test
+
+
+def test_a_compute_replica_killed_under_load_fails_no_read(runs, stack):
+    """8 clients read while one of the two compute replicas is SIGKILLed: every read is answered (from the store),
+    the recomputes on the dead replica are counted failed (lost, not retried: the next read schedules them again),
+    Serve starts a new replica, and `sumctl doctor` stays green."""
+    params = stack["stack"].params
+    [victim, *_] = [pid for name, pid in _placement(stack)["pids"] if name == "ComputeCenter"]
+    before = _health(params)
+    with _reading(params) as results:
+        time.sleep(3)
+        psutil.Process(victim).send_signal(signal.SIGKILL)
+        at_kill = _health(params)
+        pids, recovered_s = _until("second compute replica", lambda: [
+            pid for name, pid in _placement(stack)["pids"] if name == "ComputeCenter" and pid != victim][1:], 120)
+        time.sleep(3)
+    after = _health(params)
+    codes = {code: results.count(code) for code in set(results)}
+    FAULTS["compute replica SIGKILLed under load (8 clients)"] = {
+        "reads": len(results), "failed reads": len(results) - codes.get(200, 0),
+        "recomputes lost": after["compute_failed"] - before["compute_failed"],
+        "recover_s": round(recovered_s, 1)}
+    assert results and set(results) == {200}, codes
+    assert victim not in pids
+    assert after["compute_written"] > at_kill["compute_written"], (at_kill, after)
+    report = _doctor()
+    FAULTS["compute replica SIGKILLed under load (8 clients)"]["doctor after"] = report["healthy"]
+    assert report["returncode"] == 0 and report["healthy"], report["findings"]
+
+
+def test_the_ray_head_restarted_serves_production_and_frozen_again_after_up(runs, stack):
+    """Every process of the Ray head SIGKILLed (a crash of its machine): serving is down; `sumctl up` alone starts a
+    new head, restarts the worker node (joined to the dead one), and deploys the registry's production with the
+    frozen snapshot; reads answer again and `sumctl doctor` is green."""
+    import httpx
+
+    from sum_pipeline.promotion import frozen_snapshot
+
+    s, params, ctx = stack["stack"], stack["stack"].params, runs["ctx"]
+    states = s._states()
+    worker = {p.pid for p in psutil.Process(states["ray-worker-1"].pid).children(recursive=True)} | {states["ray-worker-1"].pid}
+    head = [p for p in s._ray_processes(states) if p.pid not in worker]
+    for p in head:
+        p.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    _until("serving down", lambda: served_version(params, timeout_s=2) is None, 30)
+    before = _doctor()
+    done = _sumctl("up")
+    version, _ = _until("the production snapshot served", lambda: served_version(params), 120)
+    recover_s = time.monotonic() - t0
+    production = ctx.registry.production().snapshot_id
+    assert version["snapshot_id"] == production, version
+    assert version["frozen_snapshot_id"] == frozen_snapshot(ctx)[1] == f"sum-{DAY1}", version
+    assert "ray" in done.stdout and "ray-worker-1" in done.stdout, done.stdout
+    base = f"http://{params.serving.host}:{params.serving.port}"
+    frozen = httpx.get(f"{base}/users/{WATCHED_USERS[0]}/embeddings", params={"mode": "frozen"}, timeout=60)
+    assert frozen.status_code == 200 and frozen.json()["snapshot_id"] == f"sum-{DAY1}", frozen.text
+    with _reading(params) as results:
+        time.sleep(3)
+    assert results and set(results) == {200}
+    _until("two compute replicas on two nodes", lambda: len(_compute_replicas(stack)) == 2, 180)
+    after = _doctor()
+    FAULTS["Ray head SIGKILLed, then `sumctl up`"] = {
+        "failed reads": "all, until up", "recover_s": round(recover_s, 1),
+        "doctor before": before["healthy"], "doctor after": after["healthy"],
+        "findings before": [f["component"] for f in before["findings"]]}
+    assert after["returncode"] == 0 and after["healthy"], after["findings"]
+
+
 def test_down_stops_every_process_of_the_stack(runs, stack):
     """Last in the module: `sumctl down` leaves none of the stack's processes (checked by pid)."""
     s = stack["stack"]
@@ -667,3 +823,4 @@ def test_down_stops_every_process_of_the_stack(runs, stack):
     assert alive == []
     assert not s.state_file.exists()
     assert _sumctl("status", check=False).returncode == 1
+    print("faults on the deployed stack:\n" + "\n".join(f"  {k}: {json.dumps(v)}" for k, v in FAULTS.items()))
