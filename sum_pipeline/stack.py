@@ -413,7 +413,9 @@ class Stack:
             if states.get(name) and states[name].running:
                 continue
             on_step(f"starting Airflow's {name}")
+            left = states[name].leftovers if name in states else []  # a dead predecessor's, still finishing
             states[name] = self._spawn(name, self.component_env(name, env))
+            states[name].leftovers = left
             self._save(states)
             started.append(name)
         for name in started:
@@ -447,7 +449,9 @@ class Stack:
             stop = [p for p in procs if p.pid not in keep]
             if stop:
                 log.warning("up: stopping what the dead %s left running: %s", name, _described(stop))
-                _terminate(stop)
+                # An executor worker ignores SIGTERM (it inherited the scheduler's handler, which acts in the
+                # parent only); the others get a chance to stop cleanly.
+                _terminate(stop, grace=0.0 if name == "scheduler" else 5.0)
             state.leftovers = [[p.pid, p.create_time()] for p in keep.values() if _alive(p)]
             if keep:
                 log.warning("up: the dead %s's executor workers still run a task, left to finish: %s",
@@ -527,6 +531,11 @@ class Stack:
         states = self._states()
         procs = self._processes(states)
         pids = sorted(p.pid for p in procs)
+        # What a dead scheduler left finishing a task (see _clear_after_crashes) ignores SIGTERM: killed first.
+        leftovers = [q for s in states.values() for p in s.leftover_processes() for q in _tree(p)]
+        if leftovers:
+            log.warning("down: killing what dead components left running: %s", _described(leftovers))
+            _terminate(leftovers, grace=0.0)
         names = [n for n in dict.fromkeys((*self.components, *states)) if n in states]  # also a dropped profile's
         stopped = [name for name in reversed(names) if states[name].running]
         ray_pids = {p.pid for p in self._ray_processes(states)}
@@ -604,13 +613,13 @@ def _tree(proc: psutil.Process | None) -> list[psutil.Process]:
 
 
 def _terminate(procs: list[psutil.Process], grace: float = 5.0) -> None:
-    """SIGTERM, ``grace`` seconds, then SIGKILL for what is left."""
-    for p in procs:
+    """SIGTERM, ``grace`` seconds, then SIGKILL for what is left (``grace`` 0: SIGKILL at once)."""
+    for p in procs if grace > 0 else ():
         try:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    _, alive = psutil.wait_procs(procs, timeout=grace) if grace > 0 else ([], procs)
     for p in alive:
         try:
             p.kill()

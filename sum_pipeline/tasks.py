@@ -25,7 +25,7 @@ from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_faul
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
 from sum_platform.feature_store import apply_definitions, feature_spec, get_store, user_features_view
-from sum_platform.files import read_json, write_parquet, write_partition
+from sum_platform.files import disk_full, read_json, write_parquet, write_partition
 from sum_platform.partitions import read_partition
 from sum_platform.sources import day_frames
 from sum_platform.versioning import data_version, init_workspace_repo, track_paths
@@ -249,8 +249,14 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
         model = inject_fault(model, candidate_fault,
                              lambda: build_model(spec, ctx.params.model, seed=ctx.params.seed + FAULT_SEED_OFFSET))
     extra = {"ds": ds, "parent_id": parent_id, "params_digest": ctx.params.digest(), "fault": candidate_fault}
-    snap_dir = export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id),
-                               snapshot_id, extra)
+    try:  # atomic: a temporary folder beside the snapshot's, renamed when whole, removed on any error
+        snap_dir = export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id),
+                                   snapshot_id, extra)
+    except Exception as exc:
+        full = disk_full(exc, ctx.ws.snapshot_dir(snapshot_id).parent, f"exporting snapshot {snapshot_id}")
+        if full is None:
+            raise
+        raise full from exc
     manifest = read_json(snap_dir / MANIFEST_FILE)
     train = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
     # A rerun replaces the whole record: the evaluation and verdict of an earlier candidate do not carry over.

@@ -104,3 +104,31 @@ def write_partition(frame: "pd.DataFrame", folder: Path) -> Path:
         tmp.mkdir()
         frame.to_parquet(tmp / "part-0.parquet", index=False)
     return folder
+
+
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), also in the messages of tools and Rust libraries (safetensors)
+
+
+def _free(path: Path) -> str:
+    """``"<free> free of <total> on <path's filesystem>"`` for the nearest existing folder of ``path``."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    usage = shutil.disk_usage(path)
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB at {path}"
+
+
+def disk_full(error: BaseException | str, path: Path, what: str) -> OSError | None:
+    """An ``OSError(ENOSPC)`` that says what ran out of space, or None when ``error`` is not a full disk.
+
+    ``error`` is an exception (an ``OSError`` with errno ENOSPC, or any exception whose message says so: safetensors
+    and subprocesses report it in text) or a tool's output; ``path`` is where the writing went, ``what`` the work
+    (``"exporting snapshot sum-2026-01-03"``).
+    """
+    import errno
+
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or NO_SPACE.lower() in str(error).lower()
+    if not full:
+        return None
+    return OSError(errno.ENOSPC, f"no space left on device {what} ({_free(path)}); nothing was kept: free space "
+                                 f"there and rerun")

@@ -50,6 +50,7 @@ from pathlib import Path
 import yaml
 
 from sum_platform.config import load_params
+from sum_platform.files import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,13 @@ def _read_dvc_config(root: Path) -> dict:
     return ConfigObj(str(path)).dict() if path.exists() else {}
 
 
+def _remote_path(root: Path) -> Path:
+    """The default DVC remote's folder (a local remote), else the workspace."""
+    config = _read_dvc_config(root)
+    url = config.get(f'remote "{REMOTE_NAME}"', {}).get("url", "")
+    return Path(url) if url and "://" not in url else root
+
+
 def _semver_key(version: str) -> tuple[int, int, int, str]:
     m = re.match(r"^v?(\d+)\.(\d+)\.(\d+)(.*)$", version)
     return (int(m[1]), int(m[2]), int(m[3]), m[4]) if m else (-1, -1, -1, version)
@@ -497,8 +505,18 @@ def track_paths(root: Path, paths: list[Path], message: str) -> str | None:
             raise VersioningError(f"cannot track {rel}: it does not exist in {root}")
     dvcfiles = [f"{rel}.dvc" for rel in rels]
     with _timed(f"track_paths({', '.join(rels)})"):
-        _dvc(root, "add", *rels)
-        _dvc(root, "push", *dvcfiles)
+        try:
+            _dvc(root, "add", *rels)
+            _dvc(root, "push", *dvcfiles)
+        except VersioningError as exc:
+            # A full disk (the DVC cache's or the remote's): said first, with the free space; nothing is committed,
+            # and the remote keeps no partial object (DVC uploads to a temporary name, then renames).
+            step = (exc.cmd or ["", "dvc"])[1]
+            where = _remote_path(root) if step == "push" else root / ".dvc" / "cache"
+            full = disk_full(exc.stderr, where, f"versioning {', '.join(rels)} (`dvc {step}`)")
+            if full is None:
+                raise
+            raise VersioningError(full.strerror, cmd=exc.cmd, returncode=exc.returncode, stderr=exc.stderr) from exc
         gitignores = {(Path(rel).parent / ".gitignore").as_posix() for rel in rels}
         sha = _commit(root, [*dvcfiles, *gitignores], message)
     log.info("tracked %s: %s", ", ".join(rels), sha or "unchanged")

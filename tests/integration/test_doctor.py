@@ -160,3 +160,78 @@ def test_a_consistent_workspace_is_green_and_each_disagreement_is_repaired_by_it
 
 def _shape(ctx) -> tuple[int, int]:
     return ctx.params.model.num_embeddings, ctx.params.model.embedding_dim
+
+
+def test_the_store_truncated_while_serving_answers_503_with_a_reason_and_a_rebuild_needs_no_restart(ctx, sim_users,
+                                                                                                   ray_serve):
+    """The production snapshot served by SOAP (the session's Ray, over HTTP) from the workspace's SQLite online
+    store; 4 clients read while the store file is truncated: every read is answered 200 or 503 naming the store,
+    never 500; `sumctl rebuild-online` (the repair `sumctl doctor` prints) refills it from the offline store, the
+    replicas reopen the new file on their health check, reads answer 200 again without a restart, and `sumctl
+    doctor` (serving included) is green."""
+    import threading
+    import time
+
+    import httpx
+
+    from serving.rollout import base_url, rollout
+    from serving.store_io import reader_for
+    from sum_pipeline.doctor import diagnose
+    from sum_pipeline.promotion import frozen_snapshot
+    from sum_platform.feature_store import get_store
+
+    prod = ctx.registry.production().snapshot_id
+    result = rollout(ctx.params, ctx.ws.snapshot_dir(prod), prod, frozen=frozen_snapshot(ctx))
+    assert result["status"] == "deployed", result
+    assert diagnose(ctx).healthy, diagnose(ctx).to_dict()
+    users = sim_users["user_id"].tolist()
+    url = base_url(ctx.params)
+    answers: list[tuple[int, str, float]] = []  # (status, body unless 200, when)
+    stop = threading.Event()
+
+    def reader(i: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            n = 0
+            while not stop.is_set():
+                r = c.get(f"{url}/users/{users[(i * 11 + n) % len(users)]}/embeddings")
+                answers.append((r.status_code, r.text if r.status_code != 200 else "", time.monotonic()))
+                n += 1
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        path = reader_for(get_store(ctx.params)).path
+        with open(path, "r+b") as fh:
+            fh.truncate(100)  # mid-header: "file is not a database"
+        t_fault = time.monotonic()
+        mark = len(answers)
+        time.sleep(3)
+        during = answers[mark:]
+        assert during and {code for code, _, _ in during} == {503}, {code for code, _, _ in during}
+        assert all("online store" in text.lower() for _, text, _ in during), during[:3]
+        found = diagnose(ctx)
+        repair = _only(found, "online_store", "the online store cannot be read")
+        _repair(repair)
+        t_rebuilt = time.monotonic()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and answers[-1][0] != 200:
+            time.sleep(0.5)
+        mark = len(answers)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    after = answers[mark:]
+    assert after and {code for code, _, _ in after} == {200}, {code for code, _, _ in after}
+    assert all(code in (200, 503) for code, _, _ in answers), {code for code, _, _ in answers}
+    t_recovered = min(t for code, _, t in answers if code == 200 and t > t_rebuilt)
+    report = diagnose(ctx)
+    assert report.healthy, report.to_dict()
+    assert report.checked["serving"]["snapshot_id"] == prod
+    codes = {code: sum(1 for c, _, _ in answers if c == code) for code in {c for c, _, _ in answers}}
+    print(f"store truncated while serving: {codes}; rebuilt {t_rebuilt - t_fault:.1f} s after the fault, "
+          f"reads 200 again {t_recovered - t_rebuilt:.1f} s after the rebuild")
