@@ -109,6 +109,27 @@ def _age(written_at_ms: int | None, now: float) -> float | None:
     return None if written_at_ms is None else max(0.0, now - written_at_ms / 1000.0)
 
 
+class _ThrottledError:
+    """An error logged at most once per ``every_s`` with the count of the ones left out: a damaged store fails every
+    read, hundreds a second, and the replica's log should say so, not drown in it."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s, self.last, self.left_out = every_s, float("-inf"), 0
+
+    def log(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.left_out += 1
+            return
+        if self.left_out:
+            msg += f" (and {self.left_out} more in the last {now - self.last:.0f} s)"
+        log.error(msg, *args)
+        self.last, self.left_out = now, 0
+
+
+_STORE_ERRORS = _ThrottledError()
+
+
 class SoapClient:
     """Reads users' SUM embeddings in a mode and schedules their recompute (see the module docstring).
 
@@ -404,7 +425,7 @@ class SoapClient:
 
     @staticmethod
     def _unavailable(ids: list[int], exc: BaseException) -> StoreUnavailable:
-        log.error("online store read failed for %d users: %s", len(ids), exc)
+        _STORE_ERRORS.log("online store read failed for %d users: %s", len(ids), exc)
         return StoreUnavailable(f"online store read failed: {type(exc).__name__}: {exc}")
 
     # -- compute calls --------------------------------------------------------------------------

@@ -325,3 +325,21 @@ def test_a_replaced_store_file_is_noticed_and_a_client_reopens_it(feast_env, tmp
     assert reader.replaced()
     assert client.reopen_store_if_replaced(lambda: get_store(feast_env["params"]))
     assert client._reader.embeddings([900])[900]["snapshot_id"] == "after" and not client._reader.replaced()
+
+
+def test_a_failing_store_is_logged_once_per_interval_with_the_count_left_out(caplog, monkeypatch):
+    from serving import client
+
+    now = [100.0]
+    monkeypatch.setattr(client.time, "monotonic", lambda: now[0])
+    throttled = client._ThrottledError(every_s=10.0)
+    with caplog.at_level("ERROR", logger=client.log.name):
+        for _ in range(500):  # one second of failed reads
+            throttled.log("online store read failed for %d users: %s", 1, "database disk image is malformed")
+            now[0] += 0.002
+        now[0] = 111.0
+        throttled.log("online store read failed for %d users: %s", 1, "database disk image is malformed")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["online store read failed for 1 users: database disk image is malformed",
+                     "online store read failed for 1 users: database disk image is malformed (and 499 more in the "
+                     "last 11 s)"]
