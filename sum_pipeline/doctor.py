@@ -8,7 +8,8 @@ command that repairs it; nothing is changed. The checks:
 * **DVC remote** - every promoted snapshot and every versioned partition (``*.dvc`` in the workspace) is in
   the remote or at least in the local cache (``dvc status --cloud``: ``new`` = not pushed yet, ``missing`` =
   lost), and every promoted snapshot folder present here holds the files its manifest's sha256 name;
-* **online store** - every ``sum_embeddings`` row's latest version and batch value come from promoted
+* **online store** - every user the last daily batch wrote has a row (a flushed store reads as unknown users);
+  every ``sum_embeddings`` row's latest version and batch value come from promoted
   snapshots, ``pooled_versions`` counts the stored raw versions, the served value is their fp16 mean
   (paper §5.2) and the packed copies (``served_packed``, ``batch_packed``) equal the separate fields;
 * **serving** - the running app serves the registry's production snapshot, and frozen mode the first one
@@ -203,6 +204,7 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
     known = set(promoted)
     problems: dict[str, list[int]] = {}
     rows_checked = 0
+    with_rows: set[int] = set()
     k = reader.k
     fields = [*history_fields(k), *PACKED_FIELDS.values()]
     for lo in range(0, len(users), CHUNK):
@@ -210,14 +212,39 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
             if row.get("snapshot_id") is None and row.get("batch_snapshot_id") is None:
                 continue  # a user with features only (Redis: the hash holds other views)
             rows_checked += 1
+            with_rows.add(int(uid))
             for problem in _row_problems(row, k, known):
                 problems.setdefault(problem, []).append(uid)
     out.checked["online_store"] = {"rows": rows_checked}
+    _lost_rows(ctx, out, with_rows)
     latest = max((r.ds for r in ctx.registry.promoted_history()), default=None)
     repair = f"{SUMCTL} stage materialize_embeddings --ds {latest or '<the latest date>'}   # rewrites every user's row"
     for problem, uids in sorted(problems.items()):
         out.findings.append(Finding("online_store", f"{len(uids)} row(s): {problem}; users e.g. {uids[:EXAMPLES]}",
                                     repair))
+
+
+def _lost_rows(ctx: Context, out: Diagnosis, with_rows: set[int]) -> None:
+    """The users the last daily batch wrote (its day's users partition, less the users it skipped) all have a
+    row: a store that lost rows (a flushed Redis, a file replaced by an empty one) reads as unknown users."""
+    from sum_platform.partitions import read_partition
+
+    records = sorted(ctx.ws.root.glob("runs/*/materialize.json"))
+    if not records:
+        return
+    batch = json.loads(records[-1].read_text())
+    folder = ctx.ws.users_dir(batch["ds"])
+    if not folder.exists():
+        return  # quarantined since, or removed: nothing to compare with
+    users = set(read_partition(folder, columns=["user_id"])["user_id"].astype(int).tolist())
+    skipped = sum(int(what.get("count", 0)) for what in (batch.get("skipped") or {}).values())
+    missing = sorted(users - with_rows)
+    out.checked["online_store"]["batch"] = {"ds": batch["ds"], "users": len(users)}
+    if len(missing) > skipped:
+        out.findings.append(Finding(
+            "online_store", f"{len(missing)} of the {len(users)} users the daily batch of {batch['ds']} wrote have no "
+            f"embeddings row ({skipped} were skipped); users e.g. {missing[:EXAMPLES]}",
+            f"{SUMCTL} rebuild-online   # refills it from the offline store"))
 
 
 def _row_problems(row: dict, k: int, promoted: set[str]) -> list[str]:

@@ -822,6 +822,40 @@ def test_the_ray_head_restarted_serves_production_and_frozen_again_after_up(runs
     assert after["returncode"] == 0 and after["healthy"], after["findings"]
 
 
+def test_the_online_store_lost_is_named_by_doctor_and_rebuilt_while_serving(runs, stack, stored_rows):
+    """Redis loses its data (FLUSHALL: an operator's slip, or a restart without its append-only file): reads answer
+    404 (no stored value: the store cannot tell lost from unknown), `sumctl doctor` names the users the last daily
+    batch wrote that have no row and prints `sumctl rebuild-online`; run as printed, every row comes back as it
+    was (the offline log holds each row as written), reads answer 200 with no restart, and doctor is green."""
+    from serving.store_io import redis_client
+    from sum_platform.feature_store import get_store
+
+    params = stack["stack"].params
+    _until("no compute call in flight", lambda: _health(params)["compute_inflight"] == 0, 60, 0.2)
+    before = stored_rows(WATCHED_USERS)
+    redis_client(get_store(params).config.online_store.connection_string).flushall()
+    t0 = time.monotonic()
+    with _reading(params) as lost:
+        time.sleep(2)
+    report = _doctor()
+    [finding] = [f for f in report["findings"] if f["component"] == "online_store"]
+    assert "have no embeddings row" in finding["problem"] and "rebuild-online" in finding["repair"], finding
+    _sumctl(*finding["repair"].split("#")[0].split()[1:])
+    rebuilt_s = time.monotonic() - t0
+    with _reading(params) as results:
+        time.sleep(2)
+    after = stored_rows(WATCHED_USERS)
+    doctor_after = _doctor()
+    FAULTS["online store lost (Redis FLUSHALL), then `sumctl rebuild-online`"] = {
+        "reads while lost": {code: lost.count(code) for code in set(lost)}, "rows lost": len(WATCHED_USERS),
+        "rows back equal": sum(after.get(u) == row for u, row in before.items()), "recover_s": round(rebuilt_s, 1),
+        "doctor before": report["healthy"], "doctor after": doctor_after["healthy"]}
+    assert set(lost) == {404}, {code: lost.count(code) for code in set(lost)}
+    assert after == before
+    assert results and set(results) == {200}
+    assert doctor_after["returncode"] == 0 and doctor_after["healthy"], doctor_after["findings"]
+
+
 def test_down_stops_every_process_of_the_stack(runs, stack):
     """Last in the module: `sumctl down` leaves none of the stack's processes (checked by pid)."""
     s = stack["stack"]

@@ -134,6 +134,16 @@ def test_a_consistent_workspace_is_green_and_each_disagreement_is_repaired_by_it
     _repair(found.findings[0])
     assert _diagnose(ctx).healthy
 
+    # Rows lost (a flushed store reads as unknown users): named against the last daily batch, refilled by the rebuild.
+    from serving.store_io import delete_rows
+
+    delete_rows(get_store(ctx.params), users[:3])
+    found = _only(_diagnose(ctx), "online_store", f"3 of the {len(users)} users the daily batch of {DS[1]} wrote have "
+                                                  "no embeddings row (0 were skipped)")
+    assert "rebuild-online" in found.repair
+    _repair(found)
+    assert _diagnose(ctx).healthy
+
     # The online store file truncated: unreadable; the printed repair refills it from the offline store, the
     # same rows as before (the latest logged row of every user) and their features.
     fields = [*history_fields(_shape(ctx)[0]), *PACKED_FIELDS.values()]
