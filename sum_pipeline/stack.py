@@ -12,7 +12,8 @@
 Every component runs in a session of its own (it outlives ``sumctl``), from the venv's ``bin`` without the
 venv being activated; its pid, port and log file are in ``<workspace>/stack/stack.json``. ``up`` twice gives
 one stack (it starts only what is not running); ``down`` stops the process group of every component and
-checks that none of their processes is left.
+checks that none of their processes is left. After a crash ``up`` is the whole recovery: it clears what a dead
+component left behind (see :meth:`Stack._clear_after_crashes`), restarts it, and redeploys serving on a new head.
 """
 
 from __future__ import annotations
@@ -366,7 +367,8 @@ class Stack:
     # -- the commands ----------------------------------------------------------------------------
     def up(self, deploy: Callable[["Stack"], Any] | None = None, on_step: Callable[[str], None] = lambda s: None
            ) -> dict[str, Any]:
-        """Starts whatever is not running; returns :meth:`info`.
+        """Starts whatever is not running (after clearing what dead components left: :meth:`_clear_after_crashes`);
+        returns :meth:`info`.
 
         Args:
             deploy: Called once Ray is up (the SOAP application with the production snapshot).
