@@ -876,4 +876,7 @@ def test_down_stops_every_process_of_the_stack(runs, stack):
     assert in_stack_dir == []
     assert not s.state_file.exists()
     assert _sumctl("status", check=False).returncode == 1
+    report = PROJECT_ROOT / "reports" / "faults" / "deployed_stack.json"  # what the closing table of faults reads
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(FAULTS, indent=2) + "\n")
     print("faults on the deployed stack:\n" + "\n".join(f"  {k}: {json.dumps(v)}" for k, v in FAULTS.items()))
