@@ -32,6 +32,7 @@ from serving.rollout import base_url, served_version
 from serving.store_io import EMBEDDING_SLOTS, PACKED_FIELDS, _stack, history_fields, pool, reader_for, unpack_value
 from sum_platform.context import Context
 from sum_platform.feature_store import get_store
+from sum_platform.partitions import read_partition
 from sum_platform.versioning import (ARTIFACT_NAME, VersioningError, _dvc, list_promotions,
                                      production_snapshot)
 
@@ -227,8 +228,6 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
 def _lost_rows(ctx: Context, out: Diagnosis, with_rows: set[int]) -> None:
     """The users the last daily batch wrote (its day's users partition, less the users it skipped) all have a
     row: a store that lost rows (a flushed Redis, a file replaced by an empty one) reads as unknown users."""
-    from sum_platform.partitions import read_partition
-
     records = sorted(ctx.ws.root.glob("runs/*/materialize.json"))
     if not records:
         return
