@@ -428,7 +428,7 @@ class Stack:
         return self.info() | {"started": started}
 
     def _clear_after_crashes(self, states: dict[str, ComponentState]) -> None:
-        """Before ``up`` restarts what died: stops what a dead component left behind, and the worker nodes of a dead head.
+        """Before ``up`` restarts what died: stops what a dead component left behind, and a dead head's worker nodes.
 
         A component killed alone (SIGKILL, the OOM killer) leaves its children running: a head's GCS or raylet
         holding its port, an api-server's workers, a scheduler's executor workers. They are stopped, except a

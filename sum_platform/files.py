@@ -130,5 +130,5 @@ def disk_full(error: BaseException | str, path: Path, what: str) -> OSError | No
     full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or NO_SPACE.lower() in str(error).lower()
     if not full:
         return None
-    return OSError(errno.ENOSPC, f"no space left on device {what} ({_free(path)}); nothing was kept: free space "
-                                 f"there and rerun")
+    return OSError(errno.ENOSPC, f"no space left on device {what} ({_free(path)}); nothing half-written is kept: "
+                                 f"free space there and rerun")

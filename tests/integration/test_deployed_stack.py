@@ -793,7 +793,8 @@ def test_the_ray_head_restarted_serves_production_and_frozen_again_after_up(runs
 
     s, params, ctx = stack["stack"], stack["stack"].params, runs["ctx"]
     states = s._states()
-    worker = {p.pid for p in psutil.Process(states["ray-worker-1"].pid).children(recursive=True)} | {states["ray-worker-1"].pid}
+    worker_node = psutil.Process(states["ray-worker-1"].pid)
+    worker = {worker_node.pid, *(p.pid for p in worker_node.children(recursive=True))}
     head = [p for p in s._ray_processes(states) if p.pid not in worker]
     for p in head:
         p.send_signal(signal.SIGKILL)
