@@ -39,10 +39,11 @@ from sum_platform.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
-DAY1, DAY2, DAY3, DAY4, DAY5, DAY6 = (f"2026-01-0{i}" for i in range(1, 7))
+DAY1, DAY2, DAY3, DAY4, DAY5, DAY6, DAY7 = (f"2026-01-0{i}" for i in range(1, 8))
 WATCHED_USERS = list(range(1, 41))  # user 0 is the one verify_serving reads (and so recomputes)
 KILLED_TASK = "rollout"  # retries once: killed mid-rollout, the retry must reach the same end state
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+REMOTE_MOUNT: dict = {}  # why the DVC remote could not get a filesystem of its own, if it could not
 SUMCTL = str(Path(sys.executable).with_name("sumctl"))
 
 
@@ -52,10 +53,15 @@ def stack_params(session_dir: Path):
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     port = int(os.environ["SUM_TEST_PORT"])
     raw["paths"] = {"workspace": "stack-workspace", "dvc_remote": "stack-dvc-remote"}
+    # The DVC remote on a filesystem of its own (512 MiB tmpfs; the full-disk fault fills it), when this may mount.
+    remote = session_dir / "stack-dvc-remote"
+    remote.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0755", "tmpfs", str(remote)],
+                             capture_output=True, text=True)
     raw["serving"].update({"port": port + 1, "ray_address": "stack"})
     # No catch-up: the test creates each date's run itself, one at a time, with its conf (the scheduler's
     # latest interval lies past end_date, so it adds no run of its own).
-    raw["airflow"].update({"port": port + 2, "end_date": DAY6, "catchup": False, "approval_timeout_minutes": 0.5,
+    raw["airflow"].update({"port": port + 2, "end_date": DAY7, "catchup": False, "approval_timeout_minutes": 0.5,
                            "retry_delay_seconds": 3, "dag_poll_seconds": 1})
     raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4})
     # The scale-out layout as deployed: Redis as the online store (a component of the stack), a second Ray node
@@ -67,7 +73,10 @@ def stack_params(session_dir: Path):
     raw["train"]["workers"] = 2
     raw["inference"]["engine"] = "ray_data"
     with params_in_force(raw, session_dir / "stack-params.yaml") as params:
+        REMOTE_MOUNT["error"] = mounted.stderr.strip() if mounted.returncode else None
         yield params
+    if not mounted.returncode:
+        subprocess.run(["umount", "-l", str(remote)], capture_output=True)
 
 
 def _sumctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -855,6 +864,44 @@ def test_the_online_store_lost_is_named_by_doctor_and_rebuilt_while_serving(runs
     assert after == before
     assert results and set(results) == {200}
     assert doctor_after["returncode"] == 0 and doctor_after["healthy"], doctor_after["findings"]
+
+
+def test_a_full_remote_fails_the_day_at_versioning_and_the_cleared_run_completes(runs, stack, client):
+    """DAY7 through the scheduler with the stack's DVC remote (its own tmpfs) filled to 16 KiB: `version_data` fails
+    with `no space left on device` naming the remote, nothing of the day is versioned or trained; once space is
+    back, the run cleared (as in the UI) completes, and `sumctl doctor` is green."""
+    params, ctx = stack["stack"].params, runs["ctx"]
+    if REMOTE_MOUNT.get("error"):
+        pytest.skip(f"no size-limited DVC remote here: {REMOTE_MOUNT['error']}")
+    remote = Path(params.dvc_remote)
+    free = os.statvfs(remote).f_bavail * os.statvfs(remote).f_frsize
+    filler = remote / ".filler"
+    with open(filler, "wb") as fh:
+        for _ in range((free - 16 * 1024) // (1 << 20)):
+            fh.write(b"\0" * (1 << 20))
+        fh.write(b"\0" * ((free - 16 * 1024) % (1 << 20)))
+    t0 = time.monotonic()
+    failed, _, _ = _drive(client, DAY7)
+    ti = failed.task_instances["version_data"]
+    log_text = client.task_log(DAG_ID, failed.run_id, "version_data", int(ti["try_number"]))
+    assert failed.state == "failed" and failed.task_states["version_data"] == "failed", failed.task_states
+    assert failed.task_states["train_user_model"] in ("upstream_failed", "skipped"), failed.task_states
+    assert f"no space left on device versioning data/events/ds={DAY7}" in log_text and str(remote) in log_text
+    assert ctx.day(DAY7).read("data_version") is None and ctx.registry.get(f"sum-{DAY7}") is None
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=ctx.ws.root, capture_output=True, text=True).stdout
+    assert f"partitions of {DAY7}" not in log
+    before = _doctor()
+    filler.unlink()
+    done, _, _ = _drive(client, DAY7)  # cleared and rerun, as Clear in the UI
+    recover_s = time.monotonic() - t0
+    assert done.state == "success" and done.task_states["version_data"] == "success", done.task_states
+    assert done.run_id == failed.run_id
+    after = _doctor()
+    FAULTS["DVC remote full during DAY7's versioning, then space back and the run cleared"] = {
+        "failed requests": 0, "task": "version_data failed: no space left on device", "versioned before": False,
+        "recover_s (fault to rerun done)": round(recover_s, 1),
+        "doctor before": before["healthy"], "doctor after": after["healthy"]}
+    assert after["returncode"] == 0 and after["healthy"], after["findings"]
 
 
 def test_down_stops_every_process_of_the_stack(runs, stack):
