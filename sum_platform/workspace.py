@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
+
+from sum_platform.files import write_json
+
+#: The file that makes a folder a SUM workspace: its identity (a uuid), when and for what it was made. Commands
+#: that delete or compare (``--fresh``, ``sumctl down``, ``doctor``) check it, so they act only on a workspace
+#: they can name, and the stack's processes and the SOAP app carry the identity (``SUM_WORKSPACE_ID``).
+MARKER = ".sum-workspace.json"
 
 
 def ds_str(ds: str | date) -> str:
@@ -82,3 +91,35 @@ class Workspace:
     @property
     def airflow_home(self) -> Path:
         return self.root / "airflow"
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
+    def identity(self) -> str | None:
+        """The workspace's id from its marker (None: not a SUM workspace, or one made before markers)."""
+        try:
+            return str(json.loads(self.marker.read_text())["id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def claim(self, purpose: str = "workspace") -> str:
+        """The workspace's id, writing the marker first if there is none (idempotent; creates ``root``).
+
+        ``purpose`` is recorded with a new marker: ``demo`` marks a workspace that ``make run`` may recreate.
+        """
+        found = self.identity()
+        if found is not None:
+            return found
+        self.root.mkdir(parents=True, exist_ok=True)
+        ident = uuid.uuid4().hex
+        write_json(self.marker, {"id": ident, "purpose": purpose, "root": str(self.root.resolve()),
+                                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return ident
+
+    def purpose(self) -> str | None:
+        """What the marker says the workspace was made for (``workspace``, ``demo``, ``soak``...), or None."""
+        try:
+            return str(json.loads(self.marker.read_text()).get("purpose"))
+        except (OSError, ValueError, AttributeError):
+            return None
