@@ -117,6 +117,11 @@ def check_program_archive(path: Path) -> None:
     except (OSError, zipfile.BadZipFile) as exc:
         raise UnsafeProgramError(f"{path} is not a readable program archive: {exc}") from exc
     with archive:
+        names = [info.filename for info in archive.infolist()]
+        if len(set(names)) != len(names):
+            # zipfile reads the last of two same-named members, torch's reader may take the first: refuse both.
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise UnsafeProgramError(f"{path}: duplicate archive members {dup[:3]}")
         infos = {info.filename: info for info in archive.infolist()}
         for name in infos:
             if not _ALLOWED_MEMBER_RE.match(name):

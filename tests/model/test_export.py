@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -164,6 +165,14 @@ def test_archive_that_could_run_code_is_refused(snapshot, tmp_path):
         bad = _rewrite(src, tmp_path / f"{case}.pt2", edit)
         with pytest.raises(UnsafeProgramError):
             check_program_archive(bad)
+    # Two members of one name: zipfile reads the last, torch's reader may read the first (a parser differential).
+    dup = tmp_path / "duplicate.pt2"
+    shutil.copyfile(src, dup)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dup, "a") as zout, pytest.warns(UserWarning, match="Duplicate"):
+        name = next(n for n in zin.namelist() if n.endswith("models/model.json"))
+        zout.writestr(name, zin.read(name))
+    with pytest.raises(UnsafeProgramError, match="duplicate archive members"):
+        check_program_archive(dup)
 
 
 def test_tampered_program_fails_its_checksum(snapshot, tmp_path):
