@@ -174,7 +174,23 @@ def _git_lock_to_clear(root: Path, output: str) -> Path | None:
         age = time.time() - lock.stat().st_mtime
     except (ValueError, OSError):
         return None
-    return lock if age > STALE_GIT_LOCK_SECONDS else None
+    if age <= STALE_GIT_LOCK_SECONDS or _git_running_in(root):
+        return None  # young, or a (slow) git still works in this repository: its lock, not a dead one's
+    return lock
+
+
+def _git_running_in(root: Path) -> bool:
+    """Whether a live ``git`` process works inside ``root`` (its cwd there): age alone does not make a lock stale."""
+    import psutil
+
+    root = root.resolve()
+    for proc in psutil.process_iter(["name", "cwd"]):
+        try:
+            if proc.info["name"] == "git" and proc.info["cwd"] and Path(proc.info["cwd"]).is_relative_to(root):
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
 
 
 def _run(args: Sequence[str], cwd: Path, *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
