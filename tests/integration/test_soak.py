@@ -1,7 +1,7 @@
 """A short soak through the real DAG (the 30-day one is `make soak`): a shifted candidate is never
 promoted, normal ones are, a corrupted partition is caught, and its fixed redelivery is promoted.
 
-The other candidate faults go through the deployed stack (tests/integration/test_deployed_stack.py: a
+``reinit`` (re-initialised weights) is the README's gate drill. The other candidate faults go through the deployed stack (tests/integration/test_deployed_stack.py: a
 perturbed candidate held then approved, a NaN one held until its approval times out)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ SCHEDULE = [
     ("2026-01-01", "normal", ""),
     ("2026-01-02", "fault", "explode_lr"),
     ("2026-01-03", "corrupt", "label_rate_collapse"),  # a trailing check: two validated days before it
+    ("2026-01-04", "fault", "reinit"),  # the README's gate drill (`sumctl run --fault 2026-01-03=reinit`)
 ]
 
 
@@ -37,7 +38,7 @@ def report(session_dir: Path, airflow_db, ray_serve):
 
 def test_no_shifted_candidate_is_promoted(report):
     shifted = report.shifted
-    assert [d.detail for d in shifted] == ["explode_lr"]
+    assert [d.detail for d in shifted] == ["explode_lr", "reinit"]
     for day in shifted:
         assert day.state == "success", day  # held is a verdict, not a failure
         assert day.verdict == "held" and not day.promoted, day
