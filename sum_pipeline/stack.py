@@ -50,6 +50,8 @@ AIRFLOW_USER = "admin"
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 #: The custom resource every worker node offers (one unit): what places work off the head.
 WORKER_NODE_RESOURCE = "sum_worker_node"
+#: The environment variable that carries the workspace's identity into every process of its stack.
+IDENTITY_ENV = "SUM_WORKSPACE_ID"
 UNIX_PATH_MAX = 107  # AF_UNIX path bytes Ray accepts
 RAY_SOCKET_SUFFIX = 80  # what Ray appends under its temp dir, with room for longer pids
 _BIN = Path(sys.executable).parent
@@ -231,6 +233,9 @@ class Stack:
         env = dict(os.environ)
         env.update(token_env(self.token_path))
         env.update({
+            # Every process of the stack carries the workspace's identity (Ray's and Airflow's children inherit
+            # it): `down` finds them by it when the state files are gone (:meth:`live_processes`).
+            IDENTITY_ENV: self.ws.claim(),
             "PATH": f"{_BIN}{os.pathsep}{env.get('PATH', '')}",
             "RAY_USAGE_STATS_ENABLED": "0",
             # The read path (the SOAP ingress and its HTTP server) is a Ray worker, reniced to 15 unless told.
@@ -378,6 +383,7 @@ class Stack:
             StackError: A component did not come up (the message holds its log tail).
         """
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.ws.claim()
         self._secret("ray_auth_token")
         states = self._states()
         self._clear_after_crashes(states)
@@ -517,6 +523,50 @@ class Stack:
         procs.update({p.pid: p for p in self._ray_processes(states)})
         return [p for p in procs.values() if p.pid != os.getpid()]
 
+    def live_processes(self) -> list[psutil.Process]:
+        """Every live process of this workspace's stack: those ``stack.json`` records (with their children and
+        Ray's, see :meth:`_processes`) and every process of this user whose environment carries the workspace's
+        identity (:data:`IDENTITY_ENV`), so a stack whose state files were deleted is still found."""
+        procs = {p.pid: p for p in self._processes(self._states())}
+        ident = self.ws.identity()
+        if ident is not None:
+            me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+            for p in psutil.process_iter(["uids"]):
+                if p.pid in procs or p.pid in me or p.info["uids"] is None or p.info["uids"].real != os.getuid():
+                    continue
+                try:
+                    if p.environ().get(IDENTITY_ENV) == ident and _alive(p):
+                        procs.update({q.pid: q for q in _tree(p) if q.pid not in me})
+                except (psutil.Error, OSError):
+                    pass
+        return list(procs.values())
+
+    def _recovered(self, procs: list[psutil.Process]) -> dict[str, ComponentState]:
+        """The components among ``procs`` (each the leader of a session of its own), named from their command
+        line: what ``down`` stops in order when ``stack.json`` is gone."""
+        found: dict[str, ComponentState] = {}
+        for p in procs:
+            try:
+                if os.getsid(p.pid) != p.pid:
+                    continue
+                argv = p.cmdline()
+                created = p.create_time()
+            except (psutil.Error, OSError):
+                continue
+            # [python, .../bin/ray, start, ...] or a title a program set itself ("airflow scheduler", Redis's)
+            words = [Path(w).name for a in argv for w in a.split()]
+            after = dict(zip(words, words[1:]))
+            if any(w.startswith("redis-server") for w in words):
+                name = "redis"
+            elif after.get("ray") == "start":
+                name = "ray" if "--head" in words else f"ray-worker-pid{p.pid}"
+            elif after.get("airflow") in AIRFLOW_COMPONENTS:
+                name = after["airflow"]
+            else:
+                continue
+            found[name] = ComponentState(name=name, pid=p.pid, create_time=created, argv=argv)
+        return found
+
     def down(self, timeout: float = 30.0) -> dict[str, Any]:
         """Stops every component; SIGKILL for what outlives ``timeout``.
 
@@ -531,7 +581,8 @@ class Stack:
             ``{"stopped": [names], "pids": [every pid that was running], "left": [pids still alive]}``.
         """
         states = self._states()
-        procs = self._processes(states)
+        procs = self.live_processes()
+        states = self._recovered(procs) | states
         pids = sorted(p.pid for p in procs)
         # What a dead scheduler left finishing a task (see _clear_after_crashes) ignores SIGTERM: killed first.
         leftovers = [q for s in states.values() for p in s.leftover_processes() for q in _tree(p)]
