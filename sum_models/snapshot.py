@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -32,6 +30,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from sum_models import atomic
 from sum_models.data import UserInputs, encode_users, finite_rows
 from sum_models.flops import model_flops, parameter_counts, synthetic_user_batch
 from sum_models.inference import PROGRAM_FILE, file_sha256
@@ -84,21 +83,6 @@ def _write_json(path: Path, obj: Any) -> None:
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Moves the finished ``src`` into place at ``dst``, replacing an existing ``dst``."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(dst, old)
-    try:
-        os.rename(src, dst)
-    except OSError:
-        os.rename(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Fp16Output(torch.nn.Module):
@@ -186,7 +170,10 @@ def export_snapshot(
     if mismatched:
         raise ValueError(f"model_cfg does not match the model (given, actual): {mismatched}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    atomic.recover(out_dir)  # what a killed export of this snapshot left behind
+    tmp = atomic.temp_sibling(out_dir)
+    tmp.mkdir()
+    os.chmod(tmp, 0o755)  # readable by the serving user, whatever the umask
     try:
         # One metadata key: safetensors writes a multi-key dict in hash order, which varies between
         # processes and would make identical weights differ byte for byte (and so in DVC and checksums).
@@ -215,8 +202,7 @@ def export_snapshot(
             "extra": dict(extra or {}),
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        _replace_dir(tmp, out_dir)
+        atomic.replace_path(tmp, out_dir)  # fsynced, then swapped in: a kill leaves the old snapshot or the new
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,7 +1,8 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of either.
 
-Every writer in the project goes through :func:`replace_atomically` (a temporary sibling, then
-``os.replace``), so a task killed mid-write leaves the previous state in place and a rerun replaces it.
+Every writer in the project goes through :func:`replace_atomically` (a temporary sibling, fsynced, then swapped in
+by :func:`sum_models.atomic.replace_path`: a rename for a file, an atomic exchange for a folder), so a task killed
+at any point - even by SIGKILL - leaves the old content or the new at the path, and a rerun replaces it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import logging
 import os
 import shutil
 import stat
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from sum_models import atomic
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,17 +28,16 @@ def replace_atomically(path: Path) -> Iterator[Path]:
     """Yields a temporary sibling of ``path``; on success it replaces ``path`` (a file or a folder).
 
     The temporary name starts with a dot, so readers of a folder's ``*.parquet`` / ``ds=*`` never pick it up.
-    On an exception the temporary is removed and ``path`` is left as it was.
+    On an exception the temporary is removed and ``path`` is left as it was; after a SIGKILL the next replace of
+    ``path`` finishes or removes what was left (:func:`sum_models.atomic.recover`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    atomic.recover(path)  # what a killed replace of this path left behind
+    tmp = atomic.temp_sibling(path)
     try:
         yield tmp
-        if tmp.is_dir() and path.exists():
-            # A folder cannot be replaced in one rename: the old one goes first (still never half-written).
-            shutil.rmtree(path)
-        tmp.replace(path)
+        atomic.replace_path(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
