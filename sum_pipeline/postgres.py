@@ -7,15 +7,24 @@ role's password is generated once (``secrets.token_urlsafe``) into ``Workspace.s
 (mode 0600); a changed file is re-applied with ``ALTER ROLE``. Running it again changes nothing.
 
 Admin SQL runs as the cluster's OS owner (``postgres``) through ``runuser ... psql`` (peer authentication on
-the Unix socket). Names and the password reach SQL only as psql variables (``:"name"`` for identifiers,
-``:'name'`` for literals, quoted by psql); the password travels on psql's stdin, never on a command line.
+the Unix socket). Names reach SQL only as psql variables (``:"name"`` for identifiers, ``:'name'`` for literals,
+quoted by psql). The password never reaches SQL text: the role gets a SCRAM-SHA-256 verifier computed here
+(:func:`scram_verifier`), which travels on psql's stdin, never on a command line, and is scrubbed from any
+error message. Before the role is created, the cluster's ``pg_hba`` rules (``pg_hba_file_rules``) must
+authenticate the role's TCP connections from loopback with ``scram-sha-256`` (:func:`check_hba`): a
+``trust``/``password``/``md5`` line is refused, naming the line and the fix.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
+import os
+import re
 import secrets
 import shutil
 import socket
@@ -37,6 +46,11 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "run `bash scripts/install_system_packages.sh` as root"
 PASSWORD_FILE = "postgres_password"
 POSTGRES_LIB = Path("/usr/lib/postgresql")
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
+HBA_METHOD = "scram-sha-256"
+WEAK_HBA_METHODS = ("trust", "password", "md5")  # no password / cleartext / a replayable-hash protocol
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PostgresError(RuntimeError):
@@ -97,6 +111,7 @@ def ensure_database(params: Params, ws: Workspace) -> str:
         cluster = _running_cluster(cfg.port)
         state = _state(cluster, cfg)
         check_listen_addresses(state["listen_addresses"], cluster)
+        check_hba(state["hba_rules"] or [], cfg, state["hba_file"])
         if state["db_owner"] not in (None, cfg.user):  # refused before anything changes
             raise PostgresError(
                 f"PostgreSQL database {cfg.database!r} exists and is owned by {state['db_owner']!r}, not by "
@@ -104,7 +119,8 @@ def ensure_database(params: Params, ws: Workspace) -> str:
                 f"ALTER DATABASE ... OWNER TO (as the postgres user)")
         if state["role_login"] is None:
             log.info("creating the PostgreSQL role %s", cfg.user)
-            _psql(cluster, 'CREATE ROLE :"role" LOGIN PASSWORD :\'pw\';', cfg, password=password)
+            _psql(cluster, 'CREATE ROLE :"role" LOGIN PASSWORD :\'verifier\';', cfg,
+                  verifier=scram_verifier(password))
         elif state["role_login"] is False:
             log.info("letting the PostgreSQL role %s log in", cfg.user)
             _psql(cluster, 'ALTER ROLE :"role" LOGIN;', cfg)
@@ -117,7 +133,7 @@ def ensure_database(params: Params, ws: Workspace) -> str:
         except psycopg2.OperationalError:
             # The stored password changed (or the role was made elsewhere): the file is the truth.
             log.info("re-applying the stored password of the PostgreSQL role %s", cfg.user)
-            _psql(cluster, 'ALTER ROLE :"role" PASSWORD :\'pw\';', cfg, password=password)
+            _psql(cluster, 'ALTER ROLE :"role" PASSWORD :\'verifier\';', cfg, verifier=scram_verifier(password))
             try:
                 _check_login(cfg, password)
             except psycopg2.OperationalError as exc:
@@ -174,6 +190,109 @@ def check_listen_addresses(value: str, cluster: Cluster | None = None) -> None:
                             f"in {where}")
 
 
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802 / RFC 7677, as ``pg_authid`` has it).
+
+    ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`` (base64): the server recognises the format
+    and stores it as is, so the password itself never reaches SQL text, the server's log or an error message.
+    PostgreSQL SASLprep-normalises a password before hashing it; SASLprep leaves ASCII unchanged, which is why
+    :func:`_password` accepts printable ASCII only.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def check_hba(rules: list[dict], cfg: PostgresConfig, hba_file: str = "pg_hba.conf") -> None:
+    """Raises unless the role's TCP logins from loopback are authenticated with ``scram-sha-256``.
+
+    ``rules`` are the rows of ``pg_hba_file_rules`` in file order (the server takes the first line matching a
+    connection). Every ``host*`` line that may match the role connecting to its database from the loopback
+    address of ``cfg.host`` (``localhost``: 127.0.0.1 and ::1, each on its own) is checked, up to the first that surely matches: a ``trust``, ``password`` or
+    ``md5`` line among them is refused (``trust`` lets any local user in as the role), and the line that
+    surely matches must say ``scram-sha-256``. A line the server could not parse is refused too.
+    """
+    for client in _client_ips(cfg.host):
+        _check_hba_from(client, rules, cfg, hba_file)
+
+
+def _check_hba_from(client: IPAddress, rules: list[dict], cfg: PostgresConfig, hba_file: str) -> None:
+    cidr = f"{client}/{client.max_prefixlen}"
+    fix = (f"put 'host {cfg.database} {cfg.user} {cidr} {HBA_METHOD}' above it in {hba_file}, then reload "
+           f"PostgreSQL (`SELECT pg_reload_conf()` as postgres)")
+    for rule in rules:
+        where = f"{rule.get('file_name') or hba_file} line {rule.get('line_number')}"
+        if rule.get("error"):
+            raise PostgresError(f"{where} is invalid ({rule['error']}): fix it (PostgreSQL will not load the "
+                                f"file while it has an error)")
+        match = _hba_match(rule, cfg, client)
+        if match == "no":
+            continue
+        method = rule.get("auth_method")
+        fields = [rule.get("type"), ",".join(rule.get("database") or []), ",".join(rule.get("user_name") or []),
+                  rule.get("address"), rule.get("netmask"), method]
+        described = f"{where} ({' '.join(f for f in fields if f)})"
+        if method in WEAK_HBA_METHODS:
+            raise PostgresError(f"{described} lets role {cfg.user!r} log in over TCP with {method!r}, not "
+                                f"{HBA_METHOD}: {fix}")
+        if match == "sure":
+            if method != HBA_METHOD:
+                raise PostgresError(f"{described} authenticates role {cfg.user!r} with {method!r}, not "
+                                    f"{HBA_METHOD}: {fix}")
+            return
+    raise PostgresError(f"no line of {hba_file} lets role {cfg.user!r} connect to {cfg.database!r} from "
+                        f"{client} over TCP: add 'host {cfg.database} {cfg.user} {cidr} {HBA_METHOD}' and reload "
+                        f"PostgreSQL (`SELECT pg_reload_conf()` as postgres)")
+
+
+def _hba_match(rule: dict, cfg: PostgresConfig, client: IPAddress) -> str:
+    """Whether a pg_hba rule matches the role's TCP connection from ``client``: "sure", "maybe" or "no"."""
+    kind = rule.get("type") or ""
+    if not kind.startswith("host"):
+        return "no"  # local (Unix socket) lines: Airflow connects over TCP
+    sure = kind == "host"  # hostssl / hostnossl / hostgssenc / hostnogssenc depend on the connection's encryption
+    databases = rule.get("database") or []
+    if "all" in databases or cfg.database in databases or ("sameuser" in databases and cfg.database == cfg.user):
+        pass
+    elif "samerole" in databases or "samegroup" in databases or any(d.startswith("@") for d in databases):
+        sure = False
+    else:
+        return "no"
+    users = rule.get("user_name") or []
+    if "all" in users or cfg.user in users:
+        pass
+    elif any(u.startswith(("+", "@", "/")) for u in users):  # group membership, a file, a regex
+        sure = False
+    else:
+        return "no"
+    address, netmask = rule.get("address"), rule.get("netmask")
+    if address in ("all", "samehost", "samenet"):
+        pass
+    elif address and netmask:
+        try:
+            prefix = bin(int(ipaddress.ip_address(netmask))).count("1")  # ip_network takes no IPv6 mask form
+            network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+        except ValueError:
+            sure = False
+        else:
+            if client.version != network.version or client not in network:
+                return "no"
+    else:
+        sure = False  # a host name (resolved by the server)
+    return "sure" if sure else "maybe"
+
+
+def _client_ips(host: str) -> list[IPAddress]:
+    """The source addresses of a TCP connection to the loopback ``host`` (``localhost``: either)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -201,9 +320,9 @@ def _password(ws: Workspace) -> str:
     """The stored password, generated once (mode 0600; a looser mode is tightened)."""
     path = password_file(ws)
     password = owner_only_secret(path, lambda: secrets.token_urlsafe(32))
-    if not password or not password.isprintable():
-        raise PostgresError(f"{path} holds no usable password (empty, or a control character): delete it and "
-                            f"rerun to generate a new one")
+    if not password or not password.isprintable() or not password.isascii():
+        raise PostgresError(f"{path} holds no usable password (empty, a control character or a non-ASCII "
+                            f"character): write printable ASCII into it, or delete it and rerun to generate one")
     return password
 
 
@@ -255,26 +374,32 @@ def _running_cluster(port: int) -> Cluster:
 
 
 def _state(cluster: Cluster, cfg: PostgresConfig) -> dict:
-    """What the server has: listen_addresses, whether the role exists / can log in, the database's owner."""
+    """What the server has: listen_addresses, pg_hba's rules, whether the role exists / can log in, the DB's owner."""
     out = _psql(cluster, """SELECT json_build_object(
         'listen_addresses', current_setting('listen_addresses'),
+        'hba_file', current_setting('hba_file'),
+        'hba_rules', (SELECT json_agg(row_to_json(r)) FROM pg_hba_file_rules r),
         'role_login', (SELECT rolcanlogin FROM pg_roles WHERE rolname = :'role'),
         'db_owner', (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :'db'));""", cfg)
     return json.loads(out)
 
 
-def _psql(cluster: Cluster, sql: str, cfg: PostgresConfig, password: str | None = None) -> str:
-    """Runs ``sql`` as the cluster's owner on its ``postgres`` DB; ``:"role"``, ``:"db"`` (and ``:'pw'``) are set.
+def _psql(cluster: Cluster, sql: str, cfg: PostgresConfig, verifier: str | None = None) -> str:
+    """Runs ``sql`` as the cluster's owner on its ``postgres`` DB; ``:"role"``, ``:"db"`` (and ``:'verifier'``) are set.
 
-    The password reaches psql on stdin (``\\set``, quoted for psql's lexer), not in its argv or environment.
+    The verifier reaches psql on stdin (``\\set``; its base64 alphabet needs no quoting), not in its argv or
+    environment, and is scrubbed from an error message.
     """
     script = sql + "\n"
-    if password is not None:
-        script = "\\set pw '" + password.replace("\\", "\\\\").replace("'", "''") + "'\n" + script
+    if verifier is not None:
+        if not verifier.startswith("SCRAM-SHA-256$") or "'" in verifier or "\\" in verifier:
+            raise PostgresError("refusing to send something other than a SCRAM-SHA-256 verifier as a password")
+        script = f"\\set verifier '{verifier}'\n" + script
     cmd = ["runuser", "-u", cluster.owner, "--", "psql", "--cluster", cluster.id, "--no-psqlrc", "--quiet",
            "--tuples-only", "--no-align", "--set", "ON_ERROR_STOP=1", "--dbname", "postgres",
            "--set", f"role={cfg.user}", "--set", f"db={cfg.database}", "--file", "-"]
-    return _run(cmd, f"psql as {cluster.owner} on {cluster.id}", stdin=script).stdout.strip()
+    return _run(cmd, f"psql as {cluster.owner} on {cluster.id}", stdin=script,
+                scrub=(verifier,) if verifier else ()).stdout.strip()
 
 
 def _check_login(cfg: PostgresConfig, password: str) -> None:
@@ -291,7 +416,9 @@ def _check_login(cfg: PostgresConfig, password: str) -> None:
         raise PostgresError(f"logged in as {who}, expected ({cfg.user!r}, {cfg.database!r})")
 
 
-def _run(cmd: list[str], what: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], what: str, stdin: str | None = None, timeout: float = 60,
+         scrub: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs ``cmd``; a failure raises PostgresError with its output, each string of ``scrub`` replaced by ``***``."""
     try:
         proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd="/")
     except FileNotFoundError as exc:
@@ -299,7 +426,12 @@ def _run(cmd: list[str], what: str, stdin: str | None = None, timeout: float = 6
     except subprocess.TimeoutExpired as exc:
         raise PostgresError(f"{what}: no answer after {timeout:.0f} s ({' '.join(cmd[:3])} ...)") from exc
     if proc.returncode != 0:
-        raise PostgresError(f"{what} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        output = (proc.stderr or proc.stdout).strip()
+        if scrub:  # psql's `LINE n: ...` quotes the statement, cut to the error's neighbourhood: drop it whole
+            output = "\n".join(line for line in output.splitlines() if not re.match(r"\s*LINE \d+:", line))
+        for secret in scrub:
+            output = output.replace(secret, "***")
+        raise PostgresError(f"{what} failed (exit {proc.returncode}): {output}")
     return proc
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from sum_pipeline import airflow_env
+from sum_pipeline import airflow_env, postgres
 from sum_pipeline.postgres import PostgresError, database_url, drop_database, ensure_database, password_file
 from sum_platform.config import load_params, params_path
 from sum_platform.workspace import Workspace
@@ -66,6 +66,7 @@ def test_airflow_migrates_its_metadata_db_on_the_profile(profile, tmp_path):
     cfg = params.airflow.postgresql
     url = ensure_database(params, ws)
     hash_after_first = _admin(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{cfg.user}'")
+    assert hash_after_first.startswith(f"SCRAM-SHA-256${postgres.SCRAM_ITERATIONS}:")  # our verifier, kept as is
 
     # Idempotent: the same URL, the password kept (not even re-hashed), the file private.
     assert ensure_database(params, ws) == url
@@ -149,3 +150,34 @@ def test_a_database_owned_by_another_role_is_refused(profile, tmp_path):
     with pytest.raises(PostgresError, match=f"owned by '{cfg.user}'"):
         ensure_database(intruder, Workspace(tmp_path / "other"))
     assert _admin(f"SELECT count(*) FROM pg_roles WHERE rolname = '{cfg.user}_other'") == "0"  # nothing changed
+
+
+def test_a_weak_pg_hba_line_for_the_role_is_refused_naming_it(profile):
+    """A ``trust`` line above Debian's scram-sha-256 ones (pg_hba_file_rules reads the file, no reload needed)."""
+    params, ws = profile
+    cfg = params.airflow.postgresql
+    hba = Path(_admin("SHOW hba_file"))
+    original = hba.read_bytes()
+    try:
+        hba.write_bytes(f"host {cfg.database} {cfg.user} 127.0.0.1/32 trust\n".encode() + original)
+        with pytest.raises(PostgresError) as err:
+            ensure_database(params, ws)
+    finally:
+        hba.write_bytes(original)
+    assert f"{hba} line 1 (host {cfg.database} {cfg.user} 127.0.0.1 255.255.255.255 trust)" in str(err.value)
+    assert f"put 'host {cfg.database} {cfg.user} 127.0.0.1/32 scram-sha-256' above it" in str(err.value)
+    assert _admin(f"SELECT count(*) FROM pg_roles WHERE rolname = '{cfg.user}'") == "0"  # refused before creating
+    ensure_database(params, ws)  # the file restored, the profile comes up
+
+
+def test_a_failing_statement_never_shows_the_verifier(profile):
+    """The server quotes a failing statement (``LINE 1: ...``): PostgresError drops it and scrubs the verifier."""
+    params, _ = profile
+    cfg = params.airflow.postgresql
+    cluster = postgres._running_cluster(cfg.port)
+    verifier = postgres.scram_verifier("pencil")
+    with pytest.raises(PostgresError) as err:
+        postgres._psql(cluster, "SELECT :'verifier' garbage here;", cfg, verifier=verifier)
+    message = str(err.value)
+    assert "syntax error" in message
+    assert not any(part in message for part in verifier.split("$")[1:]), message
