@@ -116,9 +116,12 @@ class VersionResponse(BaseModel):
 
     snapshot_id: str | None = Field(description="Snapshot whose user tower computes embeddings now.")
     fingerprint: str | None = Field(description="Content hash of that snapshot's manifest.")
+    workspace_id: str | None = Field(None, description="Identity of the workspace whose snapshots the app serves "
+                                     "(its .sum-workspace.json marker, passed at rollout; None: an unmarked workspace).")
     requested_snapshot_id: str | None = Field(description="Snapshot of the latest user_config.")
     requested_fingerprint: str | None = Field(description="Its fingerprint.")
-    last_error: str | None = Field(description="Why the requested snapshot is not running (None if it is).")
+    last_error: str | None = Field(description="Why the requested snapshot is not running (None if it is): the "
+                                   "snapshot and the exception type; the replica's log has the detail.")
     frozen_snapshot_id: str | None = Field(None, description="Snapshot frozen mode computes with.")
     frozen_error: str | None = Field(None, description="Why the requested frozen snapshot is not loaded.")
     cpu_priority: dict = Field(default_factory=dict, description="Scheduling policy and nice level of the compute "
@@ -127,7 +130,11 @@ class VersionResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """An error answer: a short reason naming the request id; the cause is in the replica's log under that id."""
+
     detail: str
+    request_id: str | None = Field(None, description="Also in the X-Request-ID header of every answer (a caller's "
+                                   "well-formed X-Request-ID is kept).")
     user_id: int | None = None
     mode: str | None = None
     compute: str | None = None
@@ -137,8 +144,10 @@ API_DESCRIPTION = (
     "Serves SUM user embeddings (paper §4). Modes: async (stored pooled value, async recompute), "
     "realtime (fresh value within a budget, else stored), offline (daily batch value), frozen (the first "
     "production snapshot's tower). A user with no stored value (or, in frozen mode, no features) gets "
-    "404 with a reason; malformed input gets 422 (or 413 for an oversized batch); a store or compute "
-    "outage gets 503."
+    "404 with a reason; malformed input gets 422 (or 413 for an oversized batch or a body over "
+    "serving.max_request_bytes); a store or compute outage gets 503. Error answers name a request id "
+    "(X-Request-ID), under which the replica's log holds the cause. With serving.token_file set, every "
+    "request but /healthz needs 'Authorization: Bearer <token>' (401 otherwise)."
 )
 
 

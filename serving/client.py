@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from sum_platform.config import Params
 
-__all__ = ["NoMetrics", "SoapClient", "StoreUnavailable"]
+__all__ = ["NoMetrics", "SoapClient", "StoreUnavailable", "log_store_failure"]
 
 log = logging.getLogger("ray.serve")
 
@@ -70,7 +70,12 @@ VERSION_TIMEOUT_S = 5.0
 
 
 class StoreUnavailable(RuntimeError):
-    """The online store could not be read."""
+    """The online store could not be read: ``str(exc)`` is the detail (the exception's text: store host, file state),
+    :attr:`reason` what an HTTP caller may see (the exception's type)."""
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class NoMetrics:
@@ -111,23 +116,33 @@ def _age(written_at_ms: int | None, now: float) -> float | None:
 
 class _ThrottledError:
     """An error logged at most once per ``every_s`` with the count of the ones left out: a damaged store fails every
-    read, hundreds a second, and the replica's log should say so, not drown in it."""
+    read, hundreds a second, and the replica's log should say so, not drown in it. Given request ids, the line
+    names the first and the last left out (generated ids count up, so the range holds every one in between)."""
 
     def __init__(self, every_s: float = 10.0) -> None:
         self.every_s, self.last, self.left_out = every_s, float("-inf"), 0
+        self.left_out_ids: tuple[str, str] | None = None  # (first, last)
 
-    def log(self, msg: str, *args: Any) -> None:
+    def log(self, msg: str, *args: Any, request_id: str | None = None) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s:
             self.left_out += 1
+            if request_id is not None:
+                self.left_out_ids = ((self.left_out_ids or (request_id,))[0], request_id)
             return
         if self.left_out:
-            msg += f" (and {self.left_out} more in the last {now - self.last:.0f} s)"
+            ids = f", request ids {self.left_out_ids[0]} .. {self.left_out_ids[1]}" if self.left_out_ids else ""
+            msg += f" (and {self.left_out} more in the last {now - self.last:.0f} s{ids})"
         log.error(msg, *args)
-        self.last, self.left_out = now, 0
+        self.last, self.left_out, self.left_out_ids = now, 0, None
 
 
 _STORE_ERRORS = _ThrottledError()
+
+
+def log_store_failure(exc: StoreUnavailable, request_id: str) -> None:
+    """A failed store read in the replica's log with the request id its caller was given (throttled)."""
+    _STORE_ERRORS.log("request %s: %s", request_id, exc, request_id=request_id)
 
 
 class SoapClient:
@@ -425,8 +440,10 @@ class SoapClient:
 
     @staticmethod
     def _unavailable(ids: list[int], exc: BaseException) -> StoreUnavailable:
-        _STORE_ERRORS.log("online store read failed for %d users: %s", len(ids), exc)
-        return StoreUnavailable(f"online store read failed: {type(exc).__name__}: {exc}")
+        """The failure as the caller gets it; who answers it logs it (the HTTP layer with the request id,
+        :func:`log_store_failure`)."""
+        return StoreUnavailable(f"online store read failed for {len(ids)} users: {type(exc).__name__}: {exc}",
+                                f"online store read failed ({type(exc).__name__})")
 
     # -- compute calls --------------------------------------------------------------------------
     def _count_outcome(self, outcome: str, users: int) -> None:
@@ -469,13 +486,15 @@ class SoapClient:
                     out[u] = ("skipped", result)
         return out
 
-    async def compute_version(self) -> tuple[dict | None, str | None]:
-        """``(ComputeCenter.version(), None)``, or ``(None, reason)`` when it does not answer in time."""
+    async def compute_version(self) -> tuple[dict | None, str | None, str | None]:
+        """``(ComputeCenter.version(), None, None)``, or ``(None, reason, detail)`` when it does not answer in time
+        (the reason is the exception's type, the detail its text: for the log)."""
         try:
-            return await asyncio.wait_for(self._compute.version.remote(), timeout=VERSION_TIMEOUT_S), None
+            return await asyncio.wait_for(self._compute.version.remote(), timeout=VERSION_TIMEOUT_S), None, None
         except Exception as exc:
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
-            return None, reason
+            if isinstance(exc, asyncio.TimeoutError):
+                return None, f"no answer within {VERSION_TIMEOUT_S:.0f} s", None
+            return None, type(exc).__name__, f"{type(exc).__name__}: {exc}"
 
     def health(self) -> dict:
         """Counters of the read path and its compute calls."""

@@ -86,8 +86,10 @@ class ComputeCenter:
         self._frozen: _Tower | None = None
         self._store = None
         self._store_key: tuple[str, str] | None = None
-        self._last_error: str | None = None
-        self._frozen_error: str | None = None
+        #: Why the requested snapshot (frozen snapshot) is not loaded: ``(short reason, detail)``. The reason (id and
+        #: exception type) is public on /version; the detail (folder, exception text) goes to logs and info() only.
+        self._last_error: tuple[str, str] | None = None
+        self._frozen_error: tuple[str, str] | None = None
         self._requested: tuple[str, str, str | None] | None = None
         self._user_config: dict = {}
         self._debug_delay_s = 0.0
@@ -157,11 +159,11 @@ class ComputeCenter:
                     self._loader, self._load, snapshot_dir, snapshot_id, store_key
                 )
             except Exception as exc:
-                self._last_error = f"loading {snapshot_id} from {snapshot_dir} failed: {type(exc).__name__}: {exc}"
+                self._last_error = _load_failure("", snapshot_id, snapshot_dir, exc)
                 if self._prod is None:
-                    log.error("%s; no tower to keep", self._last_error)
+                    log.error("%s; no tower to keep", self._last_error[1])
                     raise
-                log.error("%s; keeping %s", self._last_error, self._prod.snapshot_id)
+                log.error("%s; keeping %s", self._last_error[1], self._prod.snapshot_id)
             else:
                 self._set_loaded("production", self._prod, loaded)
                 self._prod, self._store, self._store_key = loaded, store, store_key
@@ -197,8 +199,8 @@ class ComputeCenter:
                     self._loader, self._load, frozen_dir, frozen_id, store_key
                 )
             except Exception as exc:
-                self._frozen_error = f"loading frozen {frozen_id} from {frozen_dir} failed: {type(exc).__name__}: {exc}"
-                log.error("%s; frozen mode keeps %s", self._frozen_error, self._frozen and self._frozen.snapshot_id)
+                self._frozen_error = _load_failure("frozen ", frozen_id, frozen_dir, exc)
+                log.error("%s; frozen mode keeps %s", self._frozen_error[1], self._frozen and self._frozen.snapshot_id)
                 return
         self._set_loaded("frozen", self._frozen, loaded)
         self._frozen, self._frozen_error = loaded, None
@@ -396,19 +398,23 @@ class ComputeCenter:
         return self._prod.snapshot_id if self._prod else None
 
     def version(self) -> dict:
-        """What runs (id, fingerprint), what the latest ``user_config`` asked for, and why it does not
-        run if it does not (``last_error``); the same for the frozen snapshot."""
+        """What runs (id, fingerprint), whose workspace it is, what the latest ``user_config`` asked for, and why it
+        does not run if it does not (``last_error``: the snapshot and the exception type); the same for the frozen
+        snapshot. ``errors_detail`` (folders, exception text) is for the ingress to log, never to answer."""
         requested = self._requested or (None, None, None)
         prod, frozen = self._prod, self._frozen
+        last, frozen_error = self._last_error, self._frozen_error
         return {
             "snapshot_id": prod.snapshot_id if prod else None,
             "fingerprint": prod.fingerprint if prod else None,
+            "workspace_id": self._user_config.get("workspace_id"),
             "requested_snapshot_id": requested[1],
             "requested_fingerprint": requested[2],
-            "last_error": self._last_error,
+            "last_error": last[0] if last else None,
             "frozen_snapshot_id": frozen.snapshot_id if frozen else None,
-            "frozen_error": self._frozen_error,
+            "frozen_error": frozen_error[0] if frozen_error else None,
             "cpu_priority": self._cpu_priority(),
+            "errors_detail": [e[1] for e in (last, frozen_error) if e],
         }
 
     def _cpu_priority(self) -> dict:
@@ -427,8 +433,8 @@ class ComputeCenter:
             "pid": os.getpid(),
             "cpu_priority": self._cpu_priority(),
             "requested": list(self._requested) if self._requested else None,
-            "last_error": self._last_error,
-            "frozen_error": self._frozen_error,
+            "last_error": self._last_error[1] if self._last_error else None,
+            "frozen_error": self._frozen_error[1] if self._frozen_error else None,
             "user_config": dict(self._user_config),
             "max_batch_size": self.compute._get_max_batch_size(),  # type: ignore[attr-defined]
             "stats": dict(self._stats),
@@ -457,11 +463,18 @@ class ComputeCenter:
         """Ray Serve's health check (every few seconds): unhealthy while no production tower is loaded.
         Also refreshes the loaded-snapshot gauges (a gauge set once is not exported forever)."""
         if self._prod is None:
-            raise RuntimeError(f"no user tower loaded (last error: {self._last_error})")
+            raise RuntimeError(f"no user tower loaded (last error: {self._last_error and self._last_error[1]})")
         self._reopen_store_if_replaced()
         self._metrics.loaded.set(1, tags={"role": "production", "snapshot_id": self._prod.snapshot_id})
         if self._frozen is not None:
             self._metrics.loaded.set(1, tags={"role": "frozen", "snapshot_id": self._frozen.snapshot_id})
+
+
+def _load_failure(role: str, snapshot_id: str, snapshot_dir: str, exc: BaseException) -> tuple[str, str]:
+    """``(reason, detail)`` of a snapshot that failed to load: the reason names the snapshot and the exception type
+    (public), the detail adds the folder and the exception text (logs, :meth:`ComputeCenter.info`)."""
+    return (f"loading {role}{snapshot_id} failed ({type(exc).__name__})",
+            f"loading {role}{snapshot_id} from {snapshot_dir} failed: {type(exc).__name__}: {exc}")
 
 
 def _compute_pooled(

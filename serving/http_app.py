@@ -9,6 +9,10 @@ Routes (the contract's models are in :mod:`serving.api`; OpenAPI at ``/openapi.j
 ``GET /healthz``                      liveness and counters
 ``GET /metrics``                      this node's ``ray_soap_*`` Prometheus families
 
+Error answers carry a short reason and the request id (``request_id``, and the ``X-Request-ID`` header that every
+answer carries: :mod:`serving.http_guard`); what caused them (exception text, folders, hosts) goes to the replica's
+log under that id, never to the caller.
+
 The app is plain ASGI: :class:`serving.ingress.SoapIngress` runs it in its replica on ``serving.port``
 (:mod:`serving.http_server`) with no proxy in front, and a test or a benchmark can run it anywhere.
 """
@@ -16,14 +20,19 @@ The app is plain ASGI: :class:`serving.ingress.SoapIngress` runs it in its repli
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from fastapi import FastAPI, Query
+import orjson
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api import (
     API_DESCRIPTION,
@@ -38,13 +47,16 @@ from serving.api import (
     json_bytes,
     json_response,
 )
-from serving.client import SKIP_REASONS, NoMetrics, StoreUnavailable
+from serving.client import SKIP_REASONS, NoMetrics, StoreUnavailable, log_store_failure
+from serving.http_guard import request_id
 from serving.metrics import filter_families
 
 if TYPE_CHECKING:
     from serving.client import SoapClient
 
 __all__ = ["FastUserReads", "answer_user", "build_http_app", "exact_integer_bounds", "item_json"]
+
+log = logging.getLogger("ray.serve")
 
 _BLANK = dict.fromkeys(("source", "snapshot_id", "written_at_ms", "age_seconds", "pooled_versions", "embeddings", "reason"))
 
@@ -89,13 +101,14 @@ def build_http_app(
         summary="One user's SUM embeddings, answered in the mode in force (or ?mode=)",
     )
     async def get_embeddings(
+        request: Request,
         user_id: int = PathParam(..., ge=0, lt=USER_ID_BOUND, description="User id (non-negative int64)."),
         mode: Mode | None = Query(None, description="Override the deployment's mode for this request."),
     ):
-        code, content = await answer_user(client, user_id, mode, time.perf_counter(), observe)
+        code, content = await answer_user(client, user_id, mode, time.perf_counter(), observe, request_id(request.scope))
         return json_response(content, status_code=code)
 
-    app.state.answer_user = lambda user_id, mode, t0: answer_user(client, user_id, mode, t0, observe)
+    app.state.answer_user = lambda user_id, mode, t0, rid: answer_user(client, user_id, mode, t0, observe, rid)
 
     @app.post(
         "/embeddings/batch",
@@ -108,23 +121,25 @@ def build_http_app(
         },
         summary="Many users' SUM embeddings in one call (per-user status)",
     )
-    async def get_embeddings_batch(body: BatchRequest):
+    async def get_embeddings_batch(body: BatchRequest, request: Request):
         t0 = time.perf_counter()
         mode = body.mode or client.config["mode"]
         ids = list(dict.fromkeys(body.user_ids))
         limit = int(client.config["max_batch_users"])
         if len(ids) > limit:
             observe(mode, "batch", 413, t0)
+            rid = request_id(request.scope)
             return JSONResponse(
                 status_code=413,
-                content={"detail": f"{len(ids)} distinct user ids; at most {limit} per request", "mode": mode},
+                content={"detail": f"{len(ids)} distinct user ids; at most {limit} per request (serving.max_batch_users)",
+                         "mode": mode, "request_id": rid},
             )
         try:
             items = await client.answer(ids, mode, t0)
         except StoreUnavailable as exc:
             client.stats["requests"] += 1
             observe(mode, "batch", 503, t0)
-            return JSONResponse(status_code=503, content={"detail": str(exc), "mode": mode})
+            return JSONResponse(status_code=503, content={**_failure(exc, request_id(request.scope)), "mode": mode})
         client.account(items, mode)
         results = [{**_BLANK, **item_json(items[u])} for u in ids]
         observe(mode, "batch", 200, t0)
@@ -137,21 +152,25 @@ def build_http_app(
         responses={503: {"model": ErrorResponse}},
         summary="Snapshots the compute deployment runs (production and frozen) and the ingress config",
     )
-    async def version():
-        info, reason = await client.compute_version()
+    async def version(request: Request):
+        rid = request_id(request.scope)
+        info, reason = await _compute_version(client, rid, "/version")
         if info is None:
-            return JSONResponse(status_code=503, content={"detail": f"compute deployment unavailable: {reason}"})
+            return JSONResponse(status_code=503, content={
+                "detail": f"compute deployment unavailable ({reason}); request id {rid}", "request_id": rid})
         return json_response({**info, "ingress": {**client.config, "config_error": client.config_error}})
 
     @app.get("/healthz", summary="Liveness, the loaded snapshot ids, the mode and counters")
-    async def healthz():
-        info, reason = await client.compute_version()
+    async def healthz(request: Request):
+        rid = request_id(request.scope)
+        info, reason = await _compute_version(client, rid, "/healthz")
+        error = f"compute deployment unavailable ({reason})" if reason else (info or {}).get("last_error")
         return json_response({
             "status": "ok" if info and info.get("snapshot_id") else "degraded",
             "mode": client.config["mode"],
             "snapshot_id": (info or {}).get("snapshot_id"),
             "frozen_snapshot_id": (info or {}).get("frozen_snapshot_id"),
-            "compute_error": reason or (info or {}).get("last_error"),
+            "compute_error": f"{error}; request id {rid}" if error else None,
             **client.health(),
         })
 
@@ -160,7 +179,7 @@ def build_http_app(
         response_class=PlainTextResponse,
         summary="The SOAP Prometheus metrics (ray_soap_*) exported by this node's Ray metrics agent",
     )
-    async def prometheus():
+    async def prometheus(request: Request):
         import httpx
 
         try:
@@ -173,8 +192,25 @@ def build_http_app(
             resp.raise_for_status()
         except Exception as exc:
             state["metrics_url"] = None
-            return PlainTextResponse(f"# Ray metrics endpoint unavailable: {type(exc).__name__}: {exc}\n", status_code=503)
+            rid = request_id(request.scope)
+            log.warning("request %s: /metrics: Ray metrics endpoint unavailable: %s: %s", rid, type(exc).__name__, exc)
+            return PlainTextResponse(f"# Ray metrics endpoint unavailable ({type(exc).__name__}); request id {rid}\n",
+                                     status_code=503)
         return PlainTextResponse(filter_families(resp.text), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):  # FastAPI's 422, with the request id
+        return _with_request_id(await request_validation_exception_handler(request, exc), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # 400, 404, 405, ... with the request id
+        return _with_request_id(await http_exception_handler(request, exc), request)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):  # a bug: the trace in the log, the id to the caller
+        rid = request_id(request.scope)
+        log.error("request %s: %s %s failed", rid, request.method, request.url.path, exc_info=exc)
+        return JSONResponse(status_code=500, content={"detail": f"internal error; request id {rid}", "request_id": rid})
 
     plain_openapi = app.openapi
 
@@ -187,17 +223,47 @@ def build_http_app(
     return app
 
 
+def _failure(exc: StoreUnavailable, rid: str) -> dict:
+    """A store failure as the caller gets it (the reason and the request id); its detail goes to the log."""
+    log_store_failure(exc, rid)
+    return {"detail": f"{exc.reason}; request id {rid}", "request_id": rid}
+
+
+async def _compute_version(client: "SoapClient", rid: str, route: str) -> tuple[dict | None, str | None]:
+    """``ComputeCenter.version()`` without its error details (logged under the request id), or ``(None, reason)``."""
+    info, reason, detail = await client.compute_version()
+    details = [detail] if detail else (info or {}).pop("errors_detail", None) or []
+    for text in details:
+        log.warning("request %s: %s: %s", rid, route, text)
+    return info, reason
+
+
+def _with_request_id(response: Any, request: Request) -> Any:
+    """FastAPI's own error answer with the request id in its JSON body too."""
+    rid = request_id(request.scope)
+    try:
+        content = orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        return response
+    if isinstance(content, dict):
+        content["request_id"] = rid
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return JSONResponse(status_code=response.status_code, content=content, headers=headers)
+
+
 async def answer_user(
-    client: "SoapClient", user_id: int, mode: str | None, t0: float, observe: Callable[[str, str, int, float], None]
+    client: "SoapClient", user_id: int, mode: str | None, t0: float, observe: Callable[[str, str, int, float], None],
+    rid: str = "-",
 ) -> tuple[int, dict]:
-    """``GET /users/{user_id}/embeddings`` for a valid id and mode: ``(status code, JSON content)``."""
+    """``GET /users/{user_id}/embeddings`` for a valid id and mode: ``(status code, JSON content)``; ``rid``: the
+    request id a failure names."""
     mode = mode or client.config["mode"]
     try:
         item = (await client.answer([user_id], mode, t0))[user_id]
     except StoreUnavailable as exc:
         client.stats["requests"] += 1
         observe(mode, "user", 503, t0)
-        return 503, {"detail": str(exc), "user_id": user_id, "mode": mode}
+        return 503, {**_failure(exc, rid), "user_id": user_id, "mode": mode}
     client.account({user_id: item}, mode)
     status = item.pop("status")
     if status != "ok":
@@ -210,7 +276,7 @@ async def answer_user(
             "unavailable": "no frozen snapshot loaded",
         }[status]
         observe(mode, "user", code, t0)
-        return code, {"detail": detail, "user_id": user_id, "mode": mode, "compute": item["compute"]}
+        return code, {"detail": detail, "user_id": user_id, "mode": mode, "compute": item["compute"], "request_id": rid}
     observe(mode, "user", 200, t0)
     return 200, {"mode": mode, **item_json(item)}
 
@@ -241,7 +307,8 @@ class FastUserReads:
             match = _USER_PATH.fullmatch(path)
             if match is not None and int(match.group(1)) < USER_ID_BOUND:
                 t0 = time.perf_counter()
-                code, content = await self._answer(int(match.group(1)), _MODE_QUERIES[scope["query_string"]], t0)
+                code, content = await self._answer(int(match.group(1)), _MODE_QUERIES[scope["query_string"]], t0,
+                                                   request_id(scope))
                 body = json_bytes(content)
                 await send({"type": "http.response.start", "status": code,
                             "headers": [(b"content-length", str(len(body)).encode()),

@@ -22,9 +22,10 @@ from ray import serve
 
 from serving.client import SoapClient, StoreUnavailable
 from serving.http_app import FastUserReads, build_http_app
+from serving.http_guard import RequestGuard
 from serving.http_server import HttpServer
 from serving.metrics import DeferredMetrics, IngressMetrics
-from serving.settings import ingress_user_config, open_store
+from serving.settings import check_access, ingress_user_config, load_token, open_store
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -57,6 +58,9 @@ class SoapIngress:
 
     async def __init__(self, compute: "DeploymentHandle", settings: dict) -> None:
         self._settings = dict(settings)
+        # Never beyond loopback without a token (the driver checks too: serving.settings.app_settings).
+        check_access(settings["host"], settings.get("token_file"))
+        token = load_token(settings["token_file"]) if settings.get("token_file") else None
         params, store = open_store(settings["workspace"], settings["params_path"])
         # Recorded once a second off the response path (a Ray metric record is ~10 us of the loop, three a read).
         self._metrics = DeferredMetrics(IngressMetrics())
@@ -71,6 +75,8 @@ class SoapIngress:
             from starlette.routing import Mount
 
             app = Starlette(routes=[Mount(prefix, app=app)])
+        app = RequestGuard(app, max_request_bytes=int(settings["max_request_bytes"]), token=token,
+                           open_paths=(f"{prefix}/healthz",))
         self._server = HttpServer(app, settings["host"], int(settings["port"]))
         await self._server.start()
 

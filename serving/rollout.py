@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from serving.ray_cluster import ensure_ray
-from serving.settings import compute_user_config, ingress_user_config, snapshot_fingerprint
+from serving.settings import compute_user_config, ingress_user_config, serving_token, snapshot_fingerprint
 from sum_platform.config import load_params
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ __all__ = [
     "compute_info",
     "base_url",
     "app_status",
+    "auth_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,20 @@ def base_url(params: "Params") -> str:
     return f"http://{host}:{params.serving.port}{prefix}"
 
 
+def auth_headers(params: "Params") -> dict[str, str]:
+    """Headers a request to the HTTP API needs: the bearer token when ``serving.token_file`` is set."""
+    token = serving_token(params)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def served_version(params: "Params | None" = None, timeout_s: float = 10.0) -> dict | None:
-    """``GET /version`` of the running application: ``{"snapshot_id", "requested_snapshot_id",
-    "last_error"}``, or None when it does not answer 200."""
+    """``GET /version`` of the running application: ``{"snapshot_id", "workspace_id", "requested_snapshot_id",
+    "last_error", ...}``, or None when it does not answer 200."""
     import httpx
 
     params = params or load_params()
     try:
-        resp = httpx.get(f"{base_url(params)}/version", timeout=timeout_s)
+        resp = httpx.get(f"{base_url(params)}/version", headers=auth_headers(params), timeout=timeout_s)
     except httpx.HTTPError:
         return None
     if resp.status_code != 200:
@@ -210,6 +217,7 @@ def deploy(
     from serving.app import build_app  # Ray Serve, FastAPI: only where an application is built
 
     ensure_ray(params)
+    serving_token(params)  # generated here, before the replica reads it, so this process and its clients share it
     app = build_app(
         params,
         snapshot_dir,
@@ -283,7 +291,9 @@ def _await_served(
             and body.get("requested_snapshot_id") == snapshot_id
             and body.get("requested_fingerprint") == fingerprint
         ):
-            return False, f"the compute deployment could not load it ({body['last_error']}); it still runs {served!r}"
+            # /version names the snapshot and the exception type; the replica (asked through Ray) has the detail.
+            detail = (compute_info(params) or {}).get("last_error") or body["last_error"]
+            return False, f"the compute deployment could not load it ({detail}); it still runs {served!r}"
         if status == "DEPLOY_FAILED":
             return False, f"Ray Serve reports DEPLOY_FAILED: {message}"
         if time.monotonic() > deadline:

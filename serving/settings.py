@@ -6,7 +6,8 @@
   ``user_config`` (:func:`ingress_user_config`: mode, budgets, coalescing), both applied in place by
   ``reconfigure``;
 * a snapshot's content identity (:func:`snapshot_fingerprint`) and the store a replica opens
-  (:func:`open_store`).
+  (:func:`open_store`);
+* who may call the HTTP API (:func:`check_access`: a token beyond loopback; :func:`serving_token`).
 
 No Ray, FastAPI or torch import: the rollout and the CLI build configurations without them.
 """
@@ -14,13 +15,17 @@ No Ray, FastAPI or torch import: the rollout and the CLI build configurations wi
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from sum_platform.config import BATCH_HARD_MAX, Mode, load_params, params_path
 from sum_platform.feature_store import get_store
+from sum_platform.files import owner_only_secret
+from sum_platform.workspace import Workspace
 
 if TYPE_CHECKING:
     from sum_platform.config import Params
@@ -31,11 +36,16 @@ __all__ = [
     "Mode",
     "USER_CONFIG_KEYS",
     "app_settings",
+    "check_access",
     "code_version",
     "compute_user_config",
     "ingress_user_config",
+    "is_loopback",
+    "load_token",
     "open_store",
+    "serving_token",
     "snapshot_fingerprint",
+    "token_path",
     "validate_ingress_config",
 ]
 
@@ -56,6 +66,52 @@ def snapshot_fingerprint(snapshot_dir: str | os.PathLike) -> str | None:
     except OSError:
         return None
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``localhost`` counts; any other name does not: it may resolve wider)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(host: str, token_file: str | os.PathLike | None) -> None:
+    """Refuses an HTTP API reachable beyond loopback without a token (anyone who reaches it could read every
+    user's embeddings and load the compute replica).
+
+    Raises:
+        ValueError: ``host`` is not loopback and no ``serving.token_file`` is configured.
+    """
+    if not token_file and not is_loopback(host):
+        raise ValueError(
+            f"serving.host {host!r} is not a loopback address and serving.token_file is not set: SOAP does not "
+            "listen beyond loopback without a token. Set serving.token_file (e.g. stack/soap-token, generated "
+            "once, mode 0600); every request but /healthz then needs 'Authorization: Bearer <token>'"
+        )
+
+
+def token_path(params: "Params") -> Path | None:
+    """The API token's file (``serving.token_file``, relative to the workspace), None when no token is configured."""
+    if not params.serving.token_file:
+        return None
+    path = Path(params.serving.token_file).expanduser()
+    return path if path.is_absolute() else Path(params.workspace) / path
+
+
+def load_token(path: str | os.PathLike) -> str:
+    """The bearer token in ``path``, generated there first if missing (mode 0600, atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return owner_only_secret(path, lambda: secrets.token_urlsafe(32))
+
+
+def serving_token(params: "Params") -> str | None:
+    """The API's bearer token (``serving.token_file``, generated once); None when none is configured."""
+    path = token_path(params)
+    return None if path is None else load_token(path)
 
 
 def open_store(workspace: str, params_path: str) -> tuple["Params", Any]:
@@ -124,12 +180,21 @@ def ingress_user_config(params: "Params", **overrides: Any) -> dict:
 
 
 def app_settings(params: "Params", params_file: str | os.PathLike | None = None) -> dict:
-    """Constructor settings shared by both deployments (JSON-serialisable; a change replaces replicas)."""
+    """Constructor settings shared by both deployments (JSON-serialisable; a change replaces replicas). The token
+    itself is not among them (Serve shows deployment settings): the ingress reads it from ``token_file``.
+
+    Raises:
+        ValueError: ``serving.host`` is not loopback and no token is configured (:func:`check_access`).
+    """
+    check_access(params.serving.host, params.serving.token_file)
+    token_file = token_path(params)
     return {
         "workspace": str(params.workspace),
         "params_path": str(Path(params_file).resolve() if params_file else params_path()),
         "host": str(params.serving.host),
         "port": int(params.serving.port),
+        "token_file": str(token_file.resolve()) if token_file else None,
+        "max_request_bytes": int(params.serving.max_request_bytes),
         "route_prefix": str(params.serving.route_prefix or "/"),
         "max_inflight_compute": int(params.serving.max_inflight_compute),
         "compute_niceness": int(params.serving.compute_niceness),
@@ -146,6 +211,7 @@ def compute_user_config(
     params_file: str | os.PathLike | None = None,
     *,
     frozen: tuple[str | os.PathLike, str] | None = None,
+    workspace_id: str | None = None,
     **overrides: Any,
 ) -> dict:
     """The compute deployment's ``user_config`` for a snapshot.
@@ -157,6 +223,8 @@ def compute_user_config(
         snapshot_id: Its id.
         params_file: The params file replicas load.
         frozen: ``(dir, id)`` of the snapshot frozen mode uses (default: the production one).
+        workspace_id: Identity of the workspace the snapshot belongs to (default: the marker of
+            ``params.workspace``, :meth:`sum_platform.workspace.Workspace.identity`).
         overrides: ``max_batch_size``, ``batch_wait_ms``, ``write_coalesce_ms``, ``debug_delay_ms`` (test/benchmark knob: every
             compute batch sleeps this long first, i.e. a slower model).
     """
@@ -170,6 +238,8 @@ def compute_user_config(
         "frozen_snapshot_id": str(frozen_id),
         "frozen_fingerprint": snapshot_fingerprint(frozen_dir),
         "workspace": settings["workspace"],
+        # Whose snapshot this is: /version reports it, so `sumctl doctor` tells its own app from another workspace's.
+        "workspace_id": workspace_id if workspace_id is not None else Workspace(Path(params.workspace)).identity(),
         "params_path": settings["params_path"],
         "max_batch_size": int(params.serving.compute_max_batch_size),
         "batch_wait_ms": float(params.serving.compute_batch_wait_ms),

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from serving.ray_cluster import connect_ray, ensure_ray
-from serving.rollout import RolloutError, base_url, served_snapshot_id
+from serving.rollout import RolloutError, auth_headers, base_url, served_snapshot_id
 from serving.rollout import rollout as serve_rollout
 from serving.store_io import log_offline, write_embeddings
 from sum_models.metrics import NormalizedEntropy
@@ -602,7 +602,7 @@ def verify_serving(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         raise RuntimeError(f"serving reports {served!r}, registry production is {prod.snapshot_id if prod else None!r}")
     user_id = int(read_partition(ctx.ws.users_dir(ds), columns=["user_id"])["user_id"].min())
     url = f"{base_url(ctx.params)}/users/{user_id}/embeddings"
-    resp = httpx.get(url, timeout=30)
+    resp = httpx.get(url, headers=auth_headers(ctx.params), timeout=30)
     if resp.status_code != 200:
         raise RuntimeError(f"GET {url} -> {resp.status_code}: {resp.text[:300]}")
     body = resp.json()

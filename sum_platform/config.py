@@ -188,10 +188,6 @@ class ValidationConfig(_Section):
 
 #: Hard cap on ids in one batch request body (``serving.max_batch_users`` is the configured bound under it).
 BATCH_HARD_MAX = 10_000
-#: Default largest SOAP request body: the biggest batch body (BATCH_HARD_MAX ids of 19 digits, pretty-printed one a
-#: line: ~25 bytes each, ~250 kB) four times over, so no well-formed request comes near it while a client cannot make
-#: the single ingress replica buffer and parse hundreds of MB (413 past it, before parsing).
-MAX_REQUEST_BYTES = 1 << 20
 #: SOAP's serving modes (paper Table 2): cached + async recompute, wait for compute, daily batch only, first snapshot.
 Mode = Literal["async", "realtime", "offline", "frozen"]
 
@@ -219,9 +215,9 @@ class ServingConfig(_Section):
     access_log: bool
     rollout_timeout_s: float = Field(gt=0)
     compute_replicas: int = Field(ge=1)       # replicas of the compute deployment (one per node with several nodes)
-    max_request_bytes: int = Field(MAX_REQUEST_BYTES, ge=1024)  # larger request bodies: 413, never read whole
-    token_file: str | None = None             # bearer token of the HTTP API (relative: to the workspace); required
-                                              # when host is not loopback
+    max_request_bytes: int = Field(ge=1024)   # larger request bodies: 413, never read whole
+    token_file: str | None                    # bearer token of the HTTP API (relative: to the workspace); required
+                                              # when host is not loopback (null: none)
 
 
 class PostgresConfig(_Section):
