@@ -18,8 +18,10 @@ system-packages:  ## Debian packages (PostgreSQL); installs only what is missing
 
 setup: system-packages $(BIN)/.installed
 
+# The demo workspace (.sum/workspace, marked `demo`): a second `make run` stops its stack and recreates it;
+# `--fresh` refuses any other workspace that holds promotions or runs a stack (see README, Commands).
 run: setup  ## N simulated days through the real daily DAG (DAYS=3)
-	$(BIN)/sumctl run --days $(DAYS) --fresh
+	$(BIN)/sumctl run --days $(DAYS) --fresh --demo
 
 test: setup  ## the whole suite, services included (what CI runs)
 	$(BIN)/pytest
@@ -27,8 +29,8 @@ test: setup  ## the whole suite, services included (what CI runs)
 test-fast: setup  ## unit, data and model tests only
 	$(BIN)/pytest -m "not slow"
 
-soak: setup  ## 30 simulated days with shifted candidates and corrupted partitions, scored
-	$(BIN)/sumctl soak --days 30 --report reports/soak.json
+soak: setup  ## 30 simulated days with shifted candidates and corrupted partitions, scored (own workspace)
+	$(BIN)/sumctl soak --days 30 --fresh --report reports/soak.json
 
 bench-serving: setup  ## SOAP latency (no-op vs async vs realtime, 1x/10x/100x towers), store reads, write-backs
 	$(BIN)/python -m benchmarks.serving_bench --json reports/serving_bench.json

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from enum import Enum
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from datetime import date, timedelta
@@ -32,13 +31,14 @@ from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_p
 from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
 from sum_pipeline.study import run_study
+from sum_pipeline.wipe import FORCE_FLAG, WipeIncomplete, WipeRefused, guard, wipe
 from sum_platform.config import load_params, load_profile
 from sum_platform.context import Context
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
 from sum_platform.sources import first_date, source_dates
 from sum_platform.files import write_json
 from sum_platform.registry import Registry
-from sum_platform.workspace import Workspace
+from sum_platform.workspace import Workspace, claim_remote
 from validation.calibrate import calibrate as run_calibration
 from validation.corruptions import failing_kinds
 from validation.quarantine import quarantined, release_partition
@@ -53,15 +53,28 @@ WorkspaceOpt = Annotated[
 ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params.yaml to use (default: $SUM_PARAMS or the project's).")]
 
 
+ForceWipeOpt = Annotated[bool, typer.Option(
+    FORCE_FLAG, help="With --fresh: delete the workspace even when it holds promotions or runs a stack (stopped first).")]
+
+
 def _setup(workspace: Optional[Path], params: Optional[Path]):
-    """Fixes params and workspace for this process (and for Airflow tasks, through the environment)."""
+    """Fixes params, workspace and DVC remote for this process (and for the stack's and Airflow's tasks, which
+    inherit the environment).
+
+    A workspace other than the configured one (``--workspace`` or ``$SUM_WORKSPACE``) keeps the remote its DVC
+    config names, else gets one of its own beside it (:attr:`Workspace.own_remote`); the configured remote
+    belongs to the configured workspace. ``$SUM_DVC_REMOTE`` names a remote for any workspace.
+    """
     if params:
         os.environ["SUM_PARAMS"] = str(params.resolve())
     if workspace:
         os.environ["SUM_WORKSPACE"] = str(workspace.resolve())
     p = load_params()
     os.environ["SUM_WORKSPACE"] = str(p.workspace)
-    return p, Workspace(p.workspace)
+    ws = Workspace(p.workspace)
+    if not os.environ.get("SUM_DVC_REMOTE") and p.workspace != p.resolve(p.paths.workspace):
+        os.environ["SUM_DVC_REMOTE"] = ws.dvc_remote() or str(ws.own_remote)
+    return p, ws
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -91,22 +104,49 @@ def _actor(actor: str) -> str:
     return actor or os.environ.get("USER", "operator")
 
 
-def _wipe(p, ws) -> None:
-    """Deletes the workspace and, when it is a local folder, its DVC remote."""
-    shutil.rmtree(ws.root, ignore_errors=True)
-    if "://" not in p.dvc_remote:
-        shutil.rmtree(p.dvc_remote, ignore_errors=True)
+def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False, drill: bool = False) -> None:
+    """Guards, stops and deletes as asked (:mod:`sum_pipeline.wipe`), then marks the workspace and its remote.
+
+    Args:
+        own: The marker purpose of the workspaces this command makes for itself and may recreate.
+        purpose: What a new workspace's marker records.
+        fresh: Delete the workspace (and a remote created for it alone) first.
+        force: ``--force-wipe``.
+        drill: The command's drills may only run in a workspace of its own or one that holds nothing (soak).
+    """
+    if fresh or drill:
+        try:
+            held = guard(p, ws, own=own, wiping=fresh, force=force)
+        except WipeRefused as exc:
+            console.print(f"[red]{exc}[/red]", highlight=False)
+            raise typer.Exit(2) from exc
+        if held.processes:
+            console.print(f"stopping the stack of {ws.root} ({len(held.processes)} processes) first")
+            left = Stack(p, ws).down()["left"]
+            if left:
+                console.print(f"[red]the stack of {ws.root} did not stop: {left} still alive; nothing deleted[/red]")
+                raise typer.Exit(1)
+        if fresh:
+            try:
+                done = wipe(p, ws)
+            except WipeIncomplete as exc:
+                console.print(f"[red]{exc}[/red]", highlight=False)
+                raise typer.Exit(1) from exc
+            for line in done:
+                console.print(line, highlight=False)
+    ws.claim(purpose)
+    claim_remote(p.dvc_remote, ws)
 
 
 @contextmanager
-def _driving_the_dag(workspace: Optional[Path], params: Optional[Path], fresh: bool, keep_serving: bool = False):
+def _driving_the_dag(workspace: Optional[Path], params: Optional[Path], fresh: bool, keep_serving: bool = False,
+                     *, own: str = "demo", purpose: str = "workspace", force: bool = False, drill: bool = False):
     """Yields ``(params, workspace)`` with Airflow configured and this process's own local Ray + Serve for
-    the ``dag.test()`` runs it drives (the ``--inline`` debugging path); Ray stops afterwards unless
-    ``keep_serving``.
+    the ``dag.test()`` runs it drives (the ``--inline`` debugging path, the soak); Ray stops afterwards unless
+    ``keep_serving``. ``own`` .. ``drill``: see :func:`_prepare`.
     """
     p, ws = _setup(workspace, params)
-    if fresh:
-        _wipe(p, ws)
+    _prepare(p, ws, own=own, purpose=purpose, fresh=fresh, force=force, drill=drill)
     airflow_env.configure(ws.airflow_home)
     os.environ["SUM_RAY_ADDRESS"] = "local"  # the tasks run in this process, with this process's Ray
     try:
@@ -276,6 +316,22 @@ def _print_failures(stack: Stack, result) -> None:
         console.print(f"[red]{result.ds} {task_id} failed[/red]; log {path}:\n{tail}", markup=True, highlight=False)
 
 
+def _faults(values: list[str]) -> dict[str, str]:
+    """``--fault DATE=KIND`` values as ``{date: kind}``; a malformed one is a clear usage error."""
+    out = {}
+    for value in values:
+        ds, sep, kind = value.partition("=")
+        try:
+            date.fromisoformat(ds)
+        except ValueError:
+            sep = ""
+        if not sep or kind not in CANDIDATE_FAULTS:
+            raise typer.BadParameter(f"{value!r} is not DATE=KIND with a date YYYY-MM-DD and a kind of "
+                                     f"{', '.join(CANDIDATE_FAULTS)}", param_hint="--fault")
+        out[ds] = kind
+    return out
+
+
 @app.command()
 def run(
     days: Annotated[int, typer.Option("--days", "-n", min=1, help="How many consecutive dates to run.")] = 3,
@@ -283,7 +339,11 @@ def run(
     fault: Annotated[
         list[str], typer.Option("--fault", help="DATE=reinit: inject a re-initialised candidate on DATE (gate drill).")
     ] = [],
-    fresh: Annotated[bool, typer.Option(help="Stop the stack, delete the workspace and its DVC remote first.")] = False,
+    fresh: Annotated[bool, typer.Option(help="Delete the workspace (and a DVC remote created for it alone) first; refused "
+                                             "when it holds promotions or runs a stack, unless it is a demo workspace.")] = False,
+    demo: Annotated[bool, typer.Option(help="Mark a workspace this command creates as a demo (`make run`): a later "
+                                            "--fresh stops its stack and recreates it.")] = False,
+    force_wipe: ForceWipeOpt = False,
     inline: Annotated[bool, typer.Option(help="Debugging: run each date with dag.test() in this process, no stack.")] = False,
     down_after: Annotated[bool, typer.Option("--down", help="Stop the stack after the last day.")] = False,
     keep_serving: Annotated[bool, typer.Option(help="--inline only: leave Ray Serve running after the last day.")] = False,
@@ -292,13 +352,12 @@ def run(
     params: ParamsOpt = None,
 ) -> None:
     """Runs N days through the deployed stack's scheduler (brought up if needed) and prints a table."""
-    faults = dict(f.split("=", 1) for f in fault)
+    faults = _faults(fault)
+    purpose = "demo" if demo else "workspace"
     if inline:
-        return _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params)
+        return _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params, purpose, force_wipe)
     p, ws = _setup(workspace, params)
-    if fresh:
-        Stack(p, ws).down()
-        _wipe(p, ws)
+    _prepare(p, ws, own="demo", purpose=purpose, fresh=fresh, force=force_wipe)
     first = date.fromisoformat(start or p.airflow.start_date)
     dates = [(first + timedelta(days=i)).isoformat() for i in range(days)]
     stack = _stack_up(p, ws)
@@ -336,10 +395,10 @@ def run(
         raise typer.Exit(code=1)
 
 
-def _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params) -> None:
+def _run_inline(days, start, faults, fresh, keep_serving, report, workspace, params, purpose, force) -> None:
     """``sumctl run --inline``: each date through ``dag.test()`` in this process (a debugging aid)."""
     rows, task_instances = [], {}
-    with _driving_the_dag(workspace, params, fresh, keep_serving) as (p, ws):
+    with _driving_the_dag(workspace, params, fresh, keep_serving, own="demo", purpose=purpose, force=force) as (p, ws):
         first = date.fromisoformat(start or p.airflow.start_date)
         for i in range(days):
             ds = (first + timedelta(days=i)).isoformat()
@@ -590,12 +649,23 @@ def soak(
     fault_every: Annotated[int, typer.Option(help="A shifted candidate every N days.")] = 5,
     corrupt_every: Annotated[int, typer.Option(help="A corrupted partition every N days.")] = 7,
     report: Annotated[Optional[Path], typer.Option(help="Write the JSON report here.")] = None,
-    fresh: Annotated[bool, typer.Option(help="Start from an empty workspace and DVC remote.")] = True,
-    workspace: WorkspaceOpt = None,
+    fresh: Annotated[bool, typer.Option(help="Start from an empty workspace (and a DVC remote created for it alone).")] = False,
+    force_wipe: ForceWipeOpt = False,
+    workspace: Annotated[Optional[Path], typer.Option(
+        "--workspace", "-w", help="Default: a soak workspace beside the configured one (<workspace>-soak).")] = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Runs a long simulated period with shifted candidates and corrupted partitions; scores the gate."""
-    with _driving_the_dag(workspace, params, fresh) as (p, ws):
+    """Runs a long simulated period with shifted candidates and corrupted partitions; scores the gate.
+
+    It runs only in a workspace of its own (marker purpose ``soak``, recreated by ``--fresh``) or one that holds
+    no promotion and runs no stack, never in the one ``sumctl run`` deploys.
+    """
+    if workspace is None:
+        if params:
+            os.environ["SUM_PARAMS"] = str(params.resolve())
+        base = load_params().workspace
+        workspace = base.parent / f"{base.name}-soak"
+    with _driving_the_dag(workspace, params, fresh, own="soak", purpose="soak", force=force_wipe, drill=True) as (p, ws):
         schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
                         fault_every=fault_every, corrupt_every=corrupt_every)
         result = run_soak(schedule, on_day=lambda d: console.print(

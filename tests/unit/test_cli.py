@@ -1,11 +1,36 @@
-"""sumctl commands that need no services: snapshots table, promote guard rails."""
+"""sumctl commands that need no services: snapshots table, promote guard rails, ``--fresh``'s and the soak's
+refusals (which stop before anything starts), the DVC remote a workspace gets."""
 
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
-from sum_pipeline.cli import app
+from sum_pipeline.cli import _setup, app
+from sum_pipeline.stack import IDENTITY_ENV
+from sum_platform.config import load_params
 from sum_platform.registry import Registry
+from sum_platform.workspace import Workspace
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """The commands run in this process and set ``SUM_WORKSPACE``, ``SUM_DVC_REMOTE``... for the tasks they
+    start (cli._setup): every variable is put back as it was, so no later test sees a deleted tmp_path."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _registry(ws):
@@ -72,3 +97,81 @@ def test_quarantine_list_and_release(tmp_path):
     out = runner.invoke(app, ["quarantine", "release", "2026-01-04", "--reason", "again", "--workspace", str(tmp_path)])
     assert out.exit_code == 1 and "no quarantined partitions" in out.output
 
+
+
+def _promoted_workspace(root: Path, purpose: str = "workspace") -> Workspace:
+    ws = Workspace(root)
+    ws.claim(purpose)
+    _registry(root)
+    return ws
+
+
+def test_fresh_refuses_a_workspace_with_a_promotion_and_a_running_stack(tmp_path):
+    ws = _promoted_workspace(tmp_path / "ws")
+    component = subprocess.Popen(["sleep", "300"], env={"PATH": "/usr/bin:/bin", IDENTITY_ENV: ws.identity()},
+                                 start_new_session=True)
+    try:
+        before = tree_digest(tmp_path)
+        for argv in (["run", "--days", "1", "--fresh"], ["run", "--inline", "--days", "1", "--fresh"],
+                     ["run", "--days", "1", "--fresh", "--demo"]):
+            out = runner.invoke(app, [*argv, "--workspace", str(ws.root)], env={"COLUMNS": "400"})
+            assert out.exit_code == 2, out.output
+            text = " ".join(out.output.split())
+            assert f"refusing to delete the workspace {ws.root} (workspace)" in text
+            assert "1 promotion (production sum-2026-01-01)" in text
+            assert f"a running stack: 1 processes (pids {component.pid})" in text and "--force-wipe" in text
+            assert tree_digest(tmp_path) == before
+        assert component.poll() is None  # nothing stopped either
+    finally:
+        component.kill()
+        component.wait()
+
+
+def test_fresh_refuses_a_folder_that_is_not_a_workspace(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    out = runner.invoke(app, ["run", "--fresh", "--force-wipe", "--workspace", str(tmp_path)], env={"COLUMNS": "400"})
+    assert out.exit_code == 2 and "is not a SUM workspace" in " ".join(out.output.split())
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_soak_runs_only_in_a_workspace_of_its_own(tmp_path):
+    ws = _promoted_workspace(tmp_path / "ws")
+    before = tree_digest(tmp_path)
+    for argv in (["soak", "--days", "3"], ["soak", "--days", "3", "--fresh"]):
+        out = runner.invoke(app, [*argv, "--workspace", str(ws.root)], env={"COLUMNS": "400"})
+        assert out.exit_code == 2, out.output
+        assert "1 promotion (production sum-2026-01-01)" in " ".join(out.output.split())
+    assert tree_digest(tmp_path) == before
+
+
+def test_soak_defaults_to_a_workspace_beside_the_configured_one(tmp_path, monkeypatch):
+    # The default soak workspace is made a non-workspace folder: the refusal names the path the soak chose.
+    monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "main"))
+    (tmp_path / "main-soak").mkdir()
+    (tmp_path / "main-soak" / "x").write_text("x")
+    out = runner.invoke(app, ["soak", "--days", "3"], env={"COLUMNS": "400"})
+    assert out.exit_code == 2 and f"{tmp_path / 'main-soak'} is not a SUM workspace" in " ".join(out.output.split())
+
+
+def test_a_malformed_fault_is_a_usage_error(tmp_path):
+    for value in ("2026-01-03", "2026-01-03=melt", "tomorrow=reinit"):
+        out = runner.invoke(app, ["run", "--fault", value, "--workspace", str(tmp_path / "ws")])
+        assert out.exit_code == 2 and "is not DATE=KIND" in out.output, out.output
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_workspace_of_its_own_gets_a_remote_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("SUM_DVC_REMOTE", raising=False)
+    configured = load_params()
+    p, _ = _setup(None, None)  # the configured workspace keeps the configured remote
+    assert p.workspace == configured.workspace and p.dvc_remote == str(configured.resolve(configured.paths.dvc_remote))
+    p, ws = _setup(tmp_path / "mine", None)
+    assert p.dvc_remote == str(tmp_path / "mine-dvc-remote") == os.environ["SUM_DVC_REMOTE"]
+    # An initialised workspace keeps the remote its DVC config names; a named remote wins over both.
+    monkeypatch.delenv("SUM_DVC_REMOTE")
+    (tmp_path / "old" / ".dvc").mkdir(parents=True)
+    (tmp_path / "old" / ".dvc" / "config").write_text("[core]\n    remote = storage\n['remote \"storage\"']\n"
+                                                     "    url = /backups/old-remote\n")
+    assert _setup(tmp_path / "old", None)[0].dvc_remote == "/backups/old-remote"
+    monkeypatch.setenv("SUM_DVC_REMOTE", "s3://named/remote")
+    assert _setup(tmp_path / "mine", None)[0].dvc_remote == "s3://named/remote"
