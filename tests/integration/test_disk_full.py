@@ -10,9 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from fault_setup import cannot_set_up
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +24,26 @@ DS = "2026-01-01"
 SID = f"sum-{DS}"
 
 
-def _mount_small(folder: Path, mib: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0755", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {done.stderr.strip()}")
+@contextmanager
+def _small_mounts(sizes: dict[Path, str]) -> Iterator[list[Path]]:
+    """A tmpfs of ``size`` (``64m``) on each folder, all unmounted at exit, also when a later mount fails.
+
+    A mount that fails skips the test (fails it under CI: ``fault_setup.cannot_set_up``).
+    """
+    mounted: list[Path] = []
+    try:
+        for folder, size in sizes.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                cannot_set_up(f"cannot mount a size-limited tmpfs on {folder} (needs root and CAP_SYS_ADMIN): "
+                              f"{done.stderr.strip()}")
+            mounted.append(folder)
+        yield mounted
+    finally:
+        for folder in reversed(mounted):
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _fill(folder: Path, leave_bytes: int) -> Path:
@@ -45,22 +63,16 @@ def _fill(folder: Path, leave_bytes: int) -> Path:
 @pytest.fixture()
 def ctx(tmp_path, monkeypatch):
     """A workspace whose DVC remote and snapshots folder are 64 MiB tmpfs mounts (unmounted afterwards)."""
-    mounts = [tmp_path / "remote", tmp_path / "ws" / "snapshots"]
-    for folder in mounts:
-        _mount_small(folder, 64)
-    monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setenv("SUM_DVC_REMOTE", str(tmp_path / "remote"))
-    from sum_platform.context import context
-    from sum_platform.versioning import init_workspace_repo
+    with _small_mounts({tmp_path / "remote": "64m", tmp_path / "ws" / "snapshots": "64m"}) as mounted:
+        monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "ws"))
+        monkeypatch.setenv("SUM_DVC_REMOTE", str(tmp_path / "remote"))
+        from sum_platform.context import context
+        from sum_platform.versioning import init_workspace_repo
 
-    c = context()
-    assert c.ws.snapshot_dir(SID).parent == mounts[1]
-    init_workspace_repo(c.ws.root, c.params.dvc_remote)
-    try:
+        c = context()
+        assert c.ws.snapshot_dir(SID).parent == mounted[1]
+        init_workspace_repo(c.ws.root, c.params.dvc_remote)
         yield c
-    finally:
-        for folder in mounts:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def _git_log(ctx) -> str:
@@ -119,3 +131,18 @@ def test_a_full_disk_fails_the_task_clearly_keeps_nothing_half_written_and_the_r
     report = diagnose(ctx, serving=False)
     assert report.healthy, report.findings
     assert report.checked["registry"]["promoted"] == 1 and report.checked["manifests"] == 1
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_failed_second_mount_leaves_no_mount_and_skips_or_under_ci_fails(tmp_path, monkeypatch, required):
+    """The setup itself: the first tmpfs is unmounted when the second cannot be mounted (a size tmpfs refuses)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    with _small_mounts({tmp_path / "probe": "1m"}):
+        pass  # a machine that cannot mount at all skips (fails under CI) here, before the interesting part
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("SUM_REQUIRE_ALL_TESTS", "1" if required else "0")
+    outcome = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(outcome, match=f"cannot mount a size-limited tmpfs on {second}"):
+        with _small_mounts({first: "1m", second: "not-a-size"}):
+            raise AssertionError("unreachable: the second mount fails")
+    assert not os.path.ismount(first) and not os.path.ismount(second)
