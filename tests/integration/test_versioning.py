@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,11 +233,23 @@ def test_held_dvc_lock_and_stale_git_lock(ws, caplog):
     stale.write_text("")
     old = time.time() - 2 * v.STALE_GIT_LOCK_SECONDS
     os.utime(stale, (old, old))
-    # DVC's repo lock held by another process for a while (longer than DVC's own ~3 s of retries).
+    # DVC's repo lock held by another process (an interactive `dvc`) until the platform says it waits for it:
+    # released by the "lock is held" warning itself, so DVC's own retries have surely failed by then.
     lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
-    threading.Timer(4.5, lock.close).start()
-    with caplog.at_level(logging.WARNING, logger=v.__name__), timed("track_paths (waiting for DVC lock)"):
-        sha = v.track_paths(root, [part], "events ds=2026-01-05")
+
+    class ReleaseWhenWaitedFor(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "DVC repository lock is held" in record.getMessage():
+                lock.close()
+
+    release = ReleaseWhenWaitedFor()
+    logging.getLogger(v.__name__).addHandler(release)
+    try:
+        with caplog.at_level(logging.WARNING, logger=v.__name__), timed("track_paths (waiting for DVC lock)"):
+            sha = v.track_paths(root, [part], "events ds=2026-01-05")
+    finally:
+        logging.getLogger(v.__name__).removeHandler(release)
+        lock.close()
     assert sha and not stale.exists()
-    assert any("lock is held" in r.getMessage() for r in caplog.records)
+    assert any("DVC repository lock is held" in r.getMessage() for r in caplog.records)
     assert any("stale git lock" in r.getMessage() for r in caplog.records)
