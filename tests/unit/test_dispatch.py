@@ -6,9 +6,21 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
+from typing import Callable
 
 from serving.dispatch import ComputeCoalescer, ComputeLauncher
 from serving.metrics import DeferredMetrics
+
+DEADLINE_S = 10.0  # a bound for a loaded machine, not a speed target: the tests wait for states, not for time
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Yields to the loop until ``condition()`` holds; fails naming ``what`` after :data:`DEADLINE_S`."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {DEADLINE_S:.0f} s: {what}"
+        await asyncio.sleep(0.005)
 
 
 def test_dispatch_imports_no_ray():
@@ -61,11 +73,10 @@ def test_coalescer_sends_one_call_per_window_within_the_bound():
         assert sent == [[1, 2, 3]]
         fates = [coalescer.add(u) for u in (4, 5)]  # one room left: 5 is dropped
         assert fates == ["scheduled", "dropped"]
-        await asyncio.sleep(0.05)  # the window elapses
+        await until(lambda: len(sent) == 2, "the window elapsed and its call sent")
         assert sent == [[1, 2, 3], [4]] and launcher.inflight == 4
         gate.set()
-        await asyncio.sleep(0.01)
-        assert launcher.inflight == 0
+        await until(lambda: launcher.inflight == 0, "every call answered")
         assert launcher.stats["scheduled"] == 5 and launcher.stats["dropped"] == 1 and launcher.stats["written"] == 4
 
     asyncio.run(scenario())
@@ -99,7 +110,7 @@ def test_deferred_metrics_record_off_the_response_path_and_lose_nothing():
             t.start()
         for t in threads:
             t.join()
-        await asyncio.sleep(0.1)
+        await until(lambda: not deferred._queue, "the queue replayed on the loop")
 
     asyncio.run(main())
     assert metrics.requests.calls[0] == ("inc", (), (("tags", {"code": "200"}),))
@@ -131,11 +142,8 @@ def test_coalescer_takes_reads_from_other_threads_and_sends_each_user_once():
             t.start()
         for t in threads:
             t.join()
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if launcher.inflight == 0 and launcher.stats["written"] == len({u for ids in sent for u in ids}):
-                break
-        assert fates == ["scheduled"] * 1200 and launcher.inflight == 0
+        await until(lambda: launcher.inflight == 0, "every scheduled user's call answered")  # reserved until then
+        assert fates == ["scheduled"] * 1200 and launcher.stats["written"] == sum(len(ids) for ids in sent)
 
     asyncio.run(main())
     users = [u for ids in sent for u in ids]
