@@ -235,11 +235,11 @@ def test_async_read_answers_from_store_while_compute_is_slow_then_sees_write_bac
     with _configured(soap_env, compute_options={"debug_delay_ms": 2000}):
         t0 = time.monotonic()
         resp = httpx.get(f"{url}/users/0/embeddings", timeout=30)
-        TIMINGS["first_request_s"] = elapsed = time.monotonic() - t0
+        TIMINGS["first_request_s"] = time.monotonic() - t0  # reported, not asserted (benchmarks/serving_bench.py)
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        # The read answers with what is stored (the batch row) without waiting for the 2 s compute.
-        assert elapsed < 1.0, elapsed
+        # The read answers with what is stored (the batch row) without waiting for the 2 s compute: the row is
+        # still the batch's after the answer (a read that waited would find the write-back in the store).
         assert body["mode"] == "async" and body["source"] == "store" and body["compute"] == "scheduled"
         assert body["snapshot_id"] == "batch-0" and body["pooled_versions"] == 1
         assert body["written_at_ms"] == deployed_a["initial_written_at_ms"]
@@ -354,15 +354,14 @@ def test_realtime_falls_back_to_store_within_budget_when_compute_is_slow(soap_en
         before = _health(url)
         t0 = time.monotonic()
         resp = httpx.get(f"{url}/users/1/embeddings", timeout=30)
-        elapsed = time.monotonic() - t0
-        TIMINGS["realtime_fallback_s"] = elapsed
+        TIMINGS["realtime_fallback_s"] = time.monotonic() - t0  # reported, not asserted (benchmarks/serving_bench.py)
         assert resp.status_code == 200, resp.text
         body = resp.json()
+        # The budget ran out before the 3 s compute answered (compute "timeout", one fallback counted): the answer is
+        # the stored row, and the compute, not cancelled, still writes back (below).
         assert body["mode"] == "realtime" and body["source"] == "store" and body["compute"] == "timeout"
         assert body["snapshot_id"] == stored["snapshot_id"]
         np.testing.assert_array_equal(np.asarray(body["embeddings"], np.float16), stored["embeddings"])
-        # Within the budget (plus HTTP/proxy overhead on a shared 2-core machine).
-        assert budget_ms / 1000 * 0.9 <= elapsed < budget_ms / 1000 + 0.25, elapsed
         assert _health(url)["fallbacks"] == before["fallbacks"] + 1
         # The compute still finishes and writes back.
         _poll(lambda: (r := _stored(soap_env, 1)) and r["snapshot_id"] == "sum-A", what="user 1 written late")
@@ -411,6 +410,7 @@ def test_batch_endpoint(soap_env, deployed_a, url):
     assert big.status_code == 413 and str(MAX_BATCH_USERS) in big.json()["detail"]
 
 
+@slow
 def test_a_user_with_non_finite_features_is_skipped_not_its_batch(soap_env, serving_a, url):
     """One user's non-finite feature, or a feature that makes its embedding overflow fp16, costs that user its
     recompute, not the other users of its batch: they are computed and written; the skips are counted by reason
@@ -494,6 +494,176 @@ def test_other_bad_requests_are_4xx(deployed_a, url):
         assert 400 <= resp.status_code < 500, (resp.request.url, resp.status_code, resp.text[:300])
 
 
+# ---------------------------------------------------------------------------------------------
+# request limits, request ids, token
+# ---------------------------------------------------------------------------------------------
+def _raw_exchange(url: str, head: bytes, chunks: list[bytes] = ()) -> tuple[bytes, bool]:
+    """Sends ``head`` then ``chunks`` on one connection (a chunk per send), reads the answer until the server closes
+    (or 30 s): ``(everything read, whether the server closed the connection)``."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            sock.sendall(chunk)
+        answer = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                return answer, False
+            if not data:
+                return answer, True
+            answer += data
+
+
+def _answer_json(raw: bytes) -> tuple[int, dict, dict]:
+    """``(status, headers, JSON body)`` of one raw HTTP/1.1 answer with a Content-Length."""
+    import json
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(body[: int(headers["content-length"])])
+
+
+@slow
+def test_request_bodies_over_the_limit_get_413_before_they_are_read(soap_env, deployed_a, url):
+    """A Content-Length over serving.max_request_bytes is answered 413 with no byte of the body sent; a chunked body
+    is read up to the limit and no further (413, the connection closed while the client never ended its body); the
+    app stays healthy and a body just under the limit (a padded batch) is parsed and answered."""
+    from urllib.parse import urlsplit
+
+    limit = soap_env["params"].serving.max_request_bytes
+    assert limit == 1 << 20
+    host = urlsplit(url)
+    path = f"{host.path.rstrip('/')}/embeddings/batch"
+    head = f"POST {path} HTTP/1.1\r\nHost: {host.netloc}\r\nContent-Type: application/json\r\n"
+
+    # Declared too large: the head alone gets the answer (the body is never sent).
+    raw, closed = _raw_exchange(url, f"{head}Content-Length: {limit + 1}\r\n\r\n".encode())
+    status, headers, body = _answer_json(raw)
+    assert status == 413 and closed, raw[:300]
+    assert body["detail"] == f"request body over 1 MiB (serving.max_request_bytes); request id {body['request_id']}"
+    assert headers["x-request-id"] == body["request_id"] and headers["connection"] == "close"
+
+    # Streamed: 16 chunks of 64 KiB reach the limit exactly, one byte more passes it; the body's end never comes.
+    chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+    raw, closed = _raw_exchange(url, f"{head}Transfer-Encoding: chunked\r\n\r\n".encode(), [chunk] * 16 + [b"1\r\n \r\n"])
+    status, headers, body = _answer_json(raw)
+    assert status == 413 and closed, raw[:300]
+    assert "over 1 MiB (serving.max_request_bytes)" in body["detail"]
+
+    # The app is fine, and a body under the limit is read whole, chunked or not.
+    assert _health(url)["status"] == "ok"
+    padded = b'{"mode": "offline", "user_ids": [0, 2]' + b" " * (limit - 200) + b"}"
+    resp = httpx.post(f"{url}/embeddings/batch", content=padded, headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == 200 and resp.json()["count"] == 2, resp.text[:300]
+    streamed = httpx.post(f"{url}/embeddings/batch", content=iter([padded[:1000], padded[1000:]]),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert streamed.status_code == 200 and streamed.json()["count"] == 2, streamed.text[:300]
+
+
+def _replica_log_lines(needle: str, deployment: str = "SoapIngress") -> list[str]:
+    """Lines of the Serve replica logs of ``deployment`` (this Ray session's) that contain ``needle``."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return [line for f in sorted(logs.glob(f"replica_*{deployment}*.log"))
+            for line in f.read_text(errors="replace").splitlines() if needle in line]
+
+
+@slow
+def test_error_answers_name_a_request_id_whose_cause_is_in_the_replica_log(soap_env, deployed_a, serving_b, url):
+    """A frozen snapshot that fails to load in the replica: /version names the snapshot and the exception type, not
+    its folder nor the exception text; those are in the ingress replica's log under the request id the answer
+    carries (the caller's X-Request-ID when well-formed). Every answer carries X-Request-ID; error bodies name it."""
+    from serving.rollout import rollout
+
+    snaps, root = soap_env["snaps"], str(soap_env["ws"].root)
+    rollout(soap_env["params"], snaps["sum-B"], "sum-B", params_file=soap_env["params_file"],
+            frozen=(snaps["sum-C"], "sum-C"))  # sum-C's tower file is truncated
+    try:
+        version = _poll(lambda: (r := httpx.get(f"{url}/version", headers={"X-Request-ID": "frozen-check-1"},
+                                                timeout=30)).json().get("frozen_error") and r,
+                        what="/version reporting the frozen load failure")
+        body = version.json()
+        assert body["frozen_error"].startswith("loading frozen sum-C failed (") and body["frozen_snapshot_id"] == "sum-A"
+        assert root not in version.text and "/" not in body["frozen_error"], body["frozen_error"]
+        assert version.headers["x-request-id"] == "frozen-check-1"
+        lines = _poll(lambda: _replica_log_lines("request frozen-check-1: /version"), what="the request id in the log")
+        assert any(f"loading frozen sum-C from {snaps['sum-C'].resolve()} failed: " in line for line in lines), lines
+        # Generated ids: in the header of every answer, and in error bodies.
+        missing = httpx.get(f"{url}/users/{UNKNOWN_USER}/embeddings", timeout=30)
+        assert missing.status_code == 404 and missing.json()["request_id"] == missing.headers["x-request-id"]
+        assert httpx.get(f"{url}/users/abc/embeddings", timeout=30).json()["request_id"]
+        ok = httpx.get(f"{url}/healthz", timeout=30)
+        assert ok.status_code == 200 and ok.headers["x-request-id"] != missing.headers["x-request-id"]
+        malformed = httpx.get(f"{url}/healthz", headers={"X-Request-ID": "two words"}, timeout=30)
+        assert malformed.headers["x-request-id"] != "two words"
+    finally:
+        _serve(soap_env, "sum-B")
+        _poll(lambda: (v := httpx.get(f"{url}/version", timeout=30).json())["frozen_snapshot_id"] == "sum-A"
+              and v["frozen_error"] is None, what="frozen sum-A loaded again")
+
+
+def _answers_without_token(url: str, code: int, n: int = 5) -> bool:
+    """``n`` requests in a row, each on a new connection, answered ``code`` without a token (a replaced replica
+    drains its connections for a while: both may answer meanwhile)."""
+    return all(httpx.get(f"{url}/version", timeout=30).status_code == code for _ in range(n))
+
+
+@slow
+def test_token_mode_answers_401_without_the_token_and_200_with_it(soap_env, serving_b, url, tmp_path):
+    """With serving.token_file set (here on loopback, explicitly), every request but /healthz needs the bearer
+    token (0600 file, generated at deploy); the platform's own client (served_version) sends it."""
+    import stat
+
+    from serving.rollout import auth_headers, deploy, served_snapshot_id
+
+    params, snaps = soap_env["params"], soap_env["snaps"]
+    token_file = tmp_path / "soap-token"
+    guarded = params.model_copy(update={"serving": params.serving.model_copy(update={"token_file": str(token_file)})})
+    deploy(guarded, snaps["sum-B"], "sum-B", timeout_s=180, params_file=soap_env["params_file"],
+           frozen=(snaps["sum-A"], "sum-A"))
+    try:
+        _poll(lambda: _answers_without_token(url, 401), timeout_s=120, what="the token replica alone on the port")
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        denied = httpx.get(f"{url}/users/0/embeddings", timeout=30)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        assert denied.json()["request_id"] == denied.headers["x-request-id"] and token not in denied.text
+        wrong = httpx.get(f"{url}/users/0/embeddings", headers={"Authorization": "Bearer " + "x" * len(token)}, timeout=30)
+        assert wrong.status_code == 401
+        assert httpx.post(f"{url}/embeddings/batch", json={"user_ids": [0]}, timeout=30).status_code == 401
+        assert httpx.get(f"{url}/openapi.json", timeout=30).status_code == 401
+        right = httpx.get(f"{url}/users/0/embeddings", params={"mode": "offline"}, headers=auth_headers(guarded),
+                          timeout=30)
+        assert right.status_code == 200 and right.json()["source"] == "batch", right.text[:300]
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["snapshot_id"] == "sum-B"  # open: liveness
+        assert served_snapshot_id(guarded) == "sum-B" and served_snapshot_id(params) is None
+    finally:
+        deploy(params, snaps["sum-B"], "sum-B", timeout_s=180, params_file=soap_env["params_file"],
+               frozen=(snaps["sum-A"], "sum-A"))
+        _poll(lambda: _answers_without_token(url, 200), timeout_s=120, what="the replica without a token alone")
+
+
+@slow
+def test_version_names_the_workspace_the_app_serves(soap_env, serving_b, url):
+    """/version's workspace_id is the identity of the workspace the rollout was for (its marker): doctor tells its
+    own app from another workspace's by it."""
+    from serving.rollout import served_version
+
+    ws = soap_env["ws"]
+    assert served_version(soap_env["params"])["workspace_id"] == ws.identity()
+    ident = ws.claim()  # a marked workspace: the next rollout passes its identity
+    _serve(soap_env, "sum-B")
+    _poll(lambda: httpx.get(f"{url}/version", timeout=30).json()["workspace_id"] == ident,
+          what=f"/version naming workspace {ident}")
+
+
 @slow
 def test_healthz_version_and_openapi(serving_a, url):
     httpx.get(f"{url}/users/8/embeddings", timeout=30)  # an async read: a compute call is scheduled
@@ -548,6 +718,8 @@ def test_the_hot_route_answers_what_the_framework_route_answers(soap_env, deploy
         a, b = fast.json(), slow_.json()
         if user == 0:
             a.pop("age_seconds"), b.pop("age_seconds")
+        else:  # each answer names its own request id
+            assert a.pop("request_id") == fast.headers["x-request-id"] and b.pop("request_id") == slow_.headers["x-request-id"]
         assert a == b, (a, b)
     # What the fast path does not take goes to FastAPI: its validation answers.
     assert httpx.get(f"{url}/users/{2**63}/embeddings", timeout=30).status_code == 422
@@ -598,6 +770,7 @@ def test_in_process_client_answers_what_http_answers(soap_env, deployed_a, servi
         client.close()
 
 
+@slow
 def test_compute_threads_yield_the_cpu_to_the_read_path(soap_env, deployed_a, url):
     """The read path outranks the write path on a shared CPU: compute threads run under SCHED_IDLE at
     nice 19 (per thread, as the kernel reports it), the ingress replica at Ray's configured level."""
