@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from serving.ray_cluster import ensure_ray, shutdown, started_local
@@ -118,22 +119,23 @@ def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False,
         try:
             held = guard(p, ws, own=own, wiping=fresh, force=force)
         except WipeRefused as exc:
-            console.print(f"[red]{exc}[/red]", highlight=False)
+            console.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
             raise typer.Exit(2) from exc
         if held.processes:
             console.print(f"stopping the stack of {ws.root} ({len(held.processes)} processes) first")
             left = Stack(p, ws).down()["left"]
             if left:
-                console.print(f"[red]the stack of {ws.root} did not stop: {left} still alive; nothing deleted[/red]")
+                console.print(f"[red]the stack of {escape(str(ws.root))} did not stop: {left} still alive; nothing "
+                              f"deleted[/red]")
                 raise typer.Exit(1)
         if fresh:
             try:
                 done = wipe(p, ws)
             except WipeIncomplete as exc:
-                console.print(f"[red]{exc}[/red]", highlight=False)
+                console.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
                 raise typer.Exit(1) from exc
             for line in done:
-                console.print(line, highlight=False)
+                console.print(line, markup=False, highlight=False)
     ws.claim(purpose)
     claim_remote(p.dvc_remote, ws)
 

@@ -175,3 +175,55 @@ def test_a_workspace_of_its_own_gets_a_remote_of_its_own(tmp_path, monkeypatch):
     assert _setup(tmp_path / "old", None)[0].dvc_remote == "/backups/old-remote"
     monkeypatch.setenv("SUM_DVC_REMOTE", "s3://named/remote")
     assert _setup(tmp_path / "mine", None)[0].dvc_remote == "s3://named/remote"
+
+
+def test_fresh_recreates_a_demo_workspace_after_stopping_its_stack(tmp_path, monkeypatch):
+    """`make run` twice: the second finds the first's demo workspace (promotions, a running stack), stops the
+    stack, deletes the workspace and the remote created for it, and starts a new demo workspace."""
+    from sum_pipeline.cli import _prepare
+    from sum_platform.workspace import claim_remote, remote_claims
+
+    monkeypatch.setenv("SUM_DVC_REMOTE", str(tmp_path / "remote"))
+    p, ws = _setup(tmp_path / "demo", None)
+    _prepare(p, ws, own="demo", purpose="demo", fresh=True)  # the first `make run`
+    old = ws.identity()
+    assert ws.purpose() == "demo" and remote_claims(str(tmp_path / "remote"))["created_for"] == old
+    _registry(ws.root)
+    (tmp_path / "remote" / "files").mkdir()
+    component = subprocess.Popen(["sleep", "300"], env={"PATH": "/usr/bin:/bin", IDENTITY_ENV: old},
+                                 start_new_session=True)
+    try:
+        _prepare(p, ws, own="demo", purpose="demo", fresh=True)  # the second
+        assert component.wait(timeout=30) is not None  # stopped by the stack's `down`, found by identity
+    finally:
+        if component.poll() is None:
+            component.kill()
+            component.wait()
+    new = ws.identity()
+    assert new not in (None, old) and ws.purpose() == "demo" and not ws.registry_db.exists()
+    claims = remote_claims(str(tmp_path / "remote"))
+    assert claims["created_for"] == new and list(claims["workspaces"]) == [new]
+    assert not (tmp_path / "remote" / "files").exists()
+    claim_remote(str(tmp_path / "remote"), ws)  # idempotent
+    assert remote_claims(str(tmp_path / "remote")) == claims
+
+
+def test_fresh_lists_what_it_could_not_delete_and_stops(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws")
+    ws.claim("demo")
+    (ws.root / "data").mkdir()
+    (ws.root / "data" / "part-0.parquet").write_bytes(b"x")
+    unlink = os.unlink
+
+    def refusing(path, *args, **kwargs):  # the tests run as root, whom permissions do not stop
+        if os.fspath(path).endswith("part-0.parquet"):
+            raise PermissionError(13, "Permission denied")
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refusing)
+    out = runner.invoke(app, ["run", "--fresh", "--workspace", str(ws.root)], env={"COLUMNS": "400"})
+    monkeypatch.setattr(os, "unlink", unlink)
+    text = " ".join(out.output.split())
+    assert out.exit_code == 1, out.output
+    assert "could not delete:" in text and "part-0.parquet: [Errno 13] Permission denied" in text
+    assert (ws.root / "data" / "part-0.parquet").exists()
