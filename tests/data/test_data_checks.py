@@ -111,15 +111,12 @@ def test_a_suite_page_is_rendered_again_only_when_its_suite_changed(tmp_path, ds
     assert page.stat().st_mtime_ns > rendered and suite_page_is_current(gx_root, "sum_events")
 
 
-def test_validation_of_a_day_at_scale_is_quick(tmp_path, ds, spec, params, builder):
-    import time
-
+def test_a_valid_day_at_scale_passes(tmp_path, ds, spec, params, builder):
+    """10k events of 2k users pass every check (the speed is benchmarks/validation_bench.py's, not a test's)."""
     builder.make_day(tmp_path, ds, spec, n_events=10_000, n_users=2_000)
-    validate_partition("users", ds, tmp_path / "data" / "users" / f"ds={ds}", spec, params, tmp_path / "gx")
-    start = time.perf_counter()
     reports = validate_day(ds, tmp_path, spec, params)
-    assert all(r.success for r in reports)
-    assert time.perf_counter() - start < 15  # a few seconds normally; generous for a shared CI box
+    assert [(r.kind, r.success, r.failed) for r in reports] == [("events", True, []), ("users", True, [])]
+    assert {r.kind: r.rows for r in reports} == {"events": 10_000, "users": 2_000}
 
 
 # ---------------------------------------------------------------------------------------------
