@@ -27,7 +27,7 @@ from sum_pipeline import airflow_env, driver, tasks
 from sum_pipeline.airflow_api import AirflowClient
 from sum_pipeline.doctor import diagnose
 from sum_pipeline.faults import CANDIDATE_FAULTS
-from sum_pipeline.online_rebuild import rebuild_online_store
+from sum_pipeline.online_rebuild import RebuildError, rebuild_online_store
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
 from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
@@ -538,13 +538,20 @@ def doctor(
 
 
 @app.command("rebuild-online")
-def rebuild_online(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
-    """Rebuilds a damaged or lost online store from the offline store: the damaged file is moved aside, Feast
-    materialises the users' features and their latest served embedding rows over every day of the workspace.
-    Running serving replicas reopen the new file on their next health check."""
+def rebuild_online(workspace: WorkspaceOpt = None, params: ParamsOpt = None,
+                   only_missing: bool = typer.Option(False, "--only-missing", help="Write only the rows users lack "
+                                                     "(what doctor prescribes for lost rows); other rows stay as they are.")) -> None:
+    """Rebuilds the online store from the offline store beside the old one, then swaps it in: Feast materialises the
+    users' features and their latest served embedding rows over every day of the workspace into a staging store
+    (SQLite: a new file; Redis: an empty database of the server). If that fails the old store is left serving,
+    untouched. Running serving replicas reopen a swapped SQLite file on their next health check."""
     p, ws = _setup(workspace, params)
     with console.status("materialising user features and embeddings from the offline store ..."):
-        out = rebuild_online_store(Context(p, ws))
+        try:
+            out = rebuild_online_store(Context(p, ws), only_missing=only_missing)
+        except (RebuildError, FileNotFoundError) as exc:
+            console.print(f"[red]rebuild-online failed:[/red] {exc}")
+            raise typer.Exit(code=1) from exc
     console.print_json(data=out)
 
 

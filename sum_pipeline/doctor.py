@@ -13,7 +13,13 @@ command that repairs it; nothing is changed. The checks:
   snapshots, ``pooled_versions`` counts the stored raw versions, the served value is their fp16 mean
   (paper §5.2) and the packed copies (``served_packed``, ``batch_packed``) equal the separate fields;
 * **serving** - the running app serves the registry's production snapshot, and frozen mode the first one
-  ever promoted (skipped with ``serving=False``; an app that does not answer is a finding).
+  ever promoted (skipped with ``serving=False``; an app that does not answer is a finding). Compared only when the
+  app is this workspace's (``/version``'s ``workspace_id`` is the workspace's identity): another workspace's app on
+  the port, or one without an identity, is named as such and not compared.
+
+Each repair is the smallest that fixes its finding (lost rows: only those rows are written again; an unreadable
+store: a rebuild beside the old one), a store that is only busy (``database is locked``) is read again and, if it
+stays busy, named as such, not as damage. Repairs are shell lines with every path quoted.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
+import sqlite3
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +45,7 @@ from sum_platform.partitions import read_partition
 from sum_platform.versioning import (ARTIFACT_NAME, VersioningError, _dvc, list_promotions,
                                      production_snapshot)
 
-__all__ = ["Finding", "Diagnosis", "diagnose"]
+__all__ = ["Finding", "Diagnosis", "diagnose", "serving_owner"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ log = logging.getLogger(__name__)
 CHUNK = 512
 #: Example user ids a finding names.
 EXAMPLES = 5
+#: Reads of a busy online store (``database is locked``) before it is named as busy, and the pause between them.
+BUSY_ATTEMPTS, BUSY_PAUSE_S = 4, 0.5
 
 
 @dataclass
@@ -82,13 +93,14 @@ def diagnose(ctx: Context, *, serving: bool = True) -> Diagnosis:
 
 
 def _in_ws(ctx: Context, command: str) -> str:
-    return f"cd {ctx.ws.root} && {command}"
+    return f"cd {shlex.quote(str(ctx.ws.root))} && {command}"
 
 
 def _exe(name: str) -> str:
-    """The platform's own ``sumctl`` / ``dvc`` / ``gto`` (the venv's), so a repair runs as printed."""
+    """The platform's own ``sumctl`` / ``dvc`` / ``gto`` (the venv's), so a repair runs as printed (quoted for a
+    shell: a venv path may hold spaces)."""
     candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+    return shlex.quote(str(candidate) if candidate.exists() else name)
 
 
 SUMCTL = _exe("sumctl")
@@ -194,13 +206,49 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # online store
 # ---------------------------------------------------------------------------------------------
+def _busy(exc: BaseException) -> bool:
+    """A store that is only busy (SQLite: another writer's transaction), not damaged."""
+    return isinstance(exc, sqlite3.OperationalError) and any(w in str(exc).lower() for w in ("locked", "busy"))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A Redis server that does not answer (down or not started): not a reason to rebuild anything."""
+    import redis
+
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+def _read_users(ctx: Context) -> tuple[Any, list[int]]:
+    """The reader and the users with a row; a busy store is read again (:data:`BUSY_ATTEMPTS`)."""
+    for attempt in range(BUSY_ATTEMPTS):
+        try:
+            reader = reader_for(get_store(ctx.params))
+            return reader, reader.user_ids()
+        except Exception as exc:
+            if not _busy(exc) or attempt == BUSY_ATTEMPTS - 1:
+                raise
+            log.info("online store busy (%s): reading again", exc)
+            time.sleep(BUSY_PAUSE_S)
+    raise AssertionError("unreachable")
+
+
 def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
     try:
-        reader = reader_for(get_store(ctx.params))
-        users = reader.user_ids()
+        reader, users = _read_users(ctx)
     except Exception as exc:  # an unreadable store is itself the finding
-        out.findings.append(Finding("online_store", f"the online store cannot be read: {type(exc).__name__}: {exc}",
-                                    f"{SUMCTL} rebuild-online   # refills it from the offline store"))
+        what = f"{type(exc).__name__}: {exc}"
+        if _busy(exc):
+            out.findings.append(Finding(
+                "online_store", f"the online store stayed busy over {BUSY_ATTEMPTS} reads ({what}): another process "
+                "holds a write transaction; this is not damage, and its rows were not checked",
+                f"{SUMCTL} doctor   # again once the writer is done (nothing to repair)"))
+        elif _unreachable(exc):
+            out.findings.append(Finding("online_store", f"the online store's Redis does not answer ({what})",
+                                        f"{SUMCTL} up   # starts the stack's Redis (its data is on disk)"))
+        else:
+            out.findings.append(Finding("online_store", f"the online store cannot be read: {what}",
+                                        f"{SUMCTL} rebuild-online   # builds it anew from the offline store beside the "
+                                        "old one, then swaps"))
         return
     known = set(promoted)
     problems: dict[str, list[int]] = {}
@@ -243,7 +291,7 @@ def _lost_rows(ctx: Context, out: Diagnosis, with_rows: set[int]) -> None:
         out.findings.append(Finding(
             "online_store", f"{len(missing)} of the {len(users)} users the daily batch of {batch['ds']} wrote have no "
             f"embeddings row ({skipped} were skipped); users e.g. {missing[:EXAMPLES]}",
-            f"{SUMCTL} rebuild-online   # refills it from the offline store"))
+            f"{SUMCTL} rebuild-online --only-missing   # writes those users' rows from the offline store, no other"))
 
 
 def _row_problems(row: dict, k: int, promoted: set[str]) -> list[str]:
@@ -281,6 +329,20 @@ def _row_problems(row: dict, k: int, promoted: set[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # serving
 # ---------------------------------------------------------------------------------------------
+def serving_owner(body: dict[str, Any], identity: str | None) -> str | None:
+    """None when the app whose ``/version`` answered ``body`` is this workspace's (its ``workspace_id`` is the
+    workspace's ``identity``); otherwise whose it is, said so that its snapshots are not taken for this workspace's."""
+    theirs = body.get("workspace_id")
+    if identity is None:
+        return ("this workspace has no identity (no marker file), so the app that answers cannot be told to be its own"
+                + (f"; the app belongs to workspace {theirs}" if theirs else ""))
+    if not theirs:
+        return "the app reports no workspace identity (an app without one, or rolled out before identities)"
+    if theirs != identity:
+        return f"the app belongs to another workspace ({theirs}), not this one ({identity})"
+    return None
+
+
 def _serving(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
     prod = ctx.registry.production()
     if prod is None:
@@ -291,8 +353,19 @@ def _serving(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
         out.findings.append(Finding("serving", f"the SOAP app does not answer GET {url}/version",
                                     f"{SUMCTL} up   # or {SUMCTL} serve"))
         return
+    identity = ctx.ws.identity()
+    other = serving_owner(body, identity)
+    if other is not None:
+        out.checked["serving"] = {"workspace_id": body.get("workspace_id"), "compared": False}
+        out.findings.append(Finding(
+            "serving", f"serving on {url}: {other}; what it serves was not compared with this workspace's registry",
+            f"{SUMCTL} status   # stop that app from its own workspace (sumctl down there), then {SUMCTL} up here"
+            if body.get("workspace_id") else f"{SUMCTL} serve   # if the app is this workspace's: rolls production out "
+                                             "with the workspace's identity"))
+        return
     first = min(ctx.registry.promoted_history(), key=lambda r: (r.ds, r.snapshot_id))
-    out.checked["serving"] = {"snapshot_id": body.get("snapshot_id"), "frozen_snapshot_id": body.get("frozen_snapshot_id")}
+    out.checked["serving"] = {"snapshot_id": body.get("snapshot_id"), "frozen_snapshot_id": body.get("frozen_snapshot_id"),
+                              "workspace_id": identity, "compared": True}
     if body.get("snapshot_id") != prod.snapshot_id:
         out.findings.append(Finding("serving", f"serving runs {body.get('snapshot_id')}, registry production is "
                                     f"{prod.snapshot_id}" + (f" ({body['last_error']})" if body.get("last_error") else ""),

@@ -32,11 +32,12 @@ def user_features_view(params: Params | None = None) -> str:
     return (params or load_params()).source.user_features_view
 
 
-def repo_config(params: Params | None = None):
+def repo_config(params: Params | None = None, online_store: dict | None = None):
     """Builds the Feast ``RepoConfig`` for the workspace (SQLite or Redis online, DuckDB offline over the parquet files).
 
     Args:
         params: Platform params; defaults to the params in force.
+        online_store: Feast's ``online_store`` settings instead of the workspace's (a rebuild's staging store).
 
     Returns:
         A ``feast.repo_config.RepoConfig``.
@@ -52,7 +53,7 @@ def repo_config(params: Params | None = None):
         project="sum",
         provider="local",
         registry=str(ws.feast_dir / "registry.db"),
-        online_store=online_store_config(params),
+        online_store=online_store or online_store_config(params),
         # Feast's DuckDB store, reading partitions of a growing schema (see sum_platform.offline_store).
         offline_store={"type": STORE_TYPE},
         entity_key_serialization_version=3,
@@ -86,11 +87,11 @@ def online_store_config(params: Params) -> dict:
     return {"type": "sqlite", "path": str(Workspace(params.workspace).feast_dir / "online_store.db")}
 
 
-def get_store(params: Params | None = None) -> "FeatureStore":
-    """Opens the workspace's feature store (no network, no server)."""
+def get_store(params: Params | None = None, online_store: dict | None = None) -> "FeatureStore":
+    """Opens the workspace's feature store (no network, no server); ``online_store``: see :func:`repo_config`."""
     from feast import FeatureStore
 
-    return FeatureStore(config=repo_config(params))
+    return FeatureStore(config=repo_config(params, online_store))
 
 
 def definitions(params: Params | None = None) -> list:

@@ -1,15 +1,22 @@
 """``sumctl doctor`` over a real workspace: git, DVC (a local remote), GTO, the registry, a Feast SQLite online
 store and a day's users partition. A consistent workspace is green; each injected disagreement is listed, and
-running the repair command the finding prints, as printed, makes the workspace green again."""
+running the repair command the finding prints, as printed, makes the workspace green again.
+
+The online store's repairs cannot make it worse, on SQLite and on Redis (the session's redis-server): a rebuild
+whose offline source is unreadable fails and leaves every old row as it was, and lost rows are repaired by writing
+only those rows."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +27,25 @@ DS = ("2026-01-01", "2026-01-02")
 def ctx(tmp_path, monkeypatch, sim_users):
     """Two promoted snapshots of a tiny model (the second is production), the day's users partition and their
     rows in the online store as the daily batch writes them."""
+    return _workspace(tmp_path, monkeypatch, sim_users)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def any_ctx(request, tmp_path, monkeypatch, sim_users):
+    """:func:`ctx` with a SQLite online store, then with Redis (the session's server, the ``redis`` profile)."""
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")["flush"]()  # no rows of an earlier module's workspace
+        raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())  # the session's (its Redis port)
+        raw["profile"] = "redis"
+        params_file = tmp_path / "params.yaml"
+        params_file.write_text(yaml.safe_dump(raw))
+        monkeypatch.setenv("SUM_PARAMS", str(params_file))
+    c = _workspace(tmp_path, monkeypatch, sim_users)
+    assert c.params.feature_store.online_store == request.param
+    return c
+
+
+def _workspace(tmp_path, monkeypatch, sim_users):
     monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.setenv("SUM_DVC_REMOTE", str(tmp_path / "remote"))
     from sum_models.model import build_model
@@ -33,6 +59,7 @@ def ctx(tmp_path, monkeypatch, sim_users):
 
     c = context()
     init_workspace_repo(c.ws.root, c.params.dvc_remote)
+    c.ws.claim()  # the identity serving reports (doctor compares only its own workspace's app)
     store = apply_definitions(c.params)
     spec = feature_spec(c.params, store)
     write_parquet(sim_users, c.ws.users_dir(DS[1]) / "part-0.parquet")
@@ -74,7 +101,7 @@ def _repair(finding) -> None:
         return
     for part in command.split(" && "):
         args = shlex.split(part)
-        assert args[0] == SUMCTL, finding
+        assert args[0] == shlex.split(SUMCTL)[0], finding
         result = CliRunner().invoke(app, args[1:])
         assert result.exit_code == 0, (part, result.output)
 
@@ -140,7 +167,7 @@ def test_a_consistent_workspace_is_green_and_each_disagreement_is_repaired_by_it
     delete_rows(get_store(ctx.params), users[:3])
     found = _only(_diagnose(ctx), "online_store", f"3 of the {len(users)} users the daily batch of {DS[1]} wrote have "
                                                   "no embeddings row (0 were skipped)")
-    assert "rebuild-online" in found.repair
+    assert "rebuild-online --only-missing" in found.repair
     _repair(found)
     assert _diagnose(ctx).healthy
 
@@ -170,6 +197,119 @@ def test_a_consistent_workspace_is_green_and_each_disagreement_is_repaired_by_it
 
 def _shape(ctx) -> tuple[int, int]:
     return ctx.params.model.num_embeddings, ctx.params.model.embedding_dim
+
+
+def _embedding_rows(ctx, users) -> dict:
+    from serving.store_io import PACKED_FIELDS, history_fields, reader_for
+    from sum_platform.feature_store import get_store
+
+    return reader_for(get_store(ctx.params)).rows(users, [*history_fields(_shape(ctx)[0]), *PACKED_FIELDS.values()])
+
+
+def _assert_same_rows(before: dict, after: dict) -> None:
+    assert after.keys() == before.keys(), (sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys()))
+    for uid, row in before.items():
+        for name, value in row.items():
+            got = after[uid][name]
+            assert (np.array_equal(value, got) if isinstance(value, np.ndarray) else value == got), (uid, name)
+
+
+def _stored(ctx, users) -> dict:
+    """What the store holds for the users' embeddings rows, write times included: SQLite, each (user, feature)'s
+    value and ``created_ts``; Redis, the view's fields of each user's hash, raw."""
+    from serving.store_io import reader_for
+    from sum_platform.feature_store import get_store
+
+    reader = reader_for(get_store(ctx.params))
+    if reader.backend == "sqlite":
+        with sqlite3.connect(reader.path) as conn:
+            return {(reader._key(u), name): (value, created) for u in users for name, value, created in conn.execute(
+                f'SELECT feature_name, value, created_ts FROM "{reader.table}" WHERE entity_key = ?', (reader._key(u),))}
+    names = [reader._field_hash(f.name) for f in reader.feature_view.features] + [reader._ts_field]
+    return {u: reader.redis.hmget(reader.redis_key(u), names) for u in users}
+
+
+def _staged_leftovers(ctx) -> list:
+    """What a rebuild staged and did not remove: SQLite files beside the store, keys in Redis's other databases."""
+    from serving.store_io import reader_for, redis_client
+    from sum_pipeline.online_rebuild import STAGING_DBS, _with_db
+    from sum_platform.feature_store import get_store
+
+    store = get_store(ctx.params)
+    reader = reader_for(store)
+    if reader.backend == "sqlite":
+        return [p.name for p in reader.path.parent.iterdir() if p.name.startswith(f".{reader.path.name}")]
+    cs = store.config.online_store.connection_string
+    return [(db, n) for db in STAGING_DBS if (n := redis_client(_with_db(cs, db)).dbsize())]
+
+
+def test_a_rebuild_that_fails_midway_leaves_every_old_row_readable_and_equal(any_ctx, sim_users):
+    """The day's embeddings log holds a file that is not parquet: the rebuild materialises the users' features into
+    its staging store, then fails on the embeddings; the old store is untouched (every row equal, SQLite: the same
+    file), nothing staged is left, `sumctl rebuild-online` exits 1 saying so, and doctor is green. With the file
+    gone the rebuild succeeds and the rows are the same."""
+    from typer.testing import CliRunner
+
+    from serving.store_io import reader_for
+    from sum_pipeline.cli import app
+    from sum_pipeline.online_rebuild import RebuildError, rebuild_online_store
+    from sum_platform.feature_store import get_store
+
+    ctx = any_ctx
+    users = sim_users["user_id"].astype(int).tolist()
+    before, stored = _embedding_rows(ctx, users), _stored(ctx, users)
+    assert len(before) == len(users)
+    reader = reader_for(get_store(ctx.params))
+    inode = os.stat(reader.path).st_ino if reader.backend == "sqlite" else None
+    bad = ctx.ws.data / "embeddings" / f"ds={DS[1]}" / "zz-unreadable.parquet"
+    assert bad.parent.is_dir()
+    bad.write_bytes(b"not a parquet file\n" * 64)
+
+    with pytest.raises(RebuildError, match="materialising the offline store failed, the online store is untouched"):
+        rebuild_online_store(ctx)
+    result = CliRunner().invoke(app, ["rebuild-online"])
+    assert result.exit_code == 1 and "untouched" in result.output, result.output
+    _assert_same_rows(before, _embedding_rows(ctx, users))
+    assert _stored(ctx, users) == stored  # not one row rewritten
+    if inode is not None:
+        assert os.stat(reader.path).st_ino == inode
+    assert _staged_leftovers(ctx) == []
+    assert _diagnose(ctx).healthy, _diagnose(ctx).to_dict()
+
+    bad.unlink()
+    out = rebuild_online_store(ctx)
+    assert out["swap"] == ("transaction" if inode is not None else "keys") and out["users"] == len(users), out
+    _assert_same_rows(before, _embedding_rows(ctx, users))
+    assert _staged_leftovers(ctx) == []
+    assert _diagnose(ctx).healthy
+
+
+def test_lost_rows_are_repaired_by_writing_only_those_rows(any_ctx, sim_users):
+    """Three users lose their rows; doctor prescribes `rebuild-online --only-missing`, which writes their rows back
+    (equal to what the daily batch wrote) and no other: every other row keeps its value and write time - one user's
+    newer row that the offline log does not hold (a full rebuild would put the logged row back) included."""
+    from serving.store_io import delete_rows, write_embeddings
+    from sum_platform.feature_store import get_store
+
+    ctx = any_ctx
+    users = sim_users["user_id"].astype(int).tolist()
+    store = get_store(ctx.params)
+    newer = users[10]
+    write_embeddings(store, [newer], np.full((1, *_shape(ctx)), 0.5, np.float16), f"sum-{DS[1]}",
+                     written_at=4_102_444_800_000, to_offline=False)  # 2100-01-01: not in the offline log
+    before = _embedding_rows(ctx, users)
+    assert before[newer]["written_at_ms"] == 4_102_444_800_000
+    kept = users[3:]
+    stored = _stored(ctx, kept)
+    delete_rows(store, users[:3])
+    found = _only(_diagnose(ctx), "online_store", f"3 of the {len(users)} users the daily batch of {DS[1]} wrote have "
+                                                  "no embeddings row")
+    assert "rebuild-online --only-missing" in found.repair, found
+    _repair(found)
+    assert _diagnose(ctx).healthy, _diagnose(ctx).to_dict()
+    _assert_same_rows(before, _embedding_rows(ctx, users))
+    assert _stored(ctx, kept) == stored  # the others not rewritten: the same values and write times
+    assert _staged_leftovers(ctx) == []
 
 
 def test_the_store_truncated_while_serving_answers_503_with_a_reason_and_a_rebuild_needs_no_restart(ctx, sim_users,

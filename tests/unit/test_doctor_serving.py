@@ -1,0 +1,45 @@
+"""doctor compares serving only with this workspace's own app, and its shell repairs quote the workspace path.
+
+The decision is a pure function of the served ``/version`` payload and the workspace's identity; the deployed-stack
+test proves it end to end."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sum_pipeline.doctor import _in_ws, serving_owner
+
+MINE = "3f0c-mine"
+
+
+def test_the_app_of_this_workspace_is_compared():
+    assert serving_owner({"snapshot_id": "sum-2026-01-02", "workspace_id": MINE}, MINE) is None
+
+
+@pytest.mark.parametrize("body, identity, says", [
+    ({"snapshot_id": "sum-2026-01-02", "workspace_id": "9a9a-theirs"}, MINE, "belongs to another workspace (9a9a-theirs)"),
+    ({"snapshot_id": "sum-2026-01-02"}, MINE, "reports no workspace identity"),
+    ({"snapshot_id": "sum-2026-01-02", "workspace_id": None}, MINE, "reports no workspace identity"),
+    ({"snapshot_id": "sum-2026-01-02", "workspace_id": ""}, MINE, "reports no workspace identity"),
+    ({"snapshot_id": "sum-2026-01-02", "workspace_id": MINE}, None, "this workspace has no identity"),
+    ({"snapshot_id": "sum-2026-01-02"}, None, "this workspace has no identity"),
+])
+def test_an_app_of_another_workspace_or_without_an_identity_is_named_and_not_compared(body, identity, says):
+    remark = serving_owner(body, identity)
+    assert remark is not None and says in remark, remark
+
+
+def test_a_repair_runs_in_a_workspace_whose_path_has_spaces_and_shell_characters(tmp_path):
+    root = tmp_path / "my ws; touch INJECTED $(touch INJECTED2)"
+    root.mkdir()
+    ctx = SimpleNamespace(ws=SimpleNamespace(root=root))
+    line = _in_ws(ctx, "pwd")
+    assert shlex.split(line)[:2] == ["cd", str(root)]
+    done = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(done.stdout.strip()) == root
+    assert not list(tmp_path.glob("INJECTED*")) and not list(root.glob("INJECTED*"))
