@@ -12,11 +12,13 @@
 ``SUM_RAY_ADDRESS`` overrides the params (the stack sets it to ``stack`` for its components and tasks).
 
 The stack's Ray runs with token authentication (``RAY_AUTH_MODE=token``): a process attaching to it
-authenticates with the token file of the record (``RAY_AUTH_TOKEN_PATH``).
+authenticates with the token file of the record (``RAY_AUTH_TOKEN_PATH``). Its nodes run with the node IP
+127.0.0.1, so every server of theirs listens on loopback only (:func:`keep_loopback`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -26,8 +28,8 @@ from sum_platform.config import Params, load_params
 from sum_platform.files import read_json, write_json
 from sum_platform.workspace import Workspace
 
-__all__ = ["ClusterRecord", "NoClusterError", "cluster_record", "connect_ray", "ensure_ray", "record_cluster", "shutdown",
-           "started_local", "token_env"]
+__all__ = ["ClusterRecord", "NoClusterError", "cluster_record", "connect_ray", "ensure_ray", "is_loopback",
+           "keep_loopback", "record_cluster", "shutdown", "started_local", "token_env"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,41 @@ def token_env(token_path: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def keep_loopback() -> None:
+    """Makes this process's Ray take a loopback address (``ray start --node-ip-address``, ``--address``,
+    ``ray.init(address=...)``) as given.
+
+    Ray 2.60 replaces a loopback host by the machine's network address before using it
+    (``ray._private.services.resolve_ip_for_localhost``, "so that other nodes can reach it"): a node started with
+    ``--node-ip-address=127.0.0.1`` gets the host's address, and its GCS, raylet, agents, Ray Client server and
+    Prometheus exporters bind that address or every interface. No flag or variable turns that off on Linux, so the
+    stack's nodes (:mod:`serving.ray_node`) and every process attaching to them (:func:`_attach`) call this first:
+    the node IP is then 127.0.0.1 and every server of the node listens on loopback only. Other hosts are resolved as
+    Ray does. Idempotent.
+    """
+    from ray._private import services
+
+    resolve = services.resolve_ip_for_localhost
+    if getattr(resolve, "keeps_loopback", False):
+        return
+
+    def keeping_loopback(host: str) -> str:
+        if host == "localhost":
+            return "127.0.0.1"
+        return host if is_loopback(host) else resolve(host)
+
+    keeping_loopback.keeps_loopback = True  # type: ignore[attr-defined]
+    services.resolve_ip_for_localhost = keeping_loopback
+
+
 def started_local() -> bool:
     """Whether this process started the Ray instance it is connected to."""
     return bool(_state["started_local"])
@@ -102,6 +139,7 @@ def _init_local(num_cpus: int, worker_niceness: int = 0) -> None:
 def _attach(address: str) -> None:
     import ray
 
+    keep_loopback()  # the stack's head listens on 127.0.0.1 only: Ray must not swap that for the host's address
     # configure_logging=False: Ray's driver records go to this process's logging setup (a file for sumctl, the
     # task log for a task), not straight to the terminal.
     ray.init(address=address, namespace="sum", log_to_driver=False, configure_logging=False)

@@ -103,7 +103,8 @@ def migrate(home: Path, env: dict[str, str]) -> None:
     if marker.exists():
         return
     airflow_bin = Path(sys.executable).with_name("airflow")
-    done = subprocess.run([str(airflow_bin), "db", "migrate"], env=env, capture_output=True, text=True)
+    # umask 077: a SQLite metadata DB (XComs, run notes, the tasks' logs' index) only for its owner.
+    done = subprocess.run([str(airflow_bin), "db", "migrate"], env=env, capture_output=True, text=True, umask=0o077)
     if done.returncode != 0:
         raise RuntimeError(f"`airflow db migrate` failed for {url.split('@')[-1]}:\n{done.stderr[-3000:]}")
     marker.touch()

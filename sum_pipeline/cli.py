@@ -240,7 +240,7 @@ def up(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
     _print_status(stack)
 
 
-def _print_status(stack: Stack) -> None:
+def _print_status(stack: Stack, show_password: bool = False) -> None:
     info = stack.info()
     table = Table(title=f"Stack of {stack.ws.root}")
     for col in ("component", "state", "pid", "port", "listening", "log"):
@@ -253,19 +253,23 @@ def _print_status(stack: Stack) -> None:
         if not c.running and c.log:
             dead.append(c)
     console.print(table)
-    console.print(f"Airflow UI/API: {info['airflow_url']}  user [bold]{info['airflow_user']}[/bold]  password "
-                  f"[bold]{info['airflow_password'] or '(not generated yet)'}[/bold]")
+    # The password itself only when asked: a terminal's scrollback and a CI log are not private.
+    password = (f"[bold]{stack.airflow_password() or '(not generated yet)'}[/bold]" if show_password
+                else f"in {info['passwords_file']} (owner only; `sumctl status --show-password` prints it)")
+    console.print(f"Airflow UI/API: {info['airflow_url']}  user [bold]{info['airflow_user']}[/bold]  password {password}")
     console.print(f"SOAP: {info['serving_url']}   Ray: {info['ray_address']} (token auth), dashboard {info['ray_dashboard']}")
     for c in dead:
         console.print(f"[red]{c.name} is not running[/red]; {c.log} ends with:\n{c.log_tail}")
 
 
 @app.command()
-def status(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
+def status(workspace: WorkspaceOpt = None, params: ParamsOpt = None,
+           show_password: bool = typer.Option(False, "--show-password", help="Print the Airflow admin's password "
+                                              "(by default only the file that holds it).")) -> None:
     """Reports each stack component: pid, port, log; a stopped one with its log tail. Exit 1 unless all run."""
     p, ws = _setup(workspace, params)
     stack = Stack(p, ws)
-    _print_status(stack)
+    _print_status(stack, show_password)
     if not stack.is_up():
         raise typer.Exit(1)
 

@@ -51,7 +51,8 @@ def write_config(params: Params) -> Path:
         raise RedisServerError(f"feature_store.redis.host {cfg.host!r} is not a loopback address; the platform's "
                                "own Redis listens on 127.0.0.1 only (run a managed Redis for other hosts)")
     data_dir, _ = redis_paths(params)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir.chmod(0o700)  # the append-only file holds every user's features and embeddings
     conf = data_dir / "redis.conf"
     lines = [
         f"bind {cfg.host}",
@@ -104,7 +105,7 @@ def start(params: Params, timeout: float = 30.0) -> subprocess.Popen:
     command = argv(params)
     log_file = redis_paths(params)[0] / "redis.log"
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ping(params):

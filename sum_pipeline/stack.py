@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from typing import Any, Callable
 import psutil
 from cryptography.fernet import Fernet
 
-from serving.ray_cluster import cluster_record, forget_cluster, record_cluster, token_env
+from serving.ray_cluster import cluster_record, forget_cluster, is_loopback, record_cluster, token_env
 from sum_pipeline import airflow_env, redis_server
 from sum_pipeline.postgres import database_url
 from sum_platform.config import PROJECT_ROOT, Params
@@ -59,6 +60,18 @@ _BIN = Path(sys.executable).parent
 
 class StackError(RuntimeError):
     """A component did not come up; the message names it and its log."""
+
+
+def ray_temp_parents() -> list[Path]:
+    """Folders of this user only, in order of preference, for a Ray temp dir that ``stack/`` is too deep for:
+    ``$XDG_RUNTIME_DIR/sum-ray``, ``~/.cache/sum-ray``, ``/tmp/sum-ray-<uid>`` (the shortest; made 0700)."""
+    out = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_absolute():
+        out.append(Path(runtime) / "sum-ray")
+    out.append(Path.home() / ".cache" / "sum-ray")
+    out.append(Path("/tmp") / f"sum-ray-{os.getuid()}")
+    return out
 
 
 @dataclass
@@ -171,13 +184,43 @@ class Stack:
 
     @property
     def ray_temp_dir(self) -> Path:
-        # Ray's unix sockets live under its temp dir and their paths may not exceed 107 bytes; Ray adds
-        # "/session_<date>_<time>_<usec>_<pid>/sockets/dash_MetricsHead" (67 bytes with a 5-digit pid, the
-        # dashboard's modules have the longest names) and a fresh clone's ".sum/workspace/stack/ray" went
-        # over by 3 bytes (the head died at start). Room for 80 bytes; else a short per-workspace /tmp dir.
+        """Ray's temp dir: ``stack/ray``, or ``<a per-user folder>/<hash of stack/>`` when that path is too long.
+
+        Ray's unix sockets live under its temp dir and their paths may not exceed 107 bytes; Ray adds
+        "/session_<date>_<time>_<usec>_<pid>/sockets/dash_MetricsHead" (67 bytes with a 5-digit pid, the
+        dashboard's modules have the longest names) and a fresh clone's ".sum/workspace/stack/ray" went
+        over by 3 bytes (the head died at start). Room for 80 bytes. Ray makes its folders 0777, so the parent
+        is only its owner's (``stack/``, or :func:`ray_temp_parents`' folder; checked by :meth:`_private_ray_temp_dir`).
+        """
         path = self.dir / "ray"
         if len(str(path)) + RAY_SOCKET_SUFFIX > UNIX_PATH_MAX:
-            path = Path("/tmp") / f"sum-ray-{hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]}"
+            name = hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]
+            fitting = [p / name for p in ray_temp_parents() if len(str(p / name)) + RAY_SOCKET_SUFFIX <= UNIX_PATH_MAX]
+            path = fitting[0] if fitting else ray_temp_parents()[-1] / name
+        return path
+
+    def _private_ray_temp_dir(self) -> Path:
+        """Makes the parent of :attr:`ray_temp_dir` (mode 0700) and checks it: a real folder (no symlink) of this
+        user, closed to others; returns the temp dir.
+
+        Raises:
+            StackError: the parent is a symlink, another user's, or open to others (someone could swap Ray's
+                sockets, logs or the code it ships to workers).
+        """
+        path = self.ray_temp_dir
+        parent = path.parent
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = parent.lstat()
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise StackError(f"{parent}, the parent of Ray's temp dir, is a symlink or not a folder: remove it "
+                             f"(`sumctl up` makes a private folder there)")
+        if st.st_uid != os.getuid():
+            raise StackError(f"{parent}, the parent of Ray's temp dir, belongs to uid {st.st_uid}, not to you: "
+                             f"remove it or run with a shorter workspace path")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            parent.chmod(0o700)
+        if path.is_symlink():
+            raise StackError(f"Ray's temp dir {path} is a symlink: remove it")
         return path
 
     def _states(self) -> dict[str, ComponentState]:
@@ -199,8 +242,31 @@ class Stack:
 
     def _secret(self, name: str, make: Callable[[], str] = lambda: secrets.token_hex(32)) -> str:
         """A secret generated once per workspace (by ``make``), in a file only its owner can read."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._make_private()
         return owner_only_secret(self.dir / name, make)
+
+    def _make_private(self) -> None:
+        """``stack/``, its ``logs/`` and the Airflow home only for their owner (0700), every log 0600: the logs
+        and Airflow's DB hold what tasks said, and a log written before this (``sumctl.log``) is tightened too."""
+        for folder in (self.dir, self.logs, self.ws.airflow_home):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            folder.chmod(0o700)
+        for path in self.logs.iterdir():
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o600)
+
+    def _airflow_passwords(self) -> None:
+        """Writes the admin's password into the simple auth manager's passwords file (0600) before the API
+        server first starts: Airflow appends to an existing file and prints a password only when it generates
+        one, so the password is in this file and nowhere else (no log holds it)."""
+        def generated() -> str:
+            return json.dumps({AIRFLOW_USER: secrets.token_urlsafe(18)})
+
+        owner_only_secret(self.passwords_file, generated)
+        if self.airflow_password() is None:  # an empty or foreign file: Airflow would generate (and print) one
+            log.warning("up: %s has no password for %s; writing a new one", self.passwords_file, AIRFLOW_USER)
+            self.passwords_file.unlink()
+            owner_only_secret(self.passwords_file, generated)
 
     # -- addresses -------------------------------------------------------------------------------
     @property
@@ -291,14 +357,17 @@ class Stack:
         r, a = self.params.ray, self.params.airflow
         if name == "redis":
             return redis_server.argv(self.params)
+        # `ray start`, keeping the loopback node IP (serving.ray_node); the agents' HTTP on a free port (two nodes
+        # and other Rays on this machine would otherwise race for 52365).
+        ray_start = [sys.executable, "-m", "serving.ray_node", "start", "--block", "--disable-usage-stats",
+                     f"--node-ip-address={r.node_ip}", "--dashboard-agent-listen-port=0"]
         if name.startswith("ray-worker-"):
-            return [str(_BIN / "ray"), "start", f"--address={self.ray_address}", "--block", "--disable-usage-stats",
-                    f"--node-ip-address={r.node_ip}", f"--num-cpus={r.worker_num_cpus}",
+            return [*ray_start, f"--address={self.ray_address}", f"--num-cpus={r.worker_num_cpus}",
                     f"--object-store-memory={r.worker_object_store_mb * 1024 * 1024}",
                     f"--resources={json.dumps({WORKER_NODE_RESOURCE: 1})}"]
         if name == "ray":
-            return [str(_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                    f"--node-ip-address={r.node_ip}", f"--port={r.gcs_port}", f"--num-cpus={r.num_cpus}",
+            return [*ray_start, "--head", f"--port={r.gcs_port}", f"--ray-client-server-port={r.client_server_port}",
+                    f"--num-cpus={r.num_cpus}",
                     f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
                     "--include-dashboard=true", f"--dashboard-host={r.dashboard_host}",
                     f"--dashboard-port={r.dashboard_port}", f"--temp-dir={self.ray_temp_dir}"]
@@ -315,15 +384,16 @@ class Stack:
                 "redis": self.params.feature_store.redis.port}.get(name)
 
     def _spawn(self, name: str, env: dict[str, str]) -> ComponentState:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self._make_private()
         log_path = self.logs / f"{name}.log"
         argv = self._argv(name)
-        with open(log_path, "ab") as out:
+        with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             out.flush()
             # A session of its own: the component outlives sumctl, and down stops its whole group.
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(self.dir), start_new_session=True)
+                                    cwd=str(self.dir), start_new_session=True,
+                                    umask=0o077)  # what a component writes (logs, DBs, Ray's session files) is private
         return ComponentState(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
                               port=self._port(name), log=str(log_path), argv=argv)
 
@@ -382,9 +452,15 @@ class Stack:
         Raises:
             StackError: A component did not come up (the message holds its log tail).
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not is_loopback(self.params.ray.node_ip):
+            raise StackError(f"ray.node_ip {self.params.ray.node_ip!r} is not a loopback address: every server of a "
+                             "Ray node listens on it, and Ray's Prometheus exporters (the autoscaler's, the dashboard's, "
+                             "the agents' metrics export port) answer anyone without authentication; the stack's Ray "
+                             "runs on 127.0.0.1")
+        self._make_private()
         self.ws.claim()
         self._secret("ray_auth_token")
+        self._private_ray_temp_dir()
         states = self._states()
         self._clear_after_crashes(states)
         started: list[str] = []
@@ -415,6 +491,7 @@ class Stack:
             deploy(self)
 
         on_step("preparing the Airflow metadata DB")
+        self._airflow_passwords()
         env = self.airflow_env(self.database_url())
         airflow_env.migrate(self.ws.airflow_home, env)
         for name in AIRFLOW_COMPONENTS:
@@ -480,7 +557,7 @@ class Stack:
 
     def info(self) -> dict[str, Any]:
         return {
-            "airflow_url": self.airflow_url, "airflow_user": AIRFLOW_USER, "airflow_password": self.airflow_password(),
+            "airflow_url": self.airflow_url, "airflow_user": AIRFLOW_USER,
             "passwords_file": str(self.passwords_file), "ray_address": self.ray_address,
             "ray_dashboard": self.ray_dashboard,
             "serving_url": f"http://{self.params.serving.host}:{self.params.serving.port}",
@@ -524,22 +601,32 @@ class Stack:
         return [p for p in procs.values() if p.pid != os.getpid()]
 
     def live_processes(self) -> list[psutil.Process]:
-        """Every live process of this workspace's stack: those ``stack.json`` records (with their children and
-        Ray's, see :meth:`_processes`) and every process of this user whose environment carries the workspace's
-        identity (:data:`IDENTITY_ENV`), so a stack whose state files were deleted is still found."""
+        """Every live process of this workspace's stack, so a stack whose state files were deleted is still found:
+        those ``stack.json`` records (with their children and Ray's, see :meth:`_processes`), and every process of
+        this user (with its children) whose environment carries the workspace's identity (:data:`IDENTITY_ENV`) or
+        whose output goes to one of the stack's logs. The second covers the components that set their process title
+        (Airflow's api-server and scheduler, Redis): the title overwrites what ``/proc/<pid>/environ`` shows."""
         procs = {p.pid: p for p in self._processes(self._states())}
         ident = self.ws.identity()
-        if ident is not None:
-            me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-            for p in psutil.process_iter(["uids"]):
-                if p.pid in procs or p.pid in me or p.info["uids"] is None or p.info["uids"].real != os.getuid():
-                    continue
-                try:
-                    if p.environ().get(IDENTITY_ENV) == ident and _alive(p):
-                        procs.update({q.pid: q for q in _tree(p) if q.pid not in me})
-                except (psutil.Error, OSError):
-                    pass
+        me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+        for p in psutil.process_iter(["uids"]):
+            if p.pid in procs or p.pid in me or p.info["uids"] is None or p.info["uids"].real != os.getuid():
+                continue
+            try:
+                ours = (ident is not None and p.environ().get(IDENTITY_ENV) == ident) or self._logs_to_ours(p.pid)
+                if ours and _alive(p):
+                    procs.update({q.pid: q for q in _tree(p) if q.pid not in me})
+            except (psutil.Error, OSError):
+                pass
         return list(procs.values())
+
+    def _logs_to_ours(self, pid: int) -> bool:
+        """Whether the process's stdout is a log of this stack (a component's, or what it started; also once deleted)."""
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/1")
+        except OSError:
+            return False
+        return target.removesuffix(" (deleted)").startswith(f"{self.logs}{os.sep}")
 
     def _recovered(self, procs: list[psutil.Process]) -> dict[str, ComponentState]:
         """The components among ``procs`` (each the leader of a session of its own), named from their command
@@ -554,11 +641,11 @@ class Stack:
             except (psutil.Error, OSError):
                 continue
             # [python, .../bin/ray, start, ...] or a title a program set itself ("airflow scheduler", Redis's)
-            words = [Path(w).name for a in argv for w in a.split()]
+            words = [Path(w).name.replace("_", "-") for a in argv for w in a.split()]  # "airflow api_server -- ..."
             after = dict(zip(words, words[1:]))
             if any(w.startswith("redis-server") for w in words):
                 name = "redis"
-            elif after.get("ray") == "start":
+            elif after.get("ray") == "start" or after.get("serving.ray-node") == "start":
                 name = "ray" if "--head" in words else f"ray-worker-pid{p.pid}"
             elif after.get("airflow") in AIRFLOW_COMPONENTS:
                 name = after["airflow"]

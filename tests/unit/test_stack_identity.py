@@ -46,6 +46,22 @@ def test_live_processes_finds_the_stack_by_identity_without_its_state_files(stac
     assert foreign.pid not in found and {p.pid for p in other.live_processes()} >= {foreign.pid}
 
 
+def test_a_process_whose_title_hides_its_environment_is_found_by_its_log(stacks):
+    """Airflow's api-server and Redis set their process title, which blanks /proc/<pid>/environ: their output goes
+    to the stack's logs, which names them."""
+    ours, _, (head, plain, _) = stacks
+    ours.logs.mkdir(parents=True)
+    with open(ours.logs / "redis.log", "ab") as out:
+        titled = subprocess.Popen(["sleep", "300"], env={}, stdout=out, start_new_session=True)
+    try:
+        assert titled.pid in {p.pid for p in ours.live_processes()}
+        (ours.logs / "redis.log").unlink()  # still found with the log deleted
+        assert titled.pid in {p.pid for p in ours.live_processes()}
+    finally:
+        titled.kill()
+        titled.wait()
+
+
 def test_a_workspace_without_identity_finds_nothing_by_environment(stacks, tmp_path):
     assert Stack(load_params(), Workspace(tmp_path / "unmarked")).live_processes() == []
 
