@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from enum import Enum
 import os
+import socket
 import time
 from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -105,7 +106,8 @@ def _actor(actor: str) -> str:
     return actor or os.environ.get("USER", "operator")
 
 
-def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False, drill: bool = False) -> None:
+def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False, drill: bool = False,
+             ready: Optional[Callable[[Any], None]] = None) -> None:
     """Guards, stops and deletes as asked (:mod:`sum_pipeline.wipe`), then marks the workspace and its remote.
 
     Args:
@@ -114,6 +116,8 @@ def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False,
         fresh: Delete the workspace (and a remote created for it alone) first.
         force: ``--force-wipe``.
         drill: The command's drills may only run in a workspace of its own or one that holds nothing (soak).
+        ready: The command's own last check (``ready(params)`` raises ``typer.Exit``), after the guard and before
+            anything is stopped or deleted.
     """
     if fresh or drill:
         try:
@@ -121,6 +125,9 @@ def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False,
         except WipeRefused as exc:
             console.print(f"[red]{escape(str(exc))}[/red]", highlight=False)
             raise typer.Exit(2) from exc
+    if ready is not None:
+        ready(p)
+    if fresh or drill:
         if held.processes:
             console.print(f"stopping the stack of {ws.root} ({len(held.processes)} processes) first")
             left = Stack(p, ws).down()["left"]
@@ -142,13 +149,14 @@ def _prepare(p, ws, *, own: str, purpose: str, fresh: bool, force: bool = False,
 
 @contextmanager
 def _driving_the_dag(workspace: Optional[Path], params: Optional[Path], fresh: bool, keep_serving: bool = False,
-                     *, own: str = "demo", purpose: str = "workspace", force: bool = False, drill: bool = False):
+                     *, own: str = "demo", purpose: str = "workspace", force: bool = False, drill: bool = False,
+                     ready: Optional[Callable[[Any], None]] = None):
     """Yields ``(params, workspace)`` with Airflow configured and this process's own local Ray + Serve for
     the ``dag.test()`` runs it drives (the ``--inline`` debugging path, the soak); Ray stops afterwards unless
     ``keep_serving``. ``own`` .. ``drill``: see :func:`_prepare`.
     """
     p, ws = _setup(workspace, params)
-    _prepare(p, ws, own=own, purpose=purpose, fresh=fresh, force=force, drill=drill)
+    _prepare(p, ws, own=own, purpose=purpose, fresh=fresh, force=force, drill=drill, ready=ready)
     airflow_env.configure(ws.airflow_home)
     os.environ["SUM_RAY_ADDRESS"] = "local"  # the tasks run in this process, with this process's Ray
     try:
@@ -655,6 +663,19 @@ def serve(workspace: WorkspaceOpt = None, params: ParamsOpt = None) -> None:
         shutdown(stop_serve=True)
 
 
+def _serving_port_free(p) -> None:
+    """The soak deploys its own SOAP app on ``serving.port``: a stack serving there (`make run`'s) is said first."""
+    host, port = p.serving.host, p.serving.port
+    try:
+        socket.create_connection((host if host not in ("", "0.0.0.0") else "127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return
+    console.print(f"[red]the soak deploys its own SOAP app on serving.port {port}, which something already listens "
+                  f"on (a stack's: `sumctl status`). Stop it (`sumctl down`) or run the soak with a params file "
+                  f"(--params) giving another serving.port.[/red]", highlight=False)
+    raise typer.Exit(2)
+
+
 @app.command()
 def soak(
     days: Annotated[int, typer.Option("--days", "-n", min=3, help="How many consecutive dates.")] = 30,
@@ -678,7 +699,8 @@ def soak(
             os.environ["SUM_PARAMS"] = str(params.resolve())
         base = load_params().workspace
         workspace = base.parent / f"{base.name}-soak"
-    with _driving_the_dag(workspace, params, fresh, own="soak", purpose="soak", force=force_wipe, drill=True) as (p, ws):
+    with _driving_the_dag(workspace, params, fresh, own="soak", purpose="soak", force=force_wipe, drill=True,
+                          ready=_serving_port_free) as (p, ws):
         schedule = plan(days, start or p.simulator.start_date, CANDIDATE_FAULTS, tuple(failing_kinds()),
                         fault_every=fault_every, corrupt_every=corrupt_every)
         result = run_soak(schedule, on_day=lambda d: console.print(

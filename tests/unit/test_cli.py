@@ -227,3 +227,23 @@ def test_fresh_lists_what_it_could_not_delete_and_stops(tmp_path, monkeypatch):
     assert out.exit_code == 1, out.output
     assert "could not delete:" in text and "part-0.parquet: [Errno 13] Permission denied" in text
     assert (ws.root / "data" / "part-0.parquet").exists()
+
+
+def test_soak_refuses_a_serving_port_already_taken(tmp_path):
+    """After `make run` a stack serves on serving.port: the soak, which deploys its own app there, says so first."""
+    import socket
+
+    import yaml
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())
+        raw["serving"]["port"] = listener.getsockname()[1]
+        raw["paths"] = {"workspace": "ws", "dvc_remote": "remote"}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        out = runner.invoke(app, ["soak", "--days", "3", "--fresh", "--params", str(tmp_path / "params.yaml")],
+                            env={"COLUMNS": "400"})
+    assert out.exit_code == 2, out.output
+    assert f"serving.port {raw['serving']['port']}, which something already listens on" in " ".join(out.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no soak workspace made
