@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import service_guard
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="sum-tests-"))
 TEST_PORT = int(os.environ.get("SUM_TEST_PORT", "8765"))
@@ -121,3 +123,32 @@ def redis_server():
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A test not marked slow starts no service (tests/service_guard.py)
+# ---------------------------------------------------------------------------------------------
+def pytest_configure(config):
+    service_guard.install()
+    config._sum_test_fast = service_guard.slow_deselected(config)  # `make test-fast`: guarded all along
+    service_guard.guarding(config._sum_test_fast, None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    guarded = item.config._sum_test_fast or item.get_closest_marker("slow") is None
+    service_guard.guarding(guarded, item.nodeid)
+    try:
+        return (yield)
+    finally:
+        service_guard.guarding(item.config._sum_test_fast, None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    started = service_guard.started_during(item.nodeid)
+    if started and report.passed and call.when != "teardown":
+        report.outcome = "failed"  # the starter swallowed ServiceStarted: the test still fails
+        report.longrepr = f"{item.nodeid} is not marked slow but started a service: {started[0][:300]}"
+    return report

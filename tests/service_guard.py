@@ -1,0 +1,103 @@
+"""A test not marked ``slow`` must start no service (README: ``make test-fast`` starts none).
+
+``sys.addaudithook`` sees every process this Python process starts (the ``subprocess.Popen``,
+``os.posix_spawn`` and ``os.exec`` audit events), whoever starts it: the project's own code
+(``redis_server.start``, ``sumctl up``), Ray's ``ray.init`` (its ``gcs_server`` and ``raylet``), Airflow's CLI.
+While a test that is not marked ``slow`` runs (its fixtures' setup included), a start of a service's process
+raises :class:`ServiceStarted` in the starter and the test fails, naming the command and the fix; the failure
+is also recorded, so a starter that swallows the exception does not hide it. Under ``-m "not slow"``
+(``make test-fast``) the guard holds for the whole session, collection included.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from typing import Any
+
+import pytest
+
+__all__ = ["ServiceStarted", "service_of", "install", "guarding", "started_during", "forget", "slow_deselected"]
+
+#: Executables that are services (Ray's GCS and raylet, Redis, PostgreSQL).
+SERVICE_EXECUTABLES = {"gcs_server", "raylet", "redis-server", "postgres", "postmaster"}
+#: Command lines that start one (through a CLI): Ray, Airflow's components, the stack, a PostgreSQL cluster.
+SERVICE_COMMANDS = [
+    re.compile(r"\bray start\b"),
+    re.compile(r"\bairflow (scheduler|api-server|dag-processor|triggerer|standalone|celery|webserver)\b"),
+    re.compile(r"\bsumctl (up|run|serve|soak|ui)\b"),
+    re.compile(r"\bpg_ctl(cluster)?\b.*\bstart\b"),
+]
+
+
+class ServiceStarted(RuntimeError):
+    """A test that is not marked ``slow`` started a service."""
+
+
+def service_of(argv: Any) -> str | None:
+    """The command line of ``argv`` (a list or a string) when it starts a service, else None."""
+    parts = [os.fsdecode(a) if isinstance(a, (bytes, os.PathLike)) else str(a)
+             for a in ([argv] if isinstance(argv, (str, bytes, os.PathLike)) else list(argv or []))]
+    if len(parts) >= 3 and os.path.basename(parts[0]) in ("sh", "bash") and parts[1] == "-c":
+        parts = parts[2:]  # Popen(..., shell=True) and `bash -c ...`: the command line itself
+    if len(parts) == 1:
+        try:
+            parts = shlex.split(parts[0])
+        except ValueError:
+            pass
+    if not parts:
+        return None
+    line = " ".join(parts)
+    if os.path.basename(parts[0]) in SERVICE_EXECUTABLES:
+        return line
+    # `.venv/bin/airflow scheduler`, `/usr/bin/python3 -m ...`: matched with every path cut to its last part.
+    bare = " ".join(os.path.basename(p) if "/" in p and not p.startswith("-") else p for p in parts)
+    return line if any(rx.search(bare) for rx in SERVICE_COMMANDS) else None
+
+
+_state: dict[str, Any] = {"active": False, "where": None, "started": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _state["active"] or event not in ("subprocess.Popen", "os.posix_spawn", "os.exec"):
+        return
+    command = service_of(args[1])  # Popen: (executable, args, cwd, env); posix_spawn / exec: (path, argv, env)
+    if command is None:
+        return
+    where = _state["where"] or "collection"
+    _state["started"].append((where, command))
+    raise ServiceStarted(
+        f"{where} is not marked slow but started a service: {command[:300]}. Mark the test (or its module) "
+        f"@pytest.mark.slow, or give it what it needs without the service (make test-fast starts none)")
+
+
+def install() -> None:
+    """Adds the audit hook (once per process; an audit hook cannot be removed, :func:`guarding` arms it)."""
+    if not _state.get("installed"):
+        sys.addaudithook(_audit)
+        _state["installed"] = True
+
+
+def guarding(active: bool, where: str | None) -> None:
+    """Arms (``active``) or disarms the guard; ``where`` names the test for the message."""
+    _state["active"], _state["where"] = active, where
+
+
+def started_during(where: str) -> list[str]:
+    """The services ``where`` started while guarded (each raised, maybe swallowed by its starter)."""
+    return [command for w, command in _state["started"] if w == where]
+
+
+def forget(where: str) -> None:
+    """Drops what ``where`` started (for the guard's own test, which starts one on purpose)."""
+    _state["started"] = [(w, c) for w, c in _state["started"] if w != where]
+
+
+def slow_deselected(config: pytest.Config) -> bool:
+    """Whether ``-m`` leaves out the tests marked ``slow`` (``make test-fast``: ``-m "not slow"``)."""
+    from _pytest.mark.expression import Expression  # pytest's own evaluation of -m
+
+    expr = config.getoption("markexpr") or ""
+    return bool(expr) and not Expression.compile(expr).evaluate(lambda name, **_: name == "slow")
