@@ -316,9 +316,11 @@ def test_the_store_truncated_while_serving_answers_503_with_a_reason_and_a_rebui
                                                                                                    ray_serve):
     """The production snapshot served by SOAP (the session's Ray, over HTTP) from the workspace's SQLite online
     store; 4 clients read while the store file is truncated: every read is answered 200 or 503 naming the store,
-    never 500; `sumctl rebuild-online` (the repair `sumctl doctor` prints) refills it from the offline store, the
-    replicas reopen the new file on their health check, reads answer 200 again without a restart, and `sumctl
-    doctor` (serving included) is green."""
+    never 500, and every read that started after the truncation (and before the repair) answers 503; `sumctl
+    rebuild-online` (the repair `sumctl doctor` prints) refills it from the offline store beside the old file and
+    swaps, the replicas reopen the new file on their health check, reads answer 200 again without a restart, and
+    `sumctl doctor` (serving included: the app is this workspace's) is green. Reads are classified by when they
+    started, and each phase waits for a number of answers, not for a time."""
     import threading
     import time
 
@@ -336,54 +338,78 @@ def test_the_store_truncated_while_serving_answers_503_with_a_reason_and_a_rebui
     assert diagnose(ctx).healthy, diagnose(ctx).to_dict()
     users = sim_users["user_id"].tolist()
     url = base_url(ctx.params)
-    answers: list[tuple[int, str, float]] = []  # (status, body unless 200, when)
+    answers: list[tuple[int, str, float]] = []  # (status, body unless 200, when the request started)
+    errors: list[BaseException] = []  # a reader thread's death, reported instead of a misleading count
+    lock = threading.Lock()
     stop = threading.Event()
 
     def reader(i: int) -> None:
-        with httpx.Client(timeout=30) as c:
-            n = 0
-            while not stop.is_set():
-                r = c.get(f"{url}/users/{users[(i * 11 + n) % len(users)]}/embeddings")
-                answers.append((r.status_code, r.text if r.status_code != 200 else "", time.monotonic()))
-                n += 1
-                time.sleep(0.01)
+        try:
+            with httpx.Client(timeout=30) as c:
+                n = 0
+                while not stop.is_set():
+                    started = time.monotonic()
+                    r = c.get(f"{url}/users/{users[(i * 11 + n) % len(users)]}/embeddings")
+                    with lock:
+                        answers.append((r.status_code, r.text if r.status_code != 200 else "", started))
+                    n += 1
+                    time.sleep(0.01)  # pacing only
+        except BaseException as exc:  # noqa: BLE001 - any death is reported by the main thread
+            errors.append(exc)
+
+    def started_within(lo: float, hi: float = float("inf")) -> list[tuple[int, str, float]]:
+        with lock:
+            return [a for a in answers if lo < a[2] < hi]
+
+    def until(what: str, done, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert not errors, f"a reader thread died: {errors[0]!r}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+            time.sleep(0.05)
+
+    def run_of_200(since: float, n: int) -> bool:
+        latest = sorted(started_within(since), key=lambda a: a[2])[-n:]
+        return len(latest) == n and all(code == 200 for code, _, _ in latest)
 
     threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
     try:
-        time.sleep(2)
+        t_start = time.monotonic()
+        until("40 reads answered 200 before the fault", lambda: run_of_200(t_start, 40))
         path = reader_for(get_store(ctx.params)).path
         with sqlite3.connect(path) as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file, as after a quiet spell
         with open(path, "r+b") as fh:
             fh.truncate(100)  # mid-header: "file is not a database"
         t_fault = time.monotonic()
-        mark = len(answers)
-        time.sleep(3)
-        during = answers[mark:]
+        until("40 reads started after the truncation", lambda: len(started_within(t_fault)) >= 40)
+        t_repair = time.monotonic()
+        during = started_within(t_fault, t_repair)
         assert during and {code for code, _, _ in during} == {503}, {code for code, _, _ in during}
         assert all("online store" in text.lower() for _, text, _ in during), during[:3]
-        found = diagnose(ctx)
-        repair = _only(found, "online_store", "the online store cannot be read")
+        repair = _only(diagnose(ctx), "online_store", "the online store cannot be read")
         _repair(repair)
         t_rebuilt = time.monotonic()
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and answers[-1][0] != 200:
-            time.sleep(0.5)
-        mark = len(answers)
-        time.sleep(2)
+        # Each replica reopens the new file on its own health check: wait for a run of reads all answered 200 ...
+        until("a run of 40 reads answered 200 after the rebuild", lambda: run_of_200(t_rebuilt, 40))
+        t_steady = time.monotonic()
+        until("40 more reads", lambda: len(started_within(t_steady)) >= 40)  # ... and every read after it too
     finally:
         stop.set()
         for t in threads:
-            t.join(timeout=30)
-    after = answers[mark:]
+            t.join(timeout=60)
+    assert not errors, f"a reader thread died: {errors[0]!r}"
+    assert not any(t.is_alive() for t in threads)
+    after = started_within(t_steady)
     assert after and {code for code, _, _ in after} == {200}, {code for code, _, _ in after}
-    assert all(code in (200, 503) for code, _, _ in answers), {code for code, _, _ in answers}
-    t_recovered = min(t for code, _, t in answers if code == 200 and t > t_rebuilt)
+    with lock:
+        assert all(code in (200, 503) for code, _, _ in answers), {code for code, _, _ in answers}
+        t_recovered = min(t for code, _, t in answers if code == 200 and t > t_rebuilt)
+        codes = {code: sum(1 for c, _, _ in answers if c == code) for code in {c for c, _, _ in answers}}
     report = diagnose(ctx)
     assert report.healthy, report.to_dict()
-    assert report.checked["serving"]["snapshot_id"] == prod
-    codes = {code: sum(1 for c, _, _ in answers if c == code) for code in {c for c, _, _ in answers}}
+    assert report.checked["serving"]["snapshot_id"] == prod and report.checked["serving"]["compared"]
     print(f"store truncated while serving: {codes}; rebuilt {t_rebuilt - t_fault:.1f} s after the fault, "
           f"reads 200 again {t_recovered - t_rebuilt:.1f} s after the rebuild")
