@@ -30,6 +30,7 @@ from sum_pipeline.doctor import diagnose
 from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.online_rebuild import RebuildError, rebuild_online_store
 from sum_pipeline.promotion import frozen_snapshot, promote_snapshot, rollback_production
+from sum_pipeline.restore import RestoreError, restore_workspace
 from sum_pipeline.soak import plan, run_soak
 from sum_pipeline.stack import Stack, StackError
 from sum_pipeline.study import run_study
@@ -564,6 +565,32 @@ def rebuild_online(workspace: WorkspaceOpt = None, params: ParamsOpt = None,
         except (RebuildError, FileNotFoundError) as exc:
             console.print(f"[red]rebuild-online failed:[/red] {exc}")
             raise typer.Exit(code=1) from exc
+    console.print_json(data=out)
+
+
+@app.command()
+def restore(
+    git: Annotated[Optional[str], typer.Option("--git", help="The workspace's git history (URL or path; default: its "
+                                               "backup in the DVC remote, <remote>/workspaces/<identity>.git).")] = None,
+    identity: Annotated[Optional[str], typer.Option(help="Which workspace, when the remote backs up several.")] = None,
+    online: Annotated[bool, typer.Option(help="Rebuild the online store and the last daily batch.")] = True,
+    remote: Annotated[Optional[str], typer.Option(help="The DVC remote to restore from (a folder or URL; default: the "
+                                                  "workspace's, as for every command).")] = None,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Rebuilds a lost workspace (into an absent or empty folder) from its git history and the DVC remote: clone,
+    dvc pull, the registry, day records and quarantine from the audit trail, the online store. Then run
+    `sumctl doctor`."""
+    if remote:
+        os.environ["SUM_DVC_REMOTE"] = remote if "://" in remote else str(Path(remote).resolve())
+    p, ws = _setup(workspace, params)
+    try:
+        with console.status(f"restoring {ws.root} from {git or p.dvc_remote} ..."):
+            out = restore_workspace(Context(p, ws), source=git, identity=identity, online=online)
+    except RestoreError as exc:
+        console.print(f"[red]restore refused:[/red] {exc}")
+        raise typer.Exit(code=1) from exc
     console.print_json(data=out)
 
 

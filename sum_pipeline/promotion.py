@@ -1,5 +1,10 @@
 """Promotion and rollback: what the daily run's ``promote`` and an operator's ``sumctl promote`` /
-``sumctl rollback`` do, and which snapshots a candidate is judged against."""
+``sumctl rollback`` do, and which snapshots a candidate is judged against.
+
+Each promotion and rollback ends by versioning the audit trail (:mod:`sum_platform.audit_trail`: the registry,
+the day records, the quarantine) and pushing the workspace's git history to its backup, under the promotion
+lock, so the remote always holds who promoted what and why.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from typing import Any, Iterator
 from serving.ray_cluster import ensure_ray
 from serving.rollout import rollout as serve_rollout
 from serving.rollout import served_snapshot_id
+from sum_platform.audit_trail import save_audit_trail
 from sum_platform.context import Context, context
 from sum_platform.files import exclusive_lock
-from sum_platform.versioning import data_version, tag_promotion, track_paths
+from sum_platform.versioning import VersioningError, data_version, tag_promotion, track_paths
 
 
 def parent_for(snapshot_id: str, ctx: Context) -> str | None:
@@ -73,10 +79,21 @@ def _promote(ctx: Context, snapshot_id: str, actor: str, reason: str, force: boo
         raise RuntimeError(f"snapshot {snapshot_id} is {state}; use --force with a reason to override")
     snap_dir = ctx.ws.snapshot_dir(snapshot_id)
     track_paths(ctx.ws.root, [snap_dir], f"snapshot: {snapshot_id}")
-    tag = tag_promotion(ctx.ws.root, snapshot_id, f"promote {snapshot_id}: {reason}")
+    tag = tag_promotion(ctx.ws.root, snapshot_id, f"promote {snapshot_id}: {reason}", tracked=True)
     ctx.registry.update_record(snapshot_id, {"snapshot_version": data_version(ctx.ws.root, snap_dir), "tag": tag})
     promoted = ctx.registry.promote(snapshot_id, actor=actor, reason=reason, force=force)
+    _save_trail(ctx, f"audit: {snapshot_id} promoted by {actor}")
     return {"snapshot_id": snapshot_id, "tag": tag, "stage": promoted.stage, "promoted_at": promoted.promoted_at}
+
+
+def _save_trail(ctx: Context, message: str) -> None:
+    """Versions and pushes the audit trail; a failure says the promotion itself is done and a rerun completes it
+    (promoting the production snapshot again is a no-op up to this step)."""
+    try:
+        save_audit_trail(ctx.ws, message)
+    except VersioningError as exc:
+        raise VersioningError(f"{message.removeprefix('audit: ')}, but its audit trail was not pushed (rerun the "
+                              f"promotion to push it): {exc}") from exc
 
 
 def rollback_production(actor: str, reason: str, to: str | None = None, reroll: bool = True) -> dict[str, Any]:
@@ -108,5 +125,7 @@ def rollback_production(actor: str, reason: str, to: str | None = None, reroll: 
         ensure_ray(ctx.params)
         out["serving"] = serve_rollout(ctx.params, ctx.ws.snapshot_dir(target), target,
                                        previous=(ctx.ws.snapshot_dir(current), current), frozen=frozen_snapshot(ctx))
-    ctx.registry.update_record(target, {"rollback": out | {"actor": actor, "reason": reason}})
+    with promotion_lock(ctx):
+        ctx.registry.update_record(target, {"rollback": out | {"actor": actor, "reason": reason}})
+        _save_trail(ctx, f"audit: rollback from {current} to {target} by {actor}")
     return out

@@ -9,7 +9,9 @@ or the new state, never both or neither. Every change is appended to ``events`` 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -113,6 +115,55 @@ class Registry:
             "INSERT INTO events(at, snapshot_id, action, actor, detail) VALUES (?, ?, ?, ?, ?)",
             (_now(), snapshot_id, action, actor, json.dumps(detail, default=str)),
         )
+
+    # ---- backup ------------------------------------------------------------------------------
+    def backup(self, dest: Path) -> Path:
+        """Writes a consistent copy of the registry to ``dest`` (SQLite's online backup, taken while other
+        processes may write; a temporary sibling renamed into place, so ``dest`` is whole or as before)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        src = sqlite3.connect(self.path, timeout=30)
+        try:
+            out = sqlite3.connect(tmp)
+            try:
+                src.backup(out)
+            finally:
+                out.close()
+            os.replace(tmp, dest)
+        finally:
+            src.close()
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    @classmethod
+    def restore(cls, backup: Path, path: Path) -> "Registry":
+        """A registry at ``path`` rebuilt from a :meth:`backup` file (refused if ``path`` exists: a restore never
+        overwrites a registry).
+
+        Raises:
+            RegistryError: ``path`` exists, or ``backup`` is not a registry.
+        """
+        path = Path(path)
+        if path.exists():
+            raise RegistryError(f"will not restore over the existing registry {path} (move it aside first)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src = sqlite3.connect(f"file:{Path(backup).resolve()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"snapshots", "events"} <= tables:
+                raise RegistryError(f"{backup} is not a registry backup (tables: {sorted(tables)})")
+            out = sqlite3.connect(path)
+            try:
+                src.backup(out)
+            finally:
+                out.close()
+        except sqlite3.DatabaseError as exc:
+            path.unlink(missing_ok=True)
+            raise RegistryError(f"{backup} is not a readable registry backup: {exc}") from exc
+        finally:
+            src.close()
+        return cls(path)
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, snapshot_id: str) -> SnapshotRecord | None:

@@ -7,7 +7,14 @@ registry" kept apart from the source repo so daily runs never commit into the so
   snapshots (``snapshots/<snapshot_id>``) are ``dvc add``-ed, ``dvc push``-ed to the remote named
   ``storage`` (a local folder by default, any DVC URL works) and their ``.dvc`` files are committed;
 * the working state (``registry/``, ``feast/``, ``gx/``, ``airflow/``, ``runs/``, ``quarantine/``)
-  is git-ignored (and DVC-ignored) and never versioned;
+  is git-ignored (and DVC-ignored); the audit trail among it (the registry, the day records, the
+  quarantine) is copied into ``audit/`` and versioned at every promotion (:mod:`sum_platform.audit_trail`);
+* the workspace's marker (``.sum-workspace.json``, its identity) is committed, so a restored workspace is
+  the same workspace;
+* the workspace's git history (``main`` and every tag) is pushed at every promotion to the git remote
+  :data:`BACKUP_REMOTE`, by default a bare repository inside a local DVC remote
+  (``<remote>/workspaces/<identity>.git``): the remote folder alone restores the workspace
+  (``sumctl restore``, :mod:`sum_pipeline.restore`);
 * a promotion is recorded with GTO (Git Tag Ops): the artifact ``user-tower`` is declared in the
   workspace's ``dvc.yaml`` (``artifacts:`` section, the place DVC 3 and GTO tooling read it from),
   with ``path: snapshots/<snapshot_id>``; each promotion commits ``dvc.yaml`` pointing at the promoted
@@ -35,6 +42,7 @@ the README ("Versioning and restoring").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -51,6 +59,7 @@ import yaml
 
 from sum_platform.config import load_params
 from sum_platform.files import disk_full
+from sum_platform.workspace import MARKER, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,11 @@ COMMITTER_NAME = "sum-platform"
 COMMITTER_EMAIL = "sum@localhost"
 SNAPSHOTS_DIR = "snapshots"
 DVC_YAML = "dvc.yaml"
+
+BACKUP_REMOTE = "sum-backup"
+"""The workspace's git remote that every promotion pushes ``main`` and the tags to (see :func:`push_backup`)."""
+BACKUPS_DIR = "workspaces"
+"""Folder of a local DVC remote holding the workspaces' bare git repositories, one per identity."""
 
 WORKING_STATE_DIRS: tuple[str, ...] = ("registry", "feast", "gx", "airflow", "runs", "quarantine")
 """Untracked working state of the workspace: git-ignored and DVC-ignored, never versioned."""
@@ -446,7 +460,9 @@ def init_workspace_repo(root: Path, remote_url: str | None = None) -> None:
     Runs ``git init -b main`` (unless ``root/.git`` exists), sets a local committer identity if the
     repo has none, ``dvc init`` (unless ``root/.dvc`` exists), ``dvc config core.analytics false``,
     ``dvc remote add -d -f storage <remote_url>`` (a local path is made absolute and created),
-    git-ignores (and DVC-ignores) the working-state folders, and commits whatever of that changed.
+    git-ignores (and DVC-ignores) the working-state folders, claims the workspace's marker
+    (:meth:`Workspace.claim`) and commits whatever of that changed. With a local remote, the git remote
+    :data:`BACKUP_REMOTE` is pointed at ``<remote>/workspaces/<identity>.git`` (see :func:`push_backup`).
 
     Args:
         root: The workspace directory (created if missing).
@@ -485,11 +501,14 @@ def init_workspace_repo(root: Path, remote_url: str | None = None) -> None:
         ignored = [f"/{d}/" for d in WORKING_STATE_DIRS]
         _ensure_lines(root / ".gitignore", ignored)
         _ensure_lines(root / ".dvcignore", ignored)
+        # Committed: a workspace restored from its history keeps its identity (the stack, SOAP and doctor name it).
+        identity = Workspace(root).claim()
         sha = _commit(
             root,
-            [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"],
+            [".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore", MARKER],
             "sum-platform: initialise workspace repository (git + DVC, remote 'storage')",
         )
+        _ensure_backup_remote(root, remote_url, identity)
         log.info("workspace repo ready at %s (remote %s)%s", root, remote_url, f", committed {sha}" if sha else "")
 
 
@@ -642,7 +661,7 @@ def production_snapshot(root: Path) -> str | None:
     return snapshot_for_tag(root, f"{ARTIFACT_NAME}@{version}") if version else None
 
 
-def tag_promotion(root: Path, snapshot_id: str, message: str) -> str:
+def tag_promotion(root: Path, snapshot_id: str, message: str, *, tracked: bool = False) -> str:
     """Records the promotion of ``snapshot_id`` with GTO and returns its version tag.
 
     Steps: make sure ``snapshots/<snapshot_id>`` is tracked and pushed (:func:`track_paths`), point
@@ -653,7 +672,8 @@ def tag_promotion(root: Path, snapshot_id: str, message: str) -> str:
     Idempotent: a snapshot that already has a version returns that version's tag. If that version is
     not the one in ``prod`` any more (a rollback to an earlier snapshot), ``prod`` is assigned to it
     again (a new ``user-tower#prod#N`` tag), so GTO's ``prod`` always matches the last promotion.
-    The snapshot's later local changes are not re-versioned under an existing tag.
+    The snapshot's later local changes are not re-versioned under an existing tag. ``tracked``: the caller has
+    just run :func:`track_paths` on the snapshot (skips a second ``dvc add``/``dvc push``).
 
     Returns:
         The registration tag, e.g. ``user-tower@v0.0.2``.
@@ -673,7 +693,7 @@ def tag_promotion(root: Path, snapshot_id: str, message: str) -> str:
             return promo.tag
 
         rel = f"{SNAPSHOTS_DIR}/{snapshot_id}"
-        if (root / rel).exists():
+        if (root / rel).exists() and not tracked:
             track_paths(root, [root / rel], f"track snapshot {snapshot_id}")
         elif _git(root, "ls-files", "--error-unmatch", f"{rel}.dvc", check=False).returncode != 0:
             raise VersioningError(f"cannot promote {snapshot_id}: neither {rel} nor a committed {rel}.dvc exists")
@@ -697,6 +717,114 @@ def tag_promotion(root: Path, snapshot_id: str, message: str) -> str:
         _gto(root, "assign", ARTIFACT_NAME, "--version", version, "--stage", PROD_STAGE, "-m", label)
     log.info("promoted %s as %s (stage %s, commit %s)", snapshot_id, tag, PROD_STAGE, head[:12])
     return tag
+
+
+def backup_url(remote_url: str, identity: str) -> str | None:
+    """Where a workspace's git history is backed up inside a local DVC remote (None for a URL remote).
+
+    DVC keeps its objects under ``files/md5`` of the remote and never lists other folders, so a bare git
+    repository beside them is safe from ``dvc gc --cloud``.
+    """
+    if "://" in remote_url:
+        return None
+    return str(Path(remote_url) / BACKUPS_DIR / f"{identity}.git")
+
+
+def _ensure_backup_remote(root: Path, remote_url: str, identity: str) -> None:
+    """Points :data:`BACKUP_REMOTE` at the local DVC remote's bare repository of this identity; a URL remote
+    leaves it to the operator (``git remote add sum-backup <url>``)."""
+    url = backup_url(remote_url, identity)
+    if url is None:
+        return
+    current = _git(root, "remote", "get-url", BACKUP_REMOTE, check=False)
+    if current.returncode != 0:
+        _git(root, "remote", "add", BACKUP_REMOTE, url)
+    elif current.stdout.strip() != url:
+        _git(root, "remote", "set-url", BACKUP_REMOTE, url)
+
+
+def push_backup(root: Path) -> str | None:
+    """Pushes the workspace's ``main`` and every tag to the git remote :data:`BACKUP_REMOTE`.
+
+    A local bare repository is created on first use. The push is fast-forward only: a backup holding commits
+    this workspace does not have belongs to another workspace with the same identity (a copy), and is refused
+    rather than overwritten.
+
+    Returns:
+        The backup's URL, or None when the workspace has no :data:`BACKUP_REMOTE` (a URL DVC remote and no git
+        remote added by the operator; logged as a warning: the history then lives only on this disk).
+
+    Raises:
+        VersioningError: The push failed (a full disk says so first, with the free space).
+    """
+    root = Path(root).resolve()
+    got = _git(root, "remote", "get-url", BACKUP_REMOTE, check=False)
+    if got.returncode != 0:
+        log.warning("workspace %s has no git remote %r: its history (tags, the audit trail's .dvc file) is not backed "
+                    "up; add one with `git -C %s remote add %s <url>`", root, BACKUP_REMOTE, root, BACKUP_REMOTE)
+        return None
+    url = got.stdout.strip()
+    with _timed(f"push_backup({url})"):
+        try:
+            if "://" not in url and ":" not in url.split("/", 1)[0] and not Path(url).exists():
+                Path(url).parent.mkdir(parents=True, exist_ok=True)
+                _git(root, "init", "-q", "--bare", "-b", DEFAULT_BRANCH, url)
+            _git(root, "push", "-q", "--no-verify", BACKUP_REMOTE, f"refs/heads/{DEFAULT_BRANCH}:refs/heads/{DEFAULT_BRANCH}",
+                 "refs/tags/*:refs/tags/*")
+        except VersioningError as exc:
+            full = disk_full(exc.stderr, Path(url) if "://" not in url else root, f"backing up the workspace's git to {url}")
+            if full is not None:
+                raise VersioningError(full.strerror, cmd=exc.cmd, returncode=exc.returncode, stderr=exc.stderr) from exc
+            if "non-fast-forward" in exc.stderr or "[rejected]" in exc.stderr:
+                raise VersioningError(
+                    f"the backup {url} has commits this workspace does not: it is another workspace's history with the "
+                    f"same identity (a copy of this one?). Nothing was overwritten; give one of them a new identity "
+                    f"(delete its {MARKER} and rerun) or point {BACKUP_REMOTE} elsewhere",
+                    cmd=exc.cmd, returncode=exc.returncode, stderr=exc.stderr) from exc
+            raise
+    return url
+
+
+def list_backups(remote_url: str) -> dict[str, Path]:
+    """The workspaces backed up in a local DVC remote: ``{identity: bare repository}``."""
+    if "://" in remote_url:
+        return {}
+    folder = Path(remote_url) / BACKUPS_DIR
+    return {p.name.removesuffix(".git"): p for p in sorted(folder.glob("*.git")) if (p / "HEAD").exists()}
+
+
+def backup_marker(repo: Path) -> dict:
+    """The identity marker committed on ``main`` of a backed-up repository (``{}`` if unreadable)."""
+    try:
+        return json.loads(_read_at(Path(repo), [f"{DEFAULT_BRANCH}:{MARKER}"])[0] or "{}")
+    except (VersioningError, ValueError, OSError):
+        return {}
+
+
+def clone_workspace(source: str, root: Path) -> None:
+    """Clones a workspace's git history (a :func:`push_backup` target or any clone of it) into ``root``.
+
+    Refuses an existing, non-empty ``root``: a restore writes only into a folder it creates. The clone's
+    ``origin`` becomes :data:`BACKUP_REMOTE`, so the restored workspace goes on pushing there.
+    """
+    root = Path(root).resolve()
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise VersioningError(f"cannot restore into {root}: it exists and is not empty (move it aside first)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _timed(f"clone_workspace({source})"):
+        _run([_tool("git"), "clone", "-q", "--origin", BACKUP_REMOTE, "--branch", DEFAULT_BRANCH, source, str(root)],
+             root.parent)
+
+
+def pull_all(root: Path) -> None:
+    """``dvc pull``: every DVC-tracked path of the checked-out commit (partitions, snapshots, the audit trail)
+    from the remote into the cache and the workspace.
+
+    Raises:
+        VersioningError: An object is in neither the cache nor the remote, or the remote cannot be read.
+    """
+    with _timed("dvc pull"):
+        _dvc(Path(root).resolve(), "pull")
 
 
 def restore_snapshot(root: Path, snapshot_id: str, dest: Path, *, force: bool = False) -> Path:
@@ -736,18 +864,25 @@ def restore_snapshot(root: Path, snapshot_id: str, dest: Path, *, force: bool = 
 
 __all__ = [
     "ARTIFACT_NAME",
+    "BACKUP_REMOTE",
     "PROD_STAGE",
     "REMOTE_NAME",
     "WORKING_STATE_DIRS",
     "Promotion",
     "TagNotFound",
     "VersioningError",
+    "backup_marker",
+    "backup_url",
+    "clone_workspace",
     "data_version",
     "data_versions",
     "init_workspace_repo",
+    "list_backups",
     "list_promotions",
     "production_snapshot",
     "production_version",
+    "pull_all",
+    "push_backup",
     "restore_snapshot",
     "snapshot_for_tag",
     "tag_for_snapshot",
