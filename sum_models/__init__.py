@@ -20,4 +20,6 @@ Modules (one concern each; importing this package does not import torch):
                   load_model, embed_users
     inference     load_exported_tower: the exported tower without the training code (archive checked first)
     shift         shift_metrics, average_pool (paper §5.2, Table 3)
+    atomic        crash-safe replaces of files and folders (fsync, renameat2 exchange), for the snapshot export
+                  and sum_platform.files
 """
