@@ -1,18 +1,20 @@
-"""doctor compares serving only with this workspace's own app, and its shell repairs quote the workspace path.
+"""doctor's decisions: serving is compared only with this workspace's own app, a busy SQLite store is not damage,
+and its shell repairs quote the workspace path.
 
-The decision is a pure function of the served ``/version`` payload and the workspace's identity; the deployed-stack
-test proves it end to end."""
+Whose app answered is a pure function of the served ``/version`` payload and the workspace's identity; the
+deployed-stack test proves it end to end."""
 
 from __future__ import annotations
 
 import shlex
+import sqlite3
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from sum_pipeline.doctor import _in_ws, serving_owner
+from sum_pipeline.doctor import _busy, _in_ws, serving_owner
 
 MINE = "3f0c-mine"
 
@@ -43,3 +45,23 @@ def test_a_repair_runs_in_a_workspace_whose_path_has_spaces_and_shell_characters
     done = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert Path(done.stdout.strip()) == root
     assert not list(tmp_path.glob("INJECTED*")) and not list(root.glob("INJECTED*"))
+
+
+def test_a_locked_store_is_busy_and_a_truncated_one_is_damage(tmp_path):
+    db = tmp_path / "online_store.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # another process's write transaction
+    try:
+        with pytest.raises(sqlite3.OperationalError) as locked:
+            sqlite3.connect(db, timeout=0).execute("SELECT * FROM t").fetchall()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert _busy(locked.value), locked.value
+    with open(db, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(sqlite3.DatabaseError) as damaged:
+        sqlite3.connect(db).execute("SELECT * FROM t").fetchall()
+    assert not _busy(damaged.value), damaged.value
