@@ -247,3 +247,22 @@ def test_soak_refuses_a_serving_port_already_taken(tmp_path):
     assert out.exit_code == 2, out.output
     assert f"serving.port {raw['serving']['port']}, which something already listens on" in " ".join(out.output.split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no soak workspace made
+
+
+def test_force_wipe_stops_the_stack_then_deletes(tmp_path, monkeypatch):
+    from sum_pipeline.cli import _prepare
+
+    monkeypatch.setenv("SUM_DVC_REMOTE", str(tmp_path / "remote"))
+    p, ws = _setup(tmp_path / "ws", None)
+    _prepare(p, ws, own="demo", purpose="workspace", fresh=False)
+    _registry(ws.root)
+    component = subprocess.Popen(["sleep", "300"], env={"PATH": "/usr/bin:/bin", IDENTITY_ENV: ws.identity()},
+                                 start_new_session=True)
+    try:
+        _prepare(p, ws, own="demo", purpose="workspace", fresh=True, force=True)
+        assert component.wait(timeout=30) is not None
+    finally:
+        if component.poll() is None:
+            component.kill()
+            component.wait()
+    assert not ws.registry_db.exists() and ws.purpose() == "workspace"
