@@ -38,7 +38,8 @@ bench-serving: setup  ## SOAP latency (no-op vs async vs realtime, 1x/10x/100x t
 ui: setup  ## Airflow UI on http://127.0.0.1:8080 for the workspace's runs
 	$(BIN)/sumctl ui
 
-clean:
+clean:  ## delete .sum (every workspace and local remote under it) and reports; the stack is stopped first
+	if [ -x $(BIN)/sumctl ]; then $(BIN)/sumctl down; fi
 	rm -rf .sum reports
 
 .PHONY: bench
