@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -229,15 +230,18 @@ def _swap_file(path: Path, staging: Path) -> Path | None:
     """Moves the unreadable ``path`` (and its ``-wal``/``-shm``) aside and renames ``staging`` over it; returns
     where the old file is kept (None: there was none)."""
     aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    kept = None
+    if path.exists():  # the old file stays for a post-mortem; the path is never without a database
+        try:
+            os.link(path, aside)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(path, aside)
+        kept = aside
     # The WAL is found by the database's name: the old one must not be applied to the new file.
     for suffix in ("-wal", "-shm"):
         part = Path(f"{path}{suffix}")
         if part.exists():
             os.replace(part, f"{aside}{suffix}")
-    kept = None
-    if path.exists():
-        os.link(path, aside)  # the old file stays for a post-mortem; the path is never without a database
-        kept = aside
     os.replace(staging, path)
     atomic.fsync_dir(path.parent)
     return kept

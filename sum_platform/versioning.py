@@ -58,7 +58,7 @@ from pathlib import Path
 import yaml
 
 from sum_platform.config import load_params
-from sum_platform.files import disk_full
+from sum_platform.files import disk_full, replace_atomically
 from sum_platform.workspace import MARKER, Workspace
 
 log = logging.getLogger(__name__)
@@ -838,7 +838,8 @@ def restore_snapshot(root: Path, snapshot_id: str, dest: Path, *, force: bool = 
         root: The workspace.
         snapshot_id: A promoted snapshot (see :func:`tag_for_snapshot`).
         dest: The directory to create with the snapshot's files (e.g. ``Workspace.snapshot_dir(id)``).
-        force: Replace ``dest`` if it exists and is not empty.
+        force: Replace ``dest`` if it exists and is not empty (the files are fetched beside it and swapped in:
+            a kill leaves the old files or the new, never none).
 
     Returns:
         ``dest`` (absolute).
@@ -850,13 +851,11 @@ def restore_snapshot(root: Path, snapshot_id: str, dest: Path, *, force: bool = 
     if dest.exists():
         if dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()
-        elif force:
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        else:
+        elif not force:
             raise VersioningError(f"cannot restore {snapshot_id} into {dest}: it exists (use force=True)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _timed(f"restore_snapshot({snapshot_id})"):
-        _run([_tool("dvc"), "get", str(root), f"{SNAPSHOTS_DIR}/{snapshot_id}", "--rev", tag, "-o", str(dest)],
+    with _timed(f"restore_snapshot({snapshot_id})"), replace_atomically(dest) as tmp:
+        _run([_tool("dvc"), "get", str(root), f"{SNAPSHOTS_DIR}/{snapshot_id}", "--rev", tag, "-o", str(tmp)],
              dest.parent)
     log.info("restored %s (%s) into %s", snapshot_id, tag, dest)
     return dest
