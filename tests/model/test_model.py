@@ -153,7 +153,8 @@ def test_training_learns_sparse_signal(spec, model_cfg, train_cfg, make_examples
     assert stats.examples == 2400 and stats.epochs == train_cfg["epochs"]
     assert stats.steps == train_cfg["epochs"] * 19
     assert np.isfinite(stats.final_loss) and stats.final_loss < stats.epoch_losses[0]
-    assert stats.examples_per_second > 0 and stats.seconds > 0
+    # The rate is over the optimizer loop, a part of the whole call's time: rate x call time >= examples seen.
+    assert stats.examples_per_second * stats.seconds >= stats.examples * stats.epochs > 0
     assert after["click"] < 0.85, after
     assert after["click"] < before["click"]
     assert after["conversion"] < 1.0, after

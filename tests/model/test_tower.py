@@ -125,12 +125,29 @@ def test_user_tower_golden_output(spec, model_cfg, make_users, golden):
         golden("compact_tiny_logits", model(u.dense, u.sparse_ids, u.sparse_offsets, ad_sparse, ad_dense))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "sum", "max"])
+POOLINGS = {"mean": lambda rows: rows.mean(0), "sum": lambda rows: rows.sum(0), "max": lambda rows: rows.max(0).values}
+
+
+@pytest.mark.parametrize("pooling", sorted(POOLINGS))
 def test_sparse_pooling_is_configurable(spec, model_cfg, make_users, pooling):
     model = build_model(spec, {**model_cfg, "sparse_pooling": pooling}, seed=0)
     bag = model.user_tower.sparse_arch.bags["pages"]
     assert bag.mode == pooling
+    ids = torch.tensor([3, 1, 4, 1])  # one user's id list: the bag pools the rows of its ids as configured
+    with torch.no_grad():
+        torch.testing.assert_close(bag(ids, torch.tensor([0]))[0], POOLINGS[pooling](bag.weight[ids]))
     assert _embed(model.user_tower, make_users(4, seed=0), spec).shape == (4, 2, 8)
+
+
+def test_the_pooling_changes_the_embeddings(spec, model_cfg, make_users):
+    """The same weights (seed 0) pooled three ways give three different towers' outputs."""
+    users = make_users(4, seed=0)
+    assert max(len(p) for p in users["pages"]) > 1  # a user with several ids, where the poolings differ
+    with torch.no_grad():
+        out = {p: _embed(build_model(spec, {**model_cfg, "sparse_pooling": p}, seed=0).user_tower, users, spec)
+               for p in POOLINGS}
+    for a, b in [("mean", "sum"), ("mean", "max"), ("sum", "max")]:
+        assert not torch.allclose(out[a], out[b]), (a, b)
 
 
 def test_dense_features_become_tokens_of_dim_d(spec):
@@ -177,9 +194,18 @@ def test_dhen_layer_shapes_and_norm_options(norm):
     x = torch.randn(4, 6, 8)
     out = layer(x)
     assert out.shape == (4, 9, 8) == (4, layer.num_out_tokens, 8)
-    out.sum().backward()
-    if norm == "post":
+    (out * torch.randn_like(out)).sum().backward()  # a random direction: a plain sum has no gradient under post-LN
+    for name, param in layer.named_parameters():  # every parameter is trained, with a finite gradient
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+    rescaled = 3 * x + 2  # each input token scaled and shifted alike in all its D dimensions
+    with torch.no_grad():
+        if norm == "pre":  # LayerNorm first: the layer sees each token's shape only, not its scale or offset
+            torch.testing.assert_close(layer(rescaled), out.detach(), atol=1e-4, rtol=1e-4)
+        else:
+            assert not torch.allclose(layer(rescaled), out.detach(), atol=1e-3)
+    if norm == "post":  # LayerNorm last (weight 1, bias 0 at init): every output token has mean 0, variance 1
         torch.testing.assert_close(out.mean(-1), torch.zeros(4, 9), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(4, 9), atol=1e-3, rtol=0)
 
 
 def test_flops_count_a_hand_computed_tower(spec):
