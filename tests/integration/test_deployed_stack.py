@@ -6,6 +6,12 @@ through its asset, a task process killed with SIGKILL and retried,
 a Clear-style rerun, a held candidate approved through the HITL endpoint and one left to time out, and a
 corrupted partition stopping the run at validation while production, the online store and serving stay
 unchanged. Then an operator's `sumctl rollback`, the UI in Debian's Chromium, and `sumctl down`.
+
+One ordered scenario, not independent tests: the module is the life of one stack (module-scoped fixtures bring it
+up and drive the seven runs once), and its tests are the scenario's steps in file order. Each step starts from the
+state the steps before it left (the doctor's check expects the production the operator's rollback left; the fault
+steps rely on each other's `sumctl up` recovery; the last step stops the stack and writes the faults' report), so
+run the module as a whole, never one of its tests alone or reordered (README, Tests).
 """
 
 from __future__ import annotations
