@@ -36,7 +36,7 @@ from fault_setup import cannot_set_up
 from params_env import params_in_force
 from serving.rollout import served_snapshot_id, served_version
 from sum_pipeline import driver
-from sum_pipeline.airflow_api import AirflowClient
+from sum_pipeline.airflow_api import AirflowClient, run_result
 from sum_pipeline.airflow_env import DAG_ID
 from sum_pipeline.stack import AIRFLOW_COMPONENTS, Stack
 from sum_platform.context import context
@@ -71,6 +71,8 @@ def stack_params(session_dir: Path):
     raw["airflow"].update({"port": port + 2, "end_date": DAY7, "catchup": False, "approval_timeout_minutes": 0.5,
                            "retry_delay_seconds": 3, "dag_poll_seconds": 1})
     raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4})
+    # `sumctl run` (DAY1) would unpause sum_downstream; the test unpauses it for DAY2 only (see `runs`).
+    raw["downstream"]["retrain_on_promotion"] = False
     # The scale-out layout as deployed: Redis as the online store (a component of the stack), a second Ray node
     # holding one of the two compute replicas, training on 2 Ray Train workers, the batch embeddings on Ray Data.
     raw["profile"] = ["redis"]
@@ -227,6 +229,14 @@ def _drive(client, ds, faults=None, helper=None, consumers=()):
 DOWNSTREAM_DAG = "sum_downstream"
 
 
+def _result_of(client, ds: str):
+    """The finished run of ``ds`` read back over the REST API, as ``driver.drive`` returns it."""
+    run_id = driver.find_run(client, ds)["dag_run_id"]
+    result = run_result(client, DAG_ID, run_id, ds)
+    result.run_id, result.task_instances = run_id, client.task_instances(DAG_ID, run_id)
+    return result
+
+
 def _finished_run(client, dag_id: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -248,7 +258,14 @@ def runs(stack, client, stack_params, stored_rows):
         out[f"{key}/production"] = ctx.registry.production().snapshot_id if ctx.registry.production() else None
         out[f"{key}/served"] = served_snapshot_id(params)
 
-    out[DAY1], _, out["seconds"][DAY1] = _drive(client, DAY1)
+    # DAY1 as the README's first command, from a shell: `sumctl run` (exit 0, its table, its --report), then the
+    # run read back over the REST API.
+    report = stack_params.workspace.parent / "sumctl-run-day1.json"
+    t0 = time.monotonic()
+    out["sumctl_run"] = _sumctl("run", "--start", DAY1, "--days", "1", "--report", str(report))
+    out["seconds"][DAY1] = time.monotonic() - t0
+    out["sumctl_run/report"] = json.loads(report.read_text())
+    out[DAY1] = _result_of(client, DAY1)
     observe(DAY1)
     # DAY2 as an operator backfills a date from a shell: `airflow backfill create` on the stack's metadata DB;
     # the driver finds the backfill's run by its logical date and follows it.
@@ -377,6 +394,21 @@ def test_first_day_is_promoted_by_rubber_stamp(runs):
     assert validated["success"] and Path(validated["data_docs"]).is_file()
     assert any("no validated day before" in line for line in validated["skipped"]["events"])
     assert runs[f"{DAY1}/production"] == "sum-2026-01-01"
+
+
+def test_sumctl_run_prints_the_days_table_and_its_report(runs):
+    """The README's first command on one day: exit 0 (checked by _sumctl), a table row that says what happened."""
+    stdout = runs["sumctl_run"].stdout
+    assert "SUM daily runs" in stdout, stdout[-3000:]
+    [row] = [line for line in stdout.splitlines() if line.startswith(f"│ {DAY1} ")]
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    date_, rows, validation, ne_click, ne_conv, *shift, verdict, served, _seconds = cells
+    assert (date_, validation, verdict, served) == (DAY1, "passed", "blessed", f"sum-{DAY1}"), cells
+    assert int(rows) > 1000 and 0 < float(ne_click) < 2 and 0 < float(ne_conv) < 2
+    assert set(shift) == {"-"}  # the first snapshot has no baseline to shift from
+    [reported] = runs["sumctl_run/report"]["rows"]
+    assert reported["state"] == "success" and reported["served"] == f"sum-{DAY1}" and reported["rows"] == int(rows)
+    assert runs[DAY1].run_id == driver.run_id_for(DAY1)  # the run it created, read back
 
 
 def test_a_promotion_triggers_the_downstream_models_retraining(runs):
@@ -754,6 +786,42 @@ def test_doctor_finds_registry_tags_remote_store_and_serving_in_agreement(runs):
     checked = report["checked"]
     assert checked["registry"]["promoted"] >= 4 and checked["manifests"] == checked["registry"]["promoted"]
     assert checked["online_store"]["rows"] > 0 and checked["serving"]["snapshot_id"] == f"sum-{DAY3}"
+
+
+def _files(*roots: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def test_fresh_and_soak_refuse_the_live_stacks_workspace_and_change_no_file(runs, stack):
+    """`sumctl run --fresh` and `sumctl soak` (with and without --fresh) pointed at the deployed stack's workspace,
+    which holds promotions: each refuses naming them and the running stack, and changes no file. The stack's own
+    folders (`stack/`, `airflow/`: logs, heartbeats, Ray's session) change by themselves while it runs: of those,
+    the stack's state, token and secrets (the files directly in `stack/`) are compared."""
+    s = stack["stack"]
+    root, remote = s.ws.root, Path(s.params.dvc_remote)
+    live = ("stack", "airflow")
+
+    def still() -> dict[str, str]:
+        """Every file of the remote and of the workspace outside its live folders (path -> sha256)."""
+        return _files(remote) | {f: h for f, h in _files(root).items() if Path(f).relative_to(root).parts[0] not in live}
+
+    def state() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in s.dir.iterdir() if p.is_file()}
+
+    before, before_state = still(), state()
+    assert str(s.ws.registry_db) in before and "stack.json" in before_state
+    assert any(f.startswith(f"{remote}/files/") for f in before)  # the promoted snapshots' only other copy
+    for argv in (["run", "--days", "1", "--fresh"], ["run", "--days", "1", "--fresh", "--demo"],
+                 ["soak", "--days", "3", "--workspace", str(root)], ["soak", "--days", "3", "--fresh", "--workspace", str(root)]):
+        done = _sumctl(*argv, check=False)
+        text = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode == 2, (argv, text[-3000:])
+        assert str(root) in text and "promotions (production sum-" in text and "GTO promotion tags" in text, text
+        assert "a running stack: " in text and ("--force-wipe" in text) == ("--fresh" in argv), text
+    assert still() == before
+    assert state() == before_state
+    assert s.is_up(), s.status()
 
 
 def _until(what: str, check, timeout_s: float, interval_s: float = 1.0):
