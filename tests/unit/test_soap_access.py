@@ -130,3 +130,24 @@ def test_with_a_token_every_request_but_healthz_must_carry_it(auth, path, expect
     if expected == 401:
         assert seen is None and out[b"www-authenticate"] == b"Bearer"
         assert b"s3cret" not in body and orjson.loads(body)["detail"].startswith("missing or wrong bearer token")
+
+
+def test_a_store_failure_storm_logs_its_request_ids_first_and_last_of_those_left_out(caplog, monkeypatch):
+    from serving import client
+
+    now = [100.0]
+    monkeypatch.setattr(client.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(client, "_STORE_ERRORS", client._ThrottledError(every_s=10.0))
+    failure = client.StoreUnavailable("online store read failed for 1 users: DatabaseError: file is not a database",
+                                      "online store read failed (DatabaseError)")
+    with caplog.at_level("ERROR", logger=client.log.name):
+        for n in range(1, 101):
+            client.log_store_failure(failure, f"ab-{n:x}")
+            now[0] += 0.01
+        now[0] = 111.0
+        client.log_store_failure(failure, "ab-ff")
+    assert [r.getMessage() for r in caplog.records] == [
+        "request ab-1: online store read failed for 1 users: DatabaseError: file is not a database",
+        "request ab-ff: online store read failed for 1 users: DatabaseError: file is not a database "
+        "(and 99 more in the last 11 s, request ids ab-2 .. ab-64)"]
+    assert "DatabaseError" in failure.reason and "file is not" not in failure.reason
