@@ -13,6 +13,7 @@ The source is the params' (``source.kind``; ``profile: movielens`` for MovieLens
 Run::
 
     .venv/bin/python -m benchmarks.ne_days --days 5 --presets compact
+    .venv/bin/python -m benchmarks.ne_days --smoke      # a small day pair, one epoch: runs to its end, measures nothing
 """
 
 from __future__ import annotations
@@ -32,15 +33,26 @@ from sum_platform.feature_store import spec_from_fields, user_feature_fields
 from sum_platform.sources import day_frames, joined_day, source_dates
 
 
-def _joined_day(ds: str, params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def with_users(params, users: int):
+    """``params`` with a simulator of ``users`` initial users (the smoke runs' small days)."""
+    simulator = params.simulator.model_copy(update={"initial_users": users, "new_users_per_day": max(users // 15, 1)})
+    return params.model_copy(update={"simulator": simulator})
+
+
+def day_split(ds: str, params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A day of the params' source joined as the DAG joins it: ``(train, holdout, users)`` (the hash holdout)."""
     events, users = day_frames(ds, params)
     joined = joined_day(events, users, params).sort_values("impression_id").reset_index(drop=True)
     holdout = holdout_mask(joined, params.events.holdout_fraction)
     return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), users
 
 
-def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: dict | None = None) -> list[dict[str, Any]]:
-    """Runs the daily loop for every preset (and the LR baseline); returns one row per (model, day)."""
+def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: dict | None = None,
+        users: int | None = None) -> list[dict[str, Any]]:
+    """Runs the daily loop for every preset (and the LR baseline); returns one row per (model, day).
+
+    ``users``: the simulator's initial users (default: the params'; the smoke run's few make small days).
+    """
     import torch
 
     from sum_models.baselines import LogisticRegression
@@ -52,11 +64,13 @@ def run(days: int, presets: list[str], with_lr: bool = True, train_overrides: di
         return ne_accumulator(model, frame, spec).compute_defined()[0]
 
     params = load_params()
+    if users is not None:
+        params = with_users(params, users)
     spec = spec_from_fields(user_feature_fields(params), params)
     start = pd.Timestamp(params.simulator.start_date)
     dates = source_dates(params) or [(start + pd.Timedelta(days=i)).date().isoformat() for i in range(days + 1)]
     dates = [ds for ds in dates if len(day_frames(ds, params)[0]) >= params.validation.min_event_rows][:days + 1]
-    data = {ds: _joined_day(ds, params) for ds in dates}
+    data = {ds: day_split(ds, params) for ds in dates}
     probe = data[dates[0]][2].sort_values("user_id").head(params.gate.probe_users)
     train_cfg = {**params.train.model_dump(), **(train_overrides or {})}
     rows: list[dict[str, Any]] = []
@@ -112,19 +126,26 @@ def _summary(rows: list[dict[str, Any]]) -> None:
         print(f"{name:<21} mean next-day click NE {np.nanmean([r['next_day_ne'].get('click', np.nan) for r in mine]):.4f}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--days", type=int, default=5)
     parser.add_argument("--presets", default="compact", help="comma-separated model presets")
     parser.add_argument("--no-lr", action="store_true", help="skip the logistic-regression baseline")
     parser.add_argument("--train", default="{}", help="JSON overrides of params.train")
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one day pair of a 150-user simulator, compact, one epoch: proves the benchmark runs to "
+                             "its end (tests/integration/test_benchmarks_smoke.py), measures nothing")
     args = parser.parse_args(argv)
-    rows = run(args.days, [p for p in args.presets.split(",") if p], not args.no_lr, json.loads(args.train))
+    if args.smoke:
+        args.days, args.presets, args.train = 1, "compact", json.dumps({**json.loads(args.train), "epochs": 1})
+    rows = run(args.days, [p for p in args.presets.split(",") if p], not args.no_lr, json.loads(args.train),
+               users=150 if args.smoke else None)
     _summary(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

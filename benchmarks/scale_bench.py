@@ -3,6 +3,10 @@
 Run (about 30-40 minutes on 2 cores; everything on 127.0.0.1, ports offset by 200 from params.yaml's)::
 
     .venv/bin/python -m benchmarks.scale_bench --json reports/scale_bench.json
+    .venv/bin/python -m benchmarks.scale_bench --smoke --json /tmp/scale.json   # runs to its end, measures nothing
+
+``--smoke``: one day pair of 1,500 impressions through the stack, 2,000 training rows, 200 users in each online
+store; it attaches to a Ray already running in the process (the test session's) instead of starting one.
 
 1. **A day through the stack at 10k / 100k / 1M impressions** (the ``scale`` profile: Ray Train with 2
    workers, Ray Data batch embeddings, Redis, 2 compute replicas on a second Ray node; users scaled alike,
@@ -55,6 +59,7 @@ SUMCTL = str(Path(sys.executable).with_name("sumctl"))
 PORT_OFFSET = 200
 SIZES = (10_000, 100_000, 1_000_000)
 TARGET_DAY_S = 600.0
+SMOKE_IMPRESSIONS = 1_500
 
 
 def _params(root: Path, impressions: int) -> Path:
@@ -184,7 +189,7 @@ def _batch_embeddings(params_file: Path, ds: str) -> dict[str, Any]:
     task_s = time.perf_counter() - t0
     manifest = read_json(snap / MANIFEST_FILE)
     t0 = time.perf_counter()
-    n = sum(len(ids) for ids, _ in embed_with_ray_data(
+    n = sum(len(ids) for ids, _, _ in embed_with_ray_data(
         ctx.ws.users_dir(ds), snap, (manifest["num_embeddings"], manifest["embedding_dim"]),
         batch_size=cfg.batch_size, actors=cfg.actors, cpus_per_actor=cfg.cpus_per_actor))
     ray_s = time.perf_counter() - t0
@@ -262,7 +267,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="impressions per day, comma-separated (default 10000,100000,1000000)")
     ap.add_argument("--train-rows", type=int, default=200_000, help="rows of the training comparison (one epoch)")
     ap.add_argument("--json", type=Path, default=PROJECT_ROOT / "reports" / "scale_bench.json")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one small size, few rows and users: proves the benchmark runs to its end "
+                         "(tests/integration/test_benchmarks_smoke.py), measures nothing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.train_rows = [SMOKE_IMPRESSIONS], 2_000
     console = Console()
     root = Path(tempfile.mkdtemp(prefix="sum-scale-bench-"))
     load_start = os.getloadavg()
@@ -299,18 +309,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console.print(f"plot: {png}")
 
 
-    os.environ["SUM_RAY_ADDRESS"] = "local"
-    os.environ["SUM_RAY_LOG_TO_DRIVER"] = "0"
-    connect_ray()
+    import ray
+
+    own_ray = not ray.is_initialized()  # a Ray this process already runs (the test session's) is used, not stopped
+    if own_ray:
+        os.environ["SUM_RAY_ADDRESS"] = "local"
+        os.environ["SUM_RAY_LOG_TO_DRIVER"] = "0"
+        connect_ray()
     try:
         with console.status("training: Ray Train 2 x 1 thread vs one process with 2 threads"):
             training = _training(Path(last["params"]), last["ds"], args.train_rows)
         with console.status("batch embeddings: Ray Data vs the in-task loop"):
             batch = _batch_embeddings(Path(last["params"]), last["ds"])
     finally:
-        shutdown()
+        if own_ray:
+            shutdown()
     with console.status("online stores: Redis vs SQLite"):
-        stores = _online_stores(root)
+        stores = _online_stores(root, users=200, reads=100) if args.smoke else _online_stores(root)
 
     t = Table(title="Engines on the largest day's data")
     for col in ("measure", "scale-out", "baseline", "ratio", "floor"):

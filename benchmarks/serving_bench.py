@@ -5,6 +5,7 @@ Run (about 5-8 minutes on 2 cores; everything on 127.0.0.1)::
 
     make bench-serving                      # = .venv/bin/python -m benchmarks.serving_bench
     .venv/bin/python -m benchmarks.serving_bench --requests 200 --json reports/serving_bench.json
+    .venv/bin/python -m benchmarks.serving_bench --smoke    # 1x/10x, c=1/8, few requests: runs to its end
 
 It starts its own local Ray + Serve with a temporary workspace (simulated user features for ``--users`` users, one
 daily-batch row each). SOAP's ingress replica listens on ``--port`` (default 8799) itself; for the baselines, a bare
@@ -152,12 +153,12 @@ def _export(env: dict, hidden_dim: int, name: str) -> tuple[Path, int]:
     return out, _tower_flops(out, env["users"])
 
 
-def _towers(env: dict) -> dict[int, dict[str, Any]]:
-    """Snapshots with ~1x, 10x, 100x the configured tower's FLOPs (hidden_dim scaled, FLOPs measured)."""
+def _towers(env: dict, sizes: tuple[int, ...] = SIZES) -> dict[int, dict[str, Any]]:
+    """Snapshots with ~1x, 10x, 100x (``sizes``) the configured tower's FLOPs (hidden_dim scaled, FLOPs measured)."""
     base_hidden = int(env["params"].model.hidden_dim)
     base_dir, base_flops = _export(env, base_hidden, "bench-1x")
     towers = {1: {"dir": base_dir, "id": "bench-1x", "flops": base_flops, "hidden_dim": base_hidden}}
-    for factor in SIZES[1:]:
+    for factor in sizes[1:]:
         target = factor * base_flops
         points = [(base_hidden, base_flops)]
         hidden = base_hidden * factor
@@ -557,8 +558,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"config": vars(args).copy(), "cells": [], "loadavg_start": os.getloadavg()}
     floor = None
     try:
+        sizes, concurrency = tuple(args.sizes), tuple(args.concurrency)
         env = _setup(root, args.port, args.users, args.realtime_budget_ms)
-        towers = _towers(env)
+        towers = _towers(env, sizes)
         report["towers"] = {
             f"{f}x": {"flops": t["flops"], "hidden_dim": t["hidden_dim"], "ratio": t["flops"] / towers[1]["flops"]}
             for f, t in towers.items()
@@ -599,11 +601,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
 
-        for factor in SIZES:
+        for factor in sizes:
             t = towers[factor]
             rollout(params, t["dir"], t["id"], params_file=params_file, timeout_s=300)
             _drain(base)
-            for conc in CONCURRENCY:
+            for conc in concurrency:
                 n = args.requests * LOAD[conc]
                 n_rt = max(40, n // (4 if factor == 100 else 2))
                 record(f"{factor}x", conc, _cell_runs(urls, conc, n, n_rt, args.rounds, base))
@@ -648,13 +650,14 @@ def _summarise(report: dict) -> None:
         print(f"{c['size']:>4}  {c['concurrency']:>4}  {c['path']:<14} {c['p50_ms']:7.2f}  {c['p99_ms']:7.2f}  "
               f"{c['rps']:7.0f}  {fresh}")
     ratios: dict[str, Any] = {}
-    for conc in CONCURRENCY:
-        for size in ("1x", "10x", "100x"):
+    sizes = [f"{f}x" for f in report["config"]["sizes"]]  # what was measured (--smoke: fewer)
+    for conc in report["config"]["concurrency"]:
+        for size in sizes:
             a, f, n = (_cell(report, size, conc, p) for p in ("async", "floor", "noop"))
             ratios[f"async/floor p50 {size} c={conc}"] = a["p50_ms"] / f["p50_ms"]
             ratios[f"async/serve-noop p50 {size} c={conc}"] = a["p50_ms"] / n["p50_ms"]
-        ratios[f"async p99 100x/1x c={conc}"] = (
-            _cell(report, "100x", conc, "async")["p99_ms"] / _cell(report, "1x", conc, "async")["p99_ms"]
+        ratios[f"async p99 {sizes[-1]}/1x c={conc}"] = (
+            _cell(report, sizes[-1], conc, "async")["p99_ms"] / _cell(report, "1x", conc, "async")["p99_ms"]
         )
     ratios["async reads/s 1x c=8"] = _cell(report, "1x", 8, "async")["rps"]
     ratios["realtime p50 - async p50, 1x c=1 (ms)"] = (
@@ -710,7 +713,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="reads per in-process read variant (store, client)")
     parser.add_argument("--write-users", type=int, default=256, help="users per write-back throughput run")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="towers 1x and 10x, concurrency 1 and 8, a few requests, users and reads: proves the "
+                             "benchmark runs to its end (tests/integration/test_benchmarks_smoke.py), measures nothing")
     args = parser.parse_args(argv)
+    args.sizes, args.concurrency = (1, 10) if args.smoke else SIZES, (1, 8) if args.smoke else CONCURRENCY
+    if args.smoke:
+        args.users, args.requests, args.rounds, args.store_reads, args.write_users = 32, 10, 1, 50, 32
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("SUM_RAY_LOG_TO_DRIVER", "0")
     report = run(args)

@@ -12,6 +12,7 @@ task process: a bare ``fork()``, a bare interpreter start, and an interpreter im
 Run::
 
     .venv/bin/python -m benchmarks.stack_bench --days 2 --json reports/stack_bench.json
+    .venv/bin/python -m benchmarks.stack_bench --smoke      # one small day per mode: runs to its end, measures nothing
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ SUMCTL = str(Path(sys.executable).with_name("sumctl"))
 PORT_OFFSET = 100  # the benchmark's stack must not meet a stack the operator runs on the default ports
 
 
-def _params(root: Path, name: str, days: int) -> Path:
+SMOKE_USERS = 150  # the smoke run's simulated day (about 2,000 impressions)
+
+
+def _params(root: Path, name: str, days: int, users: int | None = None) -> Path:
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    if users is not None:
+        raw["simulator"].update({"initial_users": users, "new_users_per_day": max(users // 15, 1)})
     raw["paths"] = {"workspace": str(root / name / "workspace"), "dvc_remote": str(root / name / "remote")}
     raw["serving"]["port"] += PORT_OFFSET
     raw["airflow"]["port"] += PORT_OFFSET
@@ -102,19 +108,26 @@ def _breakdown(task_instances: dict[str, dict[str, Any]]) -> dict[str, float]:
             "end_to_queued_s": sum(waits), "queued_to_start_s": statistics.mean(starts) if starts else 0.0}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--days", type=int, default=2, help="consecutive simulated days per mode")
     ap.add_argument("--json", type=Path, help="write the results here")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"one day of {SMOKE_USERS} simulated users per mode, floors measured once: proves the "
+                         f"benchmark runs to its end (tests/integration/test_benchmarks_smoke.py), measures nothing")
+    args = ap.parse_args(argv)
+    users, repeat = (SMOKE_USERS, 1) if args.smoke else (None, 5)
+    if args.smoke:
+        args.days = 1
     console = Console()
     root = Path(tempfile.mkdtemp(prefix="sum-stack-bench-"))
-    inline_params, stack_params = _params(root, "inline", args.days), _params(root, "stack", args.days)
+    inline_params = _params(root, "inline", args.days, users)
+    stack_params = _params(root, "stack", args.days, users)
 
     floors = {
-        "fork_s": _fork_seconds(),
-        "python_start_s": _median_seconds([sys.executable, "-c", "pass"]),
-        "task_sdk_import_s": _median_seconds([sys.executable, "-c", "import airflow.sdk"], repeat=3),
+        "fork_s": _fork_seconds(repeat=4 * repeat),
+        "python_start_s": _median_seconds([sys.executable, "-c", "pass"], repeat=repeat),
+        "task_sdk_import_s": _median_seconds([sys.executable, "-c", "import airflow.sdk"], repeat=min(repeat, 3)),
     }
     with console.status("inline: dag.test() per date"):
         inline_total = _sumctl("run", "--inline", "--days", str(args.days), "--params", str(inline_params),
@@ -155,10 +168,12 @@ def main() -> None:
     last = days[-1]
     verdict = "meets" if last["ratio"] <= 1.3 else "misses"
     console.print(f"last (warm) day: scheduler {last['ratio']:.2f}x inline - {verdict} the 1.3x target")
+    results = {"days": days, "floors": floors, "up_s": up_s, "down_s": down_s, "inline_total_s": inline_total,
+               "stack_total_s": stack_total}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"days": days, "floors": floors, "up_s": up_s, "down_s": down_s,
-                                         "inline_total_s": inline_total, "stack_total_s": stack_total}, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Run (one documented command; ``make bench`` does the same)::
 
     .venv/bin/python -m benchmarks.train_bench                 # compact + large, 1 thread
     .venv/bin/python -m benchmarks.train_bench --presets compact,large,paper --threads 2 --json reports/train_bench.json
+    .venv/bin/python -m benchmarks.train_bench --smoke          # a few steps: runs to its end, measures nothing
 
 The training data is one simulated day (the daily DAG's input), encoded once; batches are drawn from it
 in a fixed order, so every preset trains on the same examples. With one thread every rate is measured in
@@ -27,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ne_days import _joined_day
+from benchmarks.ne_days import day_split, with_users
 from sum_models.spec import FeatureSpec
 from sum_platform.config import load_params
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
-from sum_platform.simulate import user_fields
 
 
 def clock(threads: int):
@@ -40,14 +40,14 @@ def clock(threads: int):
     return time.thread_time if threads == 1 else time.perf_counter
 
 
-def matmul_peak(threads: int, seconds: float = 2.0) -> dict[str, float]:
+def matmul_peak(threads: int, seconds: float = 2.0, sizes: tuple[int, ...] = (512, 1024, 2048)) -> dict[str, float]:
     """Best fp32 ``torch.mm`` FLOP/s over a few square sizes (the denominator of MFU), same clock."""
     import torch
 
     now = clock(threads)
     best: dict[str, float] = {"flops_per_second": 0.0, "size": 0}
     with _threads(threads):
-        for n in (512, 1024, 2048):
+        for n in sizes:
             a, b = torch.randn(n, n), torch.randn(n, n)
             for _ in range(2):
                 torch.mm(a, b)
@@ -79,8 +79,7 @@ class _threads:
 
 def _day(params):
     """One simulated day joined with its users (as the DAG's point-in-time join returns it) + its spec."""
-    fields = user_fields(params)
-    train, _, users = _joined_day(params.simulator.start_date, params, fields)
+    train, _, users = day_split(params.simulator.start_date, params)
     return train, users, spec_from_fields(user_feature_fields(params), params)
 
 
@@ -212,11 +211,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per preset")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-paper-scale", action="store_true", help="skip the FLOPs of the paper preset at 600+1000 features")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a day of 150 users, compact only, 3 steps of 64 examples, a short matmul peak, 64 users inferred, the paper "
+                             "preset at 6 + 10 features: proves the benchmark runs to its end (tests/integration/test_benchmarks_smoke.py), measures nothing")
     args = parser.parse_args(argv)
-    params = load_params()
+    if args.smoke:
+        args.presets, args.steps, args.batch_size = "compact", 3, 64
+    params = with_users(load_params(), 150) if args.smoke else load_params()
     batch_size = args.batch_size or params.train.batch_size
     train_df, users_df, spec = _day(params)
-    peak = matmul_peak(args.threads)
+    peak = matmul_peak(args.threads, seconds=0.3, sizes=(256,)) if args.smoke else matmul_peak(args.threads)
     kind = "thread CPU time" if args.threads == 1 else "wall time"
     print(f"fp32 matmul peak ({args.threads} thread(s), {peak['size']}^3, {kind}): {peak['flops_per_second'] / 1e9:.1f} GFLOP/s")
     results: dict[str, Any] = {"threads": args.threads, "matmul_peak_flops_per_second": peak["flops_per_second"], "presets": {}}
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = bench_training(preset, params, train_df, spec, batch_size, args.steps, args.threads)
         model = r.pop("_model")
         r["mfu"] = r["achieved_flops_per_second"] / peak["flops_per_second"]
-        r["inference"] = bench_inference(model, users_df, spec, args.threads)
+        r["inference"] = (bench_inference(model, users_df, spec, args.threads, batch_size=16, users=64) if args.smoke
+                          else bench_inference(model, users_df, spec, args.threads))
         results["presets"][preset] = r
         inf = r["inference"]
         print(
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
     if not args.no_paper_scale:
-        scale = paper_scale_flops()
+        scale = paper_scale_flops(n_sparse=6, n_dense=10) if args.smoke else paper_scale_flops()
         results["paper_scale"] = scale
         print(
             f"paper preset at the paper's scale ({scale['sparse_features']} sparse + {scale['dense_features']} dense features,"

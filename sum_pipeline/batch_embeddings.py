@@ -51,7 +51,7 @@ class TowerEmbedder:
 def embed_with_ray_data(
     users_dir: Path, snapshot_dir: Path, shape: tuple[int, int], *, batch_size: int, actors: int,
     cpus_per_actor: float,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Embeds every user of a users partition on the connected Ray cluster.
 
     Args:
