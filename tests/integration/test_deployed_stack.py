@@ -139,9 +139,10 @@ def _kill_when_running(client: AirflowClient, run_id: str, task_id: str, out: di
         time.sleep(0.2)
 
 
-def _kill_scheduler_during(s: Stack, task_id: str):
-    """A helper for :func:`_drive`: SIGKILLs the scheduler's process (alone, as the OOM killer would) two seconds
-    into ``task_id``'s run, then runs `sumctl up` as an operator would three seconds later."""
+def _kill_scheduler_during(s: Stack, task_id: str, log_line: str):
+    """A helper for :func:`_drive`: SIGKILLs the scheduler's process (alone, as the OOM killer would) once
+    ``task_id``'s log shows ``log_line`` (keyed on the task's own progress, not on a delay: the kill lands while
+    the work runs, however fast the machine), then runs `sumctl up` as an operator would three seconds later."""
     def helper(client: AirflowClient, run_id: str, out: dict, stop: threading.Event) -> None:
         def ti() -> dict:
             try:
@@ -152,11 +153,18 @@ def _kill_scheduler_during(s: Stack, task_id: str):
         def state() -> str | None:
             return ti().get("state")
 
-        while not stop.is_set() and state() != "running":
+        def logged() -> bool:
+            now = ti()
+            try:
+                return now.get("state") == "running" and log_line in client.task_log(
+                    DAG_ID, run_id, task_id, int(now["try_number"]))
+            except Exception:  # noqa: BLE001 - a busy API server, or no log yet: ask again
+                return False
+
+        while not stop.is_set() and not logged():
             time.sleep(0.2)
         if stop.is_set():
             return
-        time.sleep(2)
         scheduler = s._states()["scheduler"]
         at_kill = ti()
         out["killed"] = {"pid": scheduler.pid, "task_state": at_kill.get("state"), "try": at_kill.get("try_number")}
@@ -291,7 +299,7 @@ def runs(stack, client, stack_params, stored_rows):
     # while train_user_model runs; `sumctl up` restarts it: the same end state as the undisturbed first run.
     out["rerun/before"] = ctx.registry.get(f"sum-{DAY3}")
     out["rerun"], out["scheduler_kill"], out["seconds"]["rerun"] = _drive(
-        client, DAY3, helper=_kill_scheduler_during(s, "train_user_model"))
+        client, DAY3, helper=_kill_scheduler_during(s, "train_user_model", "training on 2 Ray Train workers"))
     if "killed_at" in out["scheduler_kill"]:
         out["scheduler_kill"]["run_done_after_kill_s"] = time.monotonic() - out["scheduler_kill"]["killed_at"]
     out["rerun/after"] = ctx.registry.get(f"sum-{DAY3}")
