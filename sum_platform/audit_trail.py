@@ -92,6 +92,8 @@ def save_audit_trail(ws: Workspace, message: str) -> dict[str, Any]:
     """
     audit = ws.root / AUDIT_DIR
     audit.mkdir(parents=True, exist_ok=True)
+    for stale in audit.rglob(".*.tmp"):  # a copy killed half-way: ours, and never to be versioned
+        stale.unlink()
     out: dict[str, Any] = {}
     if ws.registry_db.exists():
         registry = Registry(ws.registry_db)

@@ -71,7 +71,9 @@ def before(module_workspace: Path, remote: Path) -> dict:
         blessed = ds != DAYS[2]
         ctx.registry.record_verdict(sid, blessed, {"blessed": blessed, "verdict": "blessed" if blessed else "held",
                                                    "reasons": [] if blessed else ["mean cosine below threshold"]})
-        if blessed:
+        if ds == DAYS[0]:
+            _promotion_dies_before_its_audit_trail_then_the_rerun_pushes_it(ctx, ds)
+        elif blessed:
             tasks.promote(ds)
         else:  # the answer approve_held gets from the Airflow UI
             approval = {"chosen_options": ["Approve"], "responded_by_user": {"name": "alice"},
@@ -96,6 +98,40 @@ def before(module_workspace: Path, remote: Path) -> dict:
         "tags": _git(ctx.ws.root, "tag", "--list"),
         "snapshots": {sid: _tree(ctx.ws.snapshot_dir(sid)) for sid in (f"sum-{ds}" for ds in DAYS)},
     }
+
+
+class Interrupted(BaseException):
+    """Stands for the process dying: not an Exception, so nothing on the way catches it."""
+
+
+def _backup_head(ctx) -> str | None:
+    from sum_platform.versioning import list_backups
+
+    backups = list_backups(ctx.params.dvc_remote)
+    return _git(backups[ctx.ws.identity()], "rev-parse", "main") if backups else None
+
+
+def _promotion_dies_before_its_audit_trail_then_the_rerun_pushes_it(ctx, ds: str) -> None:
+    """Killed after the registry flipped, before the trail was versioned: production is promoted, the remote has
+    neither the trail nor the history; rerunning the promotion (the task's retry) pushes both, logging no second
+    promotion."""
+    from sum_pipeline import promotion, tasks
+
+    def die(*args, **kwargs):
+        raise Interrupted("killed before the audit trail")
+
+    original = promotion.save_audit_trail
+    promotion.save_audit_trail = die
+    try:
+        with pytest.raises(Interrupted):
+            tasks.promote(ds)
+    finally:
+        promotion.save_audit_trail = original
+    assert ctx.registry.production().snapshot_id == f"sum-{ds}"
+    assert not (ctx.ws.root / "audit.dvc").exists() and _backup_head(ctx) is None
+    tasks.promote(ds)
+    assert (ctx.ws.root / "audit.dvc").exists() and _backup_head(ctx) == _git(ctx.ws.root, "rev-parse", "HEAD")
+    assert [e["action"] for e in ctx.registry.events(f"sum-{ds}")].count("promote") == 1
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +205,20 @@ def test_restore_refuses_a_folder_that_is_not_empty(restored, module_workspace):
     assert "not empty" in result.output and str(module_workspace) in result.output.replace("\n", "")
     assert _git(module_workspace, "rev-parse", "HEAD") == head
     assert sorted(p.relative_to(module_workspace).as_posix() for p in module_workspace.rglob("*")) == files
+
+
+def test_a_copy_with_the_same_identity_cannot_overwrite_the_backup(restored, module_workspace, tmp_path):
+    """A clone of the workspace used elsewhere under the same identity pushes first; the workspace's next push is
+    refused, naming the cause, and the backup keeps the copy's commits."""
+    from sum_platform.versioning import BACKUP_REMOTE, VersioningError, push_backup
+
+    url = _git(module_workspace, "remote", "get-url", BACKUP_REMOTE)
+    copy = tmp_path / "copy"
+    _git(tmp_path, "clone", "-q", str(module_workspace), str(copy))
+    _git(copy, "remote", "add", BACKUP_REMOTE, url)
+    _git(copy, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "the copy's work")
+    push_backup(copy)
+    _git(module_workspace, "commit", "-q", "--allow-empty", "-m", "the workspace's work")
+    with pytest.raises(VersioningError, match="same identity"):
+        push_backup(module_workspace)
+    assert _git(Path(url), "log", "-1", "--format=%s", "main") == "the copy's work"
