@@ -514,6 +514,8 @@ def _raw_exchange(url: str, head: bytes, chunks: list[bytes] = ()) -> tuple[byte
                 data = sock.recv(65536)
             except socket.timeout:
                 return answer, False
+            except ConnectionResetError:  # closed with bytes of ours unread: the answer came before
+                return answer, True
             if not data:
                 return answer, True
             answer += data
