@@ -5,8 +5,9 @@ Run (about 30-40 minutes on 2 cores; everything on 127.0.0.1, ports offset by 20
     .venv/bin/python -m benchmarks.scale_bench --json reports/scale_bench.json
     .venv/bin/python -m benchmarks.scale_bench --smoke --json /tmp/scale.json   # runs to its end, measures nothing
 
-``--smoke``: one day pair of 1,500 impressions through the stack, 2,000 training rows, 200 users in each online
-store; it attaches to a Ray already running in the process (the test session's) instead of starting one.
+``--smoke``: one day of 1,500 impressions through the stack (a second day of so few users would fail the data
+gate's drift checks on sampling noise alone), 2,000 training rows, 200 users in each online store; it attaches to a
+Ray already running in its process (the test session's) instead of starting one.
 
 1. **A day through the stack at 10k / 100k / 1M impressions** (the ``scale`` profile: Ray Train with 2
    workers, Ray Data batch embeddings, Redis, 2 compute replicas on a second Ray node; users scaled alike,
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,15 +93,15 @@ def _sumctl(*args: str, log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _day_through_stack(root: Path, impressions: int, console: Console) -> dict[str, Any]:
+def _day_through_stack(root: Path, impressions: int, console: Console, days: int = 2) -> dict[str, Any]:
     params = _params(root, impressions)
     log = root / f"imp{impressions}.log"
     report = root / f"imp{impressions}.json"
     with console.status(f"{impressions:,} impressions: sumctl up"):
         up_s = _sumctl("up", "--params", str(params), log=log)
     try:
-        with console.status(f"{impressions:,} impressions: two days through the scheduler (log: {log})"):
-            _sumctl("run", "--days", "2", "--params", str(params), "--report", str(report), log=log)
+        with console.status(f"{impressions:,} impressions: {days} day(s) through the scheduler (log: {log})"):
+            _sumctl("run", "--days", str(days), "--params", str(params), "--report", str(report), log=log)
     finally:
         with console.status(f"{impressions:,} impressions: sumctl down"):
             _sumctl("down", "--params", str(params), log=log)
@@ -161,7 +163,7 @@ def _training(params_file: Path, ds: str, rows: int) -> dict[str, Any]:
     s1 = train_model(single, train_df, spec, cfg, seed=0, num_threads=2, progress=False)
     ddp = build_model(spec, ctx.params.model, seed=0)
     s2 = train_model_ray(ddp, train_df, spec, cfg, seed=0, workers=2, cpus_per_worker=0.5, threads_per_worker=1,
-                         storage_path=Path(tempfile.mkdtemp(prefix="scale-bench-train-")))
+                         storage_path=params_file.parent / "ray-train")  # in the benchmark's folder
     peak = matmul_peak(2)
     out = {"rows": len(train_df), "single_2_threads_ex_s": s1.examples_per_second,
            "ray_train_2x1_ex_s": s2.examples_per_second, "ray_train_wall_s": s2.seconds, "single_wall_s": s1.seconds,
@@ -173,13 +175,16 @@ def _training(params_file: Path, ds: str, rows: int) -> dict[str, Any]:
 
 
 def _batch_embeddings(params_file: Path, ds: str) -> dict[str, Any]:
-    """Users/s: the Ray Data pipeline (2 actors) vs the in-task loop, the day's users, production's tower."""
+    """Users/s: the Ray Data pipeline (2 actors) vs the in-task loop, the day's users, production's tower (the
+    day's candidate when nothing was promoted)."""
     from sum_models.runtime import torch_threads
     from sum_models.snapshot import MANIFEST_FILE, embed_users, load_user_tower
 
     os.environ["SUM_PARAMS"] = str(params_file)
     ctx = context()
-    snap = ctx.ws.snapshot_dir(ctx.registry.production().snapshot_id)
+    production = ctx.registry.production()
+    # Any exported tower measures the engines; a small day's first candidate may have been held, not promoted.
+    snap = ctx.ws.snapshot_dir(production.snapshot_id if production else f"sum-{ds}")
     cfg = ctx.params.inference
     users = read_partition(ctx.ws.users_dir(ds)).sort_values("user_id").reset_index(drop=True)
     tower, _ = load_user_tower(snap)
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     console = Console()
     root = Path(tempfile.mkdtemp(prefix="sum-scale-bench-"))
     load_start = os.getloadavg()
-    days = [_day_through_stack(root, n, console) for n in args.sizes]
+    days = [_day_through_stack(root, n, console, days=1 if args.smoke else 2) for n in args.sizes]
 
     table = Table(title=f"A day through the stack (scale profile, {os.cpu_count()} CPUs): wall time per task (s)")
     table.add_column("task")
@@ -351,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "cpus": os.cpu_count(), "workdir": str(root)}
     args.json.write_text(json.dumps(report, indent=2))
     console.print(f"report: {args.json}")
+    if args.smoke:  # nothing to look at later: the folder goes (a full run keeps it, the report names it)
+        shutil.rmtree(root, ignore_errors=True)
     return report
 
 
