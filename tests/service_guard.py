@@ -12,7 +12,6 @@ is also recorded, so a starter that swallows the exception does not hide it. Und
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 from typing import Any
@@ -23,13 +22,18 @@ __all__ = ["ServiceStarted", "service_of", "install", "guarding", "started_durin
 
 #: Executables that are services (Ray's GCS and raylet, Redis, PostgreSQL).
 SERVICE_EXECUTABLES = {"gcs_server", "raylet", "redis-server", "postgres", "postmaster"}
-#: Command lines that start one (through a CLI): Ray, Airflow's components, the stack, a PostgreSQL cluster.
-SERVICE_COMMANDS = [
-    re.compile(r"\bray start\b"),
-    re.compile(r"\bairflow (scheduler|api-server|dag-processor|triggerer|standalone|celery|webserver)\b"),
-    re.compile(r"\bsumctl (up|run|serve|soak|ui)\b"),
-    re.compile(r"\bpg_ctl(cluster)?\b.*\bstart\b"),
-]
+#: CLIs whose subcommand starts one: Ray, Airflow's components, the stack, a PostgreSQL cluster.
+SERVICE_SUBCOMMANDS = {
+    "ray": {"start"},
+    "airflow": {"scheduler", "api-server", "dag-processor", "triggerer", "standalone", "celery", "webserver"},
+    "sumctl": {"up", "run", "serve", "soak", "ui"},
+    "pg_ctlcluster": {"start", "restart"},
+    "pg_ctl": {"start", "restart"},
+}
+
+
+#: Commands that run the command after them (their options and VAR=value words skipped).
+WRAPPERS = {"exec", "env", "nice", "nohup", "setsid", "stdbuf", "ionice", "chrt"}
 
 
 class ServiceStarted(RuntimeError):
@@ -50,11 +54,21 @@ def service_of(argv: Any) -> str | None:
     if not parts:
         return None
     line = " ".join(parts)
-    if os.path.basename(parts[0]) in SERVICE_EXECUTABLES:
+    while parts and os.path.basename(parts[0]) in WRAPPERS:  # `exec nice -n 5 env A=1 airflow scheduler`
+        parts = parts[1:]
+        while parts and (parts[0].startswith("-") or "=" in parts[0] or parts[0].isdigit()):
+            parts = parts[1:]
+    if not parts:
+        return None
+    program, rest = os.path.basename(parts[0]), parts[1:]
+    if program.startswith("python") and rest and not rest[0].startswith("-"):
+        program, rest = os.path.basename(rest[0]), rest[1:]  # `python .venv/bin/airflow scheduler`
+    if program in SERVICE_EXECUTABLES:
         return line
-    # `.venv/bin/airflow scheduler`, `/usr/bin/python3 -m ...`: matched with every path cut to its last part.
-    bare = " ".join(os.path.basename(p) if "/" in p and not p.startswith("-") else p for p in parts)
-    return line if any(rx.search(bare) for rx in SERVICE_COMMANDS) else None
+    words = [a for a in rest if not a.startswith("-")]
+    if program in ("pg_ctlcluster", "pg_ctl"):  # `pg_ctlcluster 15 main start`: the action comes last
+        return line if SERVICE_SUBCOMMANDS[program] & set(words) else None
+    return line if words[:1] and words[0] in SERVICE_SUBCOMMANDS.get(program, ()) else None
 
 
 _state: dict[str, Any] = {"active": False, "where": None, "started": []}

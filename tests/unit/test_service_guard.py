@@ -32,6 +32,8 @@ def test_service_commands_are_recognised(argv):
     ["bash", "-c", "sleep 1"], [f"{VENV}/airflow", "db", "migrate"], ["git", "status"], [sys.executable, "-c", "1"],
     ["runuser", "-u", "postgres", "--", "psql", "-c", "SELECT 1"], [f"{VENV}/sumctl", "status"],
     ["pg_lsclusters", "--no-header"], [f"{VENV}/dvc", "push"], [],
+    [sys.executable, "-c", "import time; time.sleep(9)", "ray", "start", "--head"],  # a stand-in's argv, not ray
+    ["grep", "airflow scheduler", "/var/log/syslog"], [f"{VENV}/ray", "status"],
 ])
 def test_other_commands_are_not(argv):
     assert service_guard.service_of(argv) is None
