@@ -62,6 +62,7 @@ def _record_path(ws: Workspace) -> Path:
 def record_cluster(ws: Workspace, address: str, token_path: Path, dashboard: str) -> None:
     """Records the stack's Ray head for every later process (tasks, ``sumctl``)."""
     write_json(_record_path(ws), {"address": address, "token_path": str(token_path), "dashboard": dashboard})
+    _record_path(ws).chmod(0o600)
 
 
 def forget_cluster(ws: Workspace) -> None:

@@ -239,6 +239,7 @@ class Stack:
             "passwords_file": str(self.passwords_file),
             "components": {name: asdict(s) for name, s in states.items()},
         })
+        self.state_file.chmod(0o600)  # every file of stack/ is its owner's (the test of the stack checks all)
 
     def _secret(self, name: str, make: Callable[[], str] = lambda: secrets.token_hex(32)) -> str:
         """A secret generated once per workspace (by ``make``), in a file only its owner can read."""
