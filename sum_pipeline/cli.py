@@ -41,6 +41,7 @@ from sum_platform.feature_store import spec_from_fields, user_feature_fields
 from sum_platform.sources import first_date, source_dates
 from sum_platform.files import write_json
 from sum_platform.registry import Registry
+from sum_platform.versioning import VersioningError
 from sum_platform.workspace import Workspace, claim_remote
 from validation.calibrate import calibrate as run_calibration
 from validation.corruptions import failing_kinds
@@ -588,8 +589,8 @@ def restore(
     try:
         with console.status(f"restoring {ws.root} from {git or p.dvc_remote} ..."):
             out = restore_workspace(Context(p, ws), source=git, identity=identity, online=online)
-    except RestoreError as exc:
-        console.print(f"[red]restore refused:[/red] {exc}")
+    except (RestoreError, VersioningError) as exc:
+        console.print(f"[red]restore failed, {ws.root} left as it was:[/red] {exc}", highlight=False)
         raise typer.Exit(code=1) from exc
     console.print_json(data=out)
 

@@ -5,7 +5,8 @@ workspace's git history (``main``, the GTO tags, the committed identity marker) 
 repository inside a local remote (``<remote>/workspaces/<identity>.git``). So the remote folder alone is enough:
 
 1. ``git clone`` the history (the remote's backup, or ``--git <url>``: any clone of the workspace's repository)
-   into the workspace folder, which must be absent or empty;
+   into a hidden sibling of the workspace folder (which must be absent or empty); steps 2-4 run there and the
+   folder is renamed into place at the end, so a failed restore leaves nothing half-done;
 2. :func:`~sum_platform.versioning.init_workspace_repo`: the local git identity, the DVC remote in force (a remote
    that moved is re-pointed and committed), the ignores; the marker keeps the workspace's identity;
 3. ``dvc pull``: partitions, promoted snapshots and ``audit/``;
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from sum_platform.feature_store import apply_definitions
 from sum_platform.files import replace_atomically
 from sum_platform.versioning import (BACKUPS_DIR, backup_marker, clone_workspace, init_workspace_repo, list_backups,
                                      pull_all)
+from sum_platform.workspace import Workspace
 
 __all__ = ["RestoreError", "find_backup", "restore_workspace"]
 
@@ -108,16 +112,26 @@ def restore_workspace(ctx: Context, *, source: str | None = None, identity: str 
     remote_url = ctx.params.dvc_remote
     source = source or find_backup(remote_url, identity)
     log.info("restoring %s from %s and the DVC remote %s", root, source, remote_url)
-    clone_workspace(source, root)
-    init_workspace_repo(root, remote_url)
-    restored_identity = ctx.ws.identity()
-    if identity is not None and restored_identity != identity:
-        raise RestoreError(f"{source} holds workspace {restored_identity}, not {identity}")
-    pull_all(root)
+    # Built in a hidden sibling and renamed into place: a failed restore (a remote that lacks an object) leaves the
+    # target as it was and removes only the folder it made (a killed one leaves that hidden sibling behind).
+    staging = Workspace(root.with_name(f".{root.name}.restoring-{uuid.uuid4().hex[:8]}"))
     try:
-        state = restore_working_state(ctx.ws)
-    except (FileNotFoundError, FileExistsError) as exc:
-        raise RestoreError(str(exc)) from exc
+        clone_workspace(source, staging.root)
+        init_workspace_repo(staging.root, remote_url)
+        restored_identity = staging.identity()
+        if identity is not None and restored_identity != identity:
+            raise RestoreError(f"{source} holds workspace {restored_identity}, not {identity}")
+        pull_all(staging.root)
+        try:
+            state = restore_working_state(staging)
+        except (FileNotFoundError, FileExistsError) as exc:
+            raise RestoreError(str(exc)) from exc
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        staging.root.rename(root)
+    except BaseException:
+        shutil.rmtree(staging.root, ignore_errors=True)
+        raise
     prod = ctx.registry.production()
     out: dict[str, Any] = {"workspace": str(root), "source": source, "identity": restored_identity,
                            "production": prod.snapshot_id if prod else None, "restored": state}
