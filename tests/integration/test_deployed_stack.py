@@ -70,7 +70,7 @@ def stack_params(session_dir: Path):
     # latest interval lies past end_date, so it adds no run of its own).
     raw["airflow"].update({"port": port + 2, "end_date": DAY7, "catchup": False, "approval_timeout_minutes": 0.5,
                            "retry_delay_seconds": 3, "dag_poll_seconds": 1})
-    raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4})
+    raw["ray"].update({"gcs_port": port + 3, "dashboard_port": port + 4, "client_server_port": port + 6})
     # `sumctl run` (DAY1) would unpause sum_downstream; the test unpauses it for DAY2 only (see `runs`).
     raw["downstream"]["retrain_on_promotion"] = False
     # The scale-out layout as deployed: Redis as the online store (a component of the stack), a second Ray node
@@ -105,7 +105,7 @@ def stack(stack_params):
     s = Stack(stack_params, Workspace(stack_params.workspace))
     yield {"stack": s, "up_seconds": up_seconds, "first": first.stdout, "second": second.stdout,
            "pids": {c.name: c.pid for c in s.status()}}
-    if s.state_file.exists():
+    if s.live_processes():
         s.down()
 
 
@@ -370,23 +370,35 @@ def test_up_starts_every_component_once_on_loopback_with_a_login(stack, client):
     assert [c.name for c in s.status()] == ["redis", "ray", "ray-worker-1", *AIRFLOW_COMPONENTS]
 
 
-def test_status_reports_each_component(stack):
+def test_status_reports_each_component_and_where_the_password_is_not_the_password(stack):
+    s = stack["stack"]
     done = _sumctl("status")
     for name in ("redis", "ray", "ray-worker-1", "api-server", "scheduler", "dag-processor", "triggerer"):
         assert name in done.stdout
-    assert stack["stack"].airflow_password() in done.stdout
+    printed = " ".join(done.stdout.split())  # rich folds long lines
+    assert s.passwords_file.name in printed and "--show-password" in printed
+    hidden = s.airflow_password() not in done.stdout  # (a bool: an assertion message must not carry the secret)
+    assert hidden, "sumctl status printed the Airflow password"
+    shown = s.airflow_password() in _sumctl("status", "--show-password", check=False).stdout  # (no output on failure)
+    assert shown, "sumctl status --show-password did not print the Airflow password"
 
 
 def test_a_ray_client_without_the_token_is_refused(stack, tmp_path):
     s = stack["stack"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    code = ("import ray\ntry:\n    ray.init(address=%r)\nexcept Exception as e:\n    print('REFUSED', type(e).__name__, e)\n"
+    code = ("import ray\nfrom serving.ray_cluster import keep_loopback\nkeep_loopback()\n"
+            "try:\n    ray.init(address=%r)\nexcept Exception as e:\n    print('REFUSED', type(e).__name__, e)\n"
             "else:\n    print('ADMITTED')\n") % s.ray_address
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "REFUSED" in done.stdout, (done.stdout[-2000:], done.stderr[-2000:])
     assert "ADMITTED" not in done.stdout
     assert "auth" in (done.stdout + done.stderr).lower()
+    # The dashboard (its Jobs API submits code to the cluster): the token or nothing.
+    import httpx
+
+    for path in ("/api/jobs/", "/api/v0/actors", "/nodes?view=summary"):
+        assert httpx.get(f"{s.ray_dashboard}{path}", timeout=30).status_code == 401, path
 
 
 def test_first_day_is_promoted_by_rubber_stamp(runs):
@@ -480,6 +492,8 @@ def test_online_store_holds_embeddings_for_the_users(runs):
 PLACEMENT_SCRIPT = """
 import json, ray
 from ray.util.state import list_actors, list_nodes
+from serving.ray_cluster import keep_loopback
+keep_loopback()  # the stack's head listens on 127.0.0.1 only
 ray.init(address="auto", namespace="sum", log_to_driver=False)
 head = {n.node_id for n in list_nodes() if n.is_head_node}
 alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.startswith("ServeReplica:")]
@@ -987,11 +1001,110 @@ def test_a_full_remote_fails_the_day_at_versioning_and_the_cleared_run_completes
     assert after["returncode"] == 0 and after["healthy"], after["findings"]
 
 
-def test_down_stops_every_process_of_the_stack(runs, stack):
-    """Last in the module: `sumctl down` leaves none of the stack's processes (checked by pid)."""
+def _refused_without_the_token(port: int) -> bool:
+    """Whether a Serve replica's inter-deployment gRPC server on ``port`` refuses a call that carries no token."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        try:
+            call(b"", timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
+def test_every_listening_socket_of_the_stack_is_on_loopback(runs, stack):
+    """After the runs and the faults (a new Ray head, replicas moved, SOAP serving): every listening socket of every
+    process of the stack (its components' trees and Ray's, found by `live_processes`: two Ray nodes with their
+    GCS, raylets, agents, Ray Client server, metrics exporters, Serve's replicas, Airflow's components, Redis) is on
+    127.0.0.1, and Ray's node IP is 127.0.0.1. One exception, which no setting of Ray 2.60 moves: each Serve
+    replica's inter-deployment gRPC server binds `[::]:0` (ray/serve/_private/replica.py); each one is probed
+    without the token and must refuse (UNAUTHENTICATED)."""
     s = stack["stack"]
-    pids = [p.pid for p in s._processes(s._states())]
+    listening, wider, replica_grpc = {}, [], []
+    for proc in s.live_processes():
+        try:
+            conns = [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        for c in conns:
+            listening[(c.laddr.ip, c.laddr.port)] = cmdline
+            if c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1"):
+                continue
+            if c.laddr.ip == "::" and cmdline.startswith("ray::ServeReplica:"):
+                replica_grpc.append(c.laddr.port)
+            else:
+                wider.append(f"{c.laddr.ip}:{c.laddr.port} pid {proc.pid} {cmdline[:200]}")
+    assert not wider, "listening beyond loopback:\n" + "\n".join(wider)
+    assert len(replica_grpc) >= 3  # the ingress and two compute replicas
+    admitted = [port for port in replica_grpc if not _refused_without_the_token(port)]
+    assert not admitted, f"Serve replicas' gRPC answering without the token on ports {admitted}"
+    ports = {port for _, port in listening}
+    params = s.params
+    for port in (params.ray.gcs_port, params.ray.dashboard_port, params.ray.client_server_port, params.airflow.port,
+                 params.feature_store.redis.port, params.serving.port):
+        assert port in ports, (port, sorted(listening.items()))
+    raylets = [cmd for cmd in listening.values() if "/raylet " in cmd]
+    assert len({cmd for cmd in raylets}) == 2 and all("--node_ip_address=127.0.0.1 " in cmd for cmd in raylets), raylets
+    print(f"{len(listening)} listening sockets, all on 127.0.0.1:\n" + "\n".join(
+        f"  {port:>5} {cmd[:110]}" for (_, port), cmd in sorted(listening.items(), key=lambda kv: kv[0][1])))
+
+
+def test_secrets_are_owner_only_and_in_no_log(runs, stack):
+    """Every file of `stack/` is 0600 (the secrets, the state, every log), `stack/`, `stack/logs/`, the Airflow home,
+    Redis's data folder and the parent of Ray's temp dir are 0700; no log of the stack (its components', Airflow's
+    task logs, Ray's session logs of both heads, Redis's) holds a secret: the Airflow password, the Ray token, the
+    JWT secret, the API secret key, the Fernet key, the Redis password. (Messages name files, never a secret.)"""
+    import stat
+
+    from sum_platform.feature_store import redis_password, redis_paths
+
+    s = stack["stack"]
+    folders = {s.dir: 0o700, s.logs: 0o700, s.ws.airflow_home: 0o700, redis_paths(s.params)[0]: 0o700,
+               s.ray_temp_dir.parent: 0o700}
+    modes = {str(d): oct(stat.S_IMODE(d.stat().st_mode)) for d in folders}
+    assert modes == {str(d): oct(m) for d, m in folders.items()}
+    assert s.ray_temp_dir.parent.stat().st_uid == os.getuid()
+    ray_dir = s.ray_temp_dir if s.ray_temp_dir.parent == s.dir else None
+    loose = {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in s.dir.rglob("*")
+             if f.is_file() and not f.is_symlink() and not (ray_dir and ray_dir in f.parents)
+             and stat.S_IMODE(f.stat().st_mode) != 0o600}
+    assert not loose, loose
+    assert {p.name for p in s.logs.glob("*.log")} >= {f"{n}.log" for n in s.components}
+    found = {
+        "the Airflow password": s.airflow_password(), "the Ray token": s.token_path.read_text().strip(),
+        **{name: (s.dir / name).read_text().strip()
+           for name in ("airflow_jwt_secret", "airflow_secret_key", "airflow_fernet_key")},
+        "the Redis password": redis_password(s.params)}
+    assert all(len(secret) >= 16 for secret in found.values()), "a secret is missing or short"
+    logs = [*s.logs.rglob("*"), *(s.ws.airflow_home / "logs").rglob("*"), *s.ray_temp_dir.rglob("*"),
+            *redis_paths(s.params)[0].glob("*.log")]
+    leaks, read = [], 0
+    for f in logs:
+        if not f.is_file() or f.is_symlink() or stat.S_ISSOCK(f.lstat().st_mode):
+            continue
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        read += 1
+        leaks += [f"{name} in {f}" for name, secret in found.items() if secret.encode() in data]
+    assert read > 50 and any("session_" in str(f) for f in logs)  # the logs were there to read
+    assert not leaks, leaks
+
+
+def test_down_stops_every_process_of_the_stack_even_with_its_state_files_gone(runs, stack):
+    """Last in the module: with `stack.json` and `ray.json` deleted, `sumctl down` still finds the stack's processes
+    (they carry the workspace's identity, `SUM_WORKSPACE_ID`, or write to its logs) and leaves none (checked by pid)."""
+    s = stack["stack"]
+    pids = [p.pid for p in s.live_processes()]
     assert len(pids) >= 5
+    assert {p.pid for p in s._processes(s._states())} <= set(pids)
+    s.state_file.unlink()
+    (s.dir / "ray.json").unlink()
     _sumctl("down")
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert alive == []
