@@ -731,15 +731,16 @@ def backup_url(remote_url: str, identity: str) -> str | None:
 
 
 def _ensure_backup_remote(root: Path, remote_url: str, identity: str) -> None:
-    """Points :data:`BACKUP_REMOTE` at the local DVC remote's bare repository of this identity; a URL remote
-    leaves it to the operator (``git remote add sum-backup <url>``)."""
+    """Points :data:`BACKUP_REMOTE` at the local DVC remote's bare repository of this identity (and follows a DVC
+    remote that moved); a URL remote, or a backup the operator pointed elsewhere, is left to the operator
+    (``git remote add|set-url sum-backup <url>``)."""
     url = backup_url(remote_url, identity)
     if url is None:
         return
     current = _git(root, "remote", "get-url", BACKUP_REMOTE, check=False)
     if current.returncode != 0:
         _git(root, "remote", "add", BACKUP_REMOTE, url)
-    elif current.stdout.strip() != url:
+    elif current.stdout.strip() != url and current.stdout.strip().endswith(f"/{BACKUPS_DIR}/{identity}.git"):
         _git(root, "remote", "set-url", BACKUP_REMOTE, url)
 
 
