@@ -55,6 +55,7 @@ def _params(root: Path, name: str, days: int, users: int | None = None) -> Path:
     # Only the runs the benchmark creates: no catch-up, and no scheduled run past its last date.
     last = date.fromisoformat(raw["airflow"]["start_date"]) + timedelta(days=days - 1)
     raw["airflow"].update({"end_date": last.isoformat(), "catchup": False})
+    raw["airflow"]["approval_timeout_minutes"] = 0.5  # a held candidate must not stall the benchmark for an hour
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
