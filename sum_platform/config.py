@@ -248,7 +248,7 @@ class RayClusterConfig(_Section):
     gcs_port: int
     dashboard_host: str
     dashboard_port: int
-    client_server_port: int = Field(default=10001, ge=1024, le=65535)  # Ray Client (ray://), head only
+    client_server_port: int = Field(ge=1024, le=65535)  # Ray Client (ray://), head only
     num_cpus: int = Field(ge=1)
     object_store_mb: int = Field(ge=75)
     worker_nodes: int = Field(ge=0)            # more Ray nodes on this machine, each a raylet of its own
