@@ -339,7 +339,7 @@ def runs(stack, client, stack_params, stored_rows):
 def test_up_starts_every_component_once_on_loopback_with_a_login(stack, client):
     s = stack["stack"]
     assert all(c.running for c in s.status()), s.status()
-    assert "started" not in stack["second"] or "started ray" not in stack["second"]
+    assert "(started " not in stack["second"], stack["second"]  # `up` names what it started; the second: nothing
     assert {c.name: c.pid for c in s.status()} == stack["pids"]  # the second `up` started nothing new
     assert s.airflow_url.startswith("http://127.0.0.1:")
     import httpx
@@ -585,7 +585,9 @@ def test_compute_runs_on_two_nodes_and_reads_survive_losing_the_worker_node(runs
     # that were on the dead replica are counted failed, unless Serve re-routed them).
     assert after["compute_written"] > at_kill["compute_written"], (before, at_kill, after)
     assert after["compute_scheduled"] > at_kill["compute_scheduled"], (at_kill, after)
-    assert after["compute_failed"] >= before["compute_failed"]
+    # Only recomputes scheduled in the window can fail in it (a counter that grew otherwise is miscounting).
+    failed = after["compute_failed"] - before["compute_failed"]
+    assert 0 <= failed <= after["compute_scheduled"] - before["compute_scheduled"], (before, after)
 
     _sumctl("up")  # restarts whatever is not running: the worker node
     deadline = time.monotonic() + 180
@@ -719,7 +721,8 @@ def test_a_scheduler_killed_during_training_is_restarted_by_up_and_the_run_ends_
         "failed reads": 0, "train try at kill": kill["killed"]["try"],
         "train try at end": int(runs["rerun"].task_instances["train_user_model"]["try_number"]),
         "recover_s": round(up["seconds"], 1), "run_done_after_kill_s": round(kill["run_done_after_kill_s"], 1),
-        "left to finish": len(up["leftovers"]), "doctor after": report["healthy"]}
+        "left to finish": len(up["leftovers"]), "task at up": up["task_state"],  # which branch above ran
+        "doctor after": report["healthy"]}
     assert report["returncode"] == 0 and report["healthy"], report["findings"]
 
 
