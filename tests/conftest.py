@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -121,7 +122,29 @@ def redis_server():
     server.stop(proc)
 
 
+def _stop_session_stacks() -> None:
+    """Stops what a stack of the session's workspaces left running (an interrupted run skips the fixtures'
+    ``down``), found as ``sumctl down`` finds it (its state file, else the workspace's identity in the processes'
+    environment and their logs), before the session folder (their logs and state) goes."""
+    markers = list(SESSION_DIR.glob("*/.sum-workspace.json"))  # the modules' workspaces: session_dir/<name>
+    if not markers:
+        return
+    from sum_pipeline.stack import Stack
+    from sum_platform.config import load_params
+    from sum_platform.workspace import Workspace
+
+    params = load_params()
+    for marker in markers:
+        stack = Stack(params, Workspace(marker.parent))
+        if stack.live_processes():
+            stack.down()
+
+
 def pytest_sessionfinish(session, exitstatus):
+    try:
+        _stop_session_stacks()
+    except Exception as exc:  # noqa: BLE001 - the folder still goes; say what may be left running
+        print(f"\nstopping the session's stacks failed: {exc!r}", file=sys.stderr)
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
