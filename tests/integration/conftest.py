@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,9 @@ def module_workspace(request, session_dir: Path):
     The folder name comes from the module's ``WORKSPACE_NAME``.
     """
     ws = session_dir / getattr(request.module, "WORKSPACE_NAME", request.module.__name__)
-    old = os.environ.get("SUM_WORKSPACE")
-    os.environ["SUM_WORKSPACE"] = str(ws)
-    yield ws
-    if old is not None:
-        os.environ["SUM_WORKSPACE"] = old
-    else:
-        os.environ.pop("SUM_WORKSPACE", None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUM_WORKSPACE", str(ws))
+        yield ws
 
 
 @pytest.fixture(scope="session")

@@ -33,13 +33,9 @@ def _git(root: Path, *args: str) -> str:
 def remote(module_workspace: Path, session_dir: Path):
     """The module's own DVC remote (``SUM_DVC_REMOTE``), restored afterwards."""
     folder = session_dir / f"{WORKSPACE_NAME}-remote"
-    old = os.environ.get("SUM_DVC_REMOTE")
-    os.environ["SUM_DVC_REMOTE"] = str(folder)
-    yield folder
-    if old is not None:
-        os.environ["SUM_DVC_REMOTE"] = old
-    else:
-        os.environ.pop("SUM_DVC_REMOTE", None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUM_DVC_REMOTE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
