@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sum_models.presets import resolve_architecture  # torch-free
+from sum_platform.embedding_row import PoolUnit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,6 +201,7 @@ class ServingConfig(_Section):
     max_inflight_compute: int = Field(ge=1)
     ray_address: str
     mode: Mode
+    pool_unit: PoolUnit                       # a version per snapshot or per write (sum_platform/embedding_row.py)
     realtime_budget_ms: float = Field(gt=0)
     frozen_timeout_ms: float = Field(gt=0)
     max_batch_users: int = Field(ge=1, le=BATCH_HARD_MAX)
