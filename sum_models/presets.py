@@ -32,6 +32,7 @@ __all__ = [
     "MIX_INTERACTIONS",
     "ARCH_KEYS",
     "FORMAT_KEYS",
+    "OUTPUT_NORMS",
     "resolve_architecture",
     "available_presets",
     "config_dict",
@@ -42,10 +43,14 @@ EXTRACTOR_TYPES = ("mlp", "dot_compression", "dcn", "mixer")
 MIX_INTERACTIONS = ("dot", "mlp", "dcn")
 POOLING_MODES = ("mean", "sum", "max")
 
-#: Keys of a resolved architecture that determine the weights (compared by export and load).
-ARCH_KEYS = ("num_embeddings", "embedding_dim", "sparse_pooling", "dense_tokens", "user_tower", "mix_tower")
+#: Keys of a resolved architecture that determine the weights or the tower's function (compared by export).
+ARCH_KEYS = ("num_embeddings", "embedding_dim", "sparse_pooling", "dense_tokens", "user_tower", "mix_tower",
+             "output_norm", "output_scale")
 #: Plain keys of the ``model`` section (besides ``preset`` / ``presets``).
-FORMAT_KEYS = ("num_embeddings", "embedding_dim", "sparse_pooling", "dense_tokens", "hidden_dim", "mix_hidden_dim")
+FORMAT_KEYS = ("num_embeddings", "embedding_dim", "sparse_pooling", "dense_tokens", "hidden_dim", "mix_hidden_dim",
+               "output_norm", "output_scale")
+#: ``output_norm`` values: the bound on the tower's output scale (sum_models/output_bound.py).
+OUTPUT_NORMS = ("none", "layernorm", "l2")
 
 _TOP_DEFAULTS: dict[str, Any] = {
     "num_embeddings": 2,
@@ -54,6 +59,9 @@ _TOP_DEFAULTS: dict[str, Any] = {
     "dense_tokens": 0,
     "hidden_dim": 128,
     "mix_hidden_dim": 128,
+    # A snapshot exported before the output bound existed has no such keys: it loads unbounded, as trained.
+    "output_norm": "none",
+    "output_scale": 1.0,
 }
 
 # "H" = hidden_dim, "D" = embedding_dim, fractions of them written as ("H", 1/4).
@@ -296,6 +304,12 @@ def resolve_architecture(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     pooling = str(top["sparse_pooling"])
     if pooling not in POOLING_MODES:
         raise ValueError(f"sparse_pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    output_norm = str(top["output_norm"])
+    if output_norm not in OUTPUT_NORMS:
+        raise ValueError(f"output_norm must be one of {OUTPUT_NORMS}, got {output_norm!r}")
+    output_scale = top["output_scale"]
+    if isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)) or not 0 < output_scale < float("inf"):
+        raise ValueError(f"output_scale must be a finite number > 0, got {output_scale!r}")
     if "user_tower" in raw and raw["user_tower"] is not None:
         preset_name = str(raw.get("preset") or "custom")
         body = {"user_tower": raw["user_tower"], "mix_tower": raw.get("mix_tower")}
@@ -315,4 +329,6 @@ def resolve_architecture(model_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         "mix_hidden_dim": mix_hidden_dim,
         "user_tower": _resolve_user_tower(body.get("user_tower"), hidden_dim, d),
         "mix_tower": _resolve_mix_tower(body.get("mix_tower"), mix_hidden_dim),
+        "output_norm": output_norm,
+        "output_scale": float(output_scale),
     }

@@ -6,6 +6,7 @@ TorchRec-style composition::
               + DenseNormalizer (training statistics, clamped; normalize.py)   -> z        [B, N_dense_features]
               + DenseArch  (dense features projected to tokens)                -> X_dense  [B, N_dense, D]
               + InteractionPyramid (Interaction Modules, eq. 1; LC to K)       -> [B, K, D]
+              + OutputBound (model.output_norm: none | layernorm | l2)         -> [B, K, D]
 
 Both input arches are keyed by feature name (state-dict keys ``sparse_arch.bags.<feature>.weight`` and
 ``dense_arch.features.<feature>.weight``), so warm-starting by name and shape keeps every input layer whose
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from sum_models.interaction import InteractionPyramid
 from sum_models.normalize import DenseNormalizer
+from sum_models.output_bound import OutputBound
 from sum_models.presets import resolve_architecture
 from sum_models.spec import FeatureSpec
 
@@ -181,6 +183,8 @@ class UserTower(nn.Module):
         self.dense_arch = DenseArch(spec.user_dense, d, int(arch["dense_tokens"]))
         num_dense = self.dense_arch.num_tokens
         self.pyramid = InteractionPyramid(len(spec.user_sparse) + num_dense, num_dense, d, arch["user_tower"], k)
+        # No parameters: the bound adds no state-dict key, so any snapshot warm-starts either way.
+        self.output_bound = OutputBound(str(arch["output_norm"]), d, float(arch["output_scale"]))
 
     def forward(self, dense: Tensor, sparse_ids: List[Tensor], sparse_offsets: List[Tensor]) -> Tensor:
         """Computes the SUM user embeddings.
@@ -191,9 +195,11 @@ class UserTower(nn.Module):
             sparse_offsets: ``N_sparse`` int64 ``[B]`` EmbeddingBag offsets.
 
         Returns:
-            float32 ``[B, K, D]``.
+            float32 ``[B, K, D]``; with ``output_norm`` ``l2`` or ``layernorm`` each ``[D]`` embedding has norm
+            ``output_scale * sqrt(D)`` (sum_models/output_bound.py).
         """
         x_sparse = self.sparse_arch(sparse_ids, sparse_offsets, dense.shape[0])  # [B, N_sparse, D]
         x_dense = self.dense_arch(self.dense_norm(dense))  # [B, N_dense, D] (X_dense of eq. 1)
         x0 = torch.cat([x_sparse, x_dense], dim=1)  # [B, N_0, D]
-        return self.pyramid(x0, x_dense)  # [B, K, D]
+        # The mix tower trains on the bounded embeddings too: it sees exactly what serving hands downstream.
+        return self.output_bound(self.pyramid(x0, x_dense))  # [B, K, D]

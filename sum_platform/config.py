@@ -97,6 +97,10 @@ class ModelConfig(_Section):
     dense_tokens: int
     hidden_dim: int
     mix_hidden_dim: int
+    # The bound on the scale of each user embedding the tower outputs (sum_models/output_bound.py): none | layernorm
+    # | l2; output_scale is a bounded embedding's root-mean-square coordinate (its norm: output_scale * sqrt(D)).
+    output_norm: Literal["none", "layernorm", "l2"]
+    output_scale: float = Field(gt=0, allow_inf_nan=False)
     preset: str
     # Optional: the built-ins of sum_models.presets are the presets unless params.yaml adds or replaces one.
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)

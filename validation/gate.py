@@ -9,6 +9,7 @@ Checks, each recorded with its value and threshold:
       ``max_relative_l2_change``; the same two numbers after average pooling with the previous versions
       (what serving actually hands downstream, paper 5.2 and Table 3) against ``*_pooled`` thresholds;
       NE of each task on the day's holdout no worse than production's by more than ``max_ne_regression``;
+      the candidate's mean L2 norm per embedding is reported beside the shift (``mean_norm``), not checked;
     * weights finite (a NaN anywhere in the candidate is held even if the probe outputs look fine).
 A gate with no thresholds configured refuses to bless anything.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sum_models.shift import POOL_DEPTH, average_pool, shift_metrics
+from sum_models.shift import POOL_DEPTH, average_pool, mean_norms, shift_metrics
 from sum_platform.config import GateConfig
 
 
@@ -195,6 +196,11 @@ def judge(
                 verdict.checks.append(_check(f"ne_regression.{task}", delta, cfg.max_ne_regression, "<="))
     elif production is None:
         verdict.reasons.append("first snapshot: no baseline, absolute checks only")
+
+    # Reported, not checked: the candidate's mean L2 norm per embedding, the scale a downstream model's input sees
+    # (an unbounded young tower's norm grows for weeks while its day-to-day relative change looks modest).
+    for m, norm in zip(verdict.shift, mean_norms(candidate) if verdict.shift else []):
+        m["mean_norm"] = norm
 
     failed = [c for c in verdict.checks if not c.passed]
     verdict.reasons.extend(
