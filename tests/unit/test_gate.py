@@ -165,3 +165,11 @@ def test_candidate_only_non_finite_predictions_are_held_naming_them(production):
     assert [c.passed for c in v.checks if c.name == "predictions_finite"] == [False]
     ok = judge(cand, production, NE_OK, CFG, "sum-prev", nonfinite_predictions=None)
     assert ok.blessed and [c.passed for c in ok.checks if c.name == "predictions_finite"] == [True]
+
+
+def test_the_shift_reports_the_candidate_s_mean_norm_without_checking_it(production):
+    big = (production.astype(np.float64) * 4).astype(np.float16)
+    v = judge(big, big, NE_OK, CFG, "sum-prev")
+    want = np.linalg.norm(big.astype(np.float64), axis=2).mean(axis=0)
+    np.testing.assert_allclose([m["mean_norm"] for m in v.shift], want, rtol=1e-9)
+    assert v.blessed and not any("norm" in c.name and "l2" not in c.name for c in v.checks)

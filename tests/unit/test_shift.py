@@ -104,3 +104,18 @@ def test_pooling_depth_golden_and_limits():
     assert all(r["cosine"] == pytest.approx(1.0) for r in rows)
     with pytest.raises(ValueError, match="depth"):
         shift_by_pooling_depth([day, day], depths=(0,))
+
+
+def test_mean_norms_are_per_embedding_means_over_users():
+    from sum_models.shift import mean_norms
+
+    e = np.zeros((2, 2, 3), dtype=np.float16)
+    e[0, 0], e[1, 0] = [3, 4, 0], [0, 0, 1]  # embedding 0: norms 5 and 1
+    e[:, 1] = [0, 2, 0]                      # embedding 1: norm 2 for both users
+    assert mean_norms(e) == [3.0, 2.0]
+    e[1, 0, 0] = np.nan  # a non-finite row is left out, not propagated
+    assert mean_norms(e) == [5.0, 2.0]
+    with pytest.raises(ValueError):
+        mean_norms(np.zeros((0, 2, 3)))
+    with pytest.raises(ValueError):
+        mean_norms(np.zeros((2, 3)))

@@ -1,0 +1,122 @@
+"""The snapshot gate run over a study's chain of daily snapshots: which snapshot serves each next day.
+
+The daily loop judges each candidate against production (``sum_pipeline.tasks.shift_gate``) and promotes only a
+blessed one; a held candidate leaves production serving. A study that serves every day's snapshot skips that
+step, so :func:`gate_chain` replays it over arrays: day ``t``'s candidate is snapshot ``t``; it is judged by
+:func:`validation.gate.judge` with the params' thresholds against the last blessed snapshot (production), the
+blessed ones before it feeding the pooled comparison, newest first, and the shift enforced only once
+``gate.warmup_promotions`` snapshots have been promoted (as ``shift_gate`` does). Nothing here reads a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from sum_models.shift import POOL_DEPTH, mean_norms
+from sum_platform.config import GateConfig
+from validation.gate import judge
+
+__all__ = ["ChainDay", "gate_chain", "held_days"]
+
+NE = Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ChainDay:
+    """The gate's decision on day ``t``'s candidate (snapshot ``t``).
+
+    Attributes:
+        day: t.
+        blessed: The candidate was blessed (and promoted).
+        baseline: Index of the production snapshot it was judged against (None: no snapshot blessed yet).
+        serves_next: Index of the snapshot serving day ``t + 1`` (production after this decision; None: none
+            blessed yet, so nothing is served).
+        shift_enforced: False during the warm-up (fewer than ``gate.warmup_promotions`` promotions before it).
+        mean_norm: The candidate's mean L2 norm per embedding on the probe users (logged, not checked).
+        reasons: The verdict's reasons (failed checks first named there).
+        checks: The verdict's checks as dicts (``name``, ``value``, ``threshold``, ``op``, ``passed``).
+    """
+
+    day: int
+    blessed: bool
+    baseline: int | None
+    serves_next: int | None
+    shift_enforced: bool
+    mean_norm: list[float]
+    reasons: list[str] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "blessed" if self.blessed else "held"
+
+
+def gate_chain(
+    probe: Sequence[np.ndarray],
+    candidate_ne: Sequence[NE],
+    production_ne: Callable[[int, int], NE | None],
+    cfg: GateConfig,
+    *,
+    weights_finite: Sequence[bool] | None = None,
+) -> list[ChainDay]:
+    """Gates each day's snapshot against the last blessed one, as the daily loop does.
+
+    Args:
+        probe: Per day ``t``, snapshot ``t``'s embeddings of the fixed probe users, ``[N, K, D]`` (same users,
+            same order every day).
+        candidate_ne: Per day ``t``, snapshot ``t``'s NE per task on day ``t``'s holdout.
+        production_ne: ``production_ne(t, j)``: snapshot ``j``'s NE per task on day ``t``'s holdout (``j < t``,
+            the production the chain has reached; called only then), or None to skip the regression check.
+        cfg: ``params.gate``.
+        weights_finite: Per day, whether every weight of snapshot ``t`` is finite (default: all are).
+
+    Returns:
+        One :class:`ChainDay` per day, in order.
+
+    Raises:
+        ValueError: The sequences differ in length, or the probe arrays in shape.
+    """
+    days = len(probe)
+    if len(candidate_ne) != days or (weights_finite is not None and len(weights_finite) != days):
+        raise ValueError(f"{days} probe arrays but {len(candidate_ne)} NE entries"
+                         + ("" if weights_finite is None else f" and {len(weights_finite)} weights_finite flags"))
+    shapes = {np.shape(p) for p in probe}
+    if len(shapes) > 1:
+        raise ValueError(f"probe embeddings differ in shape across days: {sorted(shapes)}")
+    promoted: list[int] = []  # blessed snapshots, newest first (the registry's promotion history)
+    out: list[ChainDay] = []
+    for t in range(days):
+        baseline = promoted[0] if promoted else None
+        enforce = len(promoted) >= cfg.warmup_promotions
+        verdict = judge(
+            np.asarray(probe[t]),
+            None if baseline is None else np.asarray(probe[baseline]),
+            dict(candidate_ne[t]),
+            cfg,
+            None if baseline is None else str(baseline),
+            history=[np.asarray(probe[j]) for j in promoted[1:POOL_DEPTH]],
+            production_ne=None if baseline is None else production_ne(t, baseline),
+            weights_finite=True if weights_finite is None else bool(weights_finite[t]),
+            enforce_shift=enforce,
+        )
+        if verdict.blessed:
+            promoted.insert(0, t)
+        out.append(ChainDay(
+            day=t,
+            blessed=verdict.blessed,
+            baseline=baseline,
+            serves_next=promoted[0] if promoted else None,
+            shift_enforced=enforce and baseline is not None,
+            mean_norm=mean_norms(np.asarray(probe[t])),
+            reasons=list(verdict.reasons),
+            checks=[asdict(c) for c in verdict.checks],
+        ))
+    return out
+
+
+def held_days(chain: Sequence[ChainDay]) -> list[int]:
+    """The days whose candidate the gate held (the study's report counts them)."""
+    return [d.day for d in chain if not d.blessed]
