@@ -23,11 +23,12 @@ setup: system-packages $(BIN)/.installed
 run: setup  ## N simulated days through the real daily DAG (DAYS=3)
 	$(BIN)/sumctl run --days $(DAYS) --fresh --demo
 
+# --durations: every log (CI's included) ends with the slowest tests, and tests/conftest.py adds each module's total.
 test: setup  ## the whole suite, services included (what CI runs)
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 test-fast: setup  ## unit, data and model tests only
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" --durations=10
 
 soak: setup  ## 30 simulated days with shifted candidates and corrupted partitions, scored (own workspace)
 	$(BIN)/sumctl soak --days 30 --fresh --report reports/soak.json

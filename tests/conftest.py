@@ -140,6 +140,30 @@ def _stop_session_stacks() -> None:
             stack.down()
 
 
+# ---------------------------------------------------------------------------------------------
+# Where the session's time went: each module's wall time (setup, call and teardown of its tests, the module
+# and session fixtures it set up first included), printed at the end of every run (CI's log included) next to
+# pytest's per-test ``--durations`` (the Makefile's ``test`` target).
+# ---------------------------------------------------------------------------------------------
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if len(_MODULE_SECONDS) < 2:
+        return
+    total = sum(_MODULE_SECONDS.values())
+    terminalreporter.section("seconds per test module (setup + call + teardown)")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
+        if seconds >= 1.0:
+            terminalreporter.write_line(f"{seconds:8.1f}s {100 * seconds / total:5.1f}%  {module}")
+    terminalreporter.write_line(f"{total:8.1f}s total in tests")
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         _stop_session_stacks()
