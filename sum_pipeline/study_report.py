@@ -98,7 +98,8 @@ PAPER: dict[str, Any] = {
 ARM_NAMES = {"none": "no SUM", "frozen": "frozen", "offline": "offline batch",
              "offline_raw": "offline batch without AP", "realtime": "online realtime", "async": "online async"}
 PAPER_SETTINGS = {"frozen": "Baseline + SUM (Frozen)", "offline": "Baseline + SUM (Offline Batch)",
-                  "realtime": "Baseline + SUM (Online Realtime Serving)", "async": "Baseline + SUM (Online Async Serving)"}
+                  "realtime": "Baseline + SUM (Online Realtime Serving)",
+                  "async": "Baseline + SUM (Online Async Serving)"}
 SUBSET_NAMES = {"all": "all impressions", "covered": "impressions every arm serves an embedding (coverage-matched)",
                 "returning": "returning users' impressions (users seen before the eval day)"}
 VERDICT_COLORS = {HOLDS: "C2", DOES_NOT_HOLD: "C3", UNDETERMINED: "C7", NOT_MEASURABLE: "C7"}
@@ -135,6 +136,10 @@ def _with_ci(value: Any, ci: Sequence[Any] | None, digits: int, scale: float = 1
 def _stat(s: Mapping[str, Any] | None, digits: int = DIFF_DIGITS, scale: float = 1.0) -> str:
     """A summary over seeds (:func:`sum_pipeline.study_stats.summarize`) as ``mean [lo, hi]``."""
     return MISSING if not s else _with_ci(s.get("mean"), s.get("ci"), digits, scale)
+
+
+def _interval(ci: Sequence[Any] | None, digits: int) -> str:
+    return MISSING if not ci or None in ci else f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
 
 
 def _verdict(s: Mapping[str, Any] | None) -> str:
@@ -209,12 +214,12 @@ def _span(days: Any) -> str:
 # --------------------------------------------------------------------------------------------------- tables
 
 def _header(results: Mapping[str, Any]) -> list[str]:
-    up = results.get("upstream") or {}
+    up, seeds = results.get("upstream") or {}, results.get("seeds") or []
     lines = [
         f"# SUM study on `{results.get('dataset', '?')}`: the paper's Tables 1–4",
         "",
         f"- Days: {_span(results.get('days'))}; eval window {_span(results.get('eval_days'))}",
-        f"- Seeds: {len(results.get('seeds') or [])} ({', '.join(str(s) for s in results.get('seeds') or []) or MISSING})",
+        f"- Seeds: {len(seeds)} ({', '.join(str(s) for s in seeds) or MISSING})",
         _runtime(results),
     ]
     if up:
@@ -293,8 +298,8 @@ def _analogue(model: str) -> tuple[str, str, str]:
     if len(paper) == 1:
         return f"{paper[0]['task']}, {paper[0]['domain']}", _paper_num(paper[0]["ne_diff_pct"], 2), str(paper[0]["fi"])
     diffs, fis = sorted(p["ne_diff_pct"] for p in paper), sorted(p["fi"] for p in paper)
-    return (f"{len(paper)} CVR models, {paper[0]['domain']}", f"{_paper_num(diffs[0], 2)} … {_paper_num(diffs[-1], 2)}",
-            f"{fis[0]}–{fis[-1]}")
+    return (f"{len(paper)} CVR models, {paper[0]['domain']}",
+            f"{_paper_num(diffs[0], 2)} … {_paper_num(diffs[-1], 2)}", f"{fis[0]}–{fis[-1]}")
 
 
 def _table1(results: Mapping[str, Any]) -> list[str]:
@@ -314,8 +319,7 @@ def _table1(results: Mapping[str, Any]) -> list[str]:
                 else MISSING
             out.append([r["model"], _num(r.get("impressions"), 0), _num(r.get("ne_without"), NE_DIGITS),
                         _num(r.get("ne_with"), NE_DIGITS), _stat(r["ne_diff"]), _verdict(r["ne_diff"]),
-                        _num((r["ne_diff"].get("bootstrap_ci") or [None])[0], DIFF_DIGITS) + " … "
-                        + _num((r["ne_diff"].get("bootstrap_ci") or [None, None])[1], DIFF_DIGITS),
+                        _interval(r["ne_diff"].get("bootstrap_ci"), DIFF_DIGITS),
                         fi, analogue, p_diff, p_fi])
         lines += _table(["Model", "Eval impressions (mean per seed)", "NE without SUM", "NE with SUM",
                          "NE diff vs no SUM (%)", "Verdict (diff < 0)", "Bootstrap interval", "FI rank of SUM",
@@ -328,8 +332,9 @@ def _table1(results: Mapping[str, Any]) -> list[str]:
     if per_seed:
         lines += ["", "Per seed (all eval impressions):", ""]
         lines += _table(["Model", "Seed", "NE without SUM", "NE with SUM", "NE diff (%)", "FI rank"],
-                        [[m, str(s.get("seed")), _num(s.get("ne_without"), NE_DIGITS), _num(s.get("ne_with"), NE_DIGITS),
-                          _num(s.get("ne_diff_pct"), DIFF_DIGITS), _num(s.get("fi_rank"), 0)] for m, s in per_seed])
+                        [[m, str(s.get("seed")), _num(s.get("ne_without"), NE_DIGITS),
+                          _num(s.get("ne_with"), NE_DIGITS), _num(s.get("ne_diff_pct"), DIFF_DIGITS),
+                          _num(s.get("fi_rank"), 0)] for m, s in per_seed])
     return lines + [""]
 
 
@@ -378,7 +383,7 @@ def _table2(results: Mapping[str, Any]) -> list[str]:
                           "lower NE):", ""]
                 lines += _table(["Contrast", "NE diff (%)", "Verdict", "Bootstrap interval", "Per seed"],
                                 [[_contrast_name(c), _stat(c), _verdict(c),
-                                  _with_ci(c.get("mean"), c.get("bootstrap_ci"), DIFF_DIGITS), _per_seed(c)]
+                                  _interval(c.get("bootstrap_ci"), DIFF_DIGITS), _per_seed(c)]
                                  for c in between])
             share = shares.get(unit)
             if share and subset == "all":
@@ -620,15 +625,20 @@ def _plot_contrasts(results: Mapping[str, Any], path: Path) -> Path:
         if not rows:
             _no_data(ax, "paired contrasts")
             continue
+        points: dict[str, list[tuple[float, int, tuple[float, float] | None]]] = {}
         for y, c in enumerate(reversed(rows)):
-            if c.get("mean") is None:
-                continue
-            color = VERDICT_COLORS.get(c.get("verdict"), "C7")
-            err = _error(c["mean"], c.get("ci"))
-            if err:
-                ax.errorbar([c["mean"]], [y], xerr=[[err[0]], [err[1]]], fmt="o", color=color, capsize=3)
-            else:
-                ax.plot([c["mean"]], [y], "o", color=color, markerfacecolor="none")
+            if c.get("mean") is not None:
+                points.setdefault(c.get("verdict") or NOT_MEASURABLE, []).append(
+                    (c["mean"], y, _error(c["mean"], c.get("ci"))))
+        for v, pts in sorted(points.items()):  # one call per verdict: its colour
+            color = VERDICT_COLORS.get(v, "C7")
+            bars = [p for p in pts if p[2]]
+            if bars:
+                ax.errorbar([p[0] for p in bars], [p[1] for p in bars],
+                            xerr=[[p[2][0] for p in bars], [p[2][1] for p in bars]], fmt="o", color=color, capsize=3)
+            bare = [p for p in pts if not p[2]]  # no interval (one seed): a hollow point, no bar
+            if bare:
+                ax.plot([p[0] for p in bare], [p[1] for p in bare], "o", color=color, markerfacecolor="none")
         ax.set_yticks(range(len(rows)), [_contrast_name(c) for c in reversed(rows)], fontsize=8)
         ax.axvline(0.0, color="black", linewidth=0.6)
         between = sum(1 for c in rows if c["ref"] != "none")
@@ -670,9 +680,11 @@ def _plot_ne_per_day(results: Mapping[str, Any], means: list[dict[str, Any]], pa
 
 
 def _plot_shift(results: Mapping[str, Any], path: Path) -> Path:
-    rows = sorted((results.get("table3") or {}).get("rows", []), key=lambda r: (r["embedding"], r["part"], r["pooling"]))
+    rows = sorted((results.get("table3") or {}).get("rows", []),
+                  key=lambda r: (r["embedding"], r["part"], r["pooling"]))
     fig, (ax_cos, ax_l2) = _new_figure(2)
-    fig.suptitle("Embedding shift between consecutive days vs average-pooling depth (Table 3; 95 % interval over seeds)")
+    fig.suptitle("Embedding shift between consecutive days vs average-pooling depth "
+                 "(Table 3; 95 % interval over seeds)")
     embeddings = sorted({r["embedding"] for r in rows})
     colors = {e: f"C{i}" for i, e in enumerate(embeddings)}
     styles = {"total": "-", "snapshot": ":", "features": "--"}
@@ -867,8 +879,9 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
                           "l2_change": r["l2_change"]["mean"]}
                          for r in (results.get("table3") or {}).get("rows", []) if r["part"] == "total"),
                         key=lambda r: (r["pooling"], r["embedding"]))
-    put("plots/shift_vs_pooling.csv", _write_text(out_dir / "plots" / "shift_vs_pooling.csv",
-                                                  _csv_text(("pooling", "embedding", "cosine", "l2_change"), shift_rows)))
+    put("plots/shift_vs_pooling.csv",
+        _write_text(out_dir / "plots" / "shift_vs_pooling.csv",
+                    _csv_text(("pooling", "embedding", "cosine", "l2_change"), shift_rows)))
     put("metrics.json", write_json(out_dir / "metrics.json", build_metrics(results)))
     put("results.json", write_json(out_dir / "results.json", results))
     put("report.md", _write_text(out_dir / "report.md", render_markdown(results)))

@@ -183,15 +183,21 @@ def ratio_interval(num: Sequence[float], den: Sequence[float],
     return ratio, [float((big_b - root) / big_a), float((big_b + root) / big_a)]
 
 
+def _ratio_of_means(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample whose denominator is 0: inf, then no interval
+        return np.mean(x, axis=axis) / np.mean(y, axis=axis)
+
+
 def _ratio_bootstrap(num: Sequence[float], den: Sequence[float], confidence: float = CONFIDENCE) -> list[float] | None:
+    """Percentile bootstrap over seeds (pairs resampled together) of ``mean(num) / mean(den)``: a cross-check."""
     from scipy import stats
 
     if len(num) < 2:
         return None
-    res = stats.bootstrap((np.asarray(num, float), np.asarray(den, float)),
-                          lambda x, y, axis=-1: np.mean(x, axis=axis) / np.mean(y, axis=axis), paired=True,
-                          vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
-                          confidence_level=confidence, rng=np.random.default_rng(BOOTSTRAP_SEED))
+    with np.errstate(invalid="ignore"):
+        res = stats.bootstrap((np.asarray(num, float), np.asarray(den, float)), _ratio_of_means, paired=True,
+                              vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                              confidence_level=confidence, rng=np.random.default_rng(BOOTSTRAP_SEED))
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return [lo, hi] if math.isfinite(lo) and math.isfinite(hi) else None
 
