@@ -233,9 +233,12 @@ def _runtime(results: Mapping[str, Any]) -> str:
     if wall is None:
         return f"- Runtime: {MISSING}"
     stages = results.get("stage_seconds") or {}
-    per_seed = f", {wall / seeds:.0f} s per seed" if seeds else ""
-    return (f"- Runtime: {wall:.1f} s ({wall / 60:.1f} min) for {seeds} seeds on `{results.get('dataset', '?')}`"
-            f"{per_seed}" + "".join(f"; {stage} {stages[stage]:.0f} s" for stage in sorted(stages)))
+    workers = (results.get("choices") or {}).get("workers")
+    text = f"- Runtime: {wall:.1f} s ({wall / 60:.1f} min) wall for {seeds} seeds on `{results.get('dataset', '?')}`"
+    text += f", {workers} worker processes" if workers else ""
+    if stages:  # seeds may run in parallel: the stages' sum can exceed the wall time
+        text += "; stage time summed over seeds: " + ", ".join(f"{k} {stages[k]:.0f} s" for k in sorted(stages))
+    return text
 
 
 def _how_to_read(results: Mapping[str, Any]) -> list[str]:

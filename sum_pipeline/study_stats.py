@@ -393,9 +393,13 @@ def _share_kept(m: Measured) -> list[dict[str, Any]]:
         seeds = [s for s in m.seeds if a.get(s) is not None and r.get(s) is not None]
         num, den = [a[s] for s in seeds], [r[s] for s in seeds]
         share, ci = ratio_interval(num, den)
-        v = NOT_MEASURABLE if len(seeds) < 2 else UNDETERMINED if ci is None else verdict(ci, "above", MOST)
+        gain = t_interval(den)
+        # A share of a gain needs the gain: realtime's own NE diff wholly below zero, else nothing is kept or lost.
+        gained = gain is not None and gain[1] < 0
+        v = (NOT_MEASURABLE if len(seeds) < 2 else UNDETERMINED if ci is None or not gained
+             else verdict(ci, "above", MOST))
         out.append({"pool_unit": unit, "share": share, "ci": ci, "bootstrap_ci": _ratio_bootstrap(num, den),
-                    "n_seeds": len(seeds), "threshold": MOST, "verdict": v,
+                    "realtime_gain_ci": gain, "n_seeds": len(seeds), "threshold": MOST, "verdict": v,
                     "per_seed": [{"seed": s, "async": a[s], "realtime": r[s]} for s in seeds]})
     return out
 
@@ -448,7 +452,8 @@ def _directions(t1, t2_contrasts, shares, t3_diffs, t4) -> list[dict[str, Any]]:
         out.append(_direction(
             f"async keeps most (> {100 * MOST:.0f} %) of realtime's NE gain, async ≲ realtime (Table 2, pool unit "
             f"{s['pool_unit']}; paper: 89 %)", "2", s["verdict"],
-            f"share kept {_fmt_share(s['share'])} {_fmt_share_ci(s['ci'])} (Fieller, n={s['n_seeds']})",
+            f"share kept {_fmt_share(s['share'])} {_fmt_share_ci(s['ci'])} (Fieller, n={s['n_seeds']}); realtime vs "
+            f"no SUM {_fmt_ci(s['realtime_gain_ci'])} %",
             s["pool_unit"]))
     t3_verdicts = [e[q]["verdict"] for e in t3_diffs for q in ("cosine", "l2_change")]
     out.append(_direction(

@@ -170,7 +170,8 @@ def test_choices_runtime_and_what_the_baseline_sees(report):
     _, written = report
     text = written["report.md"].read_text()
     assert "## Choices" in text and "- **warm up days**: 7" in text and "- **pool units**: snapshot, write" in text
-    assert "- Runtime: 754.3 s (12.6 min) for 4 seeds on `simulated`" in text and "replay 54 s" in text
+    assert "- Runtime: 754.3 s (12.6 min) wall for 4 seeds on `simulated`" in text
+    assert "stage time summed over seeds: downstream 400 s, replay 54 s, upstream 300 s" in text
     assert "| click | 2 of 8 user dense features, 1 of 3 id lists |" in text
     assert "not how good SUM is" in text
     for png in ("contrasts.png", "serving_modes.png", "shift_vs_pooling.png", "ne_per_day.png",

@@ -237,6 +237,17 @@ def test_no_share_is_claimed_when_realtime_gains_nothing_established():
     assert share["ci"] is None and share["verdict"] == UNDETERMINED
 
 
+def test_no_share_of_a_gain_when_realtime_harms():
+    # Both arms worse than no SUM: async "keeps 95 %" of a loss, which is no gain kept.
+    diffs = _arms([0.0] * TEN)
+    diffs["realtime"] = [3.0 + 0.1 * (i % 3) for i in range(TEN)]
+    diffs["async"] = [0.95 * r for r in diffs["realtime"]]
+    result = tables({"measurements": measurements(diffs, units=("snapshot",))})
+    [share] = result["contrasts"]["shares"]
+    assert share["share"] == pytest.approx(0.95) and share["ci"][0] > 0.5
+    assert share["verdict"] == UNDETERMINED
+
+
 def test_fiellers_interval_agrees_with_the_linear_contrast():
     # q is inside Fieller's interval exactly when the t interval of (num - q * den) contains zero.
     rng = np.random.default_rng(7)
