@@ -421,9 +421,9 @@ def _table3(results: Mapping[str, Any]) -> list[str]:
                      "Paper L2 norm change (%)"], out)
     parts = [r for r in rows if r["part"] != "total"]
     if parts:
-        lines += ["", "The shift split into its sources: the snapshot part (yesterday's users' features, today's "
-                  "snapshot vs yesterday's) and the features part (today's snapshot, today's features vs "
-                  "yesterday's):", ""]
+        lines += ["", "The day-to-day shift split into its sources: the snapshot part (the same day's features "
+                  "through today's vs yesterday's snapshot) and the features part (yesterday's snapshot on today's "
+                  "vs yesterday's features):", ""]
         lines += _table(["Embedding", "Avg pooling", "Part", "Cosine", "L2 norm change (%)"],
                         [[f"Embedding {r['embedding']}", "None" if r["pooling"] == 1 else str(r["pooling"]), r["part"],
                           _stat(r["cosine"], COSINE_DIGITS), _stat(r["l2_change"], L2_PCT_DIGITS, 100.0)]
@@ -825,6 +825,10 @@ def _plot_norms(results: Mapping[str, Any], path: Path) -> Path:
             by_day.setdefault(x_of[r["ds"]], []).append(float(r["mean_l2"]))
         xs = sorted(by_day)
         ax.plot(xs, [_mean(by_day[x]) for x in xs], color="C0", linewidth=2.0, label="mean over seeds")
+        warm = sorted({x_of[r["ds"]] for r in mine if r.get("warmup")})
+        if warm:  # the upstream's warm-up before the study window
+            ax.axvspan(warm[0] - 0.5, warm[-1] + 0.5, color="C7", alpha=0.15, label="warm-up")
+            ax.legend(fontsize=8)
         ax.set_title(f"embedding {e}")
         ax.set_xlabel("day")
         ax.set_ylabel("mean L2 norm" + (" (log scale)" if log else ""))

@@ -54,7 +54,7 @@ def fake_results() -> dict:
     shift = [{"seed": s, "embedding": e, "pooling": k, "part": part, "cosine": 0.7 + 0.08 * k + 0.002 * i,
               "l2_change": 0.3 / k + 0.001 * i}
              for i, s in enumerate(SEEDS) for e in (0, 1) for k in (1, 2, 3) for part in ("total", "snapshot")]
-    norms = [{"seed": s, "ds": ds, "embedding": e, "mean_l2": 1.0 + 0.1 * d} for s in SEEDS
+    norms = [{"seed": s, "ds": ds, "embedding": e, "mean_l2": 1.0 + 0.1 * d, "warmup": d < 2} for s in SEEDS
              for d, ds in enumerate(DAYS) for e in (0, 1)]
     daily = [{"arm": arm, "pool_unit": unit, "model": m, "seed": s, "ds": ds, "ne": 0.95 - 0.001 * d}
              for arm, unit in (("none", None), ("async", "snapshot"), ("async", "write")) for m in MODELS
