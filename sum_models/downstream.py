@@ -11,6 +11,7 @@ A downstream model here is::
 
     x = concat( z(dense),                          normalised + clamped (sum_models.normalize)
                 E_f[id_f]        for each categorical f,  one embedding table per feature
+                mean_i B_l[id_i mod n_l]  for each id list l, an EmbeddingBag per list (empty list: zeros)
                 W_k e_k + b_k    for each SUM embedding k, a small projection per embedding (fp32 in)
                 has_embedding )                    0/1: the user had no embedding (zeros are not a value)
     logit = MLP(x)                                 no hidden layer = logistic regression
@@ -20,6 +21,11 @@ weight per id), so the model *is* a logistic regression over the dense values, t
 embedding coordinates. :func:`downstream_specs` builds three models that differ the way the paper's do:
 ``click`` (a CTR model, ad features + a few user features, a moderate MLP), ``conversion`` (a bigger
 model on the conversion label) and ``inbox`` (low complexity: logistic regression over two features).
+
+A production downstream model is constrained, not blind: it has a few hundred features of its own, user id
+lists among them, where SUM's user model reads thousands (paper §3.1, §6.1.3). Which user features each
+model gets (how many dense ones, which id lists) is the caller's choice (``user_features``), so a study can
+vary it and read SUM's gain against how much user signal the model already sees.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class DownstreamSpec:
         label: The 0/1 label column it predicts.
         dense: Dense feature columns (floats), in input order.
         sparse: Single-valued categorical columns -> cardinality (ids in ``[0, cardinality)``), in order.
+        lists: Id-list columns (variable length) -> table size (ids are taken modulo it), in order; each is
+            read through a mean-pooling ``EmbeddingBag`` of ``sparse_dim``.
         uses_embeddings: Whether the model consumes the SUM user embeddings.
         num_embeddings: K, SUM embeddings per user (paper §5.3: 2 in production).
         embedding_dim: D, floats per SUM embedding (96 in production).
@@ -60,6 +68,7 @@ class DownstreamSpec:
     label: str
     dense: tuple[str, ...] = ()
     sparse: Dict[str, int] = field(default_factory=dict)
+    lists: Dict[str, int] = field(default_factory=dict)
     uses_embeddings: bool = False
     num_embeddings: int = 2
     embedding_dim: int = 96
@@ -71,24 +80,26 @@ class DownstreamSpec:
         # Normalise containers so equal specs compare equal whatever sequence type the caller used.
         object.__setattr__(self, "dense", tuple(str(c) for c in self.dense))
         object.__setattr__(self, "sparse", {str(c): int(n) for c, n in dict(self.sparse).items()})
+        object.__setattr__(self, "lists", {str(c): int(n) for c, n in dict(self.lists).items()})
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        check_feature_names([*self.dense, *self.sparse], "downstream")
-        if len(set(self.dense) | set(self.sparse)) != len(self.dense) + len(self.sparse):
-            raise ValueError(f"downstream model {self.name!r} lists a feature twice: {self.feature_columns}")
-        if self.label in self.feature_columns:
+        columns = self.feature_columns
+        check_feature_names(list(columns), "downstream")
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"downstream model {self.name!r} lists a feature twice: {columns}")
+        if self.label in columns:
             raise ValueError(f"downstream model {self.name!r} uses its label {self.label!r} as a feature")
-        bad = {c: n for c, n in self.sparse.items() if n < 1}
+        bad = {c: n for c, n in {**self.sparse, **self.lists}.items() if n < 1}
         if bad:
-            raise ValueError(f"categorical cardinalities must be >= 1, got {bad}")
+            raise ValueError(f"categorical cardinalities and list table sizes must be >= 1, got {bad}")
         if min(self.num_embeddings, self.embedding_dim, self.sparse_dim, self.projection_dim, *self.hidden) < 1:
             raise ValueError("num_embeddings, embedding_dim, sparse_dim, projection_dim and hidden widths must be >= 1")
-        if not (self.dense or self.sparse or self.uses_embeddings):
+        if not (self.dense or self.sparse or self.lists or self.uses_embeddings):
             raise ValueError(f"downstream model {self.name!r} has no input feature")
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
-        """The frame columns the model reads (dense first, then categorical)."""
-        return (*self.dense, *self.sparse)
+        """The frame columns the model reads (dense first, then categorical, then id lists)."""
+        return (*self.dense, *self.sparse, *self.lists)
 
     def with_embeddings(self, enabled: bool = True) -> "DownstreamSpec":
         """The same model with (or without) the SUM embeddings: the two arms of Table 1's NE diff."""
@@ -102,7 +113,7 @@ class DownstreamSpec:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DownstreamSpec":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (a dict saved before a field existed takes the field's default)."""
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
 
 
@@ -127,6 +138,10 @@ class DownstreamModel(nn.Module):
         >>> categorical = torch.tensor([[0], [3]])
         >>> model(dense, categorical, torch.zeros(2, 2, 3)).shape
         torch.Size([2])
+        >>> with_list = DownstreamSpec("ctr", "click", dense=("ad_price",), lists={"liked_pages": 10})
+        >>> pages = torch.tensor([[3, 7, 10], [10, 10, 10]])  # padded with the table size: row 1 is empty
+        >>> DownstreamModel(with_list)(dense, torch.zeros(2, 0, dtype=torch.long), lists=[pages]).shape
+        torch.Size([2])
         >>> model(dense, categorical)
         Traceback (most recent call last):
         ...
@@ -142,9 +157,18 @@ class DownstreamModel(nn.Module):
             assert isinstance(table, nn.Embedding)
             # N(0, 1/dim): an id's vector has about unit norm, like a normalised dense value.
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(spec.sparse_dim))
+        # One bag per id list; row ``n`` (the table size) is the padding id, left out of the mean.
+        self.bags = nn.ModuleDict({
+            name: nn.EmbeddingBag(n + 1, spec.sparse_dim, mode="mean", padding_idx=n) for name, n in spec.lists.items()
+        })
+        for bag in self.bags.values():
+            assert isinstance(bag, nn.EmbeddingBag)
+            with torch.no_grad():
+                bag.weight[:-1].normal_(std=1.0 / math.sqrt(spec.sparse_dim))
         k = spec.num_embeddings if spec.uses_embeddings else 0
         self.sum_proj = nn.ModuleList([nn.Linear(spec.embedding_dim, spec.projection_dim) for _ in range(k)])
-        width = len(spec.dense) + len(spec.sparse) * spec.sparse_dim + k * spec.projection_dim + (1 if k else 0)
+        width = (len(spec.dense) + (len(spec.sparse) + len(spec.lists)) * spec.sparse_dim + k * spec.projection_dim
+                 + (1 if k else 0))
         self.mlp = MLP(width, spec.hidden, 1)
 
     @torch.no_grad()
@@ -165,6 +189,7 @@ class DownstreamModel(nn.Module):
         categorical: Tensor,
         sum_embeddings: Optional[Tensor] = None,
         has_embedding: Optional[Tensor] = None,
+        lists: Optional[Sequence[Tensor]] = None,
     ) -> Tensor:
         """Scores impressions.
 
@@ -174,18 +199,26 @@ class DownstreamModel(nn.Module):
             sum_embeddings: ``[B, K, D]`` SUM user embeddings (any float dtype: served as fp16, computed in
                 fp32); required iff ``spec.uses_embeddings``. Rows without an embedding hold zeros.
             has_embedding: float ``[B]`` 0/1, whether the row's embedding exists; default all ones.
+            lists: One int64 ``[B, L_l]`` per id list, ``spec.lists`` order: ids in ``[0, n_l)`` padded with
+                ``n_l`` (the table size); required iff ``spec.lists``.
 
         Returns:
             float32 logits ``[B]``.
 
         Raises:
             ValueError: Embeddings missing for a model that uses them, given to one that does not, or of
-                the wrong shape.
+                the wrong shape; id lists missing or of the wrong number.
         """
         spec = self.spec
         parts: List[Tensor] = [self.dense_norm(dense)]  # [B, n_dense]
         for i, table in enumerate(self.tables.values()):
             parts.append(table(categorical[:, i]))  # [B, sparse_dim]
+        given = 0 if lists is None else len(lists)
+        if given != len(spec.lists):
+            raise ValueError(f"downstream model {spec.name!r} reads {len(spec.lists)} id list(s) {list(spec.lists)}, "
+                             f"got {given}")
+        for ids, bag in zip(lists or (), self.bags.values()):
+            parts.append(bag(ids))  # [B, sparse_dim]; a row of padding only: zeros
         if spec.uses_embeddings:
             k, d = spec.num_embeddings, spec.embedding_dim
             if sum_embeddings is None:
@@ -217,7 +250,9 @@ class DownstreamPreset:
         hidden: MLP hidden widths (empty = logistic regression).
         max_ad_dense: Ad dense columns used (the first ones), None = all.
         max_ad_sparse: Ad categorical columns used, None = all.
-        max_user_dense: User dense columns used (the first ones), None = all.
+        max_user_dense: User dense columns used (the first ones), None = all; ``user_features`` of
+            :func:`downstream_specs` overrides it.
+        user_lists: User id-list columns used; ``user_features`` of :func:`downstream_specs` overrides it.
         sparse_dim: Categorical embedding width.
         projection_dim: Width of each projected SUM embedding.
     """
@@ -227,6 +262,7 @@ class DownstreamPreset:
     max_ad_dense: Optional[int] = None
     max_ad_sparse: Optional[int] = None
     max_user_dense: Optional[int] = None
+    user_lists: tuple[str, ...] = ()
     sparse_dim: int = 8
     projection_dim: int = 8
 
@@ -263,6 +299,9 @@ def downstream_specs(
     with_embeddings: bool = True,
     names: Sequence[str] = tuple(PRESETS),
     presets: Optional[Mapping[str, DownstreamPreset]] = None,
+    user_lists: Optional[Mapping[str, int]] = None,
+    user_features: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    list_table_size: int = 1024,
 ) -> Dict[str, DownstreamSpec]:
     """Builds the downstream models' specs from the columns a dataset has.
 
@@ -277,12 +316,17 @@ def downstream_specs(
         with_embeddings: Whether the models consume the SUM embeddings.
         names: Presets to build, in order.
         presets: Preset definitions (default :data:`PRESETS`).
+        user_lists: User id-list columns available to downstream models -> their id space (hash size).
+        user_features: Per model name, ``{"dense": n, "lists": [...]}``: its first ``n`` user dense columns
+            and these id lists, in place of the preset's ``max_user_dense`` and ``user_lists``.
+        list_table_size: Rows of a list's bag: ``min(id space, list_table_size)``, ids taken modulo it.
 
     Returns:
         name -> :class:`DownstreamSpec`, in ``names`` order.
 
     Raises:
-        ValueError: An unknown preset name, or a preset's label is not among ``labels``.
+        ValueError: An unknown preset name, a preset's label is not among ``labels``, a model asks for more
+            user dense columns than there are or for an id list the data does not have.
 
     Example::
 
@@ -291,6 +335,11 @@ def downstream_specs(
         ['click', 'conversion', 'inbox']
         >>> specs["inbox"].dense, specs["inbox"].sparse, specs["inbox"].hidden
         (('ad_quality',), {'ad_category': 8}, ())
+        >>> click = downstream_specs(["ad_quality"], {"ad_category": 8}, ["u0", "u1", "u2"], names=["click"],
+        ...                          user_lists={"clicked_ad_categories": 64, "liked_pages": 2000},
+        ...                          user_features={"click": {"dense": 2, "lists": ["clicked_ad_categories"]}})["click"]
+        >>> click.dense, click.lists
+        (('ad_quality', 'u0', 'u1'), {'clicked_ad_categories': 64})
     """
     table = PRESETS if presets is None else presets
     out: Dict[str, DownstreamSpec] = {}
@@ -302,11 +351,22 @@ def downstream_specs(
             raise ValueError(
                 f"downstream preset {name!r} predicts {p.label!r}, which is not among the labels {list(labels)}"
             )
+        chosen = (user_features or {}).get(name)
+        n_dense = p.max_user_dense if chosen is None else int(chosen["dense"])
+        list_names = p.user_lists if chosen is None else tuple(chosen["lists"])
+        if chosen is not None and n_dense > len(user_dense):  # a preset's max_user_dense is an upper bound
+            raise ValueError(f"downstream model {name!r} asks for {n_dense} user dense features; the data has "
+                             f"{len(user_dense)}")
+        available = dict(user_lists or {})
+        unknown = [c for c in list_names if c not in available]
+        if unknown:
+            raise ValueError(f"downstream model {name!r} asks for id list(s) {unknown}; the data has {sorted(available)}")
         out[name] = DownstreamSpec(
             name=name,
             label=p.label,
-            dense=_first(ad_dense, p.max_ad_dense) + _first(user_dense, p.max_user_dense),
+            dense=_first(ad_dense, p.max_ad_dense) + _first(user_dense, n_dense),
             sparse=_smallest(ad_sparse, p.max_ad_sparse),
+            lists={c: min(available[c], list_table_size) for c in list_names},
             uses_embeddings=with_embeddings,
             num_embeddings=num_embeddings,
             embedding_dim=embedding_dim,

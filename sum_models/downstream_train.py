@@ -74,6 +74,24 @@ def _ids(frame: pd.DataFrame, cardinalities: dict[str, int]) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
+def _id_lists(frame: pd.DataFrame, tables: dict[str, int]) -> tuple[Tensor, ...]:
+    """One int64 ``[N, max length]`` per id-list column: ids modulo the table size ``n`` (hashing into a
+    smaller table, as the user tower does), padded with ``n``; a missing list (None/NaN) is empty."""
+    _require(frame, list(tables), "id list")
+    out = []
+    for name, size in tables.items():
+        rows = [np.zeros(0, np.int64) if v is None or (np.ndim(v) == 0 and pd.isna(v)) else np.asarray(v)
+                for v in frame[name].to_numpy()]
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        flat = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        if flat.size and not np.issubdtype(flat.dtype, np.integer):
+            raise ValueError(f"id list column {name!r} must hold integer ids, got dtype {flat.dtype}")
+        padded = np.full((len(rows), max(1, int(lengths.max(initial=0)))), size, dtype=np.int64)
+        padded[np.arange(padded.shape[1]) < lengths[:, None]] = np.mod(flat.astype(np.int64), size)
+        out.append(torch.from_numpy(padded))
+    return tuple(out)
+
+
 def _embeddings(embeddings: Any, n: int, spec: DownstreamSpec) -> tuple[Tensor, Tensor]:
     """``(float32 [N, K, D] with missing rows zeroed, float32 [N] has_embedding)``."""
     k, d = spec.num_embeddings, spec.embedding_dim
@@ -106,6 +124,7 @@ class DownstreamData:
         sum_embeddings: float32 ``[N, K, D]`` (zeros where missing), or None for a model without SUM.
         has_embedding: float32 ``[N]`` 0/1, or None for a model without SUM.
         labels: float32 ``[N]`` 0/1, or None when the frame was encoded without labels.
+        lists: One int64 ``[N, L_l]`` per id list, ``spec.lists`` order, padded with the list's table size.
 
     Example::
 
@@ -122,6 +141,7 @@ class DownstreamData:
     sum_embeddings: Optional[Tensor]
     has_embedding: Optional[Tensor]
     labels: Optional[Tensor]
+    lists: tuple[Tensor, ...] = ()
 
     @classmethod
     def from_frame(
@@ -143,12 +163,13 @@ class DownstreamData:
             The encoded rows, in frame order.
 
         Raises:
-            ValueError: Missing columns, NaN/inf features, ids out of range, labels not 0/1, embeddings
-                of the wrong shape, partly NaN or missing for a model that needs them.
+            ValueError: Missing columns, NaN/inf features, ids out of range, non-integer id lists, labels not
+                0/1, embeddings of the wrong shape, partly NaN or missing for a model that needs them.
         """
         n = len(frame)
         dense = _floats(frame, list(spec.dense), "dense")
         categorical = _ids(frame, dict(spec.sparse))
+        lists = _id_lists(frame, dict(spec.lists))
         sum_embeddings = has_embedding = None
         if spec.uses_embeddings:
             sum_embeddings, has_embedding = _embeddings(embeddings, n, spec)
@@ -157,7 +178,7 @@ class DownstreamData:
             labels = _floats(frame, [spec.label], "label")[:, 0]
             if bool(((labels != 0) & (labels != 1)).any()):
                 raise ValueError(f"label column {spec.label!r} must be 0/1")
-        return cls(dense, categorical, sum_embeddings, has_embedding, labels)
+        return cls(dense, categorical, sum_embeddings, has_embedding, labels, lists)
 
     def __len__(self) -> int:
         return int(self.dense.shape[0])
@@ -173,11 +194,12 @@ class DownstreamData:
             pick(self.sum_embeddings),
             pick(self.has_embedding),
             pick(self.labels),
+            tuple(ids[index] for ids in self.lists),
         )
 
     def logits(self, model: DownstreamModel) -> Tensor:
         """``model``'s float32 logits ``[N]`` on these rows (one forward pass, gradients as the caller's mode)."""
-        return model(self.dense, self.categorical, self.sum_embeddings, self.has_embedding)
+        return model(self.dense, self.categorical, self.sum_embeddings, self.has_embedding, self.lists)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ keeps the feature's distribution but cuts its link to the label::
 Features are ranked by importance, rank 1 = the most important. Table 1 reports the rank of the SUM
 embeddings among all features of each downstream model (1 on the Messenger inbox model, 2 on most CTR
 models). A feature *group* is permuted as a whole: each dense column, each categorical column, and each
-SUM embedding ``k`` (its D floats together, one feature as in the paper). The ``has_embedding`` indicator
+id list (all its ids together) and each SUM embedding ``k`` (its D floats together, one feature as in the paper). The ``has_embedding`` indicator
 is a group of its own when some rows lack an embedding (when it is constant, shuffling it changes nothing).
 """
 
@@ -35,7 +35,8 @@ _Permute = Callable[[DownstreamData, torch.Tensor], DownstreamData]
 
 
 def _replace(data: DownstreamData, **fields: Any) -> DownstreamData:
-    values = {f: getattr(data, f) for f in ("dense", "categorical", "sum_embeddings", "has_embedding", "labels")}
+    values = {f: getattr(data, f)
+              for f in ("dense", "categorical", "sum_embeddings", "has_embedding", "labels", "lists")}
     values.update(fields)
     return DownstreamData(**values)
 
@@ -49,11 +50,21 @@ def _column(field: str, i: int) -> _Permute:
     return permute
 
 
+def _list(i: int) -> _Permute:
+    def permute(data: DownstreamData, perm: torch.Tensor) -> DownstreamData:
+        lists = list(data.lists)
+        lists[i] = lists[i][perm]  # whole lists move between rows
+        return _replace(data, lists=tuple(lists))
+
+    return permute
+
+
 def _groups(model: DownstreamModel, data: DownstreamData) -> List[tuple[str, str, _Permute]]:
     """``(feature, kind, permute)`` for every input group of ``model.spec``, in input order."""
     spec = model.spec
     groups = [(name, "dense", _column("dense", i)) for i, name in enumerate(spec.dense)]
     groups += [(name, "categorical", _column("categorical", i)) for i, name in enumerate(spec.sparse)]
+    groups += [(name, "id_list", _list(i)) for i, name in enumerate(spec.lists)]
     if spec.uses_embeddings:
         for k in range(spec.num_embeddings):
             groups.append((EMBEDDING_GROUP.format(k), "sum_embedding", _column("sum_embeddings", k)))
@@ -90,7 +101,7 @@ def permutation_importance(
 
     Returns:
         One row per feature group, most important first: ``feature``, ``kind`` (``dense`` |
-        ``categorical`` | ``sum_embedding``), ``ne_increase`` (mean over repeats), ``ne_increase_std``
+        ``categorical`` | ``id_list`` | ``sum_embedding``), ``ne_increase`` (mean over repeats), ``ne_increase_std``
         (over repeats), ``rank`` (1 = most important; ties keep input order). ``attrs["base_ne"]`` holds the
         unpermuted NE.
 

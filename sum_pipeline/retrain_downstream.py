@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from sum_platform.context import context
-from sum_platform.feature_store import get_store, historical_embeddings, spec_from_fields, user_feature_fields
+from sum_platform.feature_store import get_store, historical_embeddings
 from sum_platform.files import read_json, write_json, write_parquet
 from sum_platform.partitions import read_partition
 from sum_platform.sources import joined_day
@@ -87,8 +87,8 @@ def retrain(ds: str, frame_path: str | None = None) -> dict[str, Any]:
     """
     from safetensors.torch import save_file  # torch: the task's process only
 
-    from sum_models.downstream import downstream_specs
     from sum_models.downstream_train import evaluate_downstream, train_downstream
+    from sum_platform.downstream_inputs import downstream_specs_for
 
     ctx = context()
     params, ws = ctx.params, ctx.ws
@@ -96,9 +96,7 @@ def retrain(ds: str, frame_path: str | None = None) -> dict[str, Any]:
     frame = pd.read_parquet(frame_path or ws.downstream_frame(ds))
     k, d = params.model.num_embeddings, params.model.embedding_dim
     emb = embeddings_of(frame, k, d)
-    spec = spec_from_fields(user_feature_fields(params), params)
-    specs = downstream_specs(params.events.ad_dense, params.events.ad_sparse, spec.user_dense, params.events.labels,
-                             num_embeddings=k, embedding_dim=d, names=params.downstream.models)
+    specs = downstream_specs_for(params)  # each model's own user features (downstream.user_features)
     cfg = params.downstream
     out: dict[str, Any] = {}
     for name, base in specs.items():
@@ -110,7 +108,8 @@ def retrain(ds: str, frame_path: str | None = None) -> dict[str, Any]:
             model = _load(previous) if previous else None
             ne = None
             # Dicts compare equal in any order; the model's tables follow the spec's order.
-            if model is not None and model.spec == arm_spec and list(model.spec.sparse) == list(arm_spec.sparse):
+            if (model is not None and model.spec == arm_spec and list(model.spec.sparse) == list(arm_spec.sparse)
+                    and list(model.spec.lists) == list(arm_spec.lists)):
                 try:
                     ne = float(evaluate_downstream(model, frame, arm_emb))
                 except ValueError as exc:  # a single label class that day

@@ -49,6 +49,14 @@ class SimulatorConfig(_Section):
     base_click_logit: float
     base_conversion_logit: float
     interest_strength: float
+    seed: int | None                           # the world's seed; None: params.seed (a study sets one per seed)
+    click_propensity_sd: float = Field(ge=0)   # sd of a user's base click logit (drawn once per user)
+    conversion_propensity_sd: float = Field(ge=0)
+    dense_ema_weight: float = Field(gt=0, le=1)  # a day's observation's weight in a dense feature (1: no memory)
+    list_turnover: float = Field(ge=0, le=1)   # share of a user's list ids replaced each day (1: redrawn daily)
+    intraday_updates: bool                     # users partition: + a timestamped row per click within the day
+    intraday_list: str                         # the id list a click appends the clicked ad's id to
+    intraday_delay_seconds: float = Field(ge=0)  # click -> updated feature row (the feature pipeline's latency)
 
 
 class MovieLensSourceConfig(_Section):
@@ -262,6 +270,13 @@ class RayClusterConfig(_Section):
     worker_object_store_mb: int = Field(ge=75)
 
 
+class DownstreamUserFeatures(_Section):
+    """One downstream model's own user features: the view's first ``dense`` dense features and these id lists."""
+
+    dense: int = Field(ge=0)
+    lists: list[str]
+
+
 class DownstreamConfig(_Section):
     """Downstream ranking models consuming the SUM embeddings (sum_models/downstream.py): the DAG
     ``sum_downstream`` retrains them on each promoted day; ``sumctl study`` trains them alike."""
@@ -271,12 +286,21 @@ class DownstreamConfig(_Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
+    user_features: dict[str, DownstreamUserFeatures]  # per model: its own user features
+    list_table_size: int = Field(ge=1)         # rows of an id list's EmbeddingBag (ids modulo it)
+
+    @model_validator(mode="after")
+    def _every_model_has_user_features(self) -> "DownstreamConfig":
+        missing = [m for m in self.models if m not in self.user_features]
+        if missing:
+            raise ValueError(f"downstream.user_features has no entry for model(s) {missing}")
+        return self
 
 
 class StudyConfig(_Section):
     """``sumctl study`` (sum_pipeline/study.py): the paper's Tables 1-4 on the configured source."""
 
-    days: int = Field(ge=3)                    # the source's first days with >= validation.min_event_rows
+    days: int = Field(ge=3)                    # the window: usable days (>= validation.min_event_rows) after the warm-up
     eval_days: int = Field(ge=1)               # the last of them: downstream models are evaluated there
     seeds: int = Field(ge=1)
     importance_repeats: int = Field(ge=1)
@@ -302,7 +326,10 @@ class Params(_Section):
     feature_store: FeatureStoreConfig
     gate: GateConfig
     serving: ServingConfig
+    warmup_days: int = Field(ge=0)             # upstream-only days before the window; frozen = their last snapshot
+    offline_staleness_days: int = Field(ge=1)  # offline batch mode reads the batch written after day t - this
     validation: ValidationConfig
+    workers: int = Field(ge=1)                 # processes the seeds run in (one core each)
     airflow: AirflowConfig
     ray: RayClusterConfig
     downstream: DownstreamConfig

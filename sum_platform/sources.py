@@ -59,11 +59,21 @@ def day_frames(ds: str | date, params: Params) -> tuple[pd.DataFrame, pd.DataFra
 
 
 def joined_day(events: pd.DataFrame, users: pd.DataFrame, params: Params) -> pd.DataFrame:
-    """A day's impressions with the day's user features, in time order (impressions of users without a row
-    are dropped). The users partition is a daily snapshot: this is what Feast's point-in-time join returns."""
+    """A day's impressions with their user features, in time order: each impression gets the user's latest
+    users row at or before its timestamp (Feast's point-in-time join; impressions of users without such a row
+    are dropped). The users partition is a time series: the day's snapshot at 00:00 and, with intra-day
+    updates (``simulator.intraday_updates``), later rows of the same users."""
     ev = params.events
-    frame = events.merge(users.drop(columns=[ev.timestamp], errors="ignore"), on=ev.user_id, how="inner")
-    return frame.sort_values([ev.timestamp, "impression_id"], kind="stable").reset_index(drop=True)
+    ts, uid, feature_ts = ev.timestamp, ev.user_id, "_features_ts"
+    left = events.sort_values(ts, kind="stable")
+    right = users.rename(columns={ts: feature_ts})
+    right = right.astype({feature_ts: left[ts].dtype}).sort_values(feature_ts, kind="stable")
+    right["_matched"] = True
+    frame = pd.merge_asof(left, right, left_on=ts, right_on=feature_ts, by=uid, direction="backward",
+                          allow_exact_matches=True)
+    frame = frame[frame["_matched"].eq(True)].drop(columns=[feature_ts, "_matched"])
+    frame = frame.astype({c: users[c].dtype for c in users.columns if c in frame.columns and c != ts})
+    return frame.sort_values([ts, "impression_id"], kind="stable").reset_index(drop=True)
 
 
 def source_dates(params: Params) -> list[str] | None:

@@ -290,6 +290,80 @@ def test_a_warm_start_continues_from_yesterdays_weights(trained):
         train_downstream(spec.with_embeddings(False), today, today_emb, init_from=yesterday)
 
 
+# --- id lists (constrained, not blind: a downstream model's own user id lists) ---------------------------------
+
+
+def _with_lists(n: int, seed: int):
+    """Impressions whose click is decided by whether the user's ``pages`` list holds id 3 (ids up to 50, read
+    modulo the table size 10: 13, 23, ... are 3 too), and an unrelated ``topics`` list."""
+    rng = np.random.default_rng(seed)
+    pages = [rng.integers(0, 50, size=rng.integers(0, 6)) for _ in range(n)]
+    topics = [rng.integers(0, 7, size=3) for _ in range(n)]
+    hit = np.array([bool((p % 10 == 3).any()) for p in pages])
+    frame = pd.DataFrame({"ad_price": rng.lognormal(size=n).astype(np.float32), "pages": pages, "topics": topics})
+    frame["click"] = (rng.random(n) < np.where(hit, 0.8, 0.05)).astype(np.int64)
+    return frame
+
+
+LIST_SPEC = DownstreamSpec("ctr", "click", dense=("ad_price",), lists={"topics": 7, "pages": 10}, hidden=(16,))
+
+
+def test_id_lists_are_encoded_modulo_the_table_padded_and_a_missing_list_is_empty():
+    frame = pd.DataFrame({"ad_price": [1.0, 2.0, 3.0], "click": [0, 1, 0],
+                          "pages": [np.array([3, 27, 10]), np.array([], dtype=np.int64), None],
+                          "topics": [np.array([1]), np.array([6, 2]), np.array([0])]})
+    data = DownstreamData.from_frame(LIST_SPEC, frame)
+    topics, pages = data.lists  # spec order
+    assert pages.tolist() == [[3, 7, 0], [10, 10, 10], [10, 10, 10]] and pages.dtype == torch.int64
+    assert topics.tolist() == [[1, 7], [6, 2], [0, 7]]
+    logits = data.logits(DownstreamModel(LIST_SPEC))
+    assert logits.shape == (3,)
+    assert data.select(torch.tensor([2, 0])).lists[1].tolist() == [[10, 10, 10], [3, 7, 0]]
+    # An empty list reads as zeros: the bag's padding row is never a value.
+    bag = DownstreamModel(LIST_SPEC).bags["pages"]
+    assert torch.equal(bag(pages[1:2]), torch.zeros(1, LIST_SPEC.sparse_dim))
+    with pytest.raises(ValueError, match="reads 2 id list"):
+        DownstreamModel(LIST_SPEC)(data.dense, data.categorical)
+    with pytest.raises(ValueError, match="integer ids"):
+        DownstreamData.from_frame(LIST_SPEC, frame.assign(topics=[np.array([0.5])] * 3))
+
+
+def test_a_label_carried_by_an_id_list_is_learnt_through_its_bag_and_ranked_first():
+    train, holdout = _with_lists(4000, seed=3), _with_lists(2000, seed=4)
+    fit = dict(epochs=8, batch_size=128, lr=0.02, seed=0)
+    model, _ = train_downstream(LIST_SPEC, train, **fit)
+    blind, _ = train_downstream(dataclasses.replace(LIST_SPEC, lists={"topics": 7}), train, **fit)
+    assert evaluate_downstream(model, holdout) < 0.75 < 0.97 < evaluate_downstream(blind, holdout)
+    table = permutation_importance(model, holdout)
+    assert table.iloc[0][["feature", "kind"]].tolist() == ["pages", "id_list"]
+
+
+def test_a_spec_saved_before_id_lists_existed_still_loads_with_its_weights():
+    old = specs()["click"]
+    raw = old.to_dict()
+    raw.pop("lists")  # a spec.json written before the field existed
+    assert DownstreamSpec.from_dict(raw) == old and old.lists == {}
+    weights = DownstreamModel(old).state_dict()
+    assert not any(k.startswith("bags.") for k in weights)
+    DownstreamModel(DownstreamSpec.from_dict(raw)).load_state_dict(weights)  # strict
+
+
+def test_each_model_gets_the_user_features_it_is_given():
+    user_dense = tuple(f"u{i}" for i in range(8))
+    chosen = {"click": {"dense": 4, "lists": ["clicked_ad_categories"]}, "conversion": {"dense": 6, "lists": ["liked"]},
+              "inbox": {"dense": 1, "lists": []}}
+    built = downstream_specs(AD_DENSE, AD_SPARSE, user_dense, user_lists={"clicked_ad_categories": 64, "liked": 2000},
+                             user_features=chosen, list_table_size=1024)
+    assert built["click"].dense == (*AD_DENSE, "u0", "u1", "u2", "u3")
+    assert built["click"].lists == {"clicked_ad_categories": 64} and built["conversion"].lists == {"liked": 1024}
+    assert built["inbox"].dense == ("ad_quality", "u0") and built["inbox"].lists == {}
+    assert DownstreamSpec.from_dict(built["conversion"].to_dict()) == built["conversion"]
+    with pytest.raises(ValueError, match="asks for id list"):
+        downstream_specs(AD_DENSE, AD_SPARSE, user_dense, user_features={"click": {"dense": 0, "lists": ["liked"]}})
+    with pytest.raises(ValueError, match="asks for 9 user dense"):
+        downstream_specs(AD_DENSE, AD_SPARSE, user_dense, user_features={"click": {"dense": 9, "lists": []}})
+
+
 # --- docstring examples -----------------------------------------------------------------------------------------
 
 

@@ -95,7 +95,7 @@ def test_the_movielens_profile_merges_over_the_file_key_by_key(tmp_path):
 
 
 def test_an_unknown_profile_is_an_error_naming_the_defined_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"'nope' is not defined \(profiles: \['movielens', 'redis', 'scale'\]\)"):
+    with pytest.raises(ValueError, match=r"'nope' is not defined \(profiles: \['movielens', 'redis', 'scale', 'study'\]\)"):
         load_params(_with_profile(tmp_path, "nope"))
     with pytest.raises(ValueError, match=r"profiles: none"):
         load_params(_with_profile(tmp_path, "nope", profiles={}))

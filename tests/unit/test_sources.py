@@ -104,3 +104,20 @@ def test_joined_day_orders_by_time_and_drops_users_without_features():
     assert frame["impression_id"].tolist() == ["a", "b"]  # user 3 has no features that day
     assert frame["sessions_7d"].tolist() == [7.0, 5.0]
     assert list(frame.columns).count("event_ts") == 1 and frame["event_ts"].is_monotonic_increasing
+
+
+def test_joined_day_is_a_point_in_time_join_over_the_users_time_series():
+    """Intra-day rows (simulator.intraday_updates): an impression reads its user's latest row at or before it."""
+    params = load_params()
+    ts = lambda *t: pd.to_datetime(list(t), utc=True, format="ISO8601").astype("datetime64[us, UTC]")  # noqa: E731
+    events = pd.DataFrame({"impression_id": ["m", "n", "e", "l", "x"], "user_id": [1, 1, 1, 1, 2],
+                           "event_ts": ts("2026-01-01 08:00", "2026-01-01 10:00", "2026-01-01 12:00",
+                                          "2026-01-01 23:00", "2026-01-01 09:00")})
+    users = pd.DataFrame({"user_id": [1, 1, 1, 2], "sessions_7d": np.array([1.0, 2.0, 3.0, 9.0], np.float32),
+                          "liked_pages": [np.array([1]), np.array([1, 5]), np.array([1, 5, 7]), np.array([4])],
+                          "event_ts": ts("2026-01-01", "2026-01-01 12:00", "2026-01-01 22:00", "2026-01-01 09:30")})
+    frame = joined_day(events, users, params).set_index("impression_id")
+    assert frame.loc[["m", "n", "e", "l"], "sessions_7d"].tolist() == [1.0, 1.0, 2.0, 3.0]  # e: exact time counts
+    assert [list(v) for v in frame["liked_pages"]] == [[1], [1], [1, 5], [1, 5, 7]]
+    assert "x" not in frame.index  # user 2's only row came after the impression
+    assert frame["sessions_7d"].dtype == np.float32
