@@ -302,7 +302,10 @@ class StudyConfig(_Section):
 
     days: int = Field(ge=3)                    # the window: usable days (>= validation.min_event_rows) after the warm-up
     eval_days: int = Field(ge=1)               # the last of them: downstream models are evaluated there
+    warmup_days: int = Field(ge=0)             # upstream-only days before the window; frozen = their last snapshot
+    offline_staleness_days: int = Field(ge=1)  # offline batch mode reads the batch written after day t - this
     seeds: int = Field(ge=1)
+    workers: int = Field(ge=1)                 # processes the seeds run in (one core each)
     importance_repeats: int = Field(ge=1)
     replay_batch: int = Field(ge=1)            # requests per compute call in the replay (coalescing)
     realtime_fallback_rate: float = Field(ge=0, le=1)
@@ -326,10 +329,7 @@ class Params(_Section):
     feature_store: FeatureStoreConfig
     gate: GateConfig
     serving: ServingConfig
-    warmup_days: int = Field(ge=0)             # upstream-only days before the window; frozen = their last snapshot
-    offline_staleness_days: int = Field(ge=1)  # offline batch mode reads the batch written after day t - this
     validation: ValidationConfig
-    workers: int = Field(ge=1)                 # processes the seeds run in (one core each)
     airflow: AirflowConfig
     ray: RayClusterConfig
     downstream: DownstreamConfig
