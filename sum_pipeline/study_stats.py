@@ -28,7 +28,8 @@ What :func:`tables` reads from ``results`` (the study writes it; absent keys mea
     shift         [{"seed", "embedding", "pooling", "cosine", "l2_change"} (+ optional "part": total |
                   snapshot | features)]
     choices       {...}: printed by the report; ``staleness`` ({mode: text}) and ``downstream_features``
-                  ({model: text}) are also shown in Table 2 and the caveat on magnitudes.
+                  ({model: text}) are also shown in Table 2 and the caveat on magnitudes, ``serving_pool_unit``
+                  picks Table 1's pool unit, ``workers`` goes on the runtime line.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ VERDICTS = (HOLDS, DOES_NOT_HOLD, UNDETERMINED, NOT_MEASURABLE)
 BASELINE = "none"
 TABLE2_MODES = ("frozen", "offline", "realtime", "async")
 TABLE1_ARM = "async"
-#: Table 1 is reported under serving's default pool unit (``serving.pool_unit``); Table 2 under both.
+#: Table 1 is reported under serving's pool unit (``choices["serving_pool_unit"]``, by default ``serving.pool_unit``'s
+#: default); Table 2 under both.
 TABLE1_POOL_UNIT = "snapshot"
 SUBSETS = ("all", "covered", "returning")
 WINDOWS = ("eval", "early")
@@ -232,12 +234,16 @@ class Measured:
         self.seeds = sorted({k[5] for k in self.ne})
         self.subsets = [s for s in SUBSETS if any(k[3] == s for k in self.ne)]
         self.windows = [w for w in WINDOWS if any(k[2] == w for k in self.ne)]
+        found: dict[str, set] = {}
+        for k in self.ne:
+            found.setdefault(k[0], set()).add(k[1])
+        self._units = {arm: [u for u in POOL_UNITS if u in us] + sorted(u for u in us if u not in POOL_UNITS and u)
+                       or ([None] if None in us else []) for arm, us in found.items()}
 
     def units(self, arm: str) -> list[Any]:
-        """The pool units ``arm`` was served under (``[None]`` for an arm that does not pool per request)."""
-        found = {k[1] for k in self.ne if k[0] == arm}
-        named = [u for u in POOL_UNITS if u in found] + sorted(u for u in found if u not in POOL_UNITS and u)
-        return named or ([None] if None in found else [])
+        """The pool units ``arm`` was served under (``[None]`` for an arm that does not pool per request; ``[]``
+        for an arm not measured)."""
+        return self._units.get(arm, [])
 
     def unit_of(self, arm: str, unit: Any) -> Any:
         """The reference's pool unit in a contrast with an arm served under ``unit``: the same one when the
@@ -280,9 +286,10 @@ def _contrast(m: Measured, arm: str, ref: str, unit: Any, window: str, subset: s
 
 # ------------------------------------------------------------------------------------------------ tables
 
-def _table1(m: Measured, fi_rank: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _table1(m: Measured, fi_rank: Sequence[Mapping[str, Any]], choices: Mapping[str, Any]) -> list[dict[str, Any]]:
     units = m.units(TABLE1_ARM)
-    unit = TABLE1_POOL_UNIT if TABLE1_POOL_UNIT in units else (units[0] if units else None)
+    wanted = choices.get("serving_pool_unit") or TABLE1_POOL_UNIT  # what serving is configured to pool
+    unit = wanted if wanted in units else (units[0] if units else None)
     ranks: dict[str, dict[int, float]] = {}
     n_features: dict[str, int] = {}
     for r in fi_rank:
@@ -502,7 +509,7 @@ def tables(results: Mapping[str, Any]) -> dict[str, Any]:
         - ``directions``: ``[{"claim", "table", "pool_unit", "verdict", "holds", "evidence"}]``.
     """
     m = Measured(results.get("measurements") or [])
-    t1 = _table1(m, results.get("fi_rank") or [])
+    t1 = _table1(m, results.get("fi_rank") or [], results.get("choices") or {})
     t2 = _table2(m, results.get("choices") or {})
     between = _between_arms(m)
     t3_rows, t3_diffs = _table3(results.get("shift") or [])

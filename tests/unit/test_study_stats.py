@@ -310,6 +310,14 @@ def test_fi_rank_interval_is_clipped_to_the_feature_count():
     assert direction(result, "the SUM embeddings rank")["verdict"] == UNDETERMINED
 
 
+def test_table1_is_reported_under_servings_pool_unit():
+    diffs = _arms([-1.0, -1.1, -0.9])
+    records = measurements(diffs)
+    assert {r["pool_unit"] for r in tables({"measurements": records})["table1"]} == {"snapshot"}
+    result = tables({"measurements": records, "choices": {"serving_pool_unit": "write"}})
+    assert {r["pool_unit"] for r in result["table1"]} == {"write"}
+
+
 def test_a_missing_ne_leaves_that_seed_out():
     records = measurements(_arms([-1.0, -1.1, -0.9, -1.0]), models=("click",))
     for r in records:
