@@ -24,7 +24,7 @@ from feast.types import Array, Bytes, Float32, Int64, String
 
 from sum_models.shift import POOL_DEPTH
 from sum_platform.config import load_params
-from sum_platform.feature_store import EMBEDDING_SLOTS
+from sum_platform.embedding_row import SLOT_ID_FIELDS, SLOTS
 from sum_platform.workspace import Workspace
 
 # The workspace and K of the params in force (the platform's one rule: $SUM_PARAMS, $SUM_WORKSPACE).
@@ -134,12 +134,14 @@ sum_embeddings_push = PushSource(
     description="Write-backs of freshly computed embeddings from the SOAP compute deployment.",
 )
 
-# One row per user holds the served (average-pooled) value and the raw versions it pools (paper 5.2:
-# the current computed embedding + the POOL_DEPTH - 1 most recent cached ones), so a writer can pool the
-# next version from the row alone. Invariant kept by serving/store_io.write_embeddings (the only writer):
-#   embedding_k == fp16(mean of the non-empty raw_embedding_k, prev1_embedding_k, prev2_embedding_k)
-# where raw is the latest version (its snapshot_id / written_at_ms), prev1 the one before, prev2 before
-# that (for POOL_DEPTH = 3); pooled_versions counts the non-empty ones. batch_* keep the daily batch's value (offline mode).
+# One row per user holds the served (average-pooled) value and the raw versions it pools, each with the id of the
+# snapshot that computed it (paper 5.2: the current computed embedding + the POOL_DEPTH - 1 most recent cached ones;
+# the pooling rule and the fields are sum_platform/embedding_row.py's), so a writer can pool the next version from the
+# row alone. Invariant kept by serving/store_io (the only writer):
+#   embedding_k == fp16(mean of the non-empty slot values {slot}_embedding_k), slots latest first
+# raw is the latest version (its snapshot_id / written_at_ms), prev1 the one before (prev1_snapshot_id), and so on;
+# pooled_versions counts the non-empty ones. batch_* keep the daily batch's value (offline mode). Rows written before
+# the prev*_snapshot_id fields (schema v1) are migrated on their next write or by `sumctl migrate-embeddings`.
 # served_packed / batch_packed hold the same values again, packed into one field each, so a read is one online-store
 # row and one decode instead of K + 3 (the unpacked fields stay what Feast clients and training read).
 sum_embeddings = FeatureView(
@@ -157,8 +159,12 @@ sum_embeddings = FeatureView(
     ]
     + [
         Field(name=f"{slot}_embedding_{k}", dtype=Array(Float32), description=f"Raw version ({slot}); empty if none.")
-        for slot in EMBEDDING_SLOTS
+        for slot in SLOTS
         for k in range(NUM_EMBEDDINGS)
+    ]
+    + [
+        Field(name=name, dtype=String, description=f"Snapshot that computed the {slot} version; empty if none.")
+        for slot, name in zip(SLOTS[1:], SLOT_ID_FIELDS[1:])
     ]
     + [Field(name=f"batch_embedding_{k}", dtype=Array(Float32)) for k in range(NUM_EMBEDDINGS)]
     + [

@@ -2,7 +2,8 @@
 
 :class:`ComputeCenter` batches compute calls (``@serve.batch``), reads the users' current features from
 the online store, runs the tower and writes the new version through
-:func:`serving.store_io.write_embeddings`, which average-pools it with the two previous stored versions
+:func:`serving.store_io.write_embeddings`, which average-pools it with the two previous stored versions (of the two
+previous snapshots, or of the two previous writes: ``serving.pool_unit``)
 and stores fp16 values with the snapshot id and write time (the same write the daily batch uses). A new
 snapshot arrives through ``user_config`` -> :meth:`ComputeCenter.reconfigure`, which swaps the tower
 only after a successful load. The frozen tower (the first production snapshot's) answers ``frozen``
@@ -93,6 +94,8 @@ class ComputeCenter:
         self._requested: tuple[str, str, str | None] | None = None
         self._user_config: dict = {}
         self._debug_delay_s = 0.0
+        #: serving.pool_unit: what a pooled version is (sum_platform.embedding_row), from the user_config.
+        self._pool_unit = "snapshot"
         # Snapshot loads run beside compute batches (which keep using the current tower meanwhile).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soap-load",
                                           initializer=background_thread, initargs=(self._cpu, "load"))
@@ -172,6 +175,7 @@ class ComputeCenter:
         await self._reconfigure_frozen(user_config, store_key)
 
     def _apply_knobs(self, user_config: dict) -> None:
+        self._pool_unit = str(user_config["pool_unit"])
         self._debug_delay_s = max(0.0, float(user_config.get("debug_delay_ms") or 0.0)) / 1000.0
         self._write_coalesce_s = max(0.0, float(user_config.get("write_coalesce_ms") or 0.0)) / 1000.0
         size = user_config.get("max_batch_size")
@@ -252,7 +256,8 @@ class ComputeCenter:
         loop = asyncio.get_running_loop()
         try:
             results, pending = await loop.run_in_executor(
-                self._executor, _compute_pooled, prod.tower, store, prod.snapshot_id, list(user_ids), not wait_for_write
+                self._executor, _compute_pooled, prod.tower, store, prod.snapshot_id, list(user_ids), not wait_for_write,
+                self._pool_unit,
             )
         except Exception:
             self._stats["failed_batches"] += 1
@@ -261,7 +266,8 @@ class ComputeCenter:
         if not pending:
             return results
         self._metrics.batch_size.observe(len(user_ids), tags={"tower": "production"})
-        write = self._buffer_write({**pending, "snapshot_id": prod.snapshot_id, "store": store, "t0": t0})
+        write = self._buffer_write({**pending, "snapshot_id": prod.snapshot_id, "store": store, "t0": t0,
+                                    "unit": self._pool_unit})
         if not wait_for_write:
             if self._write_coalesce_s <= 0:
                 self._flush()
@@ -295,6 +301,7 @@ class ComputeCenter:
         if head is not None and (
             self._buffer_users.intersection(pending["user_ids"])
             or head["snapshot_id"] != pending["snapshot_id"]
+            or head["unit"] != pending["unit"]
             or head["store"] is not pending["store"]
         ):
             self._flush()
@@ -321,6 +328,7 @@ class ComputeCenter:
             "user_ids": [u for p in batch for u in p["user_ids"]],
             "embeddings": np.concatenate([p["embeddings"] for p in batch]),
             "written_at_ms": [p["written_at_ms"] for p in batch for _ in p["user_ids"]],
+            "unit": batch[0]["unit"],
         }
         store, snapshot_id, t0 = batch[0]["store"], batch[0]["snapshot_id"], min(p["t0"] for p in batch)
         write = asyncio.get_running_loop().run_in_executor(self._executor, _write_pooled, store, snapshot_id, merged)
@@ -478,7 +486,7 @@ def _load_failure(role: str, snapshot_id: str, snapshot_dir: str, exc: BaseExcep
 
 
 def _compute_pooled(
-    tower, store, snapshot_id: str, user_ids: list[int], preview: bool = True
+    tower, store, snapshot_id: str, user_ids: list[int], preview: bool = True, unit: str = "snapshot"
 ) -> tuple[dict[int, dict], dict | None]:
     """Job 1 of a compute batch: read features -> tower (-> pooled value as the write will store it).
 
@@ -488,6 +496,7 @@ def _compute_pooled(
     Args:
         preview: Compute the pooled value now (realtime answers with it); otherwise only the tower runs
             and results carry no embeddings (async: nobody waits for them).
+        unit: ``serving.pool_unit`` (the preview pools as the write will).
 
     Returns:
         ``(results, pending)``: per user the answer (status ``computed``, with the pooled embeddings when
@@ -507,7 +516,7 @@ def _compute_pooled(
         for u in ids:
             results[u] = {"user_id": u, "status": "computed", "snapshot_id": snapshot_id, "written_at_ms": written_at_ms}
         return results, pending
-    for u, (pooled, n_pooled) in pooled_preview(store, ids, emb, snapshot_id, written_at_ms).items():
+    for u, (pooled, n_pooled) in pooled_preview(store, ids, emb, snapshot_id, written_at_ms, unit=unit).items():
         results[u] = {
             "user_id": u,
             "status": "computed",
@@ -538,7 +547,7 @@ def _write_pooled(store, snapshot_id: str, pending: dict) -> int:
     """Job 2 of a compute batch: the pooled write-back (read-modify-write under the store's lock)."""
     # Logged offline too: downstream models train on what serving returned (point-in-time, through Feast).
     return write_embeddings(store, pending["user_ids"], pending["embeddings"], snapshot_id, pending["written_at_ms"],
-                            to_offline=True)
+                            unit=pending["unit"], to_offline=True)
 
 
 def _compute_only(tower, store, snapshot_id: str, user_ids: list[int]) -> dict[int, dict]:

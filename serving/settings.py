@@ -52,7 +52,7 @@ __all__ = [
 #: The read modes of the ingress (paper §4), as ``serving.mode`` declares them.
 MODES: tuple[str, ...] = get_args(Mode)
 #: Keys every compute ``user_config`` must carry (others are optional, see :func:`compute_user_config`).
-USER_CONFIG_KEYS = ("snapshot_dir", "snapshot_id", "workspace", "params_path")
+USER_CONFIG_KEYS = ("snapshot_dir", "snapshot_id", "workspace", "params_path", "pool_unit")
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,6 +244,7 @@ def compute_user_config(
         "max_batch_size": int(params.serving.compute_max_batch_size),
         "batch_wait_ms": float(params.serving.compute_batch_wait_ms),
         "write_coalesce_ms": float(params.serving.compute_write_coalesce_ms),
+        "pool_unit": str(params.serving.pool_unit),  # what the write-backs pool (sum_platform.embedding_row)
         "debug_delay_ms": 0.0,
     }
     unknown = set(overrides) - {"max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms"}

@@ -1,28 +1,33 @@
 """Reads and writes of SUM embeddings in the online store: one shape for every writer.
 
 The daily batch (``materialize_embeddings``) and the SOAP compute deployment both write through
-:func:`write_embeddings`, so every stored row is pooled the same way (paper §5.2: the served value is the
-mean of the current computed embedding and the two most recent cached ones). One row per user holds
-(``feature_repo/definitions.py``, view ``sum_embeddings``):
+:func:`write_embeddings`, so every stored row is pooled the same way: by the row's owner,
+:mod:`sum_platform.embedding_row` (its fields, its packing and the pooling rule, paper §5.2: the served value is
+the mean of the current computed embedding and the latest versions of the two previous snapshots, or of the two
+previous writes under ``serving.pool_unit: write``). One row per user holds (``feature_repo/definitions.py``, view
+``sum_embeddings``):
 
 * ``embedding_0 .. embedding_{K-1}`` - the served value: fp16 mean of the non-empty raw versions below;
-* ``raw_embedding_k`` (latest version), ``prev1_embedding_k``, ``prev2_embedding_k`` - raw versions, fp16;
-* ``snapshot_id``, ``written_at_ms`` - identity of the latest version; ``pooled_versions`` (1-3);
+* ``raw_embedding_k`` (latest version), ``prev1_embedding_k``, ``prev2_embedding_k`` - raw versions, fp16, with
+  the snapshot that computed each: ``snapshot_id`` (raw's), ``prev1_snapshot_id``, ``prev2_snapshot_id``;
+* ``written_at_ms`` - write time of the latest version; ``pooled_versions`` (1-3);
 * ``batch_embedding_k``, ``batch_snapshot_id``, ``batch_written_at_ms`` - the last daily batch value
   (what ``offline`` mode serves);
 * ``served_packed``, ``batch_packed`` - the served and the batch value again, each with its snapshot id, write
-  time and versions, packed into one bytes field (:func:`pack_value`): what SOAP's reads fetch, one row and one
+  time and versions, packed into one bytes field (``pack_value``): what SOAP's reads fetch, one row and one
   decode instead of K + 3 (a row without them - written before they existed, or materialised from an older
   log - is read from the fields above).
 
-A write reads the users' rows, shifts the history (``prev2 <- prev1 <- raw <- new``; a write with the
-same snapshot id *and* write time as the latest version replaces it instead, so a rerun of the daily
-batch is idempotent), pools and writes whole rows. Concurrent writers (compute replicas, the daily batch)
-never lose a version: on SQLite the read-modify-write holds an exclusive file lock next to the database and
-writes through Feast's provider (``ingest_df``: what ``write_to_online_store`` runs after a registry lookup the
-reader has already done); on Redis it is a transaction per chunk of users (``WATCH``
-their keys, read and pool, ``MULTI`` / ``HSET`` / ``EXEC``, again on a conflict) writing the rows in Feast's
-Redis layout, encoded by Feast's own provider code.
+A write reads the users' rows, puts the new version in (:func:`sum_platform.embedding_row.shift_in`: replace the
+snapshot's own slot, shift for a new snapshot, drop a late write of a snapshot the row has moved past - such a row
+is not rewritten), pools and writes whole rows. Rows written before the per-slot snapshot ids (schema v1) are
+migrated by their next write, or all at once by :func:`migrate_rows` (``sumctl migrate-embeddings``); a rollback
+takes the rolled-back snapshot out of every row (:func:`retire_snapshot`). Concurrent writers (compute replicas,
+the daily batch) never lose a version: on SQLite the read-modify-write holds an exclusive file lock next to the
+database and writes through Feast's provider (``ingest_df``: what ``write_to_online_store`` runs after a registry
+lookup the reader has already done); on Redis it is a transaction per chunk of users (``WATCH`` their keys, read
+and pool, ``MULTI`` / ``HSET`` / ``EXEC``, again on a conflict) writing the rows in Feast's Redis layout, encoded
+by Feast's own provider code.
 
 Reads (:func:`read_embeddings`, :class:`EmbeddingReader`) go straight to Feast's online tables (same rows,
 same value protos Feast writes; keys serialised with Feast's own function): a ``SELECT`` on the SQLite
@@ -43,19 +48,20 @@ import logging
 import os
 import re
 import sqlite3
-import struct
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
-from sum_models.shift import average_pool
 from sum_platform.files import exclusive_lock
-from sum_platform.feature_store import EMBEDDING_SLOTS, EMBEDDINGS_VIEW, user_features_view
+from sum_platform.embedding_row import (PACKED_FIELDS, POOL_UNITS, SLOT_ID_FIELDS, SLOTS, PoolUnit, Slots, as_slots,
+                                       batch_fields, drop_snapshot, history_fields, migrate_ids, pack_value, pool,
+                                       served_fields, shift_in, unpack_value, v1_rows)
+from sum_platform.feature_store import EMBEDDINGS_VIEW, user_features_view
 from sum_platform.offline_log import append_rows, partition_root
 
 if TYPE_CHECKING:
@@ -79,9 +85,18 @@ __all__ = [
     "read_user_rows",
     "reader_for",
     "pooled_preview",
+    "migrate_rows",
+    "retire_snapshot",
+    "v1_row_count",
+    "row_dim",
+    "row_slots",
+    # the row owner's (sum_platform.embedding_row), re-exported for the readers of this module
     "pack_value",
     "unpack_value",
     "PACKED_FIELDS",
+    "served_fields",
+    "batch_fields",
+    "history_fields",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,53 +113,6 @@ def num_embeddings(store: "FeatureStore") -> int:
     if not ks or ks != list(range(len(ks))):
         raise ValueError(f"view {EMBEDDINGS_VIEW!r} must declare embedding_0..embedding_(K-1); got {ks}")
     return len(ks)
-
-
-def served_fields(k: int) -> list[str]:
-    return [f"embedding_{j}" for j in range(k)] + ["snapshot_id", "written_at_ms", "pooled_versions"]
-
-
-def batch_fields(k: int) -> list[str]:
-    return [f"batch_embedding_{j}" for j in range(k)] + ["batch_snapshot_id", "batch_written_at_ms"]
-
-
-def history_fields(k: int) -> list[str]:
-    """Every field of a row (what a writer needs to pool and carry over)."""
-    slots = [f"{s}_embedding_{j}" for s in EMBEDDING_SLOTS for j in range(k)]
-    return served_fields(k) + slots + batch_fields(k)
-
-
-#: ``served_packed`` / ``batch_packed``: format version, K, D, write time (Unix ms), versions pooled (-1: none),
-#: snapshot id length (UTF-8 bytes); then the snapshot id, then the K x D values as little-endian fp16.
-_PACKED_HEADER = struct.Struct("<BHHqhH")
-_PACKED_VERSION = 1
-PACKED_FIELDS = {"served": "served_packed", "batch": "batch_packed"}
-
-
-def pack_value(embeddings: np.ndarray, snapshot_id: str, written_at_ms: int, pooled_versions: int | None) -> bytes:
-    """One stored value (fp16 ``[K, D]`` and its identity) as the bytes of a ``*_packed`` field."""
-    sid = str(snapshot_id).encode("utf-8")
-    k, d = embeddings.shape
-    header = _PACKED_HEADER.pack(_PACKED_VERSION, k, d, int(written_at_ms),
-                                 -1 if pooled_versions is None else int(pooled_versions), len(sid))
-    return header + sid + np.ascontiguousarray(embeddings, dtype="<f2").tobytes()
-
-
-def unpack_value(packed: bytes | None) -> dict[str, Any] | None:
-    """A ``*_packed`` field as ``{"snapshot_id", "written_at_ms", "pooled_versions", "embeddings": fp16 [K, D]}``
-    (the embeddings a read-only view of ``packed``); None for an empty or malformed field."""
-    if not packed or len(packed) < _PACKED_HEADER.size:
-        return None
-    version, k, d, ms, pooled, n_sid = _PACKED_HEADER.unpack_from(packed)
-    start = _PACKED_HEADER.size + n_sid
-    if version != _PACKED_VERSION or len(packed) != start + 2 * k * d or k * d == 0:
-        return None
-    return {
-        "snapshot_id": packed[_PACKED_HEADER.size : start].decode("utf-8"),
-        "written_at_ms": ms,
-        "pooled_versions": None if pooled < 0 else pooled,
-        "embeddings": np.frombuffer(packed, dtype="<f2", count=k * d, offset=start).reshape(k, d),
-    }
 
 
 def to_ms(ts: datetime | pd.Timestamp | int | float | None) -> int:
@@ -565,22 +533,6 @@ def _write_lock(store: "FeatureStore") -> Iterator[None]:
         yield
 
 
-def _versions(row: dict[str, Any] | None, k: int, shape: tuple[int, int]) -> list[np.ndarray | None]:
-    """The stored raw versions ``[raw, prev1, prev2]`` of a row (None for unused/mismatching slots)."""
-    if row is None:
-        return [None] * len(EMBEDDING_SLOTS)
-    out: list[np.ndarray | None] = []
-    for slot in EMBEDDING_SLOTS:
-        arr = _stack([row.get(f"{slot}_embedding_{j}") for j in range(k)])
-        out.append(arr if arr is not None and arr.shape == shape else None)
-    return out
-
-
-def pool(versions: Sequence[np.ndarray]) -> np.ndarray:
-    """fp16 mean of raw versions (computed in float64, as ``sum_models.shift.average_pool``)."""
-    return np.asarray(average_pool([np.asarray(v, dtype=np.float16) for v in versions])).astype(np.float16)
-
-
 def _check(
     reader: EmbeddingReader, user_ids: Any, embeddings: np.ndarray, snapshot_id: str
 ) -> tuple[list[int], np.ndarray, list[int]]:
@@ -606,71 +558,111 @@ def _check(
     return order, emb16[picked], picked
 
 
-def _pooled_frame(
-    reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str, ms: "int | np.ndarray", batch: bool
-) -> pd.DataFrame:
-    """The rows to write: each user's stored history shifted by the new version, pooled (``ms``: the write time,
-    one for all rows or one per row)."""
-    k = reader.k
+def row_dim(row: dict[str, Any] | None, k: int) -> int | None:
+    """D of a stored row: the length of its latest non-empty version (None: a row with no version)."""
+    for slot in SLOTS:
+        v = (row or {}).get(f"{slot}_embedding_0")
+        if v is not None and len(v):
+            return len(v)
+    return None
+
+
+def row_slots(row: dict[str, Any] | None, k: int) -> Slots:
+    """One stored row (its :func:`history_fields`) as :class:`Slots` of its own ``[K, D]`` (no version: D = 1)."""
+    return as_slots([row], k, row_dim(row, k) or 1)
+
+
+def _frame(order: Sequence[int], slots: Slots, old_rows: Sequence[dict | None], event_ms: np.ndarray,
+           batch: tuple[str, np.ndarray] | None = None, keep_served: bool = False) -> pd.DataFrame:
+    """Whole rows to write: each user's slots, its served value (the pool of the slots, paper §5.2) and its batch
+    value.
+
+    Args:
+        order: The users, one per row of ``slots``.
+        slots: Their slots after the change.
+        old_rows: Their stored rows (None: none): the batch value is carried over from them.
+        event_ms: int64 ``[N]``: each row's event time (its ``written_at``).
+        batch: ``(snapshot_id, write times [N])`` of a daily batch write: the served value is also the batch value.
+        keep_served: Carry the stored served and batch values over verbatim (a migration moves no value).
+    """
+    k, d = slots.values.shape[2], slots.values.shape[3]
     empty = np.zeros(0, dtype=np.float32)
+    pooled, n_pooled = pool(slots.values)
+    present = ~np.isnan(slots.values[:, :, 0, 0])
     cols: dict[str, list] = {name: [] for name in [*history_fields(k), *PACKED_FIELDS.values()]}
-    for uid, old, ms_i, slots, pooled, n_pooled in _pool_versions(reader, order, emb16, snapshot_id, ms):
+    for i, uid in enumerate(order):
+        old = old_rows[i] or {}
+        n, sid, ms = int(n_pooled[i]), slots.ids[i, 0], int(slots.written_ms[i])
         for j in range(k):
-            cols[f"embedding_{j}"].append(pooled[j].astype(np.float32))
-            for slot, value in zip(EMBEDDING_SLOTS, slots):
-                cols[f"{slot}_embedding_{j}"].append(empty if value is None else np.asarray(value[j], dtype=np.float32))
-        cols["snapshot_id"].append(str(snapshot_id))
-        cols["written_at_ms"].append(ms_i)
-        cols["pooled_versions"].append(n_pooled)
-        cols["served_packed"].append(pack_value(pooled, snapshot_id, ms_i, n_pooled))
-        if batch:
-            for j in range(k):
-                cols[f"batch_embedding_{j}"].append(pooled[j].astype(np.float32))
-            cols["batch_snapshot_id"].append(str(snapshot_id))
-            cols["batch_written_at_ms"].append(ms_i)
-            cols["batch_packed"].append(pack_value(pooled, snapshot_id, ms_i, None))
+            for s, slot in enumerate(SLOTS):
+                value = slots.values[i, s, j].astype(np.float32) if present[i, s] else empty
+                cols[f"{slot}_embedding_{j}"].append(value)
+        for s, field in enumerate(SLOT_ID_FIELDS[1:], start=1):
+            cols[field].append(slots.ids[i, s])
+        if keep_served:
+            for name in served_fields(k):
+                cols[name].append(old.get(name))
+            cols["served_packed"].append(old.get("served_packed"))
         else:
-            old_batch = _stack([(old or {}).get(f"batch_embedding_{j}") for j in range(k)])
+            for j in range(k):
+                cols[f"embedding_{j}"].append(pooled[i, j].astype(np.float32) if n else empty)
+            cols["snapshot_id"].append(sid)
+            cols["written_at_ms"].append(ms if ms >= 0 else None)
+            cols["pooled_versions"].append(n)
+            cols["served_packed"].append(pack_value(pooled[i], sid, ms, n) if n else b"")
+        if keep_served:
+            for name in [*batch_fields(k), PACKED_FIELDS["batch"]]:
+                cols[name].append(old.get(name))
+        elif batch is not None:
+            bsid, bms = batch[0], int(batch[1][i])
+            for j in range(k):
+                cols[f"batch_embedding_{j}"].append(pooled[i, j].astype(np.float32))
+            cols["batch_snapshot_id"].append(str(bsid))
+            cols["batch_written_at_ms"].append(bms)
+            cols["batch_packed"].append(pack_value(pooled[i], bsid, bms, None))
+        else:
+            old_batch = _stack([old.get(f"batch_embedding_{j}") for j in range(k)])
             for j in range(k):
                 cols[f"batch_embedding_{j}"].append(empty if old_batch is None else old_batch[j])
-            bsid = (old or {}).get("batch_snapshot_id") if old_batch is not None else None
-            bms = (old or {}).get("batch_written_at_ms") if old_batch is not None else None
+            bsid = old.get("batch_snapshot_id") if old_batch is not None else None
+            bms = old.get("batch_written_at_ms") if old_batch is not None else None
             cols["batch_snapshot_id"].append(bsid)
             cols["batch_written_at_ms"].append(int(bms) if bms is not None else None)
             cols["batch_packed"].append(b"" if old_batch is None or bms is None else
                                         pack_value(old_batch.astype(np.float16), bsid or "", int(bms), None))
     frame: dict[str, Any] = {"user_id": np.asarray(order, dtype=np.int64)}
     frame.update(cols)
-    frame["written_at_ms"] = np.asarray(cols["written_at_ms"], dtype=np.int64)
-    frame["pooled_versions"] = np.asarray(cols["pooled_versions"], dtype=np.int64)
+    frame["written_at_ms"] = pd.array(cols["written_at_ms"], dtype="Int64")
+    frame["pooled_versions"] = pd.array(cols["pooled_versions"], dtype="Int64")
     frame["batch_written_at_ms"] = pd.array(cols["batch_written_at_ms"], dtype="Int64")
-    frame["batch_snapshot_id"] = np.asarray(cols["batch_snapshot_id"], dtype=object)
-    for name in PACKED_FIELDS.values():
+    for name in ("snapshot_id", "batch_snapshot_id", *SLOT_ID_FIELDS[1:], *PACKED_FIELDS.values()):
         frame[name] = np.asarray(cols[name], dtype=object)
-    frame["written_at"] = pd.to_datetime(frame["written_at_ms"], unit="ms", utc=True)
+    frame["written_at"] = pd.to_datetime(np.asarray(event_ms, dtype=np.int64), unit="ms", utc=True)
     return pd.DataFrame(frame)
 
 
-def _pool_versions(
-    reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str, ms: "int | np.ndarray"
-) -> Iterator[tuple[int, dict | None, int, list, np.ndarray, int]]:
-    """Per user of a write: ``(user_id, stored row, write time, version slots [raw, prev1, prev2], pooled fp16
-    [K, D], versions pooled)`` -- the new version shifted into the user's stored history (paper §5.2)."""
-    k = reader.k
-    shape = (k, emb16.shape[2])
-    old_rows = reader.rows(order, history_fields(k))
-    per_row = isinstance(ms, np.ndarray)
-    for i, uid in enumerate(order):
-        ms_i = int(ms[i]) if per_row else int(ms)
-        old = old_rows.get(uid)
-        stored = _versions(old, k, shape)
-        same_version = (
-            old is not None and old.get("snapshot_id") == str(snapshot_id) and old.get("written_at_ms") == ms_i
-        )
-        # A rerun of the latest version replaces it; any other write pushes the oldest out of the pool.
-        slots = [emb16[i], *(stored[1:] if same_version else stored[:-1])]
-        present = [v for v in slots if v is not None]
-        yield uid, old, ms_i, slots, pool(present), len(present)
+def _shifted(reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str,
+             ms: "int | np.ndarray", unit: PoolUnit) -> tuple[dict, Slots, np.ndarray, np.ndarray]:
+    """The users' stored rows, their slots after the write (:func:`sum_platform.embedding_row.shift_in`), where
+    each version landed (-1: dropped) and the write times, one per user."""
+    old_rows = reader.rows(order, history_fields(reader.k))
+    stored = as_slots([old_rows.get(u) for u in order], reader.k, emb16.shape[2])
+    ms_arr = np.broadcast_to(np.asarray(ms, dtype=np.int64), (len(order),))
+    slots, landed = shift_in(stored, emb16, snapshot_id, ms_arr, unit)
+    return old_rows, slots, landed, ms_arr
+
+
+def _pooled_frame(reader: EmbeddingReader, order: list[int], emb16: np.ndarray, snapshot_id: str,
+                  ms: "int | np.ndarray", batch: bool, unit: PoolUnit) -> pd.DataFrame:
+    """The rows a write changes: each user's slots with the new version in (a row whose version was dropped, a
+    late write of a snapshot older than its history, is left out: it is not rewritten)."""
+    old_rows, slots, landed, ms_arr = _shifted(reader, order, emb16, snapshot_id, ms, unit)
+    kept = np.flatnonzero(landed >= 0)
+    # A late version landing in an older slot leaves slot 0's write time; the row's event time is this write's,
+    # never earlier than the latest version's (the offline log's point-in-time order).
+    event = np.maximum(ms_arr, slots.written_ms)[kept]
+    return _frame([order[i] for i in kept], slots.take(kept), [old_rows.get(order[i]) for i in kept], event,
+                  batch=(snapshot_id, ms_arr[kept]) if batch else None)
 
 
 def pooled_preview(
@@ -679,8 +671,11 @@ def pooled_preview(
     embeddings_fp16: np.ndarray,
     snapshot_id: str,
     written_at: datetime | pd.Timestamp | int | None = None,
+    *,
+    unit: PoolUnit = "snapshot",
 ) -> dict[int, tuple[np.ndarray, int]]:
-    """The served values :func:`write_embeddings` would write now, without writing (no lock taken).
+    """The served values :func:`write_embeddings` would write now, without writing (no lock taken): the same
+    :func:`sum_platform.embedding_row.shift_in` and pool (a user whose version would be dropped: its stored value).
 
     The realtime path answers with this value and writes it right after; a concurrent writer slipping in
     between can make the stored value differ from the answered one (both are valid pools).
@@ -692,8 +687,9 @@ def pooled_preview(
     order, emb16, _ = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
         return {}
-    return {uid: (pooled, n) for uid, _, _, _, pooled, n in _pool_versions(reader, order, emb16, snapshot_id,
-                                                                           to_ms(written_at))}
+    _, slots, _, _ = _shifted(reader, order, emb16, snapshot_id, to_ms(written_at), unit)
+    pooled, n = pool(slots.values)
+    return {uid: (pooled[i], int(n[i])) for i, uid in enumerate(order)}
 
 
 def write_embeddings(
@@ -703,6 +699,7 @@ def write_embeddings(
     snapshot_id: str,
     written_at: datetime | pd.Timestamp | int | None = None,
     *,
+    unit: PoolUnit = "snapshot",
     batch: bool = False,
     to_offline: bool = False,
     offline_file: str | None = None,
@@ -710,12 +707,14 @@ def write_embeddings(
 ) -> Any:
     """Writes a new version of users' SUM embeddings and serves their average pool (paper §5.2).
 
-    For each user: the new raw version joins the two most recent stored ones (``prev2 <- prev1 <- raw <-
-    new``) and the served ``embedding_k`` becomes their fp16 mean (fewer versions for a new user). A
-    write carrying the same ``snapshot_id`` and write time as the stored latest version replaces it
-    (idempotent reruns). Stored history whose shape differs from the new ``[K, D]`` is dropped. Rows go
-    to the online store through Feast's provider (``ingest_df``, what ``write_to_online_store`` calls;
-    Redis: Feast's row encoding in a transaction per chunk).
+    For each user the new version goes into the stored slots by the row owner's rule
+    (:func:`sum_platform.embedding_row.shift_in`, ``unit``: ``serving.pool_unit``): under ``snapshot`` a write of
+    the snapshot a slot holds replaces that slot, a newer snapshot shifts the history, a late write of a snapshot
+    older than the row's latest that the row no longer holds is dropped (that row is not rewritten); under
+    ``write`` every write shifts, except a rerun (same snapshot and write time) which replaces. The served
+    ``embedding_k`` becomes the fp16 mean of the slots. Stored versions whose shape differs from the new
+    ``[K, D]`` are dropped. Rows go to the online store through Feast's provider (``ingest_df``, what
+    ``write_to_online_store`` calls; Redis: Feast's row encoding in a transaction per chunk).
 
     Args:
         store: An open feature store whose definitions are applied.
@@ -726,6 +725,7 @@ def write_embeddings(
         written_at: Write time (datetime, pandas Timestamp or Unix ms; naive = UTC); default now. Or one Unix ms
             per row (a list or array of N): versions computed at different times, written together (the compute
             deployment's merged write-backs). Stored as ``written_at_ms`` and as the row's event time.
+        unit: What a version is: ``snapshot`` or ``write`` (``serving.pool_unit``; every writer passes it).
         batch: A daily batch write: the pooled value is also kept as the row's ``batch_*`` value (what
             ``offline`` mode serves); other writes carry the stored ``batch_*`` value over.
         to_offline: Also log the rows to the view's offline source (``data/embeddings/ds=*/``), so a
@@ -738,8 +738,10 @@ def write_embeddings(
 
     Raises:
         ValueError: Shapes disagree with each other or with the view's K, values are not finite in
-            fp16, or ``snapshot_id`` is empty.
+            fp16, ``snapshot_id`` is empty, or ``unit`` is not a pool unit.
     """
+    if unit not in POOL_UNITS:
+        raise ValueError(f"pool unit must be one of {POOL_UNITS}, got {unit!r}")
     reader = reader_for(store)
     order, emb16, picked = _check(reader, user_ids, embeddings_fp16, snapshot_id)
     if not order:
@@ -752,63 +754,173 @@ def write_embeddings(
         ms: int | np.ndarray = per_row[picked]
     else:
         ms = to_ms(written_at)
-    if reader.backend == "redis":
-        df = _write_redis(store, reader, order, emb16, snapshot_id, ms, batch)
-    else:
-        with _write_lock(store):
-            df = _pooled_frame(reader, order, emb16, snapshot_id, ms, batch)
-            # What write_to_online_store does after its registry lookup, with the reader's view.
-            store._get_provider().ingest_df(reader.feature_view, df)
-    if to_offline:
+    position = {u: i for i, u in enumerate(order)}
+
+    def rows(users: list[int]) -> pd.DataFrame:
+        at = [position[u] for u in users]
+        return _pooled_frame(reader, users, emb16[at], snapshot_id, ms[at] if isinstance(ms, np.ndarray) else ms,
+                             batch, unit)
+
+    df = _rewrite(store, reader, order, rows, what=f"{len(order)} embeddings of {snapshot_id}")
+    if to_offline and len(df):
         log_offline(store, df, offline_file)
     return df if return_frame else int(len(df))
 
 
-#: Users per Redis transaction of :func:`_write_redis` (a conflict retries only its own chunk).
+#: Users per Redis transaction of :func:`_rewrite` (a conflict retries only its own chunk).
 REDIS_WRITE_CHUNK = 512
 #: Optimistic retries of one chunk before giving up (each follows a concurrent write to one of its users).
 REDIS_WRITE_RETRIES = 100
 
 
-def _write_redis(store: "FeatureStore", reader: EmbeddingReader, order: list[int], emb16: np.ndarray,
-                 snapshot_id: str, ms: "int | np.ndarray", batch: bool) -> pd.DataFrame:
-    """The read-modify-write on Redis, atomic per chunk of users: ``WATCH`` their keys, read and pool (on
-    another connection of the pool), then ``MULTI`` / ``HSET`` whole rows / ``EXEC``. A concurrent write to any
-    of them between the ``WATCH`` and the ``EXEC`` aborts the transaction (``WatchError``) and the chunk is read
-    and pooled again, so no writer's version is lost (what the file lock does for SQLite). Rows are encoded by
-    Feast's own provider code, in the layout of Feast's Redis store."""
+def _rewrite(store: "FeatureStore", reader: EmbeddingReader, users: list[int],
+             rows: Callable[[list[int]], pd.DataFrame], what: str) -> pd.DataFrame:
+    """One read-modify-write of users' rows: ``rows(users)`` reads their stored rows and returns those to write
+    (whole rows; users left out are not written), atomically against every other writer.
+
+    SQLite (and other stores): under the exclusive file lock, written through Feast's provider (``ingest_df``,
+    what ``write_to_online_store`` runs after its registry lookup, with the reader's view). Redis: a transaction
+    per chunk of users: ``WATCH`` their keys, read and pool (on another connection of the pool), then ``MULTI`` /
+    ``HSET`` whole rows / ``EXEC``. A concurrent write to any of them between the ``WATCH`` and the ``EXEC`` aborts
+    the transaction (``WatchError``) and the chunk is read and pooled again, so no writer's version is lost (what the
+    file lock does for SQLite). Rows are encoded by Feast's own provider code, in the layout of Feast's Redis store.
+    """
+    if reader.backend != "redis":
+        with _write_lock(store):
+            df = rows(users)
+            if len(df):
+                store._get_provider().ingest_df(reader.feature_view, df)
+        return df
     import redis
     from feast.infra.passthrough_provider import PassthroughProvider
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    view = reader.feature_view
     frames = []
-    for lo in range(0, len(order), REDIS_WRITE_CHUNK):
-        chunk, values = order[lo : lo + REDIS_WRITE_CHUNK], emb16[lo : lo + REDIS_WRITE_CHUNK]
-        chunk_ms = ms[lo : lo + REDIS_WRITE_CHUNK] if isinstance(ms, np.ndarray) else ms
+    for lo in range(0, len(users), REDIS_WRITE_CHUNK):
+        chunk = users[lo : lo + REDIS_WRITE_CHUNK]
         keys = [reader.redis_key(u) for u in chunk]
         for attempt in range(REDIS_WRITE_RETRIES):
             with reader.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*keys)
-                    df = _pooled_frame(reader, chunk, values, snapshot_id, chunk_ms, batch)
-                    rows = PassthroughProvider._prep_rows_to_write_for_ingestion(feature_view=view, df=df)
-                    pipe.multi()
-                    for key, (_, features, event_ts, _) in zip(keys, rows):
-                        ts = Timestamp()
-                        ts.FromDatetime(event_ts)
-                        mapping = {reader._ts_field: ts.SerializeToString()}
-                        mapping.update({reader._field_hash(name): v.SerializeToString() for name, v in features.items()})
-                        pipe.hset(key, mapping=mapping)
-                    pipe.execute()
+                    df = rows(chunk)
+                    if len(df):
+                        encoded = PassthroughProvider._prep_rows_to_write_for_ingestion(
+                            feature_view=reader.feature_view, df=df)
+                        pipe.multi()
+                        for uid, (_, features, event_ts, _) in zip(df["user_id"].tolist(), encoded):
+                            ts = Timestamp()
+                            ts.FromDatetime(event_ts)
+                            mapping = {reader._ts_field: ts.SerializeToString()}
+                            mapping.update({reader._field_hash(name): v.SerializeToString()
+                                            for name, v in features.items()})
+                            pipe.hset(reader.redis_key(uid), mapping=mapping)
+                        pipe.execute()
                     frames.append(df)
                     break
                 except redis.WatchError:
                     time.sleep(0.001 * min(attempt, 20))
         else:
             raise RuntimeError(f"{REDIS_WRITE_RETRIES} concurrent writes to the same users in a row: gave up writing "
-                               f"{len(chunk)} embeddings of {snapshot_id}")
-    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+                               f"{len(chunk)} rows ({what})")
+    frames = [f for f in frames if len(f)]
+    return frames[0] if len(frames) == 1 else (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+
+
+#: Users per read-modify-write of :func:`migrate_rows` and :func:`retire_snapshot` (writers wait at most one).
+REWRITE_CHUNK = 512
+
+
+def _rewrite_all(store: "FeatureStore", change: Callable[[Slots], tuple[Slots, np.ndarray]], keep_served: bool,
+                 after_ms: int, what: str) -> tuple[int, pd.DataFrame]:
+    """Every stored row through ``change`` (slots -> (slots, bool [N] rows changed)); the changed rows are
+    rewritten, chunk by chunk, each chunk read and written atomically (:func:`_rewrite`). A rewritten row's event
+    time is its last write's (served or batch) plus ``after_ms``: after what it replaces in the offline log, before
+    any later write, on the workspace's clock (simulated days included). Returns ``(rows read, rows rewritten)``."""
+    reader = reader_for(store)
+    k = reader.k
+    users = reader.user_ids()
+    seen = [0]
+
+    def rows(chunk: list[int]) -> pd.DataFrame:
+        stored = reader.rows(chunk, [*history_fields(k), *PACKED_FIELDS.values()])
+        have = [u for u in chunk if u in stored and row_dim(stored[u], k) is not None]
+        seen[0] += len(have)
+        frames = []
+        for d in sorted({row_dim(stored[u], k) for u in have}):
+            group = [u for u in have if row_dim(stored[u], k) == d]
+            slots, changed = change(as_slots([stored[u] for u in group], k, d))
+            at = np.flatnonzero(changed)
+            if not len(at):
+                continue
+            sub = slots.take(at)
+            event = np.asarray([max(int(stored[group[i]].get(f) or 0) for f in ("written_at_ms", "batch_written_at_ms"))
+                                for i in at], dtype=np.int64) + after_ms
+            frames.append(_frame([group[i] for i in at], sub, [stored[group[i]] for i in at], event,
+                                 keep_served=keep_served))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    written = []
+    for lo in range(0, len(users), REWRITE_CHUNK):
+        df = _rewrite(store, reader, users[lo : lo + REWRITE_CHUNK], rows, what)
+        if len(df):
+            written.append(df)
+    return seen[0], pd.concat(written, ignore_index=True) if written else pd.DataFrame()
+
+
+def v1_row_count(store: "FeatureStore") -> tuple[int, list[int]]:
+    """``(rows in the schema v1 layout, some of their users)``: older versions stored without their snapshot ids
+    (:func:`sum_platform.embedding_row.v1_rows`), what :func:`migrate_rows` rewrites."""
+    reader = reader_for(store)
+    users, found = reader.user_ids(), []
+    for lo in range(0, len(users), REWRITE_CHUNK):
+        for uid, row in reader.rows(users[lo : lo + REWRITE_CHUNK], history_fields(reader.k)).items():
+            if v1_rows(row_slots(row, reader.k))[0]:
+                found.append(uid)
+    return len(found), found[:5]
+
+
+def migrate_rows(store: "FeatureStore") -> dict[str, int]:
+    """Rewrites every row of the schema v1 layout (older versions without their snapshot ids) in the current one:
+    each older slot gets its snapshot id by :func:`sum_platform.embedding_row.migrate_ids`. No value moves: the
+    served and the batch value, their write times and packed copies stay byte for byte; a second run changes
+    nothing. (Writers migrate the rows they write anyway; this does the rest at once, ``sumctl
+    migrate-embeddings``.) The store's definitions must be applied (the ``prev*_snapshot_id`` fields).
+
+    Returns:
+        ``{"rows": rows read, "migrated": rows rewritten}``.
+    """
+    def change(slots: Slots) -> tuple[Slots, np.ndarray]:
+        return migrate_ids(slots), v1_rows(slots)
+
+    seen, df = _rewrite_all(store, change, keep_served=True, after_ms=0, what="schema v1 rows migrated")
+    log.info("migrated %d of %d sum_embeddings rows to per-slot snapshot ids", len(df), seen)
+    return {"rows": seen, "migrated": int(len(df))}
+
+
+def retire_snapshot(store: "FeatureStore", snapshot_id: str, *, to_offline: bool = True) -> dict[str, int]:
+    """Takes one snapshot's versions out of every row (a rollback retires the rolled-back snapshot): its slots are
+    emptied, the older versions move up (:func:`sum_platform.embedding_row.drop_snapshot`) and the served value is
+    pooled again. Later writes of the restored production snapshot land in its own slot. A row left with no version
+    serves nothing until its next write. The batch value (offline mode's) is left: the next daily batch replaces it.
+
+    Args:
+        store: An open feature store whose definitions are applied.
+        snapshot_id: The snapshot to retire.
+        to_offline: Log the rewritten rows to the offline source (a rebuild of the online store from it must not
+            bring the retired versions back).
+
+    Returns:
+        ``{"rows": rows read, "retired": rows rewritten}``.
+    """
+    def change(slots: Slots) -> tuple[Slots, np.ndarray]:
+        return drop_snapshot(slots, snapshot_id)
+
+    seen, df = _rewrite_all(store, change, keep_served=False, after_ms=1, what=f"versions of {snapshot_id} retired")
+    if to_offline and len(df):
+        log_offline(store, df)
+    log.info("retired %s from %d of %d sum_embeddings rows", snapshot_id, len(df), seen)
+    return {"rows": seen, "retired": int(len(df))}
 
 
 def log_offline(store: "FeatureStore", rows: pd.DataFrame, name: str | None = None) -> None:

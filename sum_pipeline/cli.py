@@ -24,6 +24,7 @@ from rich.table import Table
 
 from serving.ray_cluster import ensure_ray, shutdown, started_local
 from serving.rollout import rollout as serve_rollout
+from serving.store_io import migrate_rows, retire_snapshot
 from sum_pipeline import airflow_env, driver, tasks
 from sum_pipeline.airflow_api import AirflowClient
 from sum_pipeline.doctor import diagnose
@@ -37,7 +38,7 @@ from sum_pipeline.study import run_study
 from sum_pipeline.wipe import FORCE_FLAG, WipeIncomplete, WipeRefused, guard, wipe
 from sum_platform.config import load_params, load_profile
 from sum_platform.context import Context
-from sum_platform.feature_store import spec_from_fields, user_feature_fields
+from sum_platform.feature_store import apply_definitions, spec_from_fields, user_feature_fields
 from sum_platform.sources import first_date, source_dates
 from sum_platform.files import write_json
 from sum_platform.registry import Registry
@@ -549,6 +550,25 @@ def doctor(
             console.print(table)
     if not result.healthy:
         raise typer.Exit(code=1)
+
+
+@app.command("migrate-embeddings")
+def migrate_embeddings(
+    retire: Annotated[Optional[list[str]], typer.Option("--retire", help="Also take this snapshot's versions out of "
+                                                        "every row (one never promoted, as doctor names it); "
+                                                        "repeatable.")] = None,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Brings every ``sum_embeddings`` row to the current layout: applies the feature repo (the per-slot snapshot id
+    fields), then gives each row written before them (schema v1) its slots' snapshot ids; no served or batch value
+    changes, and a second run changes nothing. What ``sumctl doctor`` prescribes for rows in the v1 layout."""
+    p, _ = _setup(workspace, params)
+    store = apply_definitions(p)
+    out: dict[str, Any] = migrate_rows(store)
+    for snapshot_id in retire or []:
+        out[f"retired {snapshot_id}"] = retire_snapshot(store, snapshot_id)["retired"]
+    console.print_json(data=out)
 
 
 @app.command("rebuild-online")

@@ -10,8 +10,9 @@ command that repairs it; nothing is changed. The checks:
   lost), and every promoted snapshot folder present here holds the files its manifest's sha256 name;
 * **online store** - every user the last daily batch wrote has a row (a flushed store reads as unknown users);
   every ``sum_embeddings`` row's latest version and batch value come from promoted
-  snapshots, ``pooled_versions`` counts the stored raw versions, the served value is their fp16 mean
-  (paper §5.2) and the packed copies (``served_packed``, ``batch_packed``) equal the separate fields;
+  snapshots, ``pooled_versions`` counts the stored raw versions, the served value is their pool by the row's
+  owner (``sum_platform.embedding_row``, paper §5.2), the packed copies (``served_packed``, ``batch_packed``)
+  equal the separate fields, and no row is left in the v1 layout (older versions without snapshot ids);
 * **serving** - the running app serves the registry's production snapshot, and frozen mode the first one
   ever promoted (skipped with ``serving=False``; an app that does not answer is a finding). Compared only when the
   app is this workspace's (``/version``'s ``workspace_id`` is the workspace's identity): another workspace's app on
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shlex
 import sqlite3
 import sys
@@ -38,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from serving.rollout import base_url, served_version
-from serving.store_io import EMBEDDING_SLOTS, PACKED_FIELDS, _stack, history_fields, pool, reader_for, unpack_value
+from serving.store_io import PACKED_FIELDS, _stack, history_fields, reader_for, row_slots, unpack_value
 from sum_platform.context import Context
+from sum_platform.embedding_row import SLOT_ID_FIELDS, UNKNOWN_SNAPSHOT, pool, v1_rows
 from sum_platform.feature_store import get_store
 from sum_platform.partitions import read_partition
 from sum_platform.versioning import (ARTIFACT_NAME, VersioningError, _dvc, list_promotions,
@@ -252,6 +255,7 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
         return
     known = set(promoted)
     problems: dict[str, list[int]] = {}
+    v1: list[int] = []
     rows_checked = 0
     with_rows: set[int] = set()
     k = reader.k
@@ -264,13 +268,25 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
             with_rows.add(int(uid))
             for problem in _row_problems(row, k, known):
                 problems.setdefault(problem, []).append(uid)
-    out.checked["online_store"] = {"rows": rows_checked}
+            if v1_rows(row_slots(row, k))[0]:
+                v1.append(uid)
+    out.checked["online_store"] = {"rows": rows_checked, "v1_layout": len(v1)}
+    if v1:
+        out.findings.append(Finding(
+            "online_store", f"{len(v1)} row(s) in the v1 layout (older versions without their snapshot ids: pooled "
+            f"as versions of an unrecorded snapshot until their next write); users e.g. {v1[:EXAMPLES]}",
+            f"{SUMCTL} migrate-embeddings   # fills the ids in place; no served value changes"))
     _lost_rows(ctx, out, with_rows)
     latest = max((r.ds for r in ctx.registry.promoted_history()), default=None)
     repair = f"{SUMCTL} stage materialize_embeddings --ds {latest or '<the latest date>'}   # rewrites every user's row"
     for problem, uids in sorted(problems.items()):
+        # A never-promoted snapshot's versions leave the pools only by retiring them: a write of production lands
+        # in production's own slot (sum_platform.embedding_row), it does not push another snapshot out.
+        rogue = re.fullmatch(r"(?:latest|an older) version by (.+), never promoted", problem)
+        fix = (f"{SUMCTL} migrate-embeddings --retire {shlex.quote(rogue.group(1))}   # takes its versions out of "
+               "every row" if rogue else repair)
         out.findings.append(Finding("online_store", f"{len(uids)} row(s): {problem}; users e.g. {uids[:EXAMPLES]}",
-                                    repair))
+                                    fix))
 
 
 def _lost_rows(ctx: Context, out: Diagnosis, with_rows: set[int]) -> None:
@@ -300,15 +316,18 @@ def _row_problems(row: dict, k: int, promoted: set[str]) -> list[str]:
     sid, bsid = row.get("snapshot_id"), row.get("batch_snapshot_id")
     if sid is not None and sid not in promoted:
         problems.append(f"latest version by {sid}, never promoted")
+    for older in dict.fromkeys(row.get(f) for f in SLOT_ID_FIELDS[1:]):
+        if older is not None and older != UNKNOWN_SNAPSHOT and older not in promoted and older != sid:
+            problems.append(f"an older version by {older}, never promoted")
     if bsid is not None and bsid not in promoted:
         problems.append(f"batch value by {bsid}, never promoted")
     served = _stack([row.get(f"embedding_{j}") for j in range(k)])
-    slots = [_stack([row.get(f"{s}_embedding_{j}") for j in range(k)]) for s in EMBEDDING_SLOTS]
-    present = [v for v in slots if v is not None]
+    slots = row_slots(row, k)  # the row owner's reading of the slots and its pool (sum_platform.embedding_row)
+    pooled, n = pool(slots.values)
     if served is not None:
-        if row.get("pooled_versions") != len(present):
+        if row.get("pooled_versions") != int(n[0]):
             problems.append("pooled_versions differs from the raw versions stored")
-        elif present and not np.array_equal(pool(present).astype(np.float32), served):
+        elif n[0] and not np.array_equal(pooled[0].astype(np.float32), served):
             problems.append("served value is not the fp16 mean of the raw versions")
     for source, name in (("served", "served_packed"), ("batch", "batch_packed")):
         packed = row.get(name)

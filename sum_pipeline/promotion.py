@@ -15,8 +15,10 @@ from typing import Any, Iterator
 from serving.ray_cluster import ensure_ray
 from serving.rollout import rollout as serve_rollout
 from serving.rollout import served_snapshot_id
+from serving.store_io import retire_snapshot
 from sum_platform.audit_trail import save_audit_trail
 from sum_platform.context import Context, context
+from sum_platform.feature_store import get_store
 from sum_platform.files import exclusive_lock
 from sum_platform.versioning import VersioningError, data_version, tag_promotion, track_paths
 
@@ -97,7 +99,9 @@ def _save_trail(ctx: Context, message: str) -> None:
 
 
 def rollback_production(actor: str, reason: str, to: str | None = None, reroll: bool = True) -> dict[str, Any]:
-    """Makes the previous production snapshot (or ``to``) current again and re-rolls serving.
+    """Makes the previous production snapshot (or ``to``) current again, re-rolls serving and retires the rolled-back
+    snapshot's versions from every embedding row (:func:`serving.store_io.retire_snapshot`): no served pool holds
+    it afterwards, and the restored snapshot's next writes land in its own slot.
 
     Args:
         actor: Who rolls back (recorded).
@@ -106,7 +110,7 @@ def rollback_production(actor: str, reason: str, to: str | None = None, reroll: 
         reroll: Move a running serving app to it (skipped with a note when no serving app answers).
 
     Returns:
-        What changed: from, to, the GTO tag and the serving outcome.
+        What changed: from, to, the GTO tag, the serving outcome and the rows the retirement rewrote.
     """
     ctx = context()
     history = ctx.registry.promoted_history()
@@ -125,6 +129,8 @@ def rollback_production(actor: str, reason: str, to: str | None = None, reroll: 
         ensure_ray(ctx.params)
         out["serving"] = serve_rollout(ctx.params, ctx.ws.snapshot_dir(target), target,
                                        previous=(ctx.ws.snapshot_dir(current), current), frozen=frozen_snapshot(ctx))
+    # After serving moved (the rolled-back snapshot's replicas no longer write): its versions leave every row.
+    out["retired_rows"] = retire_snapshot(get_store(ctx.params), current)["retired"]
     with promotion_lock(ctx):
         ctx.registry.update_record(target, {"rollback": out | {"actor": actor, "reason": reason}})
         _save_trail(ctx, f"audit: rollback from {current} to {target} by {actor}")

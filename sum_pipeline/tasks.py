@@ -440,7 +440,8 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     production_ne = evaluation.get("production_ne") if evaluation.get("production_id") == baseline else None
     verdict = judge(
         candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
-        history=embeddings[1:], production_ne=production_ne, weights_finite=weights_finite,
+        history=embeddings[1:], candidate_id=snapshot_id, history_ids=history[1:len(embeddings)],
+        pool_unit=ctx.params.serving.pool_unit, production_ne=production_ne, weights_finite=weights_finite,
         unmeasured=evaluation.get("ne_undefined"), enforce_shift=len(history) >= ctx.params.gate.warmup_promotions,
         nonfinite_predictions=(evaluation.get("nonfinite") or {}).get("candidate"),
     )
@@ -520,7 +521,8 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
     store = get_store(ctx.params)
     cfg = ctx.params.inference
     written_at = datetime.fromisoformat(ds).replace(tzinfo=timezone.utc) + timedelta(days=1) - timedelta(seconds=1)
-    # The same pooled write as SOAP's compute (paper 5.2: mean of this version and the ones stored before),
+    # The same pooled write as SOAP's compute (paper 5.2; serving.pool_unit: this version with the latest ones of
+    # the previous snapshots, or of the previous writes),
     # marked as the day's batch value (what offline mode serves), logged to the day's offline partition
     # beside the day's write-backs under a fixed name (a rerun replaces it).
     # A user whose features or embedding are not finite is skipped and counted (its stored value stays): one bad
@@ -537,7 +539,8 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
             emb, skipped = embed_users_finite(tower, users, tower.spec, batch_size=cfg.batch_size)
         ids, ok = users["user_id"].to_numpy(), skipped == ""
         written = write_embeddings(store, ids[ok], emb[ok], prod.snapshot_id, written_at,
-                                   batch=True, to_offline=True, offline_file="batch.parquet")
+                                   unit=ctx.params.serving.pool_unit, batch=True, to_offline=True,
+                                   offline_file="batch.parquet")
         return _materialized(ctx, ds, prod.snapshot_id, written, cfg.engine, skipped_users(ids, skipped))
     connect_ray(ctx.params)
     manifest = read_json(snap_dir / MANIFEST_FILE)
@@ -550,7 +553,7 @@ def materialize_embeddings(ds: str, snapshot_id: str | None = None) -> dict[str,
         all_skipped.append(skipped)
         if ok.any():
             frames.append(write_embeddings(store, ids[ok], emb[ok], prod.snapshot_id, written_at, batch=True,
-                                           return_frame=True))
+                                           unit=ctx.params.serving.pool_unit, return_frame=True))
         log.info("materialize_embeddings: %d users written", sum(len(f) for f in frames))
     rows = pd.concat(frames).sort_values("user_id").reset_index(drop=True) if frames else pd.DataFrame()
     if len(rows):

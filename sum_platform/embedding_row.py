@@ -20,10 +20,16 @@ it; the served value is the fp16 mean (computed in float64) of the non-empty slo
 With ``pool_unit = "write"`` (what serving did before: every write is a version) each write shifts, except one
 with slot 0's snapshot id *and* write time (a rerun of the same write, replaced: reruns stay idempotent).
 
+Under ``snapshot`` pooling a row holds one version per snapshot: before a write, an older slot that repeats a
+newer one (the same snapshot id; for an unrecorded id, the same value) is emptied and the survivors move up
+(:func:`one_version_per_snapshot`). That is what a row written under ``write`` pooling (copies of one snapshot's
+version) becomes at its first ``snapshot`` write, so the switch can be flipped on a live store.
+
 Rows written before the slots carried snapshot ids (schema v1: only slot 0's ``snapshot_id``) are read as
-migrated (:func:`migrate_ids`): an older slot equal to a newer one is the same version written again and is
-emptied; a distinct one is kept as an older version of an unknown snapshot (id :data:`UNKNOWN_SNAPSHOT`), pooled
-until it is shifted out.
+migrated (:func:`migrate_ids`): an older slot equal to a newer slot gets that slot's id (it is the same version
+written again, as write pooling stored it); a distinct one gets :data:`UNKNOWN_SNAPSHOT` (an older version of an
+unrecorded snapshot, pooled until it is shifted out). Values move nowhere, so the migration changes no served
+value; the next ``snapshot`` write then keeps one version per snapshot, as above. :func:`v1_rows` finds them.
 
 Arrays, not rows: every function works on ``N`` users at once (values ``[N, S, K, D]`` fp16 with NaN in empty
 slots, ids ``[N, S]`` object with None in empty slots), so a writer's chunk and the study's whole population
@@ -44,8 +50,8 @@ from sum_models.shift import POOL_DEPTH
 __all__ = [
     "POOL_DEPTH", "SLOTS", "SLOT_ID_FIELDS", "PACKED_FIELDS", "UNKNOWN_SNAPSHOT", "PoolUnit", "POOL_UNITS",
     "Slots", "served_fields", "batch_fields", "slot_fields", "history_fields",
-    "pack_value", "unpack_value", "pool", "migrate_ids", "shift_in", "served_after_promotion", "drop_snapshot",
-    "snapshot_is_older",
+    "pack_value", "unpack_value", "pool", "migrate_ids", "v1_rows", "one_version_per_snapshot", "shift_in",
+    "served_after_promotion", "drop_snapshot", "snapshot_is_older", "as_slots",
 ]
 
 #: The raw versions a row keeps, latest first: ``raw``, ``prev1`` .. ``prev{POOL_DEPTH - 1}``.
@@ -189,34 +195,64 @@ def snapshot_is_older(snapshot_id: str, than: Any) -> np.ndarray | bool:
     return older(than)
 
 
-def migrate_ids(slots: Slots) -> Slots:
-    """Rows of schema v1 (older slots without their snapshot ids) in the current layout; other rows unchanged.
+def v1_rows(slots: Slots) -> np.ndarray:
+    """bool ``[N]``: the rows in the schema v1 layout (an older slot holds a value but no snapshot id)."""
+    legacy = ~np.isnan(slots.values[:, :, 0, 0]) & np.equal(slots.ids, None)
+    return legacy[:, 1:].any(axis=1)  # slot 0's id (snapshot_id) was always written
 
-    An older slot whose values equal a newer slot's is the same version written again (write pooling) and is
-    emptied; a distinct one keeps its value with id :data:`UNKNOWN_SNAPSHOT`. The survivors move up, latest first.
+
+def _same_value(values: np.ndarray, s: int, t: int) -> np.ndarray:
+    """bool ``[N]``: slot ``s`` holds exactly slot ``t``'s value (empty slots: False)."""
+    return (values[:, s] == values[:, t]).all(axis=(1, 2))
+
+
+def migrate_ids(slots: Slots) -> Slots:
+    """Rows of schema v1 (older slots without their snapshot ids) with every slot's id filled; other rows unchanged.
+
+    An older slot whose value equals a newer slot's is the same version written again (write pooling stored it so)
+    and gets the newest such slot's id; a distinct one gets :data:`UNKNOWN_SNAPSHOT`. No value moves: the pool,
+    and so the served value, is unchanged. Idempotent.
     """
-    has_value = ~np.isnan(slots.values[:, :, 0, 0])
-    legacy = has_value & np.equal(slots.ids, None)
-    legacy[:, 0] = False  # slot 0's id (snapshot_id) was always written
-    rows = np.flatnonzero(legacy.any(axis=1))
+    rows = v1_rows(slots)
+    if not rows.any():
+        return slots
+    out = slots.copy()
+    has_value = ~np.isnan(out.values[:, :, 0, 0])
+    for s in range(1, out.ids.shape[1]):
+        legacy = rows & has_value[:, s] & np.equal(out.ids[:, s], None)
+        label = np.full(len(legacy), UNKNOWN_SNAPSHOT, dtype=object)
+        found = np.zeros(len(legacy), bool)
+        for t in range(s):  # the newest equal slot names it
+            hit = legacy & ~found & has_value[:, t] & _same_value(out.values, s, t)
+            label[hit] = out.ids[hit, t]
+            found |= hit
+        out.ids[legacy, s] = label[legacy]
+    return out
+
+
+def one_version_per_snapshot(slots: Slots) -> Slots:
+    """The rows with one slot per snapshot (what ``snapshot`` pooling keeps): an older slot repeating a newer one
+    -- the same snapshot id, or for :data:`UNKNOWN_SNAPSHOT` the same value -- is emptied and the survivors move up,
+    latest first. Rows written under ``write`` pooling (copies of a snapshot's versions) and migrated v1 rows get so
+    at their first ``snapshot`` write. Rows without repeats are unchanged."""
+    ids, values = slots.ids, slots.values
+    depth = ids.shape[1]
+    repeat = np.zeros(ids.shape, bool)
+    for s in range(1, depth):
+        for t in range(s):
+            same = np.equal(ids[:, s], ids[:, t]) & ~np.equal(ids[:, s], None)
+            same &= ~np.equal(ids[:, s], UNKNOWN_SNAPSHOT) | _same_value(values, s, t)
+            repeat[:, s] |= same
+    rows = np.flatnonzero(repeat.any(axis=1))
     if not len(rows):
         return slots
     out = slots.copy()
-    depth = slots.values.shape[1]
     for r in rows:
-        kept_v, kept_id = [], []
-        for s in range(depth):
-            if not has_value[r, s]:
-                continue
-            v = slots.values[r, s]
-            if legacy[r, s] and any(np.array_equal(v, w) for w in kept_v):
-                continue
-            kept_v.append(v)
-            kept_id.append(UNKNOWN_SNAPSHOT if legacy[r, s] else slots.ids[r, s])
+        keep = np.flatnonzero(~repeat[r] & ~np.equal(ids[r], None))
         out.values[r] = np.nan
         out.ids[r] = None
-        for s, (v, i) in enumerate(zip(kept_v, kept_id)):
-            out.values[r, s], out.ids[r, s] = v, i
+        out.values[r, : len(keep)] = values[r, keep]
+        out.ids[r, : len(keep)] = ids[r, keep]
     return out
 
 
@@ -225,7 +261,8 @@ def shift_in(stored: Slots, new: np.ndarray, snapshot_id: str, written_ms: int |
     """Writes one new version per user into stored slots (the module's pooling rule).
 
     Args:
-        stored: The users' slots as stored (schema v1 rows are migrated first).
+        stored: The users' slots as stored (schema v1 rows are migrated first; under ``snapshot`` pooling repeats of
+            a snapshot are then dropped, :func:`one_version_per_snapshot`).
         new: fp16 ``[N, K, D]``: the version each user's row receives.
         snapshot_id: The snapshot that computed ``new``.
         written_ms: Its write time, Unix ms: one for all rows or int64 ``[N]``.
@@ -255,6 +292,8 @@ def shift_in(stored: Slots, new: np.ndarray, snapshot_id: str, written_ms: int |
                          f"{stored.values.shape[2:]}")
     ms = np.broadcast_to(np.asarray(written_ms, dtype=np.int64), (n,))
     cur = migrate_ids(stored)
+    if unit == "snapshot":
+        cur = one_version_per_snapshot(cur)
     out = cur.copy()
     sid = str(snapshot_id)
     match = np.equal(cur.ids, sid)                                   # [N, S]

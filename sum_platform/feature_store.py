@@ -10,18 +10,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from sum_models.shift import POOL_DEPTH
 from sum_models.spec import FeatureSpec
 from sum_platform.config import PROJECT_ROOT, Params, load_params
+from sum_platform.embedding_row import SLOTS
 from sum_platform.files import owner_only_secret
 from sum_platform.workspace import Workspace
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-#: The raw versions a ``sum_embeddings`` row keeps, latest first: ``raw``, ``prev1`` .. ``prev{POOL_DEPTH - 1}``
-#: (paper §5.2: the served value pools the current version with the POOL_DEPTH - 1 most recent cached ones).
-EMBEDDING_SLOTS = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
+#: The raw versions a ``sum_embeddings`` row keeps, latest first (the row's owner defines them).
+EMBEDDING_SLOTS = SLOTS
 
 EMBEDDINGS_VIEW = "sum_embeddings"
 EMBEDDINGS_PUSH = "sum_embeddings_push"

@@ -6,8 +6,9 @@ Checks, each recorded with its value and threshold:
       task at most ``max_ne``;
     * relative (when a production snapshot exists): per embedding, mean cosine similarity with production
       on the probe users at least ``min_mean_cosine`` and relative L2-norm change at most
-      ``max_relative_l2_change``; the same two numbers after average pooling with the previous versions
-      (what serving actually hands downstream, paper 5.2 and Table 3) against ``*_pooled`` thresholds;
+      ``max_relative_l2_change``; the same two numbers between what serving hands downstream after this promotion
+      and what it hands now, both by the row owner's pooling rule (``sum_platform.embedding_row``, the
+      ``serving.pool_unit`` in force; paper 5.2 and Table 3), against ``*_pooled`` thresholds;
       NE of each task on the day's holdout no worse than production's by more than ``max_ne_regression``;
       the candidate's mean L2 norm per embedding is reported beside the shift (``mean_norm``), not checked;
     * weights finite (a NaN anywhere in the candidate is held even if the probe outputs look fine).
@@ -21,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from sum_models.shift import POOL_DEPTH, average_pool, mean_norms, shift_metrics
+from sum_models.shift import POOL_DEPTH, mean_norms, shift_metrics
 from sum_platform.config import GateConfig
+from sum_platform.embedding_row import PoolUnit, Slots, served_after_promotion
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,33 @@ def _check(name: str, value: float | None, threshold: float, op: str) -> Check:
     return Check(name, float(value), float(threshold), op, bool(ok))
 
 
+def served_values(candidate: np.ndarray, production: np.ndarray, history: list[np.ndarray] | None,
+                  candidate_id: str | None, production_id: str | None, history_ids: list[str] | None,
+                  pool_unit: PoolUnit) -> tuple[np.ndarray, np.ndarray]:
+    """What serving hands downstream now and after the candidate's promotion, fp16 ``[N, K, D]`` each, by the row
+    owner's rule (:func:`sum_platform.embedding_row.served_after_promotion`): "now" is the probe users' history
+    (the older snapshots' versions) once production was promoted into it, "after" is that history (production
+    first) once the candidate is. Under ``snapshot`` pooling "now" is the pool of production and the older
+    versions; under ``write`` pooling both are the raw latest version (what most impressions get)."""
+    older = list(history or [])[: POOL_DEPTH - 1]
+    ids = list(history_ids or [])[: len(older)]
+    ids += [f"older-{i}" for i in range(len(ids), len(older))]  # no dates: never read as "older than"
+    cand_id = candidate_id or "candidate"
+    prod_id = production_id or "production"
+
+    def slots(versions: list[np.ndarray], names: list[str]) -> Slots:
+        n, k, d = candidate.shape
+        out = Slots.empty(n, k, d)
+        for s, (v, name) in enumerate(zip(versions, names)):
+            out.values[:, s] = np.asarray(v, dtype=np.float16)
+            out.ids[:, s] = name
+        return out
+
+    now = served_after_promotion(slots(older, ids), production, prod_id, pool_unit)
+    after = served_after_promotion(slots([production, *older], [prod_id, *ids]), candidate, cand_id, pool_unit)
+    return now, after
+
+
 def judge(
     candidate: np.ndarray,
     production: np.ndarray | None,
@@ -105,6 +134,9 @@ def judge(
     baseline_snapshot_id: str | None = None,
     *,
     history: list[np.ndarray] | None = None,
+    candidate_id: str | None = None,
+    history_ids: list[str] | None = None,
+    pool_unit: PoolUnit = "snapshot",
     production_ne: dict[str, float] | None = None,
     weights_finite: bool = True,
     unmeasured: dict[str, str] | None = None,
@@ -121,6 +153,9 @@ def judge(
         baseline_snapshot_id: Id of the production snapshot compared against.
         history: Embeddings of the same users by the snapshots before production, newest first
             (up to ``POOL_DEPTH - 1`` are used for average pooling).
+        candidate_id: The candidate's snapshot id (the pooling rule reads snapshot ids; default a placeholder).
+        history_ids: The snapshot ids of ``history``, newest first (default: placeholders, all distinct).
+        pool_unit: ``serving.pool_unit``: what serving's pool is made of (a version per snapshot or per write).
         production_ne: Production's NE on the same holdout (for the non-regression check).
         weights_finite: Whether every candidate weight is finite.
         unmeasured: Tasks whose NE is undefined on today's holdout -> why (a single label class): their NE
@@ -167,8 +202,9 @@ def judge(
     if production is not None and finite:
         verdict.shift = shift_metrics(candidate, production)
         # Pooled: what serving hands downstream after this promotion vs what it hands now (paper 5.2).
-        older = list(history or [])[:POOL_DEPTH - 1]
-        pooled = shift_metrics(average_pool([candidate, production, *older[:1]]), average_pool([production, *older]))
+        now, after = served_values(candidate, production, history, candidate_id, baseline_snapshot_id, history_ids,
+                                   pool_unit)
+        pooled = shift_metrics(after, now)
         shift_checks: list[Check] = []
         for k, (m, mp) in enumerate(zip(verdict.shift, pooled)):
             m["pooled_mean_cosine"] = mp["mean_cosine"]

@@ -98,6 +98,54 @@ def test_pooled_shift_is_measured_against_the_pooled_production(production):
     assert any(c.name == "embedding_1.pooled_mean_cosine" for c in v.checks)
 
 
+def _history_slots(versions, ids):
+    from sum_platform.embedding_row import Slots
+
+    n, k, d = versions[0].shape
+    out = Slots.empty(n, k, d)
+    for s, (v, i) in enumerate(zip(versions, ids)):
+        out.values[:, s], out.ids[:, s] = v.astype(np.float16), i
+    return out
+
+
+def test_the_pooled_shift_is_between_what_serving_hands_downstream_after_and_before_the_promotion(production):
+    """The gate's "served after promotion" is the row owner's rule over the probe users' history (snapshot ids
+    included), and "served now" is the pool of that history: under snapshot pooling the candidate joins production
+    and the newest older version."""
+    from sum_models.shift import average_pool, shift_metrics
+    from sum_platform.embedding_row import pool, served_after_promotion
+
+    rng = np.random.default_rng(4)
+    older = [(production + rng.normal(scale=0.1, size=production.shape)).astype(np.float16) for _ in range(2)]
+    cand = (production + rng.normal(scale=0.3, size=production.shape)).astype(np.float16)
+    ids = ["sum-2026-01-03", "sum-2026-01-02", "sum-2026-01-01"]
+    v = judge(cand, production, NE_OK, CFG, ids[0], history=older, candidate_id="sum-2026-01-04",
+              history_ids=ids[1:], pool_unit="snapshot")
+    history = _history_slots([production, *older], ids)
+    after = served_after_promotion(history, cand, "sum-2026-01-04", "snapshot")
+    now = pool(history.values)[0]
+    np.testing.assert_array_equal(after, average_pool([cand, production, older[0]]))  # golden: the paper's 3 versions
+    np.testing.assert_array_equal(now, average_pool([production, *older]))
+    expected = shift_metrics(after, now)
+    assert [m["pooled_mean_cosine"] for m in v.shift] == [e["mean_cosine"] for e in expected]
+    assert [m["pooled_relative_l2_change"] for m in v.shift] == [e["relative_l2_change"] for e in expected]
+
+
+def test_under_write_pooling_the_gate_checks_the_raw_candidate_against_raw_production(production):
+    """``pool_unit: write``: after a few requests serving hands downstream the raw latest version, so the pooled
+    checks see the unpooled shift (in fp16, as stored)."""
+    from sum_models.shift import shift_metrics
+
+    rng = np.random.default_rng(5)
+    older = [(production + rng.normal(scale=0.1, size=production.shape)).astype(np.float16) for _ in range(2)]
+    cand = (production + rng.normal(scale=0.3, size=production.shape)).astype(np.float16)
+    by_write = judge(cand, production, NE_OK, CFG, "sum-prev", history=older, pool_unit="write")
+    by_snapshot = judge(cand, production, NE_OK, CFG, "sum-prev", history=older, pool_unit="snapshot")
+    raw = shift_metrics(cand, production)
+    assert [m["pooled_mean_cosine"] for m in by_write.shift] == [r["mean_cosine"] for r in raw]
+    assert all(s["pooled_mean_cosine"] > w["pooled_mean_cosine"] for s, w in zip(by_snapshot.shift, by_write.shift))
+
+
 def test_a_missing_threshold_is_named_in_the_refusal(production):
     cfg = CFG.model_copy(update={"max_ne_regression": None})
     v = judge(production, None, NE_OK, cfg)

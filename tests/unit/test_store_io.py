@@ -1,14 +1,18 @@
-"""The ``sum_embeddings`` row (``serving.store_io``) on a real Feast SQLite online store, no Ray.
+"""The ``sum_embeddings`` row (``serving.store_io``) on a real Feast online store (SQLite, and Redis), no Ray.
 
 The feature repo is applied to a tmp workspace (tiny K and D); user features are written to the online
-store as the daily materialization would. Covers the pooled write of paper §5.2 (the served value is the
-mean of the current version and the two stored before it), the direct read against Feast's own, and
-concurrent writers.
+store as the daily materialization would. Covers the pooled write of paper §5.2 under both pool units
+(``sum_platform.embedding_row``: a version per snapshot or per write), the direct read against Feast's own,
+concurrent writers (threads and processes, through a rollout), the migration of schema v1 rows and the retirement
+of a rolled-back snapshot.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import yaml
 from serving import store_io
 from serving.store_io import read_embeddings, read_embeddings_feast, read_history, read_user_features, write_embeddings
 from sum_models.shift import POOL_DEPTH
+from sum_platform import embedding_row
 
 K, D = 2, 8
 USERS_WITH_FEATURES = list(range(0, 60))
@@ -56,24 +61,17 @@ def feast_env(request, tmp_path_factory, write_online_features):
         mp.undo()
 
 
-def test_a_row_keeps_pool_depth_raw_versions():
-    """The stored slots follow the pooling depth of paper §5.2 (current + POOL_DEPTH - 1 cached)."""
+def test_a_row_keeps_pool_depth_raw_versions_each_with_its_snapshot_id():
+    """The stored slots follow the pooling depth of paper §5.2 (current + POOL_DEPTH - 1 cached), each slot with
+    the id of the snapshot that computed it."""
     assert POOL_DEPTH == 3
     fields = store_io.history_fields(1)
     assert [f for f in fields if f.endswith("_embedding_0") and not f.startswith("batch")] == [
         "raw_embedding_0", "prev1_embedding_0", "prev2_embedding_0"
     ]
-
-
-def test_pool_is_the_fp16_mean_of_the_versions():
-    """The served value is the mean of the versions (computed in float64), rounded once to fp16."""
-    rng = np.random.default_rng(3)
-    versions = [rng.standard_normal((K, D)).astype(np.float16) for _ in range(POOL_DEPTH)]
-    expected = ((versions[0].astype(np.float64) + versions[1] + versions[2]) / 3).astype(np.float16)
-    pooled = store_io.pool(versions)
-    assert pooled.dtype == np.float16
-    np.testing.assert_array_equal(pooled, expected)
-    np.testing.assert_array_equal(store_io.pool(versions[:1]), versions[0])  # a new user: its one version
+    assert [f for f in fields if f.endswith("snapshot_id") and not f.startswith("batch")] == [
+        "snapshot_id", "prev1_snapshot_id", "prev2_snapshot_id"
+    ]
 
 
 def test_packed_value_round_trip():
@@ -159,33 +157,37 @@ def test_store_io_round_trip_and_validation(feast_env):
             assert list(frame.loc[i, c]) == list(feast[c][i] or [])
 
 
-def test_store_pools_current_with_two_previous_versions(feast_env):
-    """Paper §5.2: the served value is the mean of the current version and the two stored before it."""
+def _mean(vs):
+    return np.mean(np.stack([v[0].astype(np.float64) for v in vs]), axis=0).astype(np.float16)
+
+
+def test_write_pooling_pools_the_current_write_with_the_two_before_it(feast_env):
+    """``pool_unit: write`` (what serving did before): every write is a version."""
     store = feast_env["store"]
     rng = np.random.default_rng(11)
     versions = [rng.standard_normal((1, K, D)).astype(np.float16) for _ in range(5)]
-    mean = lambda vs: np.mean(np.stack([v[0].astype(np.float64) for v in vs]), axis=0).astype(np.float16)  # noqa: E731
 
-    write_embeddings(store, [600], versions[0], "v", 1_000, batch=True)
-    write_embeddings(store, [600], versions[1], "v", 2_000)
+    write_embeddings(store, [600], versions[0], "v", 1_000, batch=True, unit="write")
+    write_embeddings(store, [600], versions[1], "v", 2_000, unit="write")
     row = read_embeddings(store, [600])[600]
     assert row["pooled_versions"] == 2
-    np.testing.assert_array_equal(row["embeddings"], mean(versions[:2]))
-    write_embeddings(store, [600], versions[2], "w", 3_000)
+    np.testing.assert_array_equal(row["embeddings"], _mean(versions[:2]))
+    write_embeddings(store, [600], versions[2], "w", 3_000, unit="write")
     row = read_embeddings(store, [600])[600]
     assert row["pooled_versions"] == 3 and row["snapshot_id"] == "w" and row["written_at_ms"] == 3_000
-    np.testing.assert_array_equal(row["embeddings"], mean(versions[:3]))
-    # A fourth version pushes the first out of the pool.
-    write_embeddings(store, [600], versions[3], "w", 4_000)
-    np.testing.assert_array_equal(read_embeddings(store, [600])[600]["embeddings"], mean(versions[1:4]))
+    np.testing.assert_array_equal(row["embeddings"], _mean(versions[:3]))
+    # Per write: a fourth write pushes the first out of the pool, even of the same snapshot.
+    write_embeddings(store, [600], versions[3], "w", 4_000, unit="write")
+    np.testing.assert_array_equal(read_embeddings(store, [600])[600]["embeddings"], _mean(versions[1:4]))
     # Rewriting the latest version (same snapshot id and time, e.g. a rerun of the daily batch) replaces it.
-    write_embeddings(store, [600], versions[4], "w", 4_000)
+    write_embeddings(store, [600], versions[4], "w", 4_000, unit="write")
     np.testing.assert_array_equal(
-        read_embeddings(store, [600])[600]["embeddings"], mean([versions[4], versions[2], versions[1]])
+        read_embeddings(store, [600])[600]["embeddings"], _mean([versions[4], versions[2], versions[1]])
     )
     history = read_history(store, [600])[600]
     np.testing.assert_array_equal(history["raw_embedding_0"], versions[4][0, 0].astype(np.float32))
     np.testing.assert_array_equal(history["prev2_embedding_1"], versions[1][0, 1].astype(np.float32))
+    assert [history[f] for f in embedding_row.SLOT_ID_FIELDS] == ["w", "w", "v"]
     # The daily batch value is kept apart (offline mode) and carried over by non-batch writes.
     batch = read_embeddings(store, [600], source="batch")[600]
     assert batch["snapshot_id"] == "v" and batch["written_at_ms"] == 1_000
@@ -198,9 +200,89 @@ def test_store_pools_current_with_two_previous_versions(feast_env):
         k: direct[k] for k in ("snapshot_id", "written_at_ms", "pooled_versions")
     }
     # A new embedding shape (another embedding_dim) starts a fresh history.
-    write_embeddings(store, [601], versions[0], "v", 1_000)
-    write_embeddings(store, [601], np.ones((1, K, D // 2), np.float16), "x", 5_000)
+    write_embeddings(store, [601], versions[0], "v", 1_000, unit="write")
+    write_embeddings(store, [601], np.ones((1, K, D // 2), np.float16), "x", 5_000, unit="write")
     assert read_embeddings(store, [601])[601]["pooled_versions"] == 1
+
+
+S0, S1, S2, S3 = (f"sum-2026-03-0{i}" for i in range(1, 5))
+
+
+def _stored(store, uid):
+    """``(slots of the stored row, its served value, versions pooled)``."""
+    row = read_history(store, [uid])[uid]
+    served = read_embeddings(store, [uid])[uid]
+    return store_io.row_slots(row, K), served["embeddings"], served["pooled_versions"]
+
+
+def _assert_served_is_the_pool(store, users):
+    for uid in users:
+        slots, served, n = _stored(store, uid)
+        pooled, n_pooled = embedding_row.pool(slots.values)
+        np.testing.assert_array_equal(served, pooled[0])
+        assert n == n_pooled[0]
+
+
+def test_snapshot_pooling_replaces_shifts_lands_late_writes_in_their_slot_and_drops_older_ones(feast_env):
+    """``pool_unit: snapshot``: the served value pools the latest version of each of the last 3 snapshots."""
+    store = feast_env["store"]
+    rng = np.random.default_rng(12)
+    v = lambda: rng.standard_normal((1, K, D)).astype(np.float16)  # noqa: E731
+    a, b, c, b2, a2, c2, d = v(), v(), v(), v(), v(), v(), v()
+    uid = 610
+    write_embeddings(store, [uid], a, S0, 1_000, batch=True)
+    write_embeddings(store, [uid], b, S1, 2_000)
+    write_embeddings(store, [uid], c, S2, 3_000)
+    slots, served, n = _stored(store, uid)
+    assert list(slots.ids[0]) == [S2, S1, S0] and n == 3
+    np.testing.assert_array_equal(served, _mean([c, b, a]))
+    # The same snapshot again (fresh features): its slot is replaced, nothing shifts.
+    write_embeddings(store, [uid], c2, S2, 4_000)
+    slots, served, _ = _stored(store, uid)
+    assert list(slots.ids[0]) == [S2, S1, S0] and slots.written_ms[0] == 4_000
+    np.testing.assert_array_equal(served, _mean([c2, b, a]))
+    # A late write of the previous snapshot (a replica still rolling out): into its own slot, no flap.
+    assert write_embeddings(store, [uid], b2, S1, 4_500) == 1
+    slots, served, _ = _stored(store, uid)
+    assert list(slots.ids[0]) == [S2, S1, S0] and slots.written_ms[0] == 4_000
+    assert read_embeddings(store, [uid])[uid]["snapshot_id"] == S2
+    np.testing.assert_array_equal(served, _mean([c2, b2, a]))
+    # A snapshot older than the row's latest that the row no longer holds would shift the history back: dropped,
+    # the row is not rewritten.
+    write_embeddings(store, [uid], d, S3, 5_000)
+    before = read_history(store, [uid])[uid]
+    assert write_embeddings(store, [uid], a2, S0, 6_000) == 0
+    after = read_history(store, [uid])[uid]
+    assert before.keys() == after.keys()
+    for field in before:
+        np.testing.assert_array_equal(np.asarray(before[field], dtype=object), np.asarray(after[field], dtype=object))
+    slots, served, _ = _stored(store, uid)
+    assert list(slots.ids[0]) == [S3, S2, S1]
+    np.testing.assert_array_equal(served, _mean([d, c2, b2]))
+    # The realtime preview goes through the same rule: a dropped write previews the stored value.
+    preview = store_io.pooled_preview(store, [uid], a2, S0, 6_000)[uid]
+    np.testing.assert_array_equal(preview[0], served)
+    # The daily batch value stays the batch write's.
+    batch = read_embeddings(store, [uid], source="batch")[uid]
+    assert batch["snapshot_id"] == S0
+    np.testing.assert_array_equal(batch["embeddings"], a[0])
+    _assert_served_is_the_pool(store, [uid])
+
+
+def test_a_rerun_of_the_daily_batch_is_idempotent_under_both_units(feast_env):
+    store = feast_env["store"]
+    rng = np.random.default_rng(13)
+    for unit, uid in (("snapshot", 620), ("write", 621)):
+        first = rng.standard_normal((1, K, D)).astype(np.float16)
+        batch = rng.standard_normal((1, K, D)).astype(np.float16)
+        write_embeddings(store, [uid], first, S0, 1_000, unit=unit)
+        write_embeddings(store, [uid], batch, S1, 2_000, batch=True, unit=unit)
+        once = read_history(store, [uid])[uid]
+        write_embeddings(store, [uid], batch, S1, 2_000, batch=True, unit=unit)
+        twice = read_history(store, [uid])[uid]
+        assert twice["pooled_versions"] == once["pooled_versions"] == 2
+        np.testing.assert_array_equal(twice["embedding_0"], once["embedding_0"])
+        np.testing.assert_array_equal(twice["batch_embedding_1"], _mean([batch, first])[1].astype(np.float32))
 
 
 def test_one_write_of_versions_computed_at_different_times_keeps_each_time(feast_env):
@@ -225,7 +307,8 @@ def test_one_write_of_versions_computed_at_different_times_keeps_each_time(feast
 
 def test_concurrent_writers_never_lose_a_version(feast_env):
     """The read-modify-write is atomic (SQLite: a file lock; Redis: WATCH / MULTI / EXEC): 4 threads x 5 writes
-    of distinct values to the same users. Each write pools what it read: a lost update would show as two writes
+    of distinct values to the same users, under write pooling (every write a version). Each write pools what it
+    read: a lost update would show as two writes
     that read the same previous version. So the writes form one chain: every write's previous version is a
     distinct one (the first write's is empty), and the last three of the chain are what is stored."""
     store = feast_env["store"]
@@ -236,7 +319,7 @@ def test_concurrent_writers_never_lose_a_version(feast_env):
         for j in range(5):
             value = i * 10 + j + 1
             frames.append(write_embeddings(store, users, np.full((2, K, D), value, np.float16), f"t{i}",
-                                           10_000 + i * 100 + j, return_frame=True))
+                                           10_000 + i * 100 + j, return_frame=True, unit="write"))
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
     for t in threads:
@@ -260,6 +343,154 @@ def test_concurrent_writers_never_lose_a_version(feast_env):
         assert row["pooled_versions"] == 3
         stored = [float(row[f"{slot}_embedding_0"][0]) for slot in ("raw", "prev1", "prev2")]
         assert stored == chain[::-1][:3]
+
+
+_WRITER = """
+import pickle, sys
+import numpy as np
+from serving.store_io import write_embeddings
+from sum_platform.config import load_params
+from sum_platform.feature_store import get_store
+params_file, out, snapshot, base, count, k, d = sys.argv[1:8]
+users = [int(u) for u in sys.argv[8].split(",")]
+store = get_store(load_params(params_file))
+frames = []
+for j in range(int(count)):
+    value = int(base) + j
+    frames.append(write_embeddings(store, users, np.full((len(users), int(k), int(d)), value, np.float16), snapshot,
+                                   20_000 + value, return_frame=True))
+with open(out, "wb") as f:
+    pickle.dump(frames, f)
+"""
+
+
+def _frame_slots(frame):
+    """The slots of each row of a written frame, and its served value."""
+    rows = frame.to_dict("records")
+    slots = embedding_row.as_slots(rows, K, D)
+    served = np.stack([np.stack([np.asarray(r[f"embedding_{j}"]) for j in range(K)]) for r in rows])
+    return slots, served.astype(np.float16)
+
+
+@pytest.mark.slow  # three Python processes importing Feast: over a minute on a busy 2-core machine
+def test_concurrent_processes_through_a_rollout_lose_no_version_and_never_flap(feast_env, tmp_path):
+    """Snapshot pooling under 3 writer processes on the same users: two replicas of the new snapshot S2 and a late
+    replica still writing S1 (a rollout). Every written row serves the pool of its slots, its history is
+    [S1, S0] before S2's first write and [S2, S1, S0] after it, never [S1, S2, ..] (no flap), and the store ends
+    with S2's last write, S1's last late write (in S1's own slot: no lost version) and S0 untouched."""
+    store = feast_env["store"]
+    users = [650, 651, 652]
+    write_embeddings(store, users, np.zeros((3, K, D), np.float16), S0, 1_000)
+    write_embeddings(store, users, np.ones((3, K, D), np.float16), S1, 2_000)
+    params_file = os.environ["SUM_PARAMS"]
+    writers = [(S2, 100), (S2, 200), (S1, 300)]
+    procs = []
+    for i, (snap, base) in enumerate(writers):
+        out = tmp_path / f"writer{i}.pkl"
+        procs.append((out, subprocess.Popen([sys.executable, "-c", _WRITER, params_file, str(out), snap, str(base), "8",
+                                             str(K), str(D), ",".join(map(str, users))])))
+    for _, proc in procs:
+        assert proc.wait(timeout=300) == 0
+    frames = [f for out, _ in procs for f in pickle.loads(out.read_bytes())]
+    assert sum(len(f) for f in frames) == 3 * 8 * len(users)  # none dropped: S1 is still in every row
+    for frame in frames:
+        slots, served = _frame_slots(frame)
+        np.testing.assert_array_equal(served, embedding_row.pool(slots.values)[0])
+        for ids in slots.ids.tolist():
+            assert ids in ([S1, S0, None], [S2, S1, S0]), ids
+    for uid in users:
+        slots, _, n = _stored(store, uid)
+        assert list(slots.ids[0]) == [S2, S1, S0] and n == 3
+        assert slots.values[0, 0, 0, 0] in (107, 207)  # the last write of one of S2's replicas
+        assert slots.values[0, 1, 0, 0] == 307  # the late replica's last write, in S1's slot
+        assert slots.values[0, 2, 0, 0] == 0
+    _assert_served_is_the_pool(store, users)
+
+
+def _remove_fields(reader, users, names):
+    """Deletes fields of users' rows from the online store (what a row written before they existed lacks)."""
+    if reader.backend == "redis":
+        for u in users:
+            reader.redis.hdel(reader.redis_key(u), *[reader._field_hash(n) for n in names])
+    else:
+        import sqlite3
+
+        with sqlite3.connect(reader.path) as conn:
+            conn.executemany(f'DELETE FROM "{reader.table}" WHERE entity_key = ? AND feature_name IN (?, ?)',
+                             [(reader._key(u), *names) for u in users])
+
+
+def test_rows_of_the_v1_layout_are_migrated_without_changing_a_served_value(feast_env):
+    """Rows written by the old writer (every write a version, no per-slot snapshot ids) get their ids from
+    ``migrate_rows``: served and batch values byte for byte as they were, ids by the migration rule, a second run
+    changes nothing; the next snapshot write keeps one version per snapshot."""
+    store = feast_env["store"]
+    reader = store_io.reader_for(store)
+    rng = np.random.default_rng(14)
+    x, y, z, c = (rng.standard_normal((1, K, D)).astype(np.float16) for _ in range(4))
+    for t, (uid, value, snap) in enumerate([(630, x, S0), (630, x, S0), (630, y, S1),   # [y, x, x]
+                                            (631, y, S1), (631, y, S1), (631, y, S1),   # [y, y, y]
+                                            (632, x, S0), (632, y, S1), (632, z, S2),   # [z, y, x]
+                                            (633, x, S0)]):                             # [x]: nothing older
+        write_embeddings(store, [uid], value, snap, 1_000 + t, batch=(uid == 632 and t == 7), unit="write")
+    users = [630, 631, 632, 633]
+    _remove_fields(reader, users, list(embedding_row.SLOT_ID_FIELDS[1:]))
+    count, examples = store_io.v1_row_count(store)
+    assert count == 3 and set(examples) == {630, 631, 632}
+    value_fields = [*store_io.served_fields(K), *store_io.batch_fields(K), *store_io.PACKED_FIELDS.values(),
+                    *(f"{s}_embedding_{j}" for s in embedding_row.SLOTS for j in range(K))]
+    before = reader.rows(users, value_fields)
+
+    out = store_io.migrate_rows(store)
+    assert out["migrated"] == 3 and out["rows"] >= 4
+    after = reader.rows(users, value_fields)
+    for uid in users:
+        for field in value_fields:
+            b, a = before[uid][field], after[uid][field]
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (uid, field)
+            else:
+                assert a == b, (uid, field)
+    ids = {u: [read_history(store, [u])[u][f] for f in embedding_row.SLOT_ID_FIELDS] for u in users}
+    U = embedding_row.UNKNOWN_SNAPSHOT
+    assert ids == {630: [S1, U, U], 631: [S1, S1, S1], 632: [S2, U, U], 633: [S0, None, None]}
+    assert store_io.v1_row_count(store)[0] == 0
+    assert store_io.migrate_rows(store)["migrated"] == 0  # idempotent
+    assert reader.rows(users, value_fields).keys() == after.keys()
+    _assert_served_is_the_pool(store, users)
+    # The next snapshot write: copies of a version are one version, the unrecorded distinct one stays.
+    write_embeddings(store, [630, 631], np.stack([c[0], c[0]]), S2, 9_000)
+    assert list(_stored(store, 630)[0].ids[0]) == [S2, S1, U]
+    assert list(_stored(store, 631)[0].ids[0]) == [S2, S1, None]
+    _assert_served_is_the_pool(store, [630, 631])
+
+
+def test_a_rolled_back_snapshot_is_retired_from_every_row(feast_env):
+    """Rollback from S2 to S1: S2's versions leave every row (older ones move up, the served value is pooled
+    again); later writes of S1 land in S1's own slot, and S2 is in no served pool."""
+    store = feast_env["store"]
+    S0, S1, S2 = (f"sum-2026-04-0{i}" for i in range(1, 4))  # snapshots of this test's rows only
+    rng = np.random.default_rng(15)
+    a, b, c, b2 = (rng.standard_normal((2, K, D)).astype(np.float16) for _ in range(4))
+    write_embeddings(store, [660, 661], a, S0, 1_000)
+    write_embeddings(store, [660, 661], b, S1, 2_000)
+    write_embeddings(store, [660, 662], c, S2, 3_000)  # 661 never got S2; 662 only S2
+    untouched = read_history(store, [661])[661]
+
+    out = store_io.retire_snapshot(store, S2)
+    assert out["retired"] == 2
+    slots, served, n = _stored(store, 660)
+    assert list(slots.ids[0]) == [S1, S0, None] and n == 2
+    np.testing.assert_array_equal(served, _mean([b[:1], a[:1]]))
+    assert 662 not in read_embeddings(store, [662])  # nothing left to serve until its next write
+    assert read_history(store, [661])[661]["written_at_ms"] == untouched["written_at_ms"]
+    assert store_io.retire_snapshot(store, S2)["retired"] == 0
+    # The restored production's next write lands in its own slot.
+    write_embeddings(store, [660, 662], b2, S1, 4_000)
+    assert list(_stored(store, 660)[0].ids[0]) == [S1, S0, None]
+    assert list(_stored(store, 662)[0].ids[0]) == [S1, None, None]
+    np.testing.assert_array_equal(_stored(store, 660)[1], _mean([b2[:1], a[:1]]))
+    _assert_served_is_the_pool(store, [660, 661, 662])
 
 
 def test_a_point_in_time_retrieval_never_returns_an_embedding_written_after_the_impression(feast_env):
