@@ -1,108 +1,82 @@
 """``sumctl study``: what the SUM embeddings are worth downstream, measured as the paper's Tables 1-4 (§6).
 
-One run, per seed:
+One run, per seed (each seed its own simulated world: ``sum_pipeline/study_data.py``; MovieLens is fixed data),
+in ``study.workers`` processes:
 
-1. **Upstream.** The SUM model is retrained every day on the source's days ``0 .. D-2``, warm-started from the
-   day before (as the daily DAG does); ``S_t`` is the snapshot of day ``t``.
-2. **Serving replay.** Day ``t``'s requests (its impressions, in time order, ``study.replay_batch`` at a time
-   as serving coalesces them) are served by ``S_{t-1}``, through serving's own store code
-   (:func:`serving.store_io.write_embeddings`: pooling, write-back order, the offline log) in a Feast
-   workspace per mode:
+1. **Upstream** (``study_upstream.py``). The SUM model trains day by day (warm start, as the daily DAG does) on
+   ``study.warmup_days`` days before the window, then on the window's days ``0 .. D-2``; ``S_t`` is the
+   snapshot of window day ``t``. Frozen serves the last warm-up snapshot for the whole window.
+2. **Serving replay** (``study_replay.py``), in memory through the row owner's pooling rule
+   (:mod:`sum_platform.embedding_row`), under both pool units (``snapshot``, ``write``): day ``t``'s requests,
+   ``study.replay_batch`` at a time in time order, served by ``S_{t-1}`` in async and realtime mode; offline
+   reads the daily batch ``study.offline_staleness_days`` old (pooled, and raw: no AP); frozen computes the
+   frozen snapshot on the request's features (no store). A request is embedded on the user features in force at
+   its time (several user rows a day when features change within the day).
+3. **Downstream** (``study_downstream.py``). Each downstream model (:data:`sum_models.downstream.PRESETS`) is
+   trained day by day on days ``1 .. D-1`` (warm-started daily), without the embeddings and with each arm's,
+   and scored on each day before it trains on it (progressive NE), over every impression (``all``), the
+   impressions every arm serves an embedding (``covered``) and returning users' (``returning``: impressions on
+   an earlier day), in the last ``study.eval_days`` days (``eval``) and the days before (``early``).
 
-   - *offline batch*: only the daily batch, ``S_t`` on day ``t``'s users, written at the end of day ``t``;
-   - *async*: the same batch, and after each request batch the recomputed ``S_{t-1}`` embeddings of its users
-     written back (the next request reads them: the cached, pooled value of the previous request);
-   - *realtime*: the batch, and each request batch's embeddings written just before it is answered, except
-     for a ``study.realtime_fallback_rate`` share of requests that miss the latency budget and get the cache;
-   - *frozen*: ``S_0`` on the day's features, no store (serving's frozen mode neither pools nor writes).
-
-   What each impression was served is then read back through Feast's point-in-time join over the offline
-   log (:func:`sum_platform.feature_store.historical_embeddings`): the value at the impression's time, never
-   one written later.
-3. **Downstream.** Each downstream model (:data:`sum_models.downstream.PRESETS`) is trained day by day on
-   days ``1 .. D-1`` (warm-started daily), without the embeddings and with each mode's, and scored on each
-   day before it trains on it (progressive NE). NE over the train window's impressions gives Table 4's train
-   column, NE over the last ``study.eval_days`` days' impressions every eval number (pooled impressions, so
-   MovieLens' days of a few dozen ratings weigh as little as they hold).
-
-Tables: 1 = async vs none per model, with the SUM embeddings' permutation-importance rank on the last day;
-2 = every mode vs none; 3 = the shift of the daily batch versions of a fixed user set per pooling depth;
-4 = the offline batch read raw (no AP) and pooled (AP(3)). Confidence intervals are Student-t over seeds.
+``results["measurements"]`` holds one NE per (seed, model, arm, pool unit, window, subset);
+``sum_pipeline/study_stats.py`` turns them into Tables 1-4 with paired per-seed contrasts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import shutil
+import multiprocessing
+import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from serving.store_io import write_embeddings
-from sum_models.metrics import normalized_entropy
-from sum_models.shift import POOL_DEPTH, shift_by_pooling_depth
-from sum_pipeline.retrain_downstream import embeddings_of
+from sum_models.shift import POOL_DEPTH, shift_by_pooling_depth, shift_metrics
+from sum_pipeline.study_data import Day, load_days, world_params
+from sum_pipeline.study_downstream import describe, run_arm, window_ne
+from sum_pipeline.study_replay import replay
 from sum_pipeline.study_report import write_report
-from sum_pipeline.tasks import holdout_mask, warm_start
+from sum_pipeline.study_upstream import Upstream, train_upstream
 from sum_platform.config import Params
-from sum_platform.feature_store import (apply_definitions, historical_embeddings, spec_from_fields, user_feature_fields,
-                                        workspace_in_force)
-from sum_platform.sources import day_frames, joined_day, source_dates
-from sum_platform.workspace import snapshot_id_for
+from sum_platform.embedding_row import POOL_UNITS
+from sum_platform.feature_store import spec_from_fields, user_feature_fields
 
-log = logging.getLogger(__name__)
+try:  # the paired statistics (this module's own tables before they land)
+    from sum_pipeline import study_stats
+except ImportError:  # pragma: no cover - until study_stats lands
+    study_stats = None
+try:  # each downstream model's own user features (the presets' dense features before they land)
+    from sum_platform import downstream_inputs
+except ImportError:  # pragma: no cover
+    downstream_inputs = None
 
-#: Serving modes replayed through the store (frozen needs none), and the downstream arms built from them.
-STORE_MODES = ("offline", "async", "realtime")
-ARMS = ("none", "frozen", "offline", "offline_raw", "async", "realtime")
+#: Arms that do not depend on the pool unit; async and realtime are measured under each unit.
+UNIT_FREE_ARMS = ("none", "frozen", "offline", "offline_raw")
+ONLINE_ARMS = ("async", "realtime")
 #: Table 2's modes, and the arm Table 1 reports (production serves async).
 TABLE2_MODES = ("frozen", "offline", "realtime", "async")
 TABLE1_ARM = "async"
+SUBSETS = ("all", "covered", "returning")
 
-Progress = Callable[[str, int], None]  # (what, how many steps were added) -> None
-
-
-@dataclass
-class Day:
-    """One day of the source: impressions joined with the day's user features, and the users partition."""
-
-    ds: str
-    frame: pd.DataFrame   # impressions (time order) + user feature columns
-    users: pd.DataFrame   # user_id + user features, one row per user known that day
+Progress = Callable[[str, int, int], None]  # (what, steps done, steps in all) -> None
 
 
-@dataclass
-class Upstream:
-    """What the daily upstream models computed for one seed (all fp16 ``[N, K, D]``, users in ``Day.users`` order)."""
-
-    batch: list[np.ndarray] = field(default_factory=list)   # S_t on day t's users, t = 0 .. D-2
-    fresh: list[np.ndarray] = field(default_factory=list)   # S_{t-1} on day t's users, t = 1 .. D-1 (index t-1)
-    frozen: list[np.ndarray] = field(default_factory=list)  # S_0 on day t's users, t = 1 .. D-1 (index t-1)
-    holdout_ne: list[dict[str, float]] = field(default_factory=list)
+def default_unit(params: Params) -> str:
+    """Serving's pool unit (``serving.pool_unit`` once serving has the switch; ``snapshot``, its default)."""
+    return str(getattr(params.serving, "pool_unit", "snapshot"))
 
 
-def study_days(params: Params, days: int) -> list[str]:
-    """The source's first ``days`` dates with at least ``validation.min_event_rows`` impressions."""
-    listed = source_dates(params)
-    if listed is None:  # the simulator: any date
-        start = pd.Timestamp(params.simulator.start_date)
-        listed = [(start + pd.Timedelta(days=i)).date().isoformat() for i in range(10 * days)]
-    out = [ds for ds in listed if len(day_frames(ds, params)[0]) >= params.validation.min_event_rows][:days]
-    if len(out) < days:
-        raise ValueError(f"the source has {len(out)} usable days, the study needs {days}")
-    return out
+def arm_keys(params: Params) -> list[tuple[str, str | None]]:
+    """Every measured (arm, pool unit)."""
+    return [(a, None) for a in UNIT_FREE_ARMS] + [(a, u) for a in ONLINE_ARMS for u in POOL_UNITS]
 
 
-def load_day(ds: str, params: Params) -> Day:
-    events, users = day_frames(ds, params)
-    users = users.sort_values("user_id").reset_index(drop=True)
-    return Day(ds, joined_day(events, users, params), users)
+def arm_label(arm: str, unit: str | None, params: Params) -> str:
+    """The arm's name in the daily rows and the fallback tables: serving's own unit unmarked."""
+    return arm if unit is None or unit == default_unit(params) else f"{arm}@{unit}"
 
 
 def t_interval(values: list[float], confidence: float = 0.95, lower: float = -math.inf,
@@ -119,165 +93,6 @@ def t_interval(values: list[float], confidence: float = 0.95, lower: float = -ma
     return [max(mean - half, lower), min(mean + half, upper)]
 
 
-# ------------------------------------------------------------------------------------------------ upstream
-
-def train_upstream(params: Params, spec, days: list[Day], seed: int, progress: Progress) -> Upstream:
-    """Trains ``S_0 .. S_{D-2}`` day by day (warm start) and computes the embeddings the replay serves."""
-    import torch  # the model stack: loaded by the study's run only
-
-    from sum_models.model import build_model
-    from sum_models.snapshot import embed_users
-    from sum_models.train import ne_accumulator, train_model
-
-    out = Upstream()
-    prev_state, first = None, None
-    for t, day in enumerate(days[:-1]):
-        model = build_model(spec, params.model.model_dump(), seed=seed)
-        if prev_state is not None:
-            warm_start(model, prev_state)
-        holdout = holdout_mask(day.frame, params.events.holdout_fraction)
-        train_model(model, day.frame[~holdout].reset_index(drop=True), spec, params.train.model_dump(), seed=seed + t,
-                    progress=False)
-        model.eval()
-        out.holdout_ne.append(ne_accumulator(model, day.frame[holdout].reset_index(drop=True), spec).compute_defined()[0])
-        with torch.no_grad():
-            out.batch.append(embed_users(model.user_tower, day.users, spec))
-            out.fresh.append(embed_users(model.user_tower, days[t + 1].users, spec))
-            if first is None:
-                first = model
-            out.frozen.append(embed_users(first.user_tower, days[t + 1].users, spec))
-        prev_state = model.state_dict()
-        progress(f"upstream seed {seed}", 1)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ replay
-
-def _ms(ts: pd.Series) -> np.ndarray:
-    return pd.to_datetime(ts, utc=True).dt.as_unit("ms").astype("int64").to_numpy()
-
-
-def _end_of_day_ms(ds: str) -> int:
-    return int((pd.Timestamp(ds, tz="UTC") + pd.Timedelta(days=1)).value // 1_000_000) - 1
-
-
-def _rows_of(users: pd.DataFrame, user_ids: np.ndarray) -> np.ndarray:
-    """Row index in ``users`` of each id (-1 when the user has no features that day)."""
-    index = pd.Index(users["user_id"].to_numpy())
-    return index.get_indexer(user_ids)
-
-
-def replay_mode(mode: str, params: Params, days: list[Day], up: Upstream, seed: int, workspace: Path,
-                progress: Progress) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
-    """Replays days ``1 .. D-1``'s requests in one mode through the store; reads back what each impression got.
-
-    Returns:
-        ``(served, stats)``: per read source (``served``; for offline also ``raw``) the float32 ``[n_t, K, D]``
-        embeddings of each day's impressions (NaN rows: nothing served), and ``coverage`` / ``fallback_rate``.
-    """
-    cfg = params.study
-    shutil.rmtree(workspace, ignore_errors=True)  # a rerun starts from the same empty store
-    workspace.mkdir(parents=True)
-    with workspace_in_force(workspace):
-        store = apply_definitions(params)  # params.workspace is $SUM_WORKSPACE: the mode's folder
-        last_ms = 0
-        lookups = []
-        fallbacks = 0
-        for t, day in enumerate(days):
-            if t >= 1:  # day t's requests, served by S_{t-1}
-                users = day.frame[params.events.user_id].to_numpy()
-                event_ms = _ms(day.frame[params.events.timestamp])
-                lookup_ms = event_ms.copy()
-                fresh, rows = up.fresh[t - 1], _rows_of(day.users, users)
-                if mode == "realtime":
-                    fell_back = np.random.default_rng([seed, t]).random(len(users)) < cfg.realtime_fallback_rate
-                    fallbacks += int(fell_back.sum())
-                for lo in range(0, len(users), cfg.replay_batch):
-                    hi = min(lo + cfg.replay_batch, len(users))
-                    known = rows[lo:hi] >= 0
-                    ids, idx = users[lo:hi][known], rows[lo:hi][known]
-                    if mode == "async":      # recomputed after the answers, written back for the next request
-                        written = max(int(event_ms[hi - 1]) + 1, last_ms + 1)
-                    elif mode == "realtime":  # computed before answering; the fallbacks read the cache
-                        written = max(int(event_ms[lo]) - 1, last_ms + 1)
-                        lookup_ms[lo:hi] = np.where(fell_back[lo:hi], written - 1, np.maximum(lookup_ms[lo:hi], written))
-                    else:
-                        continue
-                    if len(ids):
-                        write_embeddings(store, ids, fresh[idx], snapshot_id_for(days[t - 1].ds), written, to_offline=True)
-                        last_ms = written
-                lookups.append(pd.DataFrame({"user_id": users, "event_ts": pd.to_datetime(lookup_ms, unit="ms", utc=True)}))
-            if t < len(days) - 1:  # the daily batch of S_t on day t's users, after the day
-                written = max(_end_of_day_ms(day.ds), last_ms + 1)
-                write_embeddings(store, day.users["user_id"].to_numpy(), up.batch[t], snapshot_id_for(day.ds), written,
-                                 batch=True, to_offline=True, offline_file="batch.parquet")
-                last_ms = written
-            progress(f"replay {mode} seed {seed}", 1)
-        k = params.model.num_embeddings
-        sources = ("served", "raw") if mode == "offline" else ("served",)
-        # Read back a day at a time: one join over a simulated fortnight (300k impressions, a 1.4 GB log) held
-        # the whole log's arrays as Python objects at once (21 GB).
-        served = {source: [embeddings_of(historical_embeddings(store, day, k, source=source), k,
-                                          params.model.embedding_dim) for day in lookups] for source in sources}
-    n = sum(len(day) for day in lookups)
-    coverage = float(sum(np.isfinite(a[:, 0, 0]).sum() for a in served["served"]) / max(n, 1))
-    return served, {"coverage": coverage, "fallback_rate": fallbacks / max(n, 1) if mode == "realtime" else None}
-
-
-def frozen_arm(days: list[Day], up: Upstream, params: Params) -> list[np.ndarray]:
-    """Frozen mode: ``S_0`` on the request's current features (no pooling, no store)."""
-    out = []
-    for t in range(1, len(days)):
-        rows = _rows_of(days[t].users, days[t].frame[params.events.user_id].to_numpy())
-        emb = np.full((len(rows), *up.frozen[t - 1].shape[1:]), np.nan, dtype=np.float32)
-        emb[rows >= 0] = up.frozen[t - 1][rows[rows >= 0]].astype(np.float32)
-        out.append(emb)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ downstream
-
-def _window_ne(scored: dict[str, tuple[np.ndarray, np.ndarray]], days: list[str]) -> float | None:
-    """NE (eq. 9) over every impression of ``days`` pooled: a small day weighs by its impressions, not as a day."""
-    parts = [scored[ds] for ds in days if ds in scored]
-    if not parts:
-        return None
-    probs, labels = np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts])
-    try:
-        return float(normalized_entropy(probs, labels))
-    except ValueError:  # one label class in the window: NE undefined
-        return None
-
-
-def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: Params, seed: int,
-            importance: bool) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Any]:
-    """Trains a downstream model day by day on days ``1 .. D-1``, predicting each day before training on it.
-
-    Returns:
-        ``(scored, importance)``: per downstream day but the first (nothing was trained before it) the
-        predictions and labels, and the permutation importance on the last day (or None).
-    """
-    from sum_models.downstream_train import DownstreamData, predict_downstream, train_downstream
-    from sum_models.importance import permutation_importance
-
-    cfg = params.study
-    model, scored, table = None, {}, None
-    for i, day in enumerate(days[1:]):
-        emb = None if embeddings is None else embeddings[i]
-        if model is not None:
-            data = DownstreamData.from_frame(spec, day.frame, emb)
-            scored[day.ds] = (predict_downstream(model, data), data.labels.numpy())
-        if i == len(days) - 2:  # the last day: held out for the importance, not trained on
-            if importance and model is not None:
-                with contextlib.suppress(ValueError):
-                    table = permutation_importance(model, day.frame, emb, repeats=cfg.importance_repeats, seed=seed)
-            break
-        model, _ = train_downstream(spec, day.frame, emb, epochs=params.downstream.epochs,
-                                    batch_size=params.downstream.batch_size, lr=params.downstream.learning_rate,
-                                    seed=seed * 1000 + i, init_from=model)
-    return scored, table
-
-
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
@@ -287,125 +102,372 @@ def _pct(with_: float | None, without: float | None) -> float | None:
     return None if with_ is None or without is None else 100.0 * (with_ - without) / without
 
 
-def _describe(spec) -> str:
-    body = "logistic regression" if not spec.hidden else "MLP " + "-".join(str(h) for h in spec.hidden)
-    return f"{body}; {len(spec.dense)} dense, {len(spec.sparse)} categorical features"
+def downstream_specs_for(params: Params, spec) -> dict:
+    """The downstream models' specs: each model's own user features (``downstream.user_features``, through
+    ``sum_platform.downstream_inputs`` once it exists; before it, the presets' dense user features)."""
+    if downstream_inputs is not None and hasattr(downstream_inputs, "downstream_specs_for"):
+        return downstream_inputs.downstream_specs_for(params)
+    from sum_models.downstream import downstream_specs
+
+    return downstream_specs(params.events.ad_dense, params.events.ad_sparse, spec.user_dense, params.events.labels,
+                            num_embeddings=params.model.num_embeddings, embedding_dim=params.model.embedding_dim,
+                            names=params.downstream.models)
+
+
+# ------------------------------------------------------------------------------------------------ one seed
+
+_DAYS_CACHE: dict[Any, list[Day]] = {}
+
+
+def _days_of(params: Params, index: int, n: int) -> tuple[list[Day], dict]:
+    """A seed's days (its own world); fixed data is loaded once per process."""
+    wparams, world = world_params(params, index)
+    key = (world.get("world_seed"), n, params.source.kind)
+    if key not in _DAYS_CACHE:
+        _DAYS_CACHE.clear()
+        _DAYS_CACHE[key] = load_days(wparams, n)
+    return _DAYS_CACHE[key], world
+
+
+def run_seed(params: Params, seed: int, index: int, n_days: int, report: Callable[[str, int], None] | None = None
+             ) -> dict[str, Any]:
+    """Everything the study measures for one seed (a worker's job: picklable in and out)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per seed: the same numbers serially and in a worker
+    try:
+        return _run_seed(params, seed, index, n_days, report or (lambda what, n: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_seed(params: Params, seed: int, index: int, n_days: int, report: Callable[[str, int], None]) -> dict:
+    cfg, ev = params.study, params.events
+    # wall and CPU seconds per stage (CPU: what the stage costs a free core, whatever else the machine runs)
+    seconds = {"load": 0.0, "upstream": 0.0, "replay": 0.0, "downstream": 0.0}
+    cpu = dict(seconds)
+    clock = [time.perf_counter(), time.process_time()]
+
+    def lap(stage: str) -> None:
+        now = [time.perf_counter(), time.process_time()]
+        seconds[stage] += now[0] - clock[0]
+        cpu[stage] += now[1] - clock[1]
+        clock[:] = now
+
+    loaded, world = _days_of(params, index, cfg.warmup_days + n_days)
+    warm, days = loaded[:cfg.warmup_days], loaded[cfg.warmup_days:]
+    lap("load")
+    spec = spec_from_fields(user_feature_fields(params), params)
+    specs = downstream_specs_for(params, spec)
+    staleness = cfg.offline_staleness_days
+    up = train_upstream(params, spec, warm, days, seed, lambda what, n: report(what, n),
+                        lead=POOL_DEPTH + staleness - 1)
+    lap("upstream")
+
+    replayed = warm[len(warm) - up.lead:] + days if up.lead else days
+    arms: dict[tuple[str, str | None], list[np.ndarray] | None] = {("none", None): None,
+                                                                    ("frozen", None): frozen_arm(days, up)}
+    stats: dict[tuple[str, str | None], dict] = {("frozen", None): {"coverage": _coverage(arms["frozen", None])}}
+    offline = {}
+    for unit in POOL_UNITS:
+        offline[unit], offline_stats = replay("offline", params, replayed, up, seed, unit, staleness)
+    arms["offline", None], arms["offline_raw", None] = offline["snapshot"]["served"], offline["snapshot"]["raw"]
+    stats["offline", None] = stats["offline_raw", None] = offline_stats
+    offline_same = all(np.array_equal(a, b, equal_nan=True) for src in ("served", "raw")
+                       for a, b in zip(offline["snapshot"][src], offline["write"][src]))
+    for arm in ONLINE_ARMS:
+        for unit in POOL_UNITS:
+            served, st = replay(arm, params, replayed, up, seed, unit)
+            arms[arm, unit], stats[arm, unit] = served["served"], st
+    report(f"replay seed {seed}", 1)
+    lap("replay")
+
+    down_days = [d.ds for d in days[1:]]
+    eval_days, early_days = down_days[-cfg.eval_days:], down_days[:-cfg.eval_days]
+    masks = _subsets(days, loaded, [a for key, a in arms.items() if a is not None], ev.user_id)
+    out: dict[str, Any] = {"seed": seed, "world": world, "measurements": [], "fi_rank": [], "daily": [],
+                           "importance": [], "eval_ne": {}, "train_ne": {}}
+    for name, dspec in specs.items():
+        for (arm, unit), emb in arms.items():
+            label = arm_label(arm, unit, params)
+            scored, table = run_arm(dspec.with_embeddings(emb is not None), days, emb, params, seed,
+                                    importance=arm == TABLE1_ARM and unit == default_unit(params))
+            for ds in down_days:
+                out["daily"].append({"mode": label, "model": name, "seed": seed, "ds": ds,
+                                     "ne": window_ne(scored, [ds])[0]})
+            for window, which in (("eval", eval_days), ("early", early_days)):
+                for subset in SUBSETS:
+                    ne, n = window_ne(scored, which, None if subset == "all" else masks[subset])
+                    out["measurements"].append({
+                        "seed": seed, "model": name, "arm": arm, "pool_unit": unit, "window": window,
+                        "subset": subset, "ne": ne, "n": n,
+                        "coverage": None if emb is None else stats[arm, unit]["coverage"]})
+            out["eval_ne"][label, name] = window_ne(scored, eval_days)[0]
+            out["train_ne"][label, name] = window_ne(scored, early_days)[0]
+            if table is not None:
+                from sum_models.importance import sum_embedding_rank
+
+                out["fi_rank"].append({"seed": seed, "model": name, "rank": sum_embedding_rank(table),
+                                       "n_features": len(table)})
+                out["importance"] += [{**r, "model": name, "seed": seed} for r in table.to_dict("records")]
+            report(f"downstream {name} seed {seed}", 1)
+    lap("downstream")
+    frozen_ds = up.frozen_id
+    out.update({
+        "shift": _shift_records(days, up, seed),
+        "norms": [{"seed": seed, **r} for r in up.norms],
+        "gate": [{"seed": seed, **r} for r in up.gate],
+        "mode_stats": {arm_label(a, u, params): s for (a, u), s in stats.items()},
+        "upstream_ne": [ne.get(ev.labels[0], math.nan) for ne in up.holdout_ne],
+        "offline_same_under_both_units": bool(offline_same),
+        "frozen_snapshot": frozen_ds,
+        "window_days": [d.ds for d in days],
+        "frozen_staleness_days": _staleness(frozen_ds, days[1].ds, days[-1].ds),
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+    })
+    return out
+
+
+def _staleness(snapshot_id: str | None, first: str, last: str) -> list[int] | None:
+    """Days from the frozen snapshot's training day to the window's first and last downstream day."""
+    if not snapshot_id:
+        return None
+    trained = pd.Timestamp(snapshot_id.removeprefix("sum-"))
+    return [(pd.Timestamp(first) - trained).days, (pd.Timestamp(last) - trained).days]
+
+
+def _coverage(arm: list[np.ndarray]) -> float:
+    n = sum(len(a) for a in arm)
+    return float(sum(np.isfinite(a[:, 0, 0]).sum() for a in arm) / max(n, 1))
+
+
+def frozen_arm(days: list[Day], up: Upstream) -> list[np.ndarray]:
+    """Frozen mode: the frozen snapshot on the request's current features (no pooling, no store)."""
+    out = []
+    for t in range(1, len(days)):
+        rows = np.asarray(days[t].rows)
+        emb = np.full((len(rows), *up.frozen[t - 1].shape[1:]), np.nan, dtype=np.float32)
+        emb[rows >= 0] = up.frozen[t - 1][rows[rows >= 0]].astype(np.float32)
+        out.append(emb)
+    return out
+
+
+def _subsets(days: list[Day], loaded: list[Day], arms: list[list[np.ndarray]], user_id: str
+             ) -> dict[str, dict[str, np.ndarray]]:
+    """Per downstream day, the rows of ``covered`` (every arm served an embedding) and ``returning`` (the user has
+    impressions on an earlier loaded day, warm-up included)."""
+    covered, returning = {}, {}
+    seen: set = set()
+    for day in loaded:
+        if day.ds == days[1].ds:
+            break
+        seen |= set(day.frame[user_id].to_numpy().tolist())
+    for t, day in enumerate(days[1:]):
+        users = day.frame[user_id].to_numpy()
+        covered[day.ds] = np.logical_and.reduce([np.isfinite(a[t][:, 0, 0]) for a in arms]) if arms \
+            else np.ones(len(users), bool)
+        returning[day.ds] = np.isin(users, np.fromiter(seen, np.int64, len(seen)))
+        seen |= set(users.tolist())
+    return {"covered": covered, "returning": returning}
+
+
+def _shift_records(days: list[Day], up: Upstream, seed: int) -> list[dict]:
+    """Table 3 per seed: the daily batch versions' shift per pooling depth (``part: total``), and at depth 1 its
+    split into the snapshot part (same features, ``S_{t-1} -> S_t``) and the feature part (same snapshot,
+    ``f_{t-1} -> f_t``), on the users the two compared values share."""
+    batch = up.batch[up.lead:]
+    ids = [d.users["user_id"].to_numpy()[d.latest] for d in days[:-1]]
+    common = set(ids[0].tolist())
+    for x in ids[1:]:
+        common &= set(x.tolist())
+    probe = np.asarray(sorted(common), dtype=np.int64)
+    versions = [b[pd.Index(x).get_indexer(probe)].astype(np.float32) for b, x in zip(batch, ids)]
+    out = [{**r, "seed": seed, "part": "total"}
+           for r in shift_by_pooling_depth(versions, range(1, min(5, len(versions) - 1) + 1))]
+    parts: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for t in range(1, len(days) - 1):
+        day = days[t]
+        latest_ids = ids[t]
+        fresh_latest = up.fresh[t - 1][day.latest]           # S_{t-1} on f_t
+        prev = pd.Index(ids[t - 1]).get_indexer(latest_ids)
+        has_prev = prev >= 0
+        pairs = {"snapshot": (batch[t], fresh_latest),                                   # S_t vs S_{t-1}, on f_t
+                 "features": (fresh_latest[has_prev], batch[t - 1][prev[has_prev]])}    # f_t vs f_{t-1}, S_{t-1}
+        for part, (new, old) in pairs.items():
+            if not len(new):
+                continue
+            for r in shift_metrics(new.astype(np.float32), old.astype(np.float32)):
+                parts.setdefault((part, r["embedding"]), []).append((r["mean_cosine"], r["relative_l2_change"]))
+    for (part, k), vals in parts.items():
+        out.append({"seed": seed, "part": part, "embedding": k, "pooling": 1,
+                    "cosine": float(np.mean([c for c, _ in vals])), "l2_change": float(np.mean([l for _, l in vals])),
+                    "days": len(vals)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the study
 
-def run_study(params: Params, dataset: str, out_dir: Path, days: int | None = None, seeds: int | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+def run_study(params: Params, dataset: str, out_dir, days: int | None = None, seeds: int | None = None,
+              progress: Progress | None = None, workers: int | None = None) -> dict[str, Any]:
     """Runs the study on the params' source and writes its report to ``out_dir``.
 
     Args:
         params: Params with the source to study (``sumctl study --dataset`` picks the profile).
         dataset: The name the report carries (``simulated`` | ``movielens``).
         out_dir: The report folder.
-        days: Days of the source (default ``study.days``).
+        days: Days of the window (default ``study.days``); ``study.warmup_days`` more are loaded before it.
         seeds: Seeds (default ``study.seeds``).
-        progress: ``(what, steps done, steps in all)`` after each step (a day of a seed's stage).
+        progress: ``(what, steps done, steps in all)`` after each step.
+        workers: Processes the seeds run in (default ``study.workers``; 1: in this process).
 
     Returns:
         The results (the report's ``results.json``).
     """
-    from sum_models.downstream import downstream_specs
-    from sum_models.importance import sum_embedding_rank
-
     started = time.perf_counter()
     cfg = params.study
     n_days, n_seeds = days or cfg.days, seeds or cfg.seeds
     if n_days < cfg.eval_days + 3:
         raise ValueError(f"the study needs at least eval_days + 3 = {cfg.eval_days + 3} days, got {n_days}")
+    n_workers = max(1, min(workers or cfg.workers, n_seeds))
     seed_list = [params.seed + i for i in range(n_seeds)]
-    dates = study_days(params, n_days)
-    data = [load_day(ds, params) for ds in dates]
     spec = spec_from_fields(user_feature_fields(params), params)
-    k, d = params.model.num_embeddings, params.model.embedding_dim
-    specs = downstream_specs(params.events.ad_dense, params.events.ad_sparse, spec.user_dense, params.events.labels,
-                             num_embeddings=k, embedding_dim=d, names=params.downstream.models)
-    down_days = dates[1:]
-    eval_days = down_days[-cfg.eval_days:]
-    train_days = down_days[:-cfg.eval_days]
-    total = n_seeds * ((n_days - 1) + len(STORE_MODES) * n_days + len(specs) * len(ARMS))
-    done = 0
+    specs = downstream_specs_for(params, spec)
+    n_arms = len(arm_keys(params))
+    per_seed_steps = (cfg.warmup_days + n_days - 1) + 1 + len(specs) * n_arms
+    total, done = n_seeds * per_seed_steps, [0]
 
-    seconds: dict[str, float] = {"upstream": 0.0, "replay": 0.0, "downstream": 0.0}
-    clock = [time.perf_counter()]
-
-    def step(what: str, n: int) -> None:
-        nonlocal done
-        done += n
-        now = time.perf_counter()
-        seconds[what.split()[0]] = seconds.get(what.split()[0], 0.0) + now - clock[0]
-        clock[0] = now
+    def on_step(what: str, n: int) -> None:
+        done[0] += n
         if progress:
-            progress(what, done, total)
+            progress(what, done[0], total)
 
-    work = params.workspace / "study" / dataset
-    daily: list[dict] = []
-    importance_rows: list[dict] = []
-    eval_ne: dict[tuple[str, str, int], float | None] = {}   # (arm, model, seed) -> mean eval NE
-    train_ne: dict[tuple[str, str, int], float | None] = {}  # (arm, model, seed) -> mean train-window NE
-    fi_rank: dict[tuple[str, int], tuple[int | None, int]] = {}
-    mode_stats: dict[str, list[dict]] = {m: [] for m in STORE_MODES}
-    shift_rows: list[dict] = []
-    upstream_ne: list[float] = []
-    for seed in seed_list:
-        up = train_upstream(params, spec, data, seed, step)
-        upstream_ne += [ne.get(params.events.labels[0], math.nan) for ne in up.holdout_ne]
-        probe = _probe_versions(data, up)
-        shift_rows += [{**r, "seed": seed} for r in shift_by_pooling_depth(probe, range(1, min(5, len(probe) - 1) + 1))]
-        arms: dict[str, list[np.ndarray] | None] = {"none": None, "frozen": frozen_arm(data, up, params)}
-        for mode in STORE_MODES:
-            served, stats = replay_mode(mode, params, data, up, seed, work / f"seed{seed}-{mode}", step)
-            arms[mode] = served["served"]
-            if mode == "offline":
-                arms["offline_raw"] = served["raw"]
-            mode_stats[mode].append(stats)
-        for name, dspec in specs.items():
-            for arm in ARMS:
-                emb = arms[arm]
-                arm_spec = dspec.with_embeddings(emb is not None)
-                scored, table = run_arm(arm_spec, data, emb, params, seed, importance=arm == TABLE1_ARM)
-                for ds in down_days:
-                    daily.append({"mode": arm, "model": name, "seed": seed, "ds": ds, "ne": _window_ne(scored, [ds])})
-                eval_ne[arm, name, seed] = _window_ne(scored, eval_days)
-                train_ne[arm, name, seed] = _window_ne(scored, train_days)
-                if table is not None:
-                    fi_rank[name, seed] = (sum_embedding_rank(table), len(table))
-                    importance_rows += [{**r, "model": name, "seed": seed} for r in table.to_dict("records")]
-                step(f"downstream {name} seed {seed}", 1)
-    results = {
-        "dataset": dataset,
-        "source": params.source.kind,
-        "days": dates,
-        "train_days": train_days,
-        "eval_days": eval_days,
-        "seeds": seed_list,
-        "upstream": {"preset": params.model.preset, "num_embeddings": k, "embedding_dim": d,
-                     "holdout_ne_mean": _mean(upstream_ne)},
-        "table1": _table1(specs, seed_list, eval_ne, fi_rank),
-        "table2": _table2(specs, seed_list, eval_ne, mode_stats, dates),
-        "table3": _table3(shift_rows),
-        "table4": _table4(specs, seed_list, eval_ne, train_ne),
-        "daily": daily,
-        "importance": importance_rows,
-    }
-    results["directions"] = directions(results)
+    per_seed = _run_seeds(params, seed_list, n_days, n_workers, on_step)
+    results = assemble(params, dataset, per_seed, seed_list, specs, n_days, n_workers)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    stage = results["stage_seconds"]
+    results["benchmark"] = (f"study {dataset}: {results['wall_seconds']:.0f} s wall for {n_seeds} seeds on "
+                            f"{n_workers} worker(s), {n_days} window days + {cfg.warmup_days} warm-up; summed over "
+                            "seeds (wall / CPU): " + ", ".join(f"{k} {v:.0f} / {results['stage_cpu_seconds'][k]:.0f} s"
+                                                               for k, v in stage.items()))
+    print(results["benchmark"], flush=True)
     write_report(results, out_dir)
     return results
 
 
-def _probe_versions(days: list[Day], up: Upstream) -> list[np.ndarray]:
-    """The daily batch versions of the users known on every snapshot day, in one order (Table 3)."""
-    common = set(days[0].users["user_id"])
-    for day in days[1:-1]:
-        common &= set(day.users["user_id"])
-    ids = np.asarray(sorted(common), dtype=np.int64)
-    return [up.batch[t][_rows_of(day.users, ids)].astype(np.float32) for t, day in enumerate(days[:-1])]
+def _run_seeds(params: Params, seed_list: list[int], n_days: int, n_workers: int,
+               on_step: Callable[[str, int], None]) -> list[dict]:
+    if n_workers == 1:
+        return [run_seed(params, seed, i, n_days, on_step) for i, seed in enumerate(seed_list)]
+    # spawn: a fresh interpreter per worker (torch and forked threads do not mix); progress through a queue
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_worker, params, seed, i, n_days, queue): seed for i, seed in enumerate(seed_list)}
+            pending = set(futures)
+            while pending:
+                _drain(queue, on_step)
+                finished = [f for f in pending if f.done()]
+                for f in finished:
+                    pending.discard(f)
+                if pending:
+                    time.sleep(0.2)
+            _drain(queue, on_step)
+            by_seed = {futures[f]: f.result() for f in futures}
+    return [by_seed[s] for s in seed_list]
+
+
+def _drain(queue, on_step) -> None:
+    while not queue.empty():
+        what, n = queue.get()
+        on_step(what, n)
+
+
+def _worker(params: Params, seed: int, index: int, n_days: int, queue) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run_seed(params, seed, index, n_days, lambda what, n: queue.put((what, n)))
+
+
+def assemble(params: Params, dataset: str, per_seed: list[dict], seed_list: list[int], specs: dict, n_days: int,
+             n_workers: int) -> dict[str, Any]:
+    """The results from every seed's measurements: the records ``study_stats`` reads, the choices, and the
+    tables (``study_stats.tables`` when it exists, else this module's own)."""
+    cfg = params.study
+    first = per_seed[0]
+    dates = first["window_days"]
+    eval_ne = {(label, model, s["seed"]): v for s in per_seed for (label, model), v in s["eval_ne"].items()}
+    train_ne = {(label, model, s["seed"]): v for s in per_seed for (label, model), v in s["train_ne"].items()}
+    stage = {k: round(sum(s["seconds"][k] for s in per_seed), 1) for k in first["seconds"]}
+    stage_cpu = {k: round(sum(s["cpu_seconds"][k] for s in per_seed), 1) for k in first["cpu_seconds"]}
+    fallback = cfg.realtime_fallback_rate
+    staleness = [s["frozen_staleness_days"] for s in per_seed if s["frozen_staleness_days"]]
+    frozen_text = (f"{staleness[0][0]} to {staleness[0][1]} days (the last warm-up snapshot, {first['frozen_snapshot']})"
+                   if cfg.warmup_days and staleness else
+                   f"1 to {len(dates)} days (the window's first snapshot: no warm-up)")
+    gated = any(r.get("gated") for s in per_seed for r in s["gate"])
+    choices = {
+        "frozen": frozen_text,
+        "frozen_staleness_days": staleness[0] if staleness else None,
+        "warmup_days": cfg.warmup_days,
+        "offline_staleness_days": cfg.offline_staleness_days,
+        "staleness": {"frozen": frozen_text, "offline": f"{cfg.offline_staleness_days}-day"},
+        "realtime_fallback_rate": fallback,
+        "realtime_fallback": f"an assumed {fallback:.0%} of realtime requests miss the latency budget and read the "
+                             "cache (not measured)",
+        "pool_units": list(POOL_UNITS),
+        "serving_pool_unit": default_unit(params),
+        "offline_same_under_both_units": all(s["offline_same_under_both_units"] for s in per_seed),
+        "downstream_features": {name: describe(sp) for name, sp in specs.items()},
+        "downstream_training": f"{params.downstream.epochs} epochs a day at batch {params.downstream.batch_size}, "
+                               f"learning rate {params.downstream.learning_rate}, warm-started daily",
+        "seeds": seed_list,
+        "workers": n_workers,
+        "world": {s["seed"]: s["world"]["world"] for s in per_seed},
+        "gate": ("snapshots served only once sum_pipeline/study_gate.py blesses them" if gated else
+                 "every snapshot served (no study gate)"),
+        "replay": "in memory through sum_platform.embedding_row (bit-identical to the store replay: "
+                  "tests/integration/test_study_replay.py)",
+    }
+    results: dict[str, Any] = {
+        "dataset": dataset,
+        "source": params.source.kind,
+        "days": first["window_days"],
+        "train_days": None, "eval_days": None,
+        "seeds": seed_list,
+        "upstream": {"preset": params.model.preset, "num_embeddings": params.model.num_embeddings,
+                     "embedding_dim": params.model.embedding_dim,
+                     "holdout_ne_mean": _mean([v for s in per_seed for v in s["upstream_ne"]])},
+        "measurements": [r for s in per_seed for r in s["measurements"]],
+        "fi_rank": [r for s in per_seed for r in s["fi_rank"]],
+        "shift": [r for s in per_seed for r in s["shift"]],
+        "norms": [r for s in per_seed for r in s["norms"]],
+        "gate": [r for s in per_seed for r in s["gate"]],
+        "choices": choices,
+        "daily": [r for s in per_seed for r in s["daily"]],
+        "importance": [r for s in per_seed for r in s["importance"]],
+        "stage_seconds": stage,
+        "stage_cpu_seconds": stage_cpu,
+    }
+    down_days = results["days"][1:]
+    results["eval_days"], results["train_days"] = down_days[-cfg.eval_days:], down_days[:-cfg.eval_days]
+    mode_stats: dict[str, list[dict]] = {}
+    for s in per_seed:
+        for label, st in s["mode_stats"].items():
+            mode_stats.setdefault(label, []).append(st)
+    fi = {(r["model"], r["seed"]): (r["rank"], r["n_features"]) for r in results["fi_rank"]}
+    results.update({
+        "table1": _table1(specs, seed_list, eval_ne, fi),
+        "table2": _table2(params, specs, seed_list, eval_ne, mode_stats, choices),
+        "table3": _table3([r for r in results["shift"] if r.get("part") == "total"]),
+        "table4": _table4(specs, seed_list, eval_ne, train_ne),
+    })
+    results["directions"] = directions(results)
+    if study_stats is not None and hasattr(study_stats, "tables"):
+        results["fallback_tables"] = {k: results[k] for k in ("table1", "table2", "table3", "table4", "directions")}
+        results.update(study_stats.tables(results))
+    return results
 
 
 def _diffs(arm: str, model: str, seeds: list[int], ne: dict) -> list[float | None]:
@@ -417,6 +479,9 @@ def _diffs_over_models(arm: str, models, seeds: list[int], ne: dict) -> list[flo
     return [_mean([_pct(ne[arm, m, s], ne["none", m, s]) for m in models]) for s in seeds]
 
 
+# ------------------------------------------------------------------- the tables without paired statistics
+# (used until sum_pipeline/study_stats.py provides ``tables``; kept in results["fallback_tables"] after)
+
 def _table1(specs, seeds, eval_ne, fi_rank) -> list[dict]:
     rows = []
     for name, spec in specs.items():
@@ -424,7 +489,7 @@ def _table1(specs, seeds, eval_ne, fi_rank) -> list[dict]:
         ranks = [fi_rank.get((name, s), (None, None))[0] for s in seeds]
         n_features = max((fi_rank.get((name, s), (None, 0))[1] for s in seeds), default=None)
         rows.append({
-            "model": name, "label": spec.label, "description": _describe(spec),
+            "model": name, "label": spec.label, "description": describe(spec),
             "ne_without": _mean([eval_ne["none", name, s] for s in seeds]),
             "ne_with": _mean([eval_ne[TABLE1_ARM, name, s] for s in seeds]),
             "ne_diff_pct": _mean(diffs), "ne_diff_ci": t_interval(diffs),
@@ -436,17 +501,19 @@ def _table1(specs, seeds, eval_ne, fi_rank) -> list[dict]:
     return rows
 
 
-def _table2(specs, seeds, eval_ne, mode_stats, dates) -> list[dict]:
+def _table2(params, specs, seeds, eval_ne, mode_stats, choices) -> list[dict]:
     rows = []
     for mode in TABLE2_MODES:
-        per_model = {name: _mean(_diffs(mode, name, seeds, eval_ne)) for name in specs}
-        per_seed = _diffs_over_models(mode, specs, seeds, eval_ne)
-        stats = mode_stats.get(mode, [])
-        staleness = {"frozen": f"1 to {len(dates) - 1} days (first snapshot)", "offline": "1-day"}.get(mode)
-        rows.append({"mode": mode, "staleness": staleness, "ne_diff_pct": _mean(per_seed),
-                     "ne_diff_ci": t_interval(per_seed), "per_model": per_model,
-                     "coverage": _mean([s["coverage"] for s in stats]) if stats else 1.0,
-                     "fallback_rate": _mean([s["fallback_rate"] for s in stats]) if mode == "realtime" else None})
+        units = POOL_UNITS if mode in ONLINE_ARMS else (None,)
+        for unit in units:
+            label = arm_label(mode, unit, params)
+            per_model = {name: _mean(_diffs(label, name, seeds, eval_ne)) for name in specs}
+            per_seed = _diffs_over_models(label, specs, seeds, eval_ne)
+            stats = mode_stats.get(label, [])
+            rows.append({"mode": label, "pool_unit": unit, "staleness": choices["staleness"].get(mode),
+                         "ne_diff_pct": _mean(per_seed), "ne_diff_ci": t_interval(per_seed), "per_model": per_model,
+                         "coverage": _mean([s["coverage"] for s in stats]) if stats else 1.0,
+                         "fallback_rate": _mean([s["fallback_rate"] for s in stats]) if mode == "realtime" else None})
     return rows
 
 

@@ -1,0 +1,138 @@
+"""The study's days: which dates, which world, and each impression joined with the user row in force at its time.
+
+A day's users partition may hold several timestamped rows per user (features that change within the day, e.g.
+recent-engagement id lists): each impression gets the latest row at or before it (a point-in-time join, what
+Feast's historical retrieval does), and the study embeds each distinct (user, row) once. With one row per user
+stamped at the day's start this is exactly the daily join of :func:`sum_platform.sources.joined_day`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from sum_platform.config import Params
+from sum_platform.sources import day_frames, joined_day, source_dates
+
+#: How far past ``days`` the simulator's calendar is searched for usable days (each is simulated once).
+_SIMULATED_SEARCH = 10
+
+
+@dataclass
+class Day:
+    """One day of the source.
+
+    Attributes:
+        ds: The date.
+        frame: Impressions in time order with the user features in force at each (point in time).
+        users: Every user row of the day (``user_id``, features; several per user when features change within
+            the day), sorted by user then row time.
+        rows: int ``[n_impressions]``: the row of ``users`` each impression was joined with (-1: none).
+    """
+
+    ds: str
+    frame: pd.DataFrame
+    users: pd.DataFrame
+    rows: np.ndarray | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.rows is None:  # one row per user: the impression's user is its row
+            self.rows = pd.Index(self.users["user_id"].to_numpy()).get_indexer(self.frame["user_id"].to_numpy())
+
+    @property
+    def latest(self) -> np.ndarray:
+        """Row index of each user's last row of the day (what the daily batch after the day embeds)."""
+        uid = self.users["user_id"].to_numpy()
+        if not len(uid):
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.r_[uid[1:] != uid[:-1], True])
+
+
+def world_params(params: Params, index: int) -> tuple[Params, dict]:
+    """The params a seed's data is drawn with, and a description of that world.
+
+    Seed ``index`` of the study draws its own simulated world: the simulator's own seed when it has one
+    (``simulator.seed``), else the platform seed (which the simulator reads), offset by ``index``. Other sources
+    hold fixed data: every seed sees the same days.
+    """
+    if params.source.kind != "simulator":
+        return params, {"source": params.source.kind, "world": "fixed data (the same days for every seed)"}
+    sim = params.simulator
+    if "seed" in type(sim).model_fields:  # the simulator's own seed (null: the platform seed)
+        world = int(params.seed if sim.seed is None else sim.seed) + index
+        return params.model_copy(update={"simulator": sim.model_copy(update={"seed": world})}), \
+            {"source": "simulator", "world": f"simulator.seed = {world}", "world_seed": world}
+    world = int(params.seed) + index
+    return params.model_copy(update={"seed": world}), \
+        {"source": "simulator", "world": f"seed = {world} (the simulator reads the platform seed)", "world_seed": world}
+
+
+def _candidate_dates(params: Params, days: int) -> Iterator[str]:
+    listed = source_dates(params)
+    if listed is not None:
+        yield from listed
+        return
+    start = pd.Timestamp(params.simulator.start_date)
+    for i in range(_SIMULATED_SEARCH * days):
+        yield (start + pd.Timedelta(days=i)).date().isoformat()
+
+
+def iter_days(params: Params, days: int) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """The source's usable days (at least ``validation.min_event_rows`` impressions) as ``(ds, events, users)``,
+    each built once and only as many as are taken."""
+    for ds in _candidate_dates(params, days):
+        events, users = day_frames(ds, params)
+        if len(events) >= params.validation.min_event_rows:
+            yield ds, events, users
+
+
+def study_days(params: Params, days: int) -> list[str]:
+    """The source's first ``days`` usable dates (only those days are built)."""
+    return [ds for ds, _, _ in _take(params, days)]
+
+
+def load_days(params: Params, days: int) -> list[Day]:
+    """The source's first ``days`` usable days, joined."""
+    return [joined(ds, events, users, params) for ds, events, users in _take(params, days)]
+
+
+def _take(params: Params, days: int) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    out = list(itertools.islice(iter_days(params, days), days))
+    if len(out) < days:
+        raise ValueError(f"the source has {len(out)} usable days, the study needs {days}")
+    return out
+
+
+def joined(ds: str, events: pd.DataFrame, users: pd.DataFrame, params: Params) -> Day:
+    """A day's impressions each joined with its user's row in force at the impression's time."""
+    uid, ts = params.events.user_id, params.events.timestamp
+    if users[uid].is_unique:  # a daily snapshot: the platform's own join
+        users = users.sort_values(uid, kind="stable").reset_index(drop=True)
+        return Day(ds, joined_day(events, users, params), users)
+    return point_in_time(ds, events, users, params)
+
+
+def point_in_time(ds: str, events: pd.DataFrame, users: pd.DataFrame, params: Params) -> Day:
+    """The point-in-time join: each impression gets the latest user row at or before it (impressions of users
+    without one are dropped, as the daily join drops users without a row)."""
+    uid, ts = params.events.user_id, params.events.timestamp
+    has_time = ts in users.columns
+    order = [uid, ts] if has_time else [uid]
+    users = users.sort_values(order, kind="stable").reset_index(drop=True)
+    right = pd.DataFrame({uid: users[uid].to_numpy(), "_row": np.arange(len(users), dtype=np.int64),
+                          "_row_ts": (pd.to_datetime(users[ts], utc=True) if has_time
+                                      else pd.Timestamp(ds, tz="UTC")).astype("datetime64[us, UTC]")})
+    left = events.assign(_ev_ts=pd.to_datetime(events[ts], utc=True).astype("datetime64[us, UTC]"),
+                         _pos=np.arange(len(events)))
+    matched = pd.merge_asof(left.sort_values("_ev_ts", kind="stable"), right.sort_values("_row_ts", kind="stable"),
+                            left_on="_ev_ts", right_on="_row_ts", by=uid, direction="backward")
+    matched = matched[matched["_row"].notna()].sort_values("_pos", kind="stable")
+    rows = matched["_row"].to_numpy(np.int64)
+    features = users.drop(columns=[uid, ts], errors="ignore").iloc[rows].reset_index(drop=True)
+    frame = pd.concat([events.iloc[matched["_pos"].to_numpy()].reset_index(drop=True), features], axis=1)
+    order_idx = frame.sort_values([ts, "impression_id"], kind="stable").index.to_numpy()
+    return Day(ds, frame.iloc[order_idx].reset_index(drop=True), users, rows[order_idx])
