@@ -142,6 +142,10 @@ def _interval(ci: Sequence[Any] | None, digits: int) -> str:
     return MISSING if not ci or None in ci else f"[{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
 
 
+def _below(s: Mapping[str, Any] | None) -> str:
+    return MISSING if not s or not s.get("n_seeds") else f"{s.get('n_below_zero', 0)} of {s['n_seeds']}"
+
+
 def _verdict(s: Mapping[str, Any] | None) -> str:
     return MISSING if not s or not s.get("verdict") else f"**{s['verdict']}**"
 
@@ -322,10 +326,11 @@ def _table1(results: Mapping[str, Any]) -> list[str]:
                 else MISSING
             out.append([r["model"], _num(r.get("impressions"), 0), _num(r.get("ne_without"), NE_DIGITS),
                         _num(r.get("ne_with"), NE_DIGITS), _stat(r["ne_diff"]), _verdict(r["ne_diff"]),
-                        _interval(r["ne_diff"].get("bootstrap_ci"), DIFF_DIGITS),
+                        _interval(r["ne_diff"].get("bootstrap_ci"), DIFF_DIGITS), _below(r["ne_diff"]),
                         fi, analogue, p_diff, p_fi])
         lines += _table(["Model", "Eval impressions (mean per seed)", "NE without SUM", "NE with SUM",
-                         "NE diff vs no SUM (%)", "Verdict (diff < 0)", "Bootstrap interval", "FI rank of SUM",
+                         "NE diff vs no SUM (%)", "Verdict (diff < 0)", "Bootstrap interval", "Seeds with diff < 0",
+                         "FI rank of SUM",
                          "Paper analogue", "Paper NE diff (%)", "Paper FI"], out)
         lines.append("")
     lines += ["Paper's Table 1 (FB CTR SUM on production ads models; FI among usually thousands of features):", ""]

@@ -119,12 +119,14 @@ def bootstrap_interval(values: Iterable[float | None], confidence: float = CONFI
 
 def summarize(per_seed: Mapping[int, float | None], lower: float = -math.inf,
               upper: float = math.inf) -> dict[str, Any]:
-    """``{"mean", "ci", "bootstrap_ci", "n_seeds", "per_seed": [{"seed", "value"}]}`` of per-seed values."""
+    """``{"mean", "ci", "bootstrap_ci", "n_seeds", "n_below_zero", "per_seed": [{"seed", "value"}]}`` of per-seed
+    values (``n_below_zero``: how consistent the sign is, which the interval of a heavy-tailed mean can hide)."""
     vals = _finite(per_seed.values())
     return {"mean": float(np.mean(vals)) if vals else None,
             "ci": t_interval(vals, lower=lower, upper=upper),
             "bootstrap_ci": bootstrap_interval(vals),
             "n_seeds": len(vals),
+            "n_below_zero": sum(v < 0 for v in vals),
             "per_seed": [{"seed": s, "value": per_seed[s]} for s in sorted(per_seed)]}
 
 

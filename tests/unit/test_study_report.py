@@ -114,7 +114,8 @@ def test_table1_has_paired_contrasts_with_their_verdicts_and_the_papers_numbers(
     text = "\n".join(lines)
     assert "## Table 1" in text and "pool unit: snapshot" in text
     click = _row(lines, "| click | 800 |")
-    assert "-1.013 [" in click and "| **holds** |" in click and "CTR, Mobile feed | -0.19 | 2" in click
+    assert "-1.013 [" in click and "| **holds** |" in click and "| 4 of 4 |" in click
+    assert "CTR, Mobile feed | -0.19 | 2" in click
     assert "4.0 [" in click and "2.0 [2.0, 2.0] of 9" in _row(lines, "| inbox | 800 |")
     assert "**Subset: returning users' impressions" in text  # the subset gets its own rows
     assert "-0.35" in text and "Messenger inbox" in text
@@ -226,7 +227,7 @@ def test_single_seed_is_not_measurable_and_missing_parts_do_not_crash(tmp_path):
     verdicts = text.split("## Does the paper's direction hold here?")[1].split("## Table 1")[0]
     bullets = [ln for ln in verdicts.splitlines() if ln.startswith("- ")]
     assert bullets and all(ln.startswith("- **not measurable**: ") for ln in bullets)
-    assert "| click | 800 | 0.9000 | 0.8910 | -1.000 | **not measurable** | — | — |" in text
+    assert "| click | 800 | 0.9000 | 0.8910 | -1.000 | **not measurable** | — | 1 of 1 |" in text
     assert "## Table 3" in text and "_Not measured._" in text
 
 
