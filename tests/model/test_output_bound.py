@@ -107,21 +107,22 @@ def test_unbounded_tower_is_the_tower_as_before(spec, model_cfg, make_users):
         assert torch.equal(_embed(tower, users, spec), raw)
 
 
-def test_a_snapshot_records_and_reloads_the_bound(spec, model_cfg, make_users, tmp_path):
-    cfg = {**model_cfg, "output_norm": "l2", "output_scale": 0.5}
+@pytest.mark.parametrize("mode", ["l2", "layernorm"])
+def test_a_snapshot_records_and_reloads_the_bound(spec, model_cfg, make_users, tmp_path, mode):
+    cfg = {**model_cfg, "output_norm": mode, "output_scale": 0.5}
     model = build_model(spec, cfg, seed=3)
-    out = export_snapshot(model, spec, cfg, tmp_path / "s", "snap-l2")
+    out = export_snapshot(model, spec, cfg, tmp_path / "s", f"snap-{mode}")
     stored = json.loads((out / CONFIG_FILE).read_text())["model"]
-    assert (stored["output_norm"], stored["output_scale"]) == ("l2", 0.5)
+    assert (stored["output_norm"], stored["output_scale"]) == (mode, 0.5)
     users = make_users(50, seed=4)
     tower, _ = load_user_tower(out)
-    assert (tower.output_bound.mode, tower.output_bound.scale) == ("l2", 0.5)
+    assert (tower.output_bound.mode, tower.output_bound.scale) == (mode, 0.5)
     with torch.no_grad():
         want = embed_users(model.user_tower, users, spec)
     np.testing.assert_array_equal(embed_users(tower, users, spec), want)
     np.testing.assert_allclose(mean_norms(embed_users(load_exported_tower(out), users, spec)), 0.5 * math.sqrt(D),
                                rtol=2e-3)  # the exported program holds the bound too
-    assert load_model(out)[0].config["output_norm"] == "l2"
+    assert load_model(out)[0].config["output_norm"] == mode
 
 
 def test_export_refuses_a_config_whose_bound_differs_from_the_model(spec, model_cfg, tmp_path):
