@@ -17,6 +17,7 @@ import numpy as np
 
 from sum_models.shift import POOL_DEPTH, mean_norms
 from sum_platform.config import GateConfig
+from sum_platform.embedding_row import PoolUnit
 from validation.gate import judge
 
 __all__ = ["ChainDay", "gate_chain", "held_days"]
@@ -54,6 +55,11 @@ class ChainDay:
         return "blessed" if self.blessed else "held"
 
 
+def _snapshot_id(day: int) -> str:
+    """Snapshot ``day``'s id for the pooling rule (which tells versions apart by id): one per day."""
+    return f"study-snapshot-{day}"
+
+
 def gate_chain(
     probe: Sequence[np.ndarray],
     candidate_ne: Sequence[NE],
@@ -61,6 +67,7 @@ def gate_chain(
     cfg: GateConfig,
     *,
     weights_finite: Sequence[bool] | None = None,
+    pool_unit: PoolUnit = "snapshot",
 ) -> list[ChainDay]:
     """Gates each day's snapshot against the last blessed one, as the daily loop does.
 
@@ -72,6 +79,7 @@ def gate_chain(
             the production the chain has reached; called only then), or None to skip the regression check.
         cfg: ``params.gate``.
         weights_finite: Per day, whether every weight of snapshot ``t`` is finite (default: all are).
+        pool_unit: ``serving.pool_unit`` the pooled comparison assumes (the study's arm: snapshot or write).
 
     Returns:
         One :class:`ChainDay` per day, in order.
@@ -96,8 +104,11 @@ def gate_chain(
             None if baseline is None else np.asarray(probe[baseline]),
             dict(candidate_ne[t]),
             cfg,
-            None if baseline is None else str(baseline),
+            None if baseline is None else _snapshot_id(baseline),
             history=[np.asarray(probe[j]) for j in promoted[1:POOL_DEPTH]],
+            candidate_id=_snapshot_id(t),
+            history_ids=[_snapshot_id(j) for j in promoted[1:POOL_DEPTH]],
+            pool_unit=pool_unit,
             production_ne=None if baseline is None else production_ne(t, baseline),
             weights_finite=True if weights_finite is None else bool(weights_finite[t]),
             enforce_shift=enforce,

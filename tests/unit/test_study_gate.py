@@ -101,3 +101,17 @@ def test_mismatched_inputs_are_refused(base):
         gate_chain([base, base], [NE_OK], _same_ne, CFG)
     with pytest.raises(ValueError, match="differ in shape"):
         gate_chain([base, base[:10]], [NE_OK] * 2, _same_ne, CFG)
+
+
+def test_the_pooled_comparison_follows_the_pool_unit(base):
+    """Under write pooling serving hands downstream the raw latest version, so the pooled checks see the raw shift;
+    under snapshot pooling the candidate is averaged with production and the version before it (smaller shift)."""
+    probe = [base, _drift(base, 1, 0.2), _drift(base, 2, 0.4), _drift(base, 3, 0.6)]
+    by_unit = {u: gate_chain(probe, [NE_OK] * 4, _same_ne, CFG, pool_unit=u) for u in ("snapshot", "write")}
+
+    def values(chain, name):
+        return [c["value"] for c in chain[3].checks if c["name"] == name]
+
+    assert values(by_unit["write"], "embedding_0.pooled_mean_cosine") == values(by_unit["write"], "embedding_0.mean_cosine")
+    assert values(by_unit["snapshot"], "embedding_0.pooled_mean_cosine")[0] > values(by_unit["write"],
+                                                                                    "embedding_0.pooled_mean_cosine")[0]
