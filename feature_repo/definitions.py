@@ -24,7 +24,7 @@ from feast.types import Array, Bytes, Float32, Int64, String
 
 from sum_models.shift import POOL_DEPTH
 from sum_platform.config import load_params
-from sum_platform.embedding_row import SLOT_ID_FIELDS, SLOTS
+from sum_platform.embedding_row import PACKED_FIELDS, SLOT_ID_FIELDS, SLOTS, VALUE_PREFIX, batch_fields
 from sum_platform.workspace import Workspace
 
 # The workspace and K of the params in force (the platform's one rule: $SUM_PARAMS, $SUM_WORKSPACE).
@@ -158,7 +158,7 @@ sum_embeddings = FeatureView(
         Field(name="pooled_versions", dtype=Int64, description=f"Versions averaged into embedding_k (1-{POOL_DEPTH})."),
     ]
     + [
-        Field(name=f"{slot}_embedding_{k}", dtype=Array(Float32), description=f"Raw version ({slot}); empty if none.")
+        Field(name=f"{VALUE_PREFIX[slot]}{k}", dtype=Array(Float32), description=f"Raw version ({slot}); empty if none.")
         for slot in SLOTS
         for k in range(NUM_EMBEDDINGS)
     ]
@@ -166,16 +166,16 @@ sum_embeddings = FeatureView(
         Field(name=name, dtype=String, description=f"Snapshot that computed the {slot} version; empty if none.")
         for slot, name in zip(SLOTS[1:], SLOT_ID_FIELDS[1:])
     ]
-    + [Field(name=f"batch_embedding_{k}", dtype=Array(Float32)) for k in range(NUM_EMBEDDINGS)]
+    + [Field(name=name, dtype=Array(Float32)) for name in batch_fields(NUM_EMBEDDINGS)[:NUM_EMBEDDINGS]]
     + [
         Field(name="batch_snapshot_id", dtype=String, description="Snapshot of the last daily batch write."),
         Field(name="batch_written_at_ms", dtype=Int64, description="Time of the last daily batch write."),
     ]
     + [
-        Field(name=f"{value}_packed", dtype=Bytes,
+        Field(name=name, dtype=Bytes,
               description=f"The {value} value, its snapshot id, write time and versions in one field: what SOAP "
-                          "reads (serving/store_io.py pack_value).")
-        for value in ("served", "batch")
+                          "reads (sum_platform/embedding_row.py pack_value).")
+        for value, name in PACKED_FIELDS.items()
     ],
     source=sum_embeddings_push,
     online=True,

@@ -58,7 +58,8 @@ import numpy as np
 import pandas as pd
 
 from sum_platform.files import exclusive_lock
-from sum_platform.embedding_row import (PACKED_FIELDS, POOL_UNITS, SLOT_ID_FIELDS, SLOTS, PoolUnit, Slots, as_slots,
+from sum_platform.embedding_row import (PACKED_FIELDS, POOL_UNITS, SLOT_ID_FIELDS, SLOTS, VALUE_PREFIX, PoolUnit,
+                                       Slots, as_slots,
                                        batch_fields, drop_snapshot, history_fields, migrate_ids, pack_value, pool,
                                        served_fields, shift_in, unpack_value, v1_rows)
 from sum_platform.feature_store import EMBEDDINGS_VIEW, user_features_view
@@ -383,9 +384,10 @@ class EmbeddingReader(OnlineRowReader):
         """:meth:`embeddings` from the separate fields (K arrays, snapshot id, write time, versions)."""
         k = self.k
         if source == "served":
-            fields, prefix, sid, ms = served_fields(k), "embedding_", "snapshot_id", "written_at_ms"
+            fields, sid, ms = served_fields(k), "snapshot_id", "written_at_ms"
         else:
-            fields, prefix, sid, ms = batch_fields(k), "batch_embedding_", "batch_snapshot_id", "batch_written_at_ms"
+            fields, sid, ms = batch_fields(k), "batch_snapshot_id", "batch_written_at_ms"
+        prefix = VALUE_PREFIX[source]
         out: dict[int, dict[str, Any]] = {}
         for uid, row in self.rows(user_ids, fields, timeout_s).items():
             arr = _stack([row.get(f"{prefix}{j}") for j in range(k)])
@@ -561,7 +563,7 @@ def _check(
 def row_dim(row: dict[str, Any] | None, k: int) -> int | None:
     """D of a stored row: the length of its latest non-empty version (None: a row with no version)."""
     for slot in SLOTS:
-        v = (row or {}).get(f"{slot}_embedding_0")
+        v = (row or {}).get(f"{VALUE_PREFIX[slot]}0")
         if v is not None and len(v):
             return len(v)
     return None
@@ -596,39 +598,39 @@ def _frame(order: Sequence[int], slots: Slots, old_rows: Sequence[dict | None], 
         for j in range(k):
             for s, slot in enumerate(SLOTS):
                 value = slots.values[i, s, j].astype(np.float32) if present[i, s] else empty
-                cols[f"{slot}_embedding_{j}"].append(value)
+                cols[f"{VALUE_PREFIX[slot]}{j}"].append(value)
         for s, field in enumerate(SLOT_ID_FIELDS[1:], start=1):
             cols[field].append(slots.ids[i, s])
         if keep_served:
             for name in served_fields(k):
                 cols[name].append(old.get(name))
-            cols["served_packed"].append(old.get("served_packed"))
+            cols[PACKED_FIELDS["served"]].append(old.get(PACKED_FIELDS["served"]))
         else:
             for j in range(k):
-                cols[f"embedding_{j}"].append(pooled[i, j].astype(np.float32) if n else empty)
+                cols[f"{VALUE_PREFIX['served']}{j}"].append(pooled[i, j].astype(np.float32) if n else empty)
             cols["snapshot_id"].append(sid)
             cols["written_at_ms"].append(ms if ms >= 0 else None)
             cols["pooled_versions"].append(n)
-            cols["served_packed"].append(pack_value(pooled[i], sid, ms, n) if n else b"")
+            cols[PACKED_FIELDS["served"]].append(pack_value(pooled[i], sid, ms, n) if n else b"")
         if keep_served:
             for name in [*batch_fields(k), PACKED_FIELDS["batch"]]:
                 cols[name].append(old.get(name))
         elif batch is not None:
             bsid, bms = batch[0], int(batch[1][i])
             for j in range(k):
-                cols[f"batch_embedding_{j}"].append(pooled[i, j].astype(np.float32))
+                cols[f"{VALUE_PREFIX['batch']}{j}"].append(pooled[i, j].astype(np.float32))
             cols["batch_snapshot_id"].append(str(bsid))
             cols["batch_written_at_ms"].append(bms)
-            cols["batch_packed"].append(pack_value(pooled[i], bsid, bms, None))
+            cols[PACKED_FIELDS["batch"]].append(pack_value(pooled[i], bsid, bms, None))
         else:
-            old_batch = _stack([old.get(f"batch_embedding_{j}") for j in range(k)])
+            old_batch = _stack([old.get(f"{VALUE_PREFIX['batch']}{j}") for j in range(k)])
             for j in range(k):
-                cols[f"batch_embedding_{j}"].append(empty if old_batch is None else old_batch[j])
+                cols[f"{VALUE_PREFIX['batch']}{j}"].append(empty if old_batch is None else old_batch[j])
             bsid = old.get("batch_snapshot_id") if old_batch is not None else None
             bms = old.get("batch_written_at_ms") if old_batch is not None else None
             cols["batch_snapshot_id"].append(bsid)
             cols["batch_written_at_ms"].append(int(bms) if bms is not None else None)
-            cols["batch_packed"].append(b"" if old_batch is None or bms is None else
+            cols[PACKED_FIELDS["batch"]].append(b"" if old_batch is None or bms is None else
                                         pack_value(old_batch.astype(np.float16), bsid or "", int(bms), None))
     frame: dict[str, Any] = {"user_id": np.asarray(order, dtype=np.int64)}
     frame.update(cols)
@@ -880,12 +882,14 @@ def v1_row_count(store: "FeatureStore") -> tuple[int, list[int]]:
     return len(found), found[:5]
 
 
-def migrate_rows(store: "FeatureStore") -> dict[str, int]:
+def migrate_rows(store: "FeatureStore", *, to_offline: bool = True) -> dict[str, int]:
     """Rewrites every row of the schema v1 layout (older versions without their snapshot ids) in the current one:
     each older slot gets its snapshot id by :func:`sum_platform.embedding_row.migrate_ids`. No value moves: the
     served and the batch value, their write times and packed copies stay byte for byte; a second run changes
     nothing. (Writers migrate the rows they write anyway; this does the rest at once, ``sumctl
     migrate-embeddings``.) The store's definitions must be applied (the ``prev*_snapshot_id`` fields).
+    ``to_offline``: log the migrated rows (1 ms after the row's last write) to the offline source, so a rebuild of
+    the online store from it gives the migrated rows.
 
     Returns:
         ``{"rows": rows read, "migrated": rows rewritten}``.
@@ -893,7 +897,9 @@ def migrate_rows(store: "FeatureStore") -> dict[str, int]:
     def change(slots: Slots) -> tuple[Slots, np.ndarray]:
         return migrate_ids(slots), v1_rows(slots)
 
-    seen, df = _rewrite_all(store, change, keep_served=True, after_ms=0, what="schema v1 rows migrated")
+    seen, df = _rewrite_all(store, change, keep_served=True, after_ms=1, what="schema v1 rows migrated")
+    if to_offline and len(df):
+        log_offline(store, df)
     log.info("migrated %d of %d sum_embeddings rows to per-slot snapshot ids", len(df), seen)
     return {"rows": seen, "migrated": int(len(df))}
 

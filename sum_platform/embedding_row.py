@@ -48,7 +48,7 @@ import numpy as np
 from sum_models.shift import POOL_DEPTH
 
 __all__ = [
-    "POOL_DEPTH", "SLOTS", "SLOT_ID_FIELDS", "PACKED_FIELDS", "UNKNOWN_SNAPSHOT", "PoolUnit", "POOL_UNITS",
+    "POOL_DEPTH", "SLOTS", "SLOT_ID_FIELDS", "PACKED_FIELDS", "VALUE_PREFIX", "UNKNOWN_SNAPSHOT", "PoolUnit", "POOL_UNITS",
     "Slots", "served_fields", "batch_fields", "slot_fields", "history_fields",
     "pack_value", "unpack_value", "pool", "migrate_ids", "v1_rows", "one_version_per_snapshot", "shift_in",
     "served_after_promotion", "drop_snapshot", "snapshot_is_older", "as_slots",
@@ -60,6 +60,8 @@ SLOTS: tuple[str, ...] = ("raw", *(f"prev{i}" for i in range(1, POOL_DEPTH)))
 SLOT_ID_FIELDS: tuple[str, ...] = ("snapshot_id", *(f"{s}_snapshot_id" for s in SLOTS[1:]))
 #: The served and the batch value, each packed into one bytes field (what SOAP's reads fetch).
 PACKED_FIELDS = {"served": "served_packed", "batch": "batch_packed"}
+#: The prefix of a value's K fields (``{prefix}{k}``): the served value, the batch value and each slot's version.
+VALUE_PREFIX = {"served": "embedding_", "batch": "batch_embedding_", **{s: f"{s}_embedding_" for s in SLOTS}}
 #: The id of a migrated slot whose snapshot was not recorded (schema v1 rows).
 UNKNOWN_SNAPSHOT = "?"
 
@@ -73,17 +75,17 @@ _DATE = re.compile(r"(\d{4}-\d{2}-\d{2})")
 
 def served_fields(k: int) -> list[str]:
     """The served value's fields: ``embedding_0 .. embedding_{K-1}`` and its identity."""
-    return [f"embedding_{j}" for j in range(k)] + ["snapshot_id", "written_at_ms", "pooled_versions"]
+    return [f"{VALUE_PREFIX['served']}{j}" for j in range(k)] + ["snapshot_id", "written_at_ms", "pooled_versions"]
 
 
 def batch_fields(k: int) -> list[str]:
     """The last daily batch value (what ``offline`` mode serves)."""
-    return [f"batch_embedding_{j}" for j in range(k)] + ["batch_snapshot_id", "batch_written_at_ms"]
+    return [f"{VALUE_PREFIX['batch']}{j}" for j in range(k)] + ["batch_snapshot_id", "batch_written_at_ms"]
 
 
 def slot_fields(k: int) -> list[str]:
     """The raw versions and the snapshot id of each older slot (slot 0's id is ``snapshot_id``)."""
-    return [f"{s}_embedding_{j}" for s in SLOTS for j in range(k)] + list(SLOT_ID_FIELDS[1:])
+    return [f"{VALUE_PREFIX[s]}{j}" for s in SLOTS for j in range(k)] + list(SLOT_ID_FIELDS[1:])
 
 
 def history_fields(k: int) -> list[str]:
@@ -368,7 +370,7 @@ def as_slots(rows: Sequence[dict[str, Any] | None], k: int, d: int) -> Slots:
         if not row:
             continue
         for s, name in enumerate(SLOTS):
-            parts = [row.get(f"{name}_embedding_{j}") for j in range(k)]
+            parts = [row.get(f"{VALUE_PREFIX[name]}{j}") for j in range(k)]
             if any(p is None or len(p) != d for p in parts):
                 continue
             out.values[r, s] = np.asarray(parts, dtype=np.float32).astype(np.float16)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from sum_models.spec import FeatureSpec
 from sum_platform.config import PROJECT_ROOT, Params, load_params
-from sum_platform.embedding_row import SLOTS
+from sum_platform.embedding_row import SLOTS, VALUE_PREFIX
 from sum_platform.files import owner_only_secret
 from sum_platform.workspace import Workspace
 
@@ -156,7 +156,8 @@ def spec_from_fields(fields: list, params: Params) -> FeatureSpec:
 #: What a downstream model can be given, by the ``sum_embeddings`` columns that hold it: the served (pooled)
 #: value of async / realtime serving, the daily batch value of offline mode, or the latest raw version
 #: (no average pooling).
-EMBEDDING_SOURCES = {"served": "embedding", "batch": "batch_embedding", "raw": "raw_embedding"}
+EMBEDDING_SOURCES = {"served": VALUE_PREFIX["served"][:-1], "batch": VALUE_PREFIX["batch"][:-1],
+                     "raw": VALUE_PREFIX[SLOTS[0]][:-1]}
 
 
 def historical_embeddings(store: "FeatureStore", entity_df, num_embeddings: int, source: str = "served",
