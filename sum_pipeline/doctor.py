@@ -42,7 +42,7 @@ import numpy as np
 from serving.rollout import base_url, served_version
 from serving.store_io import PACKED_FIELDS, _stack, history_fields, reader_for, row_slots, unpack_value
 from sum_platform.context import Context
-from sum_platform.embedding_row import SLOT_ID_FIELDS, UNKNOWN_SNAPSHOT, pool, v1_rows
+from sum_platform.embedding_row import SLOT_ID_FIELDS, UNKNOWN_SNAPSHOT, VALUE_PREFIX, pool, v1_rows
 from sum_platform.feature_store import get_store
 from sum_platform.partitions import read_partition
 from sum_platform.versioning import (ARTIFACT_NAME, VersioningError, _dvc, list_promotions,
@@ -329,13 +329,14 @@ def _row_problems(row: dict, k: int, promoted: set[str]) -> list[str]:
             problems.append("pooled_versions differs from the raw versions stored")
         elif n[0] and not np.array_equal(pooled[0].astype(np.float32), served):
             problems.append("served value is not the fp16 mean of the raw versions")
-    for source, name in (("served", "served_packed"), ("batch", "batch_packed")):
+    for source, name in PACKED_FIELDS.items():
         packed = row.get(name)
         if packed is None:
             continue  # a row written before the packed fields: read from the separate ones
         value = unpack_value(packed)
-        prefix, sid_f, ms_f = (("embedding_", "snapshot_id", "written_at_ms") if source == "served" else
-                               ("batch_embedding_", "batch_snapshot_id", "batch_written_at_ms"))
+        prefix = VALUE_PREFIX[source]
+        sid_f, ms_f = (("snapshot_id", "written_at_ms") if source == "served" else
+                       ("batch_snapshot_id", "batch_written_at_ms"))
         separate = _stack([row.get(f"{prefix}{j}") for j in range(k)])
         if value is None and separate is None:
             continue
