@@ -235,14 +235,16 @@ class World:
         if len(users) == 0 or counts.sum() == 0:
             return np.zeros(0, dtype=np.int64)
         # Per-user categorical over the id space, softmax of interest affinity; row-wise inverse CDF.
-        logits = self.cfg.interest_strength * 2.0 * (self.user_vec[users] @ self.id_vec[f.name].T)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        cdf = np.cumsum(probs, axis=1)
+        # In place: the matrices are [users, hash_size] (the same arithmetic as out of place, without copies).
+        cdf = self.cfg.interest_strength * 2.0 * (self.user_vec[users] @ self.id_vec[f.name].T)
+        cdf -= cdf.max(axis=1, keepdims=True)
+        np.exp(cdf, out=cdf)
+        np.cumsum(cdf, axis=1, out=cdf)
         cdf /= cdf[:, -1:]
         rows = np.repeat(np.arange(len(users)), counts)
         u = rng.random(len(rows))
-        flat = (cdf + np.arange(len(users))[:, None]).ravel()
-        ids = np.searchsorted(flat, u + rows) - rows * f.hash_size
+        cdf += np.arange(len(users))[:, None]
+        ids = np.searchsorted(cdf.ravel(), u + rows) - rows * f.hash_size
         return np.minimum(ids, f.hash_size - 1).astype(np.int64)
 
     def user_frame(self, ds: str) -> pd.DataFrame:
