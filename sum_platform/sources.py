@@ -2,7 +2,9 @@
 
 ``params.yaml`` ``source.kind`` picks one; each turns a logical date ``ds`` into the two partitions of the
 data contract (``events``: one row per impression; ``users``: one user-feature snapshot per user, stamped
-``ds`` 00:00 UTC), as pure functions of the source's data and ``ds``, so a rerun writes the same partitions:
+``ds`` 00:00 UTC, plus, from the simulator with ``simulator.intraday_updates``, later rows of the day for users
+whose features changed: a time series read point-in-time by :func:`joined_day`), as pure functions of the
+source's data and ``ds``, so a rerun writes the same partitions:
 
     simulator   the seeded simulator (:mod:`sum_platform.simulate`), unbounded in time
     movielens   MovieLens-100K from the pinned recbole wheel (:mod:`sum_platform.movielens`), one partition
