@@ -805,31 +805,37 @@ class Dataset(str, Enum):
     movielens = "movielens"
 
 
-#: The params profile each study dataset runs under (None: the file without a profile, the simulator).
-DATASET_PROFILES = {Dataset.simulated: None, Dataset.movielens: "movielens"}
+#: The params profile each study dataset runs under: the simulator's study world (per-user propensities, sticky
+#: and intra-day features: the `study` profile) and MovieLens-100K.
+DATASET_PROFILES = {Dataset.simulated: "study", Dataset.movielens: "movielens"}
 
 
 @app.command()
 def study(
     dataset: Annotated[Dataset, typer.Option(help="The data to study: the simulator or MovieLens-100K.")] = Dataset.simulated,
-    days: Annotated[Optional[int], typer.Option("--days", "-n", min=4, help="Days of the source (default: study.days).")] = None,
+    days: Annotated[Optional[int], typer.Option("--days", "-n", min=4, help="Days of the window (default: study.days).")] = None,
     seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds (default: study.seeds).")] = None,
     eval_days: Annotated[Optional[int], typer.Option(min=1, help="The last days, where downstream models are evaluated (default: study.eval_days).")] = None,
+    warmup_days: Annotated[Optional[int], typer.Option(min=0, help="Upstream-only days before the window (default: study.warmup_days).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes the seeds run in (default: study.workers).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: study.report_dir/<dataset>).")] = None,
     params: ParamsOpt = None,
 ) -> None:
     """Measures what SUM's embeddings are worth downstream: the paper's Tables 1-4, as a report with plots.
 
-    Trains the upstream model daily, replays each serving mode's requests through the store, trains the
-    downstream models with and without each mode's embeddings, and writes ``report.md`` with the PNGs.
+    Per seed (its own simulated world), in worker processes: trains the upstream model daily after a warm-up,
+    replays each serving mode's requests in memory through the row's pooling rule under both pool units, trains
+    the downstream models with and without each arm's embeddings, and writes ``report.md`` with the PNGs and the
+    study's benchmark line.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if params:
         os.environ["SUM_PARAMS"] = str(params.resolve())
     p = load_profile(DATASET_PROFILES[dataset])
-    if eval_days:
-        p = p.model_copy(update={"study": p.study.model_copy(update={"eval_days": eval_days})})
+    overrides = {k: v for k, v in (("eval_days", eval_days), ("warmup_days", warmup_days)) if v is not None}
+    if overrides:
+        p = p.model_copy(update={"study": p.study.model_copy(update=overrides)})
     n_days = days or p.study.days
     if n_days < p.study.eval_days + 3:
         raise typer.BadParameter(f"needs at least eval days + 3 = {p.study.eval_days + 3} days (two train days and "
@@ -852,13 +858,16 @@ def study(
         def on_step(what: str, done: int, total: int) -> None:
             progress.update(bar, completed=done, total=total, description=f"{dataset.value}: {what}")
 
-        results = run_study(p, dataset.value, folder, days=days, seeds=seeds, progress=on_step)
+        results = run_study(p, dataset.value, folder, days=days, seeds=seeds, progress=on_step, workers=workers)
     table = Table(title=f"{dataset.value}: does the paper's direction hold?")
-    for column in ("claim", "holds", "numbers"):
+    for column in ("claim", "verdict", "numbers"):
         table.add_column(column)
     for d in results["directions"]:
-        table.add_row(d["claim"], {True: "yes", False: "no"}.get(d["holds"], "n/a"), d["evidence"])
+        said = d.get("verdict") or {True: "yes", False: "no"}.get(d["holds"], "n/a")
+        unit = f" [{d['pool_unit']} pooling]" if d.get("pool_unit") else ""
+        table.add_row(d["claim"] + unit, said, d["evidence"])
     console.print(table)
+    console.print(results["benchmark"])
     console.print(f"report: {folder / 'report.md'} ({results['wall_seconds']:.0f} s; log: {log_file})")
 
 

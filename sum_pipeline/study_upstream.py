@@ -9,12 +9,12 @@ when present); otherwise the last blessed one keeps serving, and the daily batch
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from sum_models.shift import POOL_DEPTH
 from sum_pipeline.study_data import Day
@@ -51,35 +51,54 @@ class Upstream:
     frozen_id: str | None = None
     holdout_ne: list[dict[str, float]] = field(default_factory=list)
     norms: list[dict[str, Any]] = field(default_factory=list)      # {"ds", "embedding", "mean_l2", "served"}
-    gate: list[dict[str, Any]] = field(default_factory=list)       # {"ds", "candidate", "blessed", "serving"}
-    candidate_fresh: list[np.ndarray] = field(default_factory=list)  # S_{t-1} on day t's rows (Table 3's split)
+    gate: list[dict[str, Any]] = field(default_factory=list)       # {"ds", "candidate", "blessed", "serving", ...}
 
 
 def _mean_l2(emb: np.ndarray) -> list[float]:
     return [float(v) for v in np.linalg.norm(emb.astype(np.float32), axis=2).mean(axis=0)] if len(emb) else []
 
 
-def gate_function() -> Callable[..., Any] | None:
-    """The study gate (``sum_pipeline.study_gate``) when it exists: decides per day whether a candidate is blessed."""
-    if study_gate is None:
-        return None
-    for name in ("blessed", "is_blessed", "bless", "gate_snapshot", "judge_snapshot"):
-        fn = getattr(study_gate, name, None)
-        if callable(fn):
-            return fn
-    return None
+#: Probe users the gate compares snapshots on (the first upstream day's users, up to this many).
+GATE_PROBE_USERS = 512
 
 
-def _call_gate(fn: Callable[..., Any], available: dict[str, Any]) -> bool:
-    """Calls the gate with the arguments it names (of those the study has); its answer as a bool (a dict's
-    ``blessed`` / ``promote`` key, or truthiness)."""
-    wanted = inspect.signature(fn).parameters
-    out = fn(**{k: v for k, v in available.items() if k in wanted})
-    if isinstance(out, dict):
-        return bool(out.get("blessed", out.get("promote", out.get("passed"))))
-    if isinstance(out, tuple):
-        return bool(out[0])
-    return bool(getattr(out, "blessed", out))
+class SnapshotGate:
+    """The daily gate over the study's chain of snapshots (``sum_pipeline.study_gate.gate_chain``): day ``i``'s
+    candidate is judged against the last blessed snapshot, as the daily loop judges it; a held candidate leaves
+    the last blessed one serving (and computing the daily batch)."""
+
+    def __init__(self, params: Params, spec) -> None:
+        self.params, self.spec = params, spec
+        self.probe_ids: np.ndarray | None = None
+        self.probe: list[np.ndarray] = []
+        self.candidate_ne: list[dict] = []
+        self.finite: list[bool] = []
+        self.production_ne: dict[tuple[int, int], dict | None] = {}
+
+    def judge(self, i: int, day: Day, latest, candidate: np.ndarray, ne: dict, model, production, production_index,
+              holdout_frame) -> tuple[bool, list[str], list[float]]:
+        """Whether day ``i``'s candidate is blessed, the reasons, and its mean norm on the probe."""
+        import torch
+
+        from sum_models.train import ne_accumulator
+
+        ids = latest["user_id"].to_numpy()
+        if self.probe_ids is None:
+            self.probe_ids = np.sort(ids)[:GATE_PROBE_USERS]
+        at = pd.Index(ids).get_indexer(self.probe_ids)
+        if (at < 0).any():  # a probe user without a row today: the gate needs the same users every day
+            raise ValueError(f"{int((at < 0).sum())} gate probe users have no row on {day.ds}")
+        self.probe.append(candidate[at])
+        self.candidate_ne.append(ne)
+        self.finite.append(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+        if production is not None and (i, production_index) not in self.production_ne:
+            self.production_ne[i, production_index] = ne_accumulator(production, holdout_frame,
+                                                                     self.spec).compute_defined()[0]
+        chain = study_gate.gate_chain(self.probe, self.candidate_ne, lambda t, j: self.production_ne.get((t, j)),
+                                      self.params.gate, weights_finite=self.finite,
+                                      pool_unit=str(getattr(self.params.serving, "pool_unit", "snapshot")))
+        last = chain[-1]
+        return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
 
 def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed: int, progress: Progress,
@@ -98,12 +117,11 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
     from sum_models.train import ne_accumulator, train_model
 
     out = Upstream(lead=min(lead, len(warm)))
-    gate = gate_function()
+    gate = SnapshotGate(params, spec) if params.study.gate_snapshots and study_gate is not None else None
     timeline = [*warm, *days[:-1]]   # every day the upstream trains on
     batch_from = len(warm) - out.lead
     prev_state = None
-    production, production_id, production_ne = None, None, None
-    history: list[np.ndarray] = []   # the served snapshots' versions of the probe (gate input)
+    production, production_id, production_index = None, None, None
     for i, day in enumerate(timeline):
         t = i - len(warm)            # window index (negative: warm-up)
         model = build_model(spec, params.model.model_dump(), seed=seed)
@@ -115,21 +133,20 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
         train_model(model, day.frame[~holdout].reset_index(drop=True), spec, params.train.model_dump(),
                     seed=train_seed, progress=False)
         model.eval()
-        ne = ne_accumulator(model, day.frame[holdout].reset_index(drop=True), spec).compute_defined()[0]
+        holdout_frame = day.frame[holdout].reset_index(drop=True)
+        ne = ne_accumulator(model, holdout_frame, spec).compute_defined()[0]
         latest = day.users.iloc[day.latest].reset_index(drop=True)
         with torch.no_grad():
             candidate = embed_users(model.user_tower, latest, spec)
         cid = snapshot_id_for(day.ds)
-        blessed = True
-        if gate is not None and production is not None:
-            blessed = _call_gate(gate, {"params": params, "candidate": candidate, "candidate_embeddings": candidate,
-                                        "production": production_emb(production, latest, spec),
-                                        "history": history, "candidate_ne": ne, "production_ne": production_ne,
-                                        "ne": ne, "ds": day.ds, "day": i, "warmup": t < 0})
-        if blessed:
-            production, production_id, production_ne = model, cid, ne
+        blessed, reasons = True, []
+        if gate is not None:
+            blessed, reasons, _ = gate.judge(i, day, latest, candidate, ne, model, production, production_index,
+                                             holdout_frame)
+        if blessed or production is None:  # nothing blessed yet: the first snapshot serves (marked below)
+            production, production_id, production_index = model, cid, i
         out.gate.append({"ds": day.ds, "candidate": cid, "blessed": bool(blessed), "serving": production_id,
-                         "gated": gate is not None})
+                         "gated": gate is not None, "warmup": t < 0, "reasons": reasons})
         for k, v in enumerate(_mean_l2(candidate)):
             out.norms.append({"ds": day.ds, "embedding": k, "mean_l2": v, "warmup": t < 0})
         if t >= 0:
@@ -145,22 +162,11 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
             nxt = days[t + 1]
             with torch.no_grad():
                 out.fresh.append(embed_users(production.user_tower, nxt.users, spec))
-                out.candidate_fresh.append(out.fresh[-1] if production is model
-                                           else embed_users(model.user_tower, nxt.users, spec))
                 out.frozen.append(out.fresh[-1] if frozen is production else embed_users(frozen.user_tower, nxt.users, spec))
             out.fresh_ids.append(production_id)
-        prev_state = model.state_dict()
+        prev_state = production.state_dict()  # the next candidate warm-starts from production (as the DAG's)
         progress(f"upstream seed {seed}", 1)
     return out
-
-
-def production_emb(model, users, spec) -> np.ndarray:
-    import torch
-
-    from sum_models.snapshot import embed_users
-
-    with torch.no_grad():
-        return embed_users(model.user_tower, users, spec)
 
 
 def holdout_label_ne(up: Upstream, label: str) -> list[float]:

@@ -304,6 +304,7 @@ class StudyConfig(_Section):
     eval_days: int = Field(ge=1)               # the last of them: downstream models are evaluated there
     warmup_days: int = Field(ge=0)             # upstream-only days before the window; frozen = their last snapshot
     offline_staleness_days: int = Field(ge=1)  # offline batch mode reads the batch written after day t - this
+    gate_snapshots: bool                       # serve only snapshots the gate blesses (sum_pipeline/study_gate.py)
     seeds: int = Field(ge=1)
     workers: int = Field(ge=1)                 # processes the seeds run in (one core each)
     importance_repeats: int = Field(ge=1)

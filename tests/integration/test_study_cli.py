@@ -1,12 +1,15 @@
-"""``sumctl study`` end to end on MovieLens-100K (small days: the whole study runs in about a minute).
+"""``sumctl study`` end to end on MovieLens-100K (small days: the whole study runs in about a minute), and the
+study's seeds giving the same numbers in worker processes as in one process (a tiny simulated world).
 
-Real components throughout: the MovieLens source, the upstream training, three Feast workspaces replaying the
-serving modes and read back point-in-time, the downstream models, the report and its PNGs.
+Real components throughout: the MovieLens source and the simulator, the upstream training after a warm-up, the
+in-memory serving replay through the row owner's pooling rule under both pool units, the downstream models, the
+statistics, the report and its PNGs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,9 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sum_platform.config import load_profile
+from sum_platform.embedding_row import POOL_UNITS
+
 pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ARMS = {("none", None), ("frozen", None), ("offline", None), ("offline_raw", None),
+        *((a, u) for a in ("async", "realtime") for u in POOL_UNITS)}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +36,8 @@ def study(session_dir: Path, tmp_path_factory):
     raw["profiles"]["movielens"]["paths"] = {"workspace": str(work / "ws"), "dvc_remote": str(work / "remote")}
     raw["source"]["movielens"]["cache_dir"] = str(session_dir / "movielens-cache")  # shared with the DAG test
     raw["study"].update({"seeds": 2, "importance_repeats": 1})
-    raw["profiles"]["movielens"]["study"] = {"days": 5, "eval_days": 2}  # the profile's own window, shortened
+    # the profile's own window, shortened: 3 warm-up days, then 5 days
+    raw["profiles"]["movielens"]["study"] = {"days": 5, "eval_days": 2, "warmup_days": 3}
     raw["downstream"]["epochs"] = 1
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -40,50 +49,76 @@ def study(session_dir: Path, tmp_path_factory):
     return work / "report", out, json.loads((work / "report" / "results.json").read_text())
 
 
-def test_report_has_the_four_tables_and_pngs(study):
-    folder, out, _ = study
+def test_report_has_the_four_tables_pngs_and_the_benchmark(study):
+    folder, out, results = study
     report = (folder / "report.md").read_text()
-    for heading in ("## Table 1", "## Table 2", "## Table 3", "## Table 4", "## Does the paper's direction hold here?"):
+    for heading in ("## Table 1", "## Table 2", "## Table 3", "## Table 4"):
         assert heading in report
     for png in ("ne_per_day.png", "serving_modes.png", "shift_vs_pooling.png", "feature_importance.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in report
     assert json.loads((folder / "metrics.json").read_text())["dataset"] == "movielens"
-    # The terminal shows the verdicts; Feast's and ibis' warnings went to the log file.
+    # The terminal shows the verdicts and the benchmark line; Feast's and ibis' warnings went to the log file.
     assert "does the paper's direction hold" in out.stdout and "Warning" not in out.stdout + out.stderr
+    assert results["benchmark"].startswith("study movielens:") and "2 seeds" in results["benchmark"]
+    assert "wall" in out.stdout
+    assert set(results["stage_seconds"]) == {"load", "upstream", "replay", "downstream"}
     assert (folder / "study.log").is_file()
 
 
-def test_every_model_and_mode_is_measured_on_movielens(study):
+def test_every_model_arm_unit_window_and_subset_is_measured_on_movielens(study):
     _, _, results = study
-    assert results["source"] == "movielens" and results["days"][0] == "1997-09-20" and len(results["days"]) == 5
+    assert results["source"] == "movielens" and len(results["days"]) == 5
+    assert results["days"][0] > "1997-09-20"                      # three warm-up days came first
     assert results["eval_days"] == results["days"][-2:] and results["seeds"] == [7, 8]
-    assert [r["model"] for r in results["table1"]] == ["click", "conversion", "inbox"]
-    for row in results["table1"]:
-        assert 0 < row["ne_without"] < 2 and 0 < row["ne_with"] < 2
-        assert row["fi_rank"] is not None and 1 <= row["fi_rank"] <= row["n_features"]
-    modes = {r["mode"]: r for r in results["table2"]}
-    assert set(modes) == {"frozen", "offline", "realtime", "async"}
-    assert all(v is not None for r in modes.values() for v in r["per_model"].values())
-    # Point in time: a user's first day has no daily batch yet (most of MovieLens' first days' users are new),
-    # async has it from the user's second request on, realtime computes every request that meets its budget.
-    realtime = modes["realtime"]
-    assert 0.05 < realtime["fallback_rate"] < 0.15  # study.realtime_fallback_rate = 0.1
-    assert realtime["coverage"] >= 1 - realtime["fallback_rate"]
-    assert realtime["coverage"] > modes["async"]["coverage"] > modes["offline"]["coverage"] > 0
-    assert modes["frozen"]["coverage"] == 1.0
-    assert {(r["embedding"], r["pooling"]) for r in results["table3"]} == {(e, k) for e in (0, 1) for k in (1, 2, 3)}
-    assert {r["setting"] for r in results["table4"]} == {"no_ap", "ap3"}
-    # Each of the paper's six directions is judged from the tables' numbers, measurable here: True or False.
-    directions = results["directions"]
-    assert len(directions) == 6, directions
-    t1 = results["table1"]
-    t2 = {r["mode"]: r["ne_diff_pct"] for r in results["table2"]}
-    t4 = {r["setting"]: r["eval_ne_diff_pct"] for r in results["table4"]}
-    assert directions[0]["holds"] == all(r["ne_diff_pct"] < 0 for r in t1), directions[0]
-    assert directions[1]["holds"] == all(r["fi_rank"] <= 4 for r in t1 if r["model"] in ("click", "inbox"))
-    assert directions[2]["holds"] == (t2["frozen"] > t2["offline"] > t2["async"]), (directions[2], t2)
-    # async keeps most of realtime's gain: not measurable when realtime gains nothing (its diff >= 0)
-    assert directions[3]["holds"] == (None if t2["realtime"] >= 0 else t2["async"] / t2["realtime"] >= 0.8)
-    assert directions[4]["holds"] in (True, False), directions[4]
-    assert directions[5]["holds"] == (t4["ap3"] < t4["no_ap"]), (directions[5], t4)
+    m = results["measurements"]
+    models = {r["model"] for r in m}
+    assert models == {"click", "conversion", "inbox"}
+    assert {(r["arm"], r["pool_unit"]) for r in m} == ARMS
+    keys = [(r["seed"], r["model"], r["arm"], r["pool_unit"], r["window"], r["subset"]) for r in m]
+    assert len(keys) == len(set(keys)) == 2 * 3 * len(ARMS) * 2 * 3
+    for r in m:
+        if r["window"] == "eval" and r["subset"] == "all":
+            assert r["ne"] is not None and 0 < r["ne"] < 3 and r["n"] > 0, r
+    n_of = {(r["seed"], r["model"], r["arm"], r["pool_unit"], r["window"], r["subset"]): r["n"] for r in m}
+    for (seed, model, arm, unit, window, subset), n in n_of.items():  # every arm is scored on the same rows
+        assert n == n_of[seed, model, "none", None, window, subset]
+        assert n <= n_of[seed, model, arm, unit, window, "all"]
+    # coverage: frozen serves everyone; realtime computes every request that meets its budget
+    cov = {(r["arm"], r["pool_unit"]): r["coverage"] for r in m if r["seed"] == 7 and r["model"] == "click"}
+    assert cov["frozen", None] == 1.0 and cov["none", None] is None
+    assert cov["realtime", "snapshot"] >= 1 - 0.1 - 0.05 and cov["async", "snapshot"] >= cov["offline", None]
+    assert {(r["seed"], r["model"]) for r in results["fi_rank"]} == {(s, mo) for s in (7, 8) for mo in models}
+    assert all(1 <= r["rank"] <= r["n_features"] for r in results["fi_rank"])
+    parts = {(r["part"], r["pooling"]) for r in results["shift"]}
+    assert {("total", k) for k in (1, 2, 3)} <= parts and {("snapshot", 1), ("features", 1)} <= parts
+    # norms per upstream day (warm-up included) and embedding
+    assert len({(r["seed"], r["ds"], r["embedding"]) for r in results["norms"]}) == 2 * (3 + 4) * 2
+    assert all(r["mean_l2"] > 0 and math.isfinite(r["mean_l2"]) for r in results["norms"])
+    c = results["choices"]
+    assert c["warmup_days"] == 3 and c["offline_staleness_days"] == 1 and c["pool_units"] == list(POOL_UNITS)
+    assert c["frozen_staleness_days"][0] >= 2 and c["offline_same_under_both_units"] is True
+    assert set(c["world"].values()) == {"fixed data (the same days for every seed)"}
+    assert results["directions"] and all("evidence" in d for d in results["directions"])
+
+
+def test_seeds_in_worker_processes_give_the_serial_numbers(tmp_path, monkeypatch):
+    """The same seed measures the same numbers in a worker process as in this one (one thread each)."""
+    from sum_pipeline.study import _run_seeds
+
+    monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path / "ws"))
+    p = load_profile("study")
+    p = p.model_copy(update={
+        "simulator": p.simulator.model_copy(update={"initial_users": 60, "new_users_per_day": 5,
+                                                    "impressions_per_active_user": 8}),
+        "study": p.study.model_copy(update={"eval_days": 1, "warmup_days": 1, "importance_repeats": 1}),
+        "downstream": p.downstream.model_copy(update={"epochs": 1}),
+    })
+    serial = _run_seeds(p, [7, 8], 4, 1, lambda what, n: None)
+    parallel = _run_seeds(p, [7, 8], 4, 2, lambda what, n: None)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a["seed"] == b["seed"] and a["world"] == b["world"]
+        assert a["measurements"] == b["measurements"] and a["shift"] == b["shift"] and a["norms"] == b["norms"]
+    # each seed drew its own world: the two seeds' measurements differ
+    assert serial[0]["world"] != serial[1]["world"]
+    assert [r["n"] for r in serial[0]["measurements"]] != [r["n"] for r in serial[1]["measurements"]]
