@@ -20,7 +20,7 @@ With no hidden layer every term is linear in its input (an embedding table read 
 weight per id), so the model *is* a logistic regression over the dense values, the one-hot ids and the
 embedding coordinates. :func:`downstream_specs` builds three models that differ the way the paper's do:
 ``click`` (a CTR model, ad features + a few user features, a moderate MLP), ``conversion`` (a bigger
-model on the conversion label) and ``inbox`` (low complexity: logistic regression over two features).
+model on the conversion label) and ``inbox`` (low complexity: logistic regression over a few features).
 
 A production downstream model is constrained, not blind: it has a few hundred features of its own, user id
 lists among them, where SUM's user model reads thousands (paper §3.1, §6.1.3). Which user features each
@@ -268,7 +268,7 @@ class DownstreamPreset:
 
 
 #: The three downstream models, shaped after Table 1's spread: a CTR model, a bigger conversion model and a
-#: low-complexity Messenger-inbox-like logistic regression over two features.
+#: low-complexity Messenger-inbox-like logistic regression over two ad features (plus the user features it is given).
 PRESETS: Dict[str, DownstreamPreset] = {
     "click": DownstreamPreset("click", hidden=(64, 32), max_user_dense=2),
     "conversion": DownstreamPreset(
@@ -360,7 +360,8 @@ def downstream_specs(
         available = dict(user_lists or {})
         unknown = [c for c in list_names if c not in available]
         if unknown:
-            raise ValueError(f"downstream model {name!r} asks for id list(s) {unknown}; the data has {sorted(available)}")
+            raise ValueError(f"downstream model {name!r} asks for id list(s) {unknown}; "
+                             f"the data has {sorted(available)}")
         out[name] = DownstreamSpec(
             name=name,
             label=p.label,

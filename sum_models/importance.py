@@ -8,9 +8,10 @@ keeps the feature's distribution but cuts its link to the label::
 
 Features are ranked by importance, rank 1 = the most important. Table 1 reports the rank of the SUM
 embeddings among all features of each downstream model (1 on the Messenger inbox model, 2 on most CTR
-models). A feature *group* is permuted as a whole: each dense column, each categorical column, and each
-id list (all its ids together) and each SUM embedding ``k`` (its D floats together, one feature as in the paper). The ``has_embedding`` indicator
-is a group of its own when some rows lack an embedding (when it is constant, shuffling it changes nothing).
+models). A feature *group* is permuted as a whole: each dense column, each categorical column, each id list
+(all its ids together) and each SUM embedding ``k`` (its D floats together, one feature as in the paper). The
+``has_embedding`` indicator is a group of its own when some rows lack an embedding (when it is constant,
+shuffling it changes nothing).
 """
 
 from __future__ import annotations
