@@ -406,6 +406,39 @@ def simulate_day(ds: str | date, params: Params, fields: list[FieldSpec] | None 
     return events, users
 
 
+def _jaccard(x: np.ndarray, y: np.ndarray) -> float:
+    union = len(np.union1d(x, y))
+    return 1.0 if union == 0 else len(np.intersect1d(x, y)) / union  # two empty lists are the same list
+
+
+def day_to_day_overlap(dates: list[str], params: Params, fields: list[FieldSpec] | None = None) -> dict[str, float]:
+    """How much a user's observed features persist from one day to the next (the study reports it as a choice).
+
+    Over consecutive ``dates``, for the users present on both days (their 00:00 snapshot rows): the mean
+    Jaccard overlap of each id list (of its id sets; two empty lists overlap fully) and the Pearson correlation
+    of each dense feature, averaged over the day pairs.
+
+    Returns:
+        feature name -> mean day-to-day overlap (Jaccard for lists, correlation for dense features).
+    """
+    fields = user_fields(params) if fields is None else fields
+    snaps = []
+    for ds in dates:
+        users = simulate_day(ds, params, fields)[1]
+        snaps.append(users[users["event_ts"] == pd.Timestamp(ds_str(ds), tz="UTC")].set_index("user_id"))
+    out: dict[str, float] = {}
+    for f in fields:
+        values = []
+        for a, b in zip(snaps, snaps[1:]):
+            common = a.index.intersection(b.index)
+            if f.sparse:
+                values.append(np.mean([_jaccard(x, y) for x, y in zip(a.loc[common, f.name], b.loc[common, f.name])]))
+            else:
+                values.append(np.corrcoef(a.loc[common, f.name], b.loc[common, f.name])[0, 1])
+        out[f.name] = round(float(np.mean(values)), 4)
+    return out
+
+
 def write_day(ds: str | date, params: Params, ws: Workspace, fields: list[FieldSpec] | None = None,
               overwrite: bool = False) -> dict:
     """Writes the day's events and users partitions unless they exist (or ``overwrite``).

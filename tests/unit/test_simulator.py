@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from sum_platform.config import load_params, load_profile
-from sum_platform.simulate import FieldSpec, World, simulate_day, simulation_seed, world_on
+from sum_platform.simulate import FieldSpec, World, day_to_day_overlap, simulate_day, simulation_seed, world_on
 from sum_platform.sources import joined_day
 
 FIELDS = [
@@ -39,19 +39,7 @@ def _snapshot(users: pd.DataFrame) -> pd.DataFrame:
 
 def _overlap(params) -> dict[str, float]:
     """Mean day-to-day Jaccard of each list and correlation of each dense feature, same users, over DAYS."""
-    snaps = [_snapshot(simulate_day(ds, params, FIELDS)[1]) for ds in DAYS]
-    out = {}
-    for f in FIELDS:
-        values = []
-        for a, b in zip(snaps, snaps[1:]):
-            common = a.index.intersection(b.index)
-            if f.sparse:
-                values.append(np.mean([len(set(x) & set(y)) / max(1, len(set(x) | set(y)))
-                                       for x, y in zip(a.loc[common, f.name], b.loc[common, f.name])]))
-            else:
-                values.append(np.corrcoef(a.loc[common, f.name], b.loc[common, f.name])[0, 1])
-        out[f.name] = float(np.mean(values))
-    return out
+    return day_to_day_overlap(DAYS, params, FIELDS)
 
 
 def _equal_frames(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -120,6 +108,16 @@ def test_sticky_features_overlap_from_day_to_day_and_memoryless_ones_do_not():
         assert memoryless[name] < 0.3 and sticky[name] > 0.5, (name, memoryless[name], sticky[name])
     for name in ("score_a", "score_b"):
         assert sticky[name] > memoryless[name] and sticky[name] > 0.95, (name, memoryless[name], sticky[name])
+
+
+def test_the_overlap_measure_is_one_for_a_world_that_does_not_change_and_counts_sets():
+    frozen = _params(interest_drift=0.0, id_meaning_shift=0.0, list_turnover=0.0, dense_ema_weight=1e-9)
+    overlap = day_to_day_overlap(DAYS[:3], frozen, FIELDS)
+    assert overlap["pages"] == overlap["clicked_ad_categories"] == 1.0
+    assert overlap["score_a"] > 0.999999
+    # With intra-day rows the measure reads each day's 00:00 snapshot only.
+    assert day_to_day_overlap(DAYS[:3], _sticky(intraday_updates=True), FIELDS) == day_to_day_overlap(
+        DAYS[:3], _sticky(), FIELDS)
 
 
 def test_sticky_lists_keep_each_users_length_and_replace_about_the_turnover():
