@@ -13,6 +13,9 @@ Run::
 
     .venv/bin/python -m benchmarks.stack_bench --days 2 --json reports/stack_bench.json
     .venv/bin/python -m benchmarks.stack_bench --smoke      # one small day per mode: runs to its end, measures nothing
+
+``--workdir``: the folder of its workspaces, params and reports (default: a new temporary folder; the test session
+passes one of its own, so that its end stops a stack a failed run left up).
 """
 
 from __future__ import annotations
@@ -41,9 +44,14 @@ PORT_OFFSET = 100  # the benchmark's stack must not meet a stack the operator ru
 
 
 SMOKE_USERS = 150  # the smoke run's simulated day (about 2,000 impressions)
+APPROVAL_TIMEOUT_MINUTES = 0.5  # a held candidate must not stall the benchmark for an hour
+# --smoke: its small day's candidate is usually held (NE above gate.max_ne on so few rows); the smoke proves the
+# run reaches its end, not how long a human may take, so the approval times out after seconds.
+SMOKE_APPROVAL_TIMEOUT_MINUTES = 0.05
 
 
-def _params(root: Path, name: str, days: int, users: int | None = None) -> Path:
+def _params(root: Path, name: str, days: int, users: int | None = None,
+            approval_timeout_minutes: float = APPROVAL_TIMEOUT_MINUTES) -> Path:
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     if users is not None:
         raw["simulator"].update({"initial_users": users, "new_users_per_day": max(users // 15, 1)})
@@ -55,7 +63,9 @@ def _params(root: Path, name: str, days: int, users: int | None = None) -> Path:
     # Only the runs the benchmark creates: no catch-up, and no scheduled run past its last date.
     last = date.fromisoformat(raw["airflow"]["start_date"]) + timedelta(days=days - 1)
     raw["airflow"].update({"end_date": last.isoformat(), "catchup": False})
-    raw["airflow"]["approval_timeout_minutes"] = 0.5  # a held candidate must not stall the benchmark for an hour
+    raw["airflow"]["approval_timeout_minutes"] = approval_timeout_minutes
+    # The same work in both modes: `dag.test()` runs no downstream DAG, so the stack's promotion triggers none either.
+    raw["downstream"]["retrain_on_promotion"] = False
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -117,14 +127,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true",
                     help=f"one day of {SMOKE_USERS} simulated users per mode, floors measured once: proves the "
                          f"benchmark runs to its end (tests/integration/test_benchmarks_smoke.py), measures nothing")
+    ap.add_argument("--workdir", type=Path, help="folder of its workspaces and reports (default: a new temporary one)")
     args = ap.parse_args(argv)
     users, repeat = (SMOKE_USERS, 1) if args.smoke else (None, 5)
+    approval = SMOKE_APPROVAL_TIMEOUT_MINUTES if args.smoke else APPROVAL_TIMEOUT_MINUTES
     if args.smoke:
         args.days = 1
     console = Console()
-    root = Path(tempfile.mkdtemp(prefix="sum-stack-bench-"))
-    inline_params = _params(root, "inline", args.days, users)
-    stack_params = _params(root, "stack", args.days, users)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="sum-stack-bench-", dir=args.workdir))
+    inline_params = _params(root, "inline", args.days, users, approval)
+    stack_params = _params(root, "stack", args.days, users, approval)
 
     floors = {
         "fork_s": _fork_seconds(repeat=4 * repeat),

@@ -47,6 +47,10 @@ from sum_pipeline import airflow_env  # noqa: E402  (after the environment is se
 
 AIRFLOW_HOME = SESSION_DIR / "airflow"
 os.environ.update(airflow_env.environment(AIRFLOW_HOME))
+# The stacks the tests start (they inherit this environment) look for expired approvals every 2 s, not every 15 s
+# (Airflow's default): a held candidate nobody answers (the deployed stack's DAY5, the benchmarks' small days) is
+# held once its timeout has passed, not up to 15 s later. The timeout itself is what the params say.
+os.environ.setdefault("AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL", "2")
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +130,9 @@ def _stop_session_stacks() -> None:
     """Stops what a stack of the session's workspaces left running (an interrupted run skips the fixtures'
     ``down``), found as ``sumctl down`` finds it (its state file, else the workspace's identity in the processes'
     environment and their logs), before the session folder (their logs and state) goes."""
-    markers = list(SESSION_DIR.glob("*/.sum-workspace.json"))  # the modules' workspaces: session_dir/<name>
+    # The modules' workspaces (session_dir/<name>) and the benchmarks' (session_dir/benchmarks/<run>/<name>/workspace)
+    markers = [*SESSION_DIR.glob("*/.sum-workspace.json"),
+               *SESSION_DIR.glob("benchmarks/*/*/workspace/.sum-workspace.json")]
     if not markers:
         return
     from sum_pipeline.stack import Stack

@@ -4,7 +4,8 @@ A smoke run uses small sizes and measures nothing worth reading: the tests check
 report, with every section in it. The benchmarks that need no service of their own run in this process (the
 session's imports, params and, for scale_bench's engines, the session's Ray from ``ray_serve``); the two that
 bring up a stack or their own Ray Serve with an HTTP proxy (stack_bench, serving_bench) run as the documented
-command, in a process of their own.
+command, in a process of their own. The two that bring up a stack keep its workspace in the session's folder
+(``--workdir``): a stack a failed run leaves up is stopped at the session's end (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def test_validation_bench(tmp_path):
     assert {k: os.environ.get(k) for k in before} == before  # the session's params and workspace in force again
 
 
-def test_scale_bench(tmp_path, monkeypatch, ray_serve):
+def test_scale_bench(tmp_path, monkeypatch, ray_serve, session_dir):
     """One small day through a stack of the scale profile, then the engines on the session's Ray."""
     import ray
 
     monkeypatch.setenv("SUM_PARAMS", os.environ["SUM_PARAMS"])  # the benchmark points it at its own; restored
     monkeypatch.delenv("SUM_WORKSPACE")  # its params name their workspace, as when run from a shell
-    report = scale_bench.main(["--smoke", "--json", str(tmp_path / "scale.json")])
+    report = scale_bench.main(["--smoke", "--json", str(tmp_path / "scale.json"),
+                               "--workdir", str(session_dir / "benchmarks")])
     [day] = report["days"]
     assert day["impressions"] == scale_bench.SMOKE_IMPRESSIONS and len(day["verdicts"]) == 1
     assert day["tasks"] and all(seconds > 0 for seconds in day["tasks"].values())
@@ -76,9 +78,9 @@ def test_scale_bench(tmp_path, monkeypatch, ray_serve):
     assert ray.is_initialized()  # the session's Ray, used and left running
 
 
-def test_stack_bench(tmp_path):
+def test_stack_bench(tmp_path, session_dir):
     out = tmp_path / "stack.json"
-    _command("stack_bench", "--json", str(out), timeout_s=1500)
+    _command("stack_bench", "--json", str(out), "--workdir", str(session_dir / "benchmarks"), timeout_s=1500)
     results = json.loads(out.read_text())
     [day] = results["days"]
     assert day["inline_s"] > 0 and day["scheduler_s"] > 0 and day["tasks_run"] > 0
