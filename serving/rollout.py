@@ -447,7 +447,7 @@ def reconfigure(
         realtime_budget_ms: Realtime latency budget.
         frozen_timeout_ms: Frozen mode's compute deadline.
         max_batch_users: Bound of the batch endpoint.
-        compute_options: ``max_batch_size``, ``batch_wait_ms``, ``debug_delay_ms``.
+        compute_options: ``max_batch_size``, ``batch_wait_ms``, ``debug_delay_ms``, ``pool_unit``.
         params_file: The params file replicas load.
         timeout_s: How long to wait until ``/version`` reports the change.
 
@@ -467,7 +467,8 @@ def reconfigure(
     ingress.update({k: v for k, v in {"mode": mode, "realtime_budget_ms": realtime_budget_ms,
                                        "frozen_timeout_ms": frozen_timeout_ms,
                                        "max_batch_users": max_batch_users}.items() if v is not None})
-    knobs = {k: cfg.get(k) for k in ("max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms")}
+    knobs = {k: cfg.get(k) for k in ("max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms",
+                                     "pool_unit")}
     knobs.update(compute_options or {})
     frozen = _configured_frozen(info, params)
     want_ingress = ingress_user_config(params, **ingress)  # validates before anything is deployed

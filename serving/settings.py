@@ -226,7 +226,7 @@ def compute_user_config(
         workspace_id: Identity of the workspace the snapshot belongs to (default: the marker of
             ``params.workspace``, :meth:`sum_platform.workspace.Workspace.identity`).
         overrides: ``max_batch_size``, ``batch_wait_ms``, ``write_coalesce_ms``, ``debug_delay_ms`` (test/benchmark knob: every
-            compute batch sleeps this long first, i.e. a slower model).
+            compute batch sleeps this long first, i.e. a slower model), ``pool_unit`` (``snapshot`` | ``write``).
     """
     settings = app_settings(params, params_file)
     frozen_dir, frozen_id = frozen if frozen else (snapshot_dir, snapshot_id)
@@ -247,7 +247,7 @@ def compute_user_config(
         "pool_unit": str(params.serving.pool_unit),  # what the write-backs pool (sum_platform.embedding_row)
         "debug_delay_ms": 0.0,
     }
-    unknown = set(overrides) - {"max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms"}
+    unknown = set(overrides) - {"max_batch_size", "batch_wait_ms", "write_coalesce_ms", "debug_delay_ms", "pool_unit"}
     if unknown:
         raise ValueError(f"unknown compute options {sorted(unknown)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})

@@ -205,7 +205,8 @@ def _configured(soap_env, **kwargs):
         yield
     finally:
         restore = {"mode": params.serving.mode, "realtime_budget_ms": params.serving.realtime_budget_ms}
-        reconfigure(params, compute_options={"debug_delay_ms": 0.0}, params_file=params_file, **restore)
+        reconfigure(params, compute_options={"debug_delay_ms": 0.0, "pool_unit": params.serving.pool_unit},
+                    params_file=params_file, **restore)
 
 
 def _stored(soap_env, user_id):
@@ -282,22 +283,37 @@ def test_unknown_user_is_404_and_cold_user_gets_computed(soap_env, deployed_a, s
 
 
 @slow
-def test_served_value_is_average_of_three_computed_versions(soap_env, deployed_a, serving_a, url):
-    """Three write-backs through the compute deployment: the stored value is the mean of all three."""
+def test_write_backs_of_one_snapshot_are_one_version_and_three_under_write_pooling(soap_env, deployed_a, serving_a,
+                                                                                    url):
+    """Three write-backs of sum-A through the compute deployment. ``pool_unit: snapshot`` (the params'): each replaces
+    sum-A's version, so the row keeps one version, the tower's output. Reconfigured to ``write``: every write-back is
+    a version and the stored value is the mean of all three (the compute deployment pools by the unit it is given)."""
     from serving.store_io import read_history
 
-    _fresh_rows(soap_env, url, deployed_a, [4])
     user = 4
-    for n in (1, 2, 3):
-        before = (_stored(soap_env, user) or {}).get("written_at_ms")
-        httpx.get(f"{url}/users/{user}/embeddings", timeout=30)
-        _poll(
-            lambda: (r := _stored(soap_env, user)) and r["written_at_ms"] != before and r["pooled_versions"] == n,
-            what=f"version {n} of user {user}",
-        )
-    row = read_history(soap_env["store"], [user])[user]
-    versions = [np.stack([row[f"{slot}_embedding_{k}"] for k in range(K)]) for slot in ("raw", "prev1", "prev2")]
     fresh = _expected_raw(soap_env, "sum-A", user)
+
+    def three_write_backs(pooled):
+        for n in (1, 2, 3):
+            before = (_stored(soap_env, user) or {}).get("written_at_ms")
+            httpx.get(f"{url}/users/{user}/embeddings", timeout=30)
+            _poll(
+                lambda: (r := _stored(soap_env, user)) and r["written_at_ms"] != before and r["pooled_versions"] == pooled(n),
+                what=f"write-back {n} of user {user}",
+            )
+        return read_history(soap_env["store"], [user])[user]
+
+    assert soap_env["params"].serving.pool_unit == "snapshot"
+    _fresh_rows(soap_env, url, deployed_a, [user])
+    row = three_write_backs(lambda n: 1)
+    assert row["snapshot_id"] == "sum-A" and row["prev1_snapshot_id"] is None and len(row["prev1_embedding_0"]) == 0
+    np.testing.assert_array_equal(_stored(soap_env, user)["embeddings"], fresh)
+
+    _fresh_rows(soap_env, url, deployed_a, [user])
+    with _configured(soap_env, compute_options={"pool_unit": "write"}):
+        row = three_write_backs(lambda n: n)
+    versions = [np.stack([row[f"{slot}_embedding_{k}"] for k in range(K)]) for slot in ("raw", "prev1", "prev2")]
+    assert [row[f] for f in ("snapshot_id", "prev1_snapshot_id", "prev2_snapshot_id")] == ["sum-A"] * 3
     for v in versions:  # the same snapshot and features: each version is the tower's output
         np.testing.assert_array_equal(v.astype(np.float16), fresh)
     expected = np.mean(np.stack([v.astype(np.float64) for v in versions]), axis=0).astype(np.float16)
@@ -328,9 +344,10 @@ def test_realtime_answers_fresh_value_when_compute_is_fast(soap_env, serving_a, 
 @slow
 def test_back_to_back_realtime_reads_of_a_user_each_build_on_the_last(soap_env, deployed_a, serving_a, url):
     """Realtime write-backs are buffered and written together after the answers; a read of a user whose write is
-    still buffered flushes it first, so each answer pools over the previous one and the last is what is stored."""
+    still buffered flushes it first, so each answer pools over the previous one and the last is what is stored
+    (under write pooling, where each write-back is a version the next answer must see)."""
     _fresh_rows(soap_env, url, deployed_a, [6])
-    with _configured(soap_env, mode="realtime", realtime_budget_ms=5000):
+    with _configured(soap_env, mode="realtime", realtime_budget_ms=5000, compute_options={"pool_unit": "write"}):
         answers = []
         for _ in range(3):
             resp = httpx.get(f"{url}/users/6/embeddings", timeout=30)
