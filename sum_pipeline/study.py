@@ -24,6 +24,7 @@ in ``study.workers`` processes:
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -52,6 +53,8 @@ try:  # each downstream model's own user features (the presets' dense features b
     from sum_platform import downstream_inputs
 except ImportError:  # pragma: no cover
     downstream_inputs = None
+
+log = logging.getLogger(__name__)
 
 #: Arms that do not depend on the pool unit; async and realtime are measured under each unit.
 UNIT_FREE_ARMS = ("none", "frozen", "offline", "offline_raw")
@@ -351,7 +354,7 @@ def run_study(params: Params, dataset: str, out_dir, days: int | None = None, se
                             f"{n_workers} worker(s), {n_days} window days + {cfg.warmup_days} warm-up; summed over "
                             "seeds (wall / CPU): " + ", ".join(f"{k} {v:.0f} / {results['stage_cpu_seconds'][k]:.0f} s"
                                                                for k, v in stage.items()))
-    print(results["benchmark"], flush=True)
+    log.info("%s", results["benchmark"])
     write_report(results, out_dir)
     return results
 
@@ -420,7 +423,7 @@ def assemble(params: Params, dataset: str, per_seed: list[dict], seed_list: list
         "serving_pool_unit": default_unit(params),
         "offline_same_under_both_units": all(s["offline_same_under_both_units"] for s in per_seed),
         "downstream_features": {name: describe(sp) for name, sp in specs.items()},
-        "downstream_training": f"{params.downstream.epochs} epochs a day at batch {params.downstream.batch_size}, "
+        "downstream_training": f"{params.downstream.epochs} epochs a day at batch {cfg.downstream_batch_size}, "
                                f"learning rate {params.downstream.learning_rate}, warm-started daily",
         "seeds": seed_list,
         "workers": n_workers,

@@ -61,7 +61,7 @@ def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: 
                     table = permutation_importance(model, day.frame, emb, repeats=cfg.importance_repeats, seed=seed)
             break
         model, _ = train_downstream(spec, day.frame, emb, epochs=params.downstream.epochs,
-                                    batch_size=params.downstream.batch_size, lr=params.downstream.learning_rate,
+                                    batch_size=cfg.downstream_batch_size, lr=params.downstream.learning_rate,
                                     seed=seed * 1000 + i, init_from=model)
     return scored, table
 

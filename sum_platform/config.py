@@ -307,6 +307,7 @@ class StudyConfig(_Section):
     gate_snapshots: bool                       # serve only snapshots the gate blesses (sum_pipeline/study_gate.py)
     seeds: int = Field(ge=1)
     workers: int = Field(ge=1)                 # processes the seeds run in (one core each)
+    downstream_batch_size: int = Field(ge=1)   # the study's downstream training batch (downstream.epochs a day)
     importance_repeats: int = Field(ge=1)
     replay_batch: int = Field(ge=1)            # requests per compute call in the replay (coalescing)
     realtime_fallback_rate: float = Field(ge=0, le=1)
