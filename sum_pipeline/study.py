@@ -414,6 +414,8 @@ def assemble(params: Params, dataset: str, per_seed: list[dict], seed_list: list
         "frozen": frozen_text,
         "frozen_staleness_days": staleness[0] if staleness else None,
         "warmup_days": cfg.warmup_days,
+        "warmup": f"the upstream trains {cfg.warmup_days} days before the window, {cfg.warmup_epochs} epoch(s) a day "
+                  f"(window days: {params.train.epochs})",
         "offline_staleness_days": cfg.offline_staleness_days,
         "staleness": {"frozen": frozen_text, "offline": f"{cfg.offline_staleness_days}-day"},
         "realtime_fallback_rate": fallback,

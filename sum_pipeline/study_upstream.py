@@ -130,8 +130,9 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
         holdout = holdout_mask(day.frame, params.events.holdout_fraction)
         # the window's day t trains with seed + t (as without a warm-up); the warm-up's days with seeds of their own
         train_seed = seed + t if t >= 0 else seed + _WARMUP_SEEDS + i
-        train_model(model, day.frame[~holdout].reset_index(drop=True), spec, params.train.model_dump(),
-                    seed=train_seed, progress=False)
+        train_cfg = params.train.model_dump() | ({} if t >= 0 else {"epochs": params.study.warmup_epochs})
+        train_model(model, day.frame[~holdout].reset_index(drop=True), spec, train_cfg, seed=train_seed,
+                    progress=False)
         model.eval()
         holdout_frame = day.frame[holdout].reset_index(drop=True)
         ne = ne_accumulator(model, holdout_frame, spec).compute_defined()[0]

@@ -303,6 +303,7 @@ class StudyConfig(_Section):
     days: int = Field(ge=3)                    # the window: usable days (>= validation.min_event_rows) after the warm-up
     eval_days: int = Field(ge=1)               # the last of them: downstream models are evaluated there
     warmup_days: int = Field(ge=0)             # upstream-only days before the window; frozen = their last snapshot
+    warmup_epochs: int = Field(ge=1)           # the upstream's epochs on a warm-up day (train.epochs in the window)
     offline_staleness_days: int = Field(ge=1)  # offline batch mode reads the batch written after day t - this
     gate_snapshots: bool                       # serve only snapshots the gate blesses (sum_pipeline/study_gate.py)
     seeds: int = Field(ge=1)

@@ -37,7 +37,8 @@ def study(session_dir: Path, tmp_path_factory):
     raw["source"]["movielens"]["cache_dir"] = str(session_dir / "movielens-cache")  # shared with the DAG test
     raw["study"].update({"seeds": 2, "importance_repeats": 1})
     # the profile's own window, shortened: 3 warm-up days, then 5 days
-    raw["profiles"]["movielens"]["study"] = {"days": 5, "eval_days": 2, "warmup_days": 3}
+    raw["profiles"]["movielens"]["study"] = {"days": 5, "eval_days": 2, "warmup_days": 3, "gate_snapshots": True,
+                                             "downstream_batch_size": 32}
     raw["downstream"]["epochs"] = 1
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -100,6 +101,12 @@ def test_every_model_arm_unit_window_and_subset_is_measured_on_movielens(study):
     assert c["frozen_staleness_days"][0] >= 2 and c["offline_same_under_both_units"] is True
     assert set(c["world"].values()) == {"fixed data (the same days for every seed)"}
     assert results["directions"] and all("evidence" in d for d in results["directions"])
+    # only gate-blessed snapshots serve: every upstream day judged, the serving snapshot a blessed one
+    gate = [r for r in results["gate"] if r["seed"] == 7]
+    assert [r["ds"] for r in gate] == sorted({r["ds"] for r in results["norms"]}) and all(r["gated"] for r in gate)
+    blessed = {r["candidate"] for r in gate if r["blessed"]} | {gate[0]["candidate"]}
+    assert all(r["serving"] in blessed for r in gate)
+    assert c["gate"].startswith("snapshots served only once")
 
 
 def test_seeds_in_worker_processes_give_the_serial_numbers(tmp_path, monkeypatch):
