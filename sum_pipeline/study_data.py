@@ -2,8 +2,8 @@
 
 A day's users partition may hold several timestamped rows per user (features that change within the day, e.g.
 recent-engagement id lists): each impression gets the latest row at or before it (a point-in-time join, what
-Feast's historical retrieval does), and the study embeds each distinct (user, row) once. With one row per user
-stamped at the day's start this is exactly the daily join of :func:`sum_platform.sources.joined_day`.
+Feast's historical retrieval does: :func:`sum_platform.sources.joined_day`), and the study embeds each distinct
+(user, row) once. With one row per user stamped at the day's start that is the daily snapshot join.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from sum_platform.sources import day_frames, joined_day, source_dates
 
 #: How far past ``days`` the simulator's calendar is searched for usable days (each is simulated once).
 _SIMULATED_SEARCH = 10
+#: The column carrying each user row's index through the join.
+_ROW = "_study_row"
 
 
 @dataclass
@@ -108,31 +110,11 @@ def _take(params: Params, days: int) -> list[tuple[str, pd.DataFrame, pd.DataFra
 
 
 def joined(ds: str, events: pd.DataFrame, users: pd.DataFrame, params: Params) -> Day:
-    """A day's impressions each joined with its user's row in force at the impression's time."""
+    """A day's impressions each joined with its user's row in force at the impression's time (the platform's
+    point-in-time join, :func:`sum_platform.sources.joined_day`), and which row that was."""
     uid, ts = params.events.user_id, params.events.timestamp
-    if users[uid].is_unique:  # a daily snapshot: the platform's own join
-        users = users.sort_values(uid, kind="stable").reset_index(drop=True)
-        return Day(ds, joined_day(events, users, params), users)
-    return point_in_time(ds, events, users, params)
-
-
-def point_in_time(ds: str, events: pd.DataFrame, users: pd.DataFrame, params: Params) -> Day:
-    """The point-in-time join: each impression gets the latest user row at or before it (impressions of users
-    without one are dropped, as the daily join drops users without a row)."""
-    uid, ts = params.events.user_id, params.events.timestamp
-    has_time = ts in users.columns
-    order = [uid, ts] if has_time else [uid]
+    order = [uid, ts] if ts in users.columns else [uid]
     users = users.sort_values(order, kind="stable").reset_index(drop=True)
-    right = pd.DataFrame({uid: users[uid].to_numpy(), "_row": np.arange(len(users), dtype=np.int64),
-                          "_row_ts": (pd.to_datetime(users[ts], utc=True) if has_time
-                                      else pd.Timestamp(ds, tz="UTC")).astype("datetime64[us, UTC]")})
-    left = events.assign(_ev_ts=pd.to_datetime(events[ts], utc=True).astype("datetime64[us, UTC]"),
-                         _pos=np.arange(len(events)))
-    matched = pd.merge_asof(left.sort_values("_ev_ts", kind="stable"), right.sort_values("_row_ts", kind="stable"),
-                            left_on="_ev_ts", right_on="_row_ts", by=uid, direction="backward")
-    matched = matched[matched["_row"].notna()].sort_values("_pos", kind="stable")
-    rows = matched["_row"].to_numpy(np.int64)
-    features = users.drop(columns=[uid, ts], errors="ignore").iloc[rows].reset_index(drop=True)
-    frame = pd.concat([events.iloc[matched["_pos"].to_numpy()].reset_index(drop=True), features], axis=1)
-    order_idx = frame.sort_values([ts, "impression_id"], kind="stable").index.to_numpy()
-    return Day(ds, frame.iloc[order_idx].reset_index(drop=True), users, rows[order_idx])
+    frame = joined_day(events, users.assign(**{_ROW: np.arange(len(users), dtype=np.int64)}), params)
+    rows = frame.pop(_ROW).to_numpy(np.int64)
+    return Day(ds, frame, users, rows)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sum_pipeline.study_data import Day, joined, point_in_time
+from sum_pipeline.study_data import Day, joined
 from sum_pipeline.study_replay import replay
 from sum_pipeline.study_store_replay import replay_store, store_supports_unit
 from sum_pipeline.study_upstream import Upstream
@@ -132,7 +132,7 @@ def random_case():
         events = pd.DataFrame({"impression_id": [f"{ds}-{j:04d}" for j in range(n)],
                                "user_id": rng.choice(known, size=n),
                                "event_ts": pd.Timestamp(ds, tz="UTC") + pd.to_timedelta(ms, unit="ms")})
-        days.append(point_in_time(ds, events, users, params) if i == 2 else joined(ds, events, users, params))
+        days.append(joined(ds, events, users, params))
     assert len(days[2].users) > days[2].users["user_id"].nunique()
     ids = [snapshot_id_for(day.ds) for day in days]
     emb = lambda n: rng.normal(size=(n, k, d)).astype(np.float16)  # noqa: E731
@@ -141,7 +141,7 @@ def random_case():
     return params, days, up
 
 
-def test_point_in_time_join_gives_each_impression_the_latest_row_and_equals_the_daily_join_on_one_row(random_case):
+def test_each_impression_is_joined_with_the_latest_user_row_at_or_before_it(random_case):
     params, days, _ = random_case
     day = days[2]
     row_ts = pd.to_datetime(day.users["event_ts"], utc=True).to_numpy()[day.rows]
@@ -150,8 +150,7 @@ def test_point_in_time_join_gives_each_impression_the_latest_row_and_equals_the_
     later = day.frame["event_ts"].dt.hour >= 12
     changed = day.frame["user_id"].isin(day.users["user_id"][day.users["event_ts"].dt.hour == 12])
     assert (pd.to_datetime(row_ts[later & changed]).hour == 12).all() and (later & changed).any()
-    one = days[1]   # one row per user: the general join equals the platform's daily join
-    events = one.frame[["impression_id", "user_id", "event_ts"]].sample(frac=1, random_state=0)
-    general = point_in_time(one.ds, events, one.users, params)
-    pd.testing.assert_frame_equal(general.frame, one.frame)
-    assert (general.rows == one.rows).all()
+    assert (pd.to_datetime(row_ts[~later]).hour == 0).all()
+    one = days[1]   # one row per user: the row is the user's
+    assert (one.users["user_id"].to_numpy()[one.rows] == one.frame["user_id"].to_numpy()).all()
+    assert "_study_row" not in one.frame.columns and len(one.latest) == len(one.users)
