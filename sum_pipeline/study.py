@@ -29,7 +29,7 @@ import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -72,7 +72,7 @@ def default_unit(params: Params) -> str:
     return str(getattr(params.serving, "pool_unit", "snapshot"))
 
 
-def arm_keys(params: Params) -> list[tuple[str, str | None]]:
+def arm_keys() -> list[tuple[str, str | None]]:
     """Every measured (arm, pool unit)."""
     return [(a, None) for a in UNIT_FREE_ARMS] + [(a, u) for a in ONLINE_ARMS for u in POOL_UNITS]
 
@@ -337,7 +337,7 @@ def run_study(params: Params, dataset: str, out_dir, days: int | None = None, se
     seed_list = [params.seed + i for i in range(n_seeds)]
     spec = spec_from_fields(user_feature_fields(params), params)
     specs = downstream_specs_for(params, spec)
-    n_arms = len(arm_keys(params))
+    n_arms = len(arm_keys())
     per_seed_steps = (cfg.warmup_days + n_days - 1) + 1 + len(specs) * n_arms
     total, done = n_seeds * per_seed_steps, [0]
 

@@ -9,7 +9,6 @@ when present); otherwise the last blessed one keeps serving, and the daily batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -168,7 +167,3 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
         prev_state = production.state_dict()  # the next candidate warm-starts from production (as the DAG's)
         progress(f"upstream seed {seed}", 1)
     return out
-
-
-def holdout_label_ne(up: Upstream, label: str) -> list[float]:
-    return [ne.get(label, math.nan) for ne in up.holdout_ne]
