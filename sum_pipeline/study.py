@@ -45,14 +45,8 @@ from sum_platform.config import Params
 from sum_platform.embedding_row import POOL_UNITS
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
 
-try:  # the paired statistics (this module's own tables before they land)
-    from sum_pipeline import study_stats
-except ImportError:  # pragma: no cover - until study_stats lands
-    study_stats = None
-try:  # each downstream model's own user features (the presets' dense features before they land)
-    from sum_platform import downstream_inputs
-except ImportError:  # pragma: no cover
-    downstream_inputs = None
+from sum_pipeline import study_stats
+from sum_platform import downstream_inputs
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +62,8 @@ Progress = Callable[[str, int, int], None]  # (what, steps done, steps in all) -
 
 
 def default_unit(params: Params) -> str:
-    """Serving's pool unit (``serving.pool_unit`` once serving has the switch; ``snapshot``, its default)."""
-    return str(getattr(params.serving, "pool_unit", "snapshot"))
+    """Serving's pool unit (``serving.pool_unit``)."""
+    return str(params.serving.pool_unit)
 
 
 def arm_keys() -> list[tuple[str, str | None]]:
@@ -82,39 +76,14 @@ def arm_label(arm: str, unit: str | None, params: Params) -> str:
     return arm if unit is None or unit == default_unit(params) else f"{arm}@{unit}"
 
 
-def t_interval(values: list[float], confidence: float = 0.95, lower: float = -math.inf,
-               upper: float = math.inf) -> list[float] | None:
-    """Student-t confidence interval of the mean (None for fewer than two values), clipped to the values'
-    possible range ``[lower, upper]`` (a rank's interval never starts below 1)."""
-    from scipy import stats  # scipy: only the report's statistics need it
-
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if len(vals) < 2:
-        return None
-    mean, sem = float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(vals) - 1)) * sem
-    return [max(mean - half, lower), min(mean + half, upper)]
-
-
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
 
 
-def _pct(with_: float | None, without: float | None) -> float | None:
-    return None if with_ is None or without is None else 100.0 * (with_ - without) / without
-
-
 def downstream_specs_for(params: Params, spec) -> dict:
-    """The downstream models' specs: each model's own user features (``downstream.user_features``, through
-    ``sum_platform.downstream_inputs`` once it exists; before it, the presets' dense user features)."""
-    if downstream_inputs is not None and hasattr(downstream_inputs, "downstream_specs_for"):
-        return downstream_inputs.downstream_specs_for(params)
-    from sum_models.downstream import downstream_specs
-
-    return downstream_specs(params.events.ad_dense, params.events.ad_sparse, spec.user_dense, params.events.labels,
-                            num_embeddings=params.model.num_embeddings, embedding_dim=params.model.embedding_dim,
-                            names=params.downstream.models)
+    """The downstream models' specs: each model's own user features (``downstream.user_features``)."""
+    return downstream_inputs.downstream_specs_for(params)
 
 
 # ------------------------------------------------------------------------------------------------ one seed
@@ -348,6 +317,7 @@ def run_study(params: Params, dataset: str, out_dir, days: int | None = None, se
 
     per_seed = _run_seeds(params, seed_list, n_days, n_workers, on_step)
     results = assemble(params, dataset, per_seed, seed_list, specs, n_days, n_workers)
+    results["user_signal"] = baseline_signal(params, results["eval_days"][-1], len(seed_list))
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     stage = results["stage_seconds"]
     results["benchmark"] = (f"study {dataset}: {results['wall_seconds']:.0f} s wall for {n_seeds} seeds on "
@@ -357,6 +327,31 @@ def run_study(params: Params, dataset: str, out_dir, days: int | None = None, se
     log.info("%s", results["benchmark"])
     write_report(results, out_dir)
     return results
+
+
+#: Worlds the user-signal yardstick averages over (each a ridge fit on one day's users: seconds, not minutes).
+SIGNAL_WORLDS = 3
+
+
+def baseline_signal(params: Params, ds: str, n_seeds: int) -> list[dict[str, Any]]:
+    """How much of the simulated user each downstream baseline already sees, beside what SUM's user model reads:
+    per feature set, the out-of-sample R^2 of a linear read of the hidden interests and propensities
+    (:func:`sum_platform.downstream_inputs.user_signal_share`) on day ``ds``, in the first ``SIGNAL_WORLDS`` seeds'
+    worlds. The three downstream models see different amounts of the user, so their gains against this yardstick
+    are the study's dose-response. Empty for sources without a known hidden state (MovieLens, parquet).
+    """
+    if params.source.kind != "simulator":
+        return []
+    spec = spec_from_fields(user_feature_fields(params), params)
+    sets = {name: f.model_dump() for name, f in params.downstream.user_features.items()
+            if name in params.downstream.models}
+    sets["SUM user model"] = {"dense": len(spec.user_dense), "lists": list(spec.user_sparse)}
+    out = []
+    for index in range(min(SIGNAL_WORLDS, n_seeds)):
+        world, _ = world_params(params, index)
+        for name, features in sets.items():
+            out.append({"model": name, "world": index, **downstream_inputs.user_signal_share(ds, world, features)})
+    return out
 
 
 def _run_seeds(params: Params, seed_list: list[int], n_days: int, n_workers: int,
@@ -396,7 +391,7 @@ def _worker(params: Params, seed: int, index: int, n_days: int, queue) -> dict:
 def assemble(params: Params, dataset: str, per_seed: list[dict], seed_list: list[int], specs: dict, n_days: int,
              n_workers: int) -> dict[str, Any]:
     """The results from every seed's measurements: the records ``study_stats`` reads, the choices, and the
-    tables (``study_stats.tables`` when it exists, else this module's own)."""
+    tables (``study_stats.tables``)."""
     cfg = params.study
     first = per_seed[0]
     dates = first["window_days"]
@@ -462,142 +457,5 @@ def assemble(params: Params, dataset: str, per_seed: list[dict], seed_list: list
         for label, st in s["mode_stats"].items():
             mode_stats.setdefault(label, []).append(st)
     fi = {(r["model"], r["seed"]): (r["rank"], r["n_features"]) for r in results["fi_rank"]}
-    results.update({
-        "table1": _table1(specs, seed_list, eval_ne, fi),
-        "table2": _table2(params, specs, seed_list, eval_ne, mode_stats, choices),
-        "table3": _table3([r for r in results["shift"] if r.get("part") == "total"]),
-        "table4": _table4(specs, seed_list, eval_ne, train_ne),
-    })
-    results["directions"] = directions(results)
-    if study_stats is not None and hasattr(study_stats, "tables"):
-        results["fallback_tables"] = {k: results[k] for k in ("table1", "table2", "table3", "table4", "directions")}
-        results.update(study_stats.tables(results))
+    results.update(study_stats.tables(results))
     return results
-
-
-def _diffs(arm: str, model: str, seeds: list[int], ne: dict) -> list[float | None]:
-    return [_pct(ne[arm, model, s], ne["none", model, s]) for s in seeds]
-
-
-def _diffs_over_models(arm: str, models, seeds: list[int], ne: dict) -> list[float | None]:
-    """Per seed, the mean NE diff of ``arm`` over the models (the paper's row is one model; ours average three)."""
-    return [_mean([_pct(ne[arm, m, s], ne["none", m, s]) for m in models]) for s in seeds]
-
-
-# ------------------------------------------------------------------- the tables without paired statistics
-# (used until sum_pipeline/study_stats.py provides ``tables``; kept in results["fallback_tables"] after)
-
-def _table1(specs, seeds, eval_ne, fi_rank) -> list[dict]:
-    rows = []
-    for name, spec in specs.items():
-        diffs = _diffs(TABLE1_ARM, name, seeds, eval_ne)
-        ranks = [fi_rank.get((name, s), (None, None))[0] for s in seeds]
-        n_features = max((fi_rank.get((name, s), (None, 0))[1] for s in seeds), default=None)
-        rows.append({
-            "model": name, "label": spec.label, "description": describe(spec),
-            "ne_without": _mean([eval_ne["none", name, s] for s in seeds]),
-            "ne_with": _mean([eval_ne[TABLE1_ARM, name, s] for s in seeds]),
-            "ne_diff_pct": _mean(diffs), "ne_diff_ci": t_interval(diffs),
-            "fi_rank": _mean(ranks), "fi_rank_ci": t_interval(ranks, lower=1, upper=n_features or math.inf),
-            "n_features": n_features,
-            "per_seed": [{"seed": s, "ne_without": eval_ne["none", name, s], "ne_with": eval_ne[TABLE1_ARM, name, s],
-                          "ne_diff_pct": diff, "fi_rank": rank} for s, diff, rank in zip(seeds, diffs, ranks)],
-        })
-    return rows
-
-
-def _table2(params, specs, seeds, eval_ne, mode_stats, choices) -> list[dict]:
-    rows = []
-    for mode in TABLE2_MODES:
-        units = POOL_UNITS if mode in ONLINE_ARMS else (None,)
-        for unit in units:
-            label = arm_label(mode, unit, params)
-            per_model = {name: _mean(_diffs(label, name, seeds, eval_ne)) for name in specs}
-            per_seed = _diffs_over_models(label, specs, seeds, eval_ne)
-            stats = mode_stats.get(label, [])
-            rows.append({"mode": label, "pool_unit": unit, "staleness": choices["staleness"].get(mode),
-                         "ne_diff_pct": _mean(per_seed), "ne_diff_ci": t_interval(per_seed), "per_model": per_model,
-                         "coverage": _mean([s["coverage"] for s in stats]) if stats else 1.0,
-                         "fallback_rate": _mean([s["fallback_rate"] for s in stats]) if mode == "realtime" else None})
-    return rows
-
-
-def _table3(shift_rows: list[dict]) -> list[dict]:
-    frame = pd.DataFrame(shift_rows)
-    if frame.empty:
-        return []
-    means = frame.groupby(["embedding", "pooling"], as_index=False)[["cosine", "l2_change"]].mean()
-    return [{"embedding": int(r.embedding), "pooling": int(r.pooling), "cosine": float(r.cosine),
-             "l2_change": float(r.l2_change)} for r in means.itertuples()]
-
-
-def _table4(specs, seeds, eval_ne, train_ne) -> list[dict]:
-    rows = []
-    for setting, arm in (("no_ap", "offline_raw"), (f"ap{POOL_DEPTH}", "offline")):
-        train, evals = _diffs_over_models(arm, specs, seeds, train_ne), _diffs_over_models(arm, specs, seeds, eval_ne)
-        rows.append({"setting": setting, "arm": arm, "train_ne_diff_pct": _mean(train), "train_ne_diff_ci": t_interval(train),
-                     "eval_ne_diff_pct": _mean(evals), "eval_ne_diff_ci": t_interval(evals)})
-    return rows
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{v:+.{digits}f}"
-
-
-def directions(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Whether each of the paper's directions holds in ``results``, with the numbers (None: not measurable)."""
-    out = []
-    t1 = results["table1"]
-    diffs = {r["model"]: r["ne_diff_pct"] for r in t1}
-    measured = [v for v in diffs.values() if v is not None]
-    out.append({
-        "claim": "SUM embeddings lower every downstream model's NE (Table 1: all diffs negative)",
-        "holds": (all(v < 0 for v in measured) if measured else None),
-        "evidence": "; ".join(f"{m} {_fmt(v)} % (CI {_ci(r['ne_diff_ci'])})" for m, v, r in
-                              ((r["model"], r["ne_diff_pct"], r) for r in t1)),
-    })
-    ranks = {r["model"]: r["fi_rank"] for r in t1}
-    ctr = [m for m in ranks if m in ("click", "inbox") and ranks[m] is not None]
-    out.append({
-        "claim": "the SUM embeddings rank among the top features of the CTR models (paper: rank 1-4 in 6 of 8)",
-        "holds": (all(ranks[m] <= 4 for m in ctr) if ctr else None),
-        "evidence": "; ".join(f"{m}: rank {ranks[m]:.1f} of {r['n_features']}" for m, r in
-                              ((r["model"], r) for r in t1) if ranks[m] is not None),
-    })
-    t2 = {r["mode"]: r["ne_diff_pct"] for r in results["table2"]}
-    chain = [t2.get(m) for m in ("frozen", "offline", "async")]
-    ordered = None if None in chain else chain[0] > chain[1] > chain[2]
-    out.append({
-        "claim": "serving modes order frozen < offline batch < async in NE gain (Table 2)",
-        "holds": ordered,
-        "evidence": ", ".join(f"{m} {_fmt(t2.get(m))} %" for m in TABLE2_MODES),
-    })
-    a, r = t2.get("async"), t2.get("realtime")
-    kept = None if a is None or r is None or r >= 0 else a / r
-    out.append({
-        "claim": "async keeps most of realtime's gain, async ≲ realtime (paper: 89 %)",
-        "holds": None if kept is None else kept >= 0.8,
-        "evidence": f"async {_fmt(a)} %, realtime {_fmt(r)} %" + ("" if kept is None else f": {100 * kept:.0f} % kept"),
-    })
-    t3 = results["table3"]
-    raw = {x["embedding"]: x for x in t3 if x["pooling"] == 1}
-    ap = {x["embedding"]: x for x in t3 if x["pooling"] == POOL_DEPTH}
-    pairs = [(e, raw[e], ap[e]) for e in raw if e in ap]
-    out.append({
-        "claim": f"average pooling (k={POOL_DEPTH}) raises the day-to-day cosine and lowers the L2 change (Table 3)",
-        "holds": (all(p["cosine"] > q["cosine"] and p["l2_change"] < q["l2_change"] for _, q, p in pairs) if pairs else None),
-        "evidence": "; ".join(f"embedding {e}: cosine {q['cosine']:.3f} -> {p['cosine']:.3f}, L2 change "
-                              f"{100 * q['l2_change']:.1f} % -> {100 * p['l2_change']:.1f} %" for e, q, p in pairs),
-    })
-    t4 = {x["setting"]: x for x in results["table4"]}
-    no_ap, with_ap = t4.get("no_ap", {}).get("eval_ne_diff_pct"), t4.get(f"ap{POOL_DEPTH}", {}).get("eval_ne_diff_pct")
-    out.append({
-        "claim": f"with AP({POOL_DEPTH}) the downstream model's eval NE diff is lower than without pooling (Table 4)",
-        "holds": None if no_ap is None or with_ap is None else with_ap < no_ap,
-        "evidence": f"eval NE diff without AP {_fmt(no_ap)} %, with AP({POOL_DEPTH}) {_fmt(with_ap)} %",
-    })
-    return out
-
-
-def _ci(ci: list[float] | None) -> str:
-    return "n/a" if not ci else f"{ci[0]:+.3f} .. {ci[1]:+.3f}"

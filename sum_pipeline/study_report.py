@@ -273,6 +273,39 @@ def _how_to_read(results: Mapping[str, Any]) -> list[str]:
                         [[m, _value(seen.get(m)) if m in seen else "not stated by the study",
                           _num(next((r["ne_without"] for r in t1 if r["model"] == m), None), NE_DIGITS)]
                          for m in (list(seen) if seen else [r["model"] for r in t1])])
+    return lines + [""] + _user_signal(results)
+
+
+def user_signal_means(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per feature set (each downstream model's, and SUM's user model's), the mean over worlds of each R^2."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in results.get("user_signal") or []:
+        for key in ("interest_r2", "click_propensity_r2"):
+            if r.get(key) is not None:
+                out.setdefault(r["model"], {}).setdefault(key, []).append(float(r[key]))
+    return {m: {k: _mean(v) for k, v in keys.items()} for m, keys in out.items()}
+
+
+def _user_signal(results: Mapping[str, Any]) -> list[str]:
+    """SUM's gain per model next to how much of the user its baseline already sees: the study's dose-response."""
+    means = user_signal_means(results)
+    if not means:
+        return []
+    t1 = {r["model"]: r for r in results.get("table1", []) if r["subset"] == "all"}
+    lines = ["### SUM's gain against the user signal each baseline already has", "",
+             "How much of the simulated user's hidden state (interest vector, base click propensity) a linear read "
+             "of the features explains, out of sample (R², `sum_platform/downstream_inputs.py`), beside SUM's NE "
+             "gain on that model (Table 1). The models see different amounts of the user, so the rows are a "
+             "dose-response: a baseline that already sees more of the user leaves SUM less to add.", ""]
+    rows = []
+    for model, r2 in sorted(means.items(), key=lambda kv: kv[1].get("interest_r2") or 0.0):
+        row = t1.get(model)
+        rows.append([model, _num(r2.get("interest_r2"), 3), _num(r2.get("click_propensity_r2"), 3),
+                     _with_ci(row["ne_diff"]["mean"], row["ne_diff"]["ci"], DIFF_DIGITS) if row else
+                     "— (the upstream's own features)",
+                     row["verdict"] if row else MISSING])
+    lines += _table(["Features of", "R² interest", "R² click propensity", "SUM's NE diff % (async vs none)",
+                     "verdict"], rows)
     return lines + [""]
 
 

@@ -68,11 +68,15 @@ def fake_results() -> dict:
                                        "conversion": "4 of 8 user dense features",
                                        "inbox": "1 of 8 user dense features"},
                "staleness": {"frozen": "warm-up snapshot", "offline": "2 days"}}
+    # click's baseline sees the most of the user, inbox's the least; two worlds each.
+    user_signal = [{"model": m, "world": w, "interest_r2": r2 + 0.01 * w, "click_propensity_r2": r2 / 2}
+                   for w in (0, 1) for m, r2 in (("click", 0.56), ("conversion", 0.40), ("inbox", 0.17),
+                                                 ("SUM user model", 0.77))]
     return {"dataset": "simulated", "days": DAYS, "eval_days": EVAL_DAYS, "seeds": SEEDS, "wall_seconds": 754.3,
             "stage_seconds": {"upstream": 300.0, "replay": 54.0, "downstream": 400.0},
             "upstream": {"preset": "compact", "num_embeddings": 2, "embedding_dim": 96},
             "measurements": measurements, "fi_rank": fi_rank, "shift": shift, "norms": norms, "choices": choices,
-            "daily": daily, "importance": importance}
+            "daily": daily, "importance": importance, "user_signal": user_signal}
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +182,20 @@ def test_choices_runtime_and_what_the_baseline_sees(report):
     for png in ("contrasts.png", "serving_modes.png", "shift_vs_pooling.png", "ne_per_day.png",
                 "feature_importance.png", "norms_per_day.png"):
         assert f"]({png})" in text  # relative links
+
+
+def test_sums_gain_is_shown_against_the_user_signal_its_baseline_has(report):
+    _, written = report
+    lines = _lines(written)
+    assert "### SUM's gain against the user signal each baseline already has" in lines
+    rows = [ln for ln in lines if ln.startswith("| ") and any(m in ln for m in ("click |", "conversion |", "inbox |",
+                                                                                  "SUM user model |"))
+            and ("0.1" in ln or "0.4" in ln or "0.5" in ln or "0.7" in ln)]
+    # ordered by how much of the user the features explain (mean over worlds), SUM's own features last
+    order = [ln.split("|")[1].strip() for ln in rows if ln.split("|")[2].strip()[:1] == "0"]
+    assert order == ["inbox", "conversion", "click", "SUM user model"]
+    assert "0.565" in _row(lines, "| click |", "0.565")  # interest R^2: mean of 0.56 and 0.57
+    assert "the upstream's own features" in _row(lines, "SUM user model")
 
 
 def test_metrics_and_results_carry_the_contrasts(report):
