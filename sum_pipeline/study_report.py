@@ -295,8 +295,9 @@ def _user_signal(results: Mapping[str, Any]) -> list[str]:
     lines = ["### SUM's gain against the user signal each baseline already has", "",
              "How much of the simulated user's hidden state (interest vector, base click propensity) a linear read "
              "of the features explains, out of sample (R², `sum_platform/downstream_inputs.py`), beside SUM's NE "
-             "gain on that model (Table 1). The models see different amounts of the user, so the rows are a "
-             "dose-response: a baseline that already sees more of the user leaves SUM less to add.", ""]
+             "gain on that model (Table 1). The models see different amounts of the user, but they also differ in "
+             "task and size, so the rows are a coarse dose-response across models, not a sweep of one model's "
+             "features.", ""]
     rows = []
     for model, r2 in sorted(means.items(), key=lambda kv: kv[1].get("interest_r2") or 0.0):
         row = t1.get(model)
