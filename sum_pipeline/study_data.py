@@ -57,20 +57,16 @@ class Day:
 def world_params(params: Params, index: int) -> tuple[Params, dict]:
     """The params a seed's data is drawn with, and a description of that world.
 
-    Seed ``index`` of the study draws its own simulated world: the simulator's own seed when it has one
-    (``simulator.seed``), else the platform seed (which the simulator reads), offset by ``index``. Other sources
+    Seed ``index`` of the study draws its own simulated world: the simulator's seed (``simulator.seed``; null:
+    the platform seed) offset by ``index``. Other sources
     hold fixed data: every seed sees the same days.
     """
     if params.source.kind != "simulator":
         return params, {"source": params.source.kind, "world": "fixed data (the same days for every seed)"}
     sim = params.simulator
-    if "seed" in type(sim).model_fields:  # the simulator's own seed (null: the platform seed)
-        world = int(params.seed if sim.seed is None else sim.seed) + index
-        return params.model_copy(update={"simulator": sim.model_copy(update={"seed": world})}), \
-            {"source": "simulator", "world": f"simulator.seed = {world}", "world_seed": world}
-    world = int(params.seed) + index
-    return params.model_copy(update={"seed": world}), \
-        {"source": "simulator", "world": f"seed = {world} (the simulator reads the platform seed)", "world_seed": world}
+    world = int(params.seed if sim.seed is None else sim.seed) + index  # null: the platform seed
+    return params.model_copy(update={"simulator": sim.model_copy(update={"seed": world})}), \
+        {"source": "simulator", "world": f"simulator.seed = {world}", "world_seed": world}
 
 
 def _candidate_dates(params: Params, days: int) -> Iterator[str]:

@@ -69,6 +69,6 @@ def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: 
 def describe(spec) -> str:
     """What a downstream model reads, e.g. ``MLP 64-32; 6 dense (ad and user), 2 categorical, 1 id list``."""
     body = "logistic regression" if not spec.hidden else "MLP " + "-".join(str(h) for h in spec.hidden)
-    lists = len(getattr(spec, "lists", None) or ())
+    lists = len(spec.lists)
     return (f"{body}; {len(spec.dense)} dense (ad and user), {len(spec.sparse)} categorical"
             + (f", {lists} id list{'s' if lists != 1 else ''}" if lists else ""))

@@ -21,10 +21,7 @@ from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
 from sum_platform.workspace import snapshot_id_for
 
-try:  # the gate deciding which snapshots the study serves (every snapshot before it lands)
-    from sum_pipeline import study_gate
-except ImportError:  # pragma: no cover
-    study_gate = None
+from sum_pipeline import study_gate
 
 Progress = Callable[[str, int], None]  # (what, how many steps were added) -> None
 #: Offset of the warm-up days' training seeds (clear of the window's ``seed + t``).
@@ -95,7 +92,7 @@ class SnapshotGate:
                                                                      self.spec).compute_defined()[0]
         chain = study_gate.gate_chain(self.probe, self.candidate_ne, lambda t, j: self.production_ne.get((t, j)),
                                       self.params.gate, weights_finite=self.finite,
-                                      pool_unit=str(getattr(self.params.serving, "pool_unit", "snapshot")))
+                                      pool_unit=self.params.serving.pool_unit)
         last = chain[-1]
         return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
@@ -116,7 +113,7 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
     from sum_models.train import ne_accumulator, train_model
 
     out = Upstream(lead=min(lead, len(warm)))
-    gate = SnapshotGate(params, spec) if params.study.gate_snapshots and study_gate is not None else None
+    gate = SnapshotGate(params, spec) if params.study.gate_snapshots else None
     timeline = [*warm, *days[:-1]]   # every day the upstream trains on
     batch_from = len(warm) - out.lead
     prev_state = None
