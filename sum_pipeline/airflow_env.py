@@ -23,17 +23,33 @@ log = logging.getLogger(__name__)
 DAG_ID = "sum_daily"
 
 
-def environment(home: Path) -> dict[str, str]:
-    """The environment variables of a project-local Airflow whose home is ``home``."""
+def environment(home: Path, sql_alchemy_conn: str | None = None) -> dict[str, str]:
+    """The environment variables of a project-local Airflow whose home is ``home``.
+
+    ``sql_alchemy_conn``: the metadata DB (default: SQLite in ``home``); on SQLite every process waits for
+    another's write lock (:mod:`sum_pipeline.airflow_sqlite`).
+    """
+    url = sql_alchemy_conn or f"sqlite:///{home / 'airflow.db'}"
     return {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING"),
-    }
+    } | connect_args(url)
+
+
+def connect_args(url: str) -> dict[str, str]:
+    """``[database] sql_alchemy_connect_args`` (import paths Airflow resolves) for the metadata DB at ``url``:
+    SQLite's busy timeout, or none (psycopg2 knows no ``timeout``). Always set, so that an environment built on
+    another's (a test process's, the stack's parent shell) never inherits the wrong one."""
+    module = "sum_pipeline.airflow_sqlite"
+    sqlite = url.startswith("sqlite")
+    return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": f"{module}.{'CONNECT_ARGS' if sqlite else 'NONE'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC":
+                f"{module}.{'CONNECT_ARGS_ASYNC' if sqlite else 'NONE'}"}
 
 
 #: The simple auth manager's class path (Airflow 3's default auth manager).
@@ -56,7 +72,7 @@ def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jw
     (Airflow's default, 5 s, fails tasks at start-up - "finished with state failed, but the task
     instance's state attribute is queued" - when the machine is busy).
     """
-    env = environment(home) | {
+    env = environment(home, sql_alchemy_conn) | {
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
@@ -72,8 +88,6 @@ def stack_environment(home: Path, *, dags_folder: Path, host: str, port: int, jw
         "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret,
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": str(execution_api_timeout_s),
     }
-    if sql_alchemy_conn is not None:
-        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sql_alchemy_conn
     return env
 
 

@@ -84,8 +84,7 @@ def test_airflow_migrates_its_metadata_db_on_the_profile(profile, tmp_path):
     assert _admin(f"SELECT has_database_privilege('public', '{cfg.database}', 'CONNECT')") == "f"
 
     home = tmp_path / "airflow"
-    env = {**os.environ, **airflow_env.environment(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    env = {**os.environ, **airflow_env.environment(home, url), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     airflow_bin = Path(sys.executable).with_name("airflow")
     t0 = time.monotonic()
     proc = subprocess.run([str(airflow_bin), "db", "migrate"], env=env, cwd=tmp_path, capture_output=True,
