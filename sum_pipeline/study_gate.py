@@ -20,7 +20,7 @@ from sum_platform.config import GateConfig
 from sum_platform.embedding_row import PoolUnit
 from validation.gate import judge
 
-__all__ = ["ChainDay", "gate_chain", "held_days"]
+__all__ = ["ChainDay", "GateChain", "gate_chain", "held_days"]
 
 NE = Mapping[str, float]
 
@@ -91,41 +91,73 @@ def gate_chain(
     if len(candidate_ne) != days or (weights_finite is not None and len(weights_finite) != days):
         raise ValueError(f"{days} probe arrays but {len(candidate_ne)} NE entries"
                          + ("" if weights_finite is None else f" and {len(weights_finite)} weights_finite flags"))
-    shapes = {np.shape(p) for p in probe}
-    if len(shapes) > 1:
-        raise ValueError(f"probe embeddings differ in shape across days: {sorted(shapes)}")
-    promoted: list[int] = []  # blessed snapshots, newest first (the registry's promotion history)
-    out: list[ChainDay] = []
+    chain = GateChain(cfg, pool_unit)
     for t in range(days):
+        chain.step(probe[t], candidate_ne[t], production_ne,
+                   True if weights_finite is None else bool(weights_finite[t]))
+    return chain.days
+
+
+class GateChain:
+    """:func:`gate_chain` one day at a time (a day's decision depends only on the days before it): the study's
+    upstream judges each snapshot as it is trained, in time linear in the days.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from sum_platform.config import load_params
+        >>> chain = GateChain(load_params().gate)
+        >>> probe = np.random.default_rng(0).normal(size=(64, 2, 8)).astype(np.float16)  # [N, K, D]
+        >>> chain.step(probe, {"click": 0.9}, lambda t, j: None).reasons
+        ['first snapshot: no baseline, absolute checks only']
+        >>> chain.step(np.ones_like(probe), {"click": 0.9}, lambda t, j: None).blessed  # collapsed: held
+        False
+    """
+
+    def __init__(self, cfg: GateConfig, pool_unit: PoolUnit = "snapshot") -> None:
+        self.cfg, self.pool_unit = cfg, pool_unit
+        self.probe: list[np.ndarray] = []
+        self.promoted: list[int] = []  # blessed snapshots, newest first (the registry's promotion history)
+        self.days: list[ChainDay] = []
+
+    def step(self, probe: np.ndarray, candidate_ne: NE, production_ne: Callable[[int, int], NE | None],
+             weights_finite: bool = True) -> ChainDay:
+        """Judges the next day's candidate (its probe embeddings ``[N, K, D]`` and holdout NE per task)."""
+        probe = np.asarray(probe)
+        if self.probe and probe.shape != self.probe[0].shape:
+            raise ValueError(f"probe embeddings differ in shape across days: {[self.probe[0].shape, probe.shape]}")
+        t, promoted, cfg = len(self.probe), self.promoted, self.cfg
+        self.probe.append(probe)
         baseline = promoted[0] if promoted else None
         enforce = len(promoted) >= cfg.warmup_promotions
         verdict = judge(
-            np.asarray(probe[t]),
-            None if baseline is None else np.asarray(probe[baseline]),
-            dict(candidate_ne[t]),
+            probe,
+            None if baseline is None else self.probe[baseline],
+            dict(candidate_ne),
             cfg,
             None if baseline is None else _snapshot_id(baseline),
-            history=[np.asarray(probe[j]) for j in promoted[1:POOL_DEPTH]],
+            history=[self.probe[j] for j in promoted[1:POOL_DEPTH]],
             candidate_id=_snapshot_id(t),
             history_ids=[_snapshot_id(j) for j in promoted[1:POOL_DEPTH]],
-            pool_unit=pool_unit,
+            pool_unit=self.pool_unit,
             production_ne=None if baseline is None else production_ne(t, baseline),
-            weights_finite=True if weights_finite is None else bool(weights_finite[t]),
+            weights_finite=bool(weights_finite),
             enforce_shift=enforce,
         )
         if verdict.blessed:
             promoted.insert(0, t)
-        out.append(ChainDay(
+        day = ChainDay(
             day=t,
             blessed=verdict.blessed,
             baseline=baseline,
             serves_next=promoted[0] if promoted else None,
             shift_enforced=enforce and baseline is not None,
-            mean_norm=mean_norms(np.asarray(probe[t])),
+            mean_norm=mean_norms(probe),
             reasons=list(verdict.reasons),
             checks=[asdict(c) for c in verdict.checks],
-        ))
-    return out
+        )
+        self.days.append(day)
+        return day
 
 
 def held_days(chain: Sequence[ChainDay]) -> list[int]:

@@ -66,12 +66,9 @@ class SnapshotGate:
     def __init__(self, params: Params, spec) -> None:
         self.params, self.spec = params, spec
         self.probe_ids: np.ndarray | None = None
-        self.probe: list[np.ndarray] = []
-        self.candidate_ne: list[dict] = []
-        self.finite: list[bool] = []
-        self.production_ne: dict[tuple[int, int], dict | None] = {}
+        self.chain = study_gate.GateChain(params.gate, pool_unit=params.serving.pool_unit)
 
-    def judge(self, i: int, day: Day, latest, candidate: np.ndarray, ne: dict, model, production, production_index,
+    def judge(self, i: int, day: Day, latest, candidate: np.ndarray, ne: dict, model, production,
               holdout_frame) -> tuple[bool, list[str], list[float]]:
         """Whether day ``i``'s candidate is blessed, the reasons, and its mean norm on the probe."""
         import torch
@@ -84,16 +81,11 @@ class SnapshotGate:
         at = pd.Index(ids).get_indexer(self.probe_ids)
         if (at < 0).any():  # a probe user without a row today: the gate needs the same users every day
             raise ValueError(f"{int((at < 0).sum())} gate probe users have no row on {day.ds}")
-        self.probe.append(candidate[at])
-        self.candidate_ne.append(ne)
-        self.finite.append(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
-        if production is not None and (i, production_index) not in self.production_ne:
-            self.production_ne[i, production_index] = ne_accumulator(production, holdout_frame,
-                                                                     self.spec).compute_defined()[0]
-        chain = study_gate.gate_chain(self.probe, self.candidate_ne, lambda t, j: self.production_ne.get((t, j)),
-                                      self.params.gate, weights_finite=self.finite,
-                                      pool_unit=self.params.serving.pool_unit)
-        last = chain[-1]
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        # production's NE on today's holdout (the regression check's baseline); production is the chain's baseline
+        production_ne = None if production is None else \
+            ne_accumulator(production, holdout_frame, self.spec).compute_defined()[0]
+        last = self.chain.step(candidate[at], ne, lambda t, j: production_ne, finite)
         return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
 
@@ -117,7 +109,7 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
     timeline = [*warm, *days[:-1]]   # every day the upstream trains on
     batch_from = len(warm) - out.lead
     prev_state = None
-    production, production_id, production_index = None, None, None
+    production, production_id = None, None
     for i, day in enumerate(timeline):
         t = i - len(warm)            # window index (negative: warm-up)
         model = build_model(spec, params.model.model_dump(), seed=seed)
@@ -138,10 +130,10 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
         cid = snapshot_id_for(day.ds)
         blessed, reasons = True, []
         if gate is not None:
-            blessed, reasons, _ = gate.judge(i, day, latest, candidate, ne, model, production, production_index,
+            blessed, reasons, _ = gate.judge(i, day, latest, candidate, ne, model, production,
                                              holdout_frame)
         if blessed or production is None:  # nothing blessed yet: the first snapshot serves (marked below)
-            production, production_id, production_index = model, cid, i
+            production, production_id = model, cid
         out.gate.append({"ds": day.ds, "candidate": cid, "blessed": bool(blessed), "serving": production_id,
                          "gated": gate is not None, "warmup": t < 0, "reasons": reasons})
         for k, v in enumerate(_mean_l2(candidate)):
