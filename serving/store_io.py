@@ -22,7 +22,8 @@ A write reads the users' rows, puts the new version in (:func:`sum_platform.embe
 snapshot's own slot, shift for a new snapshot, drop a late write of a snapshot the row has moved past - such a row
 is not rewritten), pools and writes whole rows. Rows written before the per-slot snapshot ids (schema v1) are
 migrated by their next write, or all at once by :func:`migrate_rows` (``sumctl migrate-embeddings``); a rollback
-takes the rolled-back snapshot out of every row (:func:`retire_snapshot`). Concurrent writers (compute replicas,
+takes the rolled-back snapshot out of every row and records it as retired in the online store, so an old replica's
+late write of it is dropped (:func:`retire_snapshot`). Concurrent writers (compute replicas,
 the daily batch) never lose a version: on SQLite the read-modify-write holds an exclusive file lock next to the
 database and writes through Feast's provider (``ingest_df``: what ``write_to_online_store`` runs after a registry
 lookup the reader has already done); on Redis it is a transaction per chunk of users (``WATCH`` their keys, read
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -57,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from sum_platform.files import exclusive_lock
+from sum_platform.files import exclusive_lock, write_json
 from sum_platform.embedding_row import (PACKED_FIELDS, POOL_UNITS, SLOT_ID_FIELDS, SLOTS, VALUE_PREFIX, PoolUnit,
                                        Slots, as_slots,
                                        batch_fields, drop_snapshot, history_fields, migrate_ids, pack_value, pool,
@@ -88,6 +90,8 @@ __all__ = [
     "pooled_preview",
     "migrate_rows",
     "retire_snapshot",
+    "retired_snapshots",
+    "reinstate_snapshot",
     "v1_row_count",
     "row_dim",
     "row_slots",
@@ -216,11 +220,10 @@ class OnlineRowReader:
             self._fv_name = _versioned_fv_name(self.feature_view, cfg)
             self._ts_field = f"_ts:{self._fv_name}".encode()
             self._field_hash = lambda name: _mmh3(f"{self._fv_name}:{name}")
+            self.retired_key = _retired_key(cfg)
         if self._direct:
-            path = Path(cfg.online_store.path)
-            if not path.is_absolute() and cfg.repo_path:
-                path = Path(cfg.repo_path) / path
-            self.path = path
+            self.path = _sqlite_path(cfg)
+            self.retired_path = _retired_path(cfg)
             versioning = bool(getattr(cfg.registry, "enable_online_feature_view_versioning", False))
             self.table = compute_table_id(cfg.project, self.feature_view, versioning)
             self._identity = self._file_identity()
@@ -413,6 +416,14 @@ def _stack(vectors: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return np.stack([np.asarray(v, dtype=np.float32) for v in vectors])
 
 
+def _sqlite_path(cfg: Any) -> Path:
+    """The SQLite online store's database file of a Feast repo config."""
+    path = Path(cfg.online_store.path)
+    if not path.is_absolute() and cfg.repo_path:
+        path = Path(cfg.repo_path) / path
+    return path
+
+
 def redis_client(connection_string: str):
     """A redis-py client for a Feast connection string (``host:port,password=...``; a pool, thread-safe)."""
     import redis
@@ -531,8 +542,89 @@ def _write_lock(store: "FeatureStore") -> Iterator[None]:
     if not reader._direct:  # scale-out stores need their own per-key atomicity (see README)
         yield
         return
-    with exclusive_lock(Path(f"{reader.path}.write.lock")):
+    with _sqlite_write_lock(reader.path):
         yield
+
+
+def _sqlite_write_lock(path: Path) -> contextlib.AbstractContextManager:
+    return exclusive_lock(Path(f"{path}.write.lock"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Retired snapshots: the tombstones a rollback leaves, seen by every writer
+# ---------------------------------------------------------------------------------------------
+def _retired_key(cfg: Any) -> bytes:
+    """Redis: the set of retired snapshot ids of the project. Its name does not end in the project's name, as
+    Feast's user keys do: a rebuild of the online store deletes those it did not write, and must keep this one."""
+    return f"{cfg.project}:{EMBEDDINGS_VIEW}:retired_snapshots".encode()
+
+
+def _retired_path(cfg: Any) -> Path:
+    """SQLite: the retired snapshot ids, a JSON file beside the database (not in it: a rebuild of the online store
+    replaces the database's rows or the file itself, and must not bring a retired snapshot back)."""
+    path = _sqlite_path(cfg)
+    return path.with_name(f"{path.name}.retired_snapshots.json")
+
+
+def _read_retired_file(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text())["retired"])
+    except FileNotFoundError:
+        return set()
+
+
+def _is_retired(reader: OnlineRowReader, snapshot_id: str) -> bool:
+    """Whether a snapshot is retired, read as a write's read-modify-write reads its rows (see :func:`_rewrite`)."""
+    if reader.backend == "redis":
+        return bool(reader.redis.sismember(reader.retired_key, snapshot_id))
+    if reader._direct:
+        return snapshot_id in _read_retired_file(reader.retired_path)
+    return False  # other stores: no retirement (retire_snapshot cannot list their rows either)
+
+
+def retired_snapshots(store: "FeatureStore") -> set[str]:
+    """The snapshots retired by a rollback (and not promoted again since): writes of them are dropped."""
+    cfg = store.config
+    kind = str(getattr(cfg.online_store, "type", ""))
+    if kind == "redis":
+        members = redis_client(cfg.online_store.connection_string).smembers(_retired_key(cfg))
+        return {m.decode() for m in members}
+    if kind == "sqlite":
+        return _read_retired_file(_retired_path(cfg))
+    return set()
+
+
+def _set_retired(store: "FeatureStore", snapshot_id: str, retired: bool) -> bool:
+    """Adds a snapshot to the retired ones or takes it out; whether that changed anything. Needs only the store's
+    config (not its applied views): a promotion clears a retirement with no embeddings view read."""
+    cfg = store.config
+    kind = str(getattr(cfg.online_store, "type", ""))
+    if kind == "redis":
+        client, key = redis_client(cfg.online_store.connection_string), _retired_key(cfg)
+        return bool(client.sadd(key, snapshot_id) if retired else client.srem(key, snapshot_id))
+    if kind == "sqlite":
+        path = _retired_path(cfg)
+        if not retired and snapshot_id not in _read_retired_file(path):
+            return False  # the common case (every promotion asks): no lock, no file made
+        # Under the writers' lock: each write's read-modify-write is wholly before this change or wholly after it.
+        with _sqlite_write_lock(_sqlite_path(cfg)):
+            ids = _read_retired_file(path)
+            if (snapshot_id in ids) == retired:
+                return False
+            write_json(path, {"retired": sorted(ids | {snapshot_id} if retired else ids - {snapshot_id})})
+        return True
+    if retired:
+        raise NotImplementedError(f"retiring a snapshot in a {kind} online store")
+    return False
+
+
+def reinstate_snapshot(store: "FeatureStore", snapshot_id: str) -> bool:
+    """Takes a snapshot out of the retired ones (a deliberate promotion of it again undoes its rollback): its
+    writes land again. Returns whether it was retired."""
+    changed = _set_retired(store, snapshot_id, False)
+    if changed:
+        log.info("snapshot %s reinstated: its writes land again", snapshot_id)
+    return changed
 
 
 def _check(
@@ -757,13 +849,20 @@ def write_embeddings(
     else:
         ms = to_ms(written_at)
     position = {u: i for i, u in enumerate(order)}
+    dropped = [0]
 
     def rows(users: list[int]) -> pd.DataFrame:
+        # Read within the read-modify-write (see _rewrite): a retirement is seen here or sweeps this write's rows.
+        if _is_retired(reader, snapshot_id):
+            dropped[0] += len(users)
+            return pd.DataFrame()
         at = [position[u] for u in users]
         return _pooled_frame(reader, users, emb16[at], snapshot_id, ms[at] if isinstance(ms, np.ndarray) else ms,
                              batch, unit)
 
     df = _rewrite(store, reader, order, rows, what=f"{len(order)} embeddings of {snapshot_id}")
+    if dropped[0]:  # an old replica's late write-back after a rollback: expected while serving moves, not an error
+        log.info("dropped %d write(s) of %s: a rollback retired it", dropped[0], snapshot_id)
     if to_offline and len(df):
         log_offline(store, df, offline_file)
     return df if return_frame else int(len(df))
@@ -786,6 +885,13 @@ def _rewrite(store: "FeatureStore", reader: EmbeddingReader, users: list[int],
     ``HSET`` whole rows / ``EXEC``. A concurrent write to any of them between the ``WATCH`` and the ``EXEC`` aborts
     the transaction (``WatchError``) and the chunk is read and pooled again, so no writer's version is lost (what the
     file lock does for SQLite). Rows are encoded by Feast's own provider code, in the layout of Feast's Redis store.
+
+    The retired snapshots (:func:`retire_snapshot`) are read by ``rows`` inside the same atomic step: SQLite under
+    the file lock that also guards their file; Redis with their set ``WATCH``ed with the chunk's keys. A retirement
+    records the snapshot first, then sweeps every row. A write that read the set before the record commits its rows
+    before the record too (SQLite: the lock orders them; Redis: the record changes a watched key, so a later
+    ``EXEC`` fails and the chunk is read again, the record included), so the sweep, which lists and reads the rows
+    after the record, finds them; a write after the record sees it and is dropped. No window either way.
     """
     if reader.backend != "redis":
         with _write_lock(store):
@@ -804,7 +910,7 @@ def _rewrite(store: "FeatureStore", reader: EmbeddingReader, users: list[int],
         for attempt in range(REDIS_WRITE_RETRIES):
             with reader.redis.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(*keys)
+                    pipe.watch(*keys, reader.retired_key)
                     df = rows(chunk)
                     if len(df):
                         encoded = PassthroughProvider._prep_rows_to_write_for_ingestion(
@@ -908,7 +1014,16 @@ def retire_snapshot(store: "FeatureStore", snapshot_id: str, *, to_offline: bool
     """Takes one snapshot's versions out of every row (a rollback retires the rolled-back snapshot): its slots are
     emptied, the older versions move up (:func:`sum_platform.embedding_row.drop_snapshot`) and the served value is
     pooled again. Later writes of the restored production snapshot land in its own slot. A row left with no version
-    serves nothing until its next write. The batch value (offline mode's) is left: the next daily batch replaces it.
+    serves nothing until its next write.
+
+    The snapshot is first recorded as retired in the online store (:func:`retired_snapshots`), then the rows are
+    swept: every later write of it - an old replica's write-back while serving rolls back - is dropped, so it never
+    comes back into a pool (under ``snapshot`` pooling it is newer than the restored production and would shift the
+    history). Promoting it again clears the record (:func:`reinstate_snapshot`).
+
+    The batch value (offline mode's) is left as it is, even one pooled with the snapshot's version: that pool mixed
+    versions by their state at the batch's time, which the row no longer holds, so it cannot be re-pooled without
+    the snapshot; the next daily batch, of the restored production, replaces it.
 
     Args:
         store: An open feature store whose definitions are applied.
@@ -922,6 +1037,7 @@ def retire_snapshot(store: "FeatureStore", snapshot_id: str, *, to_offline: bool
     def change(slots: Slots) -> tuple[Slots, np.ndarray]:
         return drop_snapshot(slots, snapshot_id)
 
+    _set_retired(store, snapshot_id, True)  # before the sweep: see _rewrite
     seen, df = _rewrite_all(store, change, keep_served=False, after_ms=1, what=f"versions of {snapshot_id} retired")
     if to_offline and len(df):
         log_offline(store, df)

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from serving.rollout import base_url, served_version
-from serving.store_io import PACKED_FIELDS, _stack, history_fields, reader_for, row_slots, unpack_value
+from serving.store_io import (PACKED_FIELDS, _stack, history_fields, reader_for, retired_snapshots, row_slots,
+                              unpack_value)
 from sum_platform.context import Context
 from sum_platform.embedding_row import SLOT_ID_FIELDS, UNKNOWN_SNAPSHOT, VALUE_PREFIX, pool, v1_rows
 from sum_platform.feature_store import get_store
@@ -270,7 +271,9 @@ def _online_store(ctx: Context, out: Diagnosis, promoted: list[str]) -> None:
                 problems.setdefault(problem, []).append(uid)
             if v1_rows(row_slots(row, k))[0]:
                 v1.append(uid)
-    out.checked["online_store"] = {"rows": rows_checked, "v1_layout": len(v1)}
+    out.checked["online_store"] = {"rows": rows_checked, "v1_layout": len(v1),
+                                   # retired by rollbacks (their late writes are dropped) and not promoted since
+                                   "retired_snapshots": sorted(retired_snapshots(reader.store))}
     if v1:
         out.findings.append(Finding(
             "online_store", f"{len(v1)} row(s) in the v1 layout (older versions without their snapshot ids: pooled "

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from serving.ray_cluster import ensure_ray
 from serving.rollout import rollout as serve_rollout
 from serving.rollout import served_snapshot_id
-from serving.store_io import retire_snapshot
+from serving.store_io import reinstate_snapshot, retire_snapshot
 from sum_platform.audit_trail import save_audit_trail
 from sum_platform.context import Context, context
 from sum_platform.feature_store import get_store
@@ -84,6 +84,13 @@ def _promote(ctx: Context, snapshot_id: str, actor: str, reason: str, force: boo
     tag = tag_promotion(ctx.ws.root, snapshot_id, f"promote {snapshot_id}: {reason}", tracked=True)
     ctx.registry.update_record(snapshot_id, {"snapshot_version": data_version(ctx.ws.root, snap_dir), "tag": tag})
     promoted = ctx.registry.promote(snapshot_id, actor=actor, reason=reason, force=force)
+    # Promoting a snapshot a rollback retired undoes the rollback: its writes land again. After the registry flip
+    # (the decision); a failure here is mended by promoting again (a no-op up to here for the production snapshot).
+    try:
+        reinstate_snapshot(get_store(ctx.params), snapshot_id)
+    except Exception as exc:
+        raise RuntimeError(f"{snapshot_id} promoted, but its retirement by an earlier rollback was not cleared (its "
+                           f"writes are still dropped; rerun the promotion): {exc}") from exc
     _save_trail(ctx, f"audit: {snapshot_id} promoted by {actor}")
     return {"snapshot_id": snapshot_id, "tag": tag, "stage": promoted.stage, "promoted_at": promoted.promoted_at}
 
@@ -101,7 +108,8 @@ def _save_trail(ctx: Context, message: str) -> None:
 def rollback_production(actor: str, reason: str, to: str | None = None, reroll: bool = True) -> dict[str, Any]:
     """Makes the previous production snapshot (or ``to``) current again, re-rolls serving and retires the rolled-back
     snapshot's versions from every embedding row (:func:`serving.store_io.retire_snapshot`): no served pool holds
-    it afterwards, and the restored snapshot's next writes land in its own slot.
+    it afterwards, a late write of it by a replica still running it is dropped, and the restored snapshot's next
+    writes land in its own slot. Promoting the rolled-back snapshot again undoes this.
 
     Args:
         actor: Who rolls back (recorded).

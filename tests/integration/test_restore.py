@@ -84,6 +84,7 @@ def before(module_workspace: Path, remote: Path) -> dict:
 
     report = diagnose(ctx, serving=False)
     assert report.healthy, report.findings
+    assert report.checked["online_store"]["retired_snapshots"] == [f"sum-{DAYS[2]}"]  # its late writes are dropped
     return {
         "lineage": [r.to_dict() for r in ctx.registry.list()],
         "events": ctx.registry.events(),

@@ -59,3 +59,34 @@ def test_an_approval_forces_the_promotion_as_the_responding_user():
                             approved | {"responded_by_user": None}):  # the timeout's defaults have no user
         with pytest.raises(ValueError, match="not an approval"):
             approval_override(not_an_approval)
+
+
+def test_promoting_a_rolled_back_snapshot_again_lets_its_writes_land_again(tmp_path, monkeypatch):
+    """A rollback retired sum-2026-01-03 in the online store (a real Feast SQLite store): its late writes are
+    dropped. An operator promoting it again undoes the rollback: it is no longer retired and its writes land. (The
+    promotion's git/DVC steps are stubbed: this checks what the promotion does to the online store.)"""
+    import numpy as np
+
+    from serving.store_io import read_history, retire_snapshot, retired_snapshots, write_embeddings
+    from sum_pipeline import promotion
+    from sum_platform.feature_store import apply_definitions
+
+    monkeypatch.setenv("SUM_WORKSPACE", str(tmp_path))
+    ctx = _ctx(tmp_path)
+    store = apply_definitions(ctx.params)
+    k, d = ctx.params.model.num_embeddings, ctx.params.model.embedding_dim
+    for name in ("track_paths", "_save_trail"):
+        monkeypatch.setattr(promotion, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(promotion, "tag_promotion", lambda *args, **kwargs: "tag")
+    monkeypatch.setattr(promotion, "data_version", lambda *args, **kwargs: "v")
+    for i in (2, 3):
+        _promote(ctx, f"sum-2026-01-0{i}", f"2026-01-0{i}")
+    retire_snapshot(store, "sum-2026-01-03")  # what the rollback to 01-02 does after serving moved
+    promotion._promote(ctx, "sum-2026-01-02", "bob", "rollback", force=True)
+    assert retired_snapshots(store) == {"sum-2026-01-03"}
+    assert write_embeddings(store, [7], np.ones((1, k, d), np.float16), "sum-2026-01-03", 1_000) == 0
+
+    promotion._promote(ctx, "sum-2026-01-03", "alice", "the incident was elsewhere", force=True)
+    assert retired_snapshots(store) == set()
+    assert write_embeddings(store, [7], np.ones((1, k, d), np.float16), "sum-2026-01-03", 2_000) == 1
+    assert read_history(store, [7])[7]["snapshot_id"] == "sum-2026-01-03"

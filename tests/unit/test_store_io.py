@@ -3,8 +3,8 @@
 The feature repo is applied to a tmp workspace (tiny K and D); user features are written to the online
 store as the daily materialization would. Covers the pooled write of paper §5.2 under both pool units
 (``sum_platform.embedding_row``: a version per snapshot or per write), the direct read against Feast's own,
-concurrent writers (threads and processes, through a rollout), the migration of schema v1 rows and the retirement
-of a rolled-back snapshot.
+concurrent writers (threads and processes, through a rollout), the migration of schema v1 rows, the retirement
+of a rolled-back snapshot and the drop of its late writes (also racing the retirement from another process).
 """
 
 from __future__ import annotations
@@ -491,6 +491,118 @@ def test_a_rolled_back_snapshot_is_retired_from_every_row(feast_env):
     assert list(_stored(store, 662)[0].ids[0]) == [S1, None, None]
     np.testing.assert_array_equal(_stored(store, 660)[1], _mean([b2[:1], a[:1]]))
     _assert_served_is_the_pool(store, [660, 661, 662])
+
+
+def test_a_late_write_of_a_retired_snapshot_is_dropped_until_it_is_promoted_again(feast_env):
+    """After a rollback retires R2, an old replica's late write of R2 (newer than the restored R1, so it would shift
+    the history) is dropped: the row and its served value stay as they were. R1's writes still land. Reinstating R2
+    (a promotion of it again) lets its writes land again."""
+    store = feast_env["store"]
+    R0, R1, R2 = (f"sum-2026-05-0{i}" for i in range(1, 4))  # snapshots of this test's rows only
+    users = [670, 671]
+    rng = np.random.default_rng(16)
+    a, b, c, late, b2, again = (rng.standard_normal((2, K, D)).astype(np.float16) for _ in range(6))
+    write_embeddings(store, users, a, R0, 1_000)
+    write_embeddings(store, users, b, R1, 2_000)
+    write_embeddings(store, users, c, R2, 3_000)
+    assert store_io.retire_snapshot(store, R2)["retired"] == 2
+    assert R2 in store_io.retired_snapshots(store)
+    before = read_history(store, users)
+    served = read_embeddings(store, users)
+
+    assert write_embeddings(store, users, late, R2, 4_000) == 0
+    assert len(write_embeddings(store, users, late, R2, 4_001, return_frame=True)) == 0
+    after = read_history(store, users)
+    for uid in users:
+        assert list(_stored(store, uid)[0].ids[0]) == [R1, R0, None]
+        for field, value in before[uid].items():
+            np.testing.assert_array_equal(np.asarray(after[uid][field]), np.asarray(value), err_msg=field)
+        np.testing.assert_array_equal(read_embeddings(store, [uid])[uid]["embeddings"], served[uid]["embeddings"])
+
+    # The restored production's writes land in its own slot.
+    assert write_embeddings(store, users, b2, R1, 5_000) == 2
+    assert list(_stored(store, 670)[0].ids[0]) == [R1, R0, None]
+    np.testing.assert_array_equal(_stored(store, 670)[1], _mean([b2[:1], a[:1]]))
+
+    # Promoted again: R2 is no longer retired and its next write shifts the history as a new snapshot's does.
+    assert store_io.reinstate_snapshot(store, R2) is True
+    assert R2 not in store_io.retired_snapshots(store)
+    assert store_io.reinstate_snapshot(store, R2) is False
+    assert write_embeddings(store, users, again, R2, 6_000) == 2
+    assert list(_stored(store, 670)[0].ids[0]) == [R2, R1, R0]
+    np.testing.assert_array_equal(_stored(store, 670)[1], _mean([again[:1], b2[:1], a[:1]]))
+    _assert_served_is_the_pool(store, users)
+
+
+_LATE_REPLICA = """
+import sys
+import numpy as np
+from serving.store_io import write_embeddings
+from sum_platform.config import load_params
+from sum_platform.feature_store import get_store
+params_file, progress, stop, snapshot, k, d = sys.argv[1:7]
+users = [int(u) for u in sys.argv[7].split(",")]
+store = get_store(load_params(params_file))
+j = 0
+with open(progress, "a") as out:
+    while True:
+        stopping = __import__("os").path.exists(stop)  # one last write after the stop is asked
+        written = write_embeddings(store, users, np.full((len(users), int(k), int(d)), 100 + j % 100, np.float16),
+                                   snapshot, 50_000 + j)
+        out.write(f"{j} {written}\\n")
+        out.flush()
+        j += 1
+        if stopping:
+            break
+"""
+
+
+def _progress(path):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [tuple(map(int, line.split())) for line in lines if line.count(" ") == 1]
+
+
+def _wait_for(what, timeout_s=300.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        assert time.monotonic() < deadline, "the writer process made no progress"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # a second Python process importing Feast
+def test_a_retirement_racing_an_old_replica_leaves_no_row_holding_the_snapshot(feast_env, tmp_path):
+    """A process writing X in a loop (a replica still running the rolled-back snapshot) while this process retires
+    X: once the retirement has returned and the writer's last write has returned, no row holds X; the rows serve
+    the pool of the restored production's versions, and the writer's writes after the retirement were dropped."""
+    store = feast_env["store"]
+    P0, P1, X = (f"sum-2026-06-0{i}" for i in range(1, 4))  # X is newer than the restored production P1
+    users = list(range(680, 690))
+    write_embeddings(store, users, np.zeros((len(users), K, D), np.float16), P0, 1_000)
+    write_embeddings(store, users, np.ones((len(users), K, D), np.float16), P1, 2_000)
+    progress, stop = tmp_path / "progress.txt", tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, "-c", _LATE_REPLICA, os.environ["SUM_PARAMS"], str(progress), str(stop),
+                             X, str(K), str(D), ",".join(map(str, users))])
+    try:
+        _wait_for(lambda: any(n for _, n in _progress(progress)))  # X is in the rows
+        assert store_io.retire_snapshot(store, X)["retired"] == len(users)
+        at_retirement = len(_progress(progress))
+        _wait_for(lambda: len(_progress(progress)) >= at_retirement + 3 or proc.poll() is not None)
+        stop.touch()
+        assert proc.wait(timeout=300) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for uid in users:
+        slots, served, n = _stored(store, uid)
+        assert list(slots.ids[0]) == [P1, P0, None] and n == 2
+        np.testing.assert_array_equal(served, np.full((K, D), 0.5, np.float16))
+    _assert_served_is_the_pool(store, users)
+    # Write j + 1 started after write j's line: the writes begun after the retirement returned were all dropped.
+    done = _progress(progress)
+    assert len(done) >= at_retirement + 4
+    assert [n for _, n in done[at_retirement + 1:]] == [0] * len(done[at_retirement + 1:])
 
 
 def test_a_point_in_time_retrieval_never_returns_an_embedding_written_after_the_impression(feast_env):
