@@ -37,7 +37,7 @@ import pandas as pd
 
 from sum_models.shift import POOL_DEPTH, shift_by_pooling_depth, shift_metrics
 from sum_pipeline.study_data import Day, load_days, world_params
-from sum_pipeline.study_downstream import describe, run_arm, window_ne
+from sum_pipeline.study_downstream import describe, encode_days, run_arm, window_ne
 from sum_pipeline.study_replay import replay
 from sum_pipeline.study_report import write_report
 from sum_pipeline.study_upstream import Upstream, train_upstream
@@ -161,10 +161,11 @@ def _run_seed(params: Params, seed: int, index: int, n_days: int, report: Callab
     out: dict[str, Any] = {"seed": seed, "world": world, "measurements": [], "fi_rank": [], "daily": [],
                            "importance": [], "eval_ne": {}, "train_ne": {}}
     for name, dspec in specs.items():
+        encoded = encode_days(dspec, days)  # once per model: the arms differ only in the embeddings
         for (arm, unit), emb in arms.items():
             label = arm_label(arm, unit, params)
             scored, table = run_arm(dspec.with_embeddings(emb is not None), days, emb, params, seed,
-                                    importance=arm == TABLE1_ARM and unit == default_unit(params))
+                                    importance=arm == TABLE1_ARM and unit == default_unit(params), encoded=encoded)
             for ds in down_days:
                 out["daily"].append({"mode": label, "model": name, "seed": seed, "ds": ds,
                                      "ne": window_ne(scored, [ds])[0]})

@@ -37,30 +37,42 @@ def window_ne(scored: Scored, days: list[str], masks: dict[str, np.ndarray] | No
         return None, n
 
 
+def encode_days(spec, days: list[Day]) -> list[Any]:
+    """Days ``1 .. D-1`` encoded once for ``spec``'s model, labels included and no embeddings: every arm attaches
+    its own (:meth:`~sum_models.downstream_train.DownstreamData.with_embeddings`) to the same rows."""
+    from sum_models.downstream_train import DownstreamData
+
+    return [DownstreamData.from_frame(spec.with_embeddings(False), day.frame) for day in days[1:]]
+
+
 def run_arm(spec, days: list[Day], embeddings: list[np.ndarray] | None, params: Params, seed: int,
-            importance: bool) -> tuple[Scored, Any]:
+            importance: bool, encoded: list[Any] | None = None) -> tuple[Scored, Any]:
     """Trains a downstream model day by day on days ``1 .. D-1``, predicting each day before training on it.
+
+    Args:
+        encoded: :func:`encode_days` of ``spec`` and ``days`` (default: encoded here).
 
     Returns:
         ``(scored, importance)``: per downstream day but the first (nothing was trained before it) the
         predictions and labels, and the permutation importance on the last day (or None).
     """
-    from sum_models.downstream_train import DownstreamData, predict_downstream, train_downstream
+    from sum_models.downstream_train import predict_downstream, train_downstream
     from sum_models.importance import permutation_importance
 
     cfg = params.study
+    encoded = encoded if encoded is not None else encode_days(spec, days)
     model, scored, table = None, {}, None
     for i, day in enumerate(days[1:]):
         emb = None if embeddings is None else embeddings[i]
+        data = encoded[i].with_embeddings(spec, emb)  # the day's rows: scored, then trained on
         if model is not None:
-            data = DownstreamData.from_frame(spec, day.frame, emb)
             scored[day.ds] = (predict_downstream(model, data), data.labels.numpy())
         if i == len(days) - 2:  # the last day: held out for the importance, not trained on
             if importance and model is not None:
                 with contextlib.suppress(ValueError):
-                    table = permutation_importance(model, day.frame, emb, repeats=cfg.importance_repeats, seed=seed)
+                    table = permutation_importance(model, data, repeats=cfg.importance_repeats, seed=seed)
             break
-        model, _ = train_downstream(spec, day.frame, emb, epochs=params.downstream.epochs,
+        model, _ = train_downstream(spec, data, epochs=params.downstream.epochs,
                                     batch_size=cfg.downstream_batch_size, lr=params.downstream.learning_rate,
                                     seed=seed * 1000 + i, init_from=model)
     return scored, table

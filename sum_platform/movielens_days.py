@@ -93,6 +93,7 @@ def day_partitions(ml: MovieLens, ds: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         return [np.asarray(v if isinstance(v, list) else [], dtype=np.int64) for v in series.reindex(profile.index)]
 
     recent_items = ids(recent)
+    genre_of = genre_ids.to_dict()  # item -> genre ids: a dict lookup per recent item, not a Series index
     users = pd.DataFrame({
         "user_id": profile.index.to_numpy(np.int64),
         "event_ts": pd.Series([start] * len(profile), dtype="datetime64[us, UTC]"),
@@ -101,7 +102,7 @@ def day_partitions(ml: MovieLens, ds: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         "ml_mean_rating_before": stats["mean"].fillna(0.0).to_numpy(np.float32),
         "ml_days_since_first": ((start - first).dt.total_seconds() / 86_400).fillna(0.0).to_numpy(np.float32),
         "ml_recent_items": recent_items,
-        "ml_recent_genres": [np.unique(np.concatenate([genre_ids[i] for i in items] or [[]])).astype(np.int64)
+        "ml_recent_genres": [np.unique(np.concatenate([genre_of[i] for i in items] or [[]])).astype(np.int64)
                              for items in recent_items],
         "ml_liked_items": ids(liked),
         "ml_occupation": [np.asarray([vocab["occupation"][o]], dtype=np.int64) for o in profile["occupation"]],

@@ -155,6 +155,28 @@ def test_encoding_makes_missing_embeddings_explicit_and_rejects_bad_inputs():
             DownstreamData.from_frame(spec, f, e)
 
 
+def test_rows_encoded_once_take_each_arms_embeddings_as_a_fresh_encoding_would():
+    frame, emb = make_impressions(300, seed=6, missing=0.2)
+    spec = specs()["conversion"]
+    once = DownstreamData.from_frame(spec.with_embeddings(False), frame)
+    assert once.sum_embeddings is None
+    for arm in (emb, emb[::-1].copy(), emb.astype(np.float16)):
+        attached, fresh = once.with_embeddings(spec, arm), DownstreamData.from_frame(spec, frame, arm)
+        for field in dataclasses.fields(DownstreamData):
+            a, b = getattr(attached, field.name), getattr(fresh, field.name)
+            assert all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.equal(a, b), \
+                field.name
+    assert once.with_embeddings(spec.with_embeddings(False), emb).sum_embeddings is None
+    with pytest.raises(ValueError, match="one row per frame row"):
+        once.with_embeddings(spec, emb[:10])
+    # training on the encoded rows is training on the frame: the same weights
+    a, _ = train_downstream(spec, frame, emb, epochs=1, batch_size=64, seed=2)
+    b, _ = train_downstream(spec, once.with_embeddings(spec, emb), epochs=1, batch_size=64, seed=2)
+    assert all(torch.equal(v, b.state_dict()[n]) for n, v in a.state_dict().items())
+    with pytest.raises(ValueError, match="encoded without SUM embeddings"):
+        train_downstream(spec, once, epochs=1)
+
+
 # --- determinism ------------------------------------------------------------------------------------------------
 
 
