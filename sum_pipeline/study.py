@@ -221,8 +221,8 @@ def frozen_arm(days: list[Day], up: Upstream) -> list[np.ndarray]:
     out = []
     for t in range(1, len(days)):
         rows = np.asarray(days[t].rows)
-        emb = np.full((len(rows), *up.frozen[t - 1].shape[1:]), np.nan, dtype=np.float32)
-        emb[rows >= 0] = up.frozen[t - 1][rows[rows >= 0]].astype(np.float32)
+        emb = np.full((len(rows), *up.frozen[t - 1].shape[1:]), np.nan, dtype=np.float16)
+        emb[rows >= 0] = up.frozen[t - 1][rows[rows >= 0]]
         out.append(emb)
     return out
 

@@ -59,7 +59,7 @@ def replay(mode: str, params: Params, days: list[Day], up: Upstream, seed: int, 
         staleness: Offline only: the batch read on day ``t`` is the one written after day ``t - staleness``.
 
     Returns:
-        ``(served, stats)``: per read source (``served``; for offline also ``raw``) the float32 ``[n_t, K, D]``
+        ``(served, stats)``: per read source (``served``; for offline also ``raw``) the fp16 ``[n_t, K, D]``
         values of each window day's impressions (NaN rows: nothing served), and ``coverage`` / ``fallback_rate``.
     """
     if mode not in ("offline", *ONLINE_MODES):
@@ -83,12 +83,12 @@ def replay(mode: str, params: Params, days: list[Day], up: Upstream, seed: int, 
                 j = i - staleness
                 for source, held in (("served", batch_served), ("raw", batch_raw)):
                     got = held[j][where] if 0 <= j < len(held) else np.full((len(users), k, d), np.nan, np.float16)
-                    out[source].append(np.where((rows >= 0)[:, None, None], got, np.nan).astype(np.float32))
+                    out[source].append(np.where((rows >= 0)[:, None, None], got, np.float16(np.nan)))
             else:
                 served, fell, last_ms = _online_day(mode, cfg, event_ms(day.frame[ev.timestamp]), users, rows,
                                                     where, up, t, seed, slots, unit, last_ms)
                 n_fell += fell
-                out["served"].append(served.astype(np.float32))
+                out["served"].append(served)  # fp16 as stored: the downstream casts once
         if i < len(days) - 1:  # the daily batch after the day
             written = max(end_of_day_ms(day.ds), last_ms + 1)
             at = np.searchsorted(population, day.users["user_id"].to_numpy()[day.latest])

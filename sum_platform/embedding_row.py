@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
+import pandas as pd
 
 from sum_models.shift import POOL_DEPTH
 
@@ -192,8 +193,11 @@ def snapshot_is_older(snapshot_id: str, than: Any) -> np.ndarray | bool:
         return theirs is not None and mine.group(1) < theirs.group(1)
 
     if np.ndim(than):
-        return np.fromiter((older(o) for o in np.asarray(than, dtype=object).ravel()), bool,
-                           count=int(np.size(than))).reshape(np.shape(than))
+        # each distinct id parsed once (a writer's chunk or the study's population holds a few snapshots)
+        codes, distinct = pd.factorize(np.asarray(than, dtype=object).ravel(), use_na_sentinel=True)
+        verdicts = np.fromiter((older(o) for o in distinct), bool, count=len(distinct))
+        return np.where(codes >= 0, verdicts[np.maximum(codes, 0)] if len(distinct) else False,
+                        False).reshape(np.shape(than))
     return older(than)
 
 

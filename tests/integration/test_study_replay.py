@@ -103,8 +103,10 @@ def test_the_in_memory_replay_equals_the_store_replay_bit_for_bit(mode, random_c
         store, sstats = replay_store(mode, params, days, up, seed=3, workspace=tmp_path / f"{mode}-{unit}", unit=unit)
         assert memory.keys() == store.keys()
         for source in memory:
-            for t, (a, b) in enumerate(zip(memory[source], store[source], strict=True)):
-                assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+            for t, (a16, b) in enumerate(zip(memory[source], store[source], strict=True)):
+                # in memory the served fp16 values as stored, from the store as float32: the cast is exact
+                assert a16.dtype == np.float16 and b.dtype == np.float32 and a16.shape == b.shape
+                a = a16.astype(np.float32)
                 # bit for bit: the same fp16 values, NaN (nothing served) on the same rows
                 assert np.array_equal(a.view(np.uint32), b.view(np.uint32)) or np.array_equal(a, b, equal_nan=True), \
                     (mode, unit, source, t, np.argwhere(~((a == b) | (np.isnan(a) & np.isnan(b))))[:3])

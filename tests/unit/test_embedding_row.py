@@ -245,3 +245,16 @@ def test_the_owner_check_sees_a_second_definition(tmp_path):
     found = second_definitions(tmp_path)
     assert len(found) == 4, found
     assert all(f.startswith("serving/rogue.py") for f in found)
+
+
+def test_snapshot_is_older_on_an_array_agrees_with_each_id_alone():
+    from sum_platform.embedding_row import UNKNOWN_SNAPSHOT, snapshot_is_older
+
+    than = np.array([["sum-2026-01-02", None], [UNKNOWN_SNAPSHOT, "sum-2026-01-01"], ["sum-2026-01-03", "x"]],
+                    dtype=object)
+    got = snapshot_is_older("sum-2026-01-02", than)
+    assert got.shape == than.shape and got.dtype == bool
+    assert got.tolist() == [[snapshot_is_older("sum-2026-01-02", o) for o in row] for row in than.tolist()]
+    assert got.tolist() == [[False, False], [False, False], [True, False]]
+    assert snapshot_is_older("no-date", than).tolist() == [[False] * 2] * 3
+    assert snapshot_is_older("sum-2026-01-02", np.full((2, 3), None, dtype=object)).tolist() == [[False] * 3] * 2
