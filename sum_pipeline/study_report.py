@@ -315,8 +315,18 @@ def _choices(results: Mapping[str, Any]) -> list[str]:
     lines = ["## Choices", ""]
     if not choices:
         return lines + ["_The study stated no choices._", ""]
-    lines += [f"- **{str(k).replace('_', ' ')}**: {_value(choices[k])}" for k in sorted(choices, key=str)]
+    lines += [f"- **{str(k).replace('_', ' ')}**: {_world(choices[k]) if k == 'world' else _value(choices[k])}"
+              for k in sorted(choices, key=str)]
     return lines + [""]
+
+
+def _world(per_seed: Any) -> str:
+    """Each seed's world, once when every seed shares it (fixed data), else per seed in seed order."""
+    if not isinstance(per_seed, Mapping):
+        return _value(per_seed)
+    if len({str(v) for v in per_seed.values()}) == 1:
+        return f"{_value(next(iter(per_seed.values())))}, every seed"
+    return "; ".join(f"seed {k}: {_value(per_seed[k])}" for k in sorted(per_seed, key=lambda s: int(s)))
 
 
 def _directions(results: Mapping[str, Any]) -> list[str]:

@@ -258,3 +258,12 @@ def test_paper_constant_matches_the_paper():
     assert [(r["cosine"], r["l2_change_pct"]) for r in PAPER["table3"]] == [(0.87, 13), (0.97, 5), (0.97, 5), (0.99, 2)]
     ap = {r["setting"]: (r["train_ne_diff_pct"], r["eval_ne_diff_pct"]) for r in PAPER["table4"]}
     assert ap == {"baseline": (0, 0), "no_ap": (-0.081, -0.014), "ap3": (-0.109, -0.127)}
+
+
+def test_a_world_every_seed_shares_is_stated_once_and_distinct_worlds_per_seed_in_seed_order():
+    from sum_pipeline.study_report import _world
+
+    fixed = {str(s): "fixed data (the same days for every seed)" for s in (7, 10, 8, 9)}
+    assert _world(fixed) == "fixed data (the same days for every seed), every seed"
+    drawn = {"10": "simulator.seed = 3", "9": "simulator.seed = 2", "8": "simulator.seed = 1"}
+    assert _world(drawn) == "seed 8: simulator.seed = 1; seed 9: simulator.seed = 2; seed 10: simulator.seed = 3"
