@@ -206,6 +206,14 @@ class DownstreamData:
             tuple(ids[index] for ids in self.lists),
         )
 
+    def rows(self, lo: int, hi: int) -> "DownstreamData":
+        """The contiguous rows ``lo .. hi - 1`` as views (no copy): a batch of rows already in batch order."""
+        def part(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t[lo:hi]
+
+        return DownstreamData(self.dense[lo:hi], self.categorical[lo:hi], part(self.sum_embeddings),
+                              part(self.has_embedding), part(self.labels), tuple(ids[lo:hi] for ids in self.lists))
+
     def logits(self, model: DownstreamModel) -> Tensor:
         """``model``'s float32 logits ``[N]`` on these rows (one forward pass, gradients as the caller's mode)."""
         return model(self.dense, self.categorical, self.sum_embeddings, self.has_embedding, self.lists)
@@ -322,10 +330,11 @@ def train_downstream(
         steps, epoch_losses = 0, []
         model.train()
         for _ in range(epochs):
-            order = torch.randperm(n, generator=shuffler)
+            # one gather per epoch, then contiguous views: the same batches as gathering each batch's rows
+            shuffled = data.select(torch.randperm(n, generator=shuffler))
             total = 0.0
             for lo in range(0, n, batch_size):
-                batch = data.select(order[lo : lo + batch_size])
+                batch = shuffled.rows(lo, lo + batch_size)
                 assert batch.labels is not None
                 loss = loss_fn(batch.logits(model), batch.labels)
                 value = loss.item()
@@ -374,7 +383,7 @@ def predict_downstream(
     try:
         with torch_threads(num_threads):
             for lo in range(0, len(data), batch_size):
-                batch = data.select(torch.arange(lo, min(lo + batch_size, len(data))))
+                batch = data.rows(lo, min(lo + batch_size, len(data)))
                 out.append(torch.sigmoid(batch.logits(model).double()).numpy())
     finally:
         model.train(was_training)

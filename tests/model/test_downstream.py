@@ -175,6 +175,12 @@ def test_rows_encoded_once_take_each_arms_embeddings_as_a_fresh_encoding_would()
     assert all(torch.equal(v, b.state_dict()[n]) for n, v in a.state_dict().items())
     with pytest.raises(ValueError, match="encoded without SUM embeddings"):
         train_downstream(spec, once, epochs=1)
+    # a contiguous batch of rows is the gathered batch (training takes one gather per epoch, then these views)
+    data = once.with_embeddings(spec, emb)
+    sliced, gathered = data.rows(40, 104), data.select(torch.arange(40, 104))
+    for field in dataclasses.fields(DownstreamData):
+        a, b = getattr(sliced, field.name), getattr(gathered, field.name)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.equal(a, b), field.name
 
 
 # --- determinism ------------------------------------------------------------------------------------------------
