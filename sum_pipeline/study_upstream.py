@@ -82,10 +82,13 @@ class SnapshotGate:
         if (at < 0).any():  # a probe user without a row today: the gate needs the same users every day
             raise ValueError(f"{int((at < 0).sum())} gate probe users have no row on {day.ds}")
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        # production's NE on today's holdout (the regression check's baseline); production is the chain's baseline
-        production_ne = None if production is None else \
-            ne_accumulator(production, holdout_frame, self.spec).compute_defined()[0]
-        last = self.chain.step(candidate[at], ne, lambda t, j: production_ne, finite)
+
+        def production_ne(t: int, j: int) -> dict:
+            # production's NE on today's holdout (the regression check's baseline): the chain asks only when it has
+            # a blessed baseline, which is then `production`
+            return ne_accumulator(production, holdout_frame, self.spec).compute_defined()[0]
+
+        last = self.chain.step(candidate[at], ne, production_ne, finite)
         return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
 
