@@ -108,8 +108,8 @@ class GateChain:
         >>> from sum_platform.config import load_params
         >>> chain = GateChain(load_params().gate)
         >>> probe = np.random.default_rng(0).normal(size=(64, 2, 8)).astype(np.float16)  # [N, K, D]
-        >>> chain.step(probe, {"click": 0.9}, lambda t, j: None).reasons
-        ['first snapshot: no baseline, absolute checks only']
+        >>> chain.step(probe, {"click": 0.9}, lambda t, j: None).reasons[-1]
+        'first snapshot: no baseline, absolute checks only'
         >>> chain.step(np.ones_like(probe), {"click": 0.9}, lambda t, j: None).blessed  # collapsed: held
         False
     """

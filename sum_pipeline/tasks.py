@@ -353,19 +353,25 @@ def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     use = reasons[idx] == ""
     undefined: dict[str, str] = {}
     ne: dict[str, Any] = {task: None for task in spec.labels}
+    # What each task's NE (and production's, on the same rows) rests on: the gate needs enough of each label.
+    evidence: dict[str, dict[str, int]] = {}
     if scored.empty or (cand is not None and not use.any()):
         undefined = {task: f"no holdout row with finite inputs and predictions (of {len(holdout)})"
                      for task in spec.labels}
+        evidence = {task: {"holdout_rows": 0, "positives": 0} for task in spec.labels}
     elif cand is not None:
         # A task whose holdout holds one label class (a small day without a conversion) is not measurable
-        # today: None, with the reason in ne_undefined, which the gate reports instead of failing.
+        # today: None, with the reason in ne_undefined, which the gate reports as not measurable.
         labels = encode_labels(scored, spec).numpy()
-        measured, undefined = NormalizedEntropy(spec.labels).update(cand[1][use], labels[use]).compute_defined()
+        acc = NormalizedEntropy(spec.labels).update(cand[1][use], labels[use])
+        measured, undefined = acc.compute_defined()
         ne = {task: measured.get(task) for task in spec.labels}
+        evidence = {task: {"holdout_rows": int(acc.count[t]), "positives": int(acc.positives[t])}
+                    for t, task in enumerate(acc.tasks)}
     nonfinite = skipped_users(users, reasons)
     result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout),
                               "scored_rows": int(use.sum()), "ne": ne, "ne_undefined": undefined,
-                              "nonfinite": nonfinite}
+                              "ne_evidence": evidence, "nonfinite": nonfinite}
     if undefined:
         log.warning("NE not measurable on the holdout of %s: %s", ds, undefined)
     for reason, what in nonfinite.items():
@@ -442,7 +448,8 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
         history=embeddings[1:], candidate_id=snapshot_id, history_ids=history[1:len(embeddings)],
         pool_unit=ctx.params.serving.pool_unit, production_ne=production_ne, weights_finite=weights_finite,
-        unmeasured=evaluation.get("ne_undefined"), enforce_shift=len(history) >= ctx.params.gate.warmup_promotions,
+        unmeasured=evaluation.get("ne_undefined"), ne_evidence=evaluation.get("ne_evidence"),
+        enforce_shift=len(history) >= ctx.params.gate.warmup_promotions,
         nonfinite_predictions=(evaluation.get("nonfinite") or {}).get("candidate"),
     )
     for reason, what in probe_skipped.items():

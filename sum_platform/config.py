@@ -168,6 +168,11 @@ class GateConfig(_Section):
     max_relative_l2_change_pooled: float | None = None
     max_ne_regression: float | None = None
     min_embedding_std: float
+    max_cosine_across_users: float = Field(gt=-1, le=1)  # per embedding: mean pairwise cosine of the probe users
+    min_label_count: int = Field(ge=1)         # an NE check needs this many holdout positives and negatives
+    # An NE check that is not measurable (too few labels) on a candidate with no production to compare it with:
+    # hold it (nothing else vouches for it) or bless on the other checks. With production, the shift decides.
+    not_measurable_without_production: Literal["hold", "bless"]
 
 
 class ValidationConfig(_Section):

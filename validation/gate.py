@@ -1,9 +1,10 @@
 """Snapshot gate: judges a candidate against the production snapshot (paper 5.2, Table 3).
 
-Checks, each recorded with its value and threshold:
+Checks, each recorded with its value, threshold, outcome and the evidence it was measured on:
     * absolute (every candidate, including the first one, which has no baseline): embeddings finite;
-      per-embedding spread across users above ``min_embedding_std`` (no collapsed embedding); NE of every
-      task at most ``max_ne``;
+      per-embedding spread across users above ``min_embedding_std`` (no collapsed embedding); per-embedding mean
+      pairwise cosine across the probe users at most ``max_cosine_across_users`` (no near-identical users: the
+      spread check is absolute and misses embeddings that all point one way); NE of every task at most ``max_ne``;
     * relative (when a production snapshot exists): per embedding, mean cosine similarity with production
       on the probe users at least ``min_mean_cosine`` and relative L2-norm change at most
       ``max_relative_l2_change``; the same two numbers between what serving hands downstream after this promotion
@@ -12,13 +13,20 @@ Checks, each recorded with its value and threshold:
       NE of each task on the day's holdout no worse than production's by more than ``max_ne_regression``;
       the candidate's mean L2 norm per embedding is reported beside the shift (``mean_norm``), not checked;
     * weights finite (a NaN anywhere in the candidate is held even if the probe outputs look fine).
+
+An NE check has three outcomes: pass, fail, or **not measurable** -- the task's holdout held fewer than
+``min_label_count`` rows of either label (or one class only), so its NE is mostly sampling noise. A not-measurable
+check never passes silently: with no production snapshot (a first promotion) nothing else vouches for the
+candidate and ``not_measurable_without_production`` decides (``hold``, the default, or ``bless``); with production,
+the candidate is judged by its other checks -- the shift against production when enforced -- and the verdict line
+says so. Every line names its threshold and its evidence (holdout rows and positives, or probe users).
 A gate with no thresholds configured refuses to bless anything.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
@@ -26,14 +34,53 @@ from sum_models.shift import POOL_DEPTH, mean_norms, shift_metrics
 from sum_platform.config import GateConfig
 from sum_platform.embedding_row import PoolUnit, Slots, served_after_promotion
 
+#: A check's outcome: its value is within the threshold, beyond it, or too thinly evidenced to judge.
+Outcome = Literal["pass", "fail", "not_measurable"]
+
 
 @dataclass(frozen=True)
 class Check:
+    """One check of the verdict.
+
+    Attributes:
+        evidence: What the value was measured on: ``{"probe_users": n}`` for the embedding checks,
+            ``{"holdout_rows": n, "positives": p}`` for the NE checks (empty when the caller did not say).
+        why: For a not-measurable check, why (e.g. too few positives on the holdout).
+    """
+
     name: str
     value: float | None
     threshold: float
     op: str  # "<=" or ">="
     passed: bool
+    outcome: Outcome
+    evidence: dict[str, int] = field(default_factory=dict)
+    why: str = ""
+
+    def line(self) -> str:
+        """The check as a verdict line: value, threshold, evidence (and why, when not measurable)."""
+        value = "undefined" if self.value is None else format(self.value, ".4g")
+        if self.outcome == "not_measurable":
+            return (f"{self.name} not measurable: {self.why}" +
+                    ("" if self.value is None else f"; its value {value} is not judged against {self.op} "
+                     f"{self.threshold:.4g}"))
+        evidence = evidence_text(self.evidence)
+        return f"{self.name} = {value}, needs {self.op} {self.threshold:.4g}" + (f" ({evidence})" if evidence else "")
+
+
+def evidence_text(evidence: Mapping[str, Any]) -> str:
+    """``{"holdout_rows": 85, "positives": 2}`` -> "2 positives in 85 holdout rows" (the negatives named too when
+    they are the scarcer label); ``{"probe_users": 512}`` -> "512 probe users"; ``{"holdout_rows": 85}`` -> "85
+    holdout rows"; empty (the caller did not give it) -> ""."""
+    if "positives" in evidence:
+        rows, pos = evidence["holdout_rows"], evidence["positives"]
+        scarce_negatives = f" ({rows - pos} negatives)" if rows - pos < pos else ""
+        return f"{pos} positives{scarce_negatives} in {rows} holdout rows"
+    if "holdout_rows" in evidence:
+        return f"{evidence['holdout_rows']} holdout rows"
+    if "probe_users" in evidence:
+        return f"{evidence['probe_users']} probe users"
+    return ""
 
 
 @dataclass
@@ -56,20 +103,25 @@ class Verdict:
         return d
 
 
+_OUTCOME_CELL = {"pass": "yes", "fail": "NO", "not_measurable": "not measurable"}
+
+
 def verdict_markdown(verdict: dict[str, Any]) -> str:
     """A verdict (``Verdict.to_dict()`` plus ``snapshot_id``) as the markdown an operator reads in the UI."""
     lines = [f"**{verdict['snapshot_id']}: {verdict['verdict'].upper()}**", "",
-             "| check | value | threshold | ok |", "|---|---|---|---|"]
+             "| check | value | threshold | evidence | ok |", "|---|---|---|---|---|"]
     for c in verdict["checks"]:
         value = "-" if c["value"] is None else format(c["value"], ".4g")
-        lines.append(f"| {c['name']} | {value} | {c['op']} {c['threshold']:.4g} | {'yes' if c['passed'] else 'NO'} |")
+        outcome = c.get("outcome") or ("pass" if c["passed"] else "fail")  # a verdict recorded before outcomes
+        lines.append(f"| {c['name']} | {value} | {c['op']} {c['threshold']:.4g} | "
+                     f"{evidence_text(c.get('evidence') or {}) or '-'} | {_OUTCOME_CELL[outcome]} |")
     return "\n".join(lines + [""] + [f"- {r}" for r in verdict["reasons"]])
 
 
 def verdict_summary(verdict: dict[str, Any], ne: dict[str, float]) -> dict[str, Any]:
     """The verdict's headline numbers as flat JSON (the ``sum_user_tower`` asset event's ``extra``, shown
     in the UI): snapshot, verdict, baseline, NE per task, the shift per embedding and its worst values
-    (lowest mean cosine, highest relative L2 change); non-finite numbers become None."""
+    (lowest mean cosine, highest relative L2 change), the checks not measurable; non-finite numbers become None."""
 
     def num(x: Any) -> float | None:
         return float(x) if x is not None and np.isfinite(x) else None
@@ -86,17 +138,71 @@ def verdict_summary(verdict: dict[str, Any], ne: dict[str, float]) -> dict[str, 
         "ne": {task: num(v) for task, v in ne.items()},
         "min_mean_cosine": min(cosines) if cosines else None,
         "max_relative_l2_change": max(l2) if l2 else None,
+        "not_measurable": [c["name"] for c in verdict.get("checks", []) if c.get("outcome") == "not_measurable"],
         "shift": shift,
         "reasons": list(verdict.get("reasons", [])),
     }
 
 
-def _check(name: str, value: float | None, threshold: float, op: str) -> Check:
+def _check(name: str, value: float | None, threshold: float, op: str, evidence: Mapping[str, int]) -> Check:
     """A threshold check; an undefined or non-finite value fails (and is stored as None, valid JSON)."""
     if value is None or not np.isfinite(value):
-        return Check(name, None, float(threshold), op, False)
-    ok = value <= threshold if op == "<=" else value >= threshold
-    return Check(name, float(value), float(threshold), op, bool(ok))
+        return Check(name, None, float(threshold), op, False, "fail", dict(evidence))
+    ok = bool(value <= threshold if op == "<=" else value >= threshold)
+    return Check(name, float(value), float(threshold), op, ok, "pass" if ok else "fail", dict(evidence))
+
+
+def _flag(name: str, ok: bool, evidence: Mapping[str, int]) -> Check:
+    """A yes/no check (e.g. every weight finite): value 1 or 0, needs >= 1."""
+    return Check(name, float(ok), 1.0, ">=", bool(ok), "pass" if ok else "fail", dict(evidence))
+
+
+def _not_measurable(name: str, value: float | None, threshold: float, op: str, evidence: Mapping[str, int],
+                    why: str) -> Check:
+    finite = value is not None and bool(np.isfinite(value))
+    return Check(name, float(value) if finite else None, float(threshold), op, False, "not_measurable",
+                 dict(evidence), why)
+
+
+def mean_cosine_across_users(embedding: np.ndarray) -> float | None:
+    """Mean cosine similarity between distinct users' vectors of one embedding, in O(N D).
+
+    With unit vectors ``u_i = e_i / ||e_i||`` (users with a zero vector have no direction and are left out)::
+
+        sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2 = ||sum_i u_i||^2 - N
+        mean_{i != j} cos(e_i, e_j) = (||sum_i u_i||^2 - N) / (N (N - 1))
+
+    1 when every user's vector points the same way (a collapsed embedding, whatever its spread in norm), about 0
+    for directions spread around the origin.
+
+    Args:
+        embedding: One embedding of the probe users, ``[N, D]``.
+
+    Returns:
+        The mean pairwise cosine, or None with fewer than two non-zero vectors.
+    """
+    x = np.asarray(embedding, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    units = x[norms > 0] / norms[norms > 0, None]
+    n = len(units)
+    if n < 2:
+        return None
+    total = units.sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def _ne_measurability(task: str, evidence: Mapping[str, Mapping[str, int]] | None, unmeasured: Mapping[str, str],
+                      min_label_count: int) -> tuple[dict[str, int], str | None]:
+    """The NE evidence of ``task`` and, when its NE is not measurable, why."""
+    ev = {k: int(v) for k, v in ((evidence or {}).get(task) or {}).items() if k in ("holdout_rows", "positives")}
+    if len(ev) < 2:
+        ev = {}
+    needs = f"needs >= {min_label_count} of each label (gate.min_label_count)"
+    if task in unmeasured:
+        return ev, f"{unmeasured[task]} on today's holdout" + (f" ({evidence_text(ev)})" if ev else "") + f", {needs}"
+    if ev and min(ev["positives"], ev["holdout_rows"] - ev["positives"]) < min_label_count:
+        return ev, f"{evidence_text(ev)}, {needs}"
+    return ev, None
 
 
 def served_values(candidate: np.ndarray, production: np.ndarray, history: list[np.ndarray] | None,
@@ -140,6 +246,7 @@ def judge(
     production_ne: dict[str, float] | None = None,
     weights_finite: bool = True,
     unmeasured: dict[str, str] | None = None,
+    ne_evidence: Mapping[str, Mapping[str, int]] | None = None,
     enforce_shift: bool = True,
     nonfinite_predictions: dict[str, Any] | None = None,
 ) -> Verdict:
@@ -159,14 +266,19 @@ def judge(
         production_ne: Production's NE on the same holdout (for the non-regression check).
         weights_finite: Whether every candidate weight is finite.
         unmeasured: Tasks whose NE is undefined on today's holdout -> why (a single label class): their NE
-            checks are not made, and the reasons say so. A non-finite NE is not in here: it fails.
+            checks are not measurable, and the reasons say so. A non-finite NE is not in here: it fails.
+        ne_evidence: Per task, what its NE (and production's) was measured on: ``{"holdout_rows": n,
+            "positives": p}`` (the scored holdout rows). A task with fewer than ``gate.min_label_count`` rows of
+            either label has its NE checks not measurable. None: sizes unknown (e.g. a replay that did not count
+            them); the NE checks are judged as they stand, and the reasons say so.
         enforce_shift: False during the warm-up (``gate.warmup_promotions``): the shift against production
             is measured and reported (``verdict.shift``, the reasons) but does not hold the candidate.
         nonfinite_predictions: Holdout rows whose candidate predictions are NaN/inf while their inputs (and
             production's predictions) are finite, ``{"count", "users"}``: the candidate's own defect, held.
 
     Returns:
-        The :class:`Verdict`; ``blessed`` only when every check passed.
+        The :class:`Verdict`; ``blessed`` when no check failed and no not-measurable check holds it (only with
+        no production and ``gate.not_measurable_without_production: hold``).
     """
     verdict = Verdict(blessed=False, baseline_snapshot_id=baseline_snapshot_id if production is not None else None)
     required = ("max_ne", "min_mean_cosine", "max_relative_l2_change", "min_mean_cosine_pooled",
@@ -176,29 +288,49 @@ def judge(
         verdict.reasons.append(f"gate thresholds are not configured ({', '.join('gate.' + m for m in missing)}): "
                                "refusing to bless")
         return verdict
-    verdict.checks.append(Check("weights_finite", float(weights_finite), 1.0, ">=", bool(weights_finite)))
+    n_probe = int(candidate.shape[0])
+    probe = {"probe_users": n_probe}
+    verdict.checks.append(_flag("weights_finite", weights_finite, {}))
 
     cand = candidate.astype(np.float64)
     finite = bool(np.isfinite(cand).all())
-    verdict.checks.append(Check("embeddings_finite", float(finite), 1.0, ">=", finite))
+    verdict.checks.append(_flag("embeddings_finite", finite, probe))
     if finite:
         for k in range(cand.shape[1]):
             spread = float(cand[:, k, :].std(axis=0).mean())
-            verdict.checks.append(_check(f"embedding_{k}.std_across_users", spread, cfg.min_embedding_std, ">="))
+            verdict.checks.append(_check(f"embedding_{k}.std_across_users", spread, cfg.min_embedding_std, ">=",
+                                         probe))
+            # Relative collapse: every user pointing one way passes an absolute spread when the norms are large.
+            verdict.checks.append(_check(f"embedding_{k}.cosine_across_users", mean_cosine_across_users(cand[:, k]),
+                                         cfg.max_cosine_across_users, "<=", probe))
     else:
         verdict.reasons.append("candidate embeddings are not finite: shift not measured")
     bad = int((nonfinite_predictions or {}).get("count", 0))
-    verdict.checks.append(Check("predictions_finite", float(bad == 0), 1.0, ">=", bad == 0))
+    scored_rows = max((int(e.get("holdout_rows", 0)) for e in (ne_evidence or {}).values()), default=None)
+    verdict.checks.append(_flag("predictions_finite", bad == 0, {} if scored_rows is None else
+                                {"holdout_rows": scored_rows}))
     if bad:
         verdict.reasons.append(f"{bad} holdout row(s) give the candidate NaN/inf predictions where the inputs and "
                                f"production's predictions are finite (users e.g. {nonfinite_predictions['users']})")
-    unmeasured = dict(unmeasured or {})
-    for task, why in sorted(unmeasured.items()):
-        verdict.reasons.append(f"ne.{task} not measured: {why} on today's holdout")
-    ne = {task: value for task, value in ne.items() if task not in unmeasured}
-    for task, value in sorted(ne.items()):
-        verdict.checks.append(_check(f"ne.{task}", value, cfg.max_ne, "<="))
 
+    # NE per task: measurable only on enough rows of each label; the regression check on the same rows.
+    unmeasured = dict(unmeasured or {})
+    if ne_evidence is None:
+        verdict.reasons.append("NE evidence sizes not given: the NE checks are judged without gate.min_label_count")
+    ne_checks: list[tuple[str, float | None, float, Mapping[str, int], str | None]] = []
+    for task in sorted(set(ne) | set(unmeasured)):
+        evidence, why = _ne_measurability(task, ne_evidence, unmeasured, cfg.min_label_count)
+        value = ne.get(task)
+        ne_checks.append((f"ne.{task}", value, cfg.max_ne, evidence, why))
+        if production_ne and task in production_ne:
+            base = production_ne[task]
+            delta = None if value is None or base is None else value - base
+            ne_checks.append((f"ne_regression.{task}", delta, cfg.max_ne_regression, evidence, why))
+    for name, value, threshold, evidence, why in ne_checks:
+        verdict.checks.append(_check(name, value, threshold, "<=", evidence) if why is None
+                              else _not_measurable(name, value, threshold, "<=", evidence, why))
+
+    enforced = production is not None and finite and enforce_shift
     if production is not None and finite:
         verdict.shift = shift_metrics(candidate, production)
         # Pooled: what serving hands downstream after this promotion vs what it hands now (paper 5.2).
@@ -209,28 +341,21 @@ def judge(
         for k, (m, mp) in enumerate(zip(verdict.shift, pooled)):
             m["pooled_mean_cosine"] = mp["mean_cosine"]
             m["pooled_relative_l2_change"] = mp["relative_l2_change"]
-            shift_checks.append(_check(f"embedding_{k}.mean_cosine", m["mean_cosine"], cfg.min_mean_cosine, ">="))
-            shift_checks.append(
-                _check(f"embedding_{k}.relative_l2_change", m["relative_l2_change"], cfg.max_relative_l2_change, "<=")
-            )
-            shift_checks.append(
-                _check(f"embedding_{k}.pooled_mean_cosine", mp["mean_cosine"], cfg.min_mean_cosine_pooled, ">=")
-            )
+            shift_checks.append(_check(f"embedding_{k}.mean_cosine", m["mean_cosine"], cfg.min_mean_cosine, ">=",
+                                       probe))
+            shift_checks.append(_check(f"embedding_{k}.relative_l2_change", m["relative_l2_change"],
+                                       cfg.max_relative_l2_change, "<=", probe))
+            shift_checks.append(_check(f"embedding_{k}.pooled_mean_cosine", mp["mean_cosine"],
+                                       cfg.min_mean_cosine_pooled, ">=", probe))
             shift_checks.append(_check(f"embedding_{k}.pooled_relative_l2_change", mp["relative_l2_change"],
-                                         cfg.max_relative_l2_change_pooled, "<="))
+                                       cfg.max_relative_l2_change_pooled, "<=", probe))
         if enforce_shift:
             verdict.checks.extend(shift_checks)
         else:
-            outside = [c.name for c in shift_checks if not c.passed]
-            verdict.reasons.append("warm-up (gate.warmup_promotions): shift measured, not enforced"
-                                   + (f"; outside the thresholds: {', '.join(outside)}" if outside else ""))
-    if production_ne:
-        for task, value in sorted(ne.items()):
-            if task in production_ne:
-                base = production_ne[task]
-                delta = None if value is None or base is None else value - base
-                verdict.checks.append(_check(f"ne_regression.{task}", delta, cfg.max_ne_regression, "<="))
-    elif production is None:
+            outside = [c.line() for c in shift_checks if not c.passed]
+            verdict.reasons.append(f"warm-up (gate.warmup_promotions): shift measured on {n_probe} probe users, not "
+                                   "enforced" + (f"; outside the thresholds: {'; '.join(outside)}" if outside else ""))
+    if production is None:
         verdict.reasons.append("first snapshot: no baseline, absolute checks only")
 
     # Reported, not checked: the candidate's mean L2 norm per embedding, the scale a downstream model's input sees
@@ -238,10 +363,22 @@ def judge(
     for m, norm in zip(verdict.shift, mean_norms(candidate) if verdict.shift else []):
         m["mean_norm"] = norm
 
-    failed = [c for c in verdict.checks if not c.passed]
-    verdict.reasons.extend(
-        f"{c.name} = {'undefined' if c.value is None else format(c.value, '.4g')}, needs {c.op} {c.threshold:.4g}"
-        for c in failed
-    )
-    verdict.blessed = not failed
+    # A not-measurable check vouches for nothing. With production, the candidate is still compared with a snapshot
+    # that was blessed (the shift checks, when enforced); with none, nothing else vouches for it: the policy decides.
+    unmeasurable = [c for c in verdict.checks if c.outcome == "not_measurable"]
+    policy = cfg.not_measurable_without_production
+    if production is None:
+        then = (f"no production to compare with, so nothing else vouches for this first promotion: "
+                f"{'held' if policy == 'hold' else 'not held'} (gate.not_measurable_without_production: {policy})")
+    elif not finite:
+        then = "the shift against production is not measured (embeddings not finite)"
+    elif enforced:
+        then = f"the shift checks against {baseline_snapshot_id} on {n_probe} probe users and the other checks decide"
+    else:
+        then = "the shift against production is not enforced (warm-up) either: the other checks decide"
+    verdict.reasons.extend(f"{c.line()}; {then}" for c in unmeasurable)
+    failed = [c for c in verdict.checks if c.outcome == "fail"]
+    verdict.reasons.extend(c.line() for c in failed)
+    held_unmeasured = bool(unmeasurable) and production is None and policy == "hold"
+    verdict.blessed = not failed and not held_unmeasured
     return verdict

@@ -7,7 +7,8 @@ from sum_platform.config import GateConfig
 from validation.gate import judge
 
 CFG = GateConfig(probe_users=64, warmup_promotions=1, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4,
-                 min_mean_cosine_pooled=0.9, max_relative_l2_change_pooled=0.2, max_ne_regression=0.01)
+                 min_mean_cosine_pooled=0.9, max_relative_l2_change_pooled=0.2, max_ne_regression=0.01,
+                 max_cosine_across_users=0.9, min_label_count=30, not_measurable_without_production="hold")
 NE_OK = {"click": 0.8, "conversion": 0.9}
 
 
@@ -20,7 +21,7 @@ def test_first_snapshot_is_judged_on_absolute_checks_only(production):
     v = judge(production, None, NE_OK, CFG)
     assert v.blessed and v.baseline_snapshot_id is None and v.shift == []
     assert any("first snapshot" in r for r in v.reasons)
-    assert not any("cosine" in c.name for c in v.checks)
+    assert not any("mean_cosine" in c.name or "l2_change" in c.name for c in v.checks)  # no shift without a baseline
 
 
 def test_small_change_is_blessed(production):
@@ -63,7 +64,9 @@ def test_ne_above_threshold_is_held(production):
 
 
 def test_no_thresholds_configured_refuses_to_bless(production):
-    v = judge(production, None, NE_OK, GateConfig(probe_users=64, warmup_promotions=1, min_embedding_std=1e-4))  # no thresholds
+    unset = GateConfig(probe_users=64, warmup_promotions=1, min_embedding_std=1e-4, max_cosine_across_users=0.9,
+                       min_label_count=30, not_measurable_without_production="hold")  # no shift or NE thresholds
+    v = judge(production, None, NE_OK, unset)
     assert not v.blessed and "not configured" in v.reasons[0]
 
 
@@ -180,16 +183,21 @@ def test_verdict_summary_of_a_first_snapshot_has_no_shift(production):
     assert summary["min_mean_cosine"] is None and summary["max_relative_l2_change"] is None and summary["shift"] == []
 
 
-def test_a_task_not_measurable_on_the_holdout_is_reported_not_failed(production):
-    # A small day's holdout without a conversion: NE of that task is undefined, the rest is judged as usual.
+def test_a_task_with_one_label_class_is_not_measurable_not_failed_nor_silently_passed(production):
+    # A small day's holdout without a conversion: NE of that task is undefined; it is its own outcome.
     why = "all 8 labels are negative (background entropy is 0)"
-    v = judge(production, None, {"click": 0.8, "conversion": None}, CFG, unmeasured={"conversion": why})
-    assert v.blessed, v.reasons
-    assert f"ne.conversion not measured: {why} on today's holdout" in v.reasons
-    assert [c.name for c in v.checks if c.name.startswith("ne")] == ["ne.click"]
+    ev = {"click": {"holdout_rows": 400, "positives": 90}, "conversion": {"holdout_rows": 8, "positives": 0}}
+    first = judge(production, None, {"click": 0.8, "conversion": None}, CFG, unmeasured={"conversion": why},
+                  ne_evidence=ev)
+    assert not first.blessed  # a first promotion: nothing else vouches for the conversion head
+    assert [(c.name, c.outcome) for c in first.checks if c.name.startswith("ne")] == [
+        ("ne.click", "pass"), ("ne.conversion", "not_measurable")]
+    line = next(r for r in first.reasons if r.startswith("ne.conversion not measurable"))
+    assert f"{why} on today's holdout (0 positives in 8 holdout rows), needs >= 30 of each label" in line
     held = judge(production, production, {"click": 1.5, "conversion": None}, CFG, "sum-prev",
-                 production_ne={"click": 0.8}, unmeasured={"conversion": why})
-    assert not held.blessed and any(r.startswith("ne.click") for r in held.reasons)
+                 production_ne={"click": 0.8}, unmeasured={"conversion": why}, ne_evidence=ev)
+    assert not held.blessed
+    assert any(r.startswith("ne.click = 1.5, needs <= 1 (90 positives in 400") for r in held.reasons)
     # Without the reason, an undefined NE still fails: a None is never silently passed.
     assert not judge(production, None, {"click": 0.8, "conversion": None}, CFG).blessed
 
@@ -221,3 +229,141 @@ def test_the_shift_reports_the_candidate_s_mean_norm_without_checking_it(product
     want = np.linalg.norm(big.astype(np.float64), axis=2).mean(axis=0)
     np.testing.assert_allclose([m["mean_norm"] for m in v.shift], want, rtol=1e-9)
     assert v.blessed and not any("norm" in c.name and "l2" not in c.name for c in v.checks)
+
+
+# --- verdicts that know their evidence (issue 27 item 3) ---------------------------------------------------------
+
+FEW = {"click": {"holdout_rows": 85, "positives": 2}, "conversion": {"holdout_rows": 85, "positives": 40}}
+MANY = {"click": {"holdout_rows": 3000, "positives": 400}, "conversion": {"holdout_rows": 3000, "positives": 90}}
+
+
+def _near_collapsed(n: int = 64, d: int = 16, seed: int = 9) -> np.ndarray:
+    """``[n, 2, d]``: every user one shared direction (norm 10) plus a little noise of their own, so their mean
+    pairwise cosine is ~0.9996 while the spread across users (~0.05) is far above ``min_embedding_std``."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=(1, 2, d))
+    shared *= 10 / np.linalg.norm(shared, axis=2, keepdims=True)
+    return (shared + rng.normal(scale=0.052, size=(n, 2, d))).astype(np.float32)
+
+
+def test_the_mean_pairwise_cosine_across_users_matches_the_all_pairs_mean():
+    from validation.gate import mean_cosine_across_users
+
+    x = np.random.default_rng(6).normal(loc=0.3, size=(50, 8))
+    x[7] = 0.0  # a zero vector has no direction: left out
+    kept = x[np.linalg.norm(x, axis=1) > 0]
+    units = kept / np.linalg.norm(kept, axis=1, keepdims=True)
+    cos = units @ units.T
+    brute = (cos.sum() - np.trace(cos)) / (len(kept) * (len(kept) - 1))
+    assert mean_cosine_across_users(x) == pytest.approx(brute, rel=1e-12)
+    assert mean_cosine_across_users(np.ones((5, 8))) == pytest.approx(1.0)
+    assert mean_cosine_across_users(np.zeros((5, 8))) is None
+
+
+def test_a_near_collapsed_candidate_passes_the_absolute_spread_but_is_held_by_the_relative_check():
+    from validation.gate import mean_cosine_across_users
+
+    cand = _near_collapsed()
+    assert 0.9995 < mean_cosine_across_users(cand[:, 0]) < 0.9997  # the case of the issue
+    v = judge(cand, None, NE_OK, CFG, ne_evidence=MANY)
+    assert not v.blessed
+    spread = [c for c in v.checks if c.name.endswith("std_across_users")]
+    assert spread and all(c.passed and c.value > 100 * CFG.min_embedding_std for c in spread)  # absolute: passes
+    collapse = [c for c in v.checks if c.name.endswith("cosine_across_users")]
+    assert [c.outcome for c in collapse] == ["fail", "fail"]
+    assert any(r.startswith("embedding_0.cosine_across_users = 0.9996, needs <= 0.9 (64 probe users)")
+               for r in v.reasons), v.reasons
+    # Production near-identical to it does not vouch for it either: the collapse check is absolute to the candidate.
+    assert not judge(cand, cand, NE_OK, CFG, "sum-prev", production_ne=NE_OK, ne_evidence=MANY).blessed
+
+
+def test_normal_embeddings_pass_every_check_with_their_evidence_sizes(production):
+    cand = production + np.random.default_rng(1).normal(scale=0.05, size=production.shape).astype(np.float16)
+    v = judge(cand, production, NE_OK, CFG, "sum-prev", production_ne=NE_OK, ne_evidence=MANY)
+    assert v.blessed, v.reasons
+    assert all(c.outcome == "pass" for c in v.checks)
+    collapse = [c for c in v.checks if c.name.endswith("cosine_across_users")]
+    assert len(collapse) == 2 and all(abs(c.value) < 0.1 for c in collapse)
+    by_name = {c.name: c.evidence for c in v.checks}
+    assert by_name["ne.click"] == by_name["ne_regression.click"] == {"holdout_rows": 3000, "positives": 400}
+    probe = {"probe_users": 64}
+    assert by_name["embedding_1.pooled_mean_cosine"] == by_name["embedding_0.cosine_across_users"] == probe
+
+
+def test_an_ne_from_too_few_positives_is_not_measurable_and_holds_a_first_promotion_by_default(production):
+    v = judge(production, None, NE_OK, CFG, ne_evidence=FEW)
+    assert not v.blessed
+    assert [(c.name, c.outcome) for c in v.checks if c.name.startswith("ne")] == [
+        ("ne.click", "not_measurable"), ("ne.conversion", "pass")]
+    assert not [c for c in v.checks if c.outcome == "fail"]  # held for want of evidence, not for a failed check
+    line = next(r for r in v.reasons if r.startswith("ne.click not measurable"))
+    assert line.startswith("ne.click not measurable: 2 positives in 85 holdout rows, needs >= 30 of each label")
+    assert "its value 0.8 is not judged against <= 1" in line
+    assert "held (gate.not_measurable_without_production: hold)" in line
+    # One more positive than the minimum, in rows that hold as many negatives: measured.
+    enough = {"click": {"holdout_rows": 85, "positives": 30}, "conversion": FEW["conversion"]}
+    assert judge(production, None, NE_OK, CFG, ne_evidence=enough).blessed
+    # The scarcer label may be the negatives (a task most rows are positive in): just as noisy.
+    scarce_negatives = {"click": {"holdout_rows": 85, "positives": 80}, "conversion": FEW["conversion"]}
+    v = judge(production, None, NE_OK, CFG, ne_evidence=scarce_negatives)
+    assert not v.blessed and any("80 positives (5 negatives) in 85 holdout rows" in r for r in v.reasons)
+
+
+def test_the_other_setting_blesses_a_first_promotion_on_its_other_checks(production):
+    cfg = CFG.model_copy(update={"not_measurable_without_production": "bless"})
+    v = judge(production, None, NE_OK, cfg, ne_evidence=FEW)
+    assert v.blessed, v.reasons
+    assert any(r.startswith("ne.click not measurable: 2 positives in 85 holdout rows") and
+               "not held (gate.not_measurable_without_production: bless)" in r for r in v.reasons)
+    # It blesses on the other checks only: a failed one still holds.
+    assert not judge(production, None, {"click": 0.8, "conversion": 1.3}, cfg, ne_evidence=FEW).blessed
+
+
+def test_with_production_a_not_measurable_ne_leaves_the_decision_to_the_shift_checks(production):
+    small = production + np.random.default_rng(1).normal(scale=0.05, size=production.shape).astype(np.float16)
+    v = judge(small, production, NE_OK, CFG, "sum-prev", production_ne={"click": 0.5, "conversion": 0.9},
+              ne_evidence=FEW)
+    assert v.blessed, v.reasons  # click NE 0.3 worse than production's, but on 2 positives: not judged
+    assert {c.name: c.outcome for c in v.checks}["ne_regression.click"] == "not_measurable"
+    assert any(r.startswith("ne_regression.click not measurable: 2 positives in 85 holdout rows") and
+               "the shift checks against sum-prev on 64 probe users and the other checks decide" in r
+               for r in v.reasons), v.reasons
+    # ... and the shift checks do decide: a reinitialised candidate is held.
+    reinit = np.random.default_rng(2).normal(size=production.shape).astype(np.float16)
+    held = judge(reinit, production, NE_OK, CFG, "sum-prev", production_ne=NE_OK, ne_evidence=FEW)
+    assert not held.blessed
+    assert any(r.startswith("embedding_0.mean_cosine = ") and r.endswith("needs >= 0.8 (64 probe users)")
+               for r in held.reasons)
+    # During the warm-up the shift is not enforced: the line says so, and the measured checks decide.
+    young = judge(reinit, production, NE_OK, CFG, "sum-prev", production_ne=NE_OK, ne_evidence=FEW,
+                  enforce_shift=False)
+    assert young.blessed and any("not enforced (warm-up) either" in r for r in young.reasons)
+
+
+def test_failed_lines_name_threshold_and_evidence_and_unknown_sizes_are_said(production):
+    v = judge(production, None, {"click": 1.5, "conversion": 0.9}, CFG, ne_evidence=MANY)
+    assert "ne.click = 1.5, needs <= 1 (400 positives in 3000 holdout rows)" in v.reasons
+    # A caller that does not count the holdout (sizes unknown): judged as before, and the verdict says so.
+    unknown = judge(production, None, NE_OK, CFG)
+    assert unknown.blessed and any(r.startswith("NE evidence sizes not given") for r in unknown.reasons)
+    assert all(c.outcome == "pass" for c in unknown.checks)
+
+
+def test_a_not_measurable_verdict_serialises_and_renders(production):
+    import json
+
+    from validation.gate import verdict_markdown, verdict_summary
+
+    v = judge(production, None, NE_OK, CFG, ne_evidence=FEW).to_dict() | {"snapshot_id": "sum-2026-01-01"}
+    back = json.loads(json.dumps(v, allow_nan=False))
+    click = next(c for c in back["checks"] if c["name"] == "ne.click")
+    assert click["outcome"] == "not_measurable" and click["evidence"] == {"holdout_rows": 85, "positives": 2}
+    table = verdict_markdown(back)
+    assert "| ne.click | 0.8 | <= 1 | 2 positives in 85 holdout rows | not measurable |" in table
+    assert "| embedding_0.cosine_across_users |" in table and "| 64 probe users | yes |" in table
+    assert "**SUM-2026-01-01: HELD**" in table.upper()
+    assert verdict_summary(back, NE_OK)["not_measurable"] == ["ne.click"]
+    # A verdict recorded before outcomes and evidence existed still renders.
+    before = ("name", "value", "threshold", "op", "passed")
+    old = {**back, "checks": [{k: c[k] for k in before} for c in back["checks"]]}
+    assert "| ne.click | 0.8 | <= 1 | - | NO |" in verdict_markdown(old)
