@@ -321,6 +321,8 @@ def judge(
     for task in sorted(set(ne) | set(unmeasured)):
         evidence, why = _ne_measurability(task, ne_evidence, unmeasured, cfg.min_label_count)
         value = ne.get(task)
+        if task not in unmeasured and (value is None or not np.isfinite(value)):
+            why = None  # no NE where one was measurable: the candidate's defect, not the holdout's size (fails)
         ne_checks.append((f"ne.{task}", value, cfg.max_ne, evidence, why))
         if production_ne and task in production_ne:
             base = production_ne[task]

@@ -198,8 +198,12 @@ def test_a_task_with_one_label_class_is_not_measurable_not_failed_nor_silently_p
                  production_ne={"click": 0.8}, unmeasured={"conversion": why}, ne_evidence=ev)
     assert not held.blessed
     assert any(r.startswith("ne.click = 1.5, needs <= 1 (90 positives in 400") for r in held.reasons)
-    # Without the reason, an undefined NE still fails: a None is never silently passed.
+    # Without the reason, an undefined NE still fails: a None is never silently passed, whatever the holdout's size.
     assert not judge(production, None, {"click": 0.8, "conversion": None}, CFG).blessed
+    few = {"click": ev["click"], "conversion": {"holdout_rows": 85, "positives": 2}}
+    bless = CFG.model_copy(update={"not_measurable_without_production": "bless"})
+    broken = judge(production, None, {"click": 0.8, "conversion": float("nan")}, bless, ne_evidence=few)
+    assert not broken.blessed and {c.name: c.outcome for c in broken.checks}["ne.conversion"] == "fail"
 
 
 def test_during_the_warm_up_shift_is_reported_but_does_not_hold(production):
