@@ -292,6 +292,13 @@ def test_normal_embeddings_pass_every_check_with_their_evidence_sizes(production
     assert by_name["ne.click"] == by_name["ne_regression.click"] == {"holdout_rows": 3000, "positives": 400}
     probe = {"probe_users": 64}
     assert by_name["embedding_1.pooled_mean_cosine"] == by_name["embedding_0.cosine_across_users"] == probe
+    # Users sharing an offset as large as in normal simulated snapshots (mean pairwise cosine up to 0.21) pass.
+    rng = np.random.default_rng(8)
+    shared = rng.normal(size=(1, 2, 16))
+    offset = (0.5 * shared / np.linalg.norm(shared, axis=2, keepdims=True) * np.sqrt(16) + rng.normal(size=(64, 2, 16)))
+    v = judge(offset.astype(np.float16), None, NE_OK, CFG, ne_evidence=MANY)
+    values = [c.value for c in v.checks if c.name.endswith("cosine_across_users")]
+    assert v.blessed and all(0.15 < c < 0.35 for c in values), values
 
 
 def test_an_ne_from_too_few_positives_is_not_measurable_and_holds_a_first_promotion_by_default(production):
