@@ -121,8 +121,14 @@ class GateChain:
         self.days: list[ChainDay] = []
 
     def step(self, probe: np.ndarray, candidate_ne: NE, production_ne: Callable[[int, int], NE | None],
-             weights_finite: bool = True) -> ChainDay:
-        """Judges the next day's candidate (its probe embeddings ``[N, K, D]`` and holdout NE per task)."""
+             weights_finite: bool = True, evidence: Mapping[str, Mapping[str, int]] | None = None,
+             unmeasured: Mapping[str, str] | None = None) -> ChainDay:
+        """Judges the next day's candidate (its probe embeddings ``[N, K, D]`` and holdout NE per task).
+
+        ``evidence`` (task -> ``{"holdout_rows", "positives"}``) and ``unmeasured`` (task -> why its NE is undefined)
+        are what the DAG's evaluate task hands the gate: with them, an NE resting on fewer than
+        ``gate.min_label_count`` of either label is not measurable, as in the daily loop.
+        """
         probe = np.asarray(probe)
         if self.probe and probe.shape != self.probe[0].shape:
             raise ValueError(f"probe embeddings differ in shape across days: {[self.probe[0].shape, probe.shape]}")
@@ -142,6 +148,8 @@ class GateChain:
             pool_unit=self.pool_unit,
             production_ne=None if baseline is None else production_ne(t, baseline),
             weights_finite=bool(weights_finite),
+            unmeasured=dict(unmeasured or {}),
+            ne_evidence=evidence,
             enforce_shift=enforce,
         )
         if verdict.blessed:

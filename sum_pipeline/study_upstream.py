@@ -68,9 +68,14 @@ class SnapshotGate:
         self.probe_ids: np.ndarray | None = None
         self.chain = study_gate.GateChain(params.gate, pool_unit=params.serving.pool_unit)
 
-    def judge(self, i: int, day: Day, latest, candidate: np.ndarray, ne: dict, model, production,
+    def judge(self, day: Day, latest, candidate: np.ndarray, scored, model, production,
               holdout_frame) -> tuple[bool, list[str], list[float]]:
-        """Whether day ``i``'s candidate is blessed, the reasons, and its mean norm on the probe."""
+        """Whether the day's candidate is blessed, the reasons, and its mean norm on the probe.
+
+        ``scored`` is the candidate's NE accumulator over the day's holdout: its NE, the tasks it leaves undefined
+        and how many rows and positives each rests on (``gate.min_label_count``), as the DAG's evaluate task hands
+        them to the gate.
+        """
         import torch
 
         from sum_models.train import ne_accumulator
@@ -88,7 +93,10 @@ class SnapshotGate:
             # a blessed baseline, which is then `production`
             return ne_accumulator(production, holdout_frame, self.spec).compute_defined()[0]
 
-        last = self.chain.step(candidate[at], ne, production_ne, finite)
+        ne, unmeasured = scored.compute_defined()
+        evidence = {task: {"holdout_rows": int(scored.count[t]), "positives": int(scored.positives[t])}
+                    for t, task in enumerate(scored.tasks)}
+        last = self.chain.step(candidate[at], ne, production_ne, finite, evidence=evidence, unmeasured=unmeasured)
         return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
 
@@ -126,15 +134,15 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
                     progress=False)
         model.eval()
         holdout_frame = day.frame[holdout].reset_index(drop=True)
-        ne = ne_accumulator(model, holdout_frame, spec).compute_defined()[0]
+        scored = ne_accumulator(model, holdout_frame, spec)
+        ne = scored.compute_defined()[0]
         latest = day.users.iloc[day.latest].reset_index(drop=True)
         with torch.no_grad():
             candidate = embed_users(model.user_tower, latest, spec)
         cid = snapshot_id_for(day.ds)
         blessed, reasons = True, []
         if gate is not None:
-            blessed, reasons, _ = gate.judge(i, day, latest, candidate, ne, model, production,
-                                             holdout_frame)
+            blessed, reasons, _ = gate.judge(day, latest, candidate, scored, model, production, holdout_frame)
         if blessed or production is None:  # nothing blessed yet: the first snapshot serves (marked below)
             production, production_id = model, cid
         out.gate.append({"ds": day.ds, "candidate": cid, "blessed": bool(blessed), "serving": production_id,

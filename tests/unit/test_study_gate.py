@@ -116,3 +116,23 @@ def test_the_pooled_comparison_follows_the_pool_unit(base):
     assert values(by_unit["write"], "embedding_0.pooled_mean_cosine") == values(by_unit["write"], "embedding_0.mean_cosine")
     assert values(by_unit["snapshot"], "embedding_0.pooled_mean_cosine")[0] > values(by_unit["write"],
                                                                                     "embedding_0.pooled_mean_cosine")[0]
+
+
+def test_the_chain_judges_an_ne_by_its_evidence_as_the_daily_loop_does(base):
+    """The study's gate hands the gate each NE's evidence: a first candidate whose holdout holds too few positives
+    is not measurable and held (``not_measurable_without_production: hold``); with enough, it is blessed."""
+    from sum_pipeline.study_gate import GateChain
+
+    few = {"click": {"holdout_rows": 80, "positives": 5}}
+    held = GateChain(CFG).step(base, NE_OK, _same_ne, evidence=few)
+    assert not held.blessed and held.serves_next is None
+    [check] = [c for c in held.checks if c["name"].startswith("ne")]
+    assert check["outcome"] == "not_measurable"
+    assert any("not_measurable_without_production" in r for r in held.reasons)
+
+    enough = {"click": {"holdout_rows": 400, "positives": 120}}
+    assert GateChain(CFG).step(base, NE_OK, _same_ne, evidence=enough).blessed
+    # An NE the holdout could not define (one label class) is not measurable whatever the sizes say.
+    one_class = GateChain(CFG).step(base, {}, _same_ne, evidence={"click": {"holdout_rows": 80, "positives": 0}},
+                                    unmeasured={"click": "all 80 labels are negative"})
+    assert not one_class.blessed
