@@ -28,6 +28,9 @@ from sum_pipeline import tasks
 from sum_platform.context import context
 
 slow = pytest.mark.slow
+# A test of what the serving app does whatever its online store (auth, a failed replica's rollback) runs on SQLite
+# alone: on Redis it would repeat the same requests against the same Serve app for nothing (each ~25 s).
+store_independent = pytest.mark.parametrize("soap_env", ["sqlite"], indirect=True)
 
 K, D = 2, 8
 USERS_WITH_EMBEDDINGS = [0, 1, 2]
@@ -53,7 +56,7 @@ def _poll(fn, timeout_s: float = 60.0, interval_s: float = 0.1, what: str = "con
 def soap_env(request, tmp_path_factory, write_online_features):
     """Tmp params (session port, local Ray, tiny model) + workspace with features and three snapshots, on the
     online store of the parameter: every test of the module runs on SQLite, then on Redis (the session's
-    redis-server, the ``redis`` profile)."""
+    redis-server, the ``redis`` profile), but the ``store_independent`` ones (SQLite only)."""
     root = tmp_path_factory.mktemp(f"soap-{request.param}")
     workspace = root / "workspace"
     raw = yaml.safe_load(Path(os.environ["SUM_PARAMS"]).read_text())  # the session's (its Redis port)
@@ -635,6 +638,7 @@ def _answers_without_token(url: str, code: int, n: int = 5) -> bool:
 
 
 @slow
+@store_independent
 def test_token_mode_answers_401_without_the_token_and_200_with_it(soap_env, serving_b, url, tmp_path):
     """With serving.token_file set (here on loopback, explicitly), every request but /healthz needs the bearer
     token (0600 file, generated at deploy); the platform's own client (served_version) sends it."""
@@ -1101,6 +1105,7 @@ def restores_settings(soap_env):
 
 
 @slow
+@store_independent
 def test_failed_fresh_replica_rolls_back_and_reads_stay_up(soap_env, serving_b, restores_settings, url):
     """Code/settings change + unloadable snapshot: fresh replicas never come up (DEPLOY_FAILED) while the
     old replica keeps serving (surge); the rollback is itself a replacement (B with the new settings)."""
