@@ -173,6 +173,12 @@ class GateConfig(_Section):
     # An NE check that is not measurable (too few labels) on a candidate with no production to compare it with:
     # hold it (nothing else vouches for it) or bless on the other checks. With production, the shift decides.
     not_measurable_without_production: Literal["hold", "bless"]
+    # The consumer check (validation/consumers.py): what holds a candidate, and the check's own settings.
+    mode: Literal["proxies", "consumers", "both"]
+    consumer_holdout_users: float = Field(ge=0, lt=1)  # share of users kept out of the candidate's training
+    consumer_max_ne_regression_pct: float = Field(ge=0)  # a consumer's NE may worsen by this (relative, %)
+    consumer_worse_tolerance: float = Field(gt=0, lt=1)  # a prediction this much further from its label: worse
+    consumer_bootstrap: int = Field(ge=100)            # paired-interval resamples
 
 
 class ValidationConfig(_Section):

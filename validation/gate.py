@@ -33,6 +33,7 @@ import numpy as np
 from sum_models.shift import POOL_DEPTH, mean_norms, shift_metrics
 from sum_platform.config import GateConfig
 from sum_platform.embedding_row import PoolUnit, Slots, served_after_promotion
+from validation.consumers import consumer_line
 
 #: A check's outcome: its value is within the threshold, beyond it, or too thinly evidenced to judge.
 Outcome = Literal["pass", "fail", "not_measurable"]
@@ -56,6 +57,7 @@ class Check:
     outcome: Outcome
     evidence: dict[str, int] = field(default_factory=dict)
     why: str = ""
+    enforced: bool = True  # False: measured and reported, but ``gate.mode`` does not let it hold the candidate
 
     def line(self) -> str:
         """The check as a verdict line: value, threshold, evidence (and why, when not measurable)."""
@@ -65,7 +67,8 @@ class Check:
                     ("" if self.value is None else f"; its value {value} is not judged against {self.op} "
                      f"{self.threshold:.4g}"))
         evidence = evidence_text(self.evidence)
-        return f"{self.name} = {value}, needs {self.op} {self.threshold:.4g}" + (f" ({evidence})" if evidence else "")
+        return (f"{self.name} = {value}, needs {self.op} {self.threshold:.4g}" + (f" ({evidence})" if evidence else "")
+                + ("" if self.enforced else " [reported, not enforced: gate.mode]"))
 
 
 def evidence_text(evidence: Mapping[str, Any]) -> str:
@@ -75,7 +78,8 @@ def evidence_text(evidence: Mapping[str, Any]) -> str:
     if "positives" in evidence:
         rows, pos = evidence["holdout_rows"], evidence["positives"]
         scarce_negatives = f" ({rows - pos} negatives)" if rows - pos < pos else ""
-        return f"{pos} positives{scarce_negatives} in {rows} holdout rows"
+        users = f" of {evidence['users']} users" if "users" in evidence else ""
+        return f"{pos} positives{scarce_negatives} in {rows} holdout rows{users}"
     if "holdout_rows" in evidence:
         return f"{evidence['holdout_rows']} holdout rows"
     if "probe_users" in evidence:
@@ -92,6 +96,7 @@ class Verdict:
     checks: list[Check] = field(default_factory=list)
     shift: list[dict[str, float]] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    consumers: list[dict[str, Any]] = field(default_factory=list)  # validation.consumers.ConsumerEffect rows
 
     @property
     def label(self) -> str:
@@ -113,9 +118,31 @@ def verdict_markdown(verdict: dict[str, Any]) -> str:
     for c in verdict["checks"]:
         value = "-" if c["value"] is None else format(c["value"], ".4g")
         outcome = c.get("outcome") or ("pass" if c["passed"] else "fail")  # a verdict recorded before outcomes
+        cell = _OUTCOME_CELL[outcome] + ("" if c.get("enforced", True) else " (reported)")
         lines.append(f"| {c['name']} | {value} | {c['op']} {c['threshold']:.4g} | "
-                     f"{evidence_text(c.get('evidence') or {}) or '-'} | {_OUTCOME_CELL[outcome]} |")
+                     f"{evidence_text(c.get('evidence') or {}) or '-'} | {cell} |")
+    consumers = verdict.get("consumers") or []
+    if consumers:
+        lines += ["", "| consumer | NE now | NE after | change % [95 % CI] | impressions worse | vs no SUM % | "
+                  "evidence | outcome |", "|---|---|---|---|---|---|---|---|"]
+        for c in consumers:
+            ne = c.get("ne") or {}
+            lines.append(
+                f"| {c['consumer']} | {_num(ne.get('now'))} | {_num(ne.get('after'))} | "
+                f"{_num(c.get('change_pct'), '+.2f')} {_interval(c.get('change_ci'))} | "
+                f"{'-' if c.get('worse_share') is None else format(100 * c['worse_share'], '.1f') + ' %'} | "
+                f"{_num(c.get('vs_without_pct'), '+.2f')} {_interval(c.get('vs_without_ci'))} | "
+                f"{c['positives']} positives in {c['rows']} impressions of {c['users']} users | "
+                f"{_OUTCOME_CELL[c['outcome']]} |")
     return "\n".join(lines + [""] + [f"- {r}" for r in verdict["reasons"]])
+
+
+def _num(value: Any, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _interval(ci: Any) -> str:
+    return "" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def verdict_summary(verdict: dict[str, Any], ne: dict[str, float]) -> dict[str, Any]:
@@ -249,6 +276,7 @@ def judge(
     ne_evidence: Mapping[str, Mapping[str, int]] | None = None,
     enforce_shift: bool = True,
     nonfinite_predictions: dict[str, Any] | None = None,
+    consumers: list[dict[str, Any]] | None = None,
 ) -> Verdict:
     """Judges a candidate snapshot.
 
@@ -275,6 +303,10 @@ def judge(
             is measured and reported (``verdict.shift``, the reasons) but does not hold the candidate.
         nonfinite_predictions: Holdout rows whose candidate predictions are NaN/inf while their inputs (and
             production's predictions) are finite, ``{"count", "users"}``: the candidate's own defect, held.
+        consumers: The consumer check's rows (:class:`validation.consumers.ConsumerEffect` as dicts), one per
+            saved downstream model; None or empty: no consumer yet. ``gate.mode`` decides what holds: ``proxies``
+            (NE and shift checks; the consumers reported), ``consumers`` (the consumers; NE and shift reported,
+            and enforced only while no consumer is measurable), ``both``. Finite and collapse checks always hold.
 
     Returns:
         The :class:`Verdict`; ``blessed`` when no check failed and no not-measurable check holds it (only with
@@ -367,7 +399,9 @@ def judge(
 
     # A not-measurable check vouches for nothing. With production, the candidate is still compared with a snapshot
     # that was blessed (the shift checks, when enforced); with none, nothing else vouches for it: the policy decides.
-    unmeasurable = [c for c in verdict.checks if c.outcome == "not_measurable"]
+    _apply_mode(verdict, cfg, consumers, production is not None)
+
+    unmeasurable = [c for c in verdict.checks if c.outcome == "not_measurable" and c.enforced]
     policy = cfg.not_measurable_without_production
     if production is None:
         then = (f"no production to compare with, so nothing else vouches for this first promotion: "
@@ -379,8 +413,44 @@ def judge(
     else:
         then = "the shift against production is not enforced (warm-up) either: the other checks decide"
     verdict.reasons.extend(f"{c.line()}; {then}" for c in unmeasurable)
-    failed = [c for c in verdict.checks if c.outcome == "fail"]
+    failed = [c for c in verdict.checks if c.outcome == "fail" and c.enforced]
     verdict.reasons.extend(c.line() for c in failed)
+    verdict.reasons.extend(c.line() for c in verdict.checks if c.outcome == "fail" and not c.enforced)
     held_unmeasured = bool(unmeasurable) and production is None and policy == "hold"
     verdict.blessed = not failed and not held_unmeasured
     return verdict
+
+
+#: Checks that stand in for the consumers (``gate.mode``): the candidate's own NE and its shift against production.
+_PROXY_PREFIXES = ("ne.", "ne_regression.")
+_PROXY_SUFFIXES = (".mean_cosine", ".relative_l2_change", ".pooled_mean_cosine", ".pooled_relative_l2_change")
+
+
+def _is_proxy(check: Check) -> bool:
+    return check.name.startswith(_PROXY_PREFIXES) or (check.name.endswith(_PROXY_SUFFIXES)
+                                                       and not check.name.endswith("across_users"))
+
+
+def _apply_mode(verdict: Verdict, cfg: GateConfig, consumers: list[dict[str, Any]] | None,
+                has_production: bool) -> None:
+    """Adds the consumer checks and marks what ``gate.mode`` does not let hold the candidate (reported only)."""
+    from dataclasses import replace
+
+    rows = list(consumers or [])
+    verdict.consumers = rows
+    measured = [c for c in rows if c["outcome"] != "not_measurable"]
+    for c in rows:
+        verdict.checks.append(Check(
+            f"consumer.{c['consumer']}.ne_change_pct", c.get("change_pct"), float(c["threshold_pct"]), "<=",
+            c["outcome"] == "pass", c["outcome"],
+            {"holdout_rows": int(c["rows"]), "positives": int(c["positives"]), "users": int(c["users"])},
+            c.get("why", ""), enforced=cfg.mode != "proxies"))
+        verdict.reasons.append(consumer_line(c))
+    proxies_enforced = cfg.mode != "consumers" or not measured
+    if cfg.mode != "proxies" and not measured:
+        verdict.reasons.append(
+            ("no consumer yet (no downstream model saved before this day)" if not rows else
+             "no consumer measurable on today's consumer holdout") + (": the proxies decide" if has_production else
+                                                                    "") + f" (gate.mode: {cfg.mode})")
+    if not proxies_enforced:
+        verdict.checks[:] = [replace(c, enforced=False) if _is_proxy(c) else c for c in verdict.checks]

@@ -8,7 +8,8 @@ from validation.gate import judge
 
 CFG = GateConfig(probe_users=64, warmup_promotions=1, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0, min_embedding_std=1e-4,
                  min_mean_cosine_pooled=0.9, max_relative_l2_change_pooled=0.2, max_ne_regression=0.01,
-                 max_cosine_across_users=0.9, min_label_count=30, not_measurable_without_production="hold")
+                 max_cosine_across_users=0.9, min_label_count=30, not_measurable_without_production="hold", mode="both", consumer_holdout_users=0.1, consumer_max_ne_regression_pct=1.0,
+                 consumer_worse_tolerance=0.05, consumer_bootstrap=200)
 NE_OK = {"click": 0.8, "conversion": 0.9}
 
 
@@ -65,7 +66,8 @@ def test_ne_above_threshold_is_held(production):
 
 def test_no_thresholds_configured_refuses_to_bless(production):
     unset = GateConfig(probe_users=64, warmup_promotions=1, min_embedding_std=1e-4, max_cosine_across_users=0.9,
-                       min_label_count=30, not_measurable_without_production="hold")  # no shift or NE thresholds
+                       min_label_count=30, not_measurable_without_production="hold", mode="both", consumer_holdout_users=0.1, consumer_max_ne_regression_pct=1.0,
+                 consumer_worse_tolerance=0.05, consumer_bootstrap=200)  # no shift or NE thresholds
     v = judge(production, None, NE_OK, unset)
     assert not v.blessed and "not configured" in v.reasons[0]
 
@@ -378,3 +380,69 @@ def test_a_not_measurable_verdict_serialises_and_renders(production):
     before = ("name", "value", "threshold", "op", "passed")
     old = {**back, "checks": [{k: c[k] for k in before} for c in back["checks"]]}
     assert "| ne.click | 0.8 | <= 1 | - | NO |" in verdict_markdown(old)
+
+
+def _consumer(outcome: str, change: float = 0.0, name: str = "click") -> dict:
+    """A consumer row as validation.consumers.measure_consumer returns it (to_dict)."""
+    ci = None if outcome == "not_measurable" else [change - 0.5, change + 0.5]
+    return {"consumer": name, "rows": 1500, "users": 150, "positives": 300 if outcome != "not_measurable" else 3,
+            "ne": {"now": 0.9, "after": 0.9 * (1 + change / 100), "without": 0.95},
+            "change_pct": None if outcome == "not_measurable" else change, "change_ci": ci, "worse_share": 0.01,
+            "vs_without_pct": -5.0, "vs_without_ci": [-6.0, -4.0], "threshold_pct": 1.0, "outcome": outcome,
+            "why": "NE worse by +8.00 % ... (gate.consumer_max_ne_regression_pct)" if outcome == "fail" else
+            ("3 rows of the scarcer label" if outcome == "not_measurable" else ""), "model_day": "2026-01-02",
+            "extra": {}}
+
+
+def _near(production):
+    return production + np.random.default_rng(1).normal(scale=0.05, size=production.shape).astype(np.float16)
+
+
+def _far(production):
+    return np.random.default_rng(2).normal(size=production.shape).astype(np.float16)
+
+
+def test_a_consumer_that_regresses_holds_a_candidate_the_proxies_pass(production):
+    v = judge(_near(production), production, NE_OK, CFG, "sum-prev", consumers=[_consumer("fail", 8.0)])
+    assert not v.blessed
+    [check] = [c for c in v.checks if c.name == "consumer.click.ne_change_pct"]
+    assert check.outcome == "fail" and check.enforced and check.evidence["users"] == 150
+    assert any(r.startswith("consumer click: NE +8.00 %") and "150 users" in r for r in v.reasons)
+    assert v.to_dict()["consumers"][0]["consumer"] == "click"
+
+
+def test_consumers_mode_blesses_a_shift_the_consumers_do_not_feel_and_reports_the_shift(production):
+    consumers_mode = CFG.model_copy(update={"mode": "consumers"})
+    v = judge(_far(production), production, NE_OK, consumers_mode, "sum-prev", consumers=[_consumer("pass", 0.1)])
+    assert v.blessed, v.reasons
+    shift = [c for c in v.checks if c.name == "embedding_0.mean_cosine"]
+    assert shift and shift[0].outcome == "fail" and not shift[0].enforced
+    assert any("embedding_0.mean_cosine" in r and "not enforced: gate.mode" in r for r in v.reasons)
+    # The same candidate in both modes: the shift holds it.
+    assert not judge(_far(production), production, NE_OK, CFG, "sum-prev", consumers=[_consumer("pass", 0.1)]).blessed
+
+
+def test_with_no_consumer_yet_the_proxies_decide_and_the_verdict_says_so(production):
+    consumers_mode = CFG.model_copy(update={"mode": "consumers"})
+    for consumers in (None, [_consumer("not_measurable")]):
+        v = judge(_far(production), production, NE_OK, consumers_mode, "sum-prev", consumers=consumers)
+        assert not v.blessed and any(r.startswith("embedding_0.mean_cosine") for r in v.reasons)
+        assert any("the proxies decide (gate.mode: consumers)" in r for r in v.reasons)
+
+
+def test_proxies_mode_reports_a_regressing_consumer_without_holding(production):
+    proxies = CFG.model_copy(update={"mode": "proxies"})
+    v = judge(_near(production), production, NE_OK, proxies, "sum-prev", consumers=[_consumer("fail", 8.0)])
+    assert v.blessed, v.reasons
+    assert any("consumer.click.ne_change_pct" in r and "not enforced" in r for r in v.reasons)
+
+
+def test_the_verdict_table_shows_the_consumer_table(production):
+    from validation.gate import verdict_markdown
+
+    v = judge(_near(production), production, NE_OK, CFG, "sum-prev",
+              consumers=[_consumer("fail", 8.0), _consumer("not_measurable", name="conversion")])
+    table = verdict_markdown(v.to_dict() | {"snapshot_id": "sum-x"})
+    assert "| consumer | NE now | NE after |" in table
+    assert "| click | 0.9 | 0.972 | +8.00 [+7.50, +8.50] | 1.0 % | -5.00 [-6.00, -4.00] |" in table
+    assert "| conversion |" in table and "not measurable |" in table

@@ -12,7 +12,8 @@ from sum_platform.config import GateConfig
 CFG = GateConfig(probe_users=64, warmup_promotions=2, min_mean_cosine=0.8, max_relative_l2_change=0.35, max_ne=1.0,
                  min_embedding_std=1e-4, min_mean_cosine_pooled=0.9, max_relative_l2_change_pooled=0.2,
                  max_ne_regression=0.05,
-                 max_cosine_across_users=0.9, min_label_count=30, not_measurable_without_production="hold")
+                 max_cosine_across_users=0.9, min_label_count=30, not_measurable_without_production="hold", mode="both", consumer_holdout_users=0.1, consumer_max_ne_regression_pct=1.0,
+                 consumer_worse_tolerance=0.05, consumer_bootstrap=200)
 NE_OK = {"click": 0.8}
 SHAPE = (64, 2, 16)
 
