@@ -1,8 +1,11 @@
-"""The daily SUM loop: validate -> train -> evaluate -> gate -> promote -> materialize -> rollout -> verify.
+"""The daily SUM loop: validate -> train -> evaluate -> check consumers -> gate -> promote -> materialize -> rollout
+-> verify.
 
 Each task is a thin call into :mod:`sum_pipeline.tasks` (torch, Feast, GX and Ray are imported inside
 those calls, never when the DAG is parsed). The candidate's id flows from ``train_user_model`` through
-evaluation, the gate and promotion as task arguments.
+evaluation, the consumer check, the gate and promotion as task arguments. ``check_consumers`` scores each saved
+downstream model with what serving would hand it after the promotion against what it gets now (``gate.mode``
+decides whether that, the proxies, or both can hold the candidate).
 
 ``shift_gate`` branches on its verdict (and records it as an event of the asset ``sum_user_tower``,
 whose ``extra`` the UI shows on the asset's page): a blessed candidate goes straight to ``promote``
@@ -112,12 +115,18 @@ def sum_daily():
     def evaluate(trained: dict) -> dict:
         return tasks.evaluate(_ds(), trained["snapshot_id"])
 
+    @task(doc_md="What each saved downstream model would lose if the candidate were promoted: its NE on the day's "
+                 "consumer holdout with what serving hands out now vs after the promotion (paired interval over "
+                 "users), the share of impressions made worse, and the change against no SUM.")
+    def check_consumers(evaluation: dict) -> dict:
+        return tasks.check_consumers(_ds(), evaluation["snapshot_id"])
+
     @task.branch(outlets=[USER_TOWER],
                  doc_md="Judges the candidate against production (cosine, L2 change raw and after average pooling, "
-                        "NE non-regression). Blessed: promote. Held: approve_held (or nothing when the run does "
+                        "NE non-regression) and by its consumers (check_consumers), as gate.mode says. Blessed: promote. Held: approve_held (or nothing when the run does "
                         "not await approval); production stays unless a human approves.")
-    def shift_gate(evaluation: dict) -> list[str]:
-        verdict = tasks.shift_gate(_ds(), evaluation["snapshot_id"])
+    def shift_gate(evaluation: dict, consumers: dict) -> list[str]:
+        verdict = tasks.shift_gate(_ds(), consumers["snapshot_id"])
         table = verdict_markdown(verdict)
         # Operators read the verdict in the UI: the numbers on the sum_user_tower asset event, the table in
         # the task log and the approval's body, the whole verdict in the XComs `verdict` (JSON) and
@@ -171,7 +180,8 @@ def sum_daily():
     # Training reads the offline store through Feast, which refuses a view that is MATERIALIZING: under a
     # scheduler that runs tasks side by side, training waits for the day's materialization.
     versioned >> materialize_user_features() >> trained
-    gate = shift_gate(evaluate(trained))
+    evaluation = evaluate(trained)
+    gate = shift_gate(evaluation, check_consumers(evaluation))
     promoted = promote(trained)
     gate >> [promoted, approve_held]
     approve_held >> promoted

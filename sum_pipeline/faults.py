@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 #: reinit: export re-initialised weights; perturb: add noise as large as each weight tensor's spread;
-#: explode_lr: train with a learning rate 1000x the configured one; nan: poison one weight with NaN.
-CANDIDATE_FAULTS = ("reinit", "perturb", "explode_lr", "nan")
+#: explode_lr: train with a learning rate 1000x the configured one; nan: poison one weight with NaN; scale: the
+#: trained tower's embeddings multiplied by SCALE_FACTOR (its output LC scaled: the directions stay, every
+#: consumer's projection of them grows; a bounded tower, model.output_norm, normalises it away).
+CANDIDATE_FAULTS = ("reinit", "perturb", "explode_lr", "nan", "scale")
+
+#: How much ``scale`` multiplies the embeddings by.
+SCALE_FACTOR = 20.0
 
 #: How much ``explode_lr`` multiplies the configured learning rate by.
 EXPLODE_LR_FACTOR = 1000
@@ -42,4 +47,6 @@ def inject_fault(model, fault: str, fresh_model: Callable[[], object]):
                     p.add_(torch.randn(p.shape, generator=gen) * p.std().clamp_min(PERTURB_MIN_STD))
         elif fault == "nan":
             next(iter(model.user_tower.parameters())).view(-1)[0] = float("nan")
+        elif fault == "scale":
+            model.user_tower.pyramid.output.weight.mul_(SCALE_FACTOR)  # the embeddings are linear in it
     return model

@@ -21,6 +21,7 @@ from serving.rollout import rollout as serve_rollout
 from serving.store_io import log_offline, write_embeddings
 from sum_models.metrics import NormalizedEntropy
 from sum_pipeline.batch_embeddings import embed_with_ray_data
+from sum_pipeline.check_consumers import check_consumers  # noqa: F401 (a stage: sumctl stage check_consumers)
 from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
@@ -32,6 +33,7 @@ from sum_platform.versioning import data_version, init_workspace_repo, track_pat
 from sum_platform.workspace import snapshot_id_for
 from sum_models.shift import POOL_DEPTH
 from validation.data_checks import DataValidationError, validate_day
+from validation.consumers import consumer_users
 from validation.gate import judge
 from validation.quarantine import quarantine_partition, quarantined, reason_from_error
 
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 #: The DAG's tasks in the order of one day (``sumctl stage`` names, ``dvc.yaml`` stages, the DAG's task ids).
 STAGES = ("ingest", "validate_data", "version_data", "materialize_user_features", "train_user_model", "evaluate",
-          "shift_gate", "promote", "materialize_embeddings", "rollout", "verify_serving")
+          "check_consumers", "shift_gate", "promote", "materialize_embeddings", "rollout", "verify_serving")
 
 #: The holdout is a fixed hash-based share of impressions, in buckets of 1/10,000.
 _HOLDOUT_BUCKETS = 10_000
@@ -195,7 +197,11 @@ def training_frame(ds: str, ctx: Context):
     for name in spec.user_sparse:
         joined[name] = joined[name].map(lambda v: np.asarray(v if v is not None else [], dtype=np.int64))
     holdout = holdout_mask(joined, ctx.params.events.holdout_fraction)
-    return joined[~holdout].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
+    # The consumer check scores the downstream models on users the candidate never trained on.
+    gate = ctx.params.gate
+    unseen = (consumer_users(joined["user_id"].to_numpy(), gate.consumer_holdout_users) if gate.mode != "proxies"
+              else np.zeros(len(joined), dtype=bool))
+    return joined[~holdout & ~unseen].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
 
 
 def holdout_mask(impressions, fraction: float):
@@ -444,6 +450,9 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         candidate, embeddings = candidate[keep], [e[keep] for e in embeddings]
     baseline = history[0] if history else None
     production_ne = evaluation.get("production_ne") if evaluation.get("production_id") == baseline else None
+    consumers = day.read("consumers")
+    if consumers is not None and consumers.get("snapshot_id") != snapshot_id:
+        consumers = None  # another candidate's table (a rerun of train without check_consumers): not this one's
     verdict = judge(
         candidate, embeddings[0] if embeddings else None, evaluation["ne"], ctx.params.gate, baseline,
         history=embeddings[1:], candidate_id=snapshot_id, history_ids=history[1:len(embeddings)],
@@ -451,7 +460,10 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         unmeasured=evaluation.get("ne_undefined"), ne_evidence=evaluation.get("ne_evidence"),
         enforce_shift=len(history) >= ctx.params.gate.warmup_promotions,
         nonfinite_predictions=(evaluation.get("nonfinite") or {}).get("candidate"),
+        consumers=None if consumers is None else consumers["consumers"],
     )
+    if consumers is not None and consumers.get("note"):
+        verdict.reasons.append(f"consumer check: {consumers['note']}")
     for reason, what in probe_skipped.items():
         verdict.reasons.append(f"{what['count']} probe user(s) left out ({reason}: their data, not the candidate), "
                                f"e.g. {what['users']}")

@@ -24,6 +24,7 @@ PARTS = {
     "validation": "validation.json",
     "data_version": "data_version.json",
     "evaluation": "evaluation.json",
+    "consumers": "consumers.json",  # the consumer check's table (sum_pipeline/check_consumers.py)
     "verdict": "gate.json",
     "materialize": "materialize.json",  # the daily batch's outcome (users written, users skipped and why)
     "profile": "data_profile.json",  # the validated day's data profile (the trailing checks' baseline)

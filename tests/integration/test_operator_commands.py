@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-REPRO_STAGES = ["ingest", "validate_data", "version_data", "train_user_model", "evaluate", "shift_gate"]
+REPRO_STAGES = ["ingest", "validate_data", "version_data", "train_user_model", "evaluate", "check_consumers",
+                "shift_gate"]
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
