@@ -105,6 +105,11 @@ def verdict_note(result: DagRunResult) -> str:
     for i, m in enumerate(verdict.get("shift") or []):
         lines.append(f"e{i}: cos {_number(m.get('mean_cosine'), '.3f')}, "
                      f"ΔL2 {_number(m.get('relative_l2_change'), '.3f')}")
+    for c in verdict.get("consumers") or []:  # what each downstream model would lose (check_consumers)
+        ci = c.get("change_ci") or [None, None]
+        lines.append(f"consumer {c['consumer']}: " + ("not measurable" if c["outcome"] == "not_measurable" else
+                     f"NE {_number(c.get('change_pct'), '+.2f')} % [{_number(ci[0], '+.2f')}, "
+                     f"{_number(ci[1], '+.2f')}]" + (" HOLDS" if c["outcome"] == "fail" else "")))
     if not verdict.get("blessed"):
         lines += ["", *(f"- {reason}" for reason in verdict.get("reasons") or [])]
     note = "\n".join(lines)

@@ -167,6 +167,11 @@ def verdict_summary(verdict: dict[str, Any], ne: dict[str, float]) -> dict[str, 
         "max_relative_l2_change": max(l2) if l2 else None,
         "not_measurable": [c["name"] for c in verdict.get("checks", []) if c.get("outcome") == "not_measurable"],
         "shift": shift,
+        # What each downstream model would lose (the consumer check): change % after vs now, its interval, outcome.
+        "consumers": [{"consumer": c["consumer"], "change_pct": num(c.get("change_pct")),
+                       "change_ci": [num(v) for v in c["change_ci"]] if c.get("change_ci") else None,
+                       "worse_share": num(c.get("worse_share")), "vs_without_pct": num(c.get("vs_without_pct")),
+                       "outcome": c["outcome"]} for c in verdict.get("consumers") or []],
         "reasons": list(verdict.get("reasons", [])),
     }
 

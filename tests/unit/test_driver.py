@@ -46,3 +46,25 @@ def test_a_nan_candidates_note_says_n_a_where_the_gate_stored_no_number():
     note = verdict_note(result)
     assert "e0: cos n/a, ΔL2 n/a" in note and "NE click n/a, conversion n/a" in note
     assert "- weights_finite = 0, needs >= 1" in note
+
+
+def test_the_note_carries_each_consumer_s_change_and_what_held():
+    consumers = [{"consumer": "click", "change_pct": 8.2, "change_ci": [7.1, 9.4], "outcome": "fail"},
+                 {"consumer": "inbox", "change_pct": -0.1, "change_ci": [-0.6, 0.4], "outcome": "pass"},
+                 {"consumer": "conversion", "change_pct": None, "change_ci": None, "outcome": "not_measurable"}]
+    verdict = {"verdict": "held", "blessed": False, "snapshot_id": "s", "shift": [], "reasons": ["r"],
+               "consumers": consumers}
+    note = verdict_note(_result(verdict))
+    assert "consumer click: NE +8.20 % [+7.10, +9.40] HOLDS" in note
+    assert "consumer inbox: NE -0.10 % [-0.60, +0.40]" in note and "consumer conversion: not measurable" in note
+
+
+def test_the_asset_event_summary_carries_the_consumers():
+    from validation.gate import verdict_summary
+
+    verdict = {"snapshot_id": "s", "verdict": "held", "blessed": False, "checks": [], "reasons": [],
+               "consumers": [{"consumer": "click", "change_pct": 8.2, "change_ci": [7.1, 9.4], "worse_share": 0.3,
+                              "vs_without_pct": 2.0, "outcome": "fail"}]}
+    [row] = verdict_summary(verdict, {"click": 0.9})["consumers"]
+    assert row == {"consumer": "click", "change_pct": 8.2, "change_ci": [7.1, 9.4], "worse_share": 0.3,
+                   "vs_without_pct": 2.0, "outcome": "fail"}
