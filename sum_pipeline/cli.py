@@ -767,16 +767,22 @@ def calibrate(
     days: Annotated[Optional[int], typer.Option("--days", "-n", min=2, help="How many dates (default: all the source has; the simulator: 31).")] = None,
     start: Annotated[Optional[str], typer.Option(help="First date (default: the source's first).")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Also write every day's statistics to this CSV file.")] = None,
+    gate: Annotated[bool, typer.Option("--gate", help="Calibrate the snapshot gate instead: train day by day as the "
+                                       "DAG does and judge each candidate (default days: 30).")] = False,
     params: ParamsOpt = None,
 ) -> None:
     """Measures what the data gate's relative checks see on the source's days, next to the thresholds in force.
 
     Run it on normal days of a new source (``source`` in params.yaml), then set the ``validation`` thresholds
-    above the observed extremes with a margin.
+    above the observed extremes with a margin. With ``--gate``: the snapshot gate's checks (``gate`` thresholds),
+    each candidate trained and judged as the daily loop does.
     """
     from rich.progress import Progress
 
     p, _ = _setup(None, params)
+    if gate:
+        _calibrate_gate(p, days or 30, csv)
+        return
     dates = source_dates(p)
     begin = start or first_date(p)
     if dates is None:
@@ -796,6 +802,30 @@ def calibrate(
     console.print(table)
     for ds, why in result.skipped.items():
         console.print(f"skipped {ds}: {why}")
+    if csv:
+        result.frame().to_csv(csv, index=False)
+
+
+def _calibrate_gate(p, days: int, csv: Optional[Path]) -> None:
+    from rich.progress import Progress
+
+    from sum_pipeline.calibrate_gate import calibrate_gate
+
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"{p.source.kind}: training and judging", total=days)
+        result = calibrate_gate(p, days, progress=lambda ds: progress.advance(bar))
+    blessed = sum(d["blessed"] for d in result.days)
+    table = Table(title=f"{p.source.kind}: the snapshot gate on {len(result.days)} days ({blessed} blessed)")
+    for column in ("check (gate.*)", "days", "observed min", "observed max", "threshold in force", "margin",
+                   "days outside"):
+        table.add_column(column)
+    for row in result.summary():
+        table.add_row(row["check"], str(row["days"]), f"{row['min']:.4g}", f"{row['max']:.4g}",
+                      f"{row['op']} {row['threshold']:g}", f"{row['margin']:+.4g}", str(row["outside"]))
+    console.print(table)
+    for d in result.days:
+        if not d["blessed"]:
+            console.print(f"held {d['ds']}: " + "; ".join(d["reasons"]))
     if csv:
         result.frame().to_csv(csv, index=False)
 

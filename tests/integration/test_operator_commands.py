@@ -114,3 +114,25 @@ def test_calibrate_measures_each_day_against_the_days_before(tmp_path):
     ratios = [float(r["events.rows_ratio"]) for r in rows]
     assert all(v.row_count_min_ratio <= x <= v.row_count_max_ratio for x in ratios)
     assert f"{max(ratios):.4g}" in done.stdout
+
+
+def test_calibrate_gate_trains_and_judges_each_day_and_prints_every_check_against_its_threshold(tmp_path):
+    """`sumctl calibrate --gate`: the daily loop in one process on the source's first days; every check's observed
+    range printed next to the threshold in force and the margin, every day's check in the CSV."""
+    out = tmp_path / "gate.csv"
+    done = _run([str(BIN / "sumctl"), "calibrate", "--gate", "--days", "3", "--csv", str(out)], tmp_path,
+                dict(os.environ))
+    assert "the snapshot gate on 3 days (3 blessed)" in done.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert {r["ds"] for r in rows} == {"2026-01-01", "2026-01-02", "2026-01-03"}
+    checks = {r["check"] for r in rows}
+    assert {"ne.click", "embedding_0.cosine_across_users", "embedding_0.mean_cosine",
+            "embedding_1.pooled_relative_l2_change"} <= checks
+    # The first day has no production: no shift, no regression; the later days have both.
+    first = {r["check"] for r in rows if r["ds"] == "2026-01-01"}
+    assert "embedding_0.mean_cosine" not in first and "ne_regression.click" not in first
+    cosines = [float(r["value"]) for r in rows if r["check"].endswith(".mean_cosine")
+               and not r["check"].endswith("pooled_mean_cosine")]
+    low = f"{min(cosines):.4g}"
+    line = next(x for x in done.stdout.splitlines() if "embedding_k.mean_cosine" in x and "pooled" not in x)
+    assert low in line and ">= 0.5" in line

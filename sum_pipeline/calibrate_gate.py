@@ -1,0 +1,118 @@
+"""``sumctl calibrate --gate``: a source's days replayed through the snapshot gate, each check's observed range next
+to the threshold in force.
+
+The daily loop in one process, as the DAG runs it: each day's candidate warm-starts from production, trains on the
+day's impressions (the holdout and the consumer-holdout users left out), is scored on the holdout and judged by
+:class:`sum_pipeline.study_gate.GateChain` with the params' thresholds against the last blessed snapshot, on the
+fixed probe users (the first ``gate.probe_users`` users of the first day). For every check it reports the values
+normal days measured (days the check was measured and not in the warm-up), the threshold, and the margin between
+the threshold and the worst normal value: what to set when a new source's thresholds are chosen, on days other than
+the ones they will judge. The consumer checks need downstream models retrained on each day's served embeddings
+(``sum_downstream``); this replay measures the proxies, the evidence and the collapse checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from sum_pipeline.study_data import load_days
+from sum_pipeline.study_gate import GateChain
+from sum_pipeline.tasks import holdout_mask, warm_start
+from sum_platform.config import Params
+from validation.consumers import consumer_users
+
+#: A check's family: its name without the embedding index (``embedding_1.mean_cosine`` -> ``embedding_k.mean_cosine``).
+_INDEX = re.compile(r"embedding_\d+")
+
+
+@dataclass
+class GateCalibration:
+    """Per day, every check the gate measured; :meth:`summary` folds them per check family."""
+
+    days: list[dict[str, Any]] = field(default_factory=list)  # {"ds", "blessed", "checks": [...], "reasons"}
+
+    def frame(self) -> pd.DataFrame:
+        """One row per day and check: ds, check, value, threshold, op, outcome, enforced, blessed."""
+        rows = [{"ds": d["ds"], "check": c["name"], "value": c["value"], "threshold": c["threshold"], "op": c["op"],
+                 "outcome": c["outcome"], "enforced": c.get("enforced", True), "blessed": d["blessed"]}
+                for d in self.days for c in d["checks"]]
+        return pd.DataFrame(rows, columns=["ds", "check", "value", "threshold", "op", "outcome", "enforced",
+                                           "blessed"])
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per check family: days measured, observed min and max, threshold, op, margin to the worst day (> 0:
+        every measured day inside; the margin is in the check's own units) and days outside."""
+        frame = self.frame()
+        frame = frame[(frame["outcome"] != "not_measurable") & frame["value"].notna()]
+        frame = frame.assign(family=frame["check"].str.replace(_INDEX, "embedding_k", regex=True))
+        out = []
+        for family, rows in frame.groupby("family", sort=True):
+            op, threshold = rows["op"].iloc[0], float(rows["threshold"].iloc[0])
+            values = rows["value"].astype(float)
+            worst = values.max() if op == "<=" else values.min()
+            margin = threshold - worst if op == "<=" else worst - threshold
+            out.append({"check": family, "days": int(rows["ds"].nunique()), "min": float(values.min()),
+                        "max": float(values.max()), "op": op, "threshold": threshold, "margin": float(margin),
+                        "outside": int((rows["outcome"] == "fail").groupby(rows["ds"]).any().sum())})
+        return out
+
+
+def calibrate_gate(params: Params, n_days: int, progress: Callable[[str], None] | None = None,
+                   seed: int | None = None) -> GateCalibration:
+    """Replays the source's first ``n_days`` days through training and the gate (see the module docstring)."""
+    import torch
+
+    from sum_models.model import build_model
+    from sum_models.snapshot import embed_users
+    from sum_models.train import ne_accumulator, train_model
+    from sum_platform.feature_store import spec_from_fields, user_feature_fields
+
+    seed = params.seed if seed is None else seed
+    spec = spec_from_fields(user_feature_fields(params), params)
+    chain = GateChain(params.gate, pool_unit=params.serving.pool_unit)
+    uid = params.events.user_id
+    out = GateCalibration()
+    probe_ids, production, prev_state = None, None, None
+    for day in load_days(params, n_days):
+        model = build_model(spec, params.model.model_dump(), seed=seed)
+        if prev_state is not None:
+            warm_start(model, prev_state)
+        holdout = holdout_mask(day.frame, params.events.holdout_fraction)
+        unseen = (consumer_users(day.frame[uid].to_numpy(), params.gate.consumer_holdout_users)
+                  if params.gate.mode != "proxies" else np.zeros(len(day.frame), dtype=bool))
+        train_model(model, day.frame[~holdout & ~unseen].reset_index(drop=True), spec, params.train.model_dump(),
+                    seed=seed, progress=False)
+        model.eval()
+        holdout_frame = day.frame[holdout].reset_index(drop=True)
+        scored = ne_accumulator(model, holdout_frame, spec)
+        ne, unmeasured = scored.compute_defined()
+        evidence = {task: {"holdout_rows": int(scored.count[t]), "positives": int(scored.positives[t])}
+                    for t, task in enumerate(scored.tasks)}
+        latest = day.users.iloc[day.latest].reset_index(drop=True)
+        ids = latest[uid].to_numpy()
+        if probe_ids is None:
+            probe_ids = np.sort(ids)[: params.gate.probe_users]
+        at = pd.Index(ids).get_indexer(probe_ids)
+        if (at < 0).any():
+            raise ValueError(f"{int((at < 0).sum())} probe users have no row on {day.ds}")
+        with torch.no_grad():
+            probe = embed_users(model.user_tower, latest.iloc[at].reset_index(drop=True), spec)
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+        def production_ne(t: int, j: int, frame=holdout_frame) -> dict:
+            return ne_accumulator(production, frame, spec).compute_defined()[0]
+
+        judged = chain.step(probe, ne, production_ne, finite, evidence=evidence, unmeasured=unmeasured)
+        if judged.blessed or production is None:
+            production = model
+        prev_state = production.state_dict()
+        out.days.append({"ds": day.ds, "blessed": bool(judged.blessed), "checks": judged.checks,
+                         "reasons": judged.reasons})
+        if progress is not None:
+            progress(day.ds)
+    return out
