@@ -24,6 +24,7 @@ from sum_pipeline.study_data import load_days
 from sum_pipeline.study_gate import GateChain
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
+from sum_platform.feature_store import spec_from_fields, user_feature_fields
 from validation.consumers import consumer_users
 
 #: A check's family: its name without the embedding index (``embedding_1.mean_cosine`` -> ``embedding_k.mean_cosine``).
@@ -70,7 +71,6 @@ def calibrate_gate(params: Params, n_days: int, progress: Callable[[str], None] 
     from sum_models.model import build_model
     from sum_models.snapshot import embed_users
     from sum_models.train import ne_accumulator, train_model
-    from sum_platform.feature_store import spec_from_fields, user_feature_fields
 
     seed = params.seed if seed is None else seed
     spec = spec_from_fields(user_feature_fields(params), params)

@@ -27,6 +27,7 @@ from serving.rollout import rollout as serve_rollout
 from serving.store_io import migrate_rows, retire_snapshot
 from sum_pipeline import airflow_env, driver, tasks
 from sum_pipeline.airflow_api import AirflowClient
+from sum_pipeline.calibrate_gate import calibrate_gate
 from sum_pipeline.doctor import diagnose
 from sum_pipeline.faults import CANDIDATE_FAULTS
 from sum_pipeline.online_rebuild import RebuildError, rebuild_online_store
@@ -808,8 +809,6 @@ def calibrate(
 
 def _calibrate_gate(p, days: int, csv: Optional[Path]) -> None:
     from rich.progress import Progress
-
-    from sum_pipeline.calibrate_gate import calibrate_gate
 
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"{p.source.kind}: training and judging", total=days)
