@@ -464,6 +464,8 @@ def shift_gate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     )
     if consumers is not None and consumers.get("note"):
         verdict.reasons.append(f"consumer check: {consumers['note']}")
+    elif consumers is None and ctx.params.gate.mode != "proxies":
+        verdict.reasons.append(f"consumer check not run for {snapshot_id} (check_consumers): the proxies decide")
     for reason, what in probe_skipped.items():
         verdict.reasons.append(f"{what['count']} probe user(s) left out ({reason}: their data, not the candidate), "
                                f"e.g. {what['users']}")

@@ -309,7 +309,8 @@ def judge(
         nonfinite_predictions: Holdout rows whose candidate predictions are NaN/inf while their inputs (and
             production's predictions) are finite, ``{"count", "users"}``: the candidate's own defect, held.
         consumers: The consumer check's rows (:class:`validation.consumers.ConsumerEffect` as dicts), one per
-            saved downstream model; None or empty: no consumer yet. ``gate.mode`` decides what holds: ``proxies``
+            saved downstream model; empty: no consumer yet (said in the reasons); None: no consumer check was run
+            (a replay of the proxies, e.g. the study's chain). ``gate.mode`` decides what holds: ``proxies``
             (NE and shift checks; the consumers reported), ``consumers`` (the consumers; NE and shift reported,
             and enforced only while no consumer is measurable), ``both``. Finite and collapse checks always hold.
 
@@ -452,7 +453,7 @@ def _apply_mode(verdict: Verdict, cfg: GateConfig, consumers: list[dict[str, Any
             c.get("why", ""), enforced=cfg.mode != "proxies"))
         verdict.reasons.append(consumer_line(c))
     proxies_enforced = cfg.mode != "consumers" or not measured
-    if cfg.mode != "proxies" and not measured:
+    if cfg.mode != "proxies" and not measured and consumers is not None:  # None: the caller ran no consumer check
         verdict.reasons.append(
             ("no consumer yet (no downstream model saved before this day)" if not rows else
              "no consumer measurable on today's consumer holdout") + (": the proxies decide" if has_production else

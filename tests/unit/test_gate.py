@@ -424,10 +424,13 @@ def test_consumers_mode_blesses_a_shift_the_consumers_do_not_feel_and_reports_th
 
 def test_with_no_consumer_yet_the_proxies_decide_and_the_verdict_says_so(production):
     consumers_mode = CFG.model_copy(update={"mode": "consumers"})
-    for consumers in (None, [_consumer("not_measurable")]):
+    for consumers in ([], [_consumer("not_measurable")]):
         v = judge(_far(production), production, NE_OK, consumers_mode, "sum-prev", consumers=consumers)
         assert not v.blessed and any(r.startswith("embedding_0.mean_cosine") for r in v.reasons)
         assert any("the proxies decide (gate.mode: consumers)" in r for r in v.reasons)
+    # No consumer check run at all (a replay of the proxies): the proxies decide, and no line claims otherwise.
+    v = judge(_far(production), production, NE_OK, consumers_mode, "sum-prev")
+    assert not v.blessed and not any("consumer" in r for r in v.reasons)
 
 
 def test_proxies_mode_reports_a_regressing_consumer_without_holding(production):
