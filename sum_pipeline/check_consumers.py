@@ -113,8 +113,8 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
             # Trained on a day when nothing was served yet (the first promoted day): its embedding inputs are
             # untrained, so what they do with any embedding says nothing about the candidate.
             out["consumers"].append(ConsumerEffect(
-                consumer=name, rows=len(frame), users=out["users"], positives=int(frame[spec.label].sum()), ne={}, change_pct=None,
-                change_ci=None, worse_share=None, vs_without_pct=None, vs_without_ci=None,
+                consumer=name, rows=len(frame), users=out["users"], positives=int(frame[spec.label].sum()), ne={},
+                change_pct=None, change_ci=None, worse_share=None, vs_without_pct=None, vs_without_ci=None,
                 threshold_pct=cfg.consumer_max_ne_regression_pct, outcome="not_measurable",
                 why=f"its model ({with_sum.name[3:]}) was trained when no embedding had been served yet",
                 model_day=with_sum.name[3:]).to_dict())
