@@ -20,6 +20,10 @@ check never passes silently: with no production snapshot (a first promotion) not
 candidate and ``not_measurable_without_production`` decides (``hold``, the default, or ``bless``); with production,
 the candidate is judged by its other checks -- the shift against production when enforced -- and the verdict line
 says so. Every line names its threshold and its evidence (holdout rows and positives, or probe users).
+
+The consumer check (``validation.consumers``, run by the DAG's ``check_consumers``) adds one check per downstream
+model: what it would lose if the candidate were promoted. ``gate.mode`` (proxies | consumers | both) decides which of
+the proxies (NE and shift) and the consumers may hold the candidate; the others are measured and reported.
 A gate with no thresholds configured refuses to bless anything.
 """
 
