@@ -98,7 +98,16 @@ def test_every_model_arm_unit_window_and_subset_is_measured_on_movielens(study):
     assert all(r["mean_l2"] > 0 and math.isfinite(r["mean_l2"]) for r in results["norms"])
     c = results["choices"]
     assert c["warmup_days"] == 3 and c["offline_staleness_days"] == 1 and c["pool_units"] == list(POOL_UNITS)
-    assert c["frozen_staleness_days"][0] >= 2 and c["offline_same_under_both_units"] is True
+    assert c["frozen_staleness_days"][0] >= 2
+    # Offline batch writes once per user and day, so both pool units serve the same values, unless the gate held a
+    # candidate and production computed the next batch again: under write pooling that second write of the same
+    # snapshot is a version of its own, under snapshot pooling it replaces the first. Here the collapse check holds
+    # MovieLens towers after their first day (README, The gate), so production repeats.
+    repeats = False
+    for seed in (7, 8):
+        serving = [r["serving"] for r in results["gate"] if r["seed"] == seed]
+        repeats |= any(a == b for a, b in zip(serving, serving[1:]))
+    assert repeats and c["offline_same_under_both_units"] is False
     assert set(c["world"].values()) == {"fixed data (the same days for every seed)"}
     assert results["directions"] and all("evidence" in d for d in results["directions"])
     # only gate-blessed snapshots serve: every upstream day judged, the serving snapshot a blessed one
