@@ -107,6 +107,12 @@ class NormalizedEntropy:
             raise ValueError(f"NE of task {name!r} is undefined: {why}")
         return out
 
+    def evidence(self) -> dict[str, dict[str, int]]:
+        """What each task's NE rests on: ``{task: {"holdout_rows": n, "positives": p}}`` (the gate needs enough of
+        each label, ``gate.min_label_count``)."""
+        return {name: {"holdout_rows": int(self.count[t]), "positives": int(self.positives[t])}
+                for t, name in enumerate(self.tasks)}
+
     def compute_defined(self) -> tuple[dict[str, float], dict[str, str]]:
         """Evaluates eq. 9 for each task where it is defined.
 

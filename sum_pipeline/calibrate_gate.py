@@ -3,8 +3,8 @@ to the threshold in force.
 
 The daily loop in one process, as the DAG runs it: each day's candidate warm-starts from production, trains on the
 day's impressions (the holdout and the consumer-holdout users left out), is scored on the holdout and judged by
-:class:`sum_pipeline.study_gate.GateChain` with the params' thresholds against the last blessed snapshot, on the
-fixed probe users (the first ``gate.probe_users`` users of the first day). For every check it reports the values
+:class:`sum_pipeline.study_upstream.SnapshotGate` (the study's gate) with the params' thresholds against the last
+blessed snapshot, on the fixed probe users. For every check it reports the values
 normal days measured (days the check was measured and not in the warm-up), the threshold, and the margin between
 the threshold and the worst normal value: what to set when a new source's thresholds are chosen, on days other than
 the ones they will judge. The consumer checks need downstream models retrained on each day's served embeddings
@@ -17,15 +17,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 
 from sum_pipeline.study_data import load_days
-from sum_pipeline.study_gate import GateChain
+from sum_pipeline.study_upstream import SnapshotGate
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
-from validation.consumers import consumer_users
+from validation.consumers import left_out_of_training
 
 #: A check's family: its name without the embedding index (``embedding_1.mean_cosine`` -> ``embedding_k.mean_cosine``).
 _INDEX = re.compile(r"embedding_\d+")
@@ -74,45 +73,29 @@ def calibrate_gate(params: Params, n_days: int, progress: Callable[[str], None] 
 
     seed = params.seed if seed is None else seed
     spec = spec_from_fields(user_feature_fields(params), params)
-    chain = GateChain(params.gate, pool_unit=params.serving.pool_unit)
-    uid = params.events.user_id
+    gate = SnapshotGate(params, spec)  # the study's gate: probe users, production's NE, the chain
     out = GateCalibration()
-    probe_ids, production, prev_state = None, None, None
+    production, prev_state = None, None
     for day in load_days(params, n_days):
         model = build_model(spec, params.model.model_dump(), seed=seed)
         if prev_state is not None:
             warm_start(model, prev_state)
         holdout = holdout_mask(day.frame, params.events.holdout_fraction)
-        unseen = (consumer_users(day.frame[uid].to_numpy(), params.gate.consumer_holdout_users)
-                  if params.gate.mode != "proxies" else np.zeros(len(day.frame), dtype=bool))
+        unseen = left_out_of_training(day.frame[params.events.user_id].to_numpy(), params.gate)
         train_model(model, day.frame[~holdout & ~unseen].reset_index(drop=True), spec, params.train.model_dump(),
                     seed=seed, progress=False)
         model.eval()
         holdout_frame = day.frame[holdout].reset_index(drop=True)
-        scored = ne_accumulator(model, holdout_frame, spec)
-        ne, unmeasured = scored.compute_defined()
-        evidence = {task: {"holdout_rows": int(scored.count[t]), "positives": int(scored.positives[t])}
-                    for t, task in enumerate(scored.tasks)}
         latest = day.users.iloc[day.latest].reset_index(drop=True)
-        ids = latest[uid].to_numpy()
-        if probe_ids is None:
-            probe_ids = np.sort(ids)[: params.gate.probe_users]
-        at = pd.Index(ids).get_indexer(probe_ids)
-        if (at < 0).any():
-            raise ValueError(f"{int((at < 0).sum())} probe users have no row on {day.ds}")
         with torch.no_grad():
-            probe = embed_users(model.user_tower, latest.iloc[at].reset_index(drop=True), spec)
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-        def production_ne(t: int, j: int, frame=holdout_frame) -> dict:
-            return ne_accumulator(production, frame, spec).compute_defined()[0]
-
-        judged = chain.step(probe, ne, production_ne, finite, evidence=evidence, unmeasured=unmeasured)
-        if judged.blessed or production is None:
+            candidate = embed_users(model.user_tower, latest, spec)
+        blessed, _, _ = gate.judge(day, latest, candidate, ne_accumulator(model, holdout_frame, spec), model,
+                                   production, holdout_frame)
+        if blessed or production is None:
             production = model
         prev_state = production.state_dict()
-        out.days.append({"ds": day.ds, "blessed": bool(judged.blessed), "checks": judged.checks,
-                         "reasons": judged.reasons})
+        judged = gate.chain.days[-1]
+        out.days.append({"ds": day.ds, "blessed": bool(blessed), "checks": judged.checks, "reasons": judged.reasons})
         if progress is not None:
             progress(day.ds)
     return out

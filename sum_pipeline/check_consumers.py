@@ -22,7 +22,7 @@ import pandas as pd
 
 from sum_models.shift import POOL_DEPTH
 from sum_pipeline.promotion import baseline_history
-from sum_pipeline.retrain_downstream import _latest_before, _load
+from sum_pipeline.retrain_downstream import latest_before, load_downstream
 from sum_platform.context import context
 from sum_platform.files import read_json
 from sum_platform.partitions import read_partition
@@ -68,7 +68,7 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     consumers = {}
     for name in params.downstream.models:
         root = ws.root / "downstream" / name
-        with_sum, without_sum = _latest_before(root / "with_sum", ds), _latest_before(root / "without_sum", ds)
+        with_sum, without_sum = latest_before(root / "with_sum", ds), latest_before(root / "without_sum", ds)
         if with_sum is not None:
             consumers[name] = (with_sum, without_sum)
     if not consumers:
@@ -101,7 +101,7 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     specs = downstream_specs_for(params)
     seed = params.seed + int(pd.Timestamp(ds).toordinal())
     for name, (with_sum, without_sum) in consumers.items():
-        model = _load(with_sum)
+        model = load_downstream(with_sum)
         spec = specs.get(name)
         if spec is None or model.spec != spec:
             log.warning("consumer %s: its saved model (%s) was built for other inputs than today's; skipped",
@@ -119,14 +119,13 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
                 why=f"its model ({with_sum.name[3:]}) was trained when no embedding had been served yet",
                 model_day=with_sum.name[3:]).to_dict())
             continue
-        preds = {}
-        for arm, values in (("now", now), ("after", after)):
-            preds[arm] = predict_downstream(model, DownstreamData.from_frame(spec, frame,
-                                                                             values[at].astype(np.float32)))
-        labels = DownstreamData.from_frame(spec, frame, now[at].astype(np.float32)).labels.numpy()
+        data = {arm: DownstreamData.from_frame(spec, frame, values[at].astype(np.float32))
+                for arm, values in (("now", now), ("after", after))}
+        preds = {arm: predict_downstream(model, rows) for arm, rows in data.items()}
+        labels = data["now"].labels.numpy()
         p_without = None
         if without_sum is not None:
-            twin = _load(without_sum)
+            twin = load_downstream(without_sum)
             p_without = predict_downstream(twin, DownstreamData.from_frame(twin.spec, frame, None))
         effect = measure_consumer(
             name, frame[ev.user_id].to_numpy(), labels, preds["now"], preds["after"], p_without,

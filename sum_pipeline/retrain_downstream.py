@@ -63,12 +63,14 @@ def embeddings_of(frame: pd.DataFrame, k: int, d: int) -> np.ndarray:
     return out
 
 
-def _latest_before(root: Path, ds: str) -> Path | None:
+def latest_before(root: Path, ds: str) -> Path | None:
+    """The folder of the latest day before ``ds`` that saved weights under ``root`` (a model's arm), or None."""
     days = sorted(p for p in root.glob("ds=*") if p.name[3:] < ds and (p / WEIGHTS).is_file())
     return days[-1] if days else None
 
 
-def _load(folder: Path):
+def load_downstream(folder: Path):
+    """The downstream model saved in ``folder`` (its spec and safetensors weights), in eval mode."""
     from safetensors.torch import load_file  # torch: the task's process only
 
     from sum_models.downstream import DownstreamModel, DownstreamSpec
@@ -104,8 +106,8 @@ def retrain(ds: str, frame_path: str | None = None) -> dict[str, Any]:
         for arm in ARMS:
             arm_spec = base.with_embeddings(arm == "with_sum")
             arm_emb = emb if arm == "with_sum" else None
-            previous = _latest_before(ws.root / "downstream" / name / arm, ds)
-            model = _load(previous) if previous else None
+            previous = latest_before(ws.root / "downstream" / name / arm, ds)
+            model = load_downstream(previous) if previous else None
             ne = None
             # Dicts compare equal in any order; the model's tables follow the spec's order.
             if (model is not None and model.spec == arm_spec and list(model.spec.sparse) == list(arm_spec.sparse)

@@ -54,10 +54,6 @@ def _mean_l2(emb: np.ndarray) -> list[float]:
     return [float(v) for v in np.linalg.norm(emb.astype(np.float32), axis=2).mean(axis=0)] if len(emb) else []
 
 
-#: Probe users the gate compares snapshots on (the first upstream day's users, up to this many).
-GATE_PROBE_USERS = 512
-
-
 class SnapshotGate:
     """The daily gate over the study's chain of snapshots (``sum_pipeline.study_gate.gate_chain``): day ``i``'s
     candidate is judged against the last blessed snapshot, as the daily loop judges it; a held candidate leaves
@@ -82,7 +78,7 @@ class SnapshotGate:
 
         ids = latest["user_id"].to_numpy()
         if self.probe_ids is None:
-            self.probe_ids = np.sort(ids)[:GATE_PROBE_USERS]
+            self.probe_ids = np.sort(ids)[:self.params.gate.probe_users]  # the first day's, as the DAG's
         at = pd.Index(ids).get_indexer(self.probe_ids)
         if (at < 0).any():  # a probe user without a row today: the gate needs the same users every day
             raise ValueError(f"{int((at < 0).sum())} gate probe users have no row on {day.ds}")
@@ -94,9 +90,8 @@ class SnapshotGate:
             return ne_accumulator(production, holdout_frame, self.spec).compute_defined()[0]
 
         ne, unmeasured = scored.compute_defined()
-        evidence = {task: {"holdout_rows": int(scored.count[t]), "positives": int(scored.positives[t])}
-                    for t, task in enumerate(scored.tasks)}
-        last = self.chain.step(candidate[at], ne, production_ne, finite, evidence=evidence, unmeasured=unmeasured)
+        last = self.chain.step(candidate[at], ne, production_ne, finite, evidence=scored.evidence(),
+                               unmeasured=unmeasured)
         return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
 

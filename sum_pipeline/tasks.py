@@ -33,7 +33,7 @@ from sum_platform.versioning import data_version, init_workspace_repo, track_pat
 from sum_platform.workspace import snapshot_id_for
 from sum_models.shift import POOL_DEPTH
 from validation.data_checks import DataValidationError, validate_day
-from validation.consumers import consumer_users
+from validation.consumers import left_out_of_training
 from validation.gate import judge
 from validation.quarantine import quarantine_partition, quarantined, reason_from_error
 
@@ -198,9 +198,7 @@ def training_frame(ds: str, ctx: Context):
         joined[name] = joined[name].map(lambda v: np.asarray(v if v is not None else [], dtype=np.int64))
     holdout = holdout_mask(joined, ctx.params.events.holdout_fraction)
     # The consumer check scores the downstream models on users the candidate never trained on.
-    gate = ctx.params.gate
-    unseen = (consumer_users(joined["user_id"].to_numpy(), gate.consumer_holdout_users) if gate.mode != "proxies"
-              else np.zeros(len(joined), dtype=bool))
+    unseen = left_out_of_training(joined["user_id"].to_numpy(), ctx.params.gate)
     return joined[~holdout & ~unseen].reset_index(drop=True), joined[holdout].reset_index(drop=True), spec
 
 
@@ -372,8 +370,7 @@ def evaluate(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         acc = NormalizedEntropy(spec.labels).update(cand[1][use], labels[use])
         measured, undefined = acc.compute_defined()
         ne = {task: measured.get(task) for task in spec.labels}
-        evidence = {task: {"holdout_rows": int(acc.count[t]), "positives": int(acc.positives[t])}
-                    for t, task in enumerate(acc.tasks)}
+        evidence = acc.evidence()
     nonfinite = skipped_users(users, reasons)
     result: dict[str, Any] = {"ds": ds, "snapshot_id": snapshot_id, "holdout_rows": len(holdout),
                               "scored_rows": int(use.sum()), "ne": ne, "ne_undefined": undefined,

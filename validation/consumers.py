@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sum_models.metrics import DEFAULT_EPS
+from sum_platform.config import GateConfig
 
 #: The paired interval's coverage.
 CONFIDENCE = 0.95
@@ -79,14 +80,17 @@ def consumer_line(row: dict[str, Any]) -> str:
     if row["outcome"] == "not_measurable":
         return f"consumer {row['consumer']} not measurable: {row.get('why', '')} ({evidence})"
     worse, floor = row.get("worse_share"), row.get("vs_without_pct")
-    return (f"consumer {row['consumer']}: NE {row['change_pct']:+.2f} % {_ci(row.get('change_ci'))} after vs now, "
+    change = f"{row['change_pct']:+.2f} % {interval_text(row.get('change_ci'))}"
+    return (f"consumer {row['consumer']}: NE {change} after vs now, "
             f"holds beyond +{row['threshold_pct']:g} % with the interval above 0 ({evidence})"
             + ("" if worse is None else f"; {100 * worse:.1f} % of impressions worse")
-            + ("" if floor is None else f"; vs no SUM {floor:+.2f} % {_ci(row.get('vs_without_ci'))}")
+            + ("" if floor is None else
+               f"; vs no SUM {floor:+.2f} % {interval_text(row.get('vs_without_ci'))}")
             + (f" -- {row['why']}" if row["outcome"] == "fail" else ""))
 
 
-def _ci(ci: list[float] | None) -> str:
+def interval_text(ci: list[float] | None) -> str:
+    """``[lo, hi]`` as ``[+lo, +hi]`` (two decimals), ``[-]`` without an interval."""
     return "[-]" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
@@ -193,8 +197,8 @@ def measure_consumer(name: str, users: np.ndarray, labels: np.ndarray, p_now: np
     moved = np.abs(np.asarray(p_after, np.float64) - y) - np.abs(np.asarray(p_now, np.float64) - y)
     worse = float((moved > worse_tolerance).mean())
     regressed = change_ci is not None and change_ci[0] > 0 and change > max_regression_pct
-    why = "" if not regressed else (f"NE worse by {change:+.2f} % (interval {_ci(change_ci)} above 0), beyond "
-                                    f"+{max_regression_pct:g} % (gate.consumer_max_ne_regression_pct)")
+    why = "" if not regressed else (f"NE worse by {change:+.2f} % (interval {interval_text(change_ci)} above 0), "
+                                    f"beyond +{max_regression_pct:g} % (gate.consumer_max_ne_regression_pct)")
     return ConsumerEffect(ne=ne, change_pct=change, change_ci=change_ci, worse_share=worse, vs_without_pct=vs_without,
                           vs_without_ci=vs_without_ci, outcome="fail" if regressed else "pass", why=why, **common)
 
@@ -208,3 +212,11 @@ def consumer_users(user_ids: Any, share: float) -> np.ndarray:
         return np.zeros(len(user_ids), dtype=bool)
     bucket = pd.util.hash_pandas_object(pd.Series(np.asarray(user_ids)).astype(str), index=False).to_numpy() % 10_000
     return bucket < int(round(share * 10_000))
+
+
+def left_out_of_training(user_ids: Any, cfg: GateConfig) -> np.ndarray:
+    """The rows of the consumer-holdout users, which the candidate must not train on (none under ``gate.mode:
+    proxies``, which measures no consumer)."""
+    if cfg.mode == "proxies":
+        return np.zeros(len(user_ids), dtype=bool)
+    return consumer_users(user_ids, cfg.consumer_holdout_users)

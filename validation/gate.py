@@ -37,7 +37,7 @@ import numpy as np
 from sum_models.shift import POOL_DEPTH, mean_norms, shift_metrics
 from sum_platform.config import GateConfig
 from sum_platform.embedding_row import PoolUnit, Slots, served_after_promotion
-from validation.consumers import consumer_line
+from validation.consumers import consumer_line, interval_text
 
 #: A check's outcome: its value is within the threshold, beyond it, or too thinly evidenced to judge.
 Outcome = Literal["pass", "fail", "not_measurable"]
@@ -133,9 +133,9 @@ def verdict_markdown(verdict: dict[str, Any]) -> str:
             ne = c.get("ne") or {}
             lines.append(
                 f"| {c['consumer']} | {_num(ne.get('now'))} | {_num(ne.get('after'))} | "
-                f"{_num(c.get('change_pct'), '+.2f')} {_interval(c.get('change_ci'))} | "
+                f"{_num(c.get('change_pct'), '+.2f')} {interval_text(c.get('change_ci'))} | "
                 f"{'-' if c.get('worse_share') is None else format(100 * c['worse_share'], '.1f') + ' %'} | "
-                f"{_num(c.get('vs_without_pct'), '+.2f')} {_interval(c.get('vs_without_ci'))} | "
+                f"{_num(c.get('vs_without_pct'), '+.2f')} {interval_text(c.get('vs_without_ci'))} | "
                 f"{c['positives']} positives in {c['rows']} impressions of {c['users']} users | "
                 f"{_OUTCOME_CELL[c['outcome']]} |")
     return "\n".join(lines + [""] + [f"- {r}" for r in verdict["reasons"]])
@@ -144,9 +144,6 @@ def verdict_markdown(verdict: dict[str, Any]) -> str:
 def _num(value: Any, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
-
-def _interval(ci: Any) -> str:
-    return "" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def verdict_summary(verdict: dict[str, Any], ne: dict[str, float]) -> dict[str, Any]:
