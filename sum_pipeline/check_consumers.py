@@ -15,6 +15,7 @@ Rerunning the task for a date gives the same table (same rows, same weights, a b
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,72 @@ from sum_platform.context import context
 from sum_platform.files import read_json
 from sum_platform.partitions import read_partition
 from sum_platform.sources import joined_day
+from sum_platform.config import GateConfig
 from sum_platform.workspace import snapshot_id_for
 from validation.consumers import ConsumerEffect, consumer_users, measure_consumer
 from validation.gate import served_values
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Consumer:
+    """A downstream model as the consumer check uses it: its weights with SUM and its twin's without.
+
+    Attributes:
+        unmeasurable_why: Non-empty: the model cannot judge a candidate (e.g. trained before anything was served);
+            its row is *not measurable* with this reason.
+    """
+
+    name: str
+    model: Any
+    twin: Any | None = None
+    model_day: str | None = None
+    unmeasurable_why: str = ""
+
+
+def measure_consumers(consumers: list[Consumer], frame: pd.DataFrame, users: np.ndarray, now: np.ndarray,
+                      after: np.ndarray, cfg: GateConfig, seed: int) -> list[dict[str, Any]]:
+    """Every consumer scored on the consumer holdout's rows with what serving hands out now and after the promotion.
+
+    Args:
+        consumers: The downstream models (as saved, or as a replay trained them).
+        frame: The consumer-holdout impressions, joined with the users' features (``sum_platform.sources.joined_day``).
+        users: ``[N]`` each row's user id.
+        now, after: ``[N, K, D]`` each row's served embeddings now / after the promotion
+            (``validation.gate.served_values`` at the row's user).
+        cfg: ``params.gate`` (the tolerance, ``min_label_count``, the bootstrap's resamples).
+        seed: The bootstrap's seed.
+
+    Returns:
+        One :class:`validation.consumers.ConsumerEffect` dict per consumer, in the given order.
+    """
+    from sum_models.downstream_train import DownstreamData, predict_downstream
+
+    rows = []
+    for c in consumers:
+        spec = c.model.spec
+        if c.unmeasurable_why:
+            rows.append(ConsumerEffect(
+                consumer=c.name, rows=len(frame), users=int(len(np.unique(users))), positives=int(frame[spec.label].sum()),
+                ne={}, change_pct=None, change_ci=None, worse_share=None, vs_without_pct=None, vs_without_ci=None,
+                threshold_pct=cfg.consumer_max_ne_regression_pct, outcome="not_measurable", why=c.unmeasurable_why,
+                model_day=c.model_day).to_dict())
+            continue
+        data = {arm: DownstreamData.from_frame(spec, frame, values.astype(np.float32))
+                for arm, values in (("now", now), ("after", after))}
+        preds = {arm: predict_downstream(c.model, rows_) for arm, rows_ in data.items()}
+        p_without = None
+        if c.twin is not None:
+            p_without = predict_downstream(c.twin, DownstreamData.from_frame(c.twin.spec, frame, None))
+        effect = measure_consumer(
+            c.name, users, data["now"].labels.numpy(), preds["now"], preds["after"], p_without,
+            min_label_count=cfg.min_label_count, max_regression_pct=cfg.consumer_max_ne_regression_pct,
+            worse_tolerance=cfg.consumer_worse_tolerance, resamples=cfg.consumer_bootstrap, seed=seed,
+            model_day=c.model_day)
+        rows.append(effect.to_dict())
+        log.info("%s", effect.line())
+    return rows
 
 
 def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
@@ -42,7 +104,6 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         says why the table is empty (``gate.mode: proxies``, no production yet, no consumer saved yet, no consumer
         holdout rows).
     """
-    from sum_models.downstream_train import DownstreamData, predict_downstream
     from sum_models.snapshot import embed_users_finite, load_user_tower
     from sum_platform.downstream_inputs import downstream_specs_for
 
@@ -100,38 +161,19 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
     out["users"], out["rows"] = int(len(np.unique(at))), int(len(frame))
     specs = downstream_specs_for(params)
     seed = params.seed + int(pd.Timestamp(ds).toordinal())
+    saved = []
     for name, (with_sum, without_sum) in consumers.items():
         model = load_downstream(with_sum)
-        spec = specs.get(name)
-        if spec is None or model.spec != spec:
+        if specs.get(name) is None or model.spec != specs[name]:
             log.warning("consumer %s: its saved model (%s) was built for other inputs than today's; skipped",
                         name, with_sum.name)
             continue
         coverage = (read_json(with_sum / "metrics.json") if (with_sum / "metrics.json").is_file() else {}).get(
             "embedding_coverage")
-        if not coverage:
-            # Trained on a day when nothing was served yet (the first promoted day): its embedding inputs are
-            # untrained, so what they do with any embedding says nothing about the candidate.
-            out["consumers"].append(ConsumerEffect(
-                consumer=name, rows=len(frame), users=out["users"], positives=int(frame[spec.label].sum()), ne={},
-                change_pct=None, change_ci=None, worse_share=None, vs_without_pct=None, vs_without_ci=None,
-                threshold_pct=cfg.consumer_max_ne_regression_pct, outcome="not_measurable",
-                why=f"its model ({with_sum.name[3:]}) was trained when no embedding had been served yet",
-                model_day=with_sum.name[3:]).to_dict())
-            continue
-        data = {arm: DownstreamData.from_frame(spec, frame, values[at].astype(np.float32))
-                for arm, values in (("now", now), ("after", after))}
-        preds = {arm: predict_downstream(model, rows) for arm, rows in data.items()}
-        labels = data["now"].labels.numpy()
-        p_without = None
-        if without_sum is not None:
-            twin = load_downstream(without_sum)
-            p_without = predict_downstream(twin, DownstreamData.from_frame(twin.spec, frame, None))
-        effect = measure_consumer(
-            name, frame[ev.user_id].to_numpy(), labels, preds["now"], preds["after"], p_without,
-            min_label_count=cfg.min_label_count, max_regression_pct=cfg.consumer_max_ne_regression_pct,
-            worse_tolerance=cfg.consumer_worse_tolerance, resamples=cfg.consumer_bootstrap, seed=seed,
-            model_day=with_sum.name[3:])
-        out["consumers"].append(effect.to_dict())
-        log.info("%s", effect.line())
+        # Trained on a day when nothing was served yet (the first promoted day): its embedding inputs are untrained,
+        # so what they do with any embedding says nothing about the candidate.
+        saved.append(Consumer(name, model, load_downstream(without_sum) if without_sum is not None else None,
+                              model_day=with_sum.name[3:], unmeasurable_why="" if coverage else (
+                                  f"its model ({with_sum.name[3:]}) was trained when no embedding had been served yet")))
+    out["consumers"] = measure_consumers(saved, frame, frame[ev.user_id].to_numpy(), now[at], after[at], cfg, seed)
     return done("" if out["consumers"] else "no consumer model matches today's inputs")

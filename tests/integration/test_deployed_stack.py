@@ -3,7 +3,8 @@ api-server, scheduler with LocalExecutor, dag-processor and triggerer, each its 
 for seven runs driven over the REST API, with real GX, torch, Feast, Ray Serve over HTTP and DVC:
 promotion and serving after the task processes have exited, a promotion triggering the downstream models' DAG
 through its asset, a task process killed with SIGKILL and retried,
-a Clear-style rerun, a held candidate approved through the HITL endpoint and one left to time out, and a
+a Clear-style rerun, a candidate held by its downstream models (the consumer check) and approved from Required
+Actions through the HITL endpoint, one left to time out, and a
 corrupted partition stopping the run at validation while production, the online store and serving stay
 unchanged. Then an operator's `sumctl rollback`, the UI in Debian's Chromium, and `sumctl down`.
 
@@ -205,6 +206,9 @@ def _answer_when_awaiting(client: AirflowClient, run_id: str, out: dict, stop: t
         if state == "awaiting_input" and seen is None:
             seen = time.monotonic()
         if state == "awaiting_input" and time.monotonic() - seen >= HUMAN_DELAY_S:
+            # What the approver reads first: the UI's Required Actions list (the same endpoint), with its body.
+            out["pending"] = [a for a in client.pending_approvals(DAG_ID)
+                              if (a.get("task_instance") or {}).get("dag_run_id") == run_id]
             out["response"] = client.respond(DAG_ID, run_id, "approve_held", ["Approve"],
                                              {"reason": "drill: downstream team accepts the shift"})
             return
@@ -306,9 +310,11 @@ def runs(stack, client, stack_params, stored_rows):
     observe("rerun")
     out["doctor/scheduler_kill"] = _doctor()
 
-    # DAY4: a perturbed candidate is held; an operator approves it through the HITL endpoint.
+    # DAY4: a candidate whose embeddings are 20x as large (the `scale` drill) is held by its consumers (DAY2's
+    # downstream models, trained on what serving handed out); an operator reads what each consumer would lose in
+    # Required Actions and approves it through the HITL endpoint.
     out[DAY4], out["approval"], out["seconds"][DAY4] = _drive(
-        client, DAY4, {DAY4: "perturb"}, helper=_answer_when_awaiting)
+        client, DAY4, {DAY4: "scale"}, helper=_answer_when_awaiting)
     observe(DAY4)
     ti = out[DAY4].task_instances.get("approve_held") or {}
     if ti.get("state") != "success":  # keep the evidence: the session's folder is gone after the run
@@ -624,10 +630,20 @@ def test_verdict_is_in_the_run_note_and_on_the_user_tower_asset(runs, client):
     assert by_snapshot[f"sum-{DAY5}"]["verdict"] == "held"
 
 
-def test_a_held_candidate_approved_in_the_ui_is_promoted_with_who_and_why(runs):
+def test_a_candidate_held_by_its_consumers_is_approved_from_required_actions_and_promoted_with_who_and_why(runs):
     r = runs[DAY4]
     assert r.ok, (r.task_states, runs.get("approval_log", "")[-4000:])
     assert runs["approval"].get("response"), runs["approval"]
+    verdict = r.xcoms["shift_gate.verdict"]
+    held_by = [c for c in verdict["consumers"] if c["outcome"] == "fail"]
+    assert held_by and all(c["change_ci"][0] > 0 and c["model_day"] == DAY2 for c in held_by), verdict["consumers"]
+    # The request Required Actions listed carried the consumer table: what each consumer would lose.
+    [request] = runs["approval"]["pending"]
+    body = request["body"]
+    assert "| consumer | NE now | NE after |" in body, body
+    for c in held_by:
+        row = next(line for line in body.splitlines() if line.startswith(f"| {c['consumer']} |"))
+        assert row.endswith("| NO |") and f"{c['change_pct']:+.2f}" in row, row
     assert r.task_states["approve_held"] == "success"
     for downstream in ("promote", "materialize_embeddings", "rollout", "verify_serving"):
         assert r.task_states[downstream] == "success", (downstream, r.task_states)
