@@ -7,8 +7,9 @@ day's impressions (the holdout and the consumer-holdout users left out), is scor
 blessed snapshot, on the fixed probe users. For every check it reports the values
 normal days measured (days the check was measured and not in the warm-up), the threshold, and the margin between
 the threshold and the worst normal value: what to set when a new source's thresholds are chosen, on days other than
-the ones they will judge. The consumer checks need downstream models retrained on each day's served embeddings
-(``sum_downstream``); this replay measures the proxies, the evidence and the collapse checks.
+the ones they will judge. The consumer checks come from :class:`sum_pipeline.consumer_replay.ConsumerReplay`: each
+promotion trains the downstream models on its day with what serving handed out (as ``sum_downstream`` does), and
+the next days' candidates are scored on them by the DAG's own ``measure_consumers`` (``gate.mode: proxies``: none).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from sum_pipeline.consumer_replay import ConsumerReplay
 from sum_pipeline.study_data import load_days
 from sum_pipeline.study_upstream import SnapshotGate
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
 from sum_platform.feature_store import spec_from_fields, user_feature_fields
+from sum_platform.workspace import snapshot_id_for
 from validation.consumers import left_out_of_training
 
 #: A check's family: its name without the embedding index (``embedding_1.mean_cosine`` -> ``embedding_k.mean_cosine``).
@@ -74,6 +77,7 @@ def calibrate_gate(params: Params, n_days: int, progress: Callable[[str], None] 
     seed = params.seed if seed is None else seed
     spec = spec_from_fields(user_feature_fields(params), params)
     gate = SnapshotGate(params, spec)  # the study's gate: probe users, production's NE, the chain
+    consumers = ConsumerReplay(params, spec)  # the downstream models the promotions would have trained
     out = GateCalibration()
     production, prev_state = None, None
     for day in load_days(params, n_days):
@@ -89,13 +93,17 @@ def calibrate_gate(params: Params, n_days: int, progress: Callable[[str], None] 
         latest = day.users.iloc[day.latest].reset_index(drop=True)
         with torch.no_grad():
             candidate = embed_users(model.user_tower, latest, spec)
+        cid = snapshot_id_for(day.ds)
+        table = consumers.measure(day, latest, candidate, cid)
         blessed, _, _ = gate.judge(day, latest, candidate, ne_accumulator(model, holdout_frame, spec), model,
-                                   production, holdout_frame)
+                                   production, holdout_frame, consumers=table)
+        consumers.after_day(day, latest, blessed, model, cid)
         if blessed or production is None:
             production = model
         prev_state = production.state_dict()
         judged = gate.chain.days[-1]
-        out.days.append({"ds": day.ds, "blessed": bool(blessed), "checks": judged.checks, "reasons": judged.reasons})
+        out.days.append({"ds": day.ds, "blessed": bool(blessed), "checks": judged.checks, "reasons": judged.reasons,
+                         "consumers": table or []})
         if progress is not None:
             progress(day.ds)
     return out

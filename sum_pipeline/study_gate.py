@@ -122,12 +122,14 @@ class GateChain:
 
     def step(self, probe: np.ndarray, candidate_ne: NE, production_ne: Callable[[int, int], NE | None],
              weights_finite: bool = True, evidence: Mapping[str, Mapping[str, int]] | None = None,
-             unmeasured: Mapping[str, str] | None = None) -> ChainDay:
+             unmeasured: Mapping[str, str] | None = None, consumers: list[dict] | None = None) -> ChainDay:
         """Judges the next day's candidate (its probe embeddings ``[N, K, D]`` and holdout NE per task).
 
         ``evidence`` (task -> ``{"holdout_rows", "positives"}``) and ``unmeasured`` (task -> why its NE is undefined)
         are what the DAG's evaluate task hands the gate: with them, an NE resting on fewer than
-        ``gate.min_label_count`` of either label is not measurable, as in the daily loop.
+        ``gate.min_label_count`` of either label is not measurable, as in the daily loop. ``consumers``: the
+        consumer check's rows (``sum_pipeline.check_consumers.measure_consumers``; None: not measured), judged by
+        ``gate.mode`` as the DAG's shift_gate judges them.
         """
         probe = np.asarray(probe)
         if self.probe and probe.shape != self.probe[0].shape:
@@ -151,6 +153,7 @@ class GateChain:
             unmeasured=dict(unmeasured or {}),
             ne_evidence=evidence,
             enforce_shift=enforce,
+            consumers=consumers,
         )
         if verdict.blessed:
             promoted.insert(0, t)

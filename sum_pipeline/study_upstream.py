@@ -65,12 +65,12 @@ class SnapshotGate:
         self.chain = study_gate.GateChain(params.gate, pool_unit=params.serving.pool_unit)
 
     def judge(self, day: Day, latest, candidate: np.ndarray, scored, model, production,
-              holdout_frame) -> tuple[bool, list[str], list[float]]:
+              holdout_frame, consumers: list[dict] | None = None) -> tuple[bool, list[str], list[float]]:
         """Whether the day's candidate is blessed, the reasons, and its mean norm on the probe.
 
         ``scored`` is the candidate's NE accumulator over the day's holdout: its NE, the tasks it leaves undefined
         and how many rows and positives each rests on (``gate.min_label_count``), as the DAG's evaluate task hands
-        them to the gate.
+        them to the gate. ``consumers``: the consumer check's rows, or None when the replay measures none.
         """
         import torch
 
@@ -91,7 +91,7 @@ class SnapshotGate:
 
         ne, unmeasured = scored.compute_defined()
         last = self.chain.step(candidate[at], ne, production_ne, finite, evidence=scored.evidence(),
-                               unmeasured=unmeasured)
+                               unmeasured=unmeasured, consumers=consumers)
         return bool(last.blessed), list(last.reasons), list(last.mean_norm)
 
 

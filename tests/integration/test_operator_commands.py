@@ -136,3 +136,10 @@ def test_calibrate_gate_trains_and_judges_each_day_and_prints_every_check_agains
     low = f"{min(cosines):.4g}"
     line = next(x for x in done.stdout.splitlines() if "embedding_k.mean_cosine" in x and "pooled" not in x)
     assert low in line and ">= 0.5" in line
+    # The consumers: day 1's promotion trains them with nothing served (day 2 cannot use them: not measurable),
+    # day 2's with what was served; day 3's candidate is scored on them, in the summary next to its threshold.
+    click = {r["ds"]: r for r in rows if r["check"] == "consumer.click.ne_change_pct"}
+    assert "2026-01-01" not in click and click["2026-01-02"]["outcome"] == "not_measurable", click
+    assert click["2026-01-03"]["outcome"] == "pass" and click["2026-01-03"]["value"], click
+    line = next(x for x in done.stdout.splitlines() if "consumer.click.ne_change_pct" in x)
+    assert f"{float(click['2026-01-03']['value']):.4g}" in line and "<= 1" in line
