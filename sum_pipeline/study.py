@@ -56,6 +56,8 @@ ONLINE_ARMS = ("async", "realtime")
 #: Table 2's modes, and the arm Table 1 reports (production serves async).
 TABLE2_MODES = ("frozen", "offline", "realtime", "async")
 TABLE1_ARM = "async"
+#: Async served only by the snapshots the consumer check passes (``study.consumer_gated_arm``).
+GATED_ARM = "async_gated"
 SUBSETS = ("all", "covered", "returning")
 
 Progress = Callable[[str, int, int], None]  # (what, steps done, steps in all) -> None
@@ -135,6 +137,9 @@ def _run_seed(params: Params, seed: int, index: int, n_days: int, report: Callab
     staleness = cfg.offline_staleness_days
     up = train_upstream(params, spec, warm, days, seed, lambda what, n: report(what, n),
                         lead=POOL_DEPTH + staleness - 1)
+    gated_up = (train_upstream(params, spec, warm, days, seed, lambda what, n: report(what, n),
+                               lead=POOL_DEPTH + staleness - 1, consumer_gate=True)
+                if cfg.consumer_gated_arm else None)
     lap("upstream")
 
     replayed = warm[len(warm) - up.lead:] + days if up.lead else days
@@ -152,12 +157,18 @@ def _run_seed(params: Params, seed: int, index: int, n_days: int, report: Callab
         for unit in POOL_UNITS:
             served, st = replay(arm, params, replayed, up, seed, unit)
             arms[arm, unit], stats[arm, unit] = served["served"], st
+    if gated_up is not None:  # async as production serves it (serving's pool unit), from the consumer-gated chain
+        unit = default_unit(params)
+        served, st = replay("async", params, replayed, gated_up, seed, unit)
+        arms[GATED_ARM, unit], stats[GATED_ARM, unit] = served["served"], st
     report(f"replay seed {seed}", 1)
     lap("replay")
 
     down_days = [d.ds for d in days[1:]]
     eval_days, early_days = down_days[-cfg.eval_days:], down_days[:-cfg.eval_days]
-    masks = _subsets(days, loaded, [a for key, a in arms.items() if a is not None], ev.user_id)
+    # The subsets are the main arms' (the gated arm serves the same users, from other snapshots).
+    masks = _subsets(days, loaded, [a for key, a in arms.items() if a is not None and key[0] != GATED_ARM],
+                     ev.user_id)
     out: dict[str, Any] = {"seed": seed, "world": world, "measurements": [], "fi_rank": [], "daily": [],
                            "importance": [], "eval_ne": {}, "train_ne": {}}
     for name, dspec in specs.items():
@@ -191,6 +202,7 @@ def _run_seed(params: Params, seed: int, index: int, n_days: int, report: Callab
         "shift": _shift_records(days, up, seed),
         "norms": [{"seed": seed, **r} for r in up.norms],
         "gate": [{"seed": seed, **r} for r in up.gate],
+        "consumer_gate": [{"seed": seed, **r} for r in (gated_up.gate if gated_up is not None else [])],
         "mode_stats": {arm_label(a, u, params): s for (a, u), s in stats.items()},
         "upstream_ne": [ne.get(ev.labels[0], math.nan) for ne in up.holdout_ne],
         "offline_same_under_both_units": bool(offline_same),
@@ -307,8 +319,9 @@ def run_study(params: Params, dataset: str, out_dir, days: int | None = None, se
     seed_list = [params.seed + i for i in range(n_seeds)]
     spec = spec_from_fields(user_feature_fields(params), params)
     specs = downstream_specs_for(params, spec)
-    n_arms = len(arm_keys())
-    per_seed_steps = (cfg.warmup_days + n_days - 1) + 1 + len(specs) * n_arms
+    n_arms = len(arm_keys()) + int(cfg.consumer_gated_arm)
+    chains = 1 + int(cfg.consumer_gated_arm)  # the consumer-gated arm trains an upstream chain of its own
+    per_seed_steps = chains * (cfg.warmup_days + n_days - 1) + 1 + len(specs) * n_arms
     total, done = n_seeds * per_seed_steps, [0]
 
     def on_step(what: str, n: int) -> None:
@@ -445,6 +458,7 @@ def assemble(params: Params, dataset: str, per_seed: list[dict], seed_list: list
         "shift": [r for s in per_seed for r in s["shift"]],
         "norms": [r for s in per_seed for r in s["norms"]],
         "gate": [r for s in per_seed for r in s["gate"]],
+        "consumer_gate": [r for s in per_seed for r in s.get("consumer_gate", [])],
         "choices": choices,
         "daily": [r for s in per_seed for r in s["daily"]],
         "importance": [r for s in per_seed for r in s["importance"]],

@@ -96,7 +96,8 @@ PAPER: dict[str, Any] = {
 
 
 ARM_NAMES = {"none": "no SUM", "frozen": "frozen", "offline": "offline batch",
-             "offline_raw": "offline batch without AP", "realtime": "online realtime", "async": "online async"}
+             "offline_raw": "offline batch without AP", "realtime": "online realtime", "async": "online async",
+             "async_gated": "online async, consumer-gated"}
 PAPER_SETTINGS = {"frozen": "Baseline + SUM (Frozen)", "offline": "Baseline + SUM (Offline Batch)",
                   "realtime": "Baseline + SUM (Online Realtime Serving)",
                   "async": "Baseline + SUM (Online Async Serving)"}
@@ -538,10 +539,34 @@ def _figures_section(results: Mapping[str, Any]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _consumer_gated(results: Mapping[str, Any]) -> list[str]:
+    g = results.get("consumer_gated_arm")
+    if not g:
+        return []
+    lines = ["## The consumer-gated arm", "",
+             "Online async served only by the snapshots the consumer check passes: a second upstream chain, trained "
+             "as the first, where a candidate is promoted unless a downstream model (trained day by day on what that "
+             "chain served, as `sum_downstream` trains after each promotion) loses NE on the day's consumer holdout "
+             "beyond `gate.consumer_max_ne_regression_pct` with its interval above 0 (validation/consumers.py); a "
+             "held candidate leaves the last passed snapshot serving and the next one warm-starts from it. The "
+             "proxies do not gate this chain. Paired per seed, eval window, all impressions, the models' mean "
+             f"(pool unit {g['pool_unit']}).", ""]
+    lines += _table(["Contrast", "NE diff (%)", "Verdict (diff < 0)", "Per seed"],
+                    [[_contrast_name(c), _stat(c), _verdict(c), _per_seed(c)] for c in (g["vs_async"], g["vs_none"])])
+    lines += ["", "What the consumer check did, per seed (days: every day the chain trained, warm-up included; "
+              "measured: a consumer was measurable, with enough of each label on the day's consumer holdout):", ""]
+    lines += _table(["Seed", "Days", "Measured", "Held (window days)", "Held (warm-up days)"],
+                    [[str(r["seed"]), str(r["days"]), str(r["measured"]), ", ".join(r["held_in_window"]) or "none",
+                      ", ".join(d for d in r["held"] if d not in r["held_in_window"]) or "none"]
+                     for r in g["per_seed"]])
+    return lines + [""]
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """``report.md``'s text for ``results`` (with its tables: :func:`sum_pipeline.study_stats.tables`)."""
     parts = (_header(results) + _how_to_read(results) + _choices(results) + _directions(results) + _table1(results)
-             + _table2(results) + _table3(results) + _table4(results) + _figures_section(results))
+             + _table2(results) + _consumer_gated(results) + _table3(results) + _table4(results)
+             + _figures_section(results))
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -72,7 +72,9 @@ MOST = 0.5
 
 #: The between-arm contrasts the audit lists (arm, reference): each a paired % NE diff, per pool unit.
 BETWEEN_ARMS = (("offline", "offline_raw"), ("async", "offline"), ("realtime", "async"), ("async", "frozen"),
-                ("offline", "frozen"))
+                ("offline", "frozen"), ("async_gated", "async"))
+#: Async served only by the snapshots the consumer check passes (``study.consumer_gated_arm``).
+GATED_ARM = "async_gated"
 
 
 # ------------------------------------------------------------------------------------------- intervals
@@ -491,6 +493,25 @@ def _fmt_share_ci(ci: Sequence[float] | None) -> str:
 
 # ------------------------------------------------------------------------------------------------------ API
 
+def consumer_gate_table(results: Mapping[str, Any], m: "Measured") -> dict[str, Any] | None:
+    """The consumer-gated arm: what its gate held, per seed, and its paired contrasts (eval window, all impressions,
+    the models' mean) against async and against no SUM; None when the study ran without it."""
+    records = results.get("consumer_gate") or []
+    if not records or not m.units(GATED_ARM):
+        return None
+    unit = m.units(GATED_ARM)[0]
+    per_seed = []
+    for seed in sorted({r["seed"] for r in records}):
+        mine = [r for r in records if r["seed"] == seed]
+        measured = [r for r in mine if any(c["outcome"] != "not_measurable" for c in r.get("consumers") or [])]
+        per_seed.append({"seed": seed, "days": len(mine), "measured": len(measured),
+                         "held": [r["ds"] for r in mine if not r["blessed"]],
+                         "held_in_window": [r["ds"] for r in mine if not r["blessed"] and not r["warmup"]]})
+    return {"pool_unit": unit, "per_seed": per_seed,
+            "vs_async": _contrast(m, GATED_ARM, "async", unit, "eval", "all", m.models),
+            "vs_none": _contrast(m, GATED_ARM, BASELINE, unit, "eval", "all", m.models)}
+
+
 def tables(results: Mapping[str, Any]) -> dict[str, Any]:
     """The paper's Tables 1-4, every paired contrast and each direction's verdict, from the study's measurements.
 
@@ -527,4 +548,5 @@ def tables(results: Mapping[str, Any]) -> dict[str, Any]:
         "table4": t4,
         "contrasts": {"paired": contrasts, "shares": shares},
         "directions": _directions(t1, [c for c in contrasts if c["table"] == 2], shares, t3_diffs, t4),
+        "consumer_gated_arm": consumer_gate_table(results, m),
     }

@@ -4,7 +4,9 @@ for the replay.
 ``warm`` days before the window train the model first (paper §6.4's mature model); the frozen arm serves the last
 warm-up snapshot for the whole window (without a warm-up, the window's first snapshot ``S_0``). Then ``S_t`` is
 trained on window day ``t``. A snapshot is served only once the gate blesses it (``sum_pipeline/study_gate.py``,
-when present); otherwise the last blessed one keeps serving, and the daily batch is computed with it.
+when present); otherwise the last blessed one keeps serving, and the daily batch is computed with it. The
+consumer-gated arm's chain (``consumer_gate``) is gated by the consumer check alone. Every chain leaves the consumer
+check's users out of training, as the DAG does (``gate.consumer_holdout_users``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sum_pipeline.study_data import Day
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
 from sum_platform.workspace import snapshot_id_for
+from validation.consumers import consumer_line, left_out_of_training
 
 from sum_pipeline import study_gate
 
@@ -96,13 +99,18 @@ class SnapshotGate:
 
 
 def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed: int, progress: Progress,
-                   lead: int = POOL_DEPTH) -> Upstream:
+                   lead: int = POOL_DEPTH, consumer_gate: bool = False) -> Upstream:
     """Trains the warm-up days, then ``S_0 .. S_{D-2}`` on the window's days, and computes what the replay serves.
 
     Args:
         warm: The warm-up days (oldest first); their last ``lead`` also run the daily batch (the rows the
             window's first pools and a stale offline batch read).
         days: The window's days.
+        consumer_gate: The chain of the study's consumer-gated arm: a snapshot serves only when the consumer check
+            passes it (no measured consumer fails: ``check_consumers.measure_consumers`` on the downstream models
+            the promotions trained, :class:`~sum_pipeline.consumer_replay.ConsumerReplay`), whatever the proxies
+            say; ``study.gate_snapshots`` does not apply. A held candidate leaves the last passed one serving, and
+            the next candidate warm-starts from it, as in the daily loop.
     """
     import torch  # the model stack: loaded by the study's run only
 
@@ -110,8 +118,11 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
     from sum_models.snapshot import embed_users
     from sum_models.train import ne_accumulator, train_model
 
+    from sum_pipeline.consumer_replay import ConsumerReplay
+
     out = Upstream(lead=min(lead, len(warm)))
-    gate = SnapshotGate(params, spec) if params.study.gate_snapshots else None
+    gate = SnapshotGate(params, spec) if params.study.gate_snapshots and not consumer_gate else None
+    consumers = ConsumerReplay(params, spec) if consumer_gate else None
     timeline = [*warm, *days[:-1]]   # every day the upstream trains on
     batch_from = len(warm) - out.lead
     prev_state = None
@@ -122,10 +133,13 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
         if prev_state is not None:
             warm_start(model, prev_state)
         holdout = holdout_mask(day.frame, params.events.holdout_fraction)
+        # As the DAG trains (tasks.training_frame): the consumer check's users are never trained on, in every chain
+        # of the study, so the consumer-gated arm differs from the others by its gate alone.
+        unseen = left_out_of_training(day.frame[params.events.user_id].to_numpy(), params.gate)
         # the window's day t trains with seed + t (as without a warm-up); the warm-up's days with seeds of their own
         train_seed = seed + t if t >= 0 else seed + _WARMUP_SEEDS + i
         train_cfg = params.train.model_dump() | ({} if t >= 0 else {"epochs": params.study.warmup_epochs})
-        train_model(model, day.frame[~holdout].reset_index(drop=True), spec, train_cfg, seed=train_seed,
+        train_model(model, day.frame[~holdout & ~unseen].reset_index(drop=True), spec, train_cfg, seed=train_seed,
                     progress=False)
         model.eval()
         holdout_frame = day.frame[holdout].reset_index(drop=True)
@@ -135,13 +149,19 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
         with torch.no_grad():
             candidate = embed_users(model.user_tower, latest, spec)
         cid = snapshot_id_for(day.ds)
-        blessed, reasons = True, []
+        blessed, reasons, table = True, [], None
         if gate is not None:
             blessed, reasons, _ = gate.judge(day, latest, candidate, scored, model, production, holdout_frame)
+        if consumers is not None:
+            table = consumers.measure(day, latest, candidate, cid) or []
+            blessed = not any(c["outcome"] == "fail" for c in table)
+            reasons = [consumer_line(c) for c in table]
+            consumers.after_day(day, latest, blessed or production is None, model, cid)
         if blessed or production is None:  # nothing blessed yet: the first snapshot serves (marked below)
             production, production_id = model, cid
         out.gate.append({"ds": day.ds, "candidate": cid, "blessed": bool(blessed), "serving": production_id,
-                         "gated": gate is not None, "warmup": t < 0, "reasons": reasons})
+                         "gated": "consumers" if consumers is not None else gate is not None, "warmup": t < 0,
+                         "reasons": reasons, **({} if table is None else {"consumers": table})})
         for k, v in enumerate(_mean_l2(candidate)):
             out.norms.append({"ds": day.ds, "embedding": k, "mean_l2": v, "warmup": t < 0})
         if t >= 0:

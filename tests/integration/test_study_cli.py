@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ARMS = {("none", None), ("frozen", None), ("offline", None), ("offline_raw", None),
-        *((a, u) for a in ("async", "realtime") for u in POOL_UNITS)}
+        *((a, u) for a in ("async", "realtime") for u in POOL_UNITS),
+        ("async_gated", "snapshot")}  # async from the consumer-gated chain, under serving's pool unit
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,28 @@ def test_every_model_arm_unit_window_and_subset_is_measured_on_movielens(study):
     blessed = {r["candidate"] for r in gate if r["blessed"]} | {gate[0]["candidate"]}
     assert all(r["serving"] in blessed for r in gate)
     assert c["gate"].startswith("snapshots served only once")
+
+
+def test_the_consumer_gated_arm_is_judged_by_its_consumers_and_contrasted_with_async(study):
+    """The second chain: every day judged by the consumer check alone (the proxies do not gate it), a day held only
+    when a measured consumer fails; its arm contrasted with async and with no SUM in the report."""
+    folder, _, results = study
+    records = [r for r in results["consumer_gate"] if r["seed"] == 7]
+    assert [r["ds"] for r in records] == [r["ds"] for r in results["gate"] if r["seed"] == 7]
+    assert all(r["gated"] == "consumers" for r in records)
+    # The first promotion trains the consumers with nothing served: the next day has them, not measurable.
+    assert records[0]["consumers"] == [] and records[0]["blessed"]
+    assert records[1]["consumers"] and all(c["outcome"] == "not_measurable" for c in records[1]["consumers"])
+    for r in records:
+        failed = [c for c in r["consumers"] if c["outcome"] == "fail"]
+        assert r["blessed"] == (not failed), r
+        assert all(c["change_ci"][0] > 0 for c in failed)
+    table = results["consumer_gated_arm"]
+    assert table["vs_async"]["arm"] == "async_gated" and table["vs_async"]["ref"] == "async"
+    assert table["vs_async"]["n_seeds"] == 2 and table["vs_none"]["n_seeds"] == 2
+    assert [r["seed"] for r in table["per_seed"]] == [7, 8]
+    report = (folder / "report.md").read_text()
+    assert "## The consumer-gated arm" in report and "online async, consumer-gated vs online async" in report
 
 
 def test_seeds_in_worker_processes_give_the_serial_numbers(tmp_path, monkeypatch):
