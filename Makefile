@@ -43,6 +43,9 @@ clean:  ## delete .sum (every workspace and local remote under it) and reports; 
 	if [ -x $(BIN)/sumctl ]; then $(BIN)/sumctl down; fi
 	rm -rf .sum reports
 
-.PHONY: bench
+.PHONY: bench bench-consumers
 bench: setup  ## training/inference benchmark of the model presets: ex/s, FLOP/s, matmul peak, MFU, batched vs unbatched
 	$(BIN)/python -m benchmarks.train_bench --presets compact,large --json reports/train_bench.json
+
+bench-consumers: setup  ## the consumer check's cost: its share of a default day through the DAG, its split, vs its floor
+	$(BIN)/python -m benchmarks.consumer_check_bench --json reports/consumer_check_bench.json
