@@ -12,7 +12,7 @@ Modules:
     compute      ComputeCenter deployment: production + frozen user towers, batched compute, pooled write-back
     cpu          CPU priority and pinning of the compute worker threads (stdlib only)
     settings     app_settings(), compute_user_config(), ingress_user_config() (+ validation), code_version(),
-                 snapshot_fingerprint(), open_store(), MODES (no Ray, FastAPI or torch)
+                 store_location(), snapshot_fingerprint(), open_store(), MODES (no Ray, FastAPI or torch)
     store_io     pooled write / direct read of SUM embeddings in the Feast online store (shared with the
                  daily batch), users' current features for compute
     metrics      Prometheus metrics (ray.serve.metrics) and exposition helpers

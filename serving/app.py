@@ -8,7 +8,8 @@ and frozen user towers, the pooled write-back), configured from ``params.serving
 Deployment code versions are pinned to a hash of the source code and constructor settings
 (:func:`serving.settings.code_version`), so redeploying with another ``user_config`` reconfigures the
 running replicas in place instead of replacing them (Ray Serve gives every ``serve.run`` a random code
-version otherwise).
+version otherwise). The store the replicas read (:func:`serving.settings.store_location`) is part of both
+``user_config`` s, so serving another workspace (or params file) is such a reconfigure as well.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from serving.compute import ComputeCenter
 from serving.ingress import SoapIngress
-from serving.settings import app_settings, code_version, compute_user_config, ingress_user_config
+from serving.settings import app_settings, code_version, compute_user_config, ingress_user_config, store_location
 
 if TYPE_CHECKING:
     from ray.serve.deployment import Application
@@ -52,11 +53,12 @@ def build_app(
     Returns:
         The bound application (ingress :class:`serving.ingress.SoapIngress` -> :class:`serving.compute.ComputeCenter`).
     """
-    settings = app_settings(params, params_file)
+    settings = app_settings(params)
     user_config = compute_user_config(
         params, snapshot_dir, snapshot_id, params_file, frozen=frozen, **(compute_options or {})
     )
-    ingress_config = ingress_user_config(params, **(ingress_options or {}))
+    # The ingress opens the same store as the compute (SoapIngress.reconfigure); /version reports the rest.
+    ingress_config = {**ingress_user_config(params, **(ingress_options or {})), **store_location(params, params_file)}
     max_inflight = settings["max_inflight_compute"]
     # Per-request access log lines cost the read path CPU at every read; the metrics count requests.
     logging_config = {"enable_access_log": bool(params.serving.access_log)}

@@ -279,10 +279,14 @@ class SoapClient:
         the new store. Returns whether it did. Called from the serving replica's health check."""
         if not self._reader.replaced():
             return False
-        self.store = open_store()
-        self._reader = EmbeddingReader(self.store)
+        self.use_store(open_store())
         log.warning("online store file replaced: reopened %s", self._reader.path)
         return True
+
+    def use_store(self, store: "FeatureStore") -> None:
+        """Reads from ``store`` from now on (a reopened file, or another workspace's store)."""
+        self.store = store
+        self._reader = EmbeddingReader(store)
 
     def reconfigure(self, config: dict) -> None:
         """Mode, budgets and coalescing (:func:`serving.settings.ingress_user_config`).

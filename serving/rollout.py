@@ -1,8 +1,9 @@
 """Rollout of a production snapshot to the SOAP application (called by the daily DAG).
 
-``deploy`` starts the application on first use; afterwards a deploy changes only the compute
-deployment's ``user_config`` (same pinned code version), so Ray Serve calls ``reconfigure`` on the running
-replica: reads never stop, and the compute keeps its old tower until the new one has loaded.
+``deploy`` starts the application on first use; afterwards a deploy changes only the deployments'
+``user_config`` (same pinned code version), so Ray Serve calls ``reconfigure`` on the running
+replicas: reads never stop, and the compute keeps its old tower until the new one has loaded. That holds for
+another workspace's snapshot too (the store is part of the ``user_config``, :func:`serving.settings.store_location`).
 
 ``rollout`` = (preflight load) + deploy + verify through ``GET /version`` (snapshot id *and* content
 fingerprint); on a failure (load error, timeout) it redeploys the previous snapshot, verifies it, and raises

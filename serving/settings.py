@@ -5,6 +5,9 @@
 * the compute ``user_config`` (:func:`compute_user_config`: snapshots and batching knobs) and the ingress
   ``user_config`` (:func:`ingress_user_config`: mode, budgets, coalescing), both applied in place by
   ``reconfigure``;
+* the store both deployments read (:func:`store_location`: workspace and params file), in both ``user_config`` s:
+  another workspace is a reconfigure too (replacing both replicas cost ~30-50 s on two cores: new processes
+  importing torch and Feast), and a workspace's token file, when relative, still changes the settings;
 * a snapshot's content identity (:func:`snapshot_fingerprint`) and the store a replica opens
   (:func:`open_store`);
 * who may call the HTTP API (:func:`check_access`: a token beyond loopback; :func:`serving_token`).
@@ -45,6 +48,7 @@ __all__ = [
     "open_store",
     "serving_token",
     "snapshot_fingerprint",
+    "store_location",
     "token_path",
     "validate_ingress_config",
 ]
@@ -179,9 +183,20 @@ def ingress_user_config(params: "Params", **overrides: Any) -> dict:
     return validate_ingress_config(cfg)
 
 
-def app_settings(params: "Params", params_file: str | os.PathLike | None = None) -> dict:
+def store_location(params: "Params", params_file: str | os.PathLike | None = None) -> dict:
+    """Where a replica opens the online store (:func:`open_store`): ``{"workspace", "params_path"}``. Part of both
+    deployments' ``user_config`` (not of their constructor settings), so serving another workspace reconfigures the
+    running replicas instead of replacing them."""
+    return {
+        "workspace": str(params.workspace),
+        "params_path": str(Path(params_file).resolve() if params_file else params_path()),
+    }
+
+
+def app_settings(params: "Params") -> dict:
     """Constructor settings shared by both deployments (JSON-serialisable; a change replaces replicas). The token
-    itself is not among them (Serve shows deployment settings): the ingress reads it from ``token_file``.
+    itself is not among them (Serve shows deployment settings): the ingress reads it from ``token_file``. The store
+    is not among them either (:func:`store_location`: it travels in the ``user_config`` s).
 
     Raises:
         ValueError: ``serving.host`` is not loopback and no token is configured (:func:`check_access`).
@@ -189,8 +204,6 @@ def app_settings(params: "Params", params_file: str | os.PathLike | None = None)
     check_access(params.serving.host, params.serving.token_file)
     token_file = token_path(params)
     return {
-        "workspace": str(params.workspace),
-        "params_path": str(Path(params_file).resolve() if params_file else params_path()),
         "host": str(params.serving.host),
         "port": int(params.serving.port),
         "token_file": str(token_file.resolve()) if token_file else None,
@@ -228,7 +241,8 @@ def compute_user_config(
         overrides: ``max_batch_size``, ``batch_wait_ms``, ``write_coalesce_ms``, ``debug_delay_ms`` (test/benchmark knob: every
             compute batch sleeps this long first, i.e. a slower model), ``pool_unit`` (``snapshot`` | ``write``).
     """
-    settings = app_settings(params, params_file)
+    check_access(params.serving.host, params.serving.token_file)
+    location = store_location(params, params_file)
     frozen_dir, frozen_id = frozen if frozen else (snapshot_dir, snapshot_id)
     cfg = {
         "snapshot_dir": str(Path(snapshot_dir).resolve()),
@@ -237,10 +251,10 @@ def compute_user_config(
         "frozen_snapshot_dir": str(Path(frozen_dir).resolve()),
         "frozen_snapshot_id": str(frozen_id),
         "frozen_fingerprint": snapshot_fingerprint(frozen_dir),
-        "workspace": settings["workspace"],
+        "workspace": location["workspace"],
         # Whose snapshot this is: /version reports it, so `sumctl doctor` tells its own app from another workspace's.
         "workspace_id": workspace_id if workspace_id is not None else Workspace(Path(params.workspace)).identity(),
-        "params_path": settings["params_path"],
+        "params_path": location["params_path"],
         "max_batch_size": int(params.serving.compute_max_batch_size),
         "batch_wait_ms": float(params.serving.compute_batch_wait_ms),
         "write_coalesce_ms": float(params.serving.compute_write_coalesce_ms),
