@@ -171,9 +171,12 @@ def check_consumers(ds: str, snapshot_id: str | None = None) -> dict[str, Any]:
         coverage = (read_json(with_sum / "metrics.json") if (with_sum / "metrics.json").is_file() else {}).get(
             "embedding_coverage")
         # Trained on a day when nothing was served yet (the first promoted day): its embedding inputs are untrained,
-        # so what they do with any embedding says nothing about the candidate.
+        # so what they do with any embedding says nothing about the candidate. No row left to score: e.g. a diverged
+        # candidate embeds nobody (the finite checks hold it).
+        why = ("" if coverage else f"its model ({with_sum.name[3:]}) was trained when no embedding had been served "
+               "yet") or ("" if len(frame) else f"none of the {len(people)} consumer-holdout users has finite "
+                          "embeddings under the candidate and every pooled snapshot")
         saved.append(Consumer(name, model, load_downstream(without_sum) if without_sum is not None else None,
-                              model_day=with_sum.name[3:], unmeasurable_why="" if coverage else (
-                                  f"its model ({with_sum.name[3:]}) was trained when no embedding had been served yet")))
+                              model_day=with_sum.name[3:], unmeasurable_why=why))
     out["consumers"] = measure_consumers(saved, frame, frame[ev.user_id].to_numpy(), now[at], after[at], cfg, seed)
     return done("" if out["consumers"] else "no consumer model matches today's inputs")

@@ -22,7 +22,7 @@ from serving.store_io import log_offline, write_embeddings
 from sum_models.metrics import NormalizedEntropy
 from sum_pipeline.batch_embeddings import embed_with_ray_data
 from sum_pipeline.check_consumers import check_consumers  # noqa: F401 (a stage: sumctl stage check_consumers)
-from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, inject_fault
+from sum_pipeline.faults import EXPLODE_LR_FACTOR, FAULT_SEED_OFFSET, check_fault, consumer_projections, inject_fault
 from sum_pipeline.promotion import baseline_history, frozen_snapshot, parent_for, promote_snapshot
 from sum_platform.context import Context, context
 from sum_platform.feature_store import apply_definitions, feature_spec, get_store, user_features_view
@@ -223,6 +223,7 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
     """
     import torch
 
+    from sum_models.data import encode_users
     from sum_models.model import build_model
     from sum_models.snapshot import MANIFEST_FILE, export_snapshot, load_model
 
@@ -250,8 +251,11 @@ def train_user_model(ds: str, candidate_fault: str | None = None) -> dict[str, A
         stats = {"diverged": str(err)}
     if candidate_fault:
         log.warning("fault injection %r on the candidate of %s", candidate_fault, ds)
-        model = inject_fault(model, candidate_fault,
-                             lambda: build_model(spec, ctx.params.model, seed=ctx.params.seed + FAULT_SEED_OFFSET))
+        model = inject_fault(
+            model, candidate_fault,
+            lambda: build_model(spec, ctx.params.model, seed=ctx.params.seed + FAULT_SEED_OFFSET),
+            users=lambda: encode_users(train_df.drop_duplicates(ctx.params.events.user_id), spec),
+            consumers=lambda: consumer_projections(ctx.ws.root / "downstream", ds, ctx.params.downstream.models))
     extra = {"ds": ds, "parent_id": parent_id, "params_digest": ctx.params.digest(), "fault": candidate_fault}
     try:  # atomic: a temporary folder beside the snapshot's, renamed when whole, removed on any error
         snap_dir = export_snapshot(model, spec, ctx.params.model.model_dump(), ctx.ws.snapshot_dir(snapshot_id),
