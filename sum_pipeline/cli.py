@@ -754,13 +754,26 @@ def soak(
                         fault_every=fault_every, corrupt_every=corrupt_every)
         result = run_soak(schedule, on_day=lambda d: console.print(
             f"{d.ds} {d.kind:8} {d.detail:22} {d.state:8} verdict={d.verdict:8} promoted={d.promoted}"
-            + (f" caught={d.caught} rerun={d.rerun_state}" if d.kind == "corrupt" else "") + f" ({d.seconds:.0f}s)"))
+            + (f" caught={d.caught} rerun={d.rerun_state}" if d.kind == "corrupt" else "")
+            + "".join(f" {f}={o}" for f, o in d.families.items()) + f" ({d.seconds:.0f}s)"))
     summary = result.summary()
     console.print_json(data=summary)
+    console.print(_family_table(summary))
     if report:
         write_json(report, result.to_dict())
     if not result.passed():
         raise typer.Exit(code=1)
+
+
+def _family_table(summary: dict) -> Table:
+    """The soak's check families side by side: shifted candidates each passed, normal candidates each held."""
+    table = Table(title=f"Check families over {summary['days']} soak days (enforced by gate.mode or only reported)")
+    for col in ("family", "shifted judged", "false promotions", "normal judged", "false holds"):
+        table.add_column(col, justify="left" if col == "family" else "right")
+    for family, s in summary["families"].items():
+        table.add_row(family, str(s["shifted_judged"]), str(s["false_promotions"]), str(s["normal_judged"]),
+                      str(s["false_holds"]))
+    return table
 
 
 @app.command()

@@ -434,8 +434,22 @@ _PROXY_SUFFIXES = (".mean_cosine", ".relative_l2_change", ".pooled_mean_cosine",
 
 
 def _is_proxy(check: Check) -> bool:
-    return check.name.startswith(_PROXY_PREFIXES) or (check.name.endswith(_PROXY_SUFFIXES)
-                                                       and not check.name.endswith("across_users"))
+    return check_family(check.name) == "proxies"
+
+
+#: The families of checks (``check_family``): what always holds, what stands in for the consumers, the consumers.
+CHECK_FAMILIES = ("sanity", "proxies", "consumers")
+
+
+def check_family(name: str) -> str:
+    """The family of a verdict check by its name: ``consumers`` (``consumer.<model>.ne_change_pct``), ``proxies``
+    (the candidate's NE and its shift against production, unpooled and pooled) or ``sanity`` (finite weights,
+    embeddings and predictions; the collapse checks ``*_across_users``: they hold in every ``gate.mode``)."""
+    if name.startswith("consumer."):
+        return "consumers"
+    if name.startswith(_PROXY_PREFIXES) or (name.endswith(_PROXY_SUFFIXES) and not name.endswith("across_users")):
+        return "proxies"
+    return "sanity"
 
 
 def _apply_mode(verdict: Verdict, cfg: GateConfig, consumers: list[dict[str, Any]] | None,

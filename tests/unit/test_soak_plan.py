@@ -22,3 +22,31 @@ def test_a_fault_day_wins_over_a_corruption_on_the_same_day():
 
 def test_no_kinds_means_every_day_normal():
     assert {d[1] for d in plan(9, "2026-01-01", (), ())} == {"normal"}
+
+
+def test_each_check_family_is_scored_on_what_it_measured():
+    from sum_pipeline.soak import SoakDay, SoakReport, family_outcomes
+
+    def check(name, outcome, enforced=True):
+        return {"name": name, "outcome": outcome, "passed": outcome == "pass", "enforced": enforced}
+
+    verdict = {"checks": [check("weights_finite", "pass"), check("embedding_0.cosine_across_users", "pass"),
+                          check("ne.click", "pass"), check("embedding_0.mean_cosine", "pass"),
+                          check("consumer.click.ne_change_pct", "fail"),
+                          check("consumer.inbox.ne_change_pct", "not_measurable")]}
+    assert family_outcomes(verdict) == {"sanity": "pass", "proxies": "pass", "consumers": "fail"}
+    assert family_outcomes({"checks": [check("consumer.click.ne_change_pct", "not_measurable")]}) == {}
+    assert family_outcomes({}) == {}  # no verdict (a caught partition)
+    report = SoakReport([
+        SoakDay("d1", "normal", families={"sanity": "pass", "proxies": "pass"}),
+        SoakDay("d2", "normal", families={"sanity": "pass", "proxies": "fail", "consumers": "pass"}),
+        SoakDay("d3", "fault", "a", families={"sanity": "pass", "proxies": "pass", "consumers": "fail"}),
+        SoakDay("d4", "fault", "b", families={"sanity": "pass", "proxies": "fail", "consumers": "pass"}),
+        SoakDay("d5", "corrupt", "c", rerun_state="success", rerun_families={"sanity": "pass", "proxies": "pass",
+                                                                            "consumers": "fail"}),
+    ])
+    assert report.summary()["families"] == {
+        "sanity": {"shifted_judged": 2, "false_promotions": 2, "normal_judged": 3, "false_holds": 0},
+        "proxies": {"shifted_judged": 2, "false_promotions": 1, "normal_judged": 3, "false_holds": 1},
+        "consumers": {"shifted_judged": 2, "false_promotions": 1, "normal_judged": 2, "false_holds": 1},
+    }
