@@ -50,7 +50,22 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.train_bench import matmul_peak
+from serving.ray_cluster import ensure_ray, shutdown
+from sum_models.shift import POOL_DEPTH
+from sum_pipeline import airflow_env
+from sum_pipeline.airflow_env import run_date
+from sum_pipeline.promotion import baseline_history
+from sum_pipeline.retrain_downstream import latest_before, load_downstream
 from sum_platform.config import PROJECT_ROOT, load_params, params_path
+from sum_platform.context import context
+from sum_platform.downstream_inputs import downstream_specs_for
+from sum_platform.files import read_json
+from sum_platform.partitions import read_partition
+from sum_platform.sources import joined_day
+from sum_platform.workspace import Workspace, snapshot_id_for
+from validation.consumers import consumer_users, measure_consumer
+from validation.gate import served_values
 
 TASK = "check_consumers"
 TARGET_ADDED = 0.20  # issue 27 item 7: the consumer check adds <= 20 % to a day's wall time
@@ -150,18 +165,7 @@ def split_check(ds: str) -> dict[str, Any]:
     from sum_models.data import encode_users
     from sum_models.downstream_train import DownstreamData, predict_downstream
     from sum_models.runtime import torch_threads
-    from sum_models.shift import POOL_DEPTH
     from sum_models.snapshot import embed_users_finite, load_user_tower
-    from sum_pipeline.promotion import baseline_history
-    from sum_pipeline.retrain_downstream import latest_before, load_downstream
-    from sum_platform.context import context
-    from sum_platform.downstream_inputs import downstream_specs_for
-    from sum_platform.files import read_json
-    from sum_platform.partitions import read_partition
-    from sum_platform.sources import joined_day
-    from sum_platform.workspace import snapshot_id_for
-    from validation.consumers import consumer_users, measure_consumer
-    from validation.gate import served_values
 
     ctx = context()
     params, ws = ctx.params, ctx.ws
@@ -298,8 +302,6 @@ def _airflow_and_ray(ws_airflow_home: Path) -> Iterator[None]:
     Ray + Serve, stopped afterwards."""
     import ray
 
-    from serving.ray_cluster import ensure_ray, shutdown
-    from sum_pipeline import airflow_env
 
     if "airflow" not in sys.modules and "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in os.environ:
         airflow_env.configure(ws_airflow_home)
@@ -332,9 +334,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="consumer-check-bench-", dir=base))
     params_file = _params(root, users, resamples, args.port_offset, args.smoke)
-    from benchmarks.train_bench import matmul_peak
-    from sum_pipeline.airflow_env import run_date
-    from sum_platform.workspace import Workspace
 
     days: list[dict[str, Any]] = []
     measured: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sum_models.shift import POOL_DEPTH
+from sum_pipeline.consumer_replay import ConsumerReplay
 from sum_pipeline.study_data import Day
 from sum_pipeline.tasks import holdout_mask, warm_start
 from sum_platform.config import Params
@@ -117,8 +118,6 @@ def train_upstream(params: Params, spec, warm: list[Day], days: list[Day], seed:
     from sum_models.model import build_model
     from sum_models.snapshot import embed_users
     from sum_models.train import ne_accumulator, train_model
-
-    from sum_pipeline.consumer_replay import ConsumerReplay
 
     out = Upstream(lead=min(lead, len(warm)))
     gate = SnapshotGate(params, spec) if params.study.gate_snapshots and not consumer_gate else None

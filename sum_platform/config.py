@@ -317,7 +317,7 @@ class StudyConfig(_Section):
     warmup_epochs: int = Field(ge=1)           # the upstream's epochs on a warm-up day (train.epochs in the window)
     offline_staleness_days: int = Field(ge=1)  # offline batch mode reads the batch written after day t - this
     gate_snapshots: bool                       # serve only snapshots the gate blesses (sum_pipeline/study_gate.py)
-    consumer_gated_arm: bool = True            # an async arm served only by snapshots the consumer check passes
+    consumer_gated_arm: bool                   # an async arm served only by snapshots the consumer check passes
     seeds: int = Field(ge=1)
     workers: int = Field(ge=1)                 # processes the seeds run in (one core each)
     downstream_batch_size: int = Field(ge=1)   # the study's downstream training batch (downstream.epochs a day)
