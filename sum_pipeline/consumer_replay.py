@@ -94,7 +94,14 @@ class ConsumerReplay:
             return []
         now, after = self._pooled(self._embed_served(day, latest), candidate, candidate_id)
         at = pd.Index(latest[uid].to_numpy()).get_indexer(frame[uid].to_numpy())
+        # As check_consumers: a user some snapshot cannot embed (non-finite) has nothing served, and is not scored.
+        finite = np.isfinite(now.astype(np.float32)).all(axis=(1, 2)) & np.isfinite(after.astype(np.float32)).all(
+            axis=(1, 2))
+        keep = finite[at]
+        frame, at = frame[keep].reset_index(drop=True), at[keep]
         why = "" if self.covered else f"its model ({self.model_day}) was trained when no embedding had been served yet"
+        if not why and frame.empty:
+            why = "no consumer-holdout user has finite embeddings under the candidate and every pooled snapshot"
         consumers = [Consumer(name, arms["with_sum"], arms["without_sum"], model_day=self.model_day,
                               unmeasurable_why=why) for name, arms in self.models.items()]
         seed = self.params.seed + int(pd.Timestamp(day.ds).toordinal())
