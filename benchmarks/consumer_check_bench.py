@@ -314,74 +314,37 @@ def _airflow_and_ray(ws_airflow_home: Path) -> Iterator[None]:
             shutdown()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--days", type=int, default=DAYS, help=f"simulated days (>= {DAYS}: measured from day {DAYS})")
-    ap.add_argument("--users", type=int, help="simulator.initial_users (default: the params')")
-    ap.add_argument("--resamples", type=int, help="gate.consumer_bootstrap (default: the params')")
-    ap.add_argument("--port-offset", type=int, default=PORT_OFFSET, help="added to every port of the params")
-    ap.add_argument("--workdir", type=Path, help="folder of its workspace (default: a new one under .sum/bench)")
-    ap.add_argument("--json", type=Path, help="write the report here (and the plot beside it)")
-    ap.add_argument("--smoke", action="store_true",
-                    help=f"{DAYS} days of {SMOKE_USERS} users, {SMOKE_RESAMPLES} resamples, a loose gate: proves the "
-                         f"benchmark runs to its end (tests/integration/test_benchmarks_smoke.py), measures nothing")
-    args = ap.parse_args(argv)
-    if args.days < DAYS:
-        ap.error(f"--days must be >= {DAYS}: the consumer check is measurable from day {DAYS}")
-    users, resamples = (SMOKE_USERS, SMOKE_RESAMPLES) if args.smoke else (args.users, args.resamples)
-    console = Console()
-    base = args.workdir or PROJECT_ROOT / ".sum" / "bench"
-    base.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="consumer-check-bench-", dir=base))
-    params_file = _params(root, users, resamples, args.port_offset, args.smoke)
+def day_row(ds: str, result: Any, day_s: float) -> dict[str, Any]:
+    """A daily DAG run (``airflow_env.DagRunResult``) as the benchmark's row: the verdict, each task's seconds and the
+    consumer check's table."""
+    checked = result.xcoms.get(TASK) or {}
+    tasks = {t: _seconds(ti) for t, ti in result.task_instances.items()
+             if ti.get("state") == "success" and ti.get("start_date")}
+    return {"ds": ds, "day_s": day_s, "verdict": (result.xcoms.get("shift_gate.verdict") or {}).get("verdict"),
+            "promoted": bool(result.xcoms.get("verify_serving")), "tasks": tasks,
+            "check_s": tasks.get(TASK, 0.0), "check_note": checked.get("note", ""),
+            "consumers": [{k: c.get(k) for k in ("consumer", "outcome", "change_pct", "change_ci", "why")}
+                          for c in checked.get("consumers", [])]}
 
-    days: list[dict[str, Any]] = []
-    measured: list[dict[str, Any]] = []
-    with _in_force(params_file):
-        params = load_params()
-        first = date.fromisoformat(params.simulator.start_date)
-        with _airflow_and_ray(Workspace(params.workspace).airflow_home):
-            for i in range(args.days):
-                ds = (first + timedelta(days=i)).isoformat()
-                with console.status(f"{ds}: the daily DAG (dag.test)"):
-                    t0 = time.perf_counter()
-                    result = run_date(ds)
-                    day_s = time.perf_counter() - t0
-                if not result.ok:
-                    raise RuntimeError(f"{ds}: the daily DAG ended {result.state}: {result.failed_tasks()}")
-                checked = result.xcoms.get(TASK) or {}
-                verdict = (result.xcoms.get("shift_gate.verdict") or {}).get("verdict")
-                tasks = {t: _seconds(ti) for t, ti in result.task_instances.items()
-                         if ti.get("state") == "success" and ti.get("start_date")}
-                row = {"ds": ds, "day_s": day_s, "verdict": verdict,
-                       "promoted": bool(result.xcoms.get("verify_serving")), "tasks": tasks,
-                       "check_s": tasks.get(TASK, 0.0), "check_note": checked.get("note", ""),
-                       "consumers": [{k: c.get(k) for k in ("consumer", "outcome", "change_pct", "change_ci", "why")}
-                                     for c in checked.get("consumers", [])]}
-                console.print(f"{ds}: {verdict} in {day_s:.1f} s; {TASK} {row['check_s']:.1f} s "
-                              f"{row['check_note'] or [c['outcome'] for c in row['consumers']]}")
-                if i >= DAYS - 1 and checked.get("consumers"):
-                    with console.status(f"{ds}: {TASK}'s pieces again"):
-                        split = _least(split_check(ds) for _ in range(SPLIT_REPEAT))
-                    check_s = row["check_s"]
-                    row |= {"share": check_s / day_s, "added": check_s / max(day_s - check_s, 1e-9),
-                            "split": split["split"], "split_total_s": sum(split["split"].values()),
-                            "task_overhead_s": check_s - sum(split["split"].values()),
-                            "per_snapshot_embed_s": split["per_snapshot_embed_s"], "floor": split["floor"],
-                            "floor_ratio": check_s / max(split["floor"]["total_s"], 1e-9),
-                            "holdout": {"people": split["people"], "users": split["users"], "rows": split["rows"],
-                                        "snapshots": len(split["snapshots"]), "consumers": len(split["consumers"])},
-                            "matches_task": _same_table(split["consumers"], checked.get("consumers", []))}
-                    measured.append(row)
-                days.append(row)
-                if row["promoted"] and i < args.days - 1:
-                    with console.status(f"{ds}: the sum_downstream DAG"):
-                        t0 = time.perf_counter()
-                        down = run_date(ds, dag_id="sum_downstream")
-                        row["downstream_s"] = time.perf_counter() - t0
-                    if not down.ok:
-                        raise RuntimeError(f"{ds}: sum_downstream ended {down.state}: {down.failed_tasks()}")
-    peak = matmul_peak(threads=os.cpu_count() or 1, seconds=0.3 if args.smoke else 2.0)
+
+def measure_day(row: dict[str, Any], result: Any) -> dict[str, Any]:
+    """The measured day: ``row`` (:func:`day_row`) with the check's share of the day, what it adds to it, its split
+    (the task's library calls again, least of :data:`SPLIT_REPEAT`) and the floor, in the configured workspace."""
+    split = _least(split_check(row["ds"]) for _ in range(SPLIT_REPEAT))
+    check_s, day_s = row["check_s"], row["day_s"]
+    return row | {"share": check_s / day_s, "added": check_s / max(day_s - check_s, 1e-9),
+                  "split": split["split"], "split_total_s": sum(split["split"].values()),
+                  "task_overhead_s": check_s - sum(split["split"].values()),
+                  "per_snapshot_embed_s": split["per_snapshot_embed_s"], "floor": split["floor"],
+                  "floor_ratio": check_s / max(split["floor"]["total_s"], 1e-9),
+                  "holdout": {"people": split["people"], "users": split["users"], "rows": split["rows"],
+                              "snapshots": len(split["snapshots"]), "consumers": len(split["consumers"])},
+                  "matches_task": _same_table(split["consumers"], (result.xcoms.get(TASK) or {}).get("consumers", []))}
+
+
+def show(days: list[dict[str, Any]], measured: list[dict[str, Any]], peak: dict[str, Any], png: Path,
+         console: Console) -> None:
+    """Prints the tables (the measured days, the last one's tasks and the check's split) and plots the last day."""
     if not measured:
         raise RuntimeError(f"no day's consumer check was measured (days: {[(d['ds'], d['check_note']) for d in days]})")
 
@@ -417,17 +380,71 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     verdict = "meets" if last["added"] <= TARGET_ADDED else "MISSES"
     console.print(f"{TASK} adds {100 * last['added']:.1f} % to the day ({100 * last['share']:.1f} % of it): {verdict} "
                   f"the {100 * TARGET_ADDED:.0f} % target")
-    png = args.json.with_suffix(".png") if args.json else root / "consumer_check_bench.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     _plot(last, png)
     console.print(f"plot: {png}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--days", type=int, default=DAYS, help=f"simulated days (>= {DAYS}: measured from day {DAYS})")
+    ap.add_argument("--users", type=int, help="simulator.initial_users (default: the params')")
+    ap.add_argument("--resamples", type=int, help="gate.consumer_bootstrap (default: the params')")
+    ap.add_argument("--port-offset", type=int, default=PORT_OFFSET, help="added to every port of the params")
+    ap.add_argument("--workdir", type=Path, help="folder of its workspace (default: a new one under .sum/bench)")
+    ap.add_argument("--json", type=Path, help="write the report here (and the plot beside it)")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"{DAYS} days of {SMOKE_USERS} users, {SMOKE_RESAMPLES} resamples, a loose gate: proves the "
+                         f"benchmark runs to its end, measures nothing (tests/integration/test_soak.py: a soak's "
+                         "day measured)")
+    args = ap.parse_args(argv)
+    if args.days < DAYS:
+        ap.error(f"--days must be >= {DAYS}: the consumer check is measurable from day {DAYS}")
+    users, resamples = (SMOKE_USERS, SMOKE_RESAMPLES) if args.smoke else (args.users, args.resamples)
+    console = Console()
+    base = args.workdir or PROJECT_ROOT / ".sum" / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="consumer-check-bench-", dir=base))
+    params_file = _params(root, users, resamples, args.port_offset, args.smoke)
+
+    days: list[dict[str, Any]] = []
+    measured: list[dict[str, Any]] = []
+    with _in_force(params_file):
+        params = load_params()
+        first = date.fromisoformat(params.simulator.start_date)
+        with _airflow_and_ray(Workspace(params.workspace).airflow_home):
+            for i in range(args.days):
+                ds = (first + timedelta(days=i)).isoformat()
+                with console.status(f"{ds}: the daily DAG (dag.test)"):
+                    t0 = time.perf_counter()
+                    result = run_date(ds)
+                    day_s = time.perf_counter() - t0
+                if not result.ok:
+                    raise RuntimeError(f"{ds}: the daily DAG ended {result.state}: {result.failed_tasks()}")
+                row = day_row(ds, result, day_s)
+                console.print(f"{ds}: {row['verdict']} in {day_s:.1f} s; {TASK} {row['check_s']:.1f} s "
+                              f"{row['check_note'] or [c['outcome'] for c in row['consumers']]}")
+                if i >= DAYS - 1 and row["consumers"]:
+                    with console.status(f"{ds}: {TASK}'s pieces again"):
+                        measured.append(measure_day(row, result))
+                days.append(row)
+                if row["promoted"] and i < args.days - 1:
+                    with console.status(f"{ds}: the sum_downstream DAG"):
+                        t0 = time.perf_counter()
+                        down = run_date(ds, dag_id="sum_downstream")
+                        row["downstream_s"] = time.perf_counter() - t0
+                    if not down.ok:
+                        raise RuntimeError(f"{ds}: sum_downstream ended {down.state}: {down.failed_tasks()}")
+    peak = matmul_peak(threads=os.cpu_count() or 1, seconds=0.3 if args.smoke else 2.0)
+    png = args.json.with_suffix(".png") if args.json else root / "consumer_check_bench.png"
+    show(days, measured, peak, png, console)
     raw = yaml.safe_load(params_file.read_text())
     report = {"config": {"initial_users": raw["simulator"]["initial_users"],
                          "consumer_bootstrap": raw["gate"]["consumer_bootstrap"],
                          "consumer_holdout_users": raw["gate"]["consumer_holdout_users"], "days": args.days,
                          "smoke": args.smoke},
               "days": days, "measured": measured, "matmul_peak": peak, "target_added": TARGET_ADDED,
-              "meets_target": last["added"] <= TARGET_ADDED, "png": str(png), "cpus": os.cpu_count(),
+              "meets_target": measured[-1]["added"] <= TARGET_ADDED, "png": str(png), "cpus": os.cpu_count(),
               "workdir": str(root)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,12 @@
 
 A smoke run uses small sizes and measures nothing worth reading: the tests check that each benchmark reached its
 report, with every section in it. The benchmarks that need no service of their own run in this process (the
-session's imports, params and, for scale_bench's engines, the session's Ray from ``ray_serve``; consumer_check_bench's
-days through ``dag.test()`` on the session's Airflow DB and Ray); the two that
+session's imports, params and, for scale_bench's engines, the session's Ray from ``ray_serve``); the two that
 bring up a stack or their own Ray Serve with an HTTP proxy (stack_bench, serving_bench) run as the documented
 command, in a process of their own. The two that bring up a stack keep its workspace in the session's folder
 (``--workdir``): a stack a failed run leaves up is stopped at the session's end (tests/conftest.py).
+consumer_check_bench's measurement runs on a day the soak already ran (tests/integration/test_soak.py): its own
+three days would repeat the soak's first three.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import consumer_check_bench, ne_days, scale_bench, train_bench, validation_bench
+from benchmarks import ne_days, scale_bench, train_bench, validation_bench
 
 pytestmark = pytest.mark.slow
 
@@ -77,28 +78,6 @@ def test_scale_bench(tmp_path, monkeypatch, ray_serve, session_dir):
     assert set(report["online_stores"]) == {"sqlite", "redis"}
     assert (tmp_path / "scale.png").is_file() and json.loads((tmp_path / "scale.json").read_text())["cpus"]
     assert ray.is_initialized()  # the session's Ray, used and left running
-
-
-def test_consumer_check_bench(tmp_path, monkeypatch, airflow_db, ray_serve, session_dir):
-    """Three small days through the daily DAG on the session's Airflow DB and Ray, consumers saved in between; the
-    third day's consumer check timed whole and piece by piece."""
-    monkeypatch.setenv("SUM_PARAMS", os.environ["SUM_PARAMS"])  # the benchmark points it at its own; restored
-    monkeypatch.delenv("SUM_WORKSPACE")  # its params name their workspace, as when run from a shell
-    out = tmp_path / "consumer_check.json"
-    # --port-offset 0: the session's Serve and its SOAP port, as the other dag.test() modules deploy to them
-    report = consumer_check_bench.main(["--smoke", "--json", str(out), "--port-offset", "0",
-                                        "--workdir", str(session_dir / "benchmarks")])
-    assert [d["ds"] for d in report["days"]] == ["2026-01-01", "2026-01-02", "2026-01-03"]
-    assert all(d["promoted"] for d in report["days"])
-    [day] = report["measured"]
-    assert day["ds"] == "2026-01-03" and day["check_s"] > 0 and day["tasks"]["check_consumers"] == day["check_s"]
-    assert 0 < day["share"] < 1 and day["added"] > day["share"] and day["day_s"] >= max(day["tasks"].values())
-    assert set(day["split"]) == set(consumer_check_bench.SPLIT) and all(s >= 0 for s in day["split"].values())
-    assert len(day["per_snapshot_embed_s"]) == day["holdout"]["snapshots"] == 3
-    assert day["floor"]["tower_forward_s"] > 0 and day["floor"]["downstream_forward_s"] > 0 and day["floor_ratio"] > 1
-    assert day["matches_task"]  # the pieces timed are the task's: the same consumer table
-    assert report["matmul_peak"]["flops_per_second"] > 0
-    assert (tmp_path / "consumer_check.png").is_file() and json.loads(out.read_text())["measured"]
 
 
 def test_stack_bench(tmp_path, session_dir):

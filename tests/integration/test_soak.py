@@ -221,3 +221,27 @@ def test_the_summary_scores_proxies_and_consumers_side_by_side(report):
         row = re.search(rf"{family}\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)", text)
         assert row and [int(v) for v in row.groups()] == [
             s["shifted_judged"], s["false_promotions"], s["normal_judged"], s["false_holds"]], text
+
+
+def test_the_consumer_check_benchmark_measures_the_soak_s_first_measured_day(runs, soak_params, tmp_path):
+    """benchmarks/consumer_check_bench.py's measurement on a day this soak ran (the fixed day 3, the first whose
+    consumers are measured), instead of three days of its own: its split re-runs the task's library calls in this
+    workspace and must give the task's own consumer table; the tables print and the plot is written."""
+    from rich.console import Console
+
+    from benchmarks import consumer_check_bench as bench
+    from benchmarks.train_bench import matmul_peak
+
+    result = runs[f"{DAYS[2]} rerun"]
+    row = bench.day_row(DAYS[2], result, day_s=sum(bench._seconds(ti) for ti in result.task_instances.values()
+                                                   if ti.get("start_date")))
+    assert row["promoted"] and row["consumers"] and row["check_s"] > 0
+    day = bench.measure_day(row, result)
+    assert day["matches_task"], (day["consumers"], row["consumers"])
+    assert 0 < day["share"] < 1 and day["added"] > day["share"]
+    assert set(day["split"]) == set(bench.SPLIT) and all(s >= 0 for s in day["split"].values())
+    assert len(day["per_snapshot_embed_s"]) == day["holdout"]["snapshots"] == 3
+    assert day["floor"]["tower_forward_s"] > 0 and day["floor"]["downstream_forward_s"] > 0
+    console = Console(record=True, width=160)
+    bench.show([row], [day], matmul_peak(threads=1, seconds=0.1), tmp_path / "cc.png", console)
+    assert "check_consumers adds" in console.export_text() and (tmp_path / "cc.png").stat().st_size > 10_000
