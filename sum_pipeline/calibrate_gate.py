@@ -3,8 +3,10 @@ to the threshold in force.
 
 The daily loop in one process, as the DAG runs it: each day's candidate warm-starts from production, trains on the
 day's impressions (the holdout and the consumer-holdout users left out), is scored on the holdout and judged by
-:class:`sum_pipeline.study_upstream.SnapshotGate` (the study's gate) with the params' thresholds against the last
-blessed snapshot, on the fixed probe users. For every check it reports the values
+:class:`sum_pipeline.study_upstream.SnapshotGate` (the study's gate) with the params' thresholds against
+production, on the fixed probe users. The days are the source's normal days, so every candidate is promoted: a held
+one as an operator's approval would (its verdict is kept), so a hold never changes what later days are judged
+against. For every check it reports the values
 normal days measured (days the check was measured and not in the warm-up), the threshold, and the margin between
 the threshold and the worst normal value: what to set when a new source's thresholds are chosen, on days other than
 the ones they will judge. The consumer checks come from :class:`sum_pipeline.consumer_replay.ConsumerReplay`: each
@@ -97,9 +99,12 @@ def calibrate_gate(params: Params, n_days: int, progress: Callable[[str], None] 
         table = consumers.measure(day, latest, candidate, cid)
         blessed, _, _ = gate.judge(day, latest, candidate, ne_accumulator(model, holdout_frame, spec), model,
                                    production, holdout_frame, consumers=table)
-        consumers.after_day(day, latest, blessed, model, cid)
-        if blessed or production is None:
-            production = model
+        # The days are normal by premise: a held one is approved (as an operator would), so every later day is
+        # judged as after a normal promotion and a hold does not change what the following days are compared with.
+        if not blessed:
+            gate.chain.approve_last()
+        consumers.after_day(day, latest, True, model, cid)
+        production = model
         prev_state = production.state_dict()
         judged = gate.chain.days[-1]
         out.days.append({"ds": day.ds, "blessed": bool(blessed), "checks": judged.checks, "reasons": judged.reasons,

@@ -10,7 +10,7 @@ blessed ones before it feeding the pooled comparison, newest first, and the shif
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -169,6 +169,15 @@ class GateChain:
         )
         self.days.append(day)
         return day
+
+
+    def approve_last(self) -> None:
+        """Promotes the last judged candidate although the gate held it, as an operator's approval in Required
+        Actions does: it serves next and is the next candidate's baseline (its day stays marked held)."""
+        day = self.days[-1]
+        if not day.blessed and (not self.promoted or self.promoted[0] != day.day):
+            self.promoted.insert(0, day.day)
+            self.days[-1] = replace(day, serves_next=day.day)
 
 
 def held_days(chain: Sequence[ChainDay]) -> list[int]:
