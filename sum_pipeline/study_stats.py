@@ -345,6 +345,10 @@ def _between_arms(m: Measured) -> list[dict[str, Any]]:
             if not m.units(arm) or not m.units(ref):
                 continue
             for unit in m.pair_units(arm, ref):
+                # an arm measured under some pool units only (the consumer-gated one: serving's) has no pair under
+                # the others
+                if any(m.units(a) != [None] and unit not in m.units(a) for a in (arm, ref)):
+                    continue
                 out.append({"table": 2, **_contrast(m, arm, ref, unit, "eval", subset, m.models)})
     return out
 
