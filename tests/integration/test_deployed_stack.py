@@ -208,7 +208,8 @@ def _answer_when_awaiting(client: AirflowClient, run_id: str, out: dict, stop: t
         if state == "awaiting_input" and time.monotonic() - seen >= HUMAN_DELAY_S:
             # What the approver reads first: the UI's Required Actions list (the same endpoint), with its body.
             out["pending"] = [a for a in client.pending_approvals(DAG_ID)
-                              if (a.get("task_instance") or {}).get("dag_run_id") == run_id]
+                              if run_id in ((a.get("task_instance") or {}).get("dag_run_id"),
+                                            (a.get("task_instance") or {}).get("run_id"))]
             out["response"] = client.respond(DAG_ID, run_id, "approve_held", ["Approve"],
                                              {"reason": "drill: downstream team accepts the shift"})
             return
@@ -638,7 +639,7 @@ def test_a_candidate_held_by_its_consumers_is_approved_from_required_actions_and
     held_by = [c for c in verdict["consumers"] if c["outcome"] == "fail"]
     assert held_by and all(c["change_ci"][0] > 0 and c["model_day"] == DAY2 for c in held_by), verdict["consumers"]
     # The request Required Actions listed carried the consumer table: what each consumer would lose.
-    [request] = runs["approval"]["pending"]
+    [request] = runs["approval"]["pending"]  # the one request of this run in the list
     body = request["body"]
     assert "| consumer | NE now | NE after |" in body, body
     for c in held_by:
