@@ -20,8 +20,9 @@ each promoted day:
 ``scale`` (embeddings 20x as large, held by the consumers and the L2 check) would assert nothing the aimed offset
 does not, and is left to the 30-day soak.
 
-The other candidate faults go through the deployed stack (tests/integration/test_deployed_stack.py: a perturbed
-candidate held then approved, a NaN one held until its approval times out).
+The deployed stack (tests/integration/test_deployed_stack.py) holds a ``scale`` candidate by its consumers and has
+it approved from Required Actions, and holds a NaN one until its approval times out; ``perturb`` is in the 30-day
+soak's cycle.
 """
 
 from __future__ import annotations
